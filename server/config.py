@@ -1,0 +1,239 @@
+"""Configuration: one TOML file, environment overrides for secrets and addresses.
+
+Every key can be overridden by ``SCRUBIN_<SECTION>_<KEY>`` (upper case), e.g.
+``SCRUBIN_SERVER_PORT=8443`` or ``SCRUBIN_AUTH_SIGNING_KEY=...``. Lists are
+comma-separated in the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration file or environment is wrong (operator's fault)."""
+
+
+@dataclass(frozen=True)
+class IceServer:
+    urls: list[str]
+    username: str | None = None
+    credential: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Base URL printed in links; empty means http(s)://host:port.
+    public_url: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
+class IceConfig:
+    # Never defaults to a public STUN server: hospital networks are closed and
+    # aiortc would otherwise add Google's.
+    servers: list[IceServer] = field(default_factory=list)
+    # Addresses advertised as host candidates instead of the interfaces'
+    # (NAT 1:1 announcements; 127.0.0.1 for single-machine use, which aioice
+    # would never gather on its own).
+    host_addresses: list[str] = field(default_factory=list)
+    # Remote candidates outside these networks are ignored; empty = any.
+    # mDNS (.local) candidates are always ignored.
+    allowed_remote_networks: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # HS256 keys; the first signs, all verify (rotation). Format "kid:secret".
+    signing_keys: list[str] = field(default_factory=list)
+    token_ttl_s: int = 12 * 3600
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    # Frames kept per video Feed from its last keyframe, for late joiners.
+    keyframe_cache_max_bytes: int = 4 * 1024 * 1024
+    keyframe_cache_max_frames: int = 90
+    # At most one upstream keyframe request per Feed per interval, however
+    # many viewers join.
+    keyframe_request_interval_ms: int = 500
+    # How long a Feed whose publisher dropped waits for it to come back before
+    # its Subscriptions are closed.
+    feed_grace_s: float = 30.0
+    # Hints to browser publishers: aiortc only sends REMB, which keeps Chrome
+    # far below what a theatre camera needs.
+    min_bitrate_kbps: int = 1000
+    start_bitrate_kbps: int = 1500
+    max_bitrate_kbps: int = 4000
+    # Per-viewer queue bound in frames; a viewer further behind skips to the
+    # next keyframe rather than making the server buffer for it.
+    viewer_queue_frames: int = 60
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_body_bytes: int = 64 * 1024
+    max_sdp_bytes: int = 32 * 1024
+    max_media_sections: int = 4
+    ws_max_message_bytes: int = 64 * 1024
+    max_feeds_per_session: int = 16
+    max_subscriptions_per_participant: int = 16
+
+
+@dataclass(frozen=True)
+class TheatreConfig:
+    id: str
+    name: str
+    slots: list[str]
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    ice: IceConfig = field(default_factory=IceConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    theatres: list[TheatreConfig] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        if self.server.public_url:
+            return self.server.public_url.rstrip("/")
+        scheme = "https" if self.server.tls_cert else "http"
+        return f"{scheme}://{self.server.host}:{self.server.port}"
+
+
+def _coerce(value: Any, annotation: str, where: str) -> Any:
+    """Turn a TOML or environment value into the field's declared type."""
+    try:
+        if annotation == "int":
+            if isinstance(value, bool):
+                raise TypeError
+            return int(value)
+        if annotation == "float":
+            return float(value)
+        if annotation == "bool":
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if annotation == "str":
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if annotation == "list[str]":
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return list(value)
+        if annotation == "list[IceServer]":
+            if isinstance(value, str):
+                return [IceServer(urls=[u.strip()]) for u in value.split(",") if u.strip()]
+            servers = []
+            for item in value:
+                urls = item["urls"]
+                servers.append(
+                    IceServer(
+                        urls=[urls] if isinstance(urls, str) else list(urls),
+                        username=item.get("username"),
+                        credential=item.get("credential"),
+                    )
+                )
+            return servers
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{where}: expected {annotation}, got {value!r}") from exc
+    raise ConfigError(f"{where}: unsupported type {annotation}")
+
+
+def _section(cls: type[Any], data: Mapping[str, Any], name: str, env: Mapping[str, str]) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"[{name}]: unknown keys {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for fname, f in known.items():
+        env_key = f"SCRUBIN_{name.upper()}_{fname.upper()}"
+        if env_key in env:
+            kwargs[fname] = _coerce(env[env_key], str(f.type), env_key)
+        elif fname in data:
+            kwargs[fname] = _coerce(data[fname], str(f.type), f"[{name}].{fname}")
+    return cls(**kwargs)
+
+
+def _validate(config: Config) -> None:
+    for net in config.ice.allowed_remote_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"[ice].allowed_remote_networks: {net!r} is not a network") from exc
+    for addr in config.ice.host_addresses:
+        try:
+            ipaddress.ip_address(addr)
+        except ValueError as exc:
+            raise ConfigError(f"[ice].host_addresses: {addr!r} is not an IP address") from exc
+    for key in config.auth.signing_keys:
+        kid, sep, secret = key.partition(":")
+        if not sep or not kid or len(secret) < 32:
+            raise ConfigError(
+                "[auth].signing_keys: each key is 'kid:secret' with ≥ 32 chars of secret"
+            )
+    if bool(config.server.tls_cert) != bool(config.server.tls_key):
+        raise ConfigError("[server]: tls_cert and tls_key go together")
+    seen: set[str] = set()
+    for theatre in config.theatres:
+        if theatre.id in seen:
+            raise ConfigError(f"[[theatres]]: duplicate id {theatre.id!r}")
+        seen.add(theatre.id)
+
+
+def load_config(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any
+) -> Config:
+    """Read ``path`` (TOML), apply ``SCRUBIN_*`` environment overrides, validate."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    sections = {
+        "server": ServerConfig,
+        "ice": IceConfig,
+        "auth": AuthConfig,
+        "media": MediaConfig,
+        "limits": LimitsConfig,
+    }
+    unknown = set(data) - set(sections) - {"theatres"}
+    if unknown:
+        raise ConfigError(f"unknown sections {sorted(unknown)}")
+    kwargs: dict[str, Any] = {
+        name: _section(cls, data.get(name, {}), name, env) for name, cls in sections.items()
+    }
+    theatres = []
+    for item in data.get("theatres", []):
+        try:
+            theatres.append(
+                TheatreConfig(id=str(item["id"]), name=str(item.get("name", item["id"])),
+                              slots=[str(s) for s in item["slots"]])
+            )
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"[[theatres]]: {exc}") from exc
+    config = Config(theatres=theatres, **kwargs)
+    _validate(config)
+    return config

@@ -1,0 +1,195 @@
+"""Every place ScrubIn reaches into aiortc/aioice private state, in one module.
+
+aiortc has no public API for forwarding encoded media, so the live path taps the
+receiver's jitter buffer and redirects the sender's keyframe requests. These
+names are pinned with aiortc==1.16.0; tests/test_aiortc_hooks.py fails loudly
+when an upgrade moves them. Nothing outside this module may use a private name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import types
+from collections.abc import Callable
+from typing import Any
+
+from aioice import Candidate
+from aioice import ice as aioice_ice
+from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc.jitterbuffer import JitterBuffer
+from aiortc.rtp import RtpPacket
+from aiortc.utils import uint16_add
+
+logger = logging.getLogger(__name__)
+
+#: Called for every complete encoded frame: (depayloaded data, RTP timestamp).
+FrameSink = Callable[[bytes, int], None]
+
+RECEIVER_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
+RECEIVER_SEND_PLI = "_send_rtcp_pli"
+SENDER_SEND_KEYFRAME = "_send_keyframe"
+GATHERER_CONNECTION = "_connection"
+
+
+class MarkerJitterBuffer(JitterBuffer):
+    """Video: hands a frame on as soon as its marker-bit packet completes it.
+
+    aiortc's buffer only knows a frame is complete when the next frame's first
+    packet arrives, which adds one frame interval (33 ms at 30 fps) per hop.
+    Frames go straight to ``sink``; ``add`` never returns one, so the receiver's
+    decoder thread stays idle and no pixels are ever decoded here.
+    """
+
+    def __init__(self, sink: FrameSink, capacity: int = 512) -> None:
+        super().__init__(capacity=capacity, is_video=True)
+        self._sink = sink
+
+    def add(self, packet: RtpPacket) -> tuple[bool, None]:
+        pli_flag, _ = super().add(packet)
+        return pli_flag, None
+
+    def _remove_frame(self, sequence_number: int) -> None:
+        # Several frames may complete at once (a retransmission fills a gap).
+        while self._origin is not None:
+            packets: list[RtpPacket] = []
+            timestamp: int | None = None
+            complete = 0
+            for count in range(self.capacity):
+                packet = self._packets[(self._origin + count) % self.capacity]
+                if packet is None:
+                    break
+                if timestamp is None:
+                    timestamp = packet.timestamp
+                elif packet.timestamp != timestamp:
+                    # A sender that never sets the marker still ends its frame here.
+                    complete = count
+                    break
+                packets.append(packet)
+                if packet.marker:
+                    complete = count + 1
+                    break
+            if not complete or timestamp is None:
+                return None
+            data = b"".join(p._data for p in packets)  # type: ignore[attr-defined]
+            self.remove(complete)
+            self._sink(data, timestamp)
+        return None
+
+
+class AudioPassThrough(JitterBuffer):
+    """Audio: every RTP packet is one Opus frame; forward it on arrival.
+
+    aiortc's audio buffer prefetches four packets (80 ms). Late or duplicate
+    packets are dropped; gaps are the viewer's concealment's job.
+    """
+
+    def __init__(self, sink: FrameSink) -> None:
+        super().__init__(capacity=16)
+        self._sink = sink
+        self._last: int | None = None
+
+    def add(self, packet: RtpPacket) -> tuple[bool, None]:
+        seq = packet.sequence_number
+        if self._last is not None:
+            ahead = uint16_add(seq, -self._last)
+            if ahead == 0 or ahead > 0x8000:
+                return False, None
+        self._last = seq
+        self._sink(packet._data, packet.timestamp)  # type: ignore[attr-defined]
+        return False, None
+
+
+def tap_receiver(receiver: RTCRtpReceiver, kind: str, sink: FrameSink) -> None:
+    """Route the receiver's reassembled encoded frames to ``sink``.
+
+    Must run before the receiver starts (after setRemoteDescription, before the
+    connection is established).
+    """
+    buffer: JitterBuffer = MarkerJitterBuffer(sink) if kind == "video" else AudioPassThrough(sink)
+    if not hasattr(receiver, RECEIVER_JITTER_BUFFER):
+        raise RuntimeError("aiortc changed: RTCRtpReceiver has no jitter buffer to tap")
+    setattr(receiver, RECEIVER_JITTER_BUFFER, buffer)
+
+
+async def send_picture_loss(receiver: RTCRtpReceiver) -> int:
+    """Ask the publisher for a keyframe (RTCP PLI) on every SSRC it sends."""
+    send_pli = getattr(receiver, RECEIVER_SEND_PLI)
+    sources = receiver.getSynchronizationSources()
+    for source in sources:
+        await send_pli(source.source)
+    return len(sources)
+
+
+def redirect_keyframe_requests(sender: RTCRtpSender, handler: Callable[[], None]) -> None:
+    """A viewer's PLI/FIR would make aiortc's sender ask its (absent) encoder for
+    a keyframe; hand it to the Feed instead, which rate-limits it upstream."""
+    if not callable(getattr(sender, SENDER_SEND_KEYFRAME, None)):
+        raise RuntimeError("aiortc changed: RTCRtpSender has no _send_keyframe")
+    setattr(sender, SENDER_SEND_KEYFRAME, handler)
+
+
+def _ice_connections(pc: RTCPeerConnection) -> list[aioice_ice.Connection]:
+    connections = []
+    for transceiver in pc.getTransceivers():
+        gatherer = transceiver.receiver.transport.transport.iceGatherer
+        connections.append(getattr(gatherer, GATHERER_CONNECTION))
+    if pc.sctp is not None:
+        connections.append(getattr(pc.sctp.transport.transport.iceGatherer, GATHERER_CONNECTION))
+    return connections
+
+
+def advertise_host_addresses(pc: RTCPeerConnection, addresses: list[str]) -> None:
+    """Gather host candidates on exactly ``addresses`` instead of the interfaces.
+
+    aioice never gathers loopback and has no NAT 1:1 setting; both needs meet
+    here. Call after transceivers exist and before setLocalDescription.
+    """
+    if not addresses:
+        return
+
+    async def gather_candidates(self: aioice_ice.Connection) -> None:
+        if self._local_candidates_start:
+            return
+        self._local_candidates_start = True
+        coros = [
+            self.get_component_candidates(component=component, addresses=list(addresses))
+            for component in self._components
+        ]
+        for candidates in await asyncio.gather(*coros):
+            self._local_candidates += candidates
+        self._local_candidates_end = True
+
+    for connection in _ice_connections(pc):
+        connection.gather_candidates = types.MethodType(  # type: ignore[method-assign]
+            gather_candidates, connection)
+
+
+def remote_candidate_allowed(
+    candidate: Candidate | Any, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    """mDNS names are never resolved (that would be multicast on the LAN)."""
+    host = str(candidate.host)
+    if host.endswith(".local"):
+        return False
+    if not networks:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
+
+
+def answer_as_dtls_server(pc: RTCPeerConnection) -> None:
+    """Answer ``a=setup:passive`` so the remote is the DTLS client.
+
+    aiortc as DTLS client offers only ECDSA suites; GStreamer's webrtcbin uses
+    an RSA certificate and fails with "no shared cipher" unless aiortc is the
+    server. Browsers work either way. Call after setRemoteDescription(offer).
+    """
+    for transceiver in pc.getTransceivers():
+        transport = transceiver.receiver.transport
+        if transport._role == "auto":
+            transport._set_role("server")

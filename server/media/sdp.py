@@ -1,0 +1,112 @@
+"""SDP checks before anything reaches aiortc, and answer adjustments.
+
+aiortc accepts garbage as "a session with no media" and raises on truncated
+input; a WHIP/WHEP endpoint must instead refuse with a reason and keep nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from aioice import Candidate
+from aiortc import sdp as aiortc_sdp
+
+from ..errors import BadRequest, PayloadTooLarge, Unprocessable
+from .codecs import FORWARDABLE
+from .hooks import remote_candidate_allowed
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class OfferSummary:
+    text: str
+    kinds: list[str]
+    directions: list[str]
+
+
+def check_offer(
+    text: str,
+    *,
+    max_bytes: int,
+    max_media: int,
+    allowed_networks: list[Network],
+    want_direction: str,
+) -> OfferSummary:
+    """Validate an SDP offer and drop remote candidates we must never contact.
+
+    ``want_direction`` is what the remote must do: "send" for a publisher,
+    "recv" for a viewer.
+    """
+    if len(text.encode("utf-8", "replace")) > max_bytes:
+        raise PayloadTooLarge(f"SDP is larger than {max_bytes} bytes", code="sdp_too_large")
+    stripped = text.strip()
+    if not stripped.startswith("v=0"):
+        raise BadRequest("body is not an SDP offer (must start with v=0)", code="sdp_malformed")
+    kept = []
+    for line in stripped.splitlines():
+        if line.startswith("a=candidate:"):
+            try:
+                candidate = Candidate.from_sdp(line[len("a=candidate:"):])
+            except (ValueError, IndexError):
+                raise BadRequest(f"malformed ICE candidate: {line[:80]}", code="sdp_malformed") \
+                    from None
+            if not remote_candidate_allowed(candidate, allowed_networks):
+                continue
+        kept.append(line)
+    clean = "\r\n".join(kept) + "\r\n"
+    try:
+        parsed = aiortc_sdp.SessionDescription.parse(clean)
+    except Exception as exc:  # aiortc raises assorted errors on truncated input
+        raise BadRequest(f"malformed SDP: {exc}", code="sdp_malformed") from None
+    media = [m for m in parsed.media if m.kind in ("audio", "video")]
+    if not media:
+        raise Unprocessable("SDP offer has no audio or video section", code="sdp_no_media")
+    if len(parsed.media) > max_media:
+        raise Unprocessable(
+            f"SDP offer has {len(parsed.media)} media sections; at most {max_media} allowed",
+            code="sdp_too_many_media",
+        )
+    directions = []
+    for m in media:
+        if m.ice is None or not m.ice.usernameFragment or not m.ice.password:
+            raise BadRequest(f"{m.kind} section lacks ICE credentials", code="sdp_malformed")
+        if not m.dtls or not m.dtls.fingerprints:
+            raise BadRequest(f"{m.kind} section lacks a DTLS fingerprint", code="sdp_malformed")
+        direction = m.direction or "sendrecv"
+        if want_direction == "send" and direction not in ("sendonly", "sendrecv"):
+            raise Unprocessable(f"{m.kind} section is {direction}; a publisher must send",
+                                code="sdp_direction")
+        if want_direction == "recv" and direction not in ("recvonly", "sendrecv"):
+            raise Unprocessable(f"{m.kind} section is {direction}; a viewer must receive",
+                                code="sdp_direction")
+        usable = {c.mimeType.lower() for c in m.rtp.codecs} & FORWARDABLE
+        if not usable:
+            offered = ", ".join(sorted({c.mimeType for c in m.rtp.codecs})) or "none"
+            raise Unprocessable(
+                f"{m.kind} section offers no codec ScrubIn forwards (offered: {offered}; "
+                "supported: VP8, H264, Opus)", code="sdp_no_codec")
+        directions.append(direction)
+    if not any(line.startswith("a=candidate:") for line in kept) and "a=candidate" in stripped:
+        raise Unprocessable("no ICE candidate the server may use (only loopback/allowed networks)",
+                            code="sdp_no_candidate")
+    return OfferSummary(text=clean, kinds=[m.kind for m in media], directions=directions)
+
+
+def add_bitrate_hints(answer: str, min_kbps: int, start_kbps: int, max_kbps: int) -> str:
+    """Tell a browser publisher the bitrate range it may use.
+
+    aiortc only sends REMB; without these hints Chrome stays at 200–400 kbit/s.
+    """
+    parsed = aiortc_sdp.SessionDescription.parse(answer)
+    for media in parsed.media:
+        if media.kind != "video":
+            continue
+        for codec in media.rtp.codecs:
+            if codec.mimeType.lower().endswith("/rtx"):
+                continue
+            codec.parameters["x-google-min-bitrate"] = min_kbps
+            codec.parameters["x-google-start-bitrate"] = start_kbps
+            codec.parameters["x-google-max-bitrate"] = max_kbps
+    return str(parsed)

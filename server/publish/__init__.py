@@ -1,0 +1,1 @@
+"""Media sources that publish into a theatre (synthetic cameras and tones for tests/benchmarks)."""

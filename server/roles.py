@@ -1,0 +1,23 @@
+"""Roles and what each may do. Every route and message checks one of these."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Role(enum.StrEnum):
+    EXPERT = "expert"
+    TRAINEE = "trainee"
+    REVIEWER = "reviewer"
+    RECORDER = "recorder"
+    ADMIN = "admin"
+
+
+#: May publish Feeds into a Session's camera slots.
+PUBLISHERS = frozenset({Role.EXPERT})
+#: May watch live Feeds. Reviewers see recordings only.
+VIEWERS = frozenset({Role.EXPERT, Role.TRAINEE, Role.RECORDER, Role.ADMIN})
+#: May end a Session and mint links for it.
+MODERATORS = frozenset({Role.EXPERT, Role.ADMIN})
+#: May see the list of who is watching, with names.
+ROSTER_READERS = frozenset({Role.EXPERT, Role.ADMIN})
