@@ -37,6 +37,8 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     node_id: str = ""
+    # Origins allowed to call WHIP/WHEP from a browser ("*" for any).
+    cors_origins: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,16 @@ class TheatreConfig:
 
 
 @dataclass(frozen=True)
+class SessionConfig:
+    """A Session opened when the server starts (scheduling comes with the admin API)."""
+
+    id: str
+    theatre: str
+    title: str
+    procedure: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     ice: IceConfig = field(default_factory=IceConfig)
@@ -106,6 +118,7 @@ class Config:
     media: MediaConfig = field(default_factory=MediaConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     theatres: list[TheatreConfig] = field(default_factory=list)
+    sessions: list[SessionConfig] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -196,6 +209,9 @@ def _validate(config: Config) -> None:
         if theatre.id in seen:
             raise ConfigError(f"[[theatres]]: duplicate id {theatre.id!r}")
         seen.add(theatre.id)
+    for session in config.sessions:
+        if session.theatre not in seen:
+            raise ConfigError(f"[[sessions]] {session.id}: no theatre {session.theatre!r}")
 
 
 def load_config(
@@ -219,7 +235,7 @@ def load_config(
         "media": MediaConfig,
         "limits": LimitsConfig,
     }
-    unknown = set(data) - set(sections) - {"theatres"}
+    unknown = set(data) - set(sections) - {"theatres", "sessions"}
     if unknown:
         raise ConfigError(f"unknown sections {sorted(unknown)}")
     kwargs: dict[str, Any] = {
@@ -234,6 +250,14 @@ def load_config(
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"[[theatres]]: {exc}") from exc
-    config = Config(theatres=theatres, **kwargs)
+    sessions = []
+    for item in data.get("sessions", []):
+        try:
+            sessions.append(SessionConfig(id=str(item["id"]), theatre=str(item["theatre"]),
+                                          title=str(item.get("title", item["id"])),
+                                          procedure=str(item.get("procedure", ""))))
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"[[sessions]]: {exc}") from exc
+    config = Config(theatres=theatres, sessions=sessions, **kwargs)
     _validate(config)
     return config

@@ -1,0 +1,101 @@
+"""The one place the application is assembled: ``create_app(config)``.
+
+All state lives under typed AppKeys; each long-lived resource is one
+cleanup_ctx. Shutdown order: stop accepting joins, tell every socket it is
+going away, then end every Session (closing all peer connections).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSCloseCode, web
+
+from .config import Config
+from .http import api, whip
+from .http.common import (
+    ACCEPTING,
+    CONFIG,
+    NODE_ID,
+    PEERS,
+    REGISTRY,
+    TOKENS,
+    WEBSOCKETS,
+    Handler,
+    errors_middleware,
+    security_headers,
+)
+from .http.ws import websocket
+from .media.peers import PeerFactory
+from .registry import Registry
+from .tokens import TokenAuthority
+
+logger = logging.getLogger(__name__)
+
+CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
+PAGES = ("index", "broadcast", "watch")
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(
+        middlewares=[security_headers, errors_middleware],
+        client_max_size=config.limits.max_body_bytes,
+    )
+    node_id = config.server.node_id or f"node-{secrets.token_hex(3)}"
+    peers = PeerFactory(config.ice)
+    app[CONFIG] = config
+    app[NODE_ID] = node_id
+    app[PEERS] = peers
+    app[TOKENS] = TokenAuthority(config.auth.signing_keys)
+    app[WEBSOCKETS] = weakref.WeakSet()
+    app[ACCEPTING] = {"joins": True}
+    app[REGISTRY] = Registry(config, peers, node_id)
+
+    app.add_routes(api.routes)
+    app.add_routes(whip.routes)
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/", _page("index"))
+    for page in PAGES:
+        app.router.add_get(f"/{page}.html", _page(page))
+    for folder in ("js", "css"):
+        if (CLIENT_DIR / folder).is_dir():
+            app.router.add_static(f"/{folder}", CLIENT_DIR / folder, follow_symlinks=False)
+
+    app.cleanup_ctx.append(_sessions)
+    app.on_shutdown.append(_going_away)
+    return app
+
+
+def _page(name: str) -> Handler:
+    path = CLIENT_DIR / f"{name}.html"
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path, headers={"Content-Type": "text/html; charset=utf-8"})
+
+    return handler
+
+
+async def _sessions(app: web.Application) -> AsyncIterator[None]:
+    yield
+    # Every Session ends with the Node: no peer connection outlives the app.
+    await app[REGISTRY].close()
+
+
+async def _going_away(app: web.Application) -> None:
+    app[ACCEPTING]["joins"] = False
+    sockets: weakref.WeakSet[Any] = app[WEBSOCKETS]
+    for ws in list(sockets):
+        if ws.closed:
+            continue
+        try:
+            await ws.send_json({"type": "going_away", "reason": "server is shutting down"})
+        except (ConnectionError, RuntimeError):
+            pass
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")

@@ -1,0 +1,223 @@
+"""`scrubin`: serve, demo, publish, links, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import sys
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from aiortc import RTCIceServer
+
+from .app import create_app
+from .config import Config, ConfigError, load_config
+from .http.common import REGISTRY, TOKENS
+from .links import format_links, session_links
+from .roles import Role
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
+logger = logging.getLogger("scrubin")
+
+
+def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    if not config.server.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.server.tls_cert, config.server.tls_key)
+    return context
+
+
+async def _start(config: Config) -> tuple[web.AppRunner, web.Application]:
+    app = create_app(config)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port,
+                       ssl_context=_ssl_context(config))
+    await site.start()
+    return runner, app
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve(config: Config) -> None:
+    runner, app = await _start(config)
+    print(f"ScrubIn serving on {config.base_url}", flush=True)
+    for session in app[REGISTRY].sessions.values():
+        links = session_links(session, app[TOKENS], config.base_url, config.auth.token_ttl_s)
+        print(format_links(links), flush=True)
+    try:
+        await _until_signal()
+    finally:
+        await runner.cleanup()
+
+
+async def demo(config: Config, cameras: list[str], width: int, height: int, fps: float) -> None:
+    from .publish.sources import open_source
+    from .publish.whip import WhipOptions, WhipPublisher
+
+    runner, app = await _start(config)
+    session = app[REGISTRY].get(config.sessions[0].id)
+    tokens = app[TOKENS]
+    publishers = []
+    for index, slot in enumerate(cameras):
+        source = open_source("synthetic", label=slot, width=width, height=height, fps=fps,
+                             audio=index == 0)
+        token = tokens.issue(session.id, Role.EXPERT, name=f"Synthetic {slot} camera")
+        publisher = WhipPublisher(f"{config.base_url}/whip/{session.id}/{slot}", token,
+                                  source.tracks,
+                                  WhipOptions(host_addresses=config.ice.host_addresses))
+        publishers.append((publisher, asyncio.ensure_future(publisher.run())))
+    for _ in range(100):
+        if all(p.state == "live" for p, _ in publishers):
+            break
+        await asyncio.sleep(0.1)
+    links = session_links(session, tokens, config.base_url, config.auth.token_ttl_s)
+    print(f"\nScrubIn demo running on {config.base_url} (Ctrl-C to stop)\n", flush=True)
+    print(format_links(links), flush=True)
+    print("\nOpen the trainee link in Chromium or Firefox to watch the synthetic theatre camera.",
+          flush=True)
+    try:
+        await _until_signal()
+    finally:
+        for publisher, task in publishers:
+            publisher.stop()
+            with contextlib.suppress(Exception):
+                await task
+        await runner.cleanup()
+
+
+async def publish(args: argparse.Namespace) -> int:
+    from .publish.sources import open_source
+    from .publish.whip import WhipError, WhipOptions, WhipPublisher
+
+    source = open_source(args.source, label=args.label or args.url.rstrip("/").split("/")[-1],
+                         width=args.width, height=args.height, fps=args.fps,
+                         audio=not args.no_audio, passthrough=not args.transcode)
+    options = WhipOptions(
+        ice_servers=[RTCIceServer(urls=u) for u in args.ice_server],
+        host_addresses=args.host_address, video_codec=source.video_codec)
+    publisher = WhipPublisher(args.url, args.token, source.tracks, options)
+    publisher.on_state = lambda state: print(f"publish: {state}", flush=True)
+    task = asyncio.ensure_future(publisher.run())
+    stopper = asyncio.ensure_future(_until_signal())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    publisher.stop()
+    stopper.cancel()
+    try:
+        await task
+    except WhipError as exc:
+        print(f"publish refused: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        source.close()
+    return 0
+
+
+async def fetch_links(server: str, session: str, token: str) -> int:
+    async with aiohttp.ClientSession() as http, http.get(
+        f"{server.rstrip('/')}/api/sessions/{session}/links",
+        headers={"Authorization": f"Bearer {token}"},
+    ) as response:
+        body = await response.json()
+        if response.status != 200:
+            print(f"error {response.status}: {body.get('message')}", file=sys.stderr)
+            return 2
+    print(format_links(body))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scrubin", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_serve = sub.add_parser("serve", help="run a Node")
+    p_serve.add_argument("--config", type=Path, help="TOML file (see configs/)")
+
+    p_demo = sub.add_parser("demo", help="a Node with a synthetic theatre camera, links printed")
+    p_demo.add_argument("--port", type=int, default=None)
+    p_demo.add_argument("--cameras", default="room",
+                        help="comma-separated demo slots to fill (room,endoscope,…)")
+    p_demo.add_argument("--size", default="1280x720")
+    p_demo.add_argument("--fps", type=float, default=30)
+
+    p_pub = sub.add_parser("publish", help="publish a source to a Session slot over WHIP")
+    p_pub.add_argument("url", help="WHIP URL, e.g. http://host:8080/whip/SESSION/SLOT")
+    p_pub.add_argument("--token", required=True, help="expert bearer token")
+    p_pub.add_argument("--source", default="synthetic",
+                       help="synthetic | FILE | rtsp://… | v4l2:/dev/videoN")
+    p_pub.add_argument("--label", default="")
+    p_pub.add_argument("--size", default="1280x720")
+    p_pub.add_argument("--fps", type=float, default=30)
+    p_pub.add_argument("--no-audio", action="store_true")
+    p_pub.add_argument("--transcode", action="store_true",
+                       help="decode and re-encode even H.264 sources")
+    p_pub.add_argument("--ice-server", action="append", default=[])
+    p_pub.add_argument("--host-address", action="append", default=[],
+                       help="advertise this address (e.g. 127.0.0.1 on one machine)")
+
+    p_links = sub.add_parser("links", help="print page, WHIP and WHEP links of a Session")
+    p_links.add_argument("--server", default="http://127.0.0.1:8080")
+    p_links.add_argument("--session", required=True)
+    p_links.add_argument("--token", required=True, help="expert or admin token of the Session")
+
+    p_token = sub.add_parser("token", help="mint a token with the configured signing key")
+    p_token.add_argument("--config", type=Path, required=True)
+    p_token.add_argument("--session", required=True)
+    p_token.add_argument("--role", choices=[r.value for r in Role], required=True)
+    p_token.add_argument("--name", default="")
+    p_token.add_argument("--ttl", type=float, default=None)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    try:
+        if args.command == "serve":
+            asyncio.run(serve(load_config(args.config)))
+        elif args.command == "demo":
+            overrides = {"port": args.port} if args.port else {}
+            config = load_config(DEMO_CONFIG, server=overrides)
+            width, height = (int(v) for v in args.size.lower().split("x"))
+            asyncio.run(demo(config, [c.strip() for c in args.cameras.split(",") if c.strip()],
+                             width, height, args.fps))
+        elif args.command == "publish":
+            args.width, args.height = (int(v) for v in args.size.lower().split("x"))
+            return asyncio.run(publish(args))
+        elif args.command == "links":
+            return asyncio.run(fetch_links(args.server, args.session, args.token))
+        elif args.command == "token":
+            from .tokens import TokenAuthority
+
+            config = load_config(args.config)
+            if not config.auth.signing_keys:
+                print("no [auth].signing_keys configured: tokens would not verify anywhere",
+                      file=sys.stderr)
+                return 2
+            ttl = args.ttl or config.auth.token_ttl_s
+            token = TokenAuthority(config.auth.signing_keys).issue(
+                args.session, Role(args.role), name=args.name, ttl_s=ttl)
+            print(token)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""WHIP ingest (RFC 9725) per camera slot and WHEP egress per Feed.
+
+Resources live at ``<endpoint>/<resource id>``; ids are random, and only the
+token's Participant (or a moderator) may DELETE them.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..errors import Forbidden, NotFound
+from ..roles import MODERATORS
+from .common import CONFIG, bearer_grant, read_sdp, session_for
+
+routes = web.RouteTableDef()
+
+NO_TRICKLE = {"Allow": "DELETE, OPTIONS"}
+
+
+def _cors(request: web.Request) -> dict[str, str]:
+    origin = request.headers.get("Origin")
+    allowed = request.app[CONFIG].server.cors_origins
+    if origin and ("*" in allowed or origin in allowed):
+        return {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+            "Access-Control-Expose-Headers": "Location, ETag, Link, Accept-Post",
+            "Vary": "Origin",
+        }
+    return {}
+
+
+def _created(request: web.Request, answer: str, resource: str) -> web.Response:
+    headers = {
+        "Location": f"{request.path.rstrip('/')}/{resource}",
+        "ETag": f'"{resource}"',
+        **_cors(request),
+    }
+    return web.Response(status=201, text=answer, content_type="application/sdp",
+                        headers=headers)
+
+
+@routes.options("/whip/{session}/{slot}")
+@routes.options("/whep/{session}/{feed}")
+@routes.options("/whip/{session}/{slot}/{resource}")
+@routes.options("/whep/{session}/{feed}/{resource}")
+async def preflight(request: web.Request) -> web.Response:
+    return web.Response(status=204, headers={"Accept-Post": "application/sdp",
+                                             "Allow": "POST, DELETE, OPTIONS",
+                                             **_cors(request)})
+
+
+@routes.post("/whip/{session}/{slot}")
+async def whip_publish(request: web.Request) -> web.Response:
+    grant = bearer_grant(request)
+    session = session_for(request, grant)
+    offer = await read_sdp(request)
+    answer, ingest = await session.publish(grant, request.match_info["slot"], offer)
+    return _created(request, answer, ingest.id)
+
+
+@routes.delete("/whip/{session}/{slot}/{resource}")
+async def whip_delete(request: web.Request) -> web.Response:
+    grant = bearer_grant(request)
+    session = session_for(request, grant)
+    ingest = session.ingests.get(request.match_info["resource"])
+    if ingest is None or ingest.slot != request.match_info["slot"]:
+        raise NotFound("no such WHIP resource", code="unknown_resource")
+    await session.unpublish(grant, ingest.id)
+    return web.Response(status=200, headers=_cors(request))
+
+
+@routes.post("/whep/{session}/{feed}")
+async def whep_subscribe(request: web.Request) -> web.Response:
+    grant = bearer_grant(request)
+    session = session_for(request, grant)
+    offer = await read_sdp(request)
+    answer, subscription = await session.subscribe(grant, request.match_info["feed"], offer)
+    return _created(request, answer, subscription.id)
+
+
+@routes.delete("/whep/{session}/{feed}/{resource}")
+async def whep_delete(request: web.Request) -> web.Response:
+    grant = bearer_grant(request)
+    session = session_for(request, grant)
+    subscription = session.subscriptions.get(request.match_info["resource"])
+    if subscription is None or subscription.feed_id != request.match_info["feed"]:
+        raise NotFound("no such WHEP resource", code="unknown_resource")
+    if subscription.participant_id != grant.participant_id and grant.role not in MODERATORS:
+        raise Forbidden("this subscription belongs to someone else", code="not_owner")
+    await session.unsubscribe(grant, subscription.id)
+    return web.Response(status=200, headers=_cors(request))
+
+
+@routes.patch("/whip/{session}/{slot}/{resource}")
+@routes.patch("/whep/{session}/{feed}/{resource}")
+async def no_trickle(request: web.Request) -> web.Response:
+    # Answers carry every candidate; trickle and ICE restart are refused
+    # deliberately (RFC 9725 section 4.3.1 allows 405).
+    bearer_grant(request)
+    raise web.HTTPMethodNotAllowed("PATCH", ["DELETE", "OPTIONS"], headers=NO_TRICKLE)

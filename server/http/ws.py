@@ -1,0 +1,232 @@
+"""Websocket signalling for the browser pages (docs/protocol.md, "Websocket")."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ..errors import BadRequest, ScrubinError
+from ..roles import ROSTER_READERS, VIEWERS, Role
+from ..session import Event, Ingest, Session
+from ..subscription import Subscription
+from ..tokens import Grant
+from .common import ACCEPTING, CONFIG, PEERS, REGISTRY, TOKENS, WEBSOCKETS
+
+logger = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S = 10.0
+CLOSE_PROTOCOL = 4400
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_TIMEOUT = 4408
+
+
+class Connection:
+    """One signalling socket of one Participant, and what it created."""
+
+    def __init__(self, ws: web.WebSocketResponse, session: Session, grant: Grant) -> None:
+        self.ws = ws
+        self.session = session
+        self.grant = grant
+        self.ingests: dict[str, Ingest] = {}
+        self.subscriptions: dict[str, Subscription] = {}
+        self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    def send(self, message: dict[str, Any] | None) -> None:
+        self.outbox.put_nowait(message)
+
+    async def writer(self) -> None:
+        while True:
+            message = await self.outbox.get()
+            if message is None or self.ws.closed:
+                return
+            try:
+                await self.ws.send_json(message)
+            except (ConnectionError, RuntimeError):
+                return
+
+    def roster_message(self) -> dict[str, Any]:
+        viewers = sum(1 for p in self.session.participants.values() if p.role == Role.TRAINEE)
+        participants = self.session.roster() if self.grant.role in ROSTER_READERS else []
+        return {"type": "roster", "participants": participants, "viewers": viewers}
+
+    def on_event(self, event: Event) -> None:
+        kind = event["type"]
+        if kind in ("participant_joined", "participant_left"):
+            self.send(self.roster_message())
+        elif kind == "feed":
+            self.send(event)
+        elif kind == "session_ended":
+            self.send(event)
+            self.send(None)
+
+    async def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        kind = message.get("type")
+        session, grant = self.session, self.grant
+        if kind == "ping":
+            return {"type": "pong"}
+        if kind == "publish":
+            slot = _field(message, "slot")
+            answer, ingest = await session.publish(grant, slot, _field(message, "sdp"))
+            for old in [i for i in self.ingests.values() if i.slot == slot]:
+                self.ingests.pop(old.id, None)
+            self.ingests[ingest.id] = ingest
+            return {"type": "answer", "slot": slot, "sdp": answer,
+                    "feeds": [f.id for f in ingest.feeds]}
+        if kind == "unpublish":
+            slot = _field(message, "slot")
+            for ingest in [i for i in self.ingests.values() if i.slot == slot]:
+                self.ingests.pop(ingest.id, None)
+                if not ingest.closed:
+                    await session.unpublish(grant, ingest.id)
+            return {"type": "ok"}
+        if kind == "subscribe":
+            feed_id = _field(message, "feed")
+            answer, subscription = await session.subscribe(grant, feed_id, _field(message, "sdp"))
+            self.subscriptions[subscription.id] = subscription
+            return {"type": "answer", "feed": feed_id, "subscription": subscription.id,
+                    "sdp": answer}
+        if kind == "unsubscribe":
+            subscription_id = _field(message, "subscription")
+            self.subscriptions.pop(subscription_id, None)
+            await session.unsubscribe(grant, subscription_id)
+            return {"type": "ok"}
+        raise BadRequest(f"unknown message type {kind!r}", code="unknown_type")
+
+    async def close_resources(self) -> None:
+        """The socket is gone: its viewers' connections go with it; its
+        publications wait for the expert's page to come back and re-publish."""
+        for subscription in list(self.subscriptions.values()):
+            await subscription.close()
+        for ingest in list(self.ingests.values()):
+            if not ingest.closed and self.session.ingests.get(ingest.id) is ingest:
+                self.session.ingests.pop(ingest.id, None)
+                await ingest.close(final=False)
+
+
+def _field(message: dict[str, Any], name: str) -> str:
+    value = message.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"message needs a string field {name!r}", code="bad_message")
+    return value
+
+
+async def _hello(ws: web.WebSocketResponse, request: web.Request) -> tuple[Grant, Any] | None:
+    try:
+        msg = await ws.receive(timeout=HELLO_TIMEOUT_S)
+    except TimeoutError:
+        await ws.close(code=CLOSE_TIMEOUT, message=b"no hello")
+        return None
+    if msg.type != WSMsgType.TEXT:
+        await ws.close(code=CLOSE_PROTOCOL, message=b"expected a hello message")
+        return None
+    try:
+        hello = json.loads(msg.data)
+    except ValueError:
+        await ws.close(code=CLOSE_PROTOCOL, message=b"bad JSON")
+        return None
+    if not isinstance(hello, dict) or hello.get("type") != "hello":
+        await ws.close(code=CLOSE_PROTOCOL, message=b"first message must be hello")
+        return None
+    try:
+        grant = request.app[TOKENS].verify(str(hello.get("token", "")))
+    except ScrubinError as exc:
+        await ws.send_json({"type": "error", "error": exc.to_dict()})
+        await ws.close(code=CLOSE_UNAUTHORIZED, message=exc.code.encode())
+        return None
+    return grant, hello.get("id")
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    ws = web.WebSocketResponse(max_msg_size=config.limits.ws_max_message_bytes, heartbeat=20)
+    await ws.prepare(request)
+    if not request.app[ACCEPTING]["joins"]:
+        await ws.send_json({"type": "going_away", "reason": "server is shutting down"})
+        await ws.close(code=WSCloseCode.GOING_AWAY)
+        return ws
+    hello = await _hello(ws, request)
+    if hello is None:
+        return ws
+    grant, hello_id = hello
+    try:
+        if grant.role not in VIEWERS:
+            from ..errors import Forbidden
+
+            raise Forbidden(f"role {grant.role.value} has no live access", code="wrong_role")
+        session = request.app[REGISTRY].get(grant.session_id)
+        participant = session.join(grant)
+    except ScrubinError as exc:
+        await ws.send_json({"type": "error", "error": exc.to_dict(), "id": hello_id})
+        code = CLOSE_FORBIDDEN if exc.status in (403, 404, 410) else CLOSE_UNAUTHORIZED
+        await ws.close(code=code, message=exc.code.encode())
+        return ws
+
+    connection = Connection(ws, session, grant)
+    request.app[WEBSOCKETS].add(ws)
+    stop_listening = session.listen(connection.on_event)
+    welcome = connection.roster_message()
+    connection.send({
+        "type": "welcome", "id": hello_id, "participant": participant.describe(),
+        "session": session.describe(), "participants": welcome["participants"],
+        "viewers": welcome["viewers"], "ice_servers": request.app[PEERS].ice_servers,
+    })
+    writer = asyncio.ensure_future(connection.writer())
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                if msg.type == WSMsgType.ERROR:
+                    break
+                connection.send({"type": "error", "error": BadRequest(
+                    "only JSON text messages", code="bad_message").to_dict()})
+                continue
+            await _dispatch(connection, msg.data)
+            if writer.done():
+                break
+    finally:
+        stop_listening()
+        connection.send(None)
+        with contextlib.suppress(Exception):
+            await writer
+        await connection.close_resources()
+        session.leave(participant.id)
+        if session.state == "ended" and not ws.closed:
+            await ws.close(code=WSCloseCode.OK, message=b"session ended")
+    return ws
+
+
+async def _dispatch(connection: Connection, data: str) -> None:
+    request_id: Any = None
+    try:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            raise BadRequest("message is not valid JSON", code="bad_json") from None
+        if not isinstance(message, dict):
+            raise BadRequest("message must be a JSON object", code="bad_message")
+        request_id = message.get("id")
+        if not isinstance(request_id, (str, int, type(None))) or isinstance(request_id, bool):
+            request_id = None
+            raise BadRequest("id must be a string or a number", code="bad_message")
+        if message.get("type") == "end_session":
+            # Reply first: ending the Session closes this socket's outbox.
+            connection.session.check_moderator(connection.grant)
+            connection.send({"type": "ok", "id": request_id})
+            grant = connection.grant
+            await connection.session.end(f"ended by {grant.name or grant.role.value}")
+            return
+        reply = await connection.handle(message)
+    except ScrubinError as exc:
+        reply = {"type": "error", "error": exc.to_dict()}
+    except Exception:
+        logger.exception("websocket message failed")
+        reply = {"type": "error", "error": {"code": "internal", "message": "internal error",
+                                            "fault": "server", "status": 500}}
+    if request_id is not None:
+        reply["id"] = request_id
+    connection.send(reply)
