@@ -1,0 +1,498 @@
+// @ts-check
+/**
+ * The expert's page: choose a camera (and microphone) per camera slot of the
+ * theatre, go live with several slots at once, see who is watching, end the
+ * Session.
+ */
+
+import { ScrubinClient, toScrubinError } from './protocol.js';
+import { forgetToken, takeToken } from './token.js';
+import {
+  $, Banner, attachStream, confirmDialog, describeError, el, fromTemplate, showConnection,
+  slotTitle,
+} from './ui.js';
+
+/** Slots that carry a microphone rather than a camera, by naming convention. */
+const AUDIO_SLOT = /(^|[-_])(narration|audio|mic|voice)([-_]|$)/;
+
+/** What we ask of a camera: HD if it can, theatre cameras usually can. */
+const VIDEO_CONSTRAINTS = { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } };
+
+/**
+ * @typedef {object} SlotView
+ * @property {string} slot
+ * @property {HTMLElement} card
+ * @property {HTMLVideoElement} video
+ * @property {HTMLSelectElement} camera
+ * @property {HTMLSelectElement} mic
+ * @property {HTMLElement} pill
+ * @property {HTMLElement} viewers
+ * @property {HTMLButtonElement} stop
+ * @property {HTMLElement} error
+ * @property {MediaStream|null} stream   local capture for this slot (preview and publish)
+ * @property {number} generation         guards against overlapping device switches
+ * @property {boolean} busy              a publish/unpublish of this slot is in flight
+ * @property {string} problem            last error for this slot, shown on its card
+ */
+
+const banner = new Banner($('#banner'));
+const connPill = /** @type {HTMLElement} */ ($('#conn-state'));
+const goLiveButton = /** @type {HTMLButtonElement} */ ($('#go-live'));
+const stopAllButton = /** @type {HTMLButtonElement} */ ($('#stop-all'));
+const endButton = /** @type {HTMLButtonElement} */ ($('#end-session'));
+const grid = $('#slot-grid');
+
+/** @type {Map<string, SlotView>} */
+const slots = new Map();
+/** @type {{cameras: MediaDeviceInfo[], mics: MediaDeviceInfo[]}} */
+const devices = { cameras: [], mics: [] };
+/** @type {WakeLockSentinel|null} */
+let wakeLock = null;
+
+const token = takeToken();
+/** @type {ScrubinClient|null} */
+let client = null;
+
+if (!token) {
+  showEnded('This page needs your broadcast link',
+    'Open the link you were given for this session (it ends with #token=…).');
+  showConnection(connPill, 'idle');
+} else {
+  client = new ScrubinClient({ token });
+  start(client);
+}
+
+/** @param {ScrubinClient} c */
+function start(c) {
+  c.addEventListener('state', (e) => {
+    showConnection(connPill, /** @type {CustomEvent} */ (e).detail.state);
+    renderAll();
+  });
+  c.addEventListener('welcome', (e) => {
+    const { reconnected } = /** @type {CustomEvent} */ (e).detail;
+    if (!reconnected) setUp(c);
+    renderAll();
+  });
+  c.addEventListener('roster', () => renderRoster(c));
+  c.addEventListener('feed', () => renderAll());
+  c.addEventListener('publication', (e) => {
+    const pub = /** @type {CustomEvent} */ (e).detail.publication;
+    const view = slots.get(pub.slot);
+    if (view && pub.error && pub.state === 'failed') view.problem = describeError(pub.error);
+    renderAll();
+  });
+  c.addEventListener('error', (e) => {
+    const { error } = /** @type {CustomEvent} */ (e).detail;
+    banner.show(describeError(error));
+  });
+  c.addEventListener('going_away', () => {
+    banner.show('The server is restarting; reconnecting automatically…', { level: 'info' });
+  });
+  c.addEventListener('session_ended', (e) => {
+    const { reason } = /** @type {CustomEvent} */ (e).detail;
+    stopCapture();
+    forgetToken();
+    showEnded('The session has ended', reason ? `Reason: ${reason}` : '');
+  });
+  c.connect().catch((err) => {
+    const error = toScrubinError(err);
+    if (error.code === 'session_ended') return; // shown by the session_ended handler
+    showEnded('Cannot join this session', describeError(error));
+  });
+
+  goLiveButton.addEventListener('click', () => goLive(c));
+  stopAllButton.addEventListener('click', () => stopAll(c));
+  endButton.addEventListener('click', () => endSession(c));
+  window.addEventListener('beforeunload', (event) => {
+    // Closing the tab mid-procedure by accident would cut every trainee off.
+    if (c.publications.size > 0 && c.state === 'open') event.preventDefault();
+  });
+  window.addEventListener('pagehide', () => c.close());
+  document.addEventListener('visibilitychange', () => {
+    if (document.visibilityState === 'visible' && c.publications.size > 0) holdWakeLock();
+  });
+
+  window.scrubin = {
+    client: c,
+    slots,
+    goLive: () => goLive(c),
+    stopAll: () => stopAll(c),
+    slotState: (/** @type {string} */ slot) => slots.get(slot)?.card.dataset.state,
+  };
+}
+
+/** First welcome: describe the Session and build one card per slot. */
+function setUp(/** @type {ScrubinClient} */ c) {
+  const session = /** @type {NonNullable<typeof c.session>} */ (c.session);
+  $('#session-title').textContent = session.title || session.id;
+  $('#session-sub').textContent = [session.theatre.name, session.procedure]
+    .filter(Boolean).join(' · ');
+  document.title = `ScrubIn · Broadcast · ${session.title || session.id}`;
+
+  if (c.participant?.role !== 'expert') {
+    // The server refuses publishing from any other role; don't offer it.
+    const notice = $('#role-notice');
+    notice.hidden = false;
+    /** @type {HTMLAnchorElement} */ ($('#watch-link')).href =
+      `watch.html#token=${encodeURIComponent(c.token)}`;
+    $('.broadcast-layout').hidden = true;
+    endButton.hidden = true;
+    return;
+  }
+  endButton.disabled = false;
+  for (const slot of session.theatre.slots) {
+    const view = buildSlot(c, slot);
+    slots.set(slot, view);
+    grid.append(view.card);
+  }
+  initDevices(c);
+}
+
+/** @param {ScrubinClient} c @param {string} slot @returns {SlotView} */
+function buildSlot(c, slot) {
+  const card = fromTemplate('slot-template');
+  card.dataset.slot = slot;
+  $('.slot-name', card).textContent = slotTitle(slot);
+  /** @type {SlotView} */
+  const view = {
+    slot,
+    card,
+    video: /** @type {HTMLVideoElement} */ ($('.preview-video', card)),
+    camera: /** @type {HTMLSelectElement} */ ($('.camera-select', card)),
+    mic: /** @type {HTMLSelectElement} */ ($('.mic-select', card)),
+    pill: $('.slot-state', card),
+    viewers: $('.slot-viewers', card),
+    stop: /** @type {HTMLButtonElement} */ ($('.slot-stop', card)),
+    error: $('.slot-error', card),
+    stream: null,
+    generation: 0,
+    busy: false,
+    problem: '',
+  };
+  view.camera.setAttribute('aria-label', `Camera for ${slotTitle(slot)}`);
+  view.mic.setAttribute('aria-label', `Microphone for ${slotTitle(slot)}`);
+  view.camera.addEventListener('change', () => capture(c, view));
+  view.mic.addEventListener('change', () => capture(c, view));
+  view.stop.addEventListener('click', () => stopSlot(c, view));
+  return view;
+}
+
+// -- devices ---------------------------------------------------------------
+
+/** @param {ScrubinClient} c */
+async function initDevices(c) {
+  const media = navigator.mediaDevices;
+  if (!media || !media.getUserMedia) {
+    deviceProblem('This browser cannot use cameras here. Open the link over https:// in a recent '
+      + 'Chrome, Edge, Firefox or Safari.');
+    return;
+  }
+  // Device names are only visible once the user allowed access: ask once.
+  let probe = null;
+  for (const constraints of [{ video: true, audio: true }, { video: true }, { audio: true }]) {
+    try {
+      probe = await media.getUserMedia(constraints);
+      break;
+    } catch (err) {
+      const name = /** @type {Error} */ (err).name;
+      if (name === 'NotAllowedError' || name === 'SecurityError') {
+        deviceProblem('Camera and microphone access was refused. Allow it in the browser\'s site '
+          + 'settings, then reload this page.');
+        return;
+      }
+    }
+  }
+  await refreshDevices();
+  probe?.getTracks().forEach((t) => t.stop());
+  if (!devices.cameras.length && !devices.mics.length) {
+    deviceProblem('No camera or microphone was found. Connect one and it will appear here.');
+  }
+  assignDefaults();
+  await Promise.all([...slots.values()].map((view) => capture(c, view)));
+  media.addEventListener('devicechange', () => refreshDevices().then(renderAll));
+}
+
+/** @param {string} message */
+function deviceProblem(message) {
+  const box = $('#device-problem');
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function refreshDevices() {
+  const list = await navigator.mediaDevices.enumerateDevices();
+  devices.cameras = list.filter((d) => d.kind === 'videoinput' && d.deviceId);
+  devices.mics = list.filter((d) => d.kind === 'audioinput' && d.deviceId
+    && d.deviceId !== 'default' && d.deviceId !== 'communications');
+  if (devices.cameras.length || devices.mics.length) deviceProblem('');
+  for (const view of slots.values()) {
+    fillSelect(view.camera, devices.cameras, 'Camera');
+    fillSelect(view.mic, devices.mics, 'Microphone');
+  }
+}
+
+/**
+ * @param {HTMLSelectElement} select
+ * @param {MediaDeviceInfo[]} list
+ * @param {string} noun
+ */
+function fillSelect(select, list, noun) {
+  const keep = select.value;
+  select.replaceChildren(el('option', { value: '' }, 'Off'),
+    ...list.map((d, i) => el('option', { value: d.deviceId }, d.label || `${noun} ${i + 1}`)));
+  select.value = list.some((d) => d.deviceId === keep) ? keep : '';
+}
+
+/** Cameras to camera slots in order; the microphone to the narration slot. */
+function assignDefaults() {
+  const views = [...slots.values()];
+  const videoSlots = views.filter((v) => !AUDIO_SLOT.test(v.slot));
+  videoSlots.forEach((view, i) => {
+    if (devices.cameras[i]) view.camera.value = devices.cameras[i].deviceId;
+  });
+  const micSlot = views.find((v) => AUDIO_SLOT.test(v.slot)) || videoSlots[0];
+  if (micSlot && devices.mics[0]) micSlot.mic.value = devices.mics[0].deviceId;
+}
+
+/**
+ * (Re)open the devices chosen for a slot. A live slot switches without
+ * interrupting viewers; choosing "Off" for both stops publishing it.
+ * @param {ScrubinClient} c
+ * @param {SlotView} view
+ */
+async function capture(c, view) {
+  const generation = ++view.generation;
+  const cameraId = view.camera.value;
+  const micId = view.mic.value;
+  view.problem = '';
+  /** @type {MediaStream|null} */
+  let stream = null;
+  if (cameraId || micId) {
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({
+        video: cameraId ? { deviceId: { exact: cameraId }, ...VIDEO_CONSTRAINTS } : false,
+        audio: micId ? { deviceId: { exact: micId } } : false,
+      });
+    } catch (err) {
+      if (generation !== view.generation) return;
+      view.problem = `Cannot open the device: ${/** @type {Error} */ (err).message || err}`;
+      renderSlot(c, view);
+      return;
+    }
+  }
+  if (generation !== view.generation) {
+    stream?.getTracks().forEach((t) => t.stop());
+    return;
+  }
+  const old = view.stream;
+  view.stream = stream;
+  for (const track of stream?.getTracks() || []) {
+    track.addEventListener('ended', () => {
+      if (view.stream !== stream) return;
+      view.problem = `The ${track.kind === 'video' ? 'camera' : 'microphone'} stopped `
+        + '(unplugged or taken by another application).';
+      renderSlot(c, view);
+    });
+  }
+  attachStream(view.video, stream && stream.getVideoTracks().length ? stream : null);
+  try {
+    if (c.publications.has(view.slot)) {
+      if (stream) await c.replaceTracks(view.slot, stream);
+      else await c.unpublish(view.slot);
+    }
+  } catch (err) {
+    view.problem = describeError(toScrubinError(err));
+  } finally {
+    old?.getTracks().forEach((t) => t.stop());
+    renderSlot(c, view);
+  }
+}
+
+/** Stop every camera and microphone (the session ended: lights off). */
+function stopCapture() {
+  for (const view of slots.values()) {
+    view.generation++;
+    view.stream?.getTracks().forEach((t) => t.stop());
+    view.stream = null;
+    view.video.srcObject = null;
+  }
+  releaseWakeLock();
+}
+
+// -- going live --------------------------------------------------------------
+
+/** Publish every slot that has a device chosen and is not live yet. */
+async function goLive(/** @type {ScrubinClient} */ c) {
+  const ready = [...slots.values()].filter((v) => v.stream && !c.publications.has(v.slot));
+  if (!ready.length) {
+    banner.show('Choose a camera or microphone for at least one slot first.', { level: 'info' });
+    return;
+  }
+  goLiveButton.disabled = true;
+  holdWakeLock();
+  await Promise.allSettled(ready.map((view) => publishSlot(c, view)));
+  renderAll();
+}
+
+/** @param {ScrubinClient} c @param {SlotView} view */
+async function publishSlot(c, view) {
+  const stream = /** @type {MediaStream} */ (view.stream);
+  view.busy = true;
+  view.problem = '';
+  renderSlot(c, view);
+  try {
+    await c.publish(view.slot, stream);
+  } catch (err) {
+    view.problem = describeError(toScrubinError(err));
+  } finally {
+    view.busy = false;
+    renderSlot(c, view);
+  }
+}
+
+/** @param {ScrubinClient} c @param {SlotView} view */
+async function stopSlot(c, view) {
+  view.busy = true;
+  renderSlot(c, view);
+  try {
+    await c.unpublish(view.slot);
+  } catch (err) {
+    view.problem = describeError(toScrubinError(err));
+  } finally {
+    view.busy = false;
+    if (c.publications.size === 0) releaseWakeLock();
+    renderAll();
+  }
+}
+
+async function stopAll(/** @type {ScrubinClient} */ c) {
+  await Promise.allSettled([...slots.values()]
+    .filter((v) => c.publications.has(v.slot))
+    .map((v) => stopSlot(c, v)));
+}
+
+async function endSession(/** @type {ScrubinClient} */ c) {
+  const dialog = /** @type {HTMLDialogElement} */ ($('#end-dialog'));
+  if (!(await confirmDialog(dialog))) return;
+  endButton.disabled = true;
+  try {
+    await c.endSession();
+  } catch (err) {
+    endButton.disabled = false;
+    banner.show(describeError(toScrubinError(err)));
+  }
+}
+
+{
+  const dialog = /** @type {HTMLDialogElement} */ ($('#end-dialog'));
+  $('#end-cancel').addEventListener('click', () => dialog.close('cancel'));
+  $('#end-confirm').addEventListener('click', () => dialog.close('confirm'));
+}
+
+function holdWakeLock() {
+  // Keep the theatre laptop from sleeping while it broadcasts.
+  if (wakeLock || !('wakeLock' in navigator) || document.visibilityState !== 'visible') return;
+  navigator.wakeLock.request('screen').then((lock) => {
+    wakeLock = lock;
+    lock.addEventListener('release', () => { wakeLock = null; });
+  }, () => { /* not granted (battery saver, headless): fine */ });
+}
+
+function releaseWakeLock() {
+  wakeLock?.release().catch(() => {});
+  wakeLock = null;
+}
+
+// -- rendering ---------------------------------------------------------------
+
+const PUBLICATION_LABELS = {
+  connecting: 'Connecting…',
+  live: 'Live',
+  reconnecting: 'Reconnecting…',
+  failed: 'Failed',
+  stopped: 'Stopped',
+};
+
+function renderAll() {
+  if (!client) return;
+  for (const view of slots.values()) renderSlot(client, view);
+  const live = [...client.publications.values()];
+  const ready = [...slots.values()].filter((v) => v.stream && !client?.publications.has(v.slot));
+  const open = client.state === 'open';
+  goLiveButton.disabled = !open || ready.length === 0
+    || ready.every((v) => v.busy);
+  goLiveButton.textContent = live.length ? 'Go live with the rest' : 'Go live';
+  stopAllButton.disabled = !open || live.length === 0;
+  endButton.disabled = !open || client.participant?.role !== 'expert';
+  const summary = $('#live-summary');
+  if (live.length) {
+    const names = live.map((p) => slotTitle(p.slot)).join(', ');
+    summary.textContent = `Broadcasting: ${names}.`;
+  } else {
+    summary.textContent = 'Choose a camera or microphone for each slot you want to broadcast, '
+      + 'then Go live.';
+  }
+}
+
+/** @param {ScrubinClient} c @param {SlotView} view */
+function renderSlot(c, view) {
+  const pub = c.publications.get(view.slot);
+  /** @type {string} */
+  let state;
+  let label;
+  if (pub) {
+    state = pub.state;
+    label = PUBLICATION_LABELS[pub.state] || pub.state;
+  } else if (view.busy) {
+    state = 'connecting';
+    label = 'Connecting…';
+  } else if (view.stream) {
+    state = 'preview';
+    label = 'Not live';
+  } else {
+    state = 'off';
+    label = 'Off';
+  }
+  view.card.dataset.state = state;
+  view.pill.dataset.state = state;
+  view.pill.textContent = label;
+  const hasVideo = Boolean(view.stream && view.stream.getVideoTracks().length);
+  view.card.classList.toggle('audio-only', Boolean(view.stream) && !hasVideo);
+  $('.preview-empty span', view.card).textContent = view.stream && !hasVideo
+    ? 'Microphone only' : 'Off';
+
+  const feeds = [...c.feeds.values()].filter((f) => f.slot === view.slot);
+  const watching = feeds.reduce((n, f) => Math.max(n, f.viewers || 0), 0);
+  view.viewers.textContent = pub
+    ? `${watching} ${watching === 1 ? 'viewer' : 'viewers'} · ${
+      feeds.map((f) => f.kind).sort().reverse().join(' + ') || '…'}`
+    : '';
+  view.stop.hidden = !pub;
+  view.stop.disabled = view.busy;
+  view.error.textContent = view.problem;
+  view.error.hidden = !view.problem;
+}
+
+/** @param {ScrubinClient} c */
+function renderRoster(c) {
+  $('#viewer-count').textContent = String(c.viewers);
+  const list = $('#roster');
+  const people = [...c.participants].sort((a, b) =>
+    (a.role === 'expert' ? 0 : 1) - (b.role === 'expert' ? 0 : 1)
+    || a.name.localeCompare(b.name));
+  list.replaceChildren(...people.map((p) => el('li', { class: 'roster-item', 'data-role': p.role },
+    el('span', { class: 'roster-name' }, p.name || p.role,
+      p.id === c.participant?.id ? el('span', { class: 'muted' }, ' (you)') : null),
+    el('span', { class: 'badge', 'data-role': p.role }, p.role))));
+  $('#roster-empty').hidden = people.some((p) => p.id !== c.participant?.id);
+}
+
+/** @param {string} title @param {string} reason */
+function showEnded(title, reason) {
+  $('#ended-title').textContent = title;
+  $('#ended-reason').textContent = reason;
+  $('#ended').hidden = false;
+  goLiveButton.disabled = true;
+  stopAllButton.disabled = true;
+  endButton.disabled = true;
+}

@@ -1,0 +1,1020 @@
+// @ts-check
+/**
+ * ScrubIn signalling client: the websocket protocol of docs/protocol.md.
+ *
+ * No DOM here: this module only speaks the protocol and manages peer
+ * connections, so the broadcast and watch pages (and tests) share it.
+ *
+ * One RTCPeerConnection per published slot and one per subscribed Feed, as the
+ * protocol requires. Offers are sent complete (ICE gathering finished): the
+ * server does not trickle.
+ *
+ * Recovery, so an expert or trainee on hospital Wi-Fi does not have to reload:
+ * - the websocket reconnects with backoff; after the new `welcome` every
+ *   Subscription is negotiated again (the server closes a socket's
+ *   Subscriptions with it) and every publication whose Feeds are not `live`
+ *   is published again (the server keeps the Feeds `down` for a grace period,
+ *   so viewers resume without doing anything);
+ * - a peer connection that fails (or stays disconnected) is negotiated again;
+ * - a Feed going `down` is *not* a reason to resubscribe: the server keeps the
+ *   Subscription across publisher reconnects.
+ *
+ * Events (all `CustomEvent`, payload in `detail`):
+ * - `state`        {state, previous, reason}           connection state changed
+ * - `welcome`      {welcome, reconnected}               joined (again)
+ * - `feed`         {feed}                               a Feed appeared/changed/closed
+ * - `roster`       {participants, viewers}
+ * - `session_ended` {reason}
+ * - `going_away`   {reason}
+ * - `error`        {error, request}                     any error from the server or a failed recovery
+ * - `publication`  {publication}                        a publication's state changed
+ * - `subscription` {subscription}                       a Subscription's state or stream changed
+ */
+
+/**
+ * @typedef {{code: string, message: string, fault: 'user'|'protocol'|'server', status: number}} ErrorObject
+ * @typedef {'audio'|'video'} MediaKind
+ * @typedef {{id: string, slot: string, kind: MediaKind, codec: string,
+ *            state: 'live'|'down'|'closed', viewers: number}} Feed
+ * @typedef {{id: string, role: string, name: string}} Participant
+ * @typedef {{id: string, name: string, slots: string[]}} Theatre
+ * @typedef {{id: string, title: string, procedure: string, state: string,
+ *            theatre: Theatre, feeds: Feed[]}} Session
+ * @typedef {{type: 'welcome', participant: Participant, session: Session,
+ *            participants: Participant[], viewers: number, ice_servers: RTCIceServer[]}} Welcome
+ * @typedef {'idle'|'connecting'|'open'|'reconnecting'|'ended'|'failed'|'closed'} ClientState
+ * @typedef {'connecting'|'live'|'reconnecting'|'failed'|'stopped'} PublicationState
+ * @typedef {'connecting'|'connected'|'reconnecting'|'failed'|'closed'} SubscriptionState
+ */
+
+/** An error the server (or this client) reports in the protocol's error shape. */
+export class ScrubinError extends Error {
+  /** @param {ErrorObject} error */
+  constructor(error) {
+    super(error.message || error.code);
+    this.name = 'ScrubinError';
+    /** @type {string} */
+    this.code = error.code;
+    /** @type {'user'|'protocol'|'server'} */
+    this.fault = error.fault;
+    /** @type {number} */
+    this.status = error.status;
+  }
+
+  /** @returns {ErrorObject} */
+  toJSON() {
+    return { code: this.code, message: this.message, fault: this.fault, status: this.status };
+  }
+}
+
+/**
+ * @param {string} code
+ * @param {string} message
+ * @param {'user'|'protocol'|'server'} [fault]
+ * @param {number} [status]
+ */
+function clientError(code, message, fault = 'server', status = 0) {
+  return new ScrubinError({ code, message, fault, status });
+}
+
+/** Close codes after which reconnecting cannot help (docs/protocol.md). */
+const FATAL_CLOSE = new Map([
+  [4400, 'protocol_error'],
+  [4401, 'token_invalid'],
+  [4403, 'not_allowed'],
+  [1009, 'too_large'],
+]);
+
+/** Hello failures that a retry will not fix. */
+const FATAL_HELLO_CODES = new Set([
+  'token_missing', 'token_invalid', 'token_expired', 'wrong_session', 'wrong_role',
+  'unknown_session',
+]);
+
+/** Subscribe failures meaning the Feed is gone: stop trying. */
+const FEED_GONE_CODES = new Set(['unknown_feed', 'feed_closed']);
+
+/** How long a peer connection may stay `disconnected` before it is replaced. */
+const DISCONNECTED_GRACE_MS = 5000;
+
+/**
+ * Exponential backoff with jitter: 0.5 s, 1 s, 2 s … capped, ±25 %.
+ * @param {number} attempt 0-based
+ * @param {number} [baseMs]
+ * @param {number} [maxMs]
+ */
+export function backoffDelay(attempt, baseMs = 500, maxMs = 10000) {
+  const raw = Math.min(maxMs, baseMs * 2 ** Math.min(attempt, 16));
+  return Math.round(raw * (0.75 + Math.random() * 0.5));
+}
+
+/**
+ * Resolve when ICE gathering is complete (or after `timeoutMs`: whatever was
+ * gathered by then goes into the offer).
+ * @param {RTCPeerConnection} pc
+ * @param {number} [timeoutMs]
+ * @returns {Promise<void>}
+ */
+export function iceGatheringComplete(pc, timeoutMs = 4000) {
+  if (pc.iceGatheringState === 'complete') return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      pc.removeEventListener('icegatheringstatechange', check);
+      resolve();
+    };
+    const check = () => {
+      if (pc.iceGatheringState === 'complete') done();
+    };
+    const timer = setTimeout(done, timeoutMs);
+    pc.addEventListener('icegatheringstatechange', check);
+  });
+}
+
+/**
+ * The websocket URL for this page: same host, ws: or wss: matching the page.
+ * @param {string} [path]
+ * @param {{protocol: string, host: string}} [loc]
+ */
+export function websocketUrl(path = '/ws', loc = globalThis.location) {
+  const scheme = loc.protocol === 'https:' ? 'wss:' : 'ws:';
+  return `${scheme}//${loc.host}${path}`;
+}
+
+/** The Feed id of a slot and kind: `<slot>.<kind>`. */
+export function feedId(/** @type {string} */ slot, /** @type {string} */ kind) {
+  return `${slot}.${kind}`;
+}
+
+/** @param {string} id @returns {MediaKind|null} */
+export function kindOfFeedId(id) {
+  const kind = id.slice(id.lastIndexOf('.') + 1);
+  return kind === 'audio' || kind === 'video' ? kind : null;
+}
+
+/** One slot published by this client over its own peer connection. */
+export class Publication {
+  /**
+   * @param {string} slot
+   * @param {MediaStreamTrack[]} tracks
+   */
+  constructor(slot, tracks) {
+    this.slot = slot;
+    /** Tracks are owned by the caller: unpublishing does not stop them. */
+    this.tracks = tracks;
+    this.stream = new MediaStream(tracks);
+    /** @type {RTCPeerConnection|null} */
+    this.pc = null;
+    /** @type {PublicationState} */
+    this.state = 'connecting';
+    /** @type {string[]} Feed ids the server created for this slot. */
+    this.feeds = [];
+    /** @type {ScrubinError|null} */
+    this.error = null;
+    /** @type {Promise<void>|null} */
+    this.negotiating = null;
+    this.attempts = 0;
+    /** @type {ReturnType<typeof setTimeout>|undefined} */
+    this.retryTimer = undefined;
+    /** @type {ReturnType<typeof setTimeout>|undefined} */
+    this.disconnectTimer = undefined;
+  }
+}
+
+/** One Feed received by this client over its own peer connection. */
+export class Subscription {
+  /**
+   * @param {string} feedId
+   * @param {MediaKind} kind
+   */
+  constructor(feedId, kind) {
+    this.feedId = feedId;
+    this.kind = kind;
+    /**
+     * The Feed's media. A new MediaStream after every renegotiation: listen to
+     * the client's `subscription` event and re-attach it.
+     * @type {MediaStream}
+     */
+    this.stream = new MediaStream();
+    /** @type {RTCPeerConnection|null} */
+    this.pc = null;
+    /** @type {string|null} the server's Subscription id */
+    this.id = null;
+    /** @type {SubscriptionState} */
+    this.state = 'connecting';
+    /** @type {ScrubinError|null} */
+    this.error = null;
+    /** @type {Promise<void>|null} */
+    this.negotiating = null;
+    this.attempts = 0;
+    /** @type {ReturnType<typeof setTimeout>|undefined} */
+    this.retryTimer = undefined;
+    /** @type {ReturnType<typeof setTimeout>|undefined} */
+    this.disconnectTimer = undefined;
+  }
+}
+
+/**
+ * @typedef {object} ClientOptions
+ * @property {string} token          the participant's token (from the page's URL fragment)
+ * @property {string} [url]          websocket URL; default: `/ws` on this page's host
+ * @property {number} [requestTimeoutMs]
+ * @property {number} [pingIntervalMs]  heartbeat; a missing pong drops and reconnects the socket
+ * @property {number} [maxReconnectDelayMs]
+ * @property {typeof WebSocket} [WebSocket]
+ * @property {typeof RTCPeerConnection} [RTCPeerConnection]
+ */
+
+export class ScrubinClient extends EventTarget {
+  /** @param {ClientOptions} options */
+  constructor(options) {
+    super();
+    if (!options || !options.token) throw new TypeError('ScrubinClient needs a token');
+    this.token = options.token;
+    this.url = options.url || websocketUrl();
+    this.requestTimeoutMs = options.requestTimeoutMs ?? 15000;
+    this.pingIntervalMs = options.pingIntervalMs ?? 15000;
+    this.maxReconnectDelayMs = options.maxReconnectDelayMs ?? 10000;
+    this._WebSocket = options.WebSocket || globalThis.WebSocket;
+    this._RTCPeerConnection = options.RTCPeerConnection || globalThis.RTCPeerConnection;
+
+    /** @type {ClientState} */
+    this.state = 'idle';
+    /** @type {Participant|null} */
+    this.participant = null;
+    /** @type {Session|null} */
+    this.session = null;
+    /** @type {Participant[]} (experts and admins only; `[]` for others) */
+    this.participants = [];
+    this.viewers = 0;
+    /** @type {RTCIceServer[]} */
+    this.iceServers = [];
+    /** @type {Map<string, Feed>} live and down Feeds of the Session */
+    this.feeds = new Map();
+    /** @type {Map<string, Publication>} by slot */
+    this.publications = new Map();
+    /** @type {Map<string, Subscription>} by Feed id */
+    this.subscriptions = new Map();
+    /** @type {ScrubinError|null} why the client stopped (state `failed`) */
+    this.fatalError = null;
+    /** @type {string} */
+    this.endReason = '';
+
+    /** @type {WebSocket|null} */
+    this._ws = null;
+    this._nextId = 1;
+    /** @type {Map<string, {resolve: (m: any) => void, reject: (e: Error) => void,
+     *   timer: ReturnType<typeof setTimeout>, type: string}>} */
+    this._pending = new Map();
+    this._welcomed = false;
+    this._everWelcomed = false;
+    this._reconnectAttempt = 0;
+    /** @type {ReturnType<typeof setTimeout>|undefined} */
+    this._reconnectTimer = undefined;
+    /** @type {ReturnType<typeof setInterval>|undefined} */
+    this._pingTimer = undefined;
+    /** @type {ReturnType<typeof setTimeout>|undefined} */
+    this._pongTimer = undefined;
+    /** @type {{resolve: (w: Welcome) => void, reject: (e: Error) => void}|null} */
+    this._firstWelcome = null;
+    this._onOnline = () => {
+      if (this.state === 'reconnecting') this._reconnectNow();
+    };
+  }
+
+  // -- connection ---------------------------------------------------------
+
+  /**
+   * Open the websocket and join; resolves with the first `welcome`. Rejects
+   * only if joining cannot succeed (bad token, unknown or ended Session);
+   * transient failures are retried.
+   * @returns {Promise<Welcome>}
+   */
+  connect() {
+    if (this.state !== 'idle') throw new Error(`connect() called in state ${this.state}`);
+    globalThis.addEventListener?.('online', this._onOnline);
+    const first = new Promise((resolve, reject) => {
+      this._firstWelcome = { resolve, reject };
+    });
+    this._open();
+    return /** @type {Promise<Welcome>} */ (first);
+  }
+
+  /** Leave: close every peer connection and the socket; no reconnect. */
+  close() {
+    for (const slot of [...this.publications.keys()]) this._dropPublication(slot, 'stopped');
+    for (const feed of [...this.subscriptions.keys()]) this._dropSubscription(feed, 'closed');
+    this._shutdown('closed', 'closed by the page');
+  }
+
+  /** True when requests can be sent. */
+  get ready() {
+    return this.state === 'open';
+  }
+
+  _open() {
+    this._welcomed = false;
+    this._setState(this._everWelcomed ? 'reconnecting' : 'connecting');
+    let ws;
+    try {
+      ws = new this._WebSocket(this.url);
+    } catch (err) {
+      this._scheduleReconnect(String(err));
+      return;
+    }
+    this._ws = ws;
+    ws.onopen = () => {
+      ws.send(JSON.stringify({ type: 'hello', token: this.token, id: this._newId() }));
+    };
+    ws.onmessage = (event) => this._onMessage(ws, event);
+    ws.onerror = () => {
+      /* a close event follows; nothing to do here (and nothing to log) */
+    };
+    ws.onclose = (event) => this._onClose(ws, event.code, event.reason);
+  }
+
+  /** @param {WebSocket} ws @param {number} code @param {string} reason */
+  _onClose(ws, code, reason) {
+    if (ws !== this._ws) return;
+    this._detachSocket();
+    if (this.state === 'ended' || this.state === 'closed' || this.state === 'failed') return;
+    const fatal = FATAL_CLOSE.get(code);
+    if (fatal && !this._welcomed) {
+      this._fail(this.fatalError || clientError(fatal, reason || `closed with ${code}`, 'user', code));
+      return;
+    }
+    if (fatal) {
+      // After welcome, 4400/1009 mean a client bug: surface it, but try again.
+      this._emit('error', { error: clientError(fatal, reason || `closed with ${code}`, 'protocol'),
+        request: null });
+    }
+    this._scheduleReconnect(reason || `socket closed (${code})`);
+  }
+
+  _detachSocket() {
+    const ws = this._ws;
+    this._ws = null;
+    this._welcomed = false;
+    clearInterval(this._pingTimer);
+    clearTimeout(this._pongTimer);
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+      if (ws.readyState === ws.CONNECTING || ws.readyState === ws.OPEN) {
+        try { ws.close(1000); } catch { /* already closing */ }
+      }
+    }
+    for (const [id, pending] of this._pending) {
+      clearTimeout(pending.timer);
+      pending.reject(clientError('disconnected', 'the connection to the server dropped'));
+      this._pending.delete(id);
+    }
+  }
+
+  /** @param {string} reason */
+  _scheduleReconnect(reason) {
+    this._detachSocket();
+    this._setState('reconnecting', reason);
+    clearTimeout(this._reconnectTimer);
+    const delay = backoffDelay(this._reconnectAttempt++, 500, this.maxReconnectDelayMs);
+    this._reconnectTimer = setTimeout(() => this._open(), delay);
+  }
+
+  _reconnectNow() {
+    clearTimeout(this._reconnectTimer);
+    if (!this._ws) this._open();
+  }
+
+  /** @param {ClientState} state @param {string} reason */
+  _shutdown(state, reason) {
+    clearTimeout(this._reconnectTimer);
+    globalThis.removeEventListener?.('online', this._onOnline);
+    this._detachSocket();
+    this._setState(state, reason);
+  }
+
+  /** @param {ScrubinError} error */
+  _fail(error) {
+    this.fatalError = error;
+    for (const slot of [...this.publications.keys()]) this._dropPublication(slot, 'failed');
+    for (const feed of [...this.subscriptions.keys()]) this._dropSubscription(feed, 'failed');
+    this._shutdown('failed', error.message);
+    this._emit('error', { error, request: null });
+    if (this._firstWelcome) {
+      this._firstWelcome.reject(error);
+      this._firstWelcome = null;
+    }
+  }
+
+  /** @param {ClientState} state @param {string} [reason] */
+  _setState(state, reason = '') {
+    if (state === this.state) return;
+    const previous = this.state;
+    this.state = state;
+    this._emit('state', { state, previous, reason });
+  }
+
+  _startHeartbeat() {
+    clearInterval(this._pingTimer);
+    this._pingTimer = setInterval(() => {
+      if (!this.ready) return;
+      clearTimeout(this._pongTimer);
+      // A socket that stays silent is dead even if the browser has not noticed.
+      this._pongTimer = setTimeout(() => this._scheduleReconnect('no reply to ping'),
+        Math.min(10000, this.pingIntervalMs));
+      this.request({ type: 'ping' }).then(() => clearTimeout(this._pongTimer), () => {});
+    }, this.pingIntervalMs);
+  }
+
+  // -- messages -----------------------------------------------------------
+
+  _newId() {
+    return `c${this._nextId++}`;
+  }
+
+  /** @param {WebSocket} ws @param {MessageEvent} event */
+  _onMessage(ws, event) {
+    if (ws !== this._ws) return;
+    let msg;
+    try {
+      msg = JSON.parse(event.data);
+    } catch {
+      return; // the server only sends JSON; ignore anything else
+    }
+    if (!msg || typeof msg !== 'object') return;
+
+    if (!this._welcomed) {
+      if (msg.type === 'welcome') {
+        this._onWelcome(/** @type {Welcome} */ (msg));
+      } else if (msg.type === 'error' && msg.error) {
+        const error = new ScrubinError(msg.error);
+        if (error.code === 'session_ended') this._ended(error.message);
+        else if (FATAL_HELLO_CODES.has(error.code)) this._fail(error);
+        else this._emit('error', { error, request: 'hello' });
+      } else if (msg.type === 'going_away') {
+        this._emit('going_away', { reason: msg.reason || '' });
+      }
+      return;
+    }
+
+    if (msg.id !== undefined && msg.id !== null && this._pending.has(String(msg.id))) {
+      const pending = /** @type {NonNullable<ReturnType<typeof this._pending.get>>} */ (
+        this._pending.get(String(msg.id)));
+      this._pending.delete(String(msg.id));
+      clearTimeout(pending.timer);
+      if (msg.type === 'error') {
+        const error = new ScrubinError(msg.error || { code: 'error', message: 'request failed',
+          fault: 'server', status: 0 });
+        if (pending.type !== 'ping') this._emit('error', { error, request: pending.type });
+        pending.reject(error);
+      } else {
+        pending.resolve(msg);
+      }
+      return;
+    }
+
+    switch (msg.type) {
+      case 'feed':
+        if (msg.feed) this._onFeed(msg.feed);
+        break;
+      case 'roster':
+        this.participants = Array.isArray(msg.participants) ? msg.participants : [];
+        this.viewers = Number(msg.viewers) || 0;
+        this._emit('roster', { participants: this.participants, viewers: this.viewers });
+        break;
+      case 'session_ended':
+        this._ended(msg.reason || 'ended');
+        break;
+      case 'going_away':
+        // The server closes with 1001 next; reconnecting then finds another Node
+        // (or this one after its restart).
+        this._emit('going_away', { reason: msg.reason || '' });
+        break;
+      case 'error':
+        if (msg.error) this._emit('error', { error: new ScrubinError(msg.error), request: null });
+        break;
+      default:
+        break; // pong for a timed-out ping, or a newer message type: ignore
+    }
+  }
+
+  /** @param {Welcome} welcome */
+  _onWelcome(welcome) {
+    const reconnected = this._everWelcomed;
+    this._welcomed = true;
+    this._everWelcomed = true;
+    this._reconnectAttempt = 0;
+    this.participant = welcome.participant;
+    this.session = welcome.session;
+    this.participants = welcome.participants || [];
+    this.viewers = Number(welcome.viewers) || 0;
+    this.iceServers = Array.isArray(welcome.ice_servers) ? welcome.ice_servers : [];
+    this.feeds = new Map((welcome.session?.feeds || []).map((f) => [f.id, f]));
+    this._setState('open');
+    this._startHeartbeat();
+    this._emit('welcome', { welcome, reconnected });
+    this._emit('roster', { participants: this.participants, viewers: this.viewers });
+    if (this._firstWelcome) {
+      this._firstWelcome.resolve(welcome);
+      this._firstWelcome = null;
+    }
+    if (reconnected) this._resync();
+  }
+
+  /** @param {Feed} feed */
+  _onFeed(feed) {
+    if (feed.state === 'closed') this.feeds.delete(feed.id);
+    else this.feeds.set(feed.id, feed);
+    if (this.session) this.session.feeds = [...this.feeds.values()];
+    this._emit('feed', { feed });
+
+    if (feed.state === 'closed') {
+      if (this.subscriptions.has(feed.id)) this._dropSubscription(feed.id, 'closed');
+      const pub = this.publications.get(feed.slot);
+      if (pub && pub.feeds.includes(feed.id) && !pub.negotiating) {
+        // Closed under us (e.g. an admin unpublished it): publish again.
+        this._schedulePublishRetry(pub, 'feed closed');
+      }
+      return;
+    }
+    if (feed.state === 'down') {
+      const pub = this.publications.get(feed.slot);
+      if (pub && pub.feeds.includes(feed.id) && !pub.negotiating) {
+        // Our own Feed went down while we think we publish it: our connection
+        // is gone on the server side. Give a replacement a moment, then publish again.
+        clearTimeout(pub.retryTimer);
+        pub.retryTimer = setTimeout(() => {
+          const now = this.feeds.get(feed.id);
+          if (this.publications.get(pub.slot) === pub && !pub.negotiating && now
+              && now.state === 'down') {
+            this._renegotiatePublication(pub);
+          }
+        }, 1500);
+      }
+    }
+  }
+
+  /** @param {string} reason */
+  _ended(reason) {
+    this.endReason = reason;
+    for (const slot of [...this.publications.keys()]) this._dropPublication(slot, 'stopped');
+    for (const feed of [...this.subscriptions.keys()]) this._dropSubscription(feed, 'closed');
+    this.feeds.clear();
+    if (this.session) this.session.state = 'ended';
+    this._shutdown('ended', reason);
+    this._emit('session_ended', { reason });
+    if (this._firstWelcome) {
+      this._firstWelcome.reject(clientError('session_ended', reason, 'user', 410));
+      this._firstWelcome = null;
+    }
+  }
+
+  /**
+   * Send a request and resolve with its reply (`answer`, `ok`, `pong`), or
+   * reject with a ScrubinError (`error` reply, timeout or disconnection).
+   * @param {{type: string, [key: string]: unknown}} message
+   * @param {number} [timeoutMs]
+   * @returns {Promise<any>}
+   */
+  request(message, timeoutMs = this.requestTimeoutMs) {
+    const ws = this._ws;
+    if (!ws || !this.ready) {
+      return Promise.reject(clientError('not_connected', `not connected (${this.state})`));
+    }
+    const id = this._newId();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._pending.delete(id);
+        reject(clientError('timeout', `no reply to ${message.type} in ${timeoutMs} ms`));
+      }, timeoutMs);
+      this._pending.set(id, { resolve, reject, timer, type: message.type });
+      ws.send(JSON.stringify({ ...message, id }));
+    });
+  }
+
+  /** @param {string} type @param {object} detail */
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  /** @returns {RTCConfiguration} */
+  _rtcConfig() {
+    // The server's list, possibly empty: never a default public STUN server.
+    return { iceServers: this.iceServers, bundlePolicy: 'max-bundle' };
+  }
+
+  /** After a reconnect: put every publication and Subscription back. */
+  _resync() {
+    for (const pub of this.publications.values()) {
+      const feeds = pub.feeds.map((id) => this.feeds.get(id));
+      const healthy = pub.pc && pub.pc.connectionState === 'connected'
+        && feeds.length > 0 && feeds.every((f) => f && f.state === 'live');
+      if (!healthy) this._renegotiatePublication(pub);
+    }
+    for (const sub of [...this.subscriptions.values()]) {
+      if (!this.feeds.has(sub.feedId)) {
+        this._dropSubscription(sub.feedId, 'closed');
+      } else {
+        // The server closed this socket's Subscriptions when it dropped.
+        this._renegotiateSubscription(sub);
+      }
+    }
+  }
+
+  // -- publishing ---------------------------------------------------------
+
+  /**
+   * Publish a slot: its video and/or audio track become Feeds `<slot>.video`
+   * and `<slot>.audio`. Publishing a slot again replaces its connection and
+   * keeps the Feeds (and their viewers).
+   * @param {string} slot
+   * @param {MediaStream|MediaStreamTrack[]} media  at most one video and one audio track
+   * @returns {Promise<Publication>}
+   */
+  async publish(slot, media) {
+    const tracks = Array.isArray(media) ? media : media.getTracks();
+    if (!tracks.length) throw new TypeError('publish() needs at least one track');
+    const previous = this.publications.get(slot);
+    const pub = new Publication(slot, tracks);
+    this.publications.set(slot, pub);
+    try {
+      await this._negotiatePublication(pub, previous?.pc || null);
+    } catch (err) {
+      if (this.publications.get(slot) === pub) {
+        // Nothing is kept from a refused request: the previous connection, if
+        // any, still carries the slot.
+        if (previous) this.publications.set(slot, previous);
+        else this.publications.delete(slot);
+        this._setPublicationState(pub, 'failed', /** @type {any} */ (err));
+      }
+      throw err;
+    }
+    if (previous) {
+      clearTimeout(previous.retryTimer);
+      clearTimeout(previous.disconnectTimer);
+    }
+    return pub;
+  }
+
+  /**
+   * Switch a live slot to other tracks (another camera or microphone). With
+   * the same kinds this swaps the tracks on the existing connection, so viewers
+   * see no interruption; otherwise the slot is published again.
+   * @param {string} slot
+   * @param {MediaStream|MediaStreamTrack[]} media
+   * @returns {Promise<Publication>}
+   */
+  async replaceTracks(slot, media) {
+    const tracks = Array.isArray(media) ? media : media.getTracks();
+    const pub = this.publications.get(slot);
+    if (!pub || !pub.pc || pub.negotiating) return this.publish(slot, tracks);
+    const senders = pub.pc.getTransceivers().map((t) => t.sender);
+    const kinds = (/** @type {MediaStreamTrack[]} */ list) => list.map((t) => t.kind).sort().join();
+    const senderKinds = senders.map((s) => s.track?.kind).filter(Boolean).sort().join();
+    if (kinds(tracks) !== kinds(pub.tracks) || senderKinds !== kinds(pub.tracks)) {
+      return this.publish(slot, tracks);
+    }
+    for (const track of tracks) {
+      const sender = senders.find((s) => s.track && s.track.kind === track.kind);
+      if (sender) await sender.replaceTrack(track);
+    }
+    pub.tracks = tracks;
+    pub.stream = new MediaStream(tracks);
+    this._emit('publication', { publication: pub });
+    return pub;
+  }
+
+  /**
+   * @param {Publication} pub
+   * @param {RTCPeerConnection|null} replaces closed once the new one is answered
+   */
+  _negotiatePublication(pub, replaces) {
+    const run = async () => {
+      const pc = new this._RTCPeerConnection(this._rtcConfig());
+      try {
+        for (const track of pub.tracks) {
+          pc.addTransceiver(track, { direction: 'sendonly', streams: [pub.stream] });
+        }
+        await pc.setLocalDescription(await pc.createOffer());
+        await iceGatheringComplete(pc);
+        const reply = await this.request({
+          type: 'publish', slot: pub.slot, sdp: /** @type {RTCSessionDescription} */ (pc.localDescription).sdp,
+        });
+        if (this.publications.get(pub.slot) !== pub) throw clientError('cancelled', 'unpublished');
+        await pc.setRemoteDescription({ type: 'answer', sdp: reply.sdp });
+        pub.feeds = Array.isArray(reply.feeds) ? reply.feeds : [];
+      } catch (err) {
+        pc.close();
+        throw err;
+      }
+      const old = pub.pc || replaces;
+      pub.pc = pc;
+      if (old && old !== pc) old.close();
+      this._watchPublication(pub, pc);
+      this._setPublicationState(pub, pc.connectionState === 'connected' ? 'live' : 'connecting');
+    };
+    const attempt = run().finally(() => { pub.negotiating = null; });
+    pub.negotiating = attempt;
+    return attempt;
+  }
+
+  /** @param {Publication} pub @param {RTCPeerConnection} pc */
+  _watchPublication(pub, pc) {
+    pc.addEventListener('connectionstatechange', () => {
+      if (pub.pc !== pc || this.publications.get(pub.slot) !== pub) return;
+      clearTimeout(pub.disconnectTimer);
+      switch (pc.connectionState) {
+        case 'connected':
+          pub.attempts = 0;
+          this._setPublicationState(pub, 'live');
+          break;
+        case 'disconnected':
+          this._setPublicationState(pub, 'reconnecting');
+          pub.disconnectTimer = setTimeout(() => {
+            if (pub.pc === pc && pc.connectionState !== 'connected') {
+              this._renegotiatePublication(pub);
+            }
+          }, DISCONNECTED_GRACE_MS);
+          break;
+        case 'failed':
+        case 'closed':
+          this._renegotiatePublication(pub);
+          break;
+        default:
+          break;
+      }
+    });
+  }
+
+  /** @param {Publication} pub @param {string} why */
+  _schedulePublishRetry(pub, why) {
+    clearTimeout(pub.retryTimer);
+    this._setPublicationState(pub, 'reconnecting');
+    const delay = backoffDelay(pub.attempts++, 500, this.maxReconnectDelayMs);
+    pub.retryTimer = setTimeout(() => {
+      if (this.publications.get(pub.slot) === pub) this._renegotiatePublication(pub);
+    }, delay);
+    void why;
+  }
+
+  /** Publish an existing publication again (same tracks), now or when connected. */
+  _renegotiatePublication(/** @type {Publication} */ pub) {
+    if (pub.negotiating || this.publications.get(pub.slot) !== pub) return;
+    clearTimeout(pub.retryTimer);
+    this._setPublicationState(pub, 'reconnecting');
+    if (!this.ready) return; // _resync() runs after the next welcome
+    if (pub.tracks.every((t) => t.readyState === 'ended')) {
+      this._setPublicationState(pub, 'failed',
+        clientError('source_ended', `the camera or microphone of ${pub.slot} stopped`, 'user'));
+      return;
+    }
+    this._negotiatePublication(pub, null).catch((err) => {
+      if (this.publications.get(pub.slot) !== pub) return;
+      const error = toScrubinError(err);
+      if (error.fault === 'server' || error.code === 'disconnected' || error.code === 'timeout') {
+        this._schedulePublishRetry(pub, error.message);
+      } else {
+        // The server refuses (role, slot, codec): retrying will not help.
+        this.publications.delete(pub.slot);
+        pub.pc?.close();
+        this._setPublicationState(pub, 'failed', error);
+      }
+    });
+  }
+
+  /**
+   * Stop publishing a slot: its Feeds close for every viewer. The tracks are
+   * the caller's to stop.
+   * @param {string} slot
+   */
+  async unpublish(slot) {
+    const pub = this.publications.get(slot);
+    this._dropPublication(slot, 'stopped');
+    if (pub && this.ready) await this.request({ type: 'unpublish', slot });
+  }
+
+  /** @param {string} slot @param {PublicationState} state */
+  _dropPublication(slot, state) {
+    const pub = this.publications.get(slot);
+    if (!pub) return;
+    this.publications.delete(slot);
+    clearTimeout(pub.retryTimer);
+    clearTimeout(pub.disconnectTimer);
+    pub.pc?.close();
+    this._setPublicationState(pub, state);
+  }
+
+  /**
+   * @param {Publication} pub
+   * @param {PublicationState} state
+   * @param {ScrubinError|null} [error]
+   */
+  _setPublicationState(pub, state, error = null) {
+    if (pub.state === state && !error) return;
+    pub.state = state;
+    if (error) pub.error = toScrubinError(error);
+    else if (state === 'live') pub.error = null;
+    this._emit('publication', { publication: pub });
+  }
+
+  // -- viewing ------------------------------------------------------------
+
+  /**
+   * Receive a Feed over its own peer connection. Resolves once the server
+   * answered; media follows when the connection is up. Subscribing twice
+   * returns the same Subscription.
+   * @param {string} id  a Feed id, e.g. `room.video`
+   * @returns {Promise<Subscription>}
+   */
+  async subscribe(id) {
+    const existing = this.subscriptions.get(id);
+    if (existing) {
+      if (existing.negotiating) await existing.negotiating;
+      return existing;
+    }
+    const kind = this.feeds.get(id)?.kind || kindOfFeedId(id);
+    if (!kind) throw clientError('unknown_feed', `no feed ${id}`, 'user', 404);
+    const sub = new Subscription(id, kind);
+    this.subscriptions.set(id, sub);
+    try {
+      await this._negotiateSubscription(sub);
+    } catch (err) {
+      if (this.subscriptions.get(id) === sub) {
+        this.subscriptions.delete(id);
+        this._setSubscriptionState(sub, 'failed', /** @type {any} */ (err));
+      }
+      throw err;
+    }
+    return sub;
+  }
+
+  /** @param {Subscription} sub */
+  _negotiateSubscription(sub) {
+    const run = async () => {
+      const pc = new this._RTCPeerConnection(this._rtcConfig());
+      const stream = new MediaStream();
+      let reply;
+      try {
+        const transceiver = pc.addTransceiver(sub.kind, { direction: 'recvonly' });
+        stream.addTrack(transceiver.receiver.track);
+        await pc.setLocalDescription(await pc.createOffer());
+        await iceGatheringComplete(pc);
+        reply = await this.request({
+          type: 'subscribe', feed: sub.feedId,
+          sdp: /** @type {RTCSessionDescription} */ (pc.localDescription).sdp,
+        });
+        if (this.subscriptions.get(sub.feedId) !== sub) {
+          this._unsubscribeQuietly(reply.subscription);
+          throw clientError('cancelled', 'unsubscribed');
+        }
+        await pc.setRemoteDescription({ type: 'answer', sdp: reply.sdp });
+      } catch (err) {
+        pc.close();
+        throw err;
+      }
+      const oldPc = sub.pc;
+      const oldId = sub.id;
+      sub.pc = pc;
+      sub.id = reply.subscription;
+      sub.stream = stream;
+      if (oldPc) oldPc.close();
+      if (oldId && oldId !== sub.id) this._unsubscribeQuietly(oldId);
+      this._watchSubscription(sub, pc);
+      this._setSubscriptionState(sub, pc.connectionState === 'connected' ? 'connected' : 'connecting',
+        null, true);
+    };
+    const attempt = run().finally(() => { sub.negotiating = null; });
+    sub.negotiating = attempt;
+    return attempt;
+  }
+
+  /** @param {string|null} id */
+  _unsubscribeQuietly(id) {
+    if (id && this.ready) this.request({ type: 'unsubscribe', subscription: id }).catch(() => {});
+  }
+
+  /** @param {Subscription} sub @param {RTCPeerConnection} pc */
+  _watchSubscription(sub, pc) {
+    pc.addEventListener('connectionstatechange', () => {
+      if (sub.pc !== pc || this.subscriptions.get(sub.feedId) !== sub) return;
+      clearTimeout(sub.disconnectTimer);
+      switch (pc.connectionState) {
+        case 'connected':
+          sub.attempts = 0;
+          this._setSubscriptionState(sub, 'connected');
+          break;
+        case 'disconnected':
+          this._setSubscriptionState(sub, 'reconnecting');
+          sub.disconnectTimer = setTimeout(() => {
+            if (sub.pc === pc && pc.connectionState !== 'connected') {
+              this._scheduleSubscribeRetry(sub);
+            }
+          }, DISCONNECTED_GRACE_MS);
+          break;
+        case 'failed':
+        case 'closed':
+          this._scheduleSubscribeRetry(sub);
+          break;
+        default:
+          break;
+      }
+    });
+  }
+
+  /** @param {Subscription} sub */
+  _scheduleSubscribeRetry(sub) {
+    clearTimeout(sub.retryTimer);
+    this._setSubscriptionState(sub, 'reconnecting');
+    const delay = backoffDelay(sub.attempts++, 300, this.maxReconnectDelayMs);
+    sub.retryTimer = setTimeout(() => this._renegotiateSubscription(sub), delay);
+  }
+
+  /** @param {Subscription} sub */
+  _renegotiateSubscription(sub) {
+    if (sub.negotiating || this.subscriptions.get(sub.feedId) !== sub) return;
+    clearTimeout(sub.retryTimer);
+    this._setSubscriptionState(sub, 'reconnecting');
+    if (!this.ready) return; // _resync() runs after the next welcome
+    if (!this.feeds.has(sub.feedId)) {
+      this._dropSubscription(sub.feedId, 'closed');
+      return;
+    }
+    this._negotiateSubscription(sub).catch((err) => {
+      if (this.subscriptions.get(sub.feedId) !== sub) return;
+      const error = toScrubinError(err);
+      if (FEED_GONE_CODES.has(error.code)) {
+        this._dropSubscription(sub.feedId, 'closed');
+      } else if (error.fault === 'server' || error.code === 'disconnected'
+                 || error.code === 'timeout' || error.code === 'not_connected') {
+        this._scheduleSubscribeRetry(sub);
+      } else {
+        this._dropSubscription(sub.feedId, 'failed', error);
+      }
+    });
+  }
+
+  /**
+   * Stop receiving a Feed.
+   * @param {string} id  the Feed id
+   */
+  async unsubscribe(id) {
+    const sub = this.subscriptions.get(id);
+    if (!sub) return;
+    const serverId = sub.id;
+    this._dropSubscription(id, 'closed');
+    if (serverId && this.ready) {
+      await this.request({ type: 'unsubscribe', subscription: serverId }).catch((err) => {
+        // Already gone on the server (the Feed closed first) is fine.
+        if (toScrubinError(err).code !== 'unknown_resource') throw err;
+      });
+    }
+  }
+
+  /**
+   * @param {string} id
+   * @param {SubscriptionState} state
+   * @param {ScrubinError|null} [error]
+   */
+  _dropSubscription(id, state, error = null) {
+    const sub = this.subscriptions.get(id);
+    if (!sub) return;
+    this.subscriptions.delete(id);
+    clearTimeout(sub.retryTimer);
+    clearTimeout(sub.disconnectTimer);
+    sub.pc?.close();
+    this._setSubscriptionState(sub, state, error);
+  }
+
+  /**
+   * @param {Subscription} sub
+   * @param {SubscriptionState} state
+   * @param {ScrubinError|null} [error]
+   * @param {boolean} [streamChanged]
+   */
+  _setSubscriptionState(sub, state, error = null, streamChanged = false) {
+    if (sub.state === state && !error && !streamChanged) return;
+    sub.state = state;
+    if (error) sub.error = toScrubinError(error);
+    else if (state === 'connected') sub.error = null;
+    this._emit('subscription', { subscription: sub, streamChanged });
+  }
+
+  // -- moderation ---------------------------------------------------------
+
+  /** End the Session for everyone (expert, admin). */
+  async endSession() {
+    await this.request({ type: 'end_session' });
+  }
+}
+
+/**
+ * @param {unknown} err
+ * @returns {ScrubinError}
+ */
+export function toScrubinError(err) {
+  if (err instanceof ScrubinError) return err;
+  const e = /** @type {any} */ (err);
+  if (e && e.name === 'NotAllowedError') {
+    return clientError('permission_denied', e.message || 'permission denied', 'user');
+  }
+  return clientError('client_error', (e && e.message) || String(err), 'server');
+}

@@ -1,0 +1,156 @@
+"""Shared fixtures: a real server on loopback, tokens, and aiortc peers."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import unused_port
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+
+from server.app import create_app
+from server.config import Config, load_config
+from server.http.common import REGISTRY, TOKENS
+from server.media.hooks import advertise_host_addresses
+from server.registry import Registry
+from server.roles import Role
+from server.session import Session
+from server.theatre import Theatre
+from server.tokens import TokenAuthority
+
+LOOPBACK = ["127.0.0.1"]
+
+
+def make_config(**sections: dict[str, Any]) -> Config:
+    """Loopback-only config: the server advertises and accepts 127.0.0.1 only."""
+    sections.setdefault("ice", {})
+    sections["ice"].setdefault("host_addresses", LOOPBACK)
+    sections["ice"].setdefault("allowed_remote_networks", ["127.0.0.0/8"])
+    sections.setdefault("server", {}).setdefault("port", unused_port())
+    sections["server"].setdefault("host", "127.0.0.1")
+    return load_config(None, env={}, **sections)
+
+
+@dataclass
+class Server:
+    app: web.Application
+    config: Config
+    base_url: str
+
+    @property
+    def registry(self) -> Registry:
+        return self.app[REGISTRY]
+
+    @property
+    def tokens(self) -> TokenAuthority:
+        return self.app[TOKENS]
+
+    def token(self, role: Role, session: str = "or1-live", **kwargs: Any) -> str:
+        return self.tokens.issue(session, role, **kwargs)
+
+    def session(self, session_id: str = "or1-live") -> Session:
+        return self.registry.get(session_id)
+
+
+async def start_server(config: Config) -> tuple[Server, web.AppRunner]:
+    app = create_app(config)
+    runner = web.AppRunner(app, shutdown_timeout=2)
+    await runner.setup()
+    await web.TCPSite(runner, config.server.host, config.server.port).start()
+    server = Server(app, config, f"http://127.0.0.1:{config.server.port}")
+    server.registry.add_theatre(Theatre("or1", "Theatre 1", ("room", "endoscope", "narration")))
+    server.registry.create_session("or1-live", "or1", "Cholecystectomy")
+    return server, runner
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    srv, runner = await start_server(make_config())
+    try:
+        yield srv
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def client_pc() -> RTCPeerConnection:
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+async def offer_sdp(pc: RTCPeerConnection) -> str:
+    advertise_host_addresses(pc, LOOPBACK)
+    await pc.setLocalDescription(await pc.createOffer())
+    return str(pc.localDescription.sdp)
+
+
+async def whip_publish(http: aiohttp.ClientSession, server: Server, slot: str,
+                       tracks: list[MediaStreamTrack], token: str | None = None,
+                       session: str = "or1-live") -> tuple[RTCPeerConnection, str]:
+    """Publish ``tracks`` to ``slot``; returns the peer and the resource URL."""
+    pc = client_pc()
+    for track in tracks:
+        pc.addTransceiver(track, direction="sendonly")
+    sdp = await offer_sdp(pc)
+    token = token or server.token(Role.EXPERT, session)
+    async with http.post(f"{server.base_url}/whip/{session}/{slot}", data=sdp,
+                         headers={"Authorization": f"Bearer {token}",
+                                  "Content-Type": "application/sdp"}) as response:
+        body = await response.text()
+        assert response.status == 201, body
+        location = response.headers["Location"]
+    await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
+    return pc, f"{server.base_url}{location}"
+
+
+async def whep_subscribe(http: aiohttp.ClientSession, server: Server, feed: str, kind: str,
+                         token: str | None = None, session: str = "or1-live",
+                         ) -> tuple[RTCPeerConnection, str, asyncio.Future[MediaStreamTrack]]:
+    pc = client_pc()
+    pc.addTransceiver(kind, direction="recvonly")
+    track: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+
+    @pc.on("track")
+    def _on_track(t: MediaStreamTrack) -> None:
+        if not track.done():
+            track.set_result(t)
+
+    sdp = await offer_sdp(pc)
+    token = token or server.token(Role.TRAINEE, session)
+    async with http.post(f"{server.base_url}/whep/{session}/{feed}", data=sdp,
+                         headers={"Authorization": f"Bearer {token}",
+                                  "Content-Type": "application/sdp"}) as response:
+        body = await response.text()
+        assert response.status == 201, body
+        location = response.headers["Location"]
+    await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
+    return pc, f"{server.base_url}{location}", track
+
+
+async def wait_for(check: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Poll ``check()`` (returns '' when done, else the reason it is not)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    reason = "never checked"
+    while asyncio.get_running_loop().time() < deadline:
+        reason = check()
+        if not reason:
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s: {reason}")
+
+
+def live_peer_connections() -> list[RTCPeerConnection]:
+    gc.collect()
+    return [o for o in gc.get_objects()
+            if isinstance(o, RTCPeerConnection) and o.connectionState != "closed"]

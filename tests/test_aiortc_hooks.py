@@ -1,0 +1,103 @@
+"""Fails loudly when an aiortc/aioice upgrade moves a private name we rely on.
+
+server/media/hooks.py is the only module that touches these; if one of these
+tests fails, read it before changing the pin in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+
+import aioice.ice
+import pytest
+from aiortc import RTCDtlsTransport, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc.jitterbuffer import JitterBuffer
+
+from server.media import hooks
+
+
+def test_pinned_versions() -> None:
+    assert version("aiortc") == "1.16.0"
+    assert version("aioice") == "0.13.0"
+
+
+async def test_receiver_has_the_jitter_buffer_and_pli_we_tap() -> None:
+    pc = RTCPeerConnection()
+    try:
+        transceiver = pc.addTransceiver("video", direction="recvonly")
+        receiver = transceiver.receiver
+        assert isinstance(getattr(receiver, hooks.RECEIVER_JITTER_BUFFER), JitterBuffer)
+        assert inspect.iscoroutinefunction(getattr(receiver, hooks.RECEIVER_SEND_PLI))
+        # The receiver must feed packets through the attribute we replace.
+        source = inspect.getsource(RTCRtpReceiver._handle_rtp_packet)
+        assert "self.__jitter_buffer.add(packet)" in source
+        assert "packet._data = depayload(codec, packet.payload)" in source
+        hooks.tap_receiver(receiver, "video", lambda data, ts: None)
+        assert isinstance(getattr(receiver, hooks.RECEIVER_JITTER_BUFFER),
+                          hooks.MarkerJitterBuffer)
+    finally:
+        await pc.close()
+
+
+def test_jitter_buffer_internals_used_by_the_marker_buffer() -> None:
+    buffer = JitterBuffer(capacity=16, is_video=True)
+    for name in ("_origin", "_packets", "_capacity", "remove", "capacity"):
+        assert hasattr(buffer, name), name
+    assert "return pli_flag, self._remove_frame(packet.sequence_number)" in inspect.getsource(
+        JitterBuffer.add)
+
+
+def test_sender_routes_pli_and_fir_to_send_keyframe() -> None:
+    source = inspect.getsource(RTCRtpSender._handle_rtcp_packet)
+    assert "self._send_keyframe()" in source
+    assert callable(RTCRtpSender._send_keyframe)
+    # Pre-encoded packets are packed, never encoded.
+    assert "self.__encoder.pack(data)" in inspect.getsource(RTCRtpSender._next_encoded_frame)
+
+
+def test_ice_gathering_internals_used_to_advertise_addresses() -> None:
+    connection = aioice.ice.Connection(ice_controlling=False)
+    for name in ("_local_candidates_start", "_local_candidates_end", "_local_candidates",
+                 "_components", "get_component_candidates"):
+        assert hasattr(connection, name), name
+    assert "get_host_addresses(" in inspect.getsource(aioice.ice.Connection.gather_candidates)
+
+
+async def test_dtls_role_internals() -> None:
+    assert callable(RTCDtlsTransport._set_role)
+    pc = RTCPeerConnection()
+    try:
+        transport = pc.addTransceiver("video").receiver.transport
+        assert transport._role == "auto"
+    finally:
+        await pc.close()
+
+
+async def test_advertised_addresses_are_the_only_host_candidates() -> None:
+    pc = RTCPeerConnection()
+    try:
+        pc.addTransceiver("video")
+        hooks.advertise_host_addresses(pc, ["127.0.0.1"])
+        await pc.setLocalDescription(await pc.createOffer())
+        lines = [x for x in pc.localDescription.sdp.splitlines() if x.startswith("a=candidate")]
+        assert lines and all(" 127.0.0.1 " in line for line in lines), lines
+    finally:
+        await pc.close()
+
+
+@pytest.mark.parametrize("host,networks,allowed", [
+    ("abc.local", [], False),
+    ("127.0.0.1", [], True),
+    ("127.0.0.1", ["127.0.0.0/8"], True),
+    ("10.0.0.5", ["127.0.0.0/8"], False),
+    ("not-an-ip", ["127.0.0.0/8"], False),
+])
+def test_remote_candidate_filter(host: str, networks: list[str], allowed: bool) -> None:
+    import ipaddress
+
+    from aioice import Candidate
+    candidate = Candidate(foundation="1", component=1, transport="udp", priority=1, host=host,
+                          port=9, type="host")
+    nets = [ipaddress.ip_network(n) for n in networks]
+    assert hooks.remote_candidate_allowed(candidate, nets) is allowed

@@ -1,0 +1,232 @@
+"""The forwarding path's pieces on plain data: jitter buffers, keyframes, Feeds."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+
+import av
+import numpy as np
+import pytest
+from aiortc import RTCRtpCodecParameters
+from aiortc.rtp import RtpPacket
+
+from server.config import MediaConfig
+from server.feed import Feed
+from server.media.codecs import h264_nal_types, is_keyframe
+from server.media.hooks import AudioPassThrough, MarkerJitterBuffer
+from server.subscription import Subscription
+
+VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
+
+
+def rtp(seq: int, ts: int, data: bytes, marker: bool = False) -> RtpPacket:
+    packet = RtpPacket(payload_type=97, sequence_number=seq % 65536, timestamp=ts)
+    packet.marker = int(marker)
+    packet._data = data  # type: ignore[attr-defined]  # set by aiortc's depayloader
+    return packet
+
+
+def test_marker_bit_completes_a_frame_without_waiting_for_the_next() -> None:
+    frames: list[tuple[bytes, int]] = []
+    buffer = MarkerJitterBuffer(lambda d, t: frames.append((d, t)))
+    buffer.add(rtp(10, 3000, b"a"))
+    buffer.add(rtp(11, 3000, b"b"))
+    assert frames == []
+    buffer.add(rtp(12, 3000, b"c", marker=True))
+    assert frames == [(b"abc", 3000)]
+
+
+def test_reordered_packets_wait_for_the_gap_then_release_every_complete_frame() -> None:
+    frames: list[tuple[bytes, int]] = []
+    buffer = MarkerJitterBuffer(lambda d, t: frames.append((d, t)))
+    buffer.add(rtp(100, 0, b"1", marker=True))
+    buffer.add(rtp(102, 3000, b"y", marker=True))  # 101 missing
+    buffer.add(rtp(103, 6000, b"z", marker=True))
+    assert frames == [(b"1", 0)]
+    buffer.add(rtp(101, 3000, b"x"))  # the retransmission arrives
+    assert frames == [(b"1", 0), (b"xy", 3000), (b"z", 6000)]
+
+
+def test_frames_without_marker_still_end_at_the_next_timestamp() -> None:
+    frames: list[tuple[bytes, int]] = []
+    buffer = MarkerJitterBuffer(lambda d, t: frames.append((d, t)))
+    buffer.add(rtp(1, 0, b"a"))
+    buffer.add(rtp(2, 3000, b"b"))
+    assert frames == [(b"a", 0)]
+
+
+def test_sequence_wraparound() -> None:
+    frames: list[tuple[bytes, int]] = []
+    buffer = MarkerJitterBuffer(lambda d, t: frames.append((d, t)))
+    buffer.add(rtp(65535, 0, b"a"))
+    buffer.add(rtp(65536, 0, b"b", marker=True))
+    buffer.add(rtp(65537, 3000, b"c", marker=True))
+    assert frames == [(b"ab", 0), (b"c", 3000)]
+
+
+def test_audio_passes_through_immediately_and_drops_late_duplicates() -> None:
+    frames: list[tuple[bytes, int]] = []
+    buffer = AudioPassThrough(lambda d, t: frames.append((d, t)))
+    buffer.add(rtp(5, 960, b"a"))
+    buffer.add(rtp(7, 2880, b"c"))
+    buffer.add(rtp(6, 1920, b"b"))  # late: its slot has been played out
+    buffer.add(rtp(7, 2880, b"c"))  # duplicate
+    assert frames == [(b"a", 960), (b"c", 2880)]
+
+
+def _encode(codec: str, n: int) -> list[bytes]:
+    context = av.CodecContext.create(codec, "w")
+    context.width, context.height = 160, 120
+    context.pix_fmt = "yuv420p"
+    context.time_base = fractions.Fraction(1, 30)
+    if codec == "libx264":
+        # A fixed GOP: scene-cut detection would add keyframes of its own.
+        context.options = {"g": "10", "bf": "0", "x264-params": "scenecut=0:keyint_min=10"}
+    packets: list[bytes] = []
+    base = np.random.default_rng(1).integers(0, 255, (120, 200, 3), np.uint8)
+    for i in range(n):
+        picture = np.ascontiguousarray(base[:, i * 2:i * 2 + 160])  # a slow pan
+        frame = av.VideoFrame.from_ndarray(picture, format="bgr24").reformat(format="yuv420p")
+        frame.pts = i
+        packets += [bytes(p) for p in context.encode(frame)]
+    packets += [bytes(p) for p in context.encode(None)]
+    return packets
+
+
+def test_vp8_keyframes_detected_in_real_encoder_output() -> None:
+    packets = _encode("libvpx", 3)
+    assert [is_keyframe("video/VP8", p) for p in packets] == [True, False, False]
+
+
+def test_h264_keyframes_detected_in_real_encoder_output() -> None:
+    packets = _encode("libx264", 12)
+    flags = [is_keyframe("video/H264", p) for p in packets]
+    assert flags[0] and flags[10] and not any(flags[1:10])
+    assert 5 in h264_nal_types(packets[0]) and 1 in h264_nal_types(packets[1])
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.requests = 0
+
+    def __call__(self) -> bool:
+        self.requests += 1
+        return True
+
+
+def make_feed(**media: int | float) -> tuple[Feed, list[str]]:
+    states: list[str] = []
+    feed = Feed(feed_id="room.video", slot="room", kind="video", codec=VP8,
+                media=MediaConfig(**media),  # type: ignore[arg-type]
+                on_state=lambda f: states.append(f.state), on_closed=lambda f: None)
+    return feed, states
+
+
+KEY, DELTA = b"\x10\x02\x00\x9d\x01\x2a", b"\x11\x02\x00"
+
+
+async def _closed() -> None:
+    return None
+
+
+def make_subscription(feed: Feed, sid: str = "s1", max_queue: int = 200) -> Subscription:
+    return Subscription(subscription_id=sid, feed_id=feed.id, participant_id="p",
+                        kind="video", max_queue=max_queue, request_keyframe=feed.request_keyframe,
+                        close_peer=_closed, on_closed=lambda s: None)
+
+
+async def test_feed_timeline_stays_continuous_across_publishers() -> None:
+    feed, states = make_feed()
+    sink = feed.attach(Recorder())
+    sub = make_subscription(feed)
+    feed.add_subscription(sub)
+    sink(KEY, 1_000_000)
+    sink(DELTA, 1_003_000)
+    feed.detach(final=False)
+    assert feed.state == "down" and sub.state != "closed"
+    sink = feed.attach(Recorder())
+    sink(KEY, 55)  # the new publisher's clock starts anywhere
+    sink(DELTA, 3055)
+    pts = []
+    while sub.track.pending:
+        pts.append((await sub.track.recv()).pts)
+    assert pts == [0, 3000, 6000, 9000]
+    assert states == ["live", "down", "live"]
+    feed.close()
+
+
+async def test_late_joiner_starts_from_the_cached_keyframe() -> None:
+    feed, _ = make_feed()
+    upstream = Recorder()
+    sink = feed.attach(upstream)
+    for i, data in enumerate([DELTA, KEY, DELTA, DELTA]):
+        sink(data, i * 3000)
+    sub = make_subscription(feed)
+    feed.add_subscription(sub)
+    assert sub.track.pending == 3
+    first = await sub.track.recv()
+    assert bytes(first) == KEY
+    assert upstream.requests == 0  # the cache answered, the publisher was not asked
+    feed.close()
+
+
+async def test_keyframe_requests_upstream_are_rate_limited_and_coalesced() -> None:
+    feed, _ = make_feed(keyframe_request_interval_ms=200)
+    upstream = Recorder()
+    feed.attach(upstream)
+    for i in range(30):  # thirty joins at once, no cache yet
+        feed.add_subscription(make_subscription(feed, f"s{i}"))
+    assert upstream.requests == 1
+    await asyncio.sleep(0.3)
+    assert upstream.requests == 2  # one deferred request covers all later ones
+    await asyncio.sleep(0.3)
+    assert upstream.requests == 2
+    feed.close()
+
+
+async def test_a_viewer_too_far_behind_skips_to_a_keyframe() -> None:
+    feed, _ = make_feed(keyframe_request_interval_ms=0)
+    upstream = Recorder()
+    sink = feed.attach(upstream)
+    sub = make_subscription(feed, max_queue=5)
+    feed.add_subscription(sub)
+    sink(KEY, 0)
+    for i in range(1, 8):
+        sink(DELTA, i * 3000)
+    # The backlog was dropped and a keyframe requested instead of buffering.
+    assert sub.track.pending < 5
+    assert upstream.requests >= 1
+    sink(DELTA, 30000)
+    pending_before = sub.track.pending
+    sink(KEY, 33000)
+    assert sub.track.pending <= max(pending_before, 1)
+    while sub.track.pending > 1:
+        await sub.track.recv()
+    assert bytes(await sub.track.recv()) == KEY
+    feed.close()
+
+
+async def test_closing_a_feed_closes_its_subscriptions() -> None:
+    feed, states = make_feed()
+    feed.attach(Recorder())
+    subs = [make_subscription(feed, f"s{i}") for i in range(3)]
+    for sub in subs:
+        feed.add_subscription(sub)
+    feed.close()
+    await asyncio.gather(*[sub.close() for sub in subs])
+    assert all(sub.state == "closed" for sub in subs)
+    assert states[-1] == "closed"
+
+
+async def test_a_down_feed_closes_after_its_grace_period() -> None:
+    feed, states = make_feed(feed_grace_s=0.1)
+    feed.attach(Recorder())
+    feed.detach(final=False)
+    await asyncio.sleep(0.2)
+    assert feed.state == "closed"
+
+
+@pytest.mark.parametrize("data", [b"", b"\x01"])
+def test_garbage_is_not_a_keyframe(data: bytes) -> None:
+    assert not is_keyframe("video/VP8", data)
