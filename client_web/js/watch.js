@@ -1,0 +1,401 @@
+// @ts-check
+/**
+ * The trainee's page: one main camera, thumbnails of the other live cameras
+ * (click to switch), the Session's microphones through audio elements.
+ *
+ * Every Feed of the Session is subscribed, so switching cameras is instant.
+ * A Feed that goes `down` (the expert's camera or network dropped) keeps its
+ * Subscription: the server resumes it when the publisher returns, so this page
+ * only shows "waiting for camera" and never resubscribes for it.
+ */
+
+import { ScrubinClient, toScrubinError } from './protocol.js';
+import { forgetToken, takeToken } from './token.js';
+import {
+  $, Banner, attachStream, describeError, el, fromTemplate, showConnection, slotTitle,
+} from './ui.js';
+
+/** @typedef {import('./protocol.js').Feed} Feed */
+/** @typedef {import('./protocol.js').Subscription} Subscription */
+
+/** Subscription errors that only mean the Feed went away meanwhile. */
+const QUIET_ERRORS = new Set(['unknown_feed', 'feed_closed', 'cancelled']);
+
+const banner = new Banner($('#banner'));
+const connPill = /** @type {HTMLElement} */ ($('#conn-state'));
+const mainView = $('#main-view');
+const mainVideo = /** @type {HTMLVideoElement} */ ($('#main-video'));
+const overlay = $('#main-overlay');
+const overlayText = $('#main-overlay-text');
+const audioToggle = /** @type {HTMLButtonElement} */ ($('#audio-toggle'));
+const enableAudioButton = /** @type {HTMLButtonElement} */ ($('#enable-audio'));
+const thumbList = $('#thumb-list');
+const audioSinks = $('#audio-sinks');
+
+/** @type {string|null} Feed shown in the main view */
+let mainFeedId = null;
+/** The trainee picked the main camera: keep it while it exists. */
+let mainChosen = false;
+/** The main video has shown at least one frame of its current stream. */
+let mainHasFrames = false;
+/** The trainee wants sound (the toggle). */
+let audioWanted = true;
+/** The browser refused to start sound without a click. */
+let audioBlocked = false;
+/** @type {Map<string, {button: HTMLButtonElement, video: HTMLVideoElement}>} */
+const thumbs = new Map();
+/** @type {Map<string, HTMLAudioElement>} */
+const audioElements = new Map();
+/** Feeds being subscribed, and when a failed one may be tried again. */
+const subscribing = new Set();
+/** @type {Map<string, number>} */
+const retryAfter = new Map();
+/** @type {ReturnType<typeof setTimeout>|undefined} */
+let retryTimer;
+
+const token = takeToken();
+/** @type {ScrubinClient|null} */
+let client = null;
+
+if (!token) {
+  showConnection(connPill, 'idle');
+  showEnded('This page needs your watch link',
+    'Open the link you were given for this session (it ends with #token=…).');
+} else {
+  client = new ScrubinClient({ token });
+  start(client);
+}
+
+/** @param {ScrubinClient} c */
+function start(c) {
+  c.addEventListener('state', (e) => {
+    showConnection(connPill, /** @type {CustomEvent} */ (e).detail.state);
+    render(c);
+  });
+  c.addEventListener('welcome', (e) => {
+    const { reconnected } = /** @type {CustomEvent} */ (e).detail;
+    if (!reconnected) describeSession(c);
+    syncSubscriptions(c);
+    render(c);
+  });
+  c.addEventListener('feed', () => {
+    syncSubscriptions(c);
+    render(c);
+  });
+  c.addEventListener('subscription', (e) => {
+    const { subscription, streamChanged } = /** @type {CustomEvent} */ (e).detail;
+    if (streamChanged && subscription.feedId === mainFeedId) mainHasFrames = false;
+    if (subscription.state === 'closed' || subscription.state === 'failed') {
+      // Closed with its Feed, or refused: try again if the Feed is still there.
+      scheduleRetry(c, subscription.feedId);
+    }
+    render(c);
+  });
+  c.addEventListener('error', (e) => {
+    const { error, request } = /** @type {CustomEvent} */ (e).detail;
+    if (request === 'subscribe' && QUIET_ERRORS.has(error.code)) return;
+    banner.show(describeError(error));
+  });
+  c.addEventListener('going_away', () => {
+    banner.show('The server is restarting; reconnecting automatically…', { level: 'info' });
+  });
+  c.addEventListener('session_ended', (e) => {
+    const { reason } = /** @type {CustomEvent} */ (e).detail;
+    forgetToken();
+    for (const media of document.querySelectorAll('video, audio')) {
+      /** @type {HTMLMediaElement} */ (media).srcObject = null;
+    }
+    showEnded('The session has ended', reason ? `Reason: ${reason}` : 'Thank you for watching.');
+  });
+  c.connect().catch((err) => {
+    const error = toScrubinError(err);
+    if (error.code === 'session_ended') return; // shown by the session_ended handler
+    showEnded('Cannot join this session', describeError(error));
+  });
+
+  for (const type of ['loadeddata', 'playing', 'resize']) {
+    mainVideo.addEventListener(type, () => {
+      if (mainVideo.videoWidth > 0 && !mainHasFrames) {
+        mainHasFrames = true;
+        render(c);
+      }
+    });
+  }
+  audioToggle.addEventListener('click', () => {
+    audioWanted = !(audioWanted && !audioBlocked);
+    audioBlocked = false;
+    applyAudio(true);
+    render(c);
+  });
+  enableAudioButton.addEventListener('click', () => {
+    audioWanted = true;
+    audioBlocked = false;
+    applyAudio(true);
+    render(c);
+  });
+  window.addEventListener('pagehide', () => c.close());
+
+  window.scrubin = {
+    client: c,
+    mainVideo: () => mainVideo,
+    mainFeedId: () => mainFeedId,
+    selectFeed: (/** @type {string} */ id) => selectFeed(c, id),
+    thumbnails: () => [...thumbs.keys()],
+    audioElements: () => [...audioElements.values()],
+    overlayText: () => (overlay.hidden ? '' : overlayText.textContent),
+    audio: () => ({ wanted: audioWanted, blocked: audioBlocked }),
+  };
+}
+
+/** @param {ScrubinClient} c */
+function describeSession(c) {
+  const session = /** @type {NonNullable<typeof c.session>} */ (c.session);
+  $('#session-title').textContent = session.title || session.id;
+  const who = c.participant?.name ? `Watching as ${c.participant.name}` : '';
+  $('#session-sub').textContent = [session.theatre.name, session.procedure, who]
+    .filter(Boolean).join(' · ');
+  document.title = `ScrubIn · ${session.title || session.id}`;
+}
+
+// -- subscriptions -----------------------------------------------------------
+
+/** Subscribe every Feed of the Session that is not subscribed yet. */
+function syncSubscriptions(/** @type {ScrubinClient} */ c) {
+  if (c.state !== 'open') return;
+  const now = Date.now();
+  for (const feed of c.feeds.values()) {
+    if (c.subscriptions.has(feed.id) || subscribing.has(feed.id)) continue;
+    if ((retryAfter.get(feed.id) || 0) > now) continue;
+    subscribing.add(feed.id);
+    c.subscribe(feed.id)
+      .then(() => retryAfter.delete(feed.id))
+      .catch((err) => {
+        const error = toScrubinError(err);
+        if (!QUIET_ERRORS.has(error.code)) scheduleRetry(c, feed.id);
+      })
+      .finally(() => {
+        subscribing.delete(feed.id);
+        render(c);
+      });
+  }
+}
+
+/** @param {ScrubinClient} c @param {string} id */
+function scheduleRetry(c, id) {
+  if (!c.feeds.has(id) || c.state === 'ended') return;
+  retryAfter.set(id, Date.now() + 3000);
+  clearTimeout(retryTimer);
+  retryTimer = setTimeout(() => syncSubscriptions(c), 3100);
+}
+
+/** @param {ScrubinClient} c @param {string} id */
+function selectFeed(c, id) {
+  if (!c.feeds.has(id)) return false;
+  mainFeedId = id;
+  mainChosen = true;
+  render(c);
+  return true;
+}
+
+/** Video Feeds in the theatre's slot order, live ones first among equals. */
+function videoFeeds(/** @type {ScrubinClient} */ c) {
+  const order = c.session?.theatre.slots || [];
+  const rank = (/** @type {Feed} */ f) => {
+    const i = order.indexOf(f.slot);
+    return i < 0 ? order.length : i;
+  };
+  return [...c.feeds.values()].filter((f) => f.kind === 'video')
+    .sort((a, b) => rank(a) - rank(b) || a.id.localeCompare(b.id));
+}
+
+/** Keep the chosen main Feed while it exists; otherwise the first live camera. */
+function pickMain(/** @type {ScrubinClient} */ c) {
+  const feeds = videoFeeds(c);
+  if (mainFeedId && feeds.some((f) => f.id === mainFeedId)) return;
+  if (mainFeedId) mainChosen = false;
+  mainFeedId = (feeds.find((f) => f.state === 'live') || feeds[0])?.id || null;
+}
+
+// -- rendering ---------------------------------------------------------------
+
+/** @param {ScrubinClient} c */
+function render(c) {
+  if (c.state === 'ended') return;
+  pickMain(c);
+  renderMain(c);
+  renderThumbs(c);
+  renderAudio(c);
+}
+
+/** @param {ScrubinClient} c */
+function renderMain(c) {
+  const feed = mainFeedId ? c.feeds.get(mainFeedId) : undefined;
+  const sub = mainFeedId ? c.subscriptions.get(mainFeedId) : undefined;
+  const stream = sub ? sub.stream : null;
+  if (mainVideo.srcObject !== stream) {
+    mainHasFrames = false;
+    attachStream(mainVideo, stream);
+  }
+  $('#main-name').textContent = feed ? slotTitle(feed.slot) : '';
+  const pill = $('#main-state');
+
+  /** @type {[string, string]} state, message ('' hides the overlay) */
+  let status;
+  if (c.state === 'connecting' || c.state === 'idle') {
+    status = ['connecting', 'Connecting to the theatre…'];
+  } else if (c.state === 'reconnecting') {
+    status = ['reconnecting', 'Connection lost. Reconnecting…'];
+  } else if (c.state !== 'open') {
+    status = ['failed', 'Disconnected.'];
+  } else if (!feed) {
+    status = ['empty', 'No camera is live yet. The picture appears as soon as the surgeon goes live.'];
+  } else if (feed.state === 'down') {
+    status = ['down', 'Waiting for camera… The picture resumes automatically.'];
+  } else if (!sub || sub.state === 'connecting') {
+    status = ['connecting', 'Connecting to the camera…'];
+  } else if (sub.state === 'reconnecting' || sub.state === 'failed') {
+    status = ['reconnecting', 'Reconnecting to the camera…'];
+  } else if (!mainHasFrames) {
+    status = ['starting', 'Starting video…'];
+  } else {
+    status = ['live', ''];
+  }
+  mainView.dataset.state = status[0];
+  overlay.hidden = !status[1];
+  overlayText.textContent = status[1];
+  pill.dataset.state = status[0];
+  pill.textContent = feed ? FEED_LABELS[status[0]] || '' : '';
+  pill.hidden = !feed;
+}
+
+const FEED_LABELS = {
+  live: 'Live',
+  down: 'Waiting',
+  connecting: 'Connecting…',
+  starting: 'Starting…',
+  reconnecting: 'Reconnecting…',
+  failed: 'Offline',
+};
+
+/** @param {ScrubinClient} c @param {Feed} feed */
+function feedStatus(c, feed) {
+  const sub = c.subscriptions.get(feed.id);
+  if (feed.state === 'down') return 'down';
+  if (!sub || sub.state === 'connecting') return 'connecting';
+  if (sub.state !== 'connected') return 'reconnecting';
+  return 'live';
+}
+
+/** @param {ScrubinClient} c */
+function renderThumbs(c) {
+  const others = videoFeeds(c).filter((f) => f.id !== mainFeedId);
+  for (const [id, thumb] of thumbs) {
+    if (!others.some((f) => f.id === id)) {
+      thumb.video.srcObject = null;
+      thumb.button.remove();
+      thumbs.delete(id);
+    }
+  }
+  others.forEach((feed, index) => {
+    let thumb = thumbs.get(feed.id);
+    if (!thumb) {
+      const button = /** @type {HTMLButtonElement} */ (fromTemplate('thumb-template'));
+      button.dataset.feed = feed.id;
+      button.setAttribute('aria-label', `Show ${slotTitle(feed.slot)} in the main view`);
+      $('.slot-name', button).textContent = slotTitle(feed.slot);
+      button.addEventListener('click', () => selectFeed(c, feed.id));
+      thumb = { button, video: /** @type {HTMLVideoElement} */ ($('.thumb-video', button)) };
+      thumbs.set(feed.id, thumb);
+    }
+    if (thumbList.children[index] !== thumb.button) {
+      thumbList.insertBefore(thumb.button, thumbList.children[index] || null);
+    }
+    const sub = c.subscriptions.get(feed.id);
+    const stream = sub ? sub.stream : null;
+    if (thumb.video.srcObject !== stream) attachStream(thumb.video, stream);
+    const status = feedStatus(c, feed);
+    thumb.button.dataset.state = status;
+    const pill = $('.thumb-state', thumb.button);
+    pill.dataset.state = status;
+    pill.textContent = FEED_LABELS[status] || '';
+  });
+  $('#thumbs-empty').hidden = others.length > 0;
+}
+
+/** @param {ScrubinClient} c */
+function renderAudio(c) {
+  const feeds = [...c.feeds.values()].filter((f) => f.kind === 'audio');
+  for (const [id, audio] of audioElements) {
+    const sub = c.subscriptions.get(id);
+    if (!sub || !feeds.some((f) => f.id === id)) {
+      audio.srcObject = null;
+      audio.remove();
+      audioElements.delete(id);
+    }
+  }
+  for (const feed of feeds) {
+    const sub = c.subscriptions.get(feed.id);
+    if (!sub) continue;
+    let audio = audioElements.get(feed.id);
+    if (!audio) {
+      audio = /** @type {HTMLAudioElement} */ (el('audio', { autoplay: true, 'data-feed': feed.id }));
+      audioElements.set(feed.id, audio);
+      audioSinks.append(audio);
+    }
+    if (audio.srcObject !== sub.stream) {
+      audio.srcObject = sub.stream;
+      playAudio(c, audio);
+    }
+  }
+  $('#audio-list').replaceChildren(...feeds.map((feed) => {
+    const status = feedStatus(c, feed);
+    return el('li', { class: 'audio-item', 'data-state': status },
+      el('span', { class: 'slot-name' }, slotTitle(feed.slot)),
+      el('span', { class: 'pill', 'data-state': status }, FEED_LABELS[status] || ''));
+  }));
+  $('#audio-empty').hidden = feeds.length > 0;
+
+  const hasAudio = feeds.length > 0;
+  const on = audioWanted && !audioBlocked;
+  audioToggle.disabled = !hasAudio;
+  audioToggle.setAttribute('aria-pressed', String(on));
+  audioToggle.textContent = !hasAudio ? 'No sound' : on ? 'Sound on' : 'Sound off';
+  audioToggle.dataset.on = String(on);
+  enableAudioButton.hidden = !(hasAudio && audioWanted && audioBlocked);
+}
+
+/**
+ * Start an audio element with sound if the trainee wants it. Browsers refuse
+ * sound before the first click on a page: then play muted and offer "Enable
+ * audio".
+ * @param {ScrubinClient} c
+ * @param {HTMLAudioElement} audio
+ */
+function playAudio(c, audio) {
+  audio.muted = !audioWanted || audioBlocked;
+  audio.play().catch((/** @type {Error} */ err) => {
+    if (err.name !== 'NotAllowedError' || audio.muted) return;
+    audioBlocked = true;
+    audio.muted = true;
+    audio.play().catch(() => {});
+    render(c);
+  });
+}
+
+/** Apply the sound choice to every audio element (from a click: allowed). */
+function applyAudio(/** @type {boolean} */ fromGesture) {
+  for (const audio of audioElements.values()) {
+    audio.muted = !audioWanted || audioBlocked;
+    if (fromGesture && audio.paused) audio.play().catch(() => {});
+  }
+}
+
+/** @param {string} title @param {string} reason */
+function showEnded(title, reason) {
+  $('#ended-title').textContent = title;
+  $('#ended-reason').textContent = reason;
+  $('#ended').hidden = false;
+  overlay.hidden = true;
+  audioToggle.disabled = true;
+  enableAudioButton.hidden = true;
+}
