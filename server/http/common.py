@@ -38,6 +38,28 @@ def error_response(error: ScrubinError, headers: dict[str, str] | None = None) -
     return web.json_response(error.to_dict(), status=error.status, headers=headers)
 
 
+#: Documented codes (docs/protocol.md, "Errors") for refusals aiohttp raises itself.
+HTTP_CODES = {413: "too_large"}
+
+
+def cors_headers(request: web.Request) -> dict[str, str]:
+    """CORS grant for WHIP/WHEP, only to configured origins; errors carry it too so
+    browser clients can read why they were refused."""
+    if not request.path.startswith(("/whip/", "/whep/")):
+        return {}
+    origin = request.headers.get("Origin")
+    allowed = request.app[CONFIG].server.cors_origins
+    if origin and ("*" in allowed or origin in allowed):
+        return {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+            "Access-Control-Expose-Headers": "Location, ETag, Link, Accept-Post",
+            "Vary": "Origin",
+        }
+    return {}
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as the documented error object."""
@@ -46,15 +68,17 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except ScrubinError as exc:
         if exc.status >= 500:
             logger.error("%s %s: %s", request.method, request.path, exc.message)
-        return error_response(exc)
+        return error_response(exc, headers=cors_headers(request))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         fault = "protocol" if exc.status in (400, 405, 413, 415) else "user"
-        body = {"code": exc.reason.lower().replace(" ", "_"), "message": exc.reason,
-                "fault": fault, "status": exc.status}
+        # aiohttp's own refusals (e.g. client_max_size) use the documented codes.
+        code = HTTP_CODES.get(exc.status, exc.reason.lower().replace(" ", "_"))
+        body = {"code": code, "message": exc.reason, "fault": fault, "status": exc.status}
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow",)}
-        return web.json_response(body, status=exc.status, headers=headers)
+        return web.json_response(body, status=exc.status,
+                                 headers={**headers, **cors_headers(request)})
     except Exception:
         logger.exception("%s %s failed", request.method, request.path)
         body = {"code": "internal", "message": "internal server error", "fault": "server",

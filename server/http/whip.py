@@ -10,25 +10,14 @@ from aiohttp import web
 
 from ..errors import Forbidden, NotFound
 from ..roles import MODERATORS
-from .common import CONFIG, bearer_grant, read_sdp, session_for
+from .common import bearer_grant, cors_headers, read_sdp, session_for
 
 routes = web.RouteTableDef()
 
 NO_TRICKLE = {"Allow": "DELETE, OPTIONS"}
 
 
-def _cors(request: web.Request) -> dict[str, str]:
-    origin = request.headers.get("Origin")
-    allowed = request.app[CONFIG].server.cors_origins
-    if origin and ("*" in allowed or origin in allowed):
-        return {
-            "Access-Control-Allow-Origin": origin,
-            "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
-            "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
-            "Access-Control-Expose-Headers": "Location, ETag, Link, Accept-Post",
-            "Vary": "Origin",
-        }
-    return {}
+_cors = cors_headers
 
 
 def _created(request: web.Request, answer: str, resource: str) -> web.Response:

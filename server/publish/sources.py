@@ -6,12 +6,16 @@ no encode) when ``passthrough`` is on; aiortc's sender only packetizes them.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamTrack
 
+from .passthrough import EncodedVideoTrack, SourceError
 from .synthetic import SyntheticTheatreCamera, SyntheticTone
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,25 +43,20 @@ def open_source(spec: str, *, label: str, width: int = 1280, height: int = 720,
                              options={"video_size": f"{width}x{height}", "framerate": str(fps)})
         return Source([t for t in (player.video,) if t is not None], player=player)
     options = {"rtsp_transport": "tcp"} if spec.startswith(("rtsp://", "rtsps://")) else {}
-    probe = MediaPlayer(spec, options=options, decode=True)
-    h264 = bool(probe.video) and _stream_codec(probe) == "h264"
-    probe_tracks = [t for t in (probe.video, probe.audio if audio else None) if t is not None]
-    if not (passthrough and h264):
-        return Source(probe_tracks, player=probe)
-    for track in probe_tracks:
-        track.stop()
-    # Encoded H.264 goes through as packets; audio in such containers (AAC)
-    # cannot, so it is dropped rather than transcoded.
-    player = MediaPlayer(spec, options=options, decode=False)
-    return Source([player.video] if player.video else [], video_codec="video/H264",
-                  player=player)
+    if passthrough:
+        try:
+            track = EncodedVideoTrack(spec, options=options, loop=not _is_stream(spec))
+        except SourceError as exc:
+            logger.info("%s; decoding instead", exc)
+        else:
+            codec = "video/H264" if track.codec == "h264" else "video/VP8"
+            # Audio beside forwarded video (AAC, usually) would need transcoding:
+            # the narration slot is the place for sound.
+            return Source([track], video_codec=codec)
+    player = MediaPlayer(spec, options=options, loop=not _is_stream(spec))
+    tracks = [t for t in (player.video, player.audio if audio else None) if t is not None]
+    return Source(tracks, player=player)
 
 
-def _stream_codec(player: MediaPlayer) -> str:
-    container = getattr(player, "_MediaPlayer__container", None)
-    if container is None:
-        return ""
-    for stream in container.streams:
-        if stream.type == "video":
-            return str(stream.codec_context.name)
-    return ""
+def _is_stream(spec: str) -> bool:
+    return "://" in spec and not spec.startswith("file://")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,15 @@ class WhipError(Exception):
         super().__init__(f"WHIP {status}: {body[:300]}")
         self.status = status
         self.body = body
+        try:
+            self.code = str(json.loads(body).get("code", ""))
+        except (ValueError, AttributeError):
+            self.code = ""
+
+    @property
+    def retryable(self) -> bool:
+        """Worth trying again later: the server's trouble, or a Session not open yet."""
+        return self.status >= 500 or self.status in (409, 429) or self.code == "unknown_session"
 
 
 @dataclass
@@ -125,7 +135,7 @@ class WhipPublisher:
                     dropped.cancel()
                 except WhipError as exc:
                     logger.warning("publish to %s refused: %s", self.url, exc)
-                    if 400 <= exc.status < 500 and exc.status not in (404, 409, 429):
+                    if not exc.retryable:
                         self._set_state("refused")
                         raise
                 except (aiohttp.ClientError, OSError) as exc:

@@ -1,0 +1,88 @@
+"""A process of count-only viewers ("load viewers"), driven over a Pipe.
+
+Keeping them out of the process that measures latency means the latency
+viewer's event loop is not also serving thirty other peer connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import aiohttp
+
+from .peers import Viewer
+
+FIRST_FRAME_TIMEOUT = 10.0
+
+
+def farm_main(conn: Connection) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("aioice", "aiortc"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    asyncio.run(_farm(conn))
+
+
+async def _inbound(viewer: Viewer) -> tuple[int, int, int]:
+    received = lost = nacks = 0
+    if viewer.pc is None:
+        return 0, 0, 0
+    with contextlib.suppress(Exception):
+        report = await asyncio.wait_for(viewer.pc.getStats(), 2)
+        for stat in report.values():
+            if stat.type == "inbound-rtp":
+                received += stat.packetsReceived
+                lost += stat.packetsLost
+    return received, lost, nacks
+
+
+async def _farm(conn: Connection) -> None:
+    loop = asyncio.get_running_loop()
+    viewers: list[Viewer] = []
+    async with aiohttp.ClientSession() as http:
+        conn.send(("ready", os.getpid()))
+        while True:
+            ready = await loop.run_in_executor(None, conn.poll, 0.5)
+            if not ready:
+                if os.getppid() == 1:
+                    break
+                continue
+            try:
+                cmd, args = conn.recv()
+            except EOFError:
+                break
+            if cmd == "join":
+                url, tokens = args
+                new = [Viewer(f"farm{len(viewers) + i}") for i in range(len(tokens))]
+                viewers.extend(new)
+                await asyncio.gather(*(v.join(http, url, t) for v, t in zip(new, tokens)))
+                deadline = time.time() + FIRST_FRAME_TIMEOUT
+                while time.time() < deadline and any(
+                        v.t_first_frame is None and v.error is None for v in new):
+                    await asyncio.sleep(0.05)
+                conn.send([{"t_join": v.t_join, "t_ice": v.t_ice, "t_first_frame": v.t_first_frame,
+                            "error": v.error} for v in new])
+            elif cmd == "counts":
+                conn.send([(v.frames, v.bytes) for v in viewers])
+            elif cmd == "inbound":
+                stats = await asyncio.gather(*(_inbound(v) for v in viewers))
+                conn.send(stats)
+            elif cmd == "close":
+                await asyncio.gather(*(v.close() for v in viewers))
+                viewers.clear()
+                conn.send("closed")
+            elif cmd == "exit":
+                break
+        await asyncio.gather(*(v.close() for v in viewers))
+    with contextlib.suppress(Exception):
+        conn.send("bye")
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    errors = [r["error"] for r in results if r["error"]]
+    return {"joined": len(results) - len(errors), "errors": errors}

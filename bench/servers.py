@@ -1,0 +1,203 @@
+"""The servers under test, each run in its own process (``multiprocessing`` spawn)
+so that its CPU time and RSS can be read from outside.
+
+* ``scrubin_main``: ``server.app.create_app`` with a loopback-only config and one
+  Session (theatre ``or1``, slot ``room``), plus a read-only ``/bench/stats``
+  route for queue and cache figures.
+* ``relay_main``: the baseline, aiortc's ``MediaRelay`` design: the publisher's
+  track is decoded once and every viewer gets its own encoder. Same URL shapes
+  as ScrubIn's WHIP/WHEP so the same clients drive both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import psutil
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaRelay
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+SESSION = "or1-live"
+SLOT = "room"
+FEED = "room.video"
+LOOPBACK = ["127.0.0.1"]
+
+
+def _quiet_logs() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("aioice", "aiortc", "aiohttp.access"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+async def _wait_for_stop(conn: Connection) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        ready = await loop.run_in_executor(None, conn.poll, 0.5)
+        if ready:
+            with contextlib.suppress(EOFError):
+                conn.recv()
+            return
+        if os.getppid() == 1:  # orphaned: the benchmark died
+            return
+
+
+def _rss() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+# -- ScrubIn -----------------------------------------------------------------
+def scrubin_main(conn: Connection, port: int, signing_key: str) -> None:
+    _quiet_logs()
+    asyncio.run(_scrubin(conn, port, signing_key))
+
+
+async def _scrubin(conn: Connection, port: int, signing_key: str) -> None:
+    from server.app import create_app
+    from server.config import load_config
+    from server.http.common import REGISTRY
+    from server.theatre import Theatre
+
+    config = load_config(
+        None, env={},
+        server={"host": "127.0.0.1", "port": port},
+        ice={"host_addresses": LOOPBACK, "allowed_remote_networks": ["127.0.0.0/8"],
+             "servers": []},
+        auth={"signing_keys": [signing_key]},
+    )
+    app = create_app(config)
+
+    async def stats(request: web.Request) -> web.Response:
+        session = app[REGISTRY].sessions.get(SESSION)
+        feeds: dict[str, Any] = {}
+        subs: list[dict[str, Any]] = []
+        if session is not None:
+            for feed in session.feeds.values():
+                feeds[feed.id] = {
+                    "state": feed.state,
+                    "frames_received": feed.frames_received,
+                    "bytes_received": feed.bytes_received,
+                    "keyframe_requests_sent": feed.keyframe_requests_sent,
+                    "gop_frames": len(getattr(feed, "_gop", [])),
+                    "gop_bytes": getattr(feed, "_gop_bytes", None),
+                    "subscriptions": len(feed.subscriptions),
+                }
+            for sub in session.subscriptions.values():
+                subs.append({
+                    "state": sub.state,
+                    "pending": sub.track.pending,
+                    "frames_forwarded": sub.frames_forwarded,
+                    "first_frame_after": None if sub.first_frame_at is None
+                    else sub.first_frame_at - sub.created_at,
+                })
+        return web.json_response({"rss": _rss(), "feeds": feeds, "subscriptions": subs,
+                                  "tasks": len(asyncio.all_tasks())})
+
+    app.router.add_get("/bench/stats", stats)
+    runner = web.AppRunner(app, shutdown_timeout=2, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    registry = app[REGISTRY]
+    registry.add_theatre(Theatre("or1", "Theatre 1", (SLOT,)))
+    registry.create_session(SESSION, "or1", "Benchmark")
+    conn.send(("ready", os.getpid()))
+    try:
+        await _wait_for_stop(conn)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(runner.cleanup(), 20)
+
+
+# -- MediaRelay baseline -----------------------------------------------------
+class _Drain:
+    """Keeps reading the relayed source so decoded frames never pile up."""
+
+    def __init__(self, track: MediaStreamTrack) -> None:
+        self.frames = 0
+        self.task = asyncio.ensure_future(self._run(track))
+
+    async def _run(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                await track.recv()
+                self.frames += 1
+
+
+def relay_main(conn: Connection, port: int) -> None:
+    _quiet_logs()
+    asyncio.run(_relay(conn, port))
+
+
+async def _relay(conn: Connection, port: int) -> None:
+    from server.media.hooks import advertise_host_addresses
+
+    relay = MediaRelay()
+    source: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+    pcs: set[RTCPeerConnection] = set()
+    drains: list[_Drain] = []
+    viewers: list[dict[str, Any]] = []
+
+    async def answer(pc: RTCPeerConnection, offer: str) -> str:
+        await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+        advertise_host_addresses(pc, LOOPBACK)
+        await pc.setLocalDescription(await pc.createAnswer())
+        return str(pc.localDescription.sdp)
+
+    async def whip(request: web.Request) -> web.Response:
+        offer = await request.text()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pcs.add(pc)
+
+        @pc.on("track")
+        def _track(track: MediaStreamTrack) -> None:
+            if track.kind == "video" and not source.done():
+                # Decode once: a always-running consumer, as a recorder would be.
+                drains.append(_Drain(relay.subscribe(track, buffered=False)))
+                source.set_result(track)
+
+        sdp = await answer(pc, offer)
+        return web.Response(status=201, text=sdp, content_type="application/sdp",
+                            headers={"Location": f"{request.path}/pub"})
+
+    async def whep(request: web.Request) -> web.Response:
+        offer = await request.text()
+        track = await asyncio.wait_for(asyncio.shield(source), 10)
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pcs.add(pc)
+        await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+        # Encode per viewer: aiortc's sender runs a Vp8Encoder on each proxy.
+        pc.addTrack(relay.subscribe(track, buffered=False))
+        advertise_host_addresses(pc, LOOPBACK)
+        await pc.setLocalDescription(await pc.createAnswer())
+        viewers.append({"created": time.time()})
+        return web.Response(status=201, text=str(pc.localDescription.sdp),
+                            content_type="application/sdp",
+                            headers={"Location": f"{request.path}/{len(viewers)}"})
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({"rss": _rss(), "decoded": sum(d.frames for d in drains),
+                                  "tasks": len(asyncio.all_tasks())})
+
+    app = web.Application()
+    app.router.add_post("/whip/{session}/{slot}", whip)
+    app.router.add_post("/whep/{session}/{feed}", whep)
+    app.router.add_get("/bench/stats", stats)
+    runner = web.AppRunner(app, shutdown_timeout=2, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    conn.send(("ready", os.getpid()))
+    try:
+        await _wait_for_stop(conn)
+    finally:
+        for pc in list(pcs):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pc.close(), 5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(runner.cleanup(), 10)
