@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -105,7 +106,7 @@ async def test_viewers_decode_the_publishers_frame_counter_and_audio(
         assert counters[-1] <= camera.frames_sent
         assert camera.frames_sent - counters[-1] < FPS * 2
         # Forwarding drops nothing on loopback once a viewer is flowing.
-        steps = [b - a for a, b in zip(counters, counters[1:], strict=False)]
+        steps = [b - a for a, b in itertools.pairwise(counters)]
         assert steps.count(1) >= len(steps) * 0.9, steps
         assert reader.sizes == {(W, H)}
     await audio.stop()

@@ -220,7 +220,7 @@ async def test_closing_a_feed_closes_its_subscriptions() -> None:
 
 
 async def test_a_down_feed_closes_after_its_grace_period() -> None:
-    feed, states = make_feed(feed_grace_s=0.1)
+    feed, _states = make_feed(feed_grace_s=0.1)
     feed.attach(Recorder())
     feed.detach(final=False)
     await asyncio.sleep(0.2)
