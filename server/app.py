@@ -21,6 +21,7 @@ from .http import api, whip
 from .http.common import (
     ACCEPTING,
     CONFIG,
+    METRICS,
     NODE_ID,
     PEERS,
     REGISTRY,
@@ -32,6 +33,7 @@ from .http.common import (
 )
 from .http.ws import websocket
 from .media.peers import PeerFactory
+from .metrics import Metrics
 from .registry import Registry
 from .tokens import TokenAuthority
 
@@ -54,7 +56,10 @@ def create_app(config: Config) -> web.Application:
     app[TOKENS] = TokenAuthority(config.auth.signing_keys)
     app[WEBSOCKETS] = weakref.WeakSet()
     app[ACCEPTING] = {"joins": True}
-    app[REGISTRY] = Registry(config, peers, node_id)
+    registry = app[REGISTRY] = Registry(config, peers, node_id)
+    metrics = app[METRICS] = Metrics()
+    metrics.watch(registry)
+    registry.on_first_frame = metrics.first_frame.observe
 
     app.add_routes(api.routes)
     app.add_routes(whip.routes)

@@ -37,6 +37,8 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     node_id: str = ""
+    # Bearer token for /metrics; empty serves metrics to loopback callers only.
+    metrics_token: str = ""
     # Origins allowed to call WHIP/WHEP from a browser ("*" for any).
     cors_origins: list[str] = field(default_factory=list)
 

@@ -8,9 +8,11 @@ front of this (issue 3) without changing callers.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Callable
 
 from .config import Config
-from .errors import Conflict, NotFound
+from .errors import Conflict, Gone, NotFound
 from .media.peers import PeerFactory
 from .session import Session
 from .theatre import Theatre, check_name
@@ -27,6 +29,10 @@ class Registry:
             t.id: Theatre(t.id, t.name, tuple(t.slots)) for t in config.theatres
         }
         self.sessions: dict[str, Session] = {}
+        #: Ids of Sessions that ended on this Node: they answer 410, not 404.
+        self.ended: set[str] = set()
+        self.totals: Counter[str] = Counter()
+        self.on_first_frame: Callable[[float], None] | None = None
         for configured in config.sessions:
             self.create_session(configured.id, configured.theatre, configured.title,
                                 configured.procedure)
@@ -48,13 +54,27 @@ class Registry:
             raise Conflict(f"session {session_id} is already live", code="session_exists")
         session = Session(session_id=session_id, theatre=theatre, title=title,
                           procedure=procedure, config=self._config, peers=self._peers,
-                          node_id=self._node_id)
+                          node_id=self._node_id, totals=self.totals,
+                          on_first_frame=self._first_frame, on_ended=self._ended)
+        self.ended.discard(session_id)
         self.sessions[session_id] = session
         logger.info("session %s created in theatre %s", session_id, theatre_id)
         return session
 
+    def _first_frame(self, seconds: float) -> None:
+        if self.on_first_frame is not None:
+            self.on_first_frame(seconds)
+
+    def _ended(self, session: Session) -> None:
+        # An ended Session holds nothing live; forget it, remember its id.
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+            self.ended.add(session.id)
+
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
+        if session is None and session_id in self.ended:
+            raise Gone(f"session {session_id} has ended", code="session_ended")
         if session is None:
             raise NotFound(f"no session {session_id!r}", code="unknown_session")
         return session

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -108,6 +109,9 @@ class Session:
         peers: PeerFactory,
         node_id: str,
         procedure: str = "",
+        totals: Counter[str] | None = None,
+        on_first_frame: Callable[[float], None] | None = None,
+        on_ended: Callable[[Session], None] | None = None,
     ) -> None:
         check_name("session", session_id)
         self.id = session_id
@@ -125,6 +129,10 @@ class Session:
         self._node_id = node_id
         self._listeners: set[Callable[[Event], None]] = set()
         self._pending: set[asyncio.Task[Any]] = set()
+        # Node-wide totals of what closed Feeds and Subscriptions carried.
+        self._totals: Counter[str] = totals if totals is not None else Counter()
+        self._on_first_frame = on_first_frame
+        self._on_ended = on_ended
 
     # -- events -----------------------------------------------------------
     def listen(self, listener: Callable[[Event], None]) -> Callable[[], None]:
@@ -265,6 +273,9 @@ class Session:
     def _feed_closed(self, feed: Feed) -> None:
         if self.feeds.get(feed.id) is feed:
             del self.feeds[feed.id]
+        self._totals["frames_received"] += feed.frames_received
+        self._totals["bytes_received"] += feed.bytes_received
+        self._totals["keyframe_requests"] += feed.keyframe_requests_sent
 
     async def unpublish(self, grant: Grant, ingest_id: str) -> None:
         ingest = self.ingests.get(ingest_id)
@@ -306,7 +317,7 @@ class Session:
             max_queue=self._config.media.keyframe_cache_max_frames
             + self._config.media.viewer_queue_frames,
             request_keyframe=feed.request_keyframe, close_peer=pc.close,
-            on_closed=self._subscription_closed)
+            on_closed=self._subscription_closed, on_first_frame=self._on_first_frame)
         try:
             transceiver = pc.addTransceiver(subscription.track, direction="sendonly")
             transceiver.setCodecPreferences(capabilities_for(feed.codec))
@@ -338,7 +349,9 @@ class Session:
         await subscription.close()
 
     def _subscription_closed(self, subscription: Subscription) -> None:
-        self.subscriptions.pop(subscription.id, None)
+        if self.subscriptions.pop(subscription.id, None) is not None:
+            self._totals["frames_forwarded"] += subscription.frames_forwarded
+            self._totals["bytes_forwarded"] += subscription.bytes_forwarded
         feed = self.feeds.get(subscription.feed_id)
         if feed is not None:
             feed.remove_subscription(subscription)
@@ -411,6 +424,8 @@ class Session:
             await asyncio.gather(*closing, return_exceptions=True)
         await self._drain()
         self._listeners.clear()
+        if self._on_ended is not None:
+            self._on_ended(self)
 
     async def _drain(self) -> None:
         while self._pending:

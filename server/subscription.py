@@ -100,6 +100,7 @@ class Subscription:
         request_keyframe: Callable[[], None],
         close_peer: Callable[[], Awaitable[None]],
         on_closed: Callable[[Subscription], None],
+        on_first_frame: Callable[[float], None] | None = None,
     ) -> None:
         self.id = subscription_id
         self.feed_id = feed_id
@@ -115,6 +116,7 @@ class Subscription:
         self._request_keyframe = request_keyframe
         self._close_peer = close_peer
         self._on_closed = on_closed
+        self._on_first_frame = on_first_frame
         self._needs_keyframe = kind == "video"
         self._closing: asyncio.Task[None] | None = None
 
@@ -153,6 +155,8 @@ class Subscription:
         if self.first_frame_at is None:
             self.first_frame_at = time.monotonic()
             self.state = "flowing"
+            if self._on_first_frame is not None:
+                self._on_first_frame(self.first_frame_at - self.created_at)
         self.frames_forwarded += len(frames)
         self.bytes_forwarded += sum(f.size for f in frames)
 

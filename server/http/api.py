@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+import hmac
+import ipaddress
 
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..errors import Forbidden, Unauthorized
 from ..links import session_links
-from .common import CONFIG, PEERS, TOKENS, bearer_grant, session_for
+from .common import ACCEPTING, CONFIG, METRICS, PEERS, TOKENS, bearer_grant, session_for
 
 routes = web.RouteTableDef()
 
@@ -43,4 +48,36 @@ async def links(request: web.Request) -> web.Response:
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
+    """Alive: the process answers."""
     return web.json_response({"status": "alive"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: accepting joins (not shutting down)."""
+    if not request.app[ACCEPTING]["joins"]:
+        return web.json_response({"status": "shutting_down"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; counts only, but still not for the open network:
+    a configured bearer token, or loopback callers when none is set."""
+    expected = request.app[CONFIG].server.metrics_token
+    if expected:
+        header = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(header.encode(), f"Bearer {expected}".encode()):
+            raise Unauthorized("metrics need the configured bearer token", code="token_invalid")
+    elif not _is_loopback(request.remote):
+        raise Forbidden("metrics are served to loopback only unless server.metrics_token is set",
+                        code="wrong_role")
+    body = request.app[METRICS].scrape()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False

@@ -13,6 +13,7 @@ from aiohttp import web
 from ..config import Config
 from ..errors import BadRequest, ScrubinError, Unauthorized, UnsupportedMediaType
 from ..media.peers import PeerFactory
+from ..metrics import Metrics
 from ..registry import Registry
 from ..session import Session
 from ..tokens import Grant, TokenAuthority
@@ -26,6 +27,7 @@ PEERS = web.AppKey("peers", PeerFactory)
 NODE_ID = web.AppKey("node_id", str)
 WEBSOCKETS: web.AppKey[weakref.WeakSet[Any]] = web.AppKey("websockets")
 ACCEPTING = web.AppKey("accepting", dict[str, bool])
+METRICS = web.AppKey("metrics", Metrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -66,6 +68,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ScrubinError as exc:
+        count_refusal(request.app, exc, joining=request.path.startswith(("/whip/", "/whep/")))
         if exc.status >= 500:
             logger.error("%s %s: %s", request.method, request.path, exc.message)
         return error_response(exc, headers=cors_headers(request))
@@ -102,6 +105,14 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
         response.headers["Content-Security-Policy"] = CSP
         response.headers.setdefault("Cache-Control", "no-store")
     return response
+
+
+def count_refusal(app: web.Application, error: ScrubinError, *, joining: bool) -> None:
+    metrics = app[METRICS]
+    if error.status in (401, 403):
+        metrics.auth_denials.labels(error.code).inc()
+    if joining:
+        metrics.join_failures.labels(error.code).inc()
 
 
 def bearer_grant(request: web.Request) -> Grant:

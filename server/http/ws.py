@@ -10,12 +10,20 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..errors import BadRequest, ScrubinError
-from ..roles import ROSTER_READERS, VIEWERS, Role
+from ..errors import BadRequest, Forbidden, ScrubinError
+from ..roles import PUBLISHERS, ROSTER_READERS, VIEWERS, Role
 from ..session import Event, Ingest, Session
 from ..subscription import Subscription
 from ..tokens import Grant
-from .common import ACCEPTING, CONFIG, PEERS, REGISTRY, TOKENS, WEBSOCKETS
+from .common import (
+    ACCEPTING,
+    CONFIG,
+    PEERS,
+    REGISTRY,
+    TOKENS,
+    WEBSOCKETS,
+    count_refusal,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +37,9 @@ CLOSE_TIMEOUT = 4408
 class Connection:
     """One signalling socket of one Participant, and what it created."""
 
-    def __init__(self, ws: web.WebSocketResponse, session: Session, grant: Grant) -> None:
+    def __init__(self, app: web.Application, ws: web.WebSocketResponse, session: Session,
+                 grant: Grant) -> None:
+        self.app = app
         self.ws = ws
         self.session = session
         self.grant = grant
@@ -44,11 +54,15 @@ class Connection:
         while True:
             message = await self.outbox.get()
             if message is None or self.ws.closed:
-                return
+                break
             try:
                 await self.ws.send_json(message)
             except (ConnectionError, RuntimeError):
                 return
+        if self.session.state == "ended" and not self.ws.closed:
+            # session_ended was the last message: close with 1000 now, even while
+            # the handler waits in receive() (close() wakes it up).
+            await self.ws.close(code=WSCloseCode.OK, message=b"session ended")
 
     def roster_message(self) -> dict[str, Any]:
         viewers = sum(1 for p in self.session.participants.values() if p.role == Role.TRAINEE)
@@ -79,6 +93,8 @@ class Connection:
             return {"type": "answer", "slot": slot, "sdp": answer,
                     "feeds": [f.id for f in ingest.feeds]}
         if kind == "unpublish":
+            if grant.role not in PUBLISHERS:
+                raise Forbidden(f"role {grant.role.value} may not publish", code="wrong_role")
             slot = _field(message, "slot")
             for ingest in [i for i in self.ingests.values() if i.slot == slot]:
                 self.ingests.pop(ingest.id, None)
@@ -136,6 +152,7 @@ async def _hello(ws: web.WebSocketResponse, request: web.Request) -> tuple[Grant
     try:
         grant = request.app[TOKENS].verify(str(hello.get("token", "")))
     except ScrubinError as exc:
+        count_refusal(request.app, exc, joining=False)
         await ws.send_json({"type": "error", "error": exc.to_dict()})
         await ws.close(code=CLOSE_UNAUTHORIZED, message=exc.code.encode())
         return None
@@ -156,18 +173,17 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     grant, hello_id = hello
     try:
         if grant.role not in VIEWERS:
-            from ..errors import Forbidden
-
             raise Forbidden(f"role {grant.role.value} has no live access", code="wrong_role")
         session = request.app[REGISTRY].get(grant.session_id)
         participant = session.join(grant)
     except ScrubinError as exc:
+        count_refusal(request.app, exc, joining=True)
         await ws.send_json({"type": "error", "error": exc.to_dict(), "id": hello_id})
         code = CLOSE_FORBIDDEN if exc.status in (403, 404, 410) else CLOSE_UNAUTHORIZED
         await ws.close(code=code, message=exc.code.encode())
         return ws
 
-    connection = Connection(ws, session, grant)
+    connection = Connection(request.app, ws, session, grant)
     request.app[WEBSOCKETS].add(ws)
     stop_listening = session.listen(connection.on_event)
     welcome = connection.roster_message()
@@ -202,6 +218,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 async def _dispatch(connection: Connection, data: str) -> None:
     request_id: Any = None
+    message_type: Any = None
     try:
         try:
             message = json.loads(data)
@@ -210,6 +227,7 @@ async def _dispatch(connection: Connection, data: str) -> None:
         if not isinstance(message, dict):
             raise BadRequest("message must be a JSON object", code="bad_message")
         request_id = message.get("id")
+        message_type = message.get("type")
         if not isinstance(request_id, (str, int, type(None))) or isinstance(request_id, bool):
             request_id = None
             raise BadRequest("id must be a string or a number", code="bad_message")
@@ -222,6 +240,7 @@ async def _dispatch(connection: Connection, data: str) -> None:
             return
         reply = await connection.handle(message)
     except ScrubinError as exc:
+        count_refusal(connection.app, exc, joining=message_type in ("publish", "subscribe"))
         reply = {"type": "error", "error": exc.to_dict()}
     except Exception:
         logger.exception("websocket message failed")

@@ -1,0 +1,86 @@
+"""Prometheus metrics of one Node, in its own registry (no process-global state).
+
+Live counts (Sessions, Feeds, Subscriptions by state; bytes and frames) are
+read from the Registry at scrape time, so the media path does no metric work
+per frame. Events (first frames, join failures, auth denials, keyframe
+requests) are counted where they happen through narrow callables.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .registry import Registry
+
+FIRST_FRAME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2, 5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.first_frame = Histogram(
+            "scrubin_first_frame_seconds",
+            "Time from a Subscription's creation to its first forwarded frame",
+            registry=self.registry, buckets=FIRST_FRAME_BUCKETS)
+        self.join_failures = Counter(
+            "scrubin_join_failures_total", "Refused publish/subscribe/join attempts",
+            ["code"], registry=self.registry)
+        self.auth_denials = Counter(
+            "scrubin_auth_denials_total", "Requests refused for a missing, invalid or "
+            "out-of-scope token", ["code"], registry=self.registry)
+
+    def watch(self, registry: Registry) -> None:
+        self.registry.register(_LiveCollector(registry))
+
+    def scrape(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveCollector(Collector):
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        sessions: Tally[str] = Tally()
+        feeds: Tally[str] = Tally()
+        subscriptions: Tally[str] = Tally()
+        totals = self._registry.totals.copy()
+        for session in self._registry.sessions.values():
+            sessions[session.state] += 1
+            for feed in session.feeds.values():
+                feeds[feed.state] += 1
+                totals["frames_received"] += feed.frames_received
+                totals["bytes_received"] += feed.bytes_received
+                totals["keyframe_requests"] += feed.keyframe_requests_sent
+            for sub in session.subscriptions.values():
+                subscriptions[sub.state] += 1
+                totals["frames_forwarded"] += sub.frames_forwarded
+                totals["bytes_forwarded"] += sub.bytes_forwarded
+        yield _gauge("scrubin_sessions", "Sessions on this Node by state", sessions,
+                     ("live", "ended"))
+        yield _gauge("scrubin_feeds", "Feeds by state", feeds, ("live", "down"))
+        yield _gauge("scrubin_subscriptions", "Subscriptions by state", subscriptions,
+                     ("waiting", "flowing"))
+        for name, help_text in (
+            ("frames_received", "Encoded frames received from publishers"),
+            ("bytes_received", "Encoded bytes received from publishers"),
+            ("frames_forwarded", "Encoded frames forwarded to viewers"),
+            ("bytes_forwarded", "Encoded bytes forwarded to viewers"),
+            ("keyframe_requests", "Keyframe requests sent upstream to publishers"),
+        ):
+            family = CounterMetricFamily(f"scrubin_{name}", help_text)
+            family.add_metric([], totals[name])
+            yield family
+
+
+def _gauge(name: str, help_text: str, tally: Tally[str], states: tuple[str, ...]
+           ) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help_text, labels=["state"])
+    for state in sorted(set(states) | set(tally)):
+        family.add_metric([state], tally[state])
+    return family

@@ -1,0 +1,82 @@
+"""/healthz, /readyz and /metrics tell operators the truth."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiortc.mediastreams import VideoStreamTrack
+
+from server.http.common import ACCEPTING
+from server.roles import Role
+
+from .conftest import Server, make_config, start_server, wait_for, whep_subscribe, whip_publish
+
+
+def sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or (line.startswith(name + "{") and line.split(" ")[0] == name):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+async def test_health_and_readiness(server: Server, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{server.base_url}/healthz") as response:
+        assert response.status == 200
+    async with http.get(f"{server.base_url}/readyz") as response:
+        assert response.status == 200
+    server.app[ACCEPTING]["joins"] = False
+    async with http.get(f"{server.base_url}/readyz") as response:
+        assert response.status == 503
+
+
+async def test_metrics_count_feeds_viewers_first_frames_and_denials(
+        server: Server, http: aiohttp.ClientSession) -> None:
+    publisher, _ = await whip_publish(http, server, "room", [VideoStreamTrack()])
+    viewer = None
+    try:
+        session = server.session()
+        await wait_for(lambda: "" if "room.video" in session.feeds else "no feed")
+        viewer, _, track = await whep_subscribe(http, server, "room.video", "video")
+        await asyncio.wait_for(track, 10)
+        sub = next(iter(session.subscriptions.values()))
+        await wait_for(lambda: "" if sub.frames_forwarded > 3 else "no frames")
+        async with http.post(f"{server.base_url}/whep/or1-live/room.video", data="v=0",
+                             headers={"Authorization": "Bearer nonsense",
+                                      "Content-Type": "application/sdp"}) as response:
+            assert response.status == 401
+        async with http.get(f"{server.base_url}/metrics") as response:
+            assert response.status == 200
+            text = await response.text()
+        assert sample(text, 'scrubin_feeds{state="live"}') == 1
+        assert sample(text, 'scrubin_subscriptions{state="flowing"}') == 1
+        assert sample(text, 'scrubin_sessions{state="live"}') == 1
+        assert sample(text, "scrubin_first_frame_seconds_count") == 1
+        assert sample(text, "scrubin_frames_forwarded_total") > 3
+        assert sample(text, 'scrubin_auth_denials_total{code="token_invalid"}') == 1
+        assert sample(text, 'scrubin_join_failures_total{code="token_invalid"}') == 1
+    finally:
+        await publisher.close()
+        if viewer is not None:
+            await viewer.close()
+
+
+async def test_metrics_token_when_configured(http: aiohttp.ClientSession) -> None:
+    srv, runner = await start_server(make_config(server={"metrics_token": "m" * 32}))
+    try:
+        async with http.get(f"{srv.base_url}/metrics") as response:
+            assert response.status == 401
+        async with http.get(f"{srv.base_url}/metrics",
+                            headers={"Authorization": "Bearer " + "m" * 32}) as response:
+            assert response.status == 200
+            assert "scrubin_sessions" in await response.text()
+        # Other routes still want their own tokens.
+        async with http.get(f"{srv.base_url}/api/sessions/or1-live",
+                            headers={"Authorization": "Bearer " + "m" * 32}) as response:
+            assert response.status == 401
+        async with http.get(f"{srv.base_url}/api/sessions/or1-live",
+                            headers={"Authorization": "Bearer " + srv.token(Role.TRAINEE)}
+                            ) as response:
+            assert response.status == 200
+    finally:
+        await runner.cleanup()
