@@ -78,6 +78,7 @@ async def open_page(browser: Browser, url: str, name: str, *, width: int = 1280,
                     height: int = 800) -> tuple[BrowserContext, Page, PageLog]:
     context = await browser.new_context(viewport={"width": width, "height": height},
                                         permissions=["camera", "microphone"])
+    context.set_default_timeout(10_000)
     page = await context.new_page()
     log = PageLog(name)
     log.attach(page)

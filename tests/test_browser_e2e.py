@@ -60,22 +60,18 @@ async def inbound(page: Page, feed: str) -> dict[str, Any] | None:
     return await page.evaluate(INBOUND_STATS_JS, feed)
 
 
-async def frames_grow(page: Page, feed: str, seconds: float = 1.0) -> tuple[int, int]:
-    before = await inbound(page, feed)
-    await asyncio.sleep(seconds)
-    after = await inbound(page, feed)
-    assert before is not None and after is not None, f"no inbound stats for {feed}"
-    return before["framesDecoded"], after["framesDecoded"]
-
-
 async def wait_decoding(page: Page, feed: str, timeout_s: float = 15.0) -> None:
     """Until the trainee's browser decodes frames of ``feed`` steadily."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     last: tuple[int, int] = (0, 0)
     while asyncio.get_running_loop().time() < deadline:
-        last = await frames_grow(page, feed, 0.5)
-        if last[1] > last[0] >= 1:
-            return
+        before = await inbound(page, feed)
+        await asyncio.sleep(0.5)
+        after = await inbound(page, feed)
+        if before and after:
+            last = (before["framesDecoded"], after["framesDecoded"])
+            if last[1] > last[0] >= 1:
+                return
     raise AssertionError(f"{feed}: framesDecoded did not grow: {last}")
 
 
@@ -131,6 +127,14 @@ async def test_expert_goes_live_and_trainee_sees_and_hears_it(
                            " && scrubin.audioElements()[0].srcObject.getAudioTracks().length === 1")
     await wait_for_packets(trainee, "narration.audio")
     await screenshot(trainee, "watch-live-1280")
+    # Browsers may refuse sound until a click: then the page offers one.
+    if await trainee.locator("#enable-audio").is_visible():
+        await trainee.click("#enable-audio")
+    await wait_js(trainee, "() => scrubin.audioElements().every((a) => !a.muted && !a.paused)")
+    assert await trainee.locator("#audio-toggle").inner_text() == "Sound on"
+    await trainee.click("#audio-toggle")
+    assert await trainee.evaluate("() => scrubin.audioElements().every((a) => a.muted)")
+    await trainee.click("#audio-toggle")
 
     # -- the expert sees the trainee; the name is text, never markup ------------
     await wait_js(expert, "() => document.querySelector('#viewer-count').textContent === '1'")
@@ -154,13 +158,17 @@ async def test_expert_goes_live_and_trainee_sees_and_hears_it(
     await screenshot(trainee, "watch-two-cameras-1024")
     await expert.set_viewport_size({"width": 1024, "height": 768})
     await screenshot(expert, "broadcast-live-1024")
+    await trainee.set_viewport_size({"width": 768, "height": 1024})
+    await screenshot(trainee, "watch-two-cameras-768-portrait")
+    await trainee.set_viewport_size({"width": 1024, "height": 768})
     await trainee.click("[data-feed='room.video']")
     await wait_js(trainee, "() => scrubin.mainFeedId() === 'room.video'")
 
     # -- the expert's signalling drops: Feeds go down, then resume by themselves --
     subscription_before = (await inbound(trainee, "room.video") or {}).get("subscription")
     await expert.evaluate("() => scrubin.client._ws.close()")
-    await wait_js(trainee, "() => scrubin.overlayText().startsWith('Waiting for camera')", timeout_s=10)
+    await wait_js(trainee, "() => scrubin.overlayText().startsWith('Waiting for camera')",
+                  timeout_s=10)
     await screenshot(trainee, "watch-waiting-1024")
     await wait_js(expert, "() => scrubin.client.state === 'open'"
                           " && scrubin.slotState('room') === 'live'", timeout_s=15)

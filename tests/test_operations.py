@@ -15,8 +15,9 @@ from .conftest import Server, make_config, start_server, wait_for, whep_subscrib
 
 def sample(text: str, name: str) -> float:
     for line in text.splitlines():
-        if line.startswith(name + " ") or (line.startswith(name + "{") and line.split(" ")[0] == name):
-            return float(line.rsplit(" ", 1)[1])
+        key, _, value = line.rpartition(" ")
+        if key == name:
+            return float(value)
     raise AssertionError(f"{name} not in metrics")
 
 

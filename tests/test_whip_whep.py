@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiortc import RTCPeerConnection, RTCRtpReceiver
+from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 
 from server.roles import Role
@@ -101,9 +101,10 @@ async def check_error(response: aiohttp.ClientResponse, status: int,
 
 async def refused(http: aiohttp.ClientSession, server: Server, path: str, body: str | bytes,
                   token: str | None, status: int, code: str,
-                  content_type: str | None = "application/sdp") -> dict[str, Any]:
+                  content_type: str | None = "application/sdp",
+                  session: Session | None = None) -> dict[str, Any]:
     """POST that must be refused and leave nothing behind."""
-    before = Leftovers(server.session())
+    before = Leftovers(session or server.session())
     headers: dict[str, str] = {}
     if token is not None:
         headers.update(auth(token))
@@ -449,15 +450,16 @@ async def test_unknown_session_slot_feed(server, http, peers):
 
 async def test_ended_session_is_gone(server, http, peers):
     await publish(http, server, peers)
+    session = server.session()
     async with http.post(f"{server.base_url}/api/sessions/{SESSION}/end",
                          headers=auth(server.token(Role.EXPERT))) as response:
         assert response.status == 200
-    session = server.session()
+    assert session.state == "ended"
     assert not session.feeds and not session.ingests
     await refused(http, server, WHIP_ROOM, await make_offer("video"), server.token(Role.EXPERT),
-                  410, "session_ended")
+                  410, "session_ended", session=session)
     await refused(http, server, WHEP_ROOM_VIDEO, await make_offer("video", direction="recvonly"),
-                  server.token(Role.TRAINEE), 410, "session_ended")
+                  server.token(Role.TRAINEE), 410, "session_ended", session=session)
     assert not server_peers(*peers)
 
 
@@ -587,9 +589,11 @@ async def test_remote_candidates_outside_allowed_networks_are_never_used(server,
     assert " 10.1.2.3 " in lan_only and candidate_hosts(lan_only) == ["10.1.2.3"]
     await refused(http, server, WHIP_ROOM, lan_only, token, 422, "sdp_no_candidate")
 
-    mdns_only = "\r\n".join(line.replace(" 127.0.0.1 ", " 2f6c1d0e-9b1a-4c1e-8b57-0d1c1a2b3c4d.local ")
+    mdns = " 2f6c1d0e-9b1a-4c1e-8b57-0d1c1a2b3c4d.local "
+    mdns_only = "\r\n".join(line.replace(" 127.0.0.1 ", mdns)
                             if line.startswith("a=candidate:") else line
                             for line in offer.split("\r\n"))
+    assert candidate_hosts(mdns_only) == [mdns.strip()]
     await refused(http, server, WHIP_ROOM, mdns_only, token, 422, "sdp_no_candidate")
 
     # Mixed: the loopback candidate is used; the LAN and mDNS ones never reach ICE.
@@ -609,8 +613,6 @@ async def test_remote_candidates_outside_allowed_networks_are_never_used(server,
     status, headers, answer = await post_sdp(http, server, WHIP_ROOM, mixed, token)
     assert status == 201, answer
     ingest = server.session().ingests[headers["Location"].rsplit("/", 1)[1]]
-    from aiortc import RTCSessionDescription
-
     await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
     await wait_for(lambda: "" if pc.connectionState == "connected" else pc.connectionState)
     assert remote_candidate_hosts(ingest.pc) <= {"127.0.0.1"}, remote_candidate_hosts(ingest.pc)

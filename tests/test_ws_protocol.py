@@ -287,8 +287,13 @@ async def test_bad_requests_get_errors_and_the_socket_stays_open(server, http, s
     await ws.send_json({"type": "subscribe", "feed": "room.video", "sdp": "v=0\r\n", "id": "s2"})
     check_error(await receive(ws), 404, "unknown_feed", request_id="s2")
 
+    await ws.send_json({"type": "unsubscribe", "subscription": "no-such", "id": "us"})
+    check_error(await receive(ws), 404, "unknown_resource", request_id="us")
+
     await ws.send_json({"type": "publish", "slot": "room", "sdp": "v=0", "id": "p1"})
     check_error(await receive(ws), 403, "wrong_role", request_id="p1")
+    await ws.send_json({"type": "unpublish", "slot": "room", "id": "p2"})
+    check_error(await receive(ws), 403, "wrong_role", request_id="p2")
     await ws.send_json({"type": "end_session", "id": "e1"})
     check_error(await receive(ws), 403, "wrong_role", request_id="e1")
     assert server.session().state == "live"
@@ -340,6 +345,14 @@ async def test_publish_and_subscribe_over_ws_deliver_frames(server, http, socket
     assert all((f.width, f.height) == (640, 480) for f in frames)
     assert frames[-1].pts > frames[0].pts
 
+    # Only its owner (or a moderator) may end a subscription.
+    intruder, _ = await join(http, server, sockets, Role.TRAINEE, participant_id="tr-9")
+    await intruder.send_json({"type": "unsubscribe", "subscription": reply["subscription"],
+                              "id": "steal"})
+    check_error(await receive_until(intruder, of_type("error")), 403, "not_owner",
+                request_id="steal")
+    assert reply["subscription"] in session.subscriptions
+
     # A second tab of the same trainee stays; closing the first closes its subscription.
     second, _ = await join(http, server, sockets, Role.TRAINEE, participant_id="tr-1")
     await trainee.close()
@@ -373,7 +386,7 @@ async def test_feed_events_follow_feeds_and_viewers(server, http, sockets, peers
     assert live["feed"]["id"] == "room.video" and live["feed"]["state"] == "live"
     assert live["feed"]["codec"] == "video/VP8"
 
-    viewer, viewer_url, _ = await whep_subscribe(http, server, "room.video", "video")
+    viewer, _, _ = await whep_subscribe(http, server, "room.video", "video")
     peers.append(viewer)
     watched = await receive_until(ws, lambda m: m.get("type") == "feed"
                                   and m["feed"]["viewers"] == 1)
@@ -392,6 +405,7 @@ async def test_feed_events_follow_feeds_and_viewers(server, http, sockets, peers
 async def test_end_session_over_ws(server, http, sockets, peers):
     publisher, _ = await whip_publish(http, server, "room", [VideoStreamTrack()])
     peers.append(publisher)
+    session = server.session()
     expert, _ = await join(http, server, sockets, Role.EXPERT, name="Dr Grey")
     trainee, _ = await join(http, server, sockets, Role.TRAINEE, name="T")
     admin, _ = await join(http, server, sockets, Role.ADMIN, name="A")
@@ -413,7 +427,6 @@ async def test_end_session_over_ws(server, http, sockets, peers):
         assert len(ended) == 1 and isinstance(ended[0]["reason"], str), messages
         assert code == 1000, (code, messages)
 
-    session = server.session()
     assert session.state == "ended"
     assert not session.ingests and not session.feeds and not session.subscriptions
     await wait_for(lambda: "" if not [pc for pc in live_peer_connections() if pc is not publisher]
@@ -429,6 +442,7 @@ async def test_server_shutdown_sends_going_away_and_1001(http):
         created.append(publisher)
         expert, _ = await join(http, srv, opened, Role.EXPERT)
         trainee, _ = await join(http, srv, opened, Role.TRAINEE)
+        session = srv.session()
         cleanup = asyncio.ensure_future(runner.cleanup())
         try:
             for ws in (expert, trainee):
@@ -437,7 +451,7 @@ async def test_server_shutdown_sends_going_away_and_1001(http):
                 assert code == 1001, (code, messages)
         finally:
             await cleanup
-        assert srv.session().state == "ended"
+        assert session.state == "ended"
         assert not [pc for pc in live_peer_connections() if pc is not publisher]
     finally:
         for ws in opened:

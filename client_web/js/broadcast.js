@@ -276,7 +276,7 @@ async function capture(c, view) {
     } catch (err) {
       if (generation !== view.generation) return;
       view.problem = `Cannot open the device: ${/** @type {Error} */ (err).message || err}`;
-      renderSlot(c, view);
+      renderAll();
       return;
     }
   }
@@ -304,8 +304,64 @@ async function capture(c, view) {
     view.problem = describeError(toScrubinError(err));
   } finally {
     old?.getTracks().forEach((t) => t.stop());
-    renderSlot(c, view);
+    updateMeters();
+    renderAll();
   }
+}
+
+// -- microphone level --------------------------------------------------------
+
+/** @type {AudioContext|null} */
+let audioContext = null;
+/** @type {Map<SlotView, {source: MediaStreamAudioSourceNode, analyser: AnalyserNode,
+ *   data: Uint8Array, stream: MediaStream}>} */
+const meters = new Map();
+let meterLoop = 0;
+
+/**
+ * Show each slot's microphone level, so the expert sees the narration mic
+ * works before and while live. Audio can only start after a click or key
+ * press on the page; until then the meters stay hidden.
+ */
+function updateMeters() {
+  if (!audioContext) {
+    if (!navigator.userActivation?.hasBeenActive) return;
+    audioContext = new AudioContext();
+  }
+  const ctx = audioContext;
+  for (const view of slots.values()) {
+    const meter = meters.get(view);
+    const stream = view.stream && view.stream.getAudioTracks().length ? view.stream : null;
+    if (meter && meter.stream !== stream) {
+      meter.source.disconnect();
+      meters.delete(view);
+    }
+    if (stream && !meters.has(view)) {
+      const source = ctx.createMediaStreamSource(stream);
+      const analyser = ctx.createAnalyser();
+      analyser.fftSize = 512;
+      source.connect(analyser); // not to the speakers: no feedback in theatre
+      meters.set(view, { source, analyser, data: new Uint8Array(analyser.fftSize), stream });
+    }
+    $('.meter', view.card).hidden = !stream;
+  }
+  if (meters.size && !meterLoop) meterLoop = requestAnimationFrame(drawMeters);
+}
+
+function drawMeters() {
+  meterLoop = 0;
+  for (const [view, meter] of meters) {
+    meter.analyser.getByteTimeDomainData(meter.data);
+    let peak = 0;
+    for (const v of meter.data) peak = Math.max(peak, Math.abs(v - 128));
+    const level = Math.min(1, peak / 100);
+    /** @type {HTMLElement} */ ($('.meter-bar', view.card)).style.transform = `scaleX(${level})`;
+  }
+  if (meters.size) meterLoop = requestAnimationFrame(drawMeters);
+}
+
+for (const type of ['pointerdown', 'keydown']) {
+  document.addEventListener(type, () => setTimeout(updateMeters), { once: true, capture: true });
 }
 
 /** Stop every camera and microphone (the session ended: lights off). */
@@ -316,6 +372,8 @@ function stopCapture() {
     view.stream = null;
     view.video.srcObject = null;
   }
+  updateMeters();
+  audioContext?.close().catch(() => {});
   releaseWakeLock();
 }
 
@@ -421,7 +479,9 @@ function renderAll() {
   const open = client.state === 'open';
   goLiveButton.disabled = !open || ready.length === 0
     || ready.every((v) => v.busy);
-  goLiveButton.textContent = live.length ? 'Go live with the rest' : 'Go live';
+  // Once some slots are live, say which ones the button would add.
+  goLiveButton.textContent = live.length && ready.length
+    ? `Go live: ${ready.map((v) => slotTitle(v.slot)).join(', ')}` : 'Go live';
   stopAllButton.disabled = !open || live.length === 0;
   endButton.disabled = !open || client.participant?.role !== 'expert';
   const summary = $('#live-summary');

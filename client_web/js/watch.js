@@ -105,6 +105,15 @@ function start(c) {
     for (const media of document.querySelectorAll('video, audio')) {
       /** @type {HTMLMediaElement} */ (media).srcObject = null;
     }
+    // Nothing is live any more: leave no stale "connecting" badges behind.
+    thumbs.clear();
+    audioElements.clear();
+    thumbList.replaceChildren();
+    audioSinks.replaceChildren();
+    $('#audio-list').replaceChildren();
+    $('#main-name').textContent = '';
+    $('#main-state').hidden = true;
+    mainView.dataset.state = 'ended';
     showEnded('The session has ended', reason ? `Reason: ${reason}` : 'Thank you for watching.');
   });
   c.connect().catch((err) => {
@@ -140,7 +149,7 @@ function start(c) {
     mainVideo: () => mainVideo,
     mainFeedId: () => mainFeedId,
     selectFeed: (/** @type {string} */ id) => selectFeed(c, id),
-    thumbnails: () => [...thumbs.keys()],
+    thumbnails: () => [...thumbs].filter(([, t]) => !t.button.hidden).map(([id]) => id),
     audioElements: () => [...audioElements.values()],
     overlayText: () => (overlay.hidden ? '' : overlayText.textContent),
     audio: () => ({ wanted: audioWanted, blocked: audioBlocked }),
@@ -286,17 +295,21 @@ function feedStatus(c, feed) {
   return 'live';
 }
 
-/** @param {ScrubinClient} c */
+/**
+ * One thumbnail per video Feed, the main one hidden: switching cameras only
+ * hides and shows elements that are already playing.
+ * @param {ScrubinClient} c
+ */
 function renderThumbs(c) {
-  const others = videoFeeds(c).filter((f) => f.id !== mainFeedId);
+  const feeds = videoFeeds(c);
   for (const [id, thumb] of thumbs) {
-    if (!others.some((f) => f.id === id)) {
+    if (!feeds.some((f) => f.id === id)) {
       thumb.video.srcObject = null;
       thumb.button.remove();
       thumbs.delete(id);
     }
   }
-  others.forEach((feed, index) => {
+  feeds.forEach((feed, index) => {
     let thumb = thumbs.get(feed.id);
     if (!thumb) {
       const button = /** @type {HTMLButtonElement} */ (fromTemplate('thumb-template'));
@@ -313,13 +326,14 @@ function renderThumbs(c) {
     const sub = c.subscriptions.get(feed.id);
     const stream = sub ? sub.stream : null;
     if (thumb.video.srcObject !== stream) attachStream(thumb.video, stream);
+    thumb.button.hidden = feed.id === mainFeedId;
     const status = feedStatus(c, feed);
     thumb.button.dataset.state = status;
     const pill = $('.thumb-state', thumb.button);
     pill.dataset.state = status;
     pill.textContent = FEED_LABELS[status] || '';
   });
-  $('#thumbs-empty').hidden = others.length > 0;
+  $('#thumbs-empty').hidden = feeds.some((f) => f.id !== mainFeedId);
 }
 
 /** @param {ScrubinClient} c */
@@ -360,7 +374,7 @@ function renderAudio(c) {
   audioToggle.disabled = !hasAudio;
   audioToggle.setAttribute('aria-pressed', String(on));
   audioToggle.textContent = !hasAudio ? 'No sound' : on ? 'Sound on' : 'Sound off';
-  audioToggle.dataset.on = String(on);
+  audioToggle.dataset.on = String(hasAudio && on);
   enableAudioButton.hidden = !(hasAudio && audioWanted && audioBlocked);
 }
 
