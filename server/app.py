@@ -16,10 +16,12 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
+from .audit import JsonlAuditTrail
 from .config import Config
 from .http import api, whip
 from .http.common import (
     ACCEPTING,
+    AUDIT,
     CONFIG,
     METRICS,
     NODE_ID,
@@ -59,6 +61,11 @@ def create_app(config: Config) -> web.Application:
     registry = app[REGISTRY] = Registry(config, peers, node_id)
     metrics = app[METRICS] = Metrics()
     metrics.watch(registry)
+    audit = app[AUDIT] = JsonlAuditTrail(config.audit.path, node_id=node_id,
+                                         max_bytes=config.audit.max_bytes,
+                                         backups=config.audit.backups)
+    registry.on_session = lambda session, state: audit.record(
+        f"session_{state}", session=session.id, theatre=session.theatre.id, title=session.title)
     registry.on_first_frame = metrics.first_frame.observe
 
     app.add_routes(api.routes)
@@ -71,6 +78,7 @@ def create_app(config: Config) -> web.Application:
         if (CLIENT_DIR / folder).is_dir():
             app.router.add_static(f"/{folder}", CLIENT_DIR / folder, follow_symlinks=False)
 
+    app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_sessions)
     app.on_shutdown.append(_going_away)
     return app
@@ -85,6 +93,13 @@ def _page(name: str) -> Handler:
         return web.FileResponse(path, headers={"Content-Type": "text/html; charset=utf-8"})
 
     return handler
+
+
+async def _audit(app: web.Application) -> AsyncIterator[None]:
+    app[AUDIT].record("node_started")
+    yield
+    app[AUDIT].record("node_stopped")
+    app[AUDIT].close()
 
 
 async def _sessions(app: web.Application) -> AsyncIterator[None]:

@@ -96,6 +96,14 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    # JSON lines, rotated by size; readable by admins (API and `scrubin audit`).
+    path: str = "var/audit/audit.jsonl"
+    max_bytes: int = 10 * 1024 * 1024
+    backups: int = 20
+
+
+@dataclass(frozen=True)
 class TheatreConfig:
     id: str
     name: str
@@ -119,6 +127,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     theatres: list[TheatreConfig] = field(default_factory=list)
     sessions: list[SessionConfig] = field(default_factory=list)
 
@@ -236,6 +245,7 @@ def load_config(
         "auth": AuthConfig,
         "media": MediaConfig,
         "limits": LimitsConfig,
+        "audit": AuditConfig,
     }
     unknown = set(data) - set(sections) - {"theatres", "sessions"}
     if unknown:

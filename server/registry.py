@@ -33,6 +33,7 @@ class Registry:
         self.ended: set[str] = set()
         self.totals: Counter[str] = Counter()
         self.on_first_frame: Callable[[float], None] | None = None
+        self.on_session: Callable[[Session, str], None] | None = None
         for configured in config.sessions:
             self.create_session(configured.id, configured.theatre, configured.title,
                                 configured.procedure)
@@ -58,6 +59,8 @@ class Registry:
                           on_first_frame=self._first_frame, on_ended=self._ended)
         self.ended.discard(session_id)
         self.sessions[session_id] = session
+        if self.on_session is not None:
+            self.on_session(session, "live")
         logger.info("session %s created in theatre %s", session_id, theatre_id)
         return session
 
@@ -70,6 +73,8 @@ class Registry:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
             self.ended.add(session.id)
+        if self.on_session is not None:
+            self.on_session(session, "ended")
 
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)

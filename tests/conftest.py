@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,6 +36,8 @@ def make_config(**sections: dict[str, Any]) -> Config:
     sections["ice"].setdefault("host_addresses", LOOPBACK)
     sections["ice"].setdefault("allowed_remote_networks", ["127.0.0.0/8"])
     sections.setdefault("server", {}).setdefault("port", unused_port())
+    sections.setdefault("audit", {}).setdefault(
+        "path", str(Path(tempfile.mkdtemp(prefix="scrubin-audit-")) / "audit.jsonl"))
     sections["server"].setdefault("host", "127.0.0.1")
     return load_config(None, env={}, **sections)
 

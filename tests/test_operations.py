@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 from aiortc.mediastreams import VideoStreamTrack
 
-from server.http.common import ACCEPTING
+from server.http.common import ACCEPTING, AUDIT
 from server.roles import Role
 
 from .conftest import Server, make_config, start_server, wait_for, whep_subscribe, whip_publish
@@ -81,3 +81,41 @@ async def test_metrics_token_when_configured(http: aiohttp.ClientSession) -> Non
             assert response.status == 200
     finally:
         await runner.cleanup()
+
+
+async def test_audit_trail_records_joins_publishing_and_denials(
+        server: Server, http: aiohttp.ClientSession) -> None:
+    publisher, resource = await whip_publish(http, server, "room", [VideoStreamTrack()])
+    try:
+        expert = server.token(Role.EXPERT)
+        async with http.delete(resource, headers={"Authorization": f"Bearer {expert}"}) as r:
+            assert r.status == 200
+        async with http.post(f"{server.base_url}/whip/or1-live/room", data="v=0",
+                             headers={"Authorization": f"Bearer {server.token(Role.TRAINEE)}",
+                                      "Content-Type": "application/sdp"}) as r:
+            assert r.status == 403
+        ws = await http.ws_connect(f"{server.base_url}/ws")
+        await ws.send_json({"type": "hello", "token": server.token(Role.TRAINEE, name="Dr <b>")})
+        assert (await ws.receive_json())["type"] == "welcome"
+        await ws.close()
+        await wait_for(lambda: "" if any(e["event"] == "leave" for e in server.app[
+            AUDIT].read()) else "no leave yet")
+
+        admin = server.token(Role.ADMIN)
+        async with http.get(f"{server.base_url}/api/sessions/or1-live/audit",
+                            headers={"Authorization": f"Bearer {admin}"}) as r:
+            assert r.status == 200
+            entries = (await r.json())["entries"]
+        events = [e["event"] for e in entries]
+        assert events.index("publish_start") < events.index("publish_stop")
+        assert "denied" in events and "join" in events and "leave" in events
+        join = next(e for e in entries if e["event"] == "join")
+        assert join["role"] == "trainee" and join["address"] == "127.0.0.1"
+        assert join["name"] == "Dr <b>"  # data, verbatim
+        denied = next(e for e in entries if e["event"] == "denied")
+        assert denied["code"] == "wrong_role"
+        async with http.get(f"{server.base_url}/api/sessions/or1-live/audit",
+                            headers={"Authorization": f"Bearer {expert}"}) as r:
+            assert r.status == 403
+    finally:
+        await publisher.close()

@@ -8,9 +8,10 @@ import ipaddress
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..errors import Forbidden, Unauthorized
+from ..errors import BadRequest, Forbidden, Unauthorized
 from ..links import session_links
-from .common import ACCEPTING, CONFIG, METRICS, PEERS, TOKENS, bearer_grant, session_for
+from ..roles import Role
+from .common import ACCEPTING, AUDIT, CONFIG, METRICS, PEERS, TOKENS, bearer_grant, session_for
 
 routes = web.RouteTableDef()
 
@@ -44,6 +45,24 @@ async def links(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     return web.json_response(session_links(session, request.app[TOKENS], config.base_url,
                                            config.auth.token_ttl_s))
+
+
+@routes.get("/api/sessions/{session}/audit")
+async def audit(request: web.Request) -> web.Response:
+    """The audit trail of one Session, for its admins."""
+    grant = bearer_grant(request)
+    session_id = request.match_info["session"]
+    if grant.session_id != session_id:
+        raise Forbidden("token is for another session", code="wrong_session")
+    if grant.role is not Role.ADMIN:
+        raise Forbidden("only admins read the audit trail", code="wrong_role")
+    try:
+        since = float(request.query.get("since", "0"))
+        limit = min(int(request.query.get("limit", "1000")), 10000)
+    except ValueError:
+        raise BadRequest("since and limit are numbers", code="bad_query") from None
+    entries = request.app[AUDIT].read(session=session_id, since=since, limit=limit)
+    return web.json_response({"entries": entries})
 
 
 @routes.get("/healthz")

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..audit import JsonlAuditTrail
 from ..config import Config
 from ..errors import BadRequest, ScrubinError, Unauthorized, UnsupportedMediaType
 from ..media.peers import PeerFactory
@@ -28,6 +29,7 @@ NODE_ID = web.AppKey("node_id", str)
 WEBSOCKETS: web.AppKey[weakref.WeakSet[Any]] = web.AppKey("websockets")
 ACCEPTING = web.AppKey("accepting", dict[str, bool])
 METRICS = web.AppKey("metrics", Metrics)
+AUDIT = web.AppKey("audit", JsonlAuditTrail)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -69,6 +71,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except ScrubinError as exc:
         count_refusal(request.app, exc, joining=request.path.startswith(("/whip/", "/whep/")))
+        if exc.status in (401, 403):
+            request.app[AUDIT].record("denied", code=exc.code, method=request.method,
+                                      path=request.path, address=request.remote,
+                                      session=request.match_info.get("session"))
         if exc.status >= 500:
             logger.error("%s %s: %s", request.method, request.path, exc.message)
         return error_response(exc, headers=cors_headers(request))
@@ -113,6 +119,12 @@ def count_refusal(app: web.Application, error: ScrubinError, *, joining: bool) -
         metrics.auth_denials.labels(error.code).inc()
     if joining:
         metrics.join_failures.labels(error.code).inc()
+
+
+def audit_grant(app: web.Application, event: str, grant: Grant, address: str | None,
+                **fields: Any) -> None:
+    app[AUDIT].record(event, session=grant.session_id, participant=grant.participant_id,
+                      role=grant.role.value, name=grant.name, address=address, **fields)
 
 
 def bearer_grant(request: web.Request) -> Grant:

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from ..errors import Forbidden, NotFound
 from ..roles import MODERATORS
-from .common import bearer_grant, cors_headers, read_sdp, session_for
+from .common import audit_grant, bearer_grant, cors_headers, read_sdp, session_for
 
 routes = web.RouteTableDef()
 
@@ -46,6 +46,8 @@ async def whip_publish(request: web.Request) -> web.Response:
     session = session_for(request, grant)
     offer = await read_sdp(request)
     answer, ingest = await session.publish(grant, request.match_info["slot"], offer)
+    audit_grant(request.app, "publish_start", grant, request.remote, slot=ingest.slot,
+                feeds=[f.id for f in ingest.feeds], via="whip")
     return _created(request, answer, ingest.id)
 
 
@@ -57,6 +59,7 @@ async def whip_delete(request: web.Request) -> web.Response:
     if ingest is None or ingest.slot != request.match_info["slot"]:
         raise NotFound("no such WHIP resource", code="unknown_resource")
     await session.unpublish(grant, ingest.id)
+    audit_grant(request.app, "publish_stop", grant, request.remote, slot=ingest.slot, via="whip")
     return web.Response(status=200, headers=_cors(request))
 
 
@@ -66,6 +69,8 @@ async def whep_subscribe(request: web.Request) -> web.Response:
     session = session_for(request, grant)
     offer = await read_sdp(request)
     answer, subscription = await session.subscribe(grant, request.match_info["feed"], offer)
+    audit_grant(request.app, "subscribe", grant, request.remote, feed=subscription.feed_id,
+                via="whep")
     return _created(request, answer, subscription.id)
 
 
@@ -79,6 +84,8 @@ async def whep_delete(request: web.Request) -> web.Response:
     if subscription.participant_id != grant.participant_id and grant.role not in MODERATORS:
         raise Forbidden("this subscription belongs to someone else", code="not_owner")
     await session.unsubscribe(grant, subscription.id)
+    audit_grant(request.app, "unsubscribe", grant, request.remote, feed=subscription.feed_id,
+                via="whep")
     return web.Response(status=200, headers=_cors(request))
 
 

@@ -17,11 +17,13 @@ from ..subscription import Subscription
 from ..tokens import Grant
 from .common import (
     ACCEPTING,
+    AUDIT,
     CONFIG,
     PEERS,
     REGISTRY,
     TOKENS,
     WEBSOCKETS,
+    audit_grant,
     count_refusal,
 )
 
@@ -46,6 +48,10 @@ class Connection:
         self.ingests: dict[str, Ingest] = {}
         self.subscriptions: dict[str, Subscription] = {}
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.address: str | None = None
+
+    def audit(self, event: str, **fields: Any) -> None:
+        audit_grant(self.app, event, self.grant, self.address, via="websocket", **fields)
 
     def send(self, message: dict[str, Any] | None) -> None:
         self.outbox.put_nowait(message)
@@ -90,6 +96,7 @@ class Connection:
             for old in [i for i in self.ingests.values() if i.slot == slot]:
                 self.ingests.pop(old.id, None)
             self.ingests[ingest.id] = ingest
+            self.audit("publish_start", slot=slot, feeds=[f.id for f in ingest.feeds])
             return {"type": "answer", "slot": slot, "sdp": answer,
                     "feeds": [f.id for f in ingest.feeds]}
         if kind == "unpublish":
@@ -100,11 +107,13 @@ class Connection:
                 self.ingests.pop(ingest.id, None)
                 if not ingest.closed:
                     await session.unpublish(grant, ingest.id)
+            self.audit("publish_stop", slot=slot)
             return {"type": "ok"}
         if kind == "subscribe":
             feed_id = _field(message, "feed")
             answer, subscription = await session.subscribe(grant, feed_id, _field(message, "sdp"))
             self.subscriptions[subscription.id] = subscription
+            self.audit("subscribe", feed=feed_id)
             return {"type": "answer", "feed": feed_id, "subscription": subscription.id,
                     "sdp": answer}
         if kind == "unsubscribe":
@@ -153,7 +162,8 @@ async def _hello(ws: web.WebSocketResponse, request: web.Request) -> tuple[Grant
         grant = request.app[TOKENS].verify(str(hello.get("token", "")))
     except ScrubinError as exc:
         count_refusal(request.app, exc, joining=False)
-        await ws.send_json({"type": "error", "error": exc.to_dict()})
+        request.app[AUDIT].record("denied", code=exc.code, path="/ws", address=request.remote)
+        await ws.send_json({"type": "error", "error": exc.to_dict(), "id": hello.get("id")})
         await ws.close(code=CLOSE_UNAUTHORIZED, message=exc.code.encode())
         return None
     return grant, hello.get("id")
@@ -178,12 +188,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         participant = session.join(grant)
     except ScrubinError as exc:
         count_refusal(request.app, exc, joining=True)
+        audit_grant(request.app, "denied", grant, request.remote, code=exc.code, path="/ws")
         await ws.send_json({"type": "error", "error": exc.to_dict(), "id": hello_id})
         code = CLOSE_FORBIDDEN if exc.status in (403, 404, 410) else CLOSE_UNAUTHORIZED
         await ws.close(code=code, message=exc.code.encode())
         return ws
 
     connection = Connection(request.app, ws, session, grant)
+    connection.address = request.remote
+    audit_grant(request.app, "join", grant, request.remote, via="websocket")
     request.app[WEBSOCKETS].add(ws)
     stop_listening = session.listen(connection.on_event)
     welcome = connection.roster_message()
@@ -211,6 +224,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             await writer
         await connection.close_resources()
         session.leave(participant.id)
+        audit_grant(request.app, "leave", grant, request.remote, via="websocket")
         if session.state == "ended" and not ws.closed:
             await ws.close(code=WSCloseCode.OK, message=b"session ended")
     return ws
@@ -241,6 +255,8 @@ async def _dispatch(connection: Connection, data: str) -> None:
         reply = await connection.handle(message)
     except ScrubinError as exc:
         count_refusal(connection.app, exc, joining=message_type in ("publish", "subscribe"))
+        if exc.status in (401, 403):
+            connection.audit("denied", code=exc.code, request=str(message_type))
         reply = {"type": "error", "error": exc.to_dict()}
     except Exception:
         logger.exception("websocket message failed")
