@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 from aiortc import RTCIceServer
 
+from . import logs
 from .app import create_app
 from .config import Config, ConfigError, load_config
 from .http.common import REGISTRY, TOKENS
@@ -182,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p_token.add_argument("--ttl", type=float, default=None)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aioice").setLevel(logging.WARNING)
+    logs.configure(args.log_level)
     try:
         if args.command == "serve":
             asyncio.run(serve(load_config(args.config)))

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import logs
 from ..audit import JsonlAuditTrail
 from ..config import Config
 from ..errors import BadRequest, ScrubinError, Unauthorized, UnsupportedMediaType
@@ -132,7 +133,9 @@ def bearer_grant(request: web.Request) -> Grant:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send 'Authorization: Bearer <token>'", code="token_missing")
-    return request.app[TOKENS].verify(token.strip())
+    grant = request.app[TOKENS].verify(token.strip())
+    logs.bind(grant.session_id, grant.participant_id)
+    return grant
 
 
 def session_for(request: web.Request, grant: Grant) -> Session:

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from .. import logs
 from ..errors import BadRequest, Forbidden, ScrubinError
 from ..roles import PUBLISHERS, ROSTER_READERS, VIEWERS, Role
 from ..session import Event, Ingest, Session
@@ -181,6 +182,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if hello is None:
         return ws
     grant, hello_id = hello
+    logs.bind(grant.session_id, grant.participant_id)
     try:
         if grant.role not in VIEWERS:
             raise Forbidden(f"role {grant.role.value} has no live access", code="wrong_role")
