@@ -23,7 +23,7 @@ from .config import Config
 from .errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unprocessable
 from .feed import Feed
 from .media import hooks
-from .media.codecs import FORWARDABLE, capabilities_for
+from .media.codecs import capabilities_for
 from .media.peers import PeerFactory
 from .media.sdp import add_bitrate_hints, check_offer
 from .participant import Participant
@@ -179,9 +179,9 @@ class Session:
         participant.connections -= 1
         if participant.connections > 0:
             return
+        # Subscriptions belong to the connection that made them (a websocket
+        # closes its own; WHEP ones live until DELETE or their peer fails).
         del self.participants[participant_id]
-        for sub in [s for s in self.subscriptions.values() if s.participant_id == participant_id]:
-            self._track(sub.close())
         self._emit({"type": "participant_left", "participant": participant.describe()})
 
     # -- publishing -------------------------------------------------------
@@ -215,12 +215,13 @@ class Session:
                     # A returning publisher must keep the codec viewers negotiated.
                     transceiver.setCodecPreferences(capabilities_for(existing.codec))
                 else:
+                    # Exactly one codec: a publisher switching codecs mid-stream
+                    # would push frames viewers negotiated differently.
+                    offered = summary.codecs.get(kind, set())
+                    mime = next(m for m in PUBLISH_PREFERENCE if m.lower() in offered)
                     caps = RTCRtpReceiver.getCapabilities(kind).codecs  # type: ignore[union-attr]
-                    transceiver.setCodecPreferences(sorted(
-                        [c for c in caps if c.mimeType.lower() in FORWARDABLE
-                         or c.mimeType.lower().endswith("/rtx")],
-                        key=lambda c: PUBLISH_PREFERENCE.index(c.mimeType)
-                        if c.mimeType in PUBLISH_PREFERENCE else 99))
+                    transceiver.setCodecPreferences(
+                        [c for c in caps if c.mimeType.lower() in (mime.lower(), f"{kind}/rtx")])
             answer = await self._answer(pc, summary.text)
             codecs = _negotiated_codecs(answer)
 
@@ -309,6 +310,10 @@ class Session:
         if feed.kind not in summary.kinds:
             raise Unprocessable(f"feed {feed_id} is {feed.kind}; the offer has no {feed.kind} "
                                 "section", code="sdp_kind_mismatch")
+        if feed.codec.mimeType.lower() not in summary.codecs.get(feed.kind, set()):
+            raise Unprocessable(f"viewer cannot receive {feed.codec.mimeType}, which "
+                                f"{feed.id} is published in (no transcoding)",
+                                code="codec_mismatch")
 
         pc = self._peers.create()
         subscription = Subscription(

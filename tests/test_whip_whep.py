@@ -649,9 +649,6 @@ async def test_whep_offer_must_match_the_feed(server, http, peers):
         await subscription.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: Session.subscribe maps aiortc's refusal of a viewer offer without the Feed's "
-    "codec to sdp_rejected; docs/protocol.md promises 422 codec_mismatch"))
 async def test_whep_player_without_the_feed_codec_gets_codec_mismatch(server, http, peers):
     await publish(http, server, peers)
     # The Feed is VP8; a player that only takes H.264 cannot be served without transcoding.

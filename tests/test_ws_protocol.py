@@ -209,13 +209,15 @@ HELLO_REFUSALS: list[tuple[str, Callable[[Server], Any], int, str | None]] = [
     ("not-hello", lambda s: {"type": "ping"}, 4400, None),
     ("array", lambda s: [{"type": "hello"}], 4400, None),
     ("binary", lambda s: b"\x00\x01", 4400, None),
-    ("no-token", lambda s: {"type": "hello"}, 4401, "token_missing"),
-    ("garbage-token", lambda s: {"type": "hello", "token": "x.y.z"}, 4401, "token_invalid"),
-    ("expired", lambda s: {"type": "hello", "token": s.token(
+    ("no-token", lambda s: {"type": "hello", "id": "h"}, 4401, "token_missing"),
+    ("garbage-token", lambda s: {"type": "hello", "id": "h", "token": "x.y.z"}, 4401,
+     "token_invalid"),
+    ("expired", lambda s: {"type": "hello", "id": "h", "token": s.token(
         Role.TRAINEE, now=time.time() - 7200, ttl_s=60)}, 4401, "token_expired"),
-    ("reviewer", lambda s: {"type": "hello", "token": s.token(Role.REVIEWER)}, 4403,
+    ("reviewer", lambda s: {"type": "hello", "id": "h", "token": s.token(Role.REVIEWER)}, 4403,
      "wrong_role"),
-    ("unknown-session", lambda s: {"type": "hello", "token": s.token(Role.TRAINEE, "gone")},
+    ("unknown-session", lambda s: {"type": "hello", "id": "h",
+                                   "token": s.token(Role.TRAINEE, "gone")},
      4403, "unknown_session"),
 ]
 
@@ -239,7 +241,7 @@ async def test_hello_refusals_close_with_documented_codes(server, http, sockets,
     else:
         assert len(messages) == 1, messages
         check_error(messages[0], 401 if close_code == 4401 else messages[0]["error"]["status"],
-                    error_code)
+                    error_code, request_id="h")
     assert not server.session().participants
 
 

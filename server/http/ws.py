@@ -104,10 +104,11 @@ class Connection:
             if grant.role not in PUBLISHERS:
                 raise Forbidden(f"role {grant.role.value} may not publish", code="wrong_role")
             slot = _field(message, "slot")
-            for ingest in [i for i in self.ingests.values() if i.slot == slot]:
+            # Every publication of the slot, whichever connection made it (the
+            # expert's other tab, or an encoder over WHIP).
+            for ingest in [i for i in session.ingests.values() if i.slot == slot]:
                 self.ingests.pop(ingest.id, None)
-                if not ingest.closed:
-                    await session.unpublish(grant, ingest.id)
+                await session.unpublish(grant, ingest.id)
             self.audit("publish_stop", slot=slot)
             return {"type": "ok"}
         if kind == "subscribe":

@@ -24,6 +24,8 @@ class OfferSummary:
     text: str
     kinds: list[str]
     directions: list[str]
+    #: kind -> lower-case MIME types offered (forwardable ones only).
+    codecs: dict[str, set[str]]
 
 
 def check_offer(
@@ -69,6 +71,7 @@ def check_offer(
             code="sdp_too_many_media",
         )
     directions = []
+    codecs: dict[str, set[str]] = {}
     for m in media:
         if m.ice is None or not m.ice.usernameFragment or not m.ice.password:
             raise BadRequest(f"{m.kind} section lacks ICE credentials", code="sdp_malformed")
@@ -88,10 +91,12 @@ def check_offer(
                 f"{m.kind} section offers no codec ScrubIn forwards (offered: {offered}; "
                 "supported: VP8, H264, Opus)", code="sdp_no_codec")
         directions.append(direction)
+        codecs.setdefault(m.kind, set()).update(usable)
     if not any(line.startswith("a=candidate:") for line in kept) and "a=candidate" in stripped:
         raise Unprocessable("no ICE candidate the server may use (only loopback/allowed networks)",
                             code="sdp_no_candidate")
-    return OfferSummary(text=clean, kinds=[m.kind for m in media], directions=directions)
+    return OfferSummary(text=clean, kinds=[m.kind for m in media], directions=directions,
+                        codecs=codecs)
 
 
 def add_bitrate_hints(answer: str, min_kbps: int, start_kbps: int, max_kbps: int) -> str:

@@ -1,0 +1,417 @@
+"""The shared-state contract: small Protocols, the records they carry, one error.
+
+Everything several Nodes must agree on goes through these interfaces; the
+in-memory and the Redis implementation pass the same contract suite
+(tests/test_store_contract.py). Each Protocol is a handful of methods so a
+caller depends only on the slice it uses (``Store.presence``, ``Store.rates``…).
+
+Every method may raise ``StoreUnavailable`` (the backend is unreachable or
+closed). Callers on the live-media path catch it and carry on: media never
+waits for shared state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Protocol, get_args
+
+from ..errors import Unavailable
+from ..roles import Role
+from ..theatre import Theatre, check_name
+
+SessionState = Literal["scheduled", "live", "ended"]
+SESSION_STATES: tuple[SessionState, ...] = get_args(SessionState)
+
+#: The only moves a Session makes; "scheduled → ended" is a cancellation.
+TRANSITIONS: Mapping[SessionState, frozenset[SessionState]] = {
+    "scheduled": frozenset({"live", "ended"}),
+    "live": frozenset({"ended"}),
+    "ended": frozenset(),
+}
+
+Event = dict[str, Any]
+
+DEFAULT_PREFIX = "scrubin:"
+
+
+class StoreUnavailable(Unavailable):
+    """Shared state cannot be reached now (503, the server's fault, retry later)."""
+
+    code = "store_unavailable"
+
+
+# -- records ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A Session as every Node sees it (the live objects stay on their Node)."""
+
+    id: str
+    theatre_id: str
+    title: str
+    procedure: str = ""
+    #: Display name of the expert who leads it.
+    expert: str = ""
+    #: Planned start, seconds since the epoch (None: unscheduled / ad hoc).
+    starts_at: float | None = None
+    state: SessionState = "scheduled"
+    started_at: float | None = None
+    ended_at: float | None = None
+    #: The Node that holds the live Session's peer connections ("" until live).
+    node_id: str = ""
+
+    def __post_init__(self) -> None:
+        check_name("session", self.id)
+        check_name("theatre", self.theatre_id)
+        if self.state not in SESSION_STATES:
+            raise ValueError(f"unknown session state {self.state!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> SessionRecord:
+        return cls(**_known_fields(cls, json.loads(raw)))
+
+
+@dataclass(frozen=True)
+class PresenceEntry:
+    """One participant connected to one Node. The same participant on two
+    Nodes (two tabs through different Nodes) is two entries."""
+
+    session_id: str
+    participant_id: str
+    role: Role
+    name: str
+    node_id: str
+    #: Seconds since the epoch.
+    connected_since: float
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["role"] = self.role.value
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> PresenceEntry:
+        data = _known_fields(cls, json.loads(raw))
+        data["role"] = Role(data["role"])
+        return cls(**data)
+
+
+def theatre_to_json(theatre: Theatre) -> str:
+    return json.dumps({"id": theatre.id, "name": theatre.name, "slots": list(theatre.slots)},
+                      separators=(",", ":"))
+
+
+def theatre_from_json(raw: str | bytes) -> Theatre:
+    data = json.loads(raw)
+    return Theatre(str(data["id"]), str(data["name"]), tuple(str(s) for s in data["slots"]))
+
+
+def _known_fields(cls: type[Any], data: Any) -> dict[str, Any]:
+    # A newer Node may have written fields this one does not know: ignore them
+    # rather than fail a rolling upgrade.
+    if not isinstance(data, dict):
+        raise ValueError(f"stored {cls.__name__} is not an object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+def encode_event(event: Mapping[str, Any]) -> str:
+    """Events cross Nodes as JSON; both backends encode so both fail alike
+    (TypeError) on a value JSON cannot carry."""
+    return json.dumps(event, separators=(",", ":"), allow_nan=False)
+
+
+def check_rate_args(limit: int, window_s: float) -> None:
+    if limit < 0:
+        raise ValueError("limit must be ≥ 0")
+    if not (window_s > 0 and math.isfinite(window_s)):
+        raise ValueError("window_s must be a positive number of seconds")
+
+
+def check_ttl(ttl_s: float) -> None:
+    if not (ttl_s > 0 and math.isfinite(ttl_s)):
+        raise ValueError("ttl_s must be a positive number of seconds")
+
+
+# -- the Protocols ---------------------------------------------------------
+
+
+class TheatreStore(Protocol):
+    async def put_theatre(self, theatre: Theatre) -> None:
+        """Create or replace."""
+
+    async def get_theatre(self, theatre_id: str) -> Theatre | None: ...
+
+    async def list_theatres(self) -> list[Theatre]:
+        """Sorted by id."""
+
+    async def delete_theatre(self, theatre_id: str) -> bool:
+        """True if it existed."""
+
+
+class SessionStore(Protocol):
+    async def create_session(self, record: SessionRecord) -> SessionRecord:
+        """Store a new "scheduled" or "live" Session (a live one is stamped with
+        this Node and the start time). Raises NotFound (unknown_theatre) and
+        Conflict (session_exists) if a scheduled or live one has this id; an
+        ended one is replaced."""
+
+    async def get_session(self, session_id: str) -> SessionRecord | None: ...
+
+    async def list_sessions(self, state: SessionState | None = None) -> list[SessionRecord]:
+        """Sorted by id, optionally only those in ``state``."""
+
+    async def update_session(
+        self,
+        session_id: str,
+        *,
+        title: str | None = None,
+        procedure: str | None = None,
+        expert: str | None = None,
+        starts_at: float | None = None,
+    ) -> SessionRecord:
+        """Change the descriptive fields (None leaves a field as it is),
+        atomically. NotFound if unknown."""
+
+    async def set_session_state(self, session_id: str, state: SessionState) -> SessionRecord:
+        """Move along scheduled → live → ended (or scheduled → ended),
+        atomically: of two Nodes starting the same Session one wins, the other
+        gets Conflict (bad_transition). "live" records this Node and
+        ``started_at``, "ended" records ``ended_at``. NotFound if unknown."""
+
+    async def delete_session(self, session_id: str) -> bool:
+        """True if it existed."""
+
+
+class PresenceStore(Protocol):
+    async def announce(self, entries: Sequence[PresenceEntry], *, ttl_s: float) -> None:
+        """Write (or re-write) entries; each disappears ``ttl_s`` after its last
+        announce unless announced again. See ``Presence`` for the refresh loop."""
+
+    async def withdraw(self, session_id: str, participant_id: str, node_id: str) -> None: ...
+
+    async def roster(self, session_id: str) -> list[PresenceEntry]:
+        """Live entries of every Node, oldest connection first."""
+
+
+class InviteStore(Protocol):
+    async def revoke_invite(self, invite_id: str, *, expires_at: float) -> None:
+        """Refuse this invite (token jti) from now on. Remembered until
+        ``expires_at`` (the token's own expiry, epoch seconds), after which the
+        token is refused anyway; a past ``expires_at`` stores nothing."""
+
+    async def revoke_session(self, session_id: str, *, before: float) -> None:
+        """Refuse every token of the Session issued before ``before`` (epoch
+        seconds). Only ever moves forward: a smaller value is ignored."""
+
+    async def revoked_before(self, session_id: str) -> float | None: ...
+
+    async def is_revoked(self, invite_id: str, *, session_id: str, issued_at: float) -> bool:
+        """Both checks in one round trip: the invite itself, or its Session's
+        "revoked before" (``issued_at < before``)."""
+
+    async def use_invite(
+        self, invite_id: str, *, max_uses: int, expires_at: float, redeemer: str | None = None
+    ) -> bool:
+        """Count one use, atomically across Nodes; False once ``max_uses`` are
+        taken. A ``redeemer`` (e.g. a device id) that already used the invite is
+        let in again without using it up, so reloading the page is not a second
+        use; None counts every call. The count is kept until ``expires_at``."""
+
+    async def invite_uses(self, invite_id: str) -> int: ...
+
+
+class RateLimiter(Protocol):
+    async def hit(self, key: str, limit: int, window_s: float) -> bool:
+        """Sliding window: True if fewer than ``limit`` hits were allowed for
+        ``key`` in the last ``window_s`` seconds (and count this one). Refused
+        hits are not counted, so a client that backs off gets in again."""
+
+
+class EventBus(Protocol):
+    async def publish(self, session_id: str, event: Mapping[str, Any]) -> None:
+        """Deliver to every subscriber of the Session on every Node (this one
+        included), in publish order per publisher. At most once: subscribers
+        cut off by an outage miss what was published meanwhile. TypeError if
+        the event is not JSON."""
+
+    async def subscribe(self, session_id: str) -> EventSubscription:
+        """Every event published after this returns is delivered. Close it
+        (``async with``) when done."""
+
+
+class Backend(Protocol):
+    kind: str
+    node_id: str
+
+    async def healthy(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+# -- subscriptions (shared by both backends) -------------------------------
+
+#: Events buffered per subscriber before it is cut off as too slow.
+DEFAULT_SUBSCRIPTION_BUFFER = 1024
+
+
+class EventSubscription:
+    """Events of one Session for one local consumer: ``async for event in sub``.
+
+    Iteration ends when the subscription is closed, when its store closes, or
+    when the consumer falls ``buffer`` events behind (``overflowed`` is then
+    True: resubscribe and re-read the state you derive from events). Events are
+    shared between local subscribers: treat them as read-only.
+    """
+
+    def __init__(self, session_id: str, owner: Fanout, buffer: int) -> None:
+        self.session_id = session_id
+        self.overflowed = False
+        self._owner = owner
+        self._buffer = buffer
+        self._queue: deque[Event] = deque()
+        self._wakeup = asyncio.Event()
+        self._ended = False
+        self._detached = False
+
+    @property
+    def closed(self) -> bool:
+        return self._ended
+
+    def deliver(self, event: Event) -> None:
+        if self._ended:
+            return
+        if len(self._queue) >= self._buffer:
+            # Cut a slow consumer off rather than buffer without bound; it is
+            # told (overflowed) instead of silently missing events.
+            self.overflowed = True
+            self.end()
+            return
+        self._queue.append(event)
+        self._wakeup.set()
+
+    def end(self) -> None:
+        """Stop after the buffered events (no more are accepted)."""
+        self._ended = True
+        self._wakeup.set()
+
+    async def close(self) -> None:
+        self.end()
+        self._queue.clear()
+        if not self._detached:
+            self._detached = True
+            await self._owner.detach(self)
+
+    def __aiter__(self) -> EventSubscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._queue:
+            if self._ended:
+                raise StopAsyncIteration
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return self._queue.popleft()
+
+    async def get(self, timeout: float | None = None) -> Event:
+        """The next event; TimeoutError after ``timeout`` s, StopAsyncIteration
+        if the subscription has ended."""
+        async with asyncio.timeout(timeout):
+            return await self.__anext__()
+
+    async def __aenter__(self) -> EventSubscription:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+
+class Fanout:
+    """Local subscribers by Session; a backend feeds it (memory: directly,
+    Redis: from its one pub/sub connection)."""
+
+    def __init__(self) -> None:
+        self.subscribers: dict[str, set[EventSubscription]] = {}
+
+    def add(self, session_id: str, buffer: int) -> EventSubscription:
+        sub = EventSubscription(session_id, self, buffer)
+        self.subscribers.setdefault(session_id, set()).add(sub)
+        return sub
+
+    def remove(self, sub: EventSubscription) -> bool:
+        """Forget ``sub``; True if it was the Session's last local subscriber."""
+        subs = self.subscribers.get(sub.session_id)
+        if subs is None:
+            return False
+        subs.discard(sub)
+        if subs:
+            return False
+        del self.subscribers[sub.session_id]
+        return True
+
+    async def detach(self, sub: EventSubscription) -> None:
+        self.remove(sub)
+
+    def deliver(self, session_id: str, event: Event) -> None:
+        for sub in list(self.subscribers.get(session_id, ())):
+            sub.deliver(event)
+
+    def end_all(self) -> None:
+        for subs in list(self.subscribers.values()):
+            for sub in list(subs):
+                sub.end()
+        self.subscribers.clear()
+
+
+# -- the bundle --------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Store:
+    """Everything live and shared, one attribute per concern. Built only by
+    ``server.store.open_store``."""
+
+    theatres: TheatreStore
+    sessions: SessionStore
+    presence: PresenceStore
+    invites: InviteStore
+    rates: RateLimiter
+    events: EventBus
+    backend: Backend
+
+    @property
+    def kind(self) -> str:
+        """"memory" or "redis"."""
+        return self.backend.kind
+
+    @property
+    def node_id(self) -> str:
+        return self.backend.node_id
+
+    async def healthy(self) -> bool:
+        """For /readyz: the backend answers now (bounded by the store timeout)."""
+        return await self.backend.healthy()
+
+    async def close(self) -> None:
+        """Ends every subscription and releases connections; later calls raise
+        StoreUnavailable."""
+        await self.backend.aclose()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()

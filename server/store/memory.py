@@ -1,0 +1,353 @@
+"""The in-memory store: the default, for one Node (and for tests).
+
+Every method completes without awaiting anything, so each is atomic on the
+event loop: the same guarantees the Redis store gets from Lua and MULTI.
+Several ``MemoryStore`` objects may share one ``MemoryState`` to stand for
+several Nodes inside one process (tests, the demo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import Conflict, NotFound
+from ..theatre import Theatre
+from .base import (
+    DEFAULT_SUBSCRIPTION_BUFFER,
+    TRANSITIONS,
+    EventSubscription,
+    Fanout,
+    PresenceEntry,
+    SessionRecord,
+    SessionState,
+    StoreUnavailable,
+    check_rate_args,
+    check_ttl,
+    encode_event,
+)
+
+#: How often expired revocations, invite counters and idle rate keys are
+#: swept, so keys that are never read again do not accumulate.
+SWEEP_INTERVAL_S = 30.0
+
+
+@dataclass
+class MemoryState:
+    """What the Nodes of one process share. Clocks are injectable for tests."""
+
+    wall: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+    theatres: dict[str, Theatre] = field(default_factory=dict)
+    sessions: dict[str, SessionRecord] = field(default_factory=dict)
+    # session id -> (participant id, node id) -> (entry, monotonic expiry)
+    presence: dict[str, dict[tuple[str, str], tuple[PresenceEntry, float]]] = field(
+        default_factory=dict)
+    # invite id -> wall-clock expiry
+    revoked: dict[str, float] = field(default_factory=dict)
+    revoked_before: dict[str, float] = field(default_factory=dict)
+    # invite id -> (redeemers, wall-clock expiry)
+    uses: dict[str, tuple[set[str], float]] = field(default_factory=dict)
+    # rate key -> monotonic times of allowed hits, oldest first
+    hits: dict[str, deque[float]] = field(default_factory=dict)
+    fanout: Fanout = field(default_factory=Fanout)
+    last_sweep: float = 0.0
+
+
+class _NodeFanout(Fanout):
+    """This Node's subscribers, so closing the store ends only its own."""
+
+    def __init__(self, shared: Fanout) -> None:
+        super().__init__()
+        self._shared = shared
+
+    def subscribe(self, session_id: str, buffer: int) -> EventSubscription:
+        sub = EventSubscription(session_id, self, buffer)
+        self.subscribers.setdefault(session_id, set()).add(sub)
+        self._shared.subscribers.setdefault(session_id, set()).add(sub)
+        return sub
+
+    async def detach(self, sub: EventSubscription) -> None:
+        self.remove(sub)
+        self._shared.remove(sub)
+
+    def end_all(self) -> None:
+        for subs in list(self.subscribers.values()):
+            for sub in list(subs):
+                sub.end()
+                self._shared.remove(sub)
+        self.subscribers.clear()
+
+
+class MemoryStore:
+    """Implements every store Protocol; ``open_store(None, ...)`` wraps it."""
+
+    kind = "memory"
+
+    def __init__(self, node_id: str, state: MemoryState | None = None,
+                 subscription_buffer: int = DEFAULT_SUBSCRIPTION_BUFFER) -> None:
+        self.node_id = node_id
+        self.state = state if state is not None else MemoryState()
+        self._fanout = _NodeFanout(self.state.fanout)
+        self._buffer = subscription_buffer
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+
+    # -- backend ----------------------------------------------------------
+    async def healthy(self) -> bool:
+        return not self._closed
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._fanout.end_all()
+
+    # -- theatres ---------------------------------------------------------
+    async def put_theatre(self, theatre: Theatre) -> None:
+        self._check_open()
+        self.state.theatres[theatre.id] = theatre
+
+    async def get_theatre(self, theatre_id: str) -> Theatre | None:
+        self._check_open()
+        return self.state.theatres.get(theatre_id)
+
+    async def list_theatres(self) -> list[Theatre]:
+        self._check_open()
+        return [self.state.theatres[k] for k in sorted(self.state.theatres)]
+
+    async def delete_theatre(self, theatre_id: str) -> bool:
+        self._check_open()
+        return self.state.theatres.pop(theatre_id, None) is not None
+
+    # -- sessions ---------------------------------------------------------
+    async def create_session(self, record: SessionRecord) -> SessionRecord:
+        self._check_open()
+        record = stamp_new_session(record, self.node_id, self.state.wall())
+        if record.theatre_id not in self.state.theatres:
+            raise NotFound(f"no theatre {record.theatre_id!r}", code="unknown_theatre")
+        existing = self.state.sessions.get(record.id)
+        if existing is not None and existing.state != "ended":
+            raise Conflict(f"session {record.id} exists ({existing.state})",
+                           code="session_exists")
+        self.state.sessions[record.id] = record
+        return record
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        self._check_open()
+        return self.state.sessions.get(session_id)
+
+    async def list_sessions(self, state: SessionState | None = None) -> list[SessionRecord]:
+        self._check_open()
+        records = (self.state.sessions[k] for k in sorted(self.state.sessions))
+        return [r for r in records if state is None or r.state == state]
+
+    async def update_session(
+        self,
+        session_id: str,
+        *,
+        title: str | None = None,
+        procedure: str | None = None,
+        expert: str | None = None,
+        starts_at: float | None = None,
+    ) -> SessionRecord:
+        self._check_open()
+        record = self._session(session_id)
+        updated = apply_update(record, title=title, procedure=procedure, expert=expert,
+                               starts_at=starts_at)
+        self.state.sessions[session_id] = updated
+        return updated
+
+    async def set_session_state(self, session_id: str, state: SessionState) -> SessionRecord:
+        self._check_open()
+        record = self._session(session_id)
+        updated = apply_transition(record, state, self.node_id, self.state.wall())
+        self.state.sessions[session_id] = updated
+        return updated
+
+    async def delete_session(self, session_id: str) -> bool:
+        self._check_open()
+        return self.state.sessions.pop(session_id, None) is not None
+
+    def _session(self, session_id: str) -> SessionRecord:
+        record = self.state.sessions.get(session_id)
+        if record is None:
+            raise NotFound(f"no session {session_id!r}", code="unknown_session")
+        return record
+
+    # -- presence ---------------------------------------------------------
+    async def announce(self, entries: Sequence[PresenceEntry], *, ttl_s: float) -> None:
+        self._check_open()
+        check_ttl(ttl_s)
+        expires = self.state.monotonic() + ttl_s
+        for entry in entries:
+            per_session = self.state.presence.setdefault(entry.session_id, {})
+            per_session[(entry.participant_id, entry.node_id)] = (entry, expires)
+
+    async def withdraw(self, session_id: str, participant_id: str, node_id: str) -> None:
+        self._check_open()
+        per_session = self.state.presence.get(session_id)
+        if per_session is not None:
+            per_session.pop((participant_id, node_id), None)
+            if not per_session:
+                del self.state.presence[session_id]
+
+    async def roster(self, session_id: str) -> list[PresenceEntry]:
+        self._check_open()
+        per_session = self.state.presence.get(session_id, {})
+        now = self.state.monotonic()
+        for key in [k for k, (_, exp) in per_session.items() if exp <= now]:
+            del per_session[key]
+        if not per_session:
+            self.state.presence.pop(session_id, None)
+        return sort_roster(entry for entry, _ in per_session.values())
+
+    # -- invites ----------------------------------------------------------
+    async def revoke_invite(self, invite_id: str, *, expires_at: float) -> None:
+        self._check_open()
+        self._sweep()
+        if expires_at > self.state.wall():
+            previous = self.state.revoked.get(invite_id, 0.0)
+            self.state.revoked[invite_id] = max(previous, expires_at)
+
+    async def revoke_session(self, session_id: str, *, before: float) -> None:
+        self._check_open()
+        previous = self.state.revoked_before.get(session_id)
+        if previous is None or before > previous:
+            self.state.revoked_before[session_id] = before
+
+    async def revoked_before(self, session_id: str) -> float | None:
+        self._check_open()
+        return self.state.revoked_before.get(session_id)
+
+    async def is_revoked(self, invite_id: str, *, session_id: str, issued_at: float) -> bool:
+        self._check_open()
+        expiry = self.state.revoked.get(invite_id)
+        if expiry is not None and expiry > self.state.wall():
+            return True
+        before = self.state.revoked_before.get(session_id)
+        return before is not None and issued_at < before
+
+    async def use_invite(
+        self, invite_id: str, *, max_uses: int, expires_at: float, redeemer: str | None = None
+    ) -> bool:
+        self._check_open()
+        if max_uses < 1:
+            raise ValueError("max_uses must be ≥ 1")
+        self._sweep()
+        now = self.state.wall()
+        redeemers, expiry = self.state.uses.get(invite_id, (set(), 0.0))
+        if expiry <= now:
+            redeemers = set()
+        if redeemer is not None and redeemer in redeemers:
+            return True
+        if len(redeemers) >= max_uses:
+            return False
+        redeemers.add(redeemer if redeemer is not None else f"~{secrets.token_hex(8)}")
+        # Kept at least a second, as Redis does, so a use right at expiry counts.
+        self.state.uses[invite_id] = (redeemers, max(expires_at, now + 1.0, expiry))
+        return True
+
+    async def invite_uses(self, invite_id: str) -> int:
+        self._check_open()
+        redeemers, expiry = self.state.uses.get(invite_id, (set(), 0.0))
+        return len(redeemers) if expiry > self.state.wall() else 0
+
+    # -- rate limiting ----------------------------------------------------
+    async def hit(self, key: str, limit: int, window_s: float) -> bool:
+        self._check_open()
+        check_rate_args(limit, window_s)
+        self._sweep()
+        now = self.state.monotonic()
+        hits = self.state.hits.setdefault(key, deque())
+        # A hit counts for [t, t + window): at exactly t + window it is gone,
+        # as in the Redis script.
+        while hits and hits[0] <= now - window_s:
+            hits.popleft()
+        if len(hits) >= limit:
+            if not hits:
+                del self.state.hits[key]
+            return False
+        hits.append(now)
+        return True
+
+    # -- events -----------------------------------------------------------
+    async def publish(self, session_id: str, event: Mapping[str, Any]) -> None:
+        self._check_open()
+        # Round-trip through JSON so subscribers get what Redis would give
+        # them: a fresh dict of JSON types, and TypeError for anything else.
+        decoded = json.loads(encode_event(event))
+        self.state.fanout.deliver(session_id, decoded)
+
+    async def subscribe(self, session_id: str) -> EventSubscription:
+        self._check_open()
+        return self._fanout.subscribe(session_id, self._buffer)
+
+    # -- housekeeping -----------------------------------------------------
+    def _sweep(self) -> None:
+        now_mono = self.state.monotonic()
+        if now_mono - self.state.last_sweep < SWEEP_INTERVAL_S:
+            return
+        self.state.last_sweep = now_mono
+        now = self.state.wall()
+        for invite_id in [k for k, exp in self.state.revoked.items() if exp <= now]:
+            del self.state.revoked[invite_id]
+        for invite_id in [k for k, (_, exp) in self.state.uses.items() if exp <= now]:
+            del self.state.uses[invite_id]
+        # Any window is shorter than an hour in practice; a key idle that long
+        # holds no hit that still counts.
+        for key in [k for k, h in self.state.hits.items() if not h or h[-1] < now_mono - 3600]:
+            del self.state.hits[key]
+        for session_id in list(self.state.presence):
+            per_session = self.state.presence[session_id]
+            for pkey in [k for k, (_, exp) in per_session.items() if exp <= now_mono]:
+                del per_session[pkey]
+            if not per_session:
+                del self.state.presence[session_id]
+
+
+# -- rules shared by both backends ------------------------------------------
+
+
+def stamp_new_session(record: SessionRecord, node_id: str, now: float) -> SessionRecord:
+    if record.state == "ended":
+        raise ValueError("a new session is scheduled or live, not ended")
+    if record.state == "live":
+        return dataclasses.replace(record, started_at=record.started_at or now,
+                                   ended_at=None, node_id=node_id)
+    return dataclasses.replace(record, started_at=None, ended_at=None, node_id="")
+
+
+def apply_update(record: SessionRecord, *, title: str | None, procedure: str | None,
+                 expert: str | None, starts_at: float | None) -> SessionRecord:
+    changes: dict[str, Any] = {}
+    if title is not None:
+        changes["title"] = title
+    if procedure is not None:
+        changes["procedure"] = procedure
+    if expert is not None:
+        changes["expert"] = expert
+    if starts_at is not None:
+        changes["starts_at"] = starts_at
+    return dataclasses.replace(record, **changes)
+
+
+def apply_transition(record: SessionRecord, state: SessionState, node_id: str,
+                     now: float) -> SessionRecord:
+    if state not in TRANSITIONS.get(record.state, frozenset()):
+        raise Conflict(f"session {record.id} is {record.state}; it cannot become {state}",
+                       code="bad_transition")
+    if state == "live":
+        return dataclasses.replace(record, state=state, started_at=now, node_id=node_id)
+    return dataclasses.replace(record, state=state, ended_at=now)
+
+
+def sort_roster(entries: Any) -> list[PresenceEntry]:
+    return sorted(entries, key=lambda e: (e.connected_since, e.participant_id, e.node_id))
