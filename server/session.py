@@ -229,6 +229,11 @@ class Session:
             # back before its old connection timed out): replace it, keep Feeds.
             for old in [i for i in self.ingests.values() if i.slot == slot]:
                 await self._close_ingest(old, final=False)
+            # A kind the slot no longer carries (camera off, mic kept) ends now
+            # rather than waiting out its grace period.
+            for feed in [f for f in self.feeds.values()
+                         if f.slot == slot and f.kind not in summary.kinds]:
+                feed.close()
 
             ingest = Ingest(_new_id(), slot, grant.participant_id, pc)
             for transceiver in pc.getTransceivers():
@@ -285,6 +290,15 @@ class Session:
         if ingest.participant_id != grant.participant_id and grant.role not in MODERATORS:
             raise Forbidden("this publication belongs to someone else", code="not_owner")
         await self._close_ingest(ingest, final=True)
+
+    async def close_slot(self, grant: Grant, slot: str) -> None:
+        """The expert stops a slot: every publication of it, and its Feeds, even
+        those waiting for a publisher that dropped."""
+        self._check_grant(grant, PUBLISHERS, "publish")
+        for ingest in [i for i in self.ingests.values() if i.slot == slot]:
+            await self._close_ingest(ingest, final=True)
+        for feed in [f for f in self.feeds.values() if f.slot == slot]:
+            feed.close()
 
     async def _close_ingest(self, ingest: Ingest, *, final: bool) -> None:
         self.ingests.pop(ingest.id, None)

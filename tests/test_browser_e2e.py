@@ -246,3 +246,54 @@ async def test_trainee_cannot_go_live(live_server: Server, browser: Browser) -> 
 
     errors = watch_log.errors + broadcast_log.errors
     assert not errors, "\n".join(errors)
+
+
+@pytest.mark.timeout(60)
+async def test_trainee_page_recovers_by_itself(live_server: Server, browser: Browser) -> None:
+    """Socket drop, a dead viewer connection, camera stopped and started again:
+    the trainee never reloads."""
+    base = live_server.base_url
+    session = live_server.session(SESSION)
+    expert_token = live_server.token(Role.EXPERT, SESSION, name="Dr Expert")
+    trainee_token = live_server.token(Role.TRAINEE, SESSION, name="Trainee")
+    _, expert, expert_log = await open_page(browser, f"{base}/broadcast.html#token={expert_token}",
+                                            "expert")
+    await wait_js(expert, "() => window.scrubin && scrubin.slotState('room') === 'preview'")
+    await expert.click("#go-live")
+    await wait_js(expert, "() => scrubin.slotState('room') === 'live'")
+    _, trainee, trainee_log = await open_page(browser, f"{base}/watch.html#token={trainee_token}",
+                                              "trainee")
+    await wait_js(trainee, "() => window.scrubin && scrubin.overlayText() === ''")
+    await wait_decoding(trainee, "room.video")
+
+    # The trainee's signalling socket drops: the server closes its Subscriptions;
+    # the page reconnects and subscribes again.
+    old = (await inbound(trainee, "room.video") or {}).get("subscription")
+    await trainee.evaluate("() => scrubin.client._ws.close()")
+    await wait_js(trainee, "(old) => { const s = scrubin.client.subscriptions.get('room.video');"
+                           " return s && s.id !== old && s.state === 'connected'; }", arg=old)
+    await wait_decoding(trainee, "room.video")
+
+    # The server drops the viewer's peer connection without a word: the page
+    # notices the silence and subscribes again.
+    old = (await inbound(trainee, "room.video") or {}).get("subscription")
+    assert old in session.subscriptions
+    await session.subscriptions[old].close()
+    await wait_js(trainee, "(old) => scrubin.client.subscriptions.get('room.video')?.id !== old",
+                  arg=old, timeout_s=10)
+    await wait_decoding(trainee, "room.video")
+    await wait_js(trainee, "() => scrubin.overlayText() === ''")
+
+    # The expert stops the room camera: its Feed closes for the trainee …
+    await expert.click("[data-slot=room] .slot-stop")
+    await wait_js(trainee, "() => scrubin.mainFeedId() === null"
+                           " && scrubin.overlayText().startsWith('No camera is live')")
+    await wait_for(lambda: "" if "room.video" not in session.feeds else "room.video still open")
+    # … and starts it again: the trainee's page picks the new Feed up.
+    await expert.click("#go-live")
+    await wait_js(trainee, "() => scrubin.mainFeedId() === 'room.video'"
+                           " && scrubin.overlayText() === ''")
+    await wait_decoding(trainee, "room.video")
+
+    errors = expert_log.errors + trainee_log.errors
+    assert not errors, "\n".join(errors)

@@ -8,7 +8,7 @@
 import { ScrubinClient, toScrubinError } from './protocol.js';
 import { forgetToken, takeToken } from './token.js';
 import {
-  $, Banner, attachStream, confirmDialog, describeError, el, fromTemplate, showConnection,
+  $, Banner, attachStream, joinFailure, confirmDialog, describeError, el, fromTemplate, showConnection,
   slotTitle,
 } from './ui.js';
 
@@ -78,11 +78,14 @@ function start(c) {
   c.addEventListener('publication', (e) => {
     const pub = /** @type {CustomEvent} */ (e).detail.publication;
     const view = slots.get(pub.slot);
-    if (view && pub.error && pub.state === 'failed') view.problem = describeError(pub.error);
+    if (view && pub.error && (pub.state === 'failed' || pub.state === 'stopped')) {
+      view.problem = describeError(pub.error);
+    }
     renderAll();
   });
   c.addEventListener('error', (e) => {
     const { error } = /** @type {CustomEvent} */ (e).detail;
+    if (c.state === 'failed') return; // the "cannot join" panel says it
     banner.show(describeError(error));
   });
   c.addEventListener('going_away', () => {
@@ -97,7 +100,8 @@ function start(c) {
   c.connect().catch((err) => {
     const error = toScrubinError(err);
     if (error.code === 'session_ended') return; // shown by the session_ended handler
-    showEnded('Cannot join this session', describeError(error));
+    forgetToken();
+    showEnded('Cannot join this session', joinFailure(error));
   });
 
   goLiveButton.addEventListener('click', () => goLive(c));
@@ -109,7 +113,9 @@ function start(c) {
   });
   window.addEventListener('pagehide', () => c.close());
   document.addEventListener('visibilitychange', () => {
-    if (document.visibilityState === 'visible' && c.publications.size > 0) holdWakeLock();
+    if (document.visibilityState !== 'visible') return;
+    c.checkConnection();
+    if (c.publications.size > 0) holdWakeLock();
   });
 
   window.scrubin = {
@@ -314,7 +320,7 @@ async function capture(c, view) {
 /** @type {AudioContext|null} */
 let audioContext = null;
 /** @type {Map<SlotView, {source: MediaStreamAudioSourceNode, analyser: AnalyserNode,
- *   data: Uint8Array, stream: MediaStream}>} */
+ *   data: Uint8Array<ArrayBuffer>, stream: MediaStream}>} */
 const meters = new Map();
 let meterLoop = 0;
 
@@ -355,7 +361,9 @@ function drawMeters() {
     let peak = 0;
     for (const v of meter.data) peak = Math.max(peak, Math.abs(v - 128));
     const level = Math.min(1, peak / 100);
-    /** @type {HTMLElement} */ ($('.meter-bar', view.card)).style.transform = `scaleX(${level})`;
+    // The bar is a cover over the scale: shrink it to show the level.
+    /** @type {HTMLElement} */ ($('.meter-bar', view.card)).style.transform =
+      `scaleX(${(1 - level).toFixed(3)})`;
   }
   if (meters.size) meterLoop = requestAnimationFrame(drawMeters);
 }
@@ -463,6 +471,7 @@ function releaseWakeLock() {
 
 // -- rendering ---------------------------------------------------------------
 
+/** @type {Record<string, string>} */
 const PUBLICATION_LABELS = {
   connecting: 'Connecting…',
   live: 'Live',
@@ -474,7 +483,9 @@ const PUBLICATION_LABELS = {
 function renderAll() {
   if (!client) return;
   for (const view of slots.values()) renderSlot(client, view);
-  const live = [...client.publications.values()];
+  const order = [...slots.keys()];
+  const live = [...client.publications.values()]
+    .sort((a, b) => order.indexOf(a.slot) - order.indexOf(b.slot));
   const ready = [...slots.values()].filter((v) => v.stream && !client?.publications.has(v.slot));
   const open = client.state === 'open';
   goLiveButton.disabled = !open || ready.length === 0

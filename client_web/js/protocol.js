@@ -96,6 +96,16 @@ const FEED_GONE_CODES = new Set(['unknown_feed', 'feed_closed']);
 
 /** How long a peer connection may stay `disconnected` before it is replaced. */
 const DISCONNECTED_GRACE_MS = 5000;
+const SUBSCRIPTION_DISCONNECTED_GRACE_MS = 3000;
+
+/**
+ * A video Subscription whose Feed is `live` but which received no packet for
+ * this long is replaced. Browsers take 5–30 s to call a silent connection
+ * `disconnected`; a frozen picture that looks live is worse than a brief
+ * "reconnecting".
+ */
+const STALL_MS = 3000;
+const STALL_CHECK_MS = 1000;
 
 /**
  * Exponential backoff with jitter: 0.5 s, 1 s, 2 s … capped, ±25 %.
@@ -211,6 +221,9 @@ export class Subscription {
     this.retryTimer = undefined;
     /** @type {ReturnType<typeof setTimeout>|undefined} */
     this.disconnectTimer = undefined;
+    /** Packets received when last checked, and when that count last grew. */
+    this.packets = 0;
+    this.progressAt = 0;
   }
 }
 
@@ -277,9 +290,9 @@ export class ScrubinClient extends EventTarget {
     this._pongTimer = undefined;
     /** @type {{resolve: (w: Welcome) => void, reject: (e: Error) => void}|null} */
     this._firstWelcome = null;
-    this._onOnline = () => {
-      if (this.state === 'reconnecting') this._reconnectNow();
-    };
+    /** @type {ReturnType<typeof setInterval>|undefined} */
+    this._stallTimer = undefined;
+    this._onOnline = () => this.checkConnection();
   }
 
   // -- connection ---------------------------------------------------------
@@ -310,6 +323,20 @@ export class ScrubinClient extends EventTarget {
   /** True when requests can be sent. */
   get ready() {
     return this.state === 'open';
+  }
+
+  /**
+   * Check the connection now rather than at the next heartbeat: call it when
+   * the page becomes visible again (a tablet waking up) or the network returns.
+   */
+  checkConnection() {
+    if (this.state === 'reconnecting') {
+      this._reconnectNow();
+    } else if (this.ready) {
+      clearTimeout(this._pongTimer);
+      this._pongTimer = setTimeout(() => this._scheduleReconnect('no reply to ping'), 5000);
+      this.request({ type: 'ping' }).then(() => clearTimeout(this._pongTimer), () => {});
+    }
   }
 
   _open() {
@@ -387,6 +414,8 @@ export class ScrubinClient extends EventTarget {
   /** @param {ClientState} state @param {string} reason */
   _shutdown(state, reason) {
     clearTimeout(this._reconnectTimer);
+    clearInterval(this._stallTimer);
+    this._stallTimer = undefined;
     globalThis.removeEventListener?.('online', this._onOnline);
     this._detachSocket();
     this._setState(state, reason);
@@ -531,8 +560,10 @@ export class ScrubinClient extends EventTarget {
       if (this.subscriptions.has(feed.id)) this._dropSubscription(feed.id, 'closed');
       const pub = this.publications.get(feed.slot);
       if (pub && pub.feeds.includes(feed.id) && !pub.negotiating) {
-        // Closed under us (e.g. an admin unpublished it): publish again.
-        this._schedulePublishRetry(pub, 'feed closed');
+        // Closed under us: someone stopped this slot on purpose (an admin, the
+        // expert's other tab, a WHIP DELETE). Respect it; don't publish again.
+        this._dropPublication(feed.slot, 'stopped', clientError('feed_closed',
+          `${feed.id} was stopped on the server`, 'user', 410));
       }
       return;
     }
@@ -671,6 +702,13 @@ export class ScrubinClient extends EventTarget {
     const kinds = (/** @type {MediaStreamTrack[]} */ list) => list.map((t) => t.kind).sort().join();
     const senderKinds = senders.map((s) => s.track?.kind).filter(Boolean).sort().join();
     if (kinds(tracks) !== kinds(pub.tracks) || senderKinds !== kinds(pub.tracks)) {
+      const wanted = new Set(tracks.map((t) => t.kind));
+      if (pub.tracks.some((t) => !wanted.has(t.kind))) {
+        // A kind is switched off (camera off, microphone kept): its Feed must
+        // close now. Publishing again would leave it `down`, and trainees
+        // "waiting for camera" until the server's grace period ends.
+        await this.unpublish(slot);
+      }
       return this.publish(slot, tracks);
     }
     for (const track of tracks) {
@@ -745,15 +783,14 @@ export class ScrubinClient extends EventTarget {
     });
   }
 
-  /** @param {Publication} pub @param {string} why */
-  _schedulePublishRetry(pub, why) {
+  /** @param {Publication} pub */
+  _schedulePublishRetry(pub) {
     clearTimeout(pub.retryTimer);
     this._setPublicationState(pub, 'reconnecting');
     const delay = backoffDelay(pub.attempts++, 500, this.maxReconnectDelayMs);
     pub.retryTimer = setTimeout(() => {
       if (this.publications.get(pub.slot) === pub) this._renegotiatePublication(pub);
     }, delay);
-    void why;
   }
 
   /** Publish an existing publication again (same tracks), now or when connected. */
@@ -771,7 +808,7 @@ export class ScrubinClient extends EventTarget {
       if (this.publications.get(pub.slot) !== pub) return;
       const error = toScrubinError(err);
       if (error.fault === 'server' || error.code === 'disconnected' || error.code === 'timeout') {
-        this._schedulePublishRetry(pub, error.message);
+        this._schedulePublishRetry(pub);
       } else {
         // The server refuses (role, slot, codec): retrying will not help.
         this.publications.delete(pub.slot);
@@ -788,19 +825,35 @@ export class ScrubinClient extends EventTarget {
    */
   async unpublish(slot) {
     const pub = this.publications.get(slot);
-    this._dropPublication(slot, 'stopped');
-    if (pub && this.ready) await this.request({ type: 'unpublish', slot });
+    if (!pub) return;
+    // Forget it first so its connection closing is not taken for a failure,
+    // but close that connection only once the server has closed the Feeds:
+    // the other way round the server sees a dropped publisher (Feeds `down`,
+    // waiting for it) before it reads the unpublish.
+    this.publications.delete(slot);
+    clearTimeout(pub.retryTimer);
+    clearTimeout(pub.disconnectTimer);
+    try {
+      if (this.ready) await this.request({ type: 'unpublish', slot });
+    } finally {
+      pub.pc?.close();
+      this._setPublicationState(pub, 'stopped');
+    }
   }
 
-  /** @param {string} slot @param {PublicationState} state */
-  _dropPublication(slot, state) {
+  /**
+   * @param {string} slot
+   * @param {PublicationState} state
+   * @param {ScrubinError|null} [error]
+   */
+  _dropPublication(slot, state, error = null) {
     const pub = this.publications.get(slot);
     if (!pub) return;
     this.publications.delete(slot);
     clearTimeout(pub.retryTimer);
     clearTimeout(pub.disconnectTimer);
     pub.pc?.close();
-    this._setPublicationState(pub, state);
+    this._setPublicationState(pub, state, error);
   }
 
   /**
@@ -879,6 +932,11 @@ export class ScrubinClient extends EventTarget {
       if (oldPc) oldPc.close();
       if (oldId && oldId !== sub.id) this._unsubscribeQuietly(oldId);
       this._watchSubscription(sub, pc);
+      sub.packets = 0;
+      sub.progressAt = Date.now();
+      if (sub.kind === 'video' && !this._stallTimer) {
+        this._stallTimer = setInterval(() => this._checkStalls(), STALL_CHECK_MS);
+      }
       this._setSubscriptionState(sub, pc.connectionState === 'connected' ? 'connected' : 'connecting',
         null, true);
     };
@@ -908,7 +966,7 @@ export class ScrubinClient extends EventTarget {
             if (sub.pc === pc && pc.connectionState !== 'connected') {
               this._scheduleSubscribeRetry(sub);
             }
-          }, DISCONNECTED_GRACE_MS);
+          }, SUBSCRIPTION_DISCONNECTED_GRACE_MS);
           break;
         case 'failed':
         case 'closed':
@@ -918,6 +976,43 @@ export class ScrubinClient extends EventTarget {
           break;
       }
     });
+  }
+
+  /** Replace video Subscriptions that stopped receiving while their Feed is live. */
+  async _checkStalls() {
+    const now = Date.now();
+    const videos = [...this.subscriptions.values()].filter((s) => s.kind === 'video');
+    if (!videos.length) {
+      clearInterval(this._stallTimer);
+      this._stallTimer = undefined;
+      return;
+    }
+    for (const sub of videos) {
+      const pc = sub.pc;
+      const feed = this.feeds.get(sub.feedId);
+      if (!pc || sub.negotiating || sub.state !== 'connected' || !feed || feed.state !== 'live'
+          || !this.ready) {
+        // Nothing is expected to arrive (a `down` Feed waits for its publisher).
+        sub.progressAt = now;
+        continue;
+      }
+      let packets = 0;
+      try {
+        (await pc.getStats()).forEach((/** @type {any} */ r) => {
+          if (r.type === 'inbound-rtp' && r.kind === 'video') packets += r.packetsReceived || 0;
+        });
+      } catch {
+        continue; // closed meanwhile
+      }
+      if (sub.pc !== pc) continue;
+      if (packets !== sub.packets) {
+        sub.packets = packets;
+        sub.progressAt = now;
+      } else if (now - sub.progressAt > STALL_MS) {
+        sub.progressAt = now;
+        this._renegotiateSubscription(sub);
+      }
+    }
   }
 
   /** @param {Subscription} sub */

@@ -5,7 +5,7 @@
  */
 
 /**
- * @template {Element} T
+ * @template {Element} [T=HTMLElement]
  * @param {string} selector
  * @param {ParentNode} [root]
  * @returns {T}
@@ -105,6 +105,31 @@ export function describeError(error) {
       return `${message} (client error: please report it)`;
     default:
       return message;
+  }
+}
+
+/**
+ * Why a page could not join, in words for a surgeon or trainee.
+ * @param {{code?: string, message?: string, fault?: string}} error
+ */
+export function joinFailure(error) {
+  switch (error.code) {
+    case 'token_expired':
+      return 'This link has expired. Ask the organiser for a new one.';
+    case 'token_invalid':
+    case 'token_missing':
+      return 'This link is not valid. Check that you opened the whole link, or ask for a new one.';
+    case 'unknown_session':
+      return 'This session is not on this server (it may have finished). Ask the organiser.';
+    case 'wrong_session':
+      return 'This link belongs to another session.';
+    case 'wrong_role':
+    case 'not_allowed':
+      return `This link does not give access to the live session (${error.message || error.code}).`;
+    case 'session_ended':
+      return 'This session has ended.';
+    default:
+      return describeError(error);
   }
 }
 

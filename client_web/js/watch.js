@@ -12,7 +12,7 @@
 import { ScrubinClient, toScrubinError } from './protocol.js';
 import { forgetToken, takeToken } from './token.js';
 import {
-  $, Banner, attachStream, describeError, el, fromTemplate, showConnection, slotTitle,
+  $, Banner, attachStream, joinFailure, describeError, el, fromTemplate, showConnection, slotTitle,
 } from './ui.js';
 
 /** @typedef {import('./protocol.js').Feed} Feed */
@@ -93,6 +93,7 @@ function start(c) {
   });
   c.addEventListener('error', (e) => {
     const { error, request } = /** @type {CustomEvent} */ (e).detail;
+    if (c.state === 'failed') return; // the "cannot join" panel says it
     if (request === 'subscribe' && QUIET_ERRORS.has(error.code)) return;
     banner.show(describeError(error));
   });
@@ -119,7 +120,8 @@ function start(c) {
   c.connect().catch((err) => {
     const error = toScrubinError(err);
     if (error.code === 'session_ended') return; // shown by the session_ended handler
-    showEnded('Cannot join this session', describeError(error));
+    forgetToken();
+    showEnded('Cannot join this session', joinFailure(error));
   });
 
   for (const type of ['loadeddata', 'playing', 'resize']) {
@@ -143,6 +145,29 @@ function start(c) {
     render(c);
   });
   window.addEventListener('pagehide', () => c.close());
+  document.addEventListener('visibilitychange', () => {
+    // A tablet waking up: its socket may have died while it slept.
+    if (document.visibilityState === 'visible') c.checkConnection();
+  });
+
+  // Full screen for the main view (with its overlays), where the browser allows it.
+  const fullscreenButton = /** @type {HTMLButtonElement} */ ($('#fullscreen'));
+  fullscreenButton.hidden = !document.fullscreenEnabled;
+  fullscreenButton.addEventListener('click', () => {
+    if (document.fullscreenElement) document.exitFullscreen().catch(() => {});
+    else mainView.requestFullscreen().catch(() => {});
+  });
+  document.addEventListener('fullscreenchange', () => {
+    fullscreenButton.textContent = document.fullscreenElement ? 'Exit full screen' : 'Full screen';
+  });
+  // Keys 1–9 pick a camera in the theatre's slot order.
+  document.addEventListener('keydown', (event) => {
+    if (event.altKey || event.ctrlKey || event.metaKey || !/^[1-9]$/.test(event.key)) return;
+    const target = /** @type {HTMLElement} */ (event.target);
+    if (target.closest('input, select, textarea')) return;
+    const feed = videoFeeds(c)[Number(event.key) - 1];
+    if (feed) selectFeed(c, feed.id);
+  });
 
   window.scrubin = {
     client: c,
@@ -277,6 +302,7 @@ function renderMain(c) {
   pill.hidden = !feed;
 }
 
+/** @type {Record<string, string>} */
 const FEED_LABELS = {
   live: 'Live',
   down: 'Waiting',
@@ -327,6 +353,7 @@ function renderThumbs(c) {
     const stream = sub ? sub.stream : null;
     if (thumb.video.srcObject !== stream) attachStream(thumb.video, stream);
     thumb.button.hidden = feed.id === mainFeedId;
+    thumb.button.title = index < 9 ? `${slotTitle(feed.slot)} (key ${index + 1})` : slotTitle(feed.slot);
     const status = feedStatus(c, feed);
     thumb.button.dataset.state = status;
     const pill = $('.thumb-state', thumb.button);
@@ -408,6 +435,9 @@ function applyAudio(/** @type {boolean} */ fromGesture) {
 function showEnded(title, reason) {
   $('#ended-title').textContent = title;
   $('#ended-reason').textContent = reason;
+  // The panel lives outside the main view: leave full screen to show it.
+  if (document.fullscreenElement) document.exitFullscreen().catch(() => {});
+  $('#fullscreen').hidden = true;
   $('#ended').hidden = false;
   overlay.hidden = true;
   audioToggle.disabled = true;

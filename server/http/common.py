@@ -107,6 +107,9 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
                                 "camera=(self), microphone=(self), geolocation=()")
     if request.secure:
         response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+    if request.path.startswith(("/js/", "/css/")):
+        # Revalidate: a deploy must not mix cached modules with new pages.
+        response.headers.setdefault("Cache-Control", "no-cache")
     ctype = response.headers.get("Content-Type", "")
     if ctype.startswith("text/html"):
         response.headers["Content-Security-Policy"] = CSP

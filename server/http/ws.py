@@ -12,7 +12,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import logs
 from ..errors import BadRequest, Forbidden, ScrubinError
-from ..roles import PUBLISHERS, ROSTER_READERS, VIEWERS, Role
+from ..roles import ROSTER_READERS, VIEWERS, Role
 from ..session import Event, Ingest, Session
 from ..subscription import Subscription
 from ..tokens import Grant
@@ -101,14 +101,10 @@ class Connection:
             return {"type": "answer", "slot": slot, "sdp": answer,
                     "feeds": [f.id for f in ingest.feeds]}
         if kind == "unpublish":
-            if grant.role not in PUBLISHERS:
-                raise Forbidden(f"role {grant.role.value} may not publish", code="wrong_role")
             slot = _field(message, "slot")
-            # Every publication of the slot, whichever connection made it (the
-            # expert's other tab, or an encoder over WHIP).
-            for ingest in [i for i in session.ingests.values() if i.slot == slot]:
+            await session.close_slot(grant, slot)
+            for ingest in [i for i in self.ingests.values() if i.slot == slot]:
                 self.ingests.pop(ingest.id, None)
-                await session.unpublish(grant, ingest.id)
             self.audit("publish_stop", slot=slot)
             return {"type": "ok"}
         if kind == "subscribe":

@@ -8,7 +8,6 @@ several Nodes inside one process (tests, the demo).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import secrets
 import time
@@ -21,7 +20,6 @@ from ..errors import Conflict, NotFound
 from ..theatre import Theatre
 from .base import (
     DEFAULT_SUBSCRIPTION_BUFFER,
-    TRANSITIONS,
     EventSubscription,
     Fanout,
     PresenceEntry,
@@ -32,6 +30,7 @@ from .base import (
     check_ttl,
     encode_event,
 )
+from .rules import apply_transition, apply_update, sort_roster, stamp_new_session
 
 #: How often expired revocations, invite counters and idle rate keys are
 #: swept, so keys that are never read again do not accumulate.
@@ -311,43 +310,3 @@ class MemoryStore:
                 del per_session[pkey]
             if not per_session:
                 del self.state.presence[session_id]
-
-
-# -- rules shared by both backends ------------------------------------------
-
-
-def stamp_new_session(record: SessionRecord, node_id: str, now: float) -> SessionRecord:
-    if record.state == "ended":
-        raise ValueError("a new session is scheduled or live, not ended")
-    if record.state == "live":
-        return dataclasses.replace(record, started_at=record.started_at or now,
-                                   ended_at=None, node_id=node_id)
-    return dataclasses.replace(record, started_at=None, ended_at=None, node_id="")
-
-
-def apply_update(record: SessionRecord, *, title: str | None, procedure: str | None,
-                 expert: str | None, starts_at: float | None) -> SessionRecord:
-    changes: dict[str, Any] = {}
-    if title is not None:
-        changes["title"] = title
-    if procedure is not None:
-        changes["procedure"] = procedure
-    if expert is not None:
-        changes["expert"] = expert
-    if starts_at is not None:
-        changes["starts_at"] = starts_at
-    return dataclasses.replace(record, **changes)
-
-
-def apply_transition(record: SessionRecord, state: SessionState, node_id: str,
-                     now: float) -> SessionRecord:
-    if state not in TRANSITIONS.get(record.state, frozenset()):
-        raise Conflict(f"session {record.id} is {record.state}; it cannot become {state}",
-                       code="bad_transition")
-    if state == "live":
-        return dataclasses.replace(record, state=state, started_at=now, node_id=node_id)
-    return dataclasses.replace(record, state=state, ended_at=now)
-
-
-def sort_roster(entries: Any) -> list[PresenceEntry]:
-    return sorted(entries, key=lambda e: (e.connected_since, e.participant_id, e.node_id))
