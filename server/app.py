@@ -26,7 +26,9 @@ from .http.common import (
     METRICS,
     NODE_ID,
     PEERS,
+    PRESENCE,
     REGISTRY,
+    STORE,
     TOKENS,
     WEBSOCKETS,
     Handler,
@@ -37,6 +39,7 @@ from .http.ws import websocket
 from .media.peers import PeerFactory
 from .metrics import Metrics
 from .registry import Registry
+from .store import Presence, open_store
 from .tokens import TokenAuthority
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,10 @@ def create_app(config: Config) -> web.Application:
     audit = app[AUDIT] = JsonlAuditTrail(config.audit.path, node_id=node_id,
                                          max_bytes=config.audit.max_bytes,
                                          backups=config.audit.backups)
+    store = app[STORE] = open_store(config.store.redis_url or None, node_id=node_id,
+                                    prefix=config.store.prefix, timeout_s=config.store.timeout_s)
+    app[PRESENCE] = Presence(store.presence, node_id=node_id, ttl_s=config.store.presence_ttl_s,
+                             interval_s=config.store.presence_interval_s)
     registry.on_session = lambda session, state: audit.record(
         f"session_{state}", session=session.id, theatre=session.theatre.id, title=session.title)
     registry.on_first_frame = metrics.first_frame.observe
@@ -79,6 +86,8 @@ def create_app(config: Config) -> web.Application:
             app.router.add_static(f"/{folder}", CLIENT_DIR / folder, follow_symlinks=False)
 
     app.cleanup_ctx.append(_audit)
+    # Before _sessions: cleanup runs in reverse, so Sessions end before the store closes.
+    app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_sessions)
     app.on_shutdown.append(_going_away)
     return app
@@ -100,6 +109,13 @@ async def _audit(app: web.Application) -> AsyncIterator[None]:
     yield
     app[AUDIT].record("node_stopped")
     app[AUDIT].close()
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    app[PRESENCE].start()
+    yield
+    await app[PRESENCE].close()
+    await app[STORE].close()
 
 
 async def _sessions(app: web.Application) -> AsyncIterator[None]:

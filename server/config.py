@@ -104,6 +104,17 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    # Empty: in-memory (one Node). redis://host:6379/0 shares live state
+    # between Nodes; set it with SCRUBIN_STORE_REDIS_URL.
+    redis_url: str = ""
+    prefix: str = "scrubin:"
+    timeout_s: float = 1.0
+    presence_ttl_s: float = 15.0
+    presence_interval_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class TheatreConfig:
     id: str
     name: str
@@ -128,6 +139,7 @@ class Config:
     media: MediaConfig = field(default_factory=MediaConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     theatres: list[TheatreConfig] = field(default_factory=list)
     sessions: list[SessionConfig] = field(default_factory=list)
 
@@ -246,6 +258,7 @@ def load_config(
         "media": MediaConfig,
         "limits": LimitsConfig,
         "audit": AuditConfig,
+        "store": StoreConfig,
     }
     unknown = set(data) - set(sections) - {"theatres", "sessions"}
     if unknown:

@@ -11,7 +11,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..errors import BadRequest, Forbidden, Unauthorized
 from ..links import session_links
 from ..roles import Role
-from .common import ACCEPTING, AUDIT, CONFIG, METRICS, PEERS, TOKENS, bearer_grant, session_for
+from .common import (
+    ACCEPTING,
+    AUDIT,
+    CONFIG,
+    METRICS,
+    PEERS,
+    STORE,
+    TOKENS,
+    bearer_grant,
+    session_for,
+)
 
 routes = web.RouteTableDef()
 
@@ -76,7 +86,10 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready: accepting joins (not shutting down)."""
     if not request.app[ACCEPTING]["joins"]:
         return web.json_response({"status": "shutting_down"}, status=503)
-    return web.json_response({"status": "ready"})
+    store = request.app[STORE]
+    if not await store.healthy():
+        return web.json_response({"status": "degraded", "store": store.kind}, status=503)
+    return web.json_response({"status": "ready", "store": store.kind})
 
 
 @routes.get("/metrics")

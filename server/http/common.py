@@ -18,6 +18,7 @@ from ..media.peers import PeerFactory
 from ..metrics import Metrics
 from ..registry import Registry
 from ..session import Session
+from ..store import Presence, Store, StoreUnavailable
 from ..tokens import Grant, TokenAuthority
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ WEBSOCKETS: web.AppKey[weakref.WeakSet[Any]] = web.AppKey("websockets")
 ACCEPTING = web.AppKey("accepting", dict[str, bool])
 METRICS = web.AppKey("metrics", Metrics)
 AUDIT = web.AppKey("audit", JsonlAuditTrail)
+STORE = web.AppKey("store", Store)
+PRESENCE = web.AppKey("presence", Presence)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -129,6 +132,12 @@ def audit_grant(app: web.Application, event: str, grant: Grant, address: str | N
                 **fields: Any) -> None:
     app[AUDIT].record(event, session=grant.session_id, participant=grant.participant_id,
                       role=grant.role.value, name=grant.name, address=address, **fields)
+
+
+async def require_store(app: web.Application) -> None:
+    """New joins wait for shared state; media already flowing does not."""
+    if not await app[STORE].healthy():
+        raise StoreUnavailable("shared state is unreachable; joins resume when it is back")
 
 
 def bearer_grant(request: web.Request) -> Grant:

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from ..errors import Forbidden, NotFound
 from ..roles import MODERATORS
-from .common import audit_grant, bearer_grant, cors_headers, read_sdp, session_for
+from .common import audit_grant, bearer_grant, cors_headers, read_sdp, require_store, session_for
 
 routes = web.RouteTableDef()
 
@@ -45,6 +45,7 @@ async def whip_publish(request: web.Request) -> web.Response:
     grant = bearer_grant(request)
     session = session_for(request, grant)
     offer = await read_sdp(request)
+    await require_store(request.app)
     answer, ingest = await session.publish(grant, request.match_info["slot"], offer)
     audit_grant(request.app, "publish_start", grant, request.remote, slot=ingest.slot,
                 feeds=[f.id for f in ingest.feeds], via="whip")
@@ -68,6 +69,7 @@ async def whep_subscribe(request: web.Request) -> web.Response:
     grant = bearer_grant(request)
     session = session_for(request, grant)
     offer = await read_sdp(request)
+    await require_store(request.app)
     answer, subscription = await session.subscribe(grant, request.match_info["feed"], offer)
     audit_grant(request.app, "subscribe", grant, request.remote, feed=subscription.feed_id,
                 via="whep")

@@ -21,11 +21,13 @@ from .common import (
     AUDIT,
     CONFIG,
     PEERS,
+    PRESENCE,
     REGISTRY,
     TOKENS,
     WEBSOCKETS,
     audit_grant,
     count_refusal,
+    require_store,
 )
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ CLOSE_PROTOCOL = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_TIMEOUT = 4408
+#: RFC 6455 "try again later": shared state is unreachable, the client retries.
+CLOSE_TRY_AGAIN = 1013
 
 
 class Connection:
@@ -184,18 +188,23 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         if grant.role not in VIEWERS:
             raise Forbidden(f"role {grant.role.value} has no live access", code="wrong_role")
         session = request.app[REGISTRY].get(grant.session_id)
+        await require_store(request.app)
         participant = session.join(grant)
     except ScrubinError as exc:
         count_refusal(request.app, exc, joining=True)
-        audit_grant(request.app, "denied", grant, request.remote, code=exc.code, path="/ws")
+        if exc.status < 500:
+            audit_grant(request.app, "denied", grant, request.remote, code=exc.code, path="/ws")
         await ws.send_json({"type": "error", "error": exc.to_dict(), "id": hello_id})
-        code = CLOSE_FORBIDDEN if exc.status in (403, 404, 410) else CLOSE_UNAUTHORIZED
+        code = (CLOSE_TRY_AGAIN if exc.status >= 500 else
+                CLOSE_FORBIDDEN if exc.status in (403, 404, 410) else CLOSE_UNAUTHORIZED)
         await ws.close(code=code, message=exc.code.encode())
         return ws
 
     connection = Connection(request.app, ws, session, grant)
     connection.address = request.remote
     audit_grant(request.app, "join", grant, request.remote, via="websocket")
+    presence = request.app[PRESENCE]
+    await presence.join(session.id, participant.id, grant.role, participant.name)
     request.app[WEBSOCKETS].add(ws)
     stop_listening = session.listen(connection.on_event)
     welcome = connection.roster_message()
@@ -223,6 +232,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             await writer
         await connection.close_resources()
         session.leave(participant.id)
+        await presence.leave(session.id, participant.id)
         audit_grant(request.app, "leave", grant, request.remote, via="websocket")
         if session.state == "ended" and not ws.closed:
             await ws.close(code=WSCloseCode.OK, message=b"session ended")

@@ -1,0 +1,626 @@
+"""One contract for the shared store, run against both backends.
+
+The Redis run uses a real redis-server started by pytest-redis on a free
+port (never 6379), never a mock. "Two Nodes" are two stores on the same
+backend: two RedisStores on one Redis, or two MemoryStores on one MemoryState.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from pytest_redis import factories
+from redis.asyncio import Redis
+
+from server.errors import Conflict, NotFound, Unavailable
+from server.roles import Role
+from server.store import (
+    SESSION_STATES,
+    MemoryState,
+    Presence,
+    PresenceEntry,
+    SessionRecord,
+    SessionState,
+    Store,
+    StoreUnavailable,
+    open_store,
+)
+from server.theatre import Theatre
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+# port=None: a free port picked by port-for; the test Redis is never the
+# machine's own (6379). (None is documented but missing from the type hint.)
+redis_proc = factories.redis_proc(executable=REDIS_SERVER, port=None)  # type: ignore[arg-type]
+
+
+@dataclass
+class Nodes:
+    """A factory of stores ("Nodes") sharing one backend."""
+
+    kind: str
+    prefix: str
+    make: Callable[[str], Store]
+    raw: Redis | None = None
+    opened: list[Store] = field(default_factory=list)
+
+    def open(self, node_id: str) -> Store:
+        store = self.make(node_id)
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def nodes(request: pytest.FixtureRequest) -> AsyncIterator[Nodes]:
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    if request.param == "memory":
+        state = MemoryState()
+        result = Nodes("memory", prefix,
+                       lambda node: open_store(None, node_id=node, memory=state))
+    else:
+        proc = request.getfixturevalue("redis_proc")
+        assert proc.port != 6379
+        url = f"redis://{proc.host}:{proc.port}/0"
+        result = Nodes("redis", prefix,
+                       lambda node: open_store(url, node_id=node, prefix=prefix),
+                       raw=Redis(host=proc.host, port=proc.port, decode_responses=True))
+    try:
+        yield result
+    finally:
+        for store in result.opened:
+            await store.close()
+        if result.raw is not None:
+            keys = [k async for k in result.raw.scan_iter(match=prefix + "*")]
+            if keys:
+                await result.raw.delete(*keys)
+            await result.raw.aclose()
+
+
+@pytest.fixture
+async def store(nodes: Nodes) -> Store:
+    return nodes.open("node-a")
+
+
+OR1 = Theatre("or1", "Theatre 1", ("room", "endoscope"))
+
+
+def entry(session: str, participant: str, node: str = "node-a", *, role: Role = Role.TRAINEE,
+          name: str = "", since: float = 1000.0) -> PresenceEntry:
+    return PresenceEntry(session_id=session, participant_id=participant, role=role,
+                         name=name or participant, node_id=node, connected_since=since)
+
+
+async def eventually(check: Callable[[], object], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+# -- the bundle ----------------------------------------------------------------
+
+
+async def test_open_store_picks_the_backend(nodes: Nodes, store: Store) -> None:
+    assert store.kind == nodes.kind
+    assert store.node_id == "node-a"
+    assert await store.healthy()
+
+
+def test_open_store_without_url_is_memory() -> None:
+    assert open_store(None, node_id="n").kind == "memory"
+    assert open_store("", node_id="n").kind == "memory"
+
+
+def test_open_store_rejects_a_bad_url() -> None:
+    with pytest.raises(ValueError):
+        open_store("http://example.invalid/", node_id="n")
+
+
+def test_store_unavailable_is_a_503_of_the_server() -> None:
+    error = StoreUnavailable("redis is down")
+    assert isinstance(error, Unavailable)
+    assert error.to_dict() == {"code": "store_unavailable", "message": "redis is down",
+                               "fault": "server", "status": 503}
+
+
+async def test_closed_store_is_unhealthy_and_refuses_calls(store: Store) -> None:
+    sub = await store.events.subscribe("s1")
+    await store.close()
+    assert not await store.healthy()
+    with pytest.raises(StoreUnavailable):
+        await store.theatres.list_theatres()
+    with pytest.raises(StoreUnavailable):
+        await store.rates.hit("k", 1, 1.0)
+    with pytest.raises(StoreUnavailable):
+        await store.events.subscribe("s1")
+    # Subscriptions end with their store, and so do its background tasks.
+    assert [e async for e in sub] == []
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("store-")]
+    await store.close()  # idempotent
+
+
+# -- theatres ------------------------------------------------------------------
+
+
+async def test_theatres(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    assert await store.theatres.get_theatre("or1") is None
+    assert await store.theatres.list_theatres() == []
+    await store.theatres.put_theatre(OR1)
+    await store.theatres.put_theatre(Theatre("a0", "Annex", ("room",)))
+    assert await other.theatres.get_theatre("or1") == OR1
+    assert [t.id for t in await other.theatres.list_theatres()] == ["a0", "or1"]
+    renamed = Theatre("or1", "Theatre One", ("room", "endoscope", "overhead"))
+    await other.theatres.put_theatre(renamed)
+    assert await store.theatres.get_theatre("or1") == renamed
+    assert await store.theatres.delete_theatre("or1") is True
+    assert await store.theatres.delete_theatre("or1") is False
+    assert [t.id for t in await store.theatres.list_theatres()] == ["a0"]
+
+
+# -- sessions ------------------------------------------------------------------
+
+
+async def test_session_lifecycle(nodes: Nodes, store: Store) -> None:
+    await store.theatres.put_theatre(OR1)
+    scheduled = SessionRecord(id="s1", theatre_id="or1", title="Cholecystectomy",
+                              procedure="lap chole", expert="Dr Ada", starts_at=1_900_000_000.0)
+    created = await store.sessions.create_session(scheduled)
+    assert created == scheduled
+    assert created.state == "scheduled" and created.node_id == "" and created.started_at is None
+
+    other = nodes.open("node-b")
+    assert await other.sessions.get_session("s1") == created
+    assert await other.sessions.get_session("nope") is None
+
+    updated = await other.sessions.update_session("s1", title="Lap chole", expert="Dr Bo")
+    assert (updated.title, updated.expert, updated.procedure) == ("Lap chole", "Dr Bo",
+                                                                  "lap chole")
+    assert updated.starts_at == 1_900_000_000.0
+    assert await store.sessions.get_session("s1") == updated
+
+    before = time.time()
+    live = await store.sessions.set_session_state("s1", "live")
+    assert live.state == "live" and live.node_id == "node-a"
+    assert live.started_at is not None and live.started_at >= before - 1
+    assert live.title == "Lap chole"
+
+    ended = await other.sessions.set_session_state("s1", "ended")
+    assert ended.state == "ended" and ended.ended_at is not None
+    assert ended.started_at == live.started_at and ended.node_id == "node-a"
+    assert await store.sessions.get_session("s1") == ended
+
+    assert await store.sessions.delete_session("s1") is True
+    assert await store.sessions.delete_session("s1") is False
+    assert await store.sessions.get_session("s1") is None
+
+
+async def test_session_refusals(store: Store) -> None:
+    with pytest.raises(NotFound) as unknown_theatre:
+        await store.sessions.create_session(SessionRecord(id="s1", theatre_id="or9", title="x"))
+    assert unknown_theatre.value.code == "unknown_theatre"
+    await store.theatres.put_theatre(OR1)
+    await store.sessions.create_session(SessionRecord(id="s1", theatre_id="or1", title="x"))
+    with pytest.raises(Conflict) as exists:
+        await store.sessions.create_session(SessionRecord(id="s1", theatre_id="or1", title="y"))
+    assert exists.value.code == "session_exists"
+    with pytest.raises(NotFound) as unknown:
+        await store.sessions.set_session_state("s2", "live")
+    assert unknown.value.code == "unknown_session"
+    with pytest.raises(NotFound):
+        await store.sessions.update_session("s2", title="y")
+    with pytest.raises(ValueError):
+        await store.sessions.create_session(
+            SessionRecord(id="s3", theatre_id="or1", title="x", state="ended"))
+
+    await store.sessions.set_session_state("s1", "live")
+    bad_moves: tuple[SessionState, ...] = ("live", "scheduled")
+    for bad in bad_moves:
+        with pytest.raises(Conflict) as transition:
+            await store.sessions.set_session_state("s1", bad)
+        assert transition.value.code == "bad_transition"
+    await store.sessions.set_session_state("s1", "ended")
+    for bad in SESSION_STATES:
+        with pytest.raises(Conflict):
+            await store.sessions.set_session_state("s1", bad)
+    # An ended Session's id may be used again, as Registry allows.
+    again = await store.sessions.create_session(
+        SessionRecord(id="s1", theatre_id="or1", title="second", state="live"))
+    assert again.state == "live" and again.node_id == "node-a" and again.ended_at is None
+
+
+async def test_scheduled_session_can_be_cancelled(store: Store) -> None:
+    await store.theatres.put_theatre(OR1)
+    await store.sessions.create_session(SessionRecord(id="s1", theatre_id="or1", title="x"))
+    cancelled = await store.sessions.set_session_state("s1", "ended")
+    assert cancelled.state == "ended" and cancelled.started_at is None
+
+
+async def test_list_sessions_by_state(store: Store) -> None:
+    await store.theatres.put_theatre(OR1)
+    for sid in ("c", "a", "b"):
+        await store.sessions.create_session(SessionRecord(id=sid, theatre_id="or1", title=sid))
+    await store.sessions.set_session_state("b", "live")
+    await store.sessions.set_session_state("c", "ended")
+    assert [r.id for r in await store.sessions.list_sessions()] == ["a", "b", "c"]
+    assert [r.id for r in await store.sessions.list_sessions("scheduled")] == ["a"]
+    assert [r.id for r in await store.sessions.list_sessions("live")] == ["b"]
+    assert [r.id for r in await store.sessions.list_sessions("ended")] == ["c"]
+
+
+async def test_two_nodes_starting_one_session_one_wins(nodes: Nodes, store: Store) -> None:
+    others = [nodes.open(f"node-{i}") for i in range(5)]
+    await store.theatres.put_theatre(OR1)
+    await store.sessions.create_session(SessionRecord(id="s1", theatre_id="or1", title="x"))
+    results = await asyncio.gather(
+        *(s.sessions.set_session_state("s1", "live") for s in [store, *others] * 2),
+        return_exceptions=True)
+    winners = [r for r in results if isinstance(r, SessionRecord)]
+    assert len(winners) == 1
+    assert all(isinstance(r, Conflict) for r in results if r not in winners)
+    stored = await store.sessions.get_session("s1")
+    assert stored is not None and stored.node_id == winners[0].node_id
+
+
+# -- presence ------------------------------------------------------------------
+
+
+async def test_presence_announce_roster_withdraw(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    await store.presence.announce(
+        [entry("s1", "p2", since=1002.0, role=Role.EXPERT, name="Dr Ada"),
+         entry("s1", "p1", since=1001.0), entry("s2", "p9")], ttl_s=10)
+    await other.presence.announce([entry("s1", "p1", node="node-b", since=1003.0)], ttl_s=10)
+
+    roster = await other.presence.roster("s1")
+    assert [(e.participant_id, e.node_id) for e in roster] == [
+        ("p1", "node-a"), ("p2", "node-a"), ("p1", "node-b")]
+    assert roster[1] == entry("s1", "p2", since=1002.0, role=Role.EXPERT, name="Dr Ada")
+    assert [e.participant_id for e in await store.presence.roster("s2")] == ["p9"]
+    assert await store.presence.roster("s3") == []
+
+    # Re-announcing replaces the entry (a rename, say) instead of adding one.
+    await store.presence.announce([entry("s1", "p2", since=1002.0, name="Ada L")], ttl_s=10)
+    assert [e.name for e in await store.presence.roster("s1")] == ["p1", "Ada L", "p1"]
+
+    await store.presence.withdraw("s1", "p1", "node-a")
+    await store.presence.withdraw("s1", "p1", "node-a")  # idempotent
+    assert [(e.participant_id, e.node_id) for e in await store.presence.roster("s1")] == [
+        ("p2", "node-a"), ("p1", "node-b")]
+    await store.presence.announce([], ttl_s=10)  # nothing to do
+
+
+async def test_presence_expires_unless_refreshed(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    await store.presence.announce([entry("s1", "dead")], ttl_s=0.3)
+    await other.presence.announce([entry("s1", "alive", node="node-b")], ttl_s=0.3)
+    for _ in range(3):
+        await asyncio.sleep(0.15)
+        await other.presence.announce([entry("s1", "alive", node="node-b")], ttl_s=0.3)
+    assert [e.participant_id for e in await store.presence.roster("s1")] == ["alive"]
+    await asyncio.sleep(0.45)
+    assert await store.presence.roster("s1") == []
+
+
+async def test_presence_rejects_a_bad_ttl(store: Store) -> None:
+    with pytest.raises(ValueError):
+        await store.presence.announce([entry("s1", "p1")], ttl_s=0)
+
+
+async def test_presence_helper_refcounts_and_refreshes(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    presence = Presence(store.presence, node_id="node-a", ttl_s=0.5, interval_s=0.1)
+    with pytest.raises(ValueError):
+        Presence(store.presence, node_id="node-a", ttl_s=1, interval_s=1)
+    async with presence:
+        first = await presence.join("s1", "p1", Role.TRAINEE, "Tom")
+        again = await presence.join("s1", "p1", Role.TRAINEE, "Tom")  # a second tab
+        assert first is again and first.node_id == "node-a"
+        await presence.join("s1", "p2", Role.EXPERT, "Ada")
+        assert {e.participant_id for e in await other.presence.roster("s1")} == {"p1", "p2"}
+
+        await presence.leave("s1", "p1")  # one tab closed: still here
+        assert {e.participant_id for e in await other.presence.roster("s1")} == {"p1", "p2"}
+        await presence.leave("s1", "p1")
+        assert {e.participant_id for e in await other.presence.roster("s1")} == {"p2"}
+        await presence.leave("s1", "nobody")
+
+        # Lost from the store (an outage, a Redis restarted empty): the loop
+        # writes it back; and it outlives its TTL because it is refreshed.
+        await other.presence.withdraw("s1", "p2", "node-a")
+        await eventually(lambda: other.presence.roster("s1"))
+        await asyncio.sleep(0.7)
+        assert [e.name for e in await other.presence.roster("s1")] == ["Ada"]
+        assert [e.participant_id for e in presence.entries()] == ["p2"]
+    # Closing withdraws this Node's entries at once rather than by TTL.
+    assert await other.presence.roster("s1") == []
+
+
+async def test_presence_refresh_rewrites_everything(store: Store) -> None:
+    presence = Presence(store.presence, node_id="node-a", ttl_s=30, interval_s=10)
+    await presence.join("s1", "p1", Role.TRAINEE, "Tom")
+    await presence.join("s2", "p2", Role.TRAINEE, "Ann")
+    await store.presence.withdraw("s1", "p1", "node-a")
+    await store.presence.withdraw("s2", "p2", "node-a")
+    assert await presence.refresh() is True
+    assert [e.participant_id for e in await store.presence.roster("s1")] == ["p1"]
+    assert [e.participant_id for e in await store.presence.roster("s2")] == ["p2"]
+    await presence.close()
+
+
+# -- invites -------------------------------------------------------------------
+
+
+async def test_invite_revocation(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    now = time.time()
+    assert not await store.invites.is_revoked("jti-1", session_id="s1", issued_at=now)
+    await store.invites.revoke_invite("jti-1", expires_at=now + 60)
+    assert await other.invites.is_revoked("jti-1", session_id="s1", issued_at=now)
+    assert not await other.invites.is_revoked("jti-2", session_id="s1", issued_at=now)
+    # A token that has expired already is refused anyway: nothing to keep.
+    await store.invites.revoke_invite("jti-old", expires_at=now - 1)
+    assert not await store.invites.is_revoked("jti-old", session_id="s1", issued_at=now)
+
+
+async def test_invite_revocation_is_forgotten_when_the_token_expires(store: Store) -> None:
+    now = time.time()
+    await store.invites.revoke_invite("jti-1", expires_at=now + 0.3)
+    # Revoking again with an earlier expiry does not shorten it.
+    await store.invites.revoke_invite("jti-1", expires_at=now + 0.1)
+    await asyncio.sleep(0.15)
+    assert await store.invites.is_revoked("jti-1", session_id="s1", issued_at=now)
+    await asyncio.sleep(0.3)
+    assert not await store.invites.is_revoked("jti-1", session_id="s1", issued_at=now)
+
+
+async def test_session_revoked_before(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    assert await store.invites.revoked_before("s1") is None
+    await store.invites.revoke_session("s1", before=1000.5)
+    assert await other.invites.revoked_before("s1") == 1000.5
+    assert await other.invites.is_revoked("j", session_id="s1", issued_at=1000.0)
+    assert not await other.invites.is_revoked("j", session_id="s1", issued_at=1000.5)
+    assert not await other.invites.is_revoked("j", session_id="s1", issued_at=1001.0)
+    assert not await other.invites.is_revoked("j", session_id="s2", issued_at=1.0)
+    # Only ever forward: a delayed, older revocation cannot un-revoke.
+    await other.invites.revoke_session("s1", before=999.0)
+    assert await store.invites.revoked_before("s1") == 1000.5
+    await other.invites.revoke_session("s1", before=2000.25)
+    assert await store.invites.revoked_before("s1") == 2000.25
+    assert await store.invites.is_revoked("j", session_id="s1", issued_at=1500.0)
+
+
+async def test_single_use_invite_under_concurrency(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    expires = time.time() + 60
+    results = await asyncio.gather(*(
+        (store if i % 2 else other).invites.use_invite("inv-1", max_uses=1, expires_at=expires)
+        for i in range(20)))
+    assert results.count(True) == 1
+    assert await store.invites.invite_uses("inv-1") == 1
+
+
+async def test_invite_max_uses_and_redeemers(store: Store) -> None:
+    expires = time.time() + 60
+    results = await asyncio.gather(*(
+        store.invites.use_invite("inv-3", max_uses=3, expires_at=expires) for _ in range(20)))
+    assert results.count(True) == 3
+    assert await store.invites.invite_uses("inv-3") == 3
+    assert await store.invites.invite_uses("unused") == 0
+
+    # The same redeemer (a page reload) is let in again without using it up.
+    assert await store.invites.use_invite("inv-r", max_uses=2, expires_at=expires,
+                                          redeemer="device-a")
+    assert await store.invites.use_invite("inv-r", max_uses=2, expires_at=expires,
+                                          redeemer="device-a")
+    assert await store.invites.invite_uses("inv-r") == 1
+    assert await store.invites.use_invite("inv-r", max_uses=2, expires_at=expires,
+                                          redeemer="device-b")
+    assert not await store.invites.use_invite("inv-r", max_uses=2, expires_at=expires,
+                                              redeemer="device-c")
+    assert not await store.invites.use_invite("inv-r", max_uses=2, expires_at=expires)
+    assert await store.invites.use_invite("inv-r", max_uses=2, expires_at=expires,
+                                          redeemer="device-b")
+    with pytest.raises(ValueError):
+        await store.invites.use_invite("inv-x", max_uses=0, expires_at=expires)
+
+
+async def test_single_use_with_redeemers_under_concurrency(store: Store) -> None:
+    expires = time.time() + 60
+    results = await asyncio.gather(*(
+        store.invites.use_invite("inv-1", max_uses=1, expires_at=expires, redeemer=f"d{i}")
+        for i in range(20)))
+    assert results.count(True) == 1
+
+
+# -- rate limiting -------------------------------------------------------------
+
+
+async def test_rate_limit_boundaries(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    window = 0.5
+    assert [await store.rates.hit("ip:1", 3, window) for _ in range(3)] == [True] * 3
+    # The limit is shared by every Node.
+    assert await other.rates.hit("ip:1", 3, window) is False
+    assert await store.rates.hit("ip:1", 3, window) is False
+    assert await store.rates.hit("ip:2", 3, window) is True  # keys are independent
+    await asyncio.sleep(window + 0.1)
+    assert [await other.rates.hit("ip:1", 3, window) for _ in range(4)] == [True] * 3 + [False]
+
+
+async def test_rate_limit_window_slides(store: Store) -> None:
+    window = 0.6
+    assert await store.rates.hit("k", 2, window)
+    await asyncio.sleep(0.35)
+    assert await store.rates.hit("k", 2, window)
+    assert not await store.rates.hit("k", 2, window)
+    # The first hit leaves the window; the second still counts: one slot.
+    await asyncio.sleep(0.35)
+    assert await store.rates.hit("k", 2, window)
+    assert not await store.rates.hit("k", 2, window)
+
+
+async def test_rate_limit_refused_hits_do_not_count(store: Store) -> None:
+    window = 0.4
+    assert await store.rates.hit("k", 1, window)
+    for _ in range(5):
+        assert not await store.rates.hit("k", 1, window)
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(window - 0.2)
+    assert await store.rates.hit("k", 1, window)
+
+
+async def test_rate_limit_under_concurrency(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    results = await asyncio.gather(*((store if i % 2 else other).rates.hit("k", 5, 10.0)
+                                     for i in range(20)))
+    assert results.count(True) == 5
+
+
+async def test_rate_limit_arguments(store: Store) -> None:
+    assert await store.rates.hit("k", 0, 1.0) is False
+    for limit, window in ((-1, 1.0), (1, 0.0), (1, -1.0), (1, float("inf"))):
+        with pytest.raises(ValueError):
+            await store.rates.hit("k", limit, window)
+
+
+# -- events --------------------------------------------------------------------
+
+
+async def test_events_reach_every_node(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    async with await other.events.subscribe("s1") as remote, \
+            await store.events.subscribe("s1") as local, \
+            await store.events.subscribe("s2") as elsewhere:
+        events = [{"type": "participant_joined", "participant": {"id": f"p{i}", "n": i}}
+                  for i in range(5)]
+        for event in events:
+            await store.events.publish("s1", event)
+        await other.events.publish("s2", {"type": "chat", "text": "héllo ✓"})
+        assert [await remote.get(2) for _ in events] == events  # in publish order
+        assert [await local.get(2) for _ in events] == events
+        assert await elsewhere.get(2) == {"type": "chat", "text": "héllo ✓"}
+        with pytest.raises(TimeoutError):
+            await elsewhere.get(0.2)
+
+
+async def test_events_after_unsubscribe(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    first = await other.events.subscribe("s1")
+    second = await other.events.subscribe("s1")
+    await store.events.publish("s1", {"n": 1})
+    assert await first.get(2) == {"n": 1} and await second.get(2) == {"n": 1}
+    await first.close()
+    assert first.closed
+    await store.events.publish("s1", {"n": 2})
+    assert await second.get(2) == {"n": 2}  # the Node still listens for the other
+    with pytest.raises(StopAsyncIteration):
+        await first.get(0.2)
+    await second.close()
+    await store.events.publish("s1", {"n": 3})  # nobody listening: fine
+    # Subscribing again after the last one left works (Redis: a fresh SUBSCRIBE).
+    async with await other.events.subscribe("s1") as third:
+        await store.events.publish("s1", {"n": 4})
+        assert await third.get(2) == {"n": 4}
+
+
+async def test_subscribe_resubscribe_churn(nodes: Nodes, store: Store) -> None:
+    # Subscriptions opened and closed concurrently must each get what is
+    # published after they were opened.
+    other = nodes.open("node-b")
+
+    async def one(i: int) -> None:
+        async with await other.events.subscribe("s1") as sub:
+            marker = {"i": i}
+            await store.events.publish("s1", marker)
+            while (await sub.get(3)) != marker:
+                pass
+
+    for _ in range(3):
+        await asyncio.gather(*(one(i) for i in range(10)))
+
+
+async def test_events_must_be_json(store: Store) -> None:
+    with pytest.raises(TypeError):
+        await store.events.publish("s1", {"when": object()})
+    with pytest.raises(ValueError):
+        await store.events.publish("s1", {"x": float("nan")})
+
+
+async def test_slow_subscriber_is_cut_off_not_buffered_forever(nodes: Nodes) -> None:
+    store = nodes.open("node-a")
+    # A small buffer to make the point; the default is 1024.
+    backend = store.backend
+    if nodes.kind == "memory":
+        backend._buffer = 3  # type: ignore[attr-defined]
+    else:
+        backend._bus._buffer = 3  # type: ignore[attr-defined]
+    sub = await store.events.subscribe("s1")
+    for i in range(5):
+        await store.events.publish("s1", {"n": i})
+    received = []
+    with pytest.raises(StopAsyncIteration):
+        while True:
+            received.append(await sub.get(2))
+    assert received == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert sub.overflowed
+    await sub.close()
+
+
+# -- Redis specifics -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("nodes", ["redis"], indirect=True)
+async def test_redis_keys_and_channels_carry_the_prefix(nodes: Nodes, store: Store) -> None:
+    raw = nodes.raw
+    assert raw is not None
+    now = time.time()
+    await store.theatres.put_theatre(OR1)
+    await store.sessions.create_session(SessionRecord(id="s1", theatre_id="or1", title="x"))
+    await store.presence.announce([entry("s1", "p1")], ttl_s=30)
+    await store.invites.revoke_invite("j1", expires_at=now + 30)
+    await store.invites.revoke_session("s1", before=now)
+    await store.invites.use_invite("i1", max_uses=1, expires_at=now + 30)
+    await store.rates.hit("ip:1", 1, 30)
+    async with await store.events.subscribe("s1"):
+        channels = [str(c) for c in await raw.pubsub_channels()]
+        assert channels and all(c.startswith(nodes.prefix) for c in channels)
+    keys = [str(k) async for k in raw.scan_iter()]
+    assert len(keys) >= 8
+    assert all(k.startswith(nodes.prefix) for k in keys), keys
+    # Everything that is not configuration expires by itself.
+    for key in keys:
+        if key.split(":", 1)[1].startswith(("theatres", "sessions", "revoked-before")):
+            continue
+        assert 0 < await raw.pttl(key) <= 30_000, key
+
+
+async def test_redis_store_when_nothing_listens() -> None:
+    from aiohttp.test_utils import unused_port
+
+    store = open_store(f"redis://127.0.0.1:{unused_port()}/0", node_id="n", timeout_s=0.5)
+    try:
+        started = time.monotonic()
+        assert not await store.healthy()
+        with pytest.raises(StoreUnavailable):
+            await store.sessions.list_sessions()
+        with pytest.raises(StoreUnavailable):
+            await store.events.subscribe("s1")
+        with pytest.raises(StoreUnavailable):
+            await store.rates.hit("k", 1, 1.0)
+        assert time.monotonic() - started < 3
+    finally:
+        await store.close()
