@@ -161,11 +161,14 @@ class TheatreRenderer:
         pad = max(2, int(8 * s))
         line_h = int(36 * s)
         # Opaque box behind the text: keeps it legible after compression.
+        # Top right: the pages put their own Feed label top left.
         box_w = int(440 * s)
-        cv2.rectangle(img, (0, 0), (box_w, 2 * line_h + 2 * pad), (0, 0, 0), -1)
-        cv2.putText(img, self.label, (pad, line_h), font, scale, (255, 255, 255), thick)
+        x0 = img.shape[1] - box_w
+        cv2.rectangle(img, (x0, 0), (img.shape[1], 2 * line_h + 2 * pad), (0, 0, 0), -1)
+        cv2.putText(img, self.label, (x0 + pad, line_h), font, scale, (255, 255, 255), thick)
         cv2.putText(
-            img, f"{clock}  #{counter}", (pad, 2 * line_h), font, scale, (255, 255, 255), thick
+            img, f"{clock}  #{counter}", (x0 + pad, 2 * line_h), font, scale, (255, 255, 255),
+            thick,
         )
 
 
