@@ -83,6 +83,9 @@ class MediaConfig:
     # Per-viewer queue bound in frames; a viewer further behind skips to the
     # next keyframe rather than making the server buffer for it.
     viewer_queue_frames: int = 60
+    # Packetize each frame once per Feed and only rewrite RTP headers per viewer
+    # (server/media/fastpath.py); off = aiortc's RTCRtpSender per viewer.
+    fast_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,13 @@ class LimitsConfig:
     ws_max_message_bytes: int = 64 * 1024
     max_feeds_per_session: int = 16
     max_subscriptions_per_participant: int = 16
+    # Failed authentications (401) per client address per minute, counted
+    # across Nodes; past it the address gets 429 before its tokens are read.
+    auth_failures_per_minute: int = 20
+    # Websocket messages per Participant: a burst, refilled at this rate.
+    # Past it requests get 429; a client that keeps going is disconnected.
+    ws_messages_per_second: float = 20.0
+    ws_message_burst: int = 50
 
 
 @dataclass(frozen=True)
@@ -225,6 +235,11 @@ def _validate(config: Config) -> None:
             raise ConfigError(
                 "[auth].signing_keys: each key is 'kid:secret' with ≥ 32 chars of secret"
             )
+    limits = config.limits
+    if limits.auth_failures_per_minute < 1 or limits.ws_message_burst < 1 or not (
+            limits.ws_messages_per_second > 0):
+        raise ConfigError("[limits]: auth_failures_per_minute, ws_messages_per_second and "
+                          "ws_message_burst must be positive")
     if bool(config.server.tls_cert) != bool(config.server.tls_key):
         raise ConfigError("[server]: tls_cert and tls_key go together")
     seen: set[str] = set()

@@ -24,6 +24,7 @@ from aiortc import RTCRtpCodecParameters
 
 from .config import MediaConfig
 from .media.codecs import is_keyframe
+from .media.fastpath import shared_packetizer
 from .subscription import EncodedFrame, Subscription
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Feed:
         self._deferred_request: asyncio.TimerHandle | None = None
         self._grace: asyncio.TimerHandle | None = None
         self._frame_listeners: list[Callable[[EncodedFrame], None]] = []
+        self._packetizer = shared_packetizer(codec) if media.fast_path else None
 
     # -- publisher side ---------------------------------------------------
     def attach(self, request_keyframe: Callable[[], bool]) -> Callable[[bytes, int], None]:
@@ -120,7 +122,11 @@ class Feed:
         packet.pts = out
         packet.time_base = self._time_base
         frame = EncodedFrame(packet=packet, keyframe=keyframe, size=len(data),
-                             received_at=time.monotonic())
+                             received_at=time.monotonic(), pts=out)
+        if self._packetizer is not None:
+            # Once per frame for every viewer; also keeps VP8 picture ids
+            # continuous for cached frames replayed to late joiners.
+            frame.payloads, _ = self._packetizer.pack(packet)
         self.frames_received += 1
         self.bytes_received += len(data)
         if self.kind == "video":
@@ -171,12 +177,16 @@ class Feed:
     # -- viewer side ------------------------------------------------------
     def add_subscription(self, subscription: Subscription) -> None:
         self.subscriptions[subscription.id] = subscription
-        if self.kind != "video":
-            return
+        if self.kind != "video" or subscription.fast:
+            return  # a fast-path viewer starts from the cache once connected
         if self._gop:
             subscription.prime(list(self._gop))
         else:
             self.request_keyframe()
+
+    def cached_frames(self) -> list[EncodedFrame]:
+        """The last keyframe and the frames after it (video); empty for audio."""
+        return list(self._gop)
 
     def remove_subscription(self, subscription: Subscription) -> None:
         self.subscriptions.pop(subscription.id, None)

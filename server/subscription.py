@@ -13,11 +13,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from .media.fastpath import FastSender
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,10 @@ class EncodedFrame:
     keyframe: bool
     size: int
     received_at: float
+    #: The Feed's continuous RTP timeline (the packet's pts).
+    pts: int = 0
+    #: RTP payloads, packetized once by the Feed for every fast-path viewer.
+    payloads: list[bytes] = field(default_factory=list)
 
 
 class ForwardTrack(MediaStreamTrack):
@@ -119,6 +125,56 @@ class Subscription:
         self._on_first_frame = on_first_frame
         self._needs_keyframe = kind == "video"
         self._closing: asyncio.Task[None] | None = None
+        # Fast path: frames go straight out once the viewer is connected.
+        self._fast: FastSender | None = None
+        self._active = False
+        self._replay: asyncio.Task[None] | None = None
+        self._pending: deque[EncodedFrame] = deque()
+
+    @property
+    def fast(self) -> bool:
+        return self._fast is not None
+
+    @property
+    def path(self) -> str:
+        """How frames leave: "fast" (shared packetization) or "sender" (aiortc's)."""
+        return "fast" if self._fast is not None else "sender"
+
+    def use_fast_path(self, fast: FastSender) -> None:
+        """Before the viewer connects: send through ``fast`` instead of the track."""
+        self._fast = fast
+
+    def connected(self, gop: list[EncodedFrame]) -> None:
+        """The viewer's connection is up: start from ``gop`` (the Feed's cache)."""
+        if self._fast is None or self._active or self.state == "closed":
+            return
+        if not self._fast.activate():
+            # A relayed (TURN) connection: aiortc's own sender carries it.
+            self._fast = None
+            self.prime(gop)
+            return
+        self._active = True
+        if self.kind == "video":
+            if gop and gop[0].keyframe:
+                self._needs_keyframe = False
+                self._replay = asyncio.ensure_future(self._replay_then_live(list(gop)))
+            else:
+                self._request_keyframe()
+
+    async def _replay_then_live(self, frames: list[EncodedFrame]) -> None:
+        fast = self._fast
+        for index, frame in enumerate(frames):
+            if fast is None or self.state == "closed":
+                return
+            if index:
+                await asyncio.sleep(REPLAY_SPACING_S)
+            fast.send_frame(frame.payloads, frame.pts)
+            self._count([frame])
+        while self._pending and fast is not None and self.state != "closed":
+            frame = self._pending.popleft()
+            fast.send_frame(frame.payloads, frame.pts)
+            self._count([frame])
+        self._replay = None
 
     def prime(self, frames: list[EncodedFrame]) -> None:
         """Start from the Feed's cached keyframe and the frames after it."""
@@ -129,6 +185,9 @@ class Subscription:
 
     def deliver(self, frame: EncodedFrame) -> None:
         if self.state == "closed":
+            return
+        if self._fast is not None:
+            self._deliver_fast(self._fast, frame)
             return
         if self._needs_keyframe:
             if not frame.keyframe:
@@ -145,6 +204,24 @@ class Subscription:
                 self._request_keyframe()
             return
         self.track.push(frame)
+        self._count([frame])
+
+    def _deliver_fast(self, fast: FastSender, frame: EncodedFrame) -> None:
+        if not self._active:
+            return  # not connected yet: it will start from the Feed's cache
+        if self._needs_keyframe:
+            if not frame.keyframe:
+                return
+            self._needs_keyframe = False
+        if self._replay is not None:
+            if len(self._pending) >= self._max_queue:
+                self._pending.clear()
+                self._needs_keyframe = self.kind == "video"
+                self._request_keyframe()
+                return
+            self._pending.append(frame)
+            return
+        fast.send_frame(frame.payloads, frame.pts)
         self._count([frame])
 
     def on_keyframe_request(self) -> None:
@@ -165,6 +242,8 @@ class Subscription:
         if self._closing is None:
             self.state = "closed"
             self.track.push(None)
+            if self._replay is not None:
+                self._replay.cancel()
             self._closing = asyncio.ensure_future(self._close())
         return self._closing
 

@@ -101,3 +101,27 @@ def test_remote_candidate_filter(host: str, networks: list[str], allowed: bool) 
                           port=9, type="host")
     nets = [ipaddress.ip_network(n) for n in networks]
     assert hooks.remote_candidate_allowed(candidate, nets) is allowed
+
+
+async def test_fast_path_internals() -> None:
+    from aiortc import RTCDtlsTransport as Dtls
+
+    pc = RTCPeerConnection()
+    try:
+        sender = pc.addTransceiver("video", direction="sendonly").sender
+        for attribute in hooks.SENDER_REPORT_FIELDS.values():
+            assert isinstance(getattr(sender, attribute), int), attribute
+        assert inspect.iscoroutinefunction(getattr(sender, hooks.SENDER_RETRANSMIT))
+    finally:
+        await pc.close()
+    # NACKs reach _retransmit; sender reports read the counters we keep.
+    handle = inspect.getsource(RTCRtpSender._handle_rtcp_packet)
+    assert "await self._retransmit(seq)" in handle
+    report = inspect.getsource(RTCRtpSender._run_rtcp)
+    for name in ("ntp_timestamp", "rtp_timestamp", "packet_count", "octet_count"):
+        assert f"self.__{name}" in report, name
+    assert "self._tx_srtp = Session(tx_policy)" in inspect.getsource(Dtls._setup_srtp)
+    connection = aioice.ice.Connection(ice_controlling=False)
+    assert isinstance(getattr(connection, hooks.ICE_NOMINATED), dict)
+    assert "self.transport.sendto(data, addr)" in inspect.getsource(
+        aioice.ice.StunProtocol.send_data)

@@ -75,8 +75,22 @@ async def peers() -> AsyncIterator[list[RTCPeerConnection]]:
         await pc.close()
 
 
+@pytest.fixture(params=["fast", "sender"])
+async def any_path_server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
+    from .conftest import make_config, start_server
+
+    srv, runner = await start_server(make_config(media={"fast_path": request.param == "fast"}))
+    srv.path = request.param  # type: ignore[attr-defined]
+    try:
+        yield srv
+    finally:
+        await runner.cleanup()
+
+
 async def test_viewers_decode_the_publishers_frame_counter_and_audio(
-        server: Server, http: aiohttp.ClientSession, peers: list[RTCPeerConnection]) -> None:
+        any_path_server: Server, http: aiohttp.ClientSession,
+        peers: list[RTCPeerConnection]) -> None:
+    server = any_path_server
     camera = SyntheticTheatreCamera(W, H, FPS, label="room")
     publisher, _ = await whip_publish(http, server, "room", [camera, SyntheticTone()])
     peers.append(publisher)
@@ -113,6 +127,8 @@ async def test_viewers_decode_the_publishers_frame_counter_and_audio(
 
     feed = session.feeds["room.video"]
     assert len(feed.subscriptions) == 3
+    # Each path was the one configured (loopback: no TURN fallback).
+    assert {s.path for s in session.subscriptions.values()} == {server.path}  # type: ignore[attr-defined]
     # Late joiners were served from the keyframe cache, not one request each.
     assert feed.keyframe_requests_sent <= 2
 

@@ -230,3 +230,48 @@ async def test_a_down_feed_closes_after_its_grace_period() -> None:
 @pytest.mark.parametrize("data", [b"", b"\x01"])
 def test_garbage_is_not_a_keyframe(data: bytes) -> None:
     assert not is_keyframe("video/VP8", data)
+
+
+def test_fast_path_packets_are_byte_identical_to_aiortcs() -> None:
+    """The hand-written RTP header must be what aiortc's serializer writes."""
+    from aiortc import sdp as aiortc_sdp
+    from aiortc.rtp import HeaderExtensions, RtpPacket
+
+    from server.media.fastpath import FastSender, negotiated_from
+
+    answer = (
+        "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+        "m=video 9 UDP/TLS/RTP/SAVPF 97\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\n"
+        "a=extmap:1 urn:ietf:params:rtp-hdrext:sdes:mid\r\n"
+        "a=extmap:3 http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time\r\n"
+        "a=rtpmap:97 VP8/90000\r\na=sendonly\r\na=rtcp-mux\r\n"
+    )
+    media = aiortc_sdp.SessionDescription.parse(answer).media[0]
+    negotiated = negotiated_from(media, "0")
+
+    class FakeSender:
+        _ssrc = 0x11223344
+
+        async def _retransmit(self, sequence_number: int) -> None:
+            return None
+
+    sent: list[bytes] = []
+    fast = FastSender(FakeSender(), negotiated)  # type: ignore[arg-type]
+    fast._protect, fast._send = (lambda data: data), sent.append
+    fast.send_frame([b"first", b"second"], pts=3000)
+    assert len(sent) == 2
+    for index, data in enumerate(sent):
+        parsed = RtpPacket.parse(data, negotiated.extensions)
+        assert parsed.ssrc == 0x11223344 and parsed.payload_type == 97
+        assert parsed.marker == (index == 1)
+        assert parsed.extensions.mid == "0"
+        expected = RtpPacket(payload_type=97, marker=parsed.marker,
+                             sequence_number=parsed.sequence_number,
+                             timestamp=parsed.timestamp, ssrc=parsed.ssrc,
+                             payload=parsed.payload)
+        expected.extensions = HeaderExtensions(mid="0",
+                                               abs_send_time=parsed.extensions.abs_send_time)
+        assert expected.serialize(negotiated.extensions) == data
+    first, second = (RtpPacket.parse(d, negotiated.extensions) for d in sent)
+    assert second.sequence_number == (first.sequence_number + 1) & 0xFFFF
+    assert first.timestamp == second.timestamp

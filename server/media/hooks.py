@@ -193,3 +193,54 @@ def answer_as_dtls_server(pc: RTCPeerConnection) -> None:
         transport = transceiver.receiver.transport
         if transport._role == "auto":
             transport._set_role("server")
+
+
+SENDER_RETRANSMIT = "_retransmit"
+SENDER_REPORT_FIELDS = {
+    "ntp_timestamp": "_RTCRtpSender__ntp_timestamp",
+    "rtp_timestamp": "_RTCRtpSender__rtp_timestamp",
+    "packet_count": "_RTCRtpSender__packet_count",
+    "octet_count": "_RTCRtpSender__octet_count",
+}
+DTLS_TX_SRTP = "_tx_srtp"
+ICE_NOMINATED = "_nominated"
+
+
+def redirect_retransmissions(sender: RTCRtpSender,
+                             handler: Callable[[int], Any]) -> None:
+    """NACKed packets come from the fast path's history, not the sender's."""
+    if not callable(getattr(sender, SENDER_RETRANSMIT, None)):
+        raise RuntimeError("aiortc changed: RTCRtpSender has no _retransmit")
+    setattr(sender, SENDER_RETRANSMIT, handler)
+
+
+def set_sender_report_state(sender: RTCRtpSender, **values: int) -> None:
+    for name, value in values.items():
+        setattr(sender, SENDER_REPORT_FIELDS[name], value)
+
+
+def bind_rtp_output(sender: RTCRtpSender
+                    ) -> tuple[Callable[[bytes], bytes], Callable[[bytes], None]] | None:
+    """(protect, send) for the sender's connected transport, both synchronous.
+
+    Only a direct UDP pair can be written synchronously; a TURN relay (whose
+    send waits for channel binding) returns None and the caller stays on
+    aiortc's own sending path.
+    """
+    dtls = sender.transport
+    srtp = getattr(dtls, DTLS_TX_SRTP, None)
+    if srtp is None or dtls.state != "connected":
+        return None
+    connection = getattr(dtls.transport, GATHERER_CONNECTION)
+    pair = getattr(connection, ICE_NOMINATED).get(1)
+    if pair is None:
+        return None
+    protocol = pair.protocol
+    if type(protocol) is not aioice_ice.StunProtocol or protocol.transport is None:
+        return None
+    transport, addr = protocol.transport, pair.remote_addr
+
+    def send(data: bytes) -> None:
+        transport.sendto(data, addr)
+
+    return srtp.protect, send
