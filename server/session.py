@@ -24,6 +24,7 @@ from .errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unprocessab
 from .feed import Feed
 from .media import hooks
 from .media.codecs import capabilities_for
+from .media.fastpath import FastSender, negotiated_from
 from .media.peers import PeerFactory
 from .media.sdp import add_bitrate_hints, check_offer
 from .participant import Participant
@@ -346,6 +347,11 @@ class Session:
                 raise Unprocessable(f"viewer cannot receive {feed.codec.mimeType}, which "
                                     f"{feed.id} is published in", code="codec_mismatch")
             hooks.redirect_keyframe_requests(transceiver.sender, subscription.on_keyframe_request)
+            if self._config.media.fast_path:
+                media = next(m for m in aiortc_sdp.SessionDescription.parse(answer).media
+                             if m.rtp.muxId == transceiver.mid)
+                subscription.use_fast_path(FastSender(
+                    transceiver.sender, negotiated_from(media, transceiver.mid or "")))
             await pc.setLocalDescription(RTCSessionDescription(answer, "answer"))
         except BaseException:
             await pc.close()
@@ -356,6 +362,12 @@ class Session:
         self.subscriptions[subscription.id] = subscription
         feed.add_subscription(subscription)
         self._watch_peer(pc, subscription.close)
+
+        @pc.on("connectionstatechange")
+        def _connected() -> None:
+            if pc.connectionState == "connected":
+                subscription.connected(feed.cached_frames())
+
         self._feed_changed(feed)
         return answer, subscription
 
