@@ -1,4 +1,22 @@
-"""ScrubIn recorder: archives Sessions as just another client of the live path.
+"""ScrubIn recorder: archives what the live path already carries, without transcoding.
 
-Not implemented yet (issue 5); the package exists so the layout is fixed.
+The recorder is just another client of a Session: a :class:`Recording` attaches
+to its Feeds (``Feed.add_frame_listener``) and a :class:`FeedWriter` per Feed
+remuxes the encoded frames into short, crash-safe parts (VP8 and Opus in WebM,
+H.264 in fragmented MP4), listed with their place on the Session clock in
+``manifest.json``, beside ``events.jsonl``.
 """
+
+from .errors import RecordingError
+from .recording import RecordableFeed, Recording, SessionInfo
+from .writer import FeedWriter, PartInfo, WriterOptions
+
+__all__ = [
+    "FeedWriter",
+    "PartInfo",
+    "RecordableFeed",
+    "Recording",
+    "RecordingError",
+    "SessionInfo",
+    "WriterOptions",
+]

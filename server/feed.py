@@ -134,7 +134,10 @@ class Feed:
         for subscription in self.subscriptions.values():
             subscription.deliver(frame)
         for listener in self._frame_listeners:
-            listener(frame)
+            try:
+                listener(frame)
+            except Exception:  # a consumer's bug must not stop the live path
+                logger.exception("feed %s: frame listener failed", self.id)
 
     def _cache(self, frame: EncodedFrame) -> None:
         if frame.keyframe:
@@ -191,10 +194,21 @@ class Feed:
     def remove_subscription(self, subscription: Subscription) -> None:
         self.subscriptions.pop(subscription.id, None)
 
-    def add_frame_listener(self, listener: Callable[[EncodedFrame], None]) -> Callable[[], None]:
-        """In-process consumers of encoded frames (the recorder); returns an unsubscribe."""
+    def add_frame_listener(self, listener: Callable[[EncodedFrame], None], *,
+                           replay_cache: bool = False) -> Callable[[], None]:
+        """In-process consumers of encoded frames (the recorder); returns an
+        unsubscribe. ``replay_cache`` first hands over the cached keyframe and
+        what followed, so a consumer need not wait for the next keyframe."""
+        if replay_cache:
+            for frame in list(self._gop):
+                listener(frame)
         self._frame_listeners.append(listener)
-        return lambda: self._frame_listeners.remove(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._frame_listeners:
+                self._frame_listeners.remove(listener)
+
+        return unsubscribe
 
     # -- lifecycle --------------------------------------------------------
     def close(self) -> None:

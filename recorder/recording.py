@@ -1,0 +1,541 @@
+"""Recording: one Session archived as the live path carries it.
+
+Layout, under ``<root>/<recording id>/`` (the id is unguessable)::
+
+    manifest.json     what the recording is: Session, consent, Feeds and their parts
+    events.jsonl      one JSON object a line: {"t": seconds, "type": ..., ...}
+    <feed>-NNN.webm   parts of a VP8 or Opus Feed      (recorder.writer)
+    <feed>-NNN.mp4    parts of an H.264 Feed (fragmented MP4)
+
+One clock, the *Session clock*: seconds since ``origin`` (a
+``time.monotonic()`` value; by default the moment :meth:`Recording.start` runs;
+pass the Session's own clock zero to share the clock of its interaction
+events). ``clock_zero_unix`` in the manifest is its wall time, ``started_t`` the
+Session time the recording started. Part ``start`` offsets and event ``t`` are
+on it, so a review page plays every Feed and event in sync.
+
+``manifest.json`` is replaced atomically (temporary file, fsync, rename)
+whenever a part opens or closes: after a crash it lists every finished part
+with its sha256, and the part that was being written (``complete: false``),
+which plays up to its last flushed cluster.
+
+Errors: a Feed's writer that fails reports a :class:`RecordingError` through
+``on_error`` (on the event loop). ``disk_full`` and ``not_writable`` stop the
+whole recording (state ``failed``, reported once); other codes stop only that
+Feed. The live path never waits for the recorder and never sees its errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import functools
+import itertools
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from server.subscription import EncodedFrame
+
+from .errors import FATAL_CODES, RecordingError, error_from_exception
+from .writer import RECORDABLE, FeedWriter, PartInfo, WriterOptions
+
+if TYPE_CHECKING:
+    from server.session import Session
+
+logger = logging.getLogger(__name__)
+
+RecordingState = Literal["new", "recording", "stopping", "stopped", "failed"]
+
+MANIFEST = "manifest.json"
+EVENTS = "events.jsonl"
+FORMAT = "scrubin-recording/1"
+#: Events waiting for the disk beyond this are dropped (and logged).
+MAX_PENDING_IO = 1000
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What the manifest says about the Session being recorded."""
+
+    session_id: str
+    theatre: str
+    title: str
+    expert: str
+    procedure: str = ""
+
+    @classmethod
+    def from_session(cls, session: Session, expert: str) -> SessionInfo:
+        return cls(session_id=session.id, theatre=session.theatre.id, title=session.title,
+                   expert=expert, procedure=session.procedure)
+
+    def describe(self) -> dict[str, str]:
+        return asdict(self)
+
+
+class RecordableFeed(Protocol):
+    """What the recorder needs of a Feed (server.feed.Feed has it)."""
+
+    id: str
+    kind: str
+    codec: Any  # has mimeType and clockRate (aiortc RTCRtpCodecParameters)
+
+    def add_frame_listener(
+            self, listener: Callable[[EncodedFrame], None]) -> Callable[[], None]: ...
+
+    def request_keyframe(self) -> None: ...
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Attached:
+    feed: RecordableFeed
+    writer: FeedWriter
+    unsubscribe: Callable[[], None] | None
+
+
+class Recording:
+    """Archives the Feeds attached to it; see the module docstring."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        session: SessionInfo,
+        consent: Mapping[str, Any],
+        on_error: Callable[[RecordingError], None] | None = None,
+        *,
+        options: WriterOptions | None = None,
+        recording_id: str | None = None,
+        origin: float | None = None,
+    ) -> None:
+        if recording_id is None:
+            recording_id = secrets.token_urlsafe(18)
+        elif not re.fullmatch(r"[A-Za-z0-9_-]{16,64}", recording_id):
+            raise ValueError("a recording id is 16-64 URL-safe characters")
+        try:
+            json.dumps(dict(consent))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"consent record is not JSON: {exc}") from None
+        self.id = recording_id
+        self.directory = Path(root) / recording_id
+        self.session = session
+        self.consent = dict(consent)
+        self.state: RecordingState = "new"
+        self.errors: list[RecordingError] = []
+        self.origin: float | None = origin  # time.monotonic() of Session clock 0
+        self.clock_zero: float | None = None  # time.time() of Session clock 0
+        self.started_at: float | None = None  # time.time() when the recording started
+        self.ended_at: float | None = None
+        self.duration: float | None = None
+        self._on_error = on_error
+        self._options = options or WriterOptions()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._attached: dict[str, _Attached] = {}
+        self._closing: set[asyncio.Task[Any]] = set()
+        # Shared with writer threads and the I/O thread: guarded by _lock.
+        self._lock = threading.Lock()
+        self._feeds: dict[str, dict[str, Any]] = {}
+        self._parts: dict[str, dict[int, dict[str, Any]]] = {}
+        self._counters: dict[str, Iterator[int]] = {}
+        self._manifest_pending = False
+        self._prepared = False  # the directory exists: the manifest can be written
+        self._pending_io = 0
+        # Manifest and events are written by one thread, in order.
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recording-io")
+        self._events_fd: int | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self._started_mono: float | None = None
+
+    # -- clock --------------------------------------------------------------
+    def session_time(self, monotonic: float | None = None) -> float:
+        """Seconds on the Session clock (now, or at a ``time.monotonic()`` value)."""
+        if self.origin is None:
+            return 0.0
+        return (time.monotonic() if monotonic is None else monotonic) - self.origin
+
+    def _elapsed(self) -> float:
+        return 0.0 if self._started_mono is None else time.monotonic() - self._started_mono
+
+    # -- lifecycle ----------------------------------------------------------
+    async def start(self) -> None:
+        """Create the directory and the manifest. Failure is reported through
+        ``on_error`` (state ``failed``), not raised."""
+        if self.state != "new":
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopped = self._loop.create_future()
+        now_mono, self.started_at = time.monotonic(), time.time()
+        self._started_mono = now_mono
+        if self.origin is None:
+            self.origin = now_mono
+        self.clock_zero = self.started_at - (now_mono - self.origin)
+        try:
+            await self._loop.run_in_executor(self._io, self._prepare)
+        except Exception as exc:
+            self._fatal(error_from_exception(exc, path=str(self.directory)))
+            return
+        self._prepared = True
+        self.state = "recording"
+        self.add_event({"type": "recording_started", "recording": self.id,
+                        "session": self.session.session_id})
+
+    def _prepare(self) -> None:
+        self.directory.mkdir(mode=0o750, parents=True)
+        self._events_fd = os.open(self.directory / EVENTS,
+                                  os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self._write_manifest()
+
+    async def stop(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Close every part, write the final manifest; returns it."""
+        if self._stopped is None:  # never started
+            self.state = "stopped"
+            self._io.shutdown(wait=False)
+            return self.manifest()
+        if self.state in ("stopping", "stopped") or self._stopped.done():
+            await asyncio.shield(self._stopped)
+            return self.manifest()
+        failed = self.state == "failed"
+        if not failed:
+            self.state = "stopping"
+        await asyncio.gather(*(self.detach(feed_id, timeout=timeout)
+                               for feed_id in list(self._attached)))
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        self.ended_at = time.time()
+        self.duration = self._elapsed()
+        if not failed:
+            self.add_event({"type": "recording_stopped"})
+        if self.state == "stopping":
+            self.state = "stopped"
+        self._schedule_manifest()
+        self._submit(self._close_events)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._io.shutdown, True), timeout)
+        except TimeoutError:
+            self._record_error(RecordingError(
+                "stalled", f"the recording's files were not written within {timeout:g} s"))
+        self._stopped.set_result(None)
+        return self.manifest()
+
+    def _close_events(self) -> None:
+        if self._events_fd is not None:
+            fd, self._events_fd = self._events_fd, None
+            os.close(fd)
+
+    # -- Feeds ----------------------------------------------------------------
+    def attach(self, feed: RecordableFeed) -> FeedWriter | None:
+        """Record ``feed`` from its next key frame. Returns its writer, or None when
+        the recording is not running or cannot record the Feed's codec."""
+        if self.state != "recording" or self.origin is None:
+            return None
+        current = self._attached.get(feed.id)
+        if current is not None:
+            if current.feed is feed:
+                return current.writer
+            # A new Feed object under the same id (the old one closed): new writer.
+            self._release_later(current.feed)
+        mime = str(feed.codec.mimeType)
+        if mime.lower() not in RECORDABLE:
+            logger.warning("recording %s: cannot record %s (%s)", self.id, feed.id, mime)
+            return None
+        with self._lock:
+            self._feeds.setdefault(feed.id, {"id": feed.id, "kind": feed.kind, "codec": mime})
+            self._parts.setdefault(feed.id, {})
+            counter = self._counters.setdefault(feed.id, itertools.count())
+        writer = FeedWriter(
+            feed_id=feed.id, kind=feed.kind, mime_type=mime, clock_rate=int(feed.codec.clockRate),
+            directory=self.directory, origin=self.origin,
+            on_part=functools.partial(self._part_changed, feed.id),
+            on_error=functools.partial(self._writer_failed, feed.id),
+            request_keyframe=feed.request_keyframe, options=self._options,
+            allocate_index=functools.partial(self._next_index, counter))
+        writer.start()
+        unsubscribe = feed.add_frame_listener(writer.push)
+        self._attached[feed.id] = _Attached(feed, writer, unsubscribe)
+        self.add_event({"type": "feed_attached", "feed": feed.id, "codec": mime})
+        return writer
+
+    def _next_index(self, counter: Iterator[int]) -> int:
+        with self._lock:
+            return next(counter)
+
+    async def detach(self, feed: RecordableFeed | str, timeout: float = 10.0) -> None:
+        """Stop recording a Feed (by object or id): its open part is closed and listed."""
+        attached = self._release(feed)
+        if attached is not None:
+            await self._finish(attached, timeout)
+
+    def _release(self, feed: RecordableFeed | str) -> _Attached | None:
+        """Synchronously let go of a Feed: no frame reaches its writer after this."""
+        feed_id = feed if isinstance(feed, str) else feed.id
+        attached = self._attached.get(feed_id)
+        if attached is None or (not isinstance(feed, str) and attached.feed is not feed):
+            return None
+        del self._attached[feed_id]
+        self._unlisten(attached)
+        attached.writer.stop()
+        return attached
+
+    def _release_later(self, feed: RecordableFeed | str) -> None:
+        attached = self._release(feed)
+        if attached is not None:
+            self._track(self._finish(attached))
+
+    async def _finish(self, attached: _Attached, timeout: float = 10.0) -> None:
+        await attached.writer.wait_closed(timeout)
+        feed_id = attached.feed.id
+        with self._lock:
+            self._feeds[feed_id]["stats"] = attached.writer.stats.describe()
+        self._schedule_manifest()
+        if self.state in ("recording", "stopping"):
+            self.add_event({"type": "feed_detached", "feed": feed_id})
+
+    def follow(self, session: Session, *, events: bool = True) -> Callable[[], None]:
+        """Attach the Session's live Feeds now and whenever one appears or comes
+        back as a new Feed; detach Feeds that close. With ``events``, the
+        Session's events go to events.jsonl too, as they are: ``interaction``
+        (drawings, steps, questions, chat...: everything a recorder is told),
+        participants joining and leaving, Feeds going live/down/closed, the end.
+        Returns an unfollow. Stopping the recording stays the caller's job."""
+        feed_states: dict[str, str] = {}
+        for feed in list(session.feeds.values()):
+            if feed.state != "closed":
+                feed_states[feed.id] = feed.state
+                self.attach(feed)
+
+        def on_event(event: Mapping[str, Any]) -> None:
+            kind = event.get("type")
+            if kind == "feed":
+                feed_id = str(event["feed"]["id"])
+                state = str(event["feed"]["state"])
+                if state == "closed":
+                    self._release_later(feed_id)
+                else:
+                    feed = session.feeds.get(feed_id)
+                    if feed is not None and state == "live":
+                        self.attach(feed)
+                if events and feed_states.get(feed_id) != state:
+                    self._add_session_event({"type": "feed_state", "feed": feed_id,
+                                             "state": state})
+                feed_states[feed_id] = state
+            elif events and kind in ("interaction", "participant_joined",
+                                     "participant_left", "session_ended"):
+                self._add_session_event(event)
+
+        return session.listen(on_event)
+
+    def _add_session_event(self, event: Mapping[str, Any]) -> None:
+        try:
+            self.add_event(event)
+        except ValueError as exc:
+            logger.warning("recording %s: event not recorded: %s", self.id, exc)
+
+    @property
+    def writers(self) -> dict[str, FeedWriter]:
+        return {feed_id: a.writer for feed_id, a in self._attached.items()}
+
+    def _unlisten(self, attached: _Attached) -> None:
+        if attached.unsubscribe is not None:
+            with contextlib.suppress(ValueError):  # already removed
+                attached.unsubscribe()
+            attached.unsubscribe = None
+
+    def _track(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    # -- events -------------------------------------------------------------
+    def add_event(self, event: Mapping[str, Any]) -> bool:
+        """Append ``{"t": Session clock seconds, "type": ..., ...}`` to events.jsonl.
+
+        ``t`` defaults to now. Returns False if the event was not recorded
+        (recording not running, or the disk is far behind)."""
+        if not isinstance(event.get("type"), str):
+            raise ValueError("an event needs a string 'type'")
+        if self.state not in ("recording", "stopping"):
+            return False
+        t = event.get("t")
+        record = {"t": round(float(t) if t is not None else self.session_time(), 3),
+                  **{k: v for k, v in event.items() if k != "t"}}
+        try:
+            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"event is not JSON: {exc}") from None
+        if self._pending_io >= MAX_PENDING_IO:
+            logger.warning("recording %s: disk behind, dropping event %s", self.id,
+                           record["type"])
+            return False
+        return self._submit(self._append_event, line.encode())
+
+    def _append_event(self, data: bytes) -> None:
+        if self._events_fd is None:
+            return
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._events_fd, view):]
+
+    # -- manifest -------------------------------------------------------------
+    def _part_changed(self, feed_id: str, info: PartInfo) -> None:
+        """From a writer thread: a part opened or closed."""
+        with self._lock:
+            self._parts[feed_id][info.index] = info.describe()
+        self._schedule_manifest()
+
+    def _schedule_manifest(self) -> None:
+        with self._lock:
+            if self._manifest_pending or not self._prepared:
+                return
+            self._manifest_pending = True
+        self._submit(self._write_manifest)
+
+    def _write_manifest(self) -> None:
+        with self._lock:
+            self._manifest_pending = False
+            text = json.dumps(self._manifest_locked(), indent=2, ensure_ascii=False)
+        tmp = self.directory / f".{MANIFEST}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.directory / MANIFEST)
+        _fsync_dir(self.directory)
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest as it stands (what manifest.json will say)."""
+        with self._lock:
+            return self._manifest_locked()
+
+    def _manifest_locked(self) -> dict[str, Any]:
+        feeds = []
+        for feed_id, entry in self._feeds.items():
+            parts = [self._parts[feed_id][i] for i in sorted(self._parts[feed_id])]
+            feeds.append({**entry, "parts": parts})
+        return {
+            "format": FORMAT,
+            "id": self.id,
+            "session": self.session.describe(),
+            "consent": self.consent,
+            "state": self.state,
+            "clock": "Session clock: seconds since clock_zero_unix; part 'start' and "
+                     "event 't' are on it",
+            "clock_zero_unix": self.clock_zero,
+            "started": _iso(self.started_at),
+            "started_t": None if self.started_at is None or self.clock_zero is None
+            else round(self.started_at - self.clock_zero, 3),
+            "ended": _iso(self.ended_at),
+            "duration": None if self.duration is None else round(self.duration, 3),
+            "feeds": feeds,
+            "events": EVENTS,
+            "errors": [e.describe() for e in list(self.errors)],
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """A short status for the websocket / expert page."""
+        with self._lock:
+            parts = {f: len(p) for f, p in self._parts.items()}
+        return {
+            "id": self.id,
+            "state": self.state,
+            "started": _iso(self.started_at),
+            "duration": round(self.duration if self.duration is not None
+                              else self._elapsed(), 1),
+            "feeds": [{"id": f, "parts": n,
+                       "recording": f in self._attached
+                       and self._attached[f].writer.state == "running"}
+                      for f, n in parts.items()],
+            "error": self.errors[0].describe() if self.errors else None,
+        }
+
+    # -- I/O thread and errors ------------------------------------------------
+    def _submit(self, fn: Callable[..., None], *args: Any) -> bool:
+        with self._lock:
+            self._pending_io += 1
+        try:
+            future = self._io.submit(fn, *args)
+        except RuntimeError:  # shut down
+            with self._lock:
+                self._pending_io -= 1
+            return False
+        future.add_done_callback(self._io_done)
+        return True
+
+    def _io_done(self, future: Future[None]) -> None:
+        with self._lock:
+            self._pending_io -= 1
+        exc = future.exception()
+        if exc is None:
+            return
+        error = error_from_exception(exc, path=str(self.directory))
+        loop = self._loop
+        if loop is None:
+            logger.error("recording %s: %s", self.id, error)
+            return
+        with contextlib.suppress(RuntimeError):  # loop closed
+            loop.call_soon_threadsafe(self._io_failed, error)
+
+    def _io_failed(self, error: RecordingError) -> None:
+        if self.state == "failed":
+            logger.warning("recording %s: after failure: %s", self.id, error)
+            return
+        self._fatal(error)
+
+    def _writer_failed(self, feed_id: str, error: RecordingError) -> None:
+        """On the loop: a writer stopped on an error."""
+        attached = self._attached.get(feed_id)
+        if attached is not None:
+            self._unlisten(attached)
+        if error.code in FATAL_CODES:
+            if self.state == "failed":
+                self._record_error(error)
+            else:
+                self._fatal(error)
+            return
+        self._record_error(error)
+        self.add_event({"type": "recording_error", **error.describe()})
+        self._report(error)
+
+    def _fatal(self, error: RecordingError) -> None:
+        """Nothing more can be written: stop every writer, tell once."""
+        logger.error("recording %s failed: %s", self.id, error)
+        self._record_error(error)
+        self.state = "failed"
+        for attached in self._attached.values():
+            self._unlisten(attached)
+            attached.writer.stop()
+        self._schedule_manifest()  # best effort: lists the error if the disk lets us
+        self._report(error)
+
+    def _record_error(self, error: RecordingError) -> None:
+        self.errors.append(error)
+
+    def _report(self, error: RecordingError) -> None:
+        if self._on_error is None:
+            return
+        try:
+            self._on_error(error)
+        except Exception:
+            logger.exception("recording %s: error callback failed", self.id)
