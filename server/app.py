@@ -18,20 +18,25 @@ from aiohttp import WSCloseCode, web
 
 from .audit import JsonlAuditTrail
 from .config import Config
-from .http import api, whip
+from .http import admin, api, review, whip
 from .http.common import (
     ACCEPTING,
     AUDIT,
+    AUTH_GUARD,
     CONFIG,
+    MESSAGE_RATES,
     METRICS,
     NODE_ID,
     PEERS,
     PRESENCE,
     REGISTRY,
+    SOCKET_GRANTS,
     STORE,
     TOKENS,
     WEBSOCKETS,
+    AuthGuard,
     Handler,
+    MessageRates,
     errors_middleware,
     security_headers,
 )
@@ -45,7 +50,7 @@ from .tokens import TokenAuthority
 logger = logging.getLogger(__name__)
 
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
-PAGES = ("index", "broadcast", "watch")
+PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player")
 
 
 def create_app(config: Config) -> web.Application:
@@ -60,22 +65,29 @@ def create_app(config: Config) -> web.Application:
     app[PEERS] = peers
     app[TOKENS] = TokenAuthority(config.auth.signing_keys)
     app[WEBSOCKETS] = weakref.WeakSet()
+    app[SOCKET_GRANTS] = weakref.WeakKeyDictionary()
     app[ACCEPTING] = {"joins": True}
-    registry = app[REGISTRY] = Registry(config, peers, node_id)
+    store = app[STORE] = open_store(config.store.redis_url or None, node_id=node_id,
+                                    prefix=config.store.prefix, timeout_s=config.store.timeout_s)
+    app[PRESENCE] = Presence(store.presence, node_id=node_id, ttl_s=config.store.presence_ttl_s,
+                             interval_s=config.store.presence_interval_s)
+    app[AUTH_GUARD] = AuthGuard(store.rates, config.limits.auth_failures_per_minute)
+    app[MESSAGE_RATES] = MessageRates(config.limits.ws_messages_per_second,
+                                      config.limits.ws_message_burst)
+    registry = app[REGISTRY] = Registry(config, peers, node_id, store)
     metrics = app[METRICS] = Metrics()
     metrics.watch(registry)
     audit = app[AUDIT] = JsonlAuditTrail(config.audit.path, node_id=node_id,
                                          max_bytes=config.audit.max_bytes,
                                          backups=config.audit.backups)
-    store = app[STORE] = open_store(config.store.redis_url or None, node_id=node_id,
-                                    prefix=config.store.prefix, timeout_s=config.store.timeout_s)
-    app[PRESENCE] = Presence(store.presence, node_id=node_id, ttl_s=config.store.presence_ttl_s,
-                             interval_s=config.store.presence_interval_s)
     registry.on_session = lambda session, state: audit.record(
         f"session_{state}", session=session.id, theatre=session.theatre.id, title=session.title)
     registry.on_first_frame = metrics.first_frame.observe
+    registry.on_event = lambda session_id, event: admin.close_revoked_sockets(
+        app, session_id, event)
 
     app.add_routes(api.routes)
+    app.add_routes(admin.routes)
     app.add_routes(whip.routes)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/", _page("index"))
@@ -89,6 +101,7 @@ def create_app(config: Config) -> web.Application:
     # Before _sessions: cleanup runs in reverse, so Sessions end before the store closes.
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_sessions)
+    review.setup(app)  # recording control, review API, retention (after _sessions)
     app.on_shutdown.append(_going_away)
     return app
 
@@ -113,6 +126,8 @@ async def _audit(app: web.Application) -> AsyncIterator[None]:
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     app[PRESENCE].start()
+    # Theatres and Sessions of the configuration into the shared store.
+    await app[REGISTRY].open()
     yield
     await app[PRESENCE].close()
     await app[STORE].close()

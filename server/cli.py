@@ -1,4 +1,5 @@
-"""`scrubin`: serve, demo, publish, links, token."""
+"""`scrubin`: serve, demo, publish, links, token, admin-token; theatre, session and
+invite (the admin API of a running Node)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from aiortc import RTCIceServer
 
-from . import logs
+from . import admin_cli, logs, recording_cli
 from .app import create_app
 from .config import Config, ConfigError, load_config
 from .http.common import REGISTRY, TOKENS
@@ -88,6 +89,12 @@ async def demo(config: Config, cameras: list[str], width: int, height: int, fps:
     links = session_links(session, tokens, config.base_url, config.auth.token_ttl_s)
     print(f"\nScrubIn demo running on {config.base_url} (Ctrl-C to stop)\n", flush=True)
     print(format_links(links), flush=True)
+    from .tokens import NODE_WIDE
+
+    admin = tokens.issue(NODE_WIDE, Role.ADMIN, name="Demo admin",
+                         ttl_s=config.auth.token_ttl_s)
+    print(f"\n  Admin page (schedule sessions, invite people):\n"
+          f"    {config.base_url}/admin.html#token={admin}", flush=True)
     print("\nOpen the trainee link in Chromium or Firefox to watch the synthetic theatre camera.",
           flush=True)
     try:
@@ -177,10 +184,20 @@ def main(argv: list[str] | None = None) -> int:
 
     p_token = sub.add_parser("token", help="mint a token with the configured signing key")
     p_token.add_argument("--config", type=Path, required=True)
-    p_token.add_argument("--session", required=True)
+    p_token.add_argument("--session", required=True,
+                         help="a Session id, or '*' (node-wide; role admin only)")
     p_token.add_argument("--role", choices=[r.value for r in Role], required=True)
     p_token.add_argument("--name", default="")
     p_token.add_argument("--ttl", type=float, default=None)
+
+    p_admin = sub.add_parser("admin-token",
+                             help="mint a node-wide admin token (theatres, sessions, invites)")
+    p_admin.add_argument("--config", type=Path, required=True)
+    p_admin.add_argument("--name", default="Admin")
+    p_admin.add_argument("--ttl", type=float, default=None)
+
+    admin_cli.add_parsers(sub)
+    recording_cli.add_parsers(sub)
 
     args = parser.parse_args(argv)
     logs.configure(args.log_level)
@@ -198,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(publish(args))
         elif args.command == "links":
             return asyncio.run(fetch_links(args.server, args.session, args.token))
-        elif args.command == "token":
-            from .tokens import TokenAuthority
+        elif args.command in ("token", "admin-token"):
+            from .tokens import NODE_WIDE, TokenAuthority
 
             config = load_config(args.config)
             if not config.auth.signing_keys:
@@ -207,9 +224,18 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 2
             ttl = args.ttl or config.auth.token_ttl_s
+            session, role = ((NODE_WIDE, Role.ADMIN) if args.command == "admin-token"
+                             else (args.session, Role(args.role)))
+            if session == NODE_WIDE and role is not Role.ADMIN:
+                print("only admin tokens may be node-wide (--session '*')", file=sys.stderr)
+                return 2
             token = TokenAuthority(config.auth.signing_keys).issue(
-                args.session, Role(args.role), name=args.name, ttl_s=ttl)
+                session, role, name=args.name, ttl_s=ttl)
             print(token)
+        elif args.command in admin_cli.COMMANDS:
+            return admin_cli.run(args)
+        elif args.command in recording_cli.COMMANDS:
+            return recording_cli.run(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -125,6 +125,31 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class RecordingConfig:
+    """The recorder (server/recordings.py, docs/protocol.md "Recording")."""
+
+    # Recordings, one directory each (random id), plus index.json.
+    root: str = "var/recordings"
+    # Record every Session from the moment it goes live, or these Sessions only;
+    # both need a standing consent record (auto_consent_*).
+    auto: bool = False
+    auto_sessions: list[str] = field(default_factory=list)
+    auto_consent_scope: str = ""  # internal_review | deidentified_reuse
+    auto_consent_by: str = ""
+    auto_consent_note: str = ""
+    # Delete Recordings older than this (0: keep), checked every retention_check_s.
+    retention_days: float = 0.0
+    retention_check_s: float = 86400.0
+    # A Feed's part is cut at the first key frame after this many seconds.
+    part_max_s: float = 300.0
+    # Lifetime of the signed media and thumbnail URLs the review API mints.
+    media_url_ttl_s: float = 3600.0
+    # Let reviewers of other Sessions open Recordings consented for
+    # deidentified_reuse (off: only the Session's own reviewers and admins).
+    share_deidentified: bool = False
+
+
+@dataclass(frozen=True)
 class TheatreConfig:
     id: str
     name: str
@@ -150,6 +175,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    recording: RecordingConfig = field(default_factory=RecordingConfig)
     theatres: list[TheatreConfig] = field(default_factory=list)
     sessions: list[SessionConfig] = field(default_factory=list)
 
@@ -242,6 +268,17 @@ def _validate(config: Config) -> None:
                           "ws_message_burst must be positive")
     if bool(config.server.tls_cert) != bool(config.server.tls_key):
         raise ConfigError("[server]: tls_cert and tls_key go together")
+    recording = config.recording
+    if (recording.auto or recording.auto_sessions) and (
+            recording.auto_consent_scope not in ("internal_review", "deidentified_reuse")
+            or not recording.auto_consent_by.strip()):
+        raise ConfigError("[recording]: automatic recording needs a standing consent: "
+                          "auto_consent_scope (internal_review or deidentified_reuse) and "
+                          "auto_consent_by")
+    if recording.retention_days < 0 or recording.retention_check_s <= 0 or (
+            recording.part_max_s <= 0 or recording.media_url_ttl_s < 60):
+        raise ConfigError("[recording]: retention_days ≥ 0, retention_check_s and part_max_s "
+                          "> 0, media_url_ttl_s ≥ 60")
     seen: set[str] = set()
     for theatre in config.theatres:
         if theatre.id in seen:
@@ -274,6 +311,7 @@ def load_config(
         "limits": LimitsConfig,
         "audit": AuditConfig,
         "store": StoreConfig,
+        "recording": RecordingConfig,
     }
     unknown = set(data) - set(sections) - {"theatres", "sessions"}
     if unknown:

@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from aiortc import RTCPeerConnection, RTCRtpCodecParameters, RTCRtpReceiver, RTCSessionDescription
@@ -22,6 +22,7 @@ from aiortc import sdp as aiortc_sdp
 from .config import Config
 from .errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unprocessable
 from .feed import Feed
+from .interaction import MIC_SLOT, Interaction
 from .media import hooks
 from .media.codecs import capabilities_for
 from .media.fastpath import FastSender, negotiated_from
@@ -134,8 +135,19 @@ class Session:
         self._totals: Counter[str] = totals if totals is not None else Counter()
         self._on_first_frame = on_first_frame
         self._on_ended = on_ended
+        #: Awaited by end() after the close cascade (the recorder stopping).
+        self.end_hooks: list[Callable[[], Awaitable[None]]] = []
+        #: Drawings, steps, questions, chat, hands, the trainee microphone.
+        self.interaction = Interaction(
+            procedure=procedure or title, started_at=self.created_at, emit=self._emit,
+            listen=self.listen, participant=self.participants.get,
+            has_video_feed=self._has_video_feed, close_mic=self._close_mic)
 
     # -- events -----------------------------------------------------------
+    def emit(self, event: Event) -> None:
+        """Tell every listener (websockets, a recording) about ``event``."""
+        self._emit(event)
+
     def listen(self, listener: Callable[[Event], None]) -> Callable[[], None]:
         self._listeners.add(listener)
         return lambda: self._listeners.discard(listener)
@@ -187,12 +199,10 @@ class Session:
 
     # -- publishing -------------------------------------------------------
     async def publish(self, grant: Grant, slot: str, offer: str) -> tuple[str, Ingest]:
-        """Answer a publisher's offer for ``slot``; its media become Feeds."""
-        self._check_grant(grant, PUBLISHERS, "publish")
+        """Answer a publisher's offer for ``slot``; its media become Feeds.
+        The trainee granted the microphone publishes audio to ``MIC_SLOT``."""
+        self._check_publisher(grant, slot)
         self._require_live()
-        if slot not in self.theatre.slots:
-            raise NotFound(f"theatre {self.theatre.id} has no slot {slot!r} "
-                           f"(slots: {', '.join(self.theatre.slots)})", code="unknown_slot")
         limits = self._config.limits
         summary = check_offer(offer, max_bytes=limits.max_sdp_bytes,
                               max_media=limits.max_media_sections,
@@ -201,6 +211,9 @@ class Session:
         if len(set(summary.kinds)) != len(summary.kinds):
             raise Unprocessable("a slot carries at most one video and one audio track",
                                 code="sdp_duplicate_kind")
+        if slot == MIC_SLOT and summary.kinds != ["audio"]:
+            raise Unprocessable("the trainee microphone carries audio only",
+                                code="sdp_kind_mismatch")
         new_feeds = [k for k in summary.kinds if f"{slot}.{k}" not in self.feeds]
         live = sum(1 for f in self.feeds.values() if f.state != "closed")
         if live + len(new_feeds) > limits.max_feeds_per_session:
@@ -225,6 +238,8 @@ class Session:
                         [c for c in caps if c.mimeType.lower() in (mime.lower(), f"{kind}/rtx")])
             answer = await self._answer(pc, summary.text)
             codecs = _negotiated_codecs(answer)
+            # The microphone may have been taken back while we answered.
+            self._check_publisher(grant, slot)
 
             # The previous connection on this slot is stale (the publisher came
             # back before its old connection timed out): replace it, keep Feeds.
@@ -295,11 +310,37 @@ class Session:
     async def close_slot(self, grant: Grant, slot: str) -> None:
         """The expert stops a slot: every publication of it, and its Feeds, even
         those waiting for a publisher that dropped."""
+        if slot == MIC_SLOT:
+            self._check_grant(grant, VIEWERS, "publish")
+            self.interaction.release_mic(grant)  # closes the microphone's Feed
+            return
         self._check_grant(grant, PUBLISHERS, "publish")
         for ingest in [i for i in self.ingests.values() if i.slot == slot]:
             await self._close_ingest(ingest, final=True)
         for feed in [f for f in self.feeds.values() if f.slot == slot]:
             feed.close()
+
+    def _check_publisher(self, grant: Grant, slot: str) -> None:
+        if slot == MIC_SLOT:
+            self._check_grant(grant, VIEWERS, "publish")
+            self.interaction.check_mic_publisher(grant)
+            return
+        self._check_grant(grant, PUBLISHERS, "publish")
+        if slot not in self.theatre.slots:
+            raise NotFound(f"theatre {self.theatre.id} has no slot {slot!r} "
+                           f"(slots: {', '.join(self.theatre.slots)})", code="unknown_slot")
+
+    def _close_mic(self) -> None:
+        """The trainee microphone was taken back: its Feed closes at once."""
+        for ingest in [i for i in self.ingests.values() if i.slot == MIC_SLOT]:
+            self.ingests.pop(ingest.id, None)
+            self._track(ingest.close(final=True))
+        for feed in [f for f in self.feeds.values() if f.slot == MIC_SLOT]:
+            feed.close()
+
+    def _has_video_feed(self, feed_id: str) -> bool:
+        feed = self.feeds.get(feed_id)
+        return feed is not None and feed.kind == "video" and feed.state != "closed"
 
     async def _close_ingest(self, ingest: Ingest, *, final: bool) -> None:
         self.ingests.pop(ingest.id, None)
@@ -454,6 +495,11 @@ class Session:
         if closing:
             await asyncio.gather(*closing, return_exceptions=True)
         await self._drain()
+        for hook in list(self.end_hooks):
+            try:
+                await hook()
+            except Exception:
+                logger.exception("session %s: end hook failed", self.id)
         self._listeners.clear()
         if self._on_ended is not None:
             self._on_ended(self)

@@ -38,6 +38,8 @@ def make_config(**sections: dict[str, Any]) -> Config:
     sections.setdefault("server", {}).setdefault("port", unused_port())
     sections.setdefault("audit", {}).setdefault(
         "path", str(Path(tempfile.mkdtemp(prefix="scrubin-audit-")) / "audit.jsonl"))
+    sections.setdefault("recording", {}).setdefault(
+        "root", tempfile.mkdtemp(prefix="scrubin-recordings-"))
     sections["server"].setdefault("host", "127.0.0.1")
     return load_config(None, env={}, **sections)
 

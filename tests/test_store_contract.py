@@ -8,6 +8,7 @@ backend: two RedisStores on one Redis, or two MemoryStores on one MemoryState.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import time
 import uuid
@@ -22,6 +23,7 @@ from server.errors import Conflict, NotFound, Unavailable
 from server.roles import Role
 from server.store import (
     SESSION_STATES,
+    InviteRecord,
     MemoryState,
     Presence,
     PresenceEntry,
@@ -321,7 +323,9 @@ async def test_presence_rejects_a_bad_ttl(store: Store) -> None:
 
 async def test_presence_helper_refcounts_and_refreshes(nodes: Nodes, store: Store) -> None:
     other = nodes.open("node-b")
-    presence = Presence(store.presence, node_id="node-a", ttl_s=0.5, interval_s=0.1)
+    # A TTL well above the refresh interval: a loaded CI machine may delay the
+    # refresh loop by a few hundred milliseconds.
+    presence = Presence(store.presence, node_id="node-a", ttl_s=2.0, interval_s=0.1)
     with pytest.raises(ValueError):
         Presence(store.presence, node_id="node-a", ttl_s=1, interval_s=1)
     async with presence:
@@ -341,7 +345,7 @@ async def test_presence_helper_refcounts_and_refreshes(nodes: Nodes, store: Stor
         # writes it back; and it outlives its TTL because it is refreshed.
         await other.presence.withdraw("s1", "p2", "node-a")
         await eventually(lambda: other.presence.roster("s1"))
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(2.5)
         assert [e.name for e in await other.presence.roster("s1")] == ["Ada"]
         assert [e.participant_id for e in presence.entries()] == ["p2"]
     # Closing withdraws this Node's entries at once rather than by TTL.
@@ -444,6 +448,38 @@ async def test_single_use_with_redeemers_under_concurrency(store: Store) -> None
         store.invites.use_invite("inv-1", max_uses=1, expires_at=expires, redeemer=f"d{i}")
         for i in range(20)))
     assert results.count(True) == 1
+
+
+async def test_invite_records_are_listed_per_session_until_they_expire(
+        nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    now = time.time()
+
+    def record(invite_id: str, session: str = "s1", *, at: float = now,
+               lasts: float = 60.0) -> InviteRecord:
+        return InviteRecord(id=invite_id, session_id=session, role=Role.TRAINEE,
+                            name="Ana <b>", participant_id=f"p-{invite_id}", issued_at=at,
+                            expires_at=now + lasts, max_uses=3, created_by="Admin")
+
+    assert await store.invites.list_invites("s1") == []
+    await store.invites.put_invite(record("i2", at=now + 1))
+    await store.invites.put_invite(record("i1"))
+    await store.invites.put_invite(record("i3", "s2"))
+    await store.invites.put_invite(record("short", lasts=0.3))
+    await store.invites.put_invite(record("past", lasts=-1))  # stores nothing
+    listed = await other.invites.list_invites("s1")
+    assert [r.id for r in listed] == ["i1", "short", "i2"]  # oldest first, then by id
+    assert listed[0] == record("i1")  # every field round-trips
+    assert await other.invites.get_invite("s1", "i1") == record("i1")
+    assert await other.invites.get_invite("s2", "i1") is None
+    assert await other.invites.get_invite("s1", "past") is None
+    revoked = dataclasses.replace(record("i1"), revoked_at=now + 2)
+    await other.invites.put_invite(revoked)
+    assert await store.invites.get_invite("s1", "i1") == revoked
+    await asyncio.sleep(0.4)
+    assert [r.id for r in await store.invites.list_invites("s1")] == ["i1", "i2"]
+    assert await store.invites.get_invite("s1", "short") is None
+    assert [r.id for r in await store.invites.list_invites("s2")] == ["i3"]
 
 
 # -- rate limiting -------------------------------------------------------------
@@ -594,12 +630,15 @@ async def test_redis_keys_and_channels_carry_the_prefix(nodes: Nodes, store: Sto
     await store.invites.revoke_invite("j1", expires_at=now + 30)
     await store.invites.revoke_session("s1", before=now)
     await store.invites.use_invite("i1", max_uses=1, expires_at=now + 30)
+    await store.invites.put_invite(InviteRecord(
+        id="i1", session_id="s1", role=Role.TRAINEE, name="", participant_id="p",
+        issued_at=now, expires_at=now + 30))
     await store.rates.hit("ip:1", 1, 30)
     async with await store.events.subscribe("s1"):
         channels = [str(c) for c in await raw.pubsub_channels()]
         assert channels and all(c.startswith(nodes.prefix) for c in channels)
     keys = [str(k) async for k in raw.scan_iter()]
-    assert len(keys) >= 8
+    assert len(keys) >= 9
     assert all(k.startswith(nodes.prefix) for k in keys), keys
     # Everything that is not configuration expires by itself.
     for key in keys:

@@ -5,7 +5,12 @@
  * Session.
  */
 
-import { ScrubinClient, toScrubinError } from './protocol.js';
+import { MIC_SLOT, ScrubinClient, nowMs, toScrubinError } from './protocol.js';
+import { DrawingPad, FrameClock, TelestrationOverlay } from './telestration.js';
+import {
+  Toasts, button, clock, questionItem, renderChat, sortQuestions,
+} from './live.js';
+import { mountRecording } from './recording.js';
 import { forgetToken, takeToken } from './token.js';
 import {
   $, Banner, attachStream, joinFailure, confirmDialog, describeError, el, fromTemplate, showConnection,
@@ -28,6 +33,11 @@ const VIDEO_CONSTRAINTS = { width: { ideal: 1280 }, height: { ideal: 720 }, fram
  * @property {HTMLElement} pill
  * @property {HTMLElement} viewers
  * @property {HTMLButtonElement} stop
+ * @property {HTMLButtonElement} draw
+ * @property {TelestrationOverlay} overlay  drawings over the preview
+ * @property {DrawingPad} pad
+ * @property {FrameClock} frames            timing of the frame on screen, sent with drawings
+ * @property {boolean} subscribing          subscribing to this slot's Feed published elsewhere
  * @property {HTMLElement} error
  * @property {MediaStream|null} stream   local capture for this slot (preview and publish)
  * @property {number} generation         guards against overlapping device switches
@@ -41,6 +51,8 @@ const goLiveButton = /** @type {HTMLButtonElement} */ ($('#go-live'));
 const stopAllButton = /** @type {HTMLButtonElement} */ ($('#stop-all'));
 const endButton = /** @type {HTMLButtonElement} */ ($('#end-session'));
 const grid = $('#slot-grid');
+const toasts = new Toasts($('#toasts'));
+const sterileButton = /** @type {HTMLButtonElement} */ ($('#sterile-toggle'));
 
 /** @type {Map<string, SlotView>} */
 const slots = new Map();
@@ -48,6 +60,19 @@ const slots = new Map();
 const devices = { cameras: [], mics: [] };
 /** @type {WakeLockSentinel|null} */
 let wakeLock = null;
+
+/** The drawing tool and its settings (the toolbar). */
+const tool = /** @type {{kind: import('./protocol.js').Shape['kind'], color: string, width: number}} */ (
+  { kind: 'freehand', color: '#ff3b30', width: 4 });
+/** @type {SlotView|null} the slot being drawn on */
+let drawing = null;
+/** annotation id → when this page sent it (nowMs), for latency checks */
+const sentAt = new Map();
+/** Questions already seen, so only new ones are announced. */
+const seenQuestions = new Set();
+/** @type {HTMLAudioElement|null} the trainee microphone, played here */
+let micAudio = null;
+let micSubscribing = false;
 
 const token = takeToken();
 /** @type {ScrubinClient|null} */
@@ -64,6 +89,7 @@ if (!token) {
 
 /** @param {ScrubinClient} c */
 function start(c) {
+  mountRecording(c); // REC indicator; Record button for the expert
   c.addEventListener('state', (e) => {
     showConnection(connPill, /** @type {CustomEvent} */ (e).detail.state);
     renderAll();
@@ -75,6 +101,13 @@ function start(c) {
   });
   c.addEventListener('roster', () => renderRoster(c));
   c.addEventListener('feed', () => renderAll());
+  c.addEventListener('subscription', () => renderAll());
+  c.addEventListener('interaction', (e) => onInteraction(c, /** @type {CustomEvent} */ (e).detail));
+  c.addEventListener('presence', (e) => {
+    const { event, participant } = /** @type {CustomEvent} */ (e).detail;
+    if (c.interaction.sterile || participant.id === c.participant?.id) return;
+    toasts.show(`${participant.name || participant.role} ${event === 'joined' ? 'joined' : 'left'}`);
+  });
   c.addEventListener('publication', (e) => {
     const pub = /** @type {CustomEvent} */ (e).detail.publication;
     const view = slots.get(pub.slot);
@@ -124,7 +157,14 @@ function start(c) {
     goLive: () => goLive(c),
     stopAll: () => stopAll(c),
     slotState: (/** @type {string} */ slot) => slots.get(slot)?.card.dataset.state,
+    draw: (/** @type {string} */ slot) => setDrawing(c, slots.get(slot) || null),
+    overlay: (/** @type {string} */ slot) => slots.get(slot)?.overlay,
+    interaction: () => c.interaction,
+    /** annotation id → when this page sent it (nowMs) */
+    sentAt,
+    micAudio: () => micAudio,
   };
+  setUpInteraction(c);
 }
 
 /** First welcome: describe the Session and build one card per slot. */
@@ -141,8 +181,20 @@ function setUp(/** @type {ScrubinClient} */ c) {
     notice.hidden = false;
     /** @type {HTMLAnchorElement} */ ($('#watch-link')).href =
       `watch.html#token=${encodeURIComponent(c.token)}`;
+    if (c.participant?.role === 'admin') {
+      // An admin moderates: the queue, hands, microphone, chat, sterile focus.
+      $('#role-notice-text').textContent = 'You moderate this session: questions, hands, the '
+        + 'microphone, chat and sterile focus. The cameras are the expert\'s.';
+      $('#slots').hidden = true;
+      for (const node of document.querySelectorAll('.expert-only')) {
+        /** @type {HTMLElement} */ (node).hidden = true;
+      }
+      endButton.hidden = true;
+      return;
+    }
     $('.broadcast-layout').hidden = true;
     endButton.hidden = true;
+    sterileButton.hidden = true;
     return;
   }
   endButton.disabled = false;
@@ -169,12 +221,32 @@ function buildSlot(c, slot) {
     pill: $('.slot-state', card),
     viewers: $('.slot-viewers', card),
     stop: /** @type {HTMLButtonElement} */ ($('.slot-stop', card)),
+    draw: /** @type {HTMLButtonElement} */ ($('.slot-draw', card)),
     error: $('.slot-error', card),
     stream: null,
     generation: 0,
     busy: false,
     problem: '',
+    subscribing: false,
+    // Filled in just below (they need the video element).
+    overlay: /** @type {any} */ (null),
+    pad: /** @type {any} */ (null),
+    frames: /** @type {any} */ (null),
   };
+  const canvas = /** @type {HTMLCanvasElement} */ ($('.telestration', card));
+  view.overlay = new TelestrationOverlay(view.video, canvas);
+  view.frames = new FrameClock(view.video);
+  view.pad = new DrawingPad(view.overlay, {
+    tool: () => ({ ...tool, text: /** @type {HTMLInputElement} */ ($('#draw-text')).value }),
+    maxPoints: () => c.interaction.limits.points || 500,
+    onShape: (shape) => sendShape(c, view, shape),
+    onEmptyLabel: () => {
+      banner.show('Type the label text first, then click where it goes.', { level: 'info' });
+      /** @type {HTMLInputElement} */ ($('#draw-text')).focus();
+    },
+  });
+  view.draw.setAttribute('aria-label', `Draw on ${slotTitle(slot)}`);
+  view.draw.addEventListener('click', () => setDrawing(c, drawing === view ? null : view));
   view.camera.setAttribute('aria-label', `Camera for ${slotTitle(slot)}`);
   view.mic.setAttribute('aria-label', `Microphone for ${slotTitle(slot)}`);
   view.camera.addEventListener('change', () => capture(c, view));
@@ -482,6 +554,8 @@ const PUBLICATION_LABELS = {
 
 function renderAll() {
   if (!client) return;
+  syncPreviews(client);
+  syncMic(client);
   for (const view of slots.values()) renderSlot(client, view);
   const order = [...slots.keys()];
   const live = [...client.publications.values()]
@@ -511,9 +585,14 @@ function renderSlot(c, view) {
   /** @type {string} */
   let state;
   let label;
+  const remote = remoteFeed(c, view);
   if (pub) {
     state = pub.state;
     label = PUBLICATION_LABELS[pub.state] || pub.state;
+  } else if (remote) {
+    // Published by an encoder outside this page (WHIP): shown, and drawable.
+    state = remote.state === 'live' ? 'remote' : 'reconnecting';
+    label = remote.state === 'live' ? 'Live (encoder)' : 'Waiting for encoder';
   } else if (view.busy) {
     state = 'connecting';
     label = 'Connecting…';
@@ -540,6 +619,11 @@ function renderSlot(c, view) {
     : '';
   view.stop.hidden = !pub;
   view.stop.disabled = view.busy;
+  const drawable = c.feeds.has(`${view.slot}.video`) && c.participant?.role === 'expert';
+  view.draw.hidden = !drawable;
+  view.draw.setAttribute('aria-pressed', String(drawing === view));
+  view.draw.textContent = drawing === view ? 'Drawing…' : 'Draw';
+  if (!drawable && drawing === view) setDrawing(c, null);
   view.error.textContent = view.problem;
   view.error.hidden = !view.problem;
 }
@@ -551,10 +635,17 @@ function renderRoster(c) {
   const people = [...c.participants].sort((a, b) =>
     (a.role === 'expert' ? 0 : 1) - (b.role === 'expert' ? 0 : 1)
     || a.name.localeCompare(b.name));
-  list.replaceChildren(...people.map((p) => el('li', { class: 'roster-item', 'data-role': p.role },
-    el('span', { class: 'roster-name' }, p.name || p.role,
-      p.id === c.participant?.id ? el('span', { class: 'muted' }, ' (you)') : null),
-    el('span', { class: 'badge', 'data-role': p.role }, p.role))));
+  const mic = c.interaction.mic;
+  list.replaceChildren(...people.map((p) => el('li', { class: 'roster-item', 'data-role': p.role,
+    'data-participant': p.id },
+  el('span', { class: 'roster-name' }, p.name || p.role,
+    p.id === c.participant?.id ? el('span', { class: 'muted' }, ' (you)') : null),
+  p.role === 'trainee' && mic?.id !== p.id && !c.interaction.sterile
+    ? button('Give mic', () => act(c.grantMic(p.id)), { class: 'btn small give-mic',
+      'aria-label': `Give the microphone to ${p.name || 'this trainee'}` })
+    : null,
+  mic?.id === p.id ? el('span', { class: 'pill', 'data-state': 'live' }, 'mic') : null,
+  el('span', { class: 'badge', 'data-role': p.role }, p.role))));
   $('#roster-empty').hidden = people.some((p) => p.id !== c.participant?.id);
 }
 
@@ -566,4 +657,252 @@ function showEnded(title, reason) {
   goLiveButton.disabled = true;
   stopAllButton.disabled = true;
   endButton.disabled = true;
+}
+
+// -- live interaction ----------------------------------------------------------
+
+/** Report a failed request in the banner. @param {Promise<unknown>} promise */
+function act(promise) {
+  promise.catch((err) => banner.show(describeError(toScrubinError(err))));
+}
+
+/** @param {ScrubinClient} c @param {SlotView|null} view */
+function setDrawing(c, view) {
+  if (drawing && drawing !== view) {
+    drawing.pad.enable(false);
+    drawing.frames.stop();
+    drawing.card.classList.remove('drawing');
+  }
+  drawing = view;
+  const toolbar = $('#draw-toolbar');
+  toolbar.hidden = !view;
+  if (view) {
+    view.card.classList.add('drawing');
+    view.pad.enable(true);
+    view.frames.start();
+    $('#draw-target').textContent = `Drawing on ${slotTitle(view.slot)}`;
+    toolbar.scrollIntoView({ block: 'start' });
+    // The picture just grew: redraw at the new size.
+    requestAnimationFrame(() => view.overlay.render());
+  }
+  for (const v of slots.values()) {
+    v.draw.setAttribute('aria-pressed', String(v === drawing));
+    v.draw.textContent = v === drawing ? 'Drawing…' : 'Draw';
+  }
+  return Boolean(view);
+}
+
+/** @param {ScrubinClient} c @param {SlotView} view @param {import('./protocol.js').Shape} shape */
+function sendShape(c, view, shape) {
+  const media = view.frames.media();
+  const started = nowMs();
+  const pinned = /** @type {HTMLInputElement} */ ($('#draw-pin')).checked;
+  const fadeS = Number(/** @type {HTMLSelectElement} */ ($('#draw-fade')).value) || undefined;
+  c.annotate(`${view.slot}.video`, shape, { pinned, fadeS, media })
+    .then((annotation) => sentAt.set(annotation.id, started))
+    .catch((err) => banner.show(describeError(toScrubinError(err))));
+}
+
+/** A video Feed of this slot published by someone else (an encoder), if any. */
+function remoteFeed(/** @type {ScrubinClient} */ c, /** @type {SlotView} */ view) {
+  if (c.publications.has(view.slot) || view.stream) return null;
+  return c.feeds.get(`${view.slot}.video`) || null;
+}
+
+/**
+ * Each preview shows the local camera, or else the slot's Feed from an
+ * external encoder (subscribed), so the expert can draw on every Feed.
+ * @param {ScrubinClient} c
+ */
+function syncPreviews(c) {
+  for (const view of slots.values()) {
+    const id = `${view.slot}.video`;
+    const remote = remoteFeed(c, view);
+    const sub = c.subscriptions.get(id);
+    if (remote && !sub && !view.subscribing && c.state === 'open') {
+      view.subscribing = true;
+      c.subscribe(id).catch(() => {}).finally(() => {
+        view.subscribing = false;
+        renderAll();
+      });
+    } else if (!remote && sub) {
+      c.unsubscribe(id).catch(() => {});
+    }
+    const local = view.stream && view.stream.getVideoTracks().length ? view.stream : null;
+    const stream = remote && sub ? sub.stream : local;
+    if (view.video.srcObject !== stream) attachStream(view.video, stream);
+  }
+}
+
+/** Play the trainee microphone when a trainee has it. @param {ScrubinClient} c */
+function syncMic(c) {
+  const id = `${MIC_SLOT}.audio`;
+  if (c.feeds.has(id) && !c.subscriptions.has(id) && !micSubscribing && c.state === 'open') {
+    micSubscribing = true;
+    c.subscribe(id).catch(() => {}).finally(() => {
+      micSubscribing = false;
+      renderAll();
+    });
+  }
+  const sub = c.subscriptions.get(id);
+  if (sub) {
+    if (!micAudio) {
+      micAudio = /** @type {HTMLAudioElement} */ (el('audio', { autoplay: true, 'data-feed': id }));
+      $('#mic-sinks').append(micAudio);
+    }
+    if (micAudio.srcObject !== sub.stream) {
+      micAudio.srcObject = sub.stream;
+      micAudio.play().catch(() => {});
+    }
+  } else if (micAudio) {
+    micAudio.srcObject = null;
+    micAudio.remove();
+    micAudio = null;
+  }
+}
+
+/** @param {ScrubinClient} c @param {{type: string, message: any}} detail */
+function onInteraction(c, { type, message }) {
+  const live = c.interaction;
+  if (type === 'interaction_state') {
+    for (const id of live.questions.keys()) seenQuestions.add(id);
+  } else if (type === 'question' && !seenQuestions.has(message.question.id)) {
+    seenQuestions.add(message.question.id);
+    if (!live.sterile) toasts.show(`Question from ${message.question.author.name}`);
+  } else if (type === 'hand' && message.raised && !live.sterile) {
+    toasts.show(`${message.participant.name} raised a hand`, { level: 'warn' });
+  } else if (type === 'sterile') {
+    toasts.show(message.on ? 'Sterile focus on: trainees are silenced.'
+      : 'Sterile focus off.', { level: 'warn' });
+  }
+  renderInteraction(c);
+}
+
+/** @param {ScrubinClient} c */
+function setUpInteraction(c) {
+  for (const b of document.querySelectorAll('#draw-toolbar [data-tool]')) {
+    b.addEventListener('click', () => {
+      tool.kind = /** @type {any} */ (/** @type {HTMLElement} */ (b).dataset.tool);
+      for (const o of document.querySelectorAll('#draw-toolbar [data-tool]')) {
+        o.setAttribute('aria-pressed', String(o === b));
+      }
+      if (tool.kind === 'label') /** @type {HTMLInputElement} */ ($('#draw-text')).focus();
+    });
+  }
+  for (const b of document.querySelectorAll('#draw-toolbar [data-color]')) {
+    b.addEventListener('click', () => {
+      tool.color = /** @type {HTMLElement} */ (b).dataset.color || tool.color;
+      for (const o of document.querySelectorAll('#draw-toolbar [data-color]')) {
+        o.setAttribute('aria-pressed', String(o === b));
+      }
+    });
+  }
+  $('#draw-clear').addEventListener('click', () => {
+    if (drawing) act(c.clearAnnotations(`${drawing.slot}.video`));
+  });
+  $('#draw-done').addEventListener('click', () => setDrawing(c, null));
+  sterileButton.addEventListener('click', () => act(c.setSterile(!c.interaction.sterile)));
+  $('#mic-take-back').addEventListener('click', () => act(c.revokeMic()));
+
+  const stepInput = /** @type {HTMLInputElement} */ ($('#step-input'));
+  $('#step-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const name = stepInput.value.trim();
+    if (!name) return;
+    act(c.mark(name, 'step').then(() => { stepInput.value = ''; }));
+  });
+  $('#bookmark').addEventListener('click', () => bookmark(c));
+
+  const chatInput = /** @type {HTMLInputElement} */ ($('#chat-input'));
+  $('#chat-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const text = chatInput.value.trim();
+    if (!text) return;
+    act(c.chat(text).then(() => { chatInput.value = ''; }));
+  });
+
+  document.addEventListener('keydown', (event) => {
+    if (event.altKey || event.ctrlKey || event.metaKey || c.participant?.role !== 'expert') return;
+    const target = /** @type {HTMLElement} */ (event.target);
+    if (target.closest('input, select, textarea, dialog')) return;
+    const key = event.key.toLowerCase();
+    if (key === 'n') {
+      const { steps, currentStep } = c.interaction;
+      const next = steps[currentStep === null ? 0 : steps.indexOf(currentStep) + 1];
+      if (next) act(c.mark(next, 'step'));
+    } else if (key === 'b') {
+      bookmark(c);
+    } else if (key === 'd') {
+      const first = [...slots.values()].find((v) => !v.draw.hidden);
+      setDrawing(c, drawing ? null : first || null);
+    } else if (key === 'escape' && drawing) {
+      setDrawing(c, null);
+    } else {
+      return;
+    }
+    event.preventDefault();
+  });
+}
+
+/** A bookmark named by the step box, or numbered. @param {ScrubinClient} c */
+function bookmark(c) {
+  const input = /** @type {HTMLInputElement} */ ($('#step-input'));
+  const count = c.interaction.marks.filter((m) => m.kind === 'bookmark').length;
+  const name = input.value.trim() || `Bookmark ${count + 1}`;
+  act(c.mark(name, 'bookmark').then(() => {
+    input.value = '';
+    toasts.show(`Bookmarked “${name}” at ${clock(c.interaction.sessionTime())}`);
+  }));
+}
+
+/** @param {ScrubinClient} c */
+function renderInteraction(c) {
+  const live = c.interaction;
+  for (const view of slots.values()) view.overlay.show(`${view.slot}.video`, live.annotations.values());
+
+  // Steps: one click marks one.
+  const current = $('#current-step');
+  const lastStep = [...live.marks].reverse().find((m) => m.kind === 'step');
+  current.dataset.empty = String(!live.currentStep);
+  current.textContent = live.currentStep
+    ? `Now: ${live.currentStep}${lastStep ? ` (since ${clock(lastStep.t)})` : ''}`
+    : 'No step marked yet.';
+  const expert = c.participant?.role === 'expert';
+  $('#step-list').replaceChildren(...live.steps.map((name) => el('li', {},
+    expert ? button(name, () => act(c.mark(name, 'step')), {
+      class: 'btn small step', 'data-current': String(name === live.currentStep),
+      'aria-pressed': String(name === live.currentStep),
+    }) : el('span', { class: 'btn small step', 'data-current': String(name === live.currentStep) },
+      name))));
+
+  // Questions: the queue, open ones first by votes.
+  const questions = sortQuestions([...live.questions.values()]);
+  $('#question-count').textContent = String(questions.filter((q) => q.status === 'open').length);
+  $('#questions-empty').hidden = questions.length > 0;
+  $('#question-queue').replaceChildren(...questions.map((q) => questionItem(q,
+    ...(q.status === 'open'
+      ? [button('Answered', () => act(c.setQuestionStatus(q.id, 'answered')), { class: 'btn small answer' }),
+        button('Dismiss', () => act(c.setQuestionStatus(q.id, 'dismissed')), { class: 'btn small ghost dismiss' })]
+      : [button('Reopen', () => act(c.setQuestionStatus(q.id, 'open')), { class: 'btn small ghost reopen' })]))));
+
+  // Hands and the microphone.
+  const mic = live.mic;
+  $('#mic-status').textContent = mic ? `${mic.name} has the microphone.`
+    : 'Nobody has the microphone.';
+  $('#mic-take-back').hidden = !mic;
+  const hands = [...live.hands.values()].sort((a, b) => a.t - b.t);
+  $('#hands-empty').hidden = hands.length > 0;
+  $('#hand-list').replaceChildren(...hands.map((h) => el('li', { class: 'hand-item', 'data-participant': h.participant.id },
+    el('span', { class: 'hand-name' }, `✋ ${h.participant.name}`),
+    live.sterile ? null : button('Give mic', () => act(c.grantMic(h.participant.id)), { class: 'btn small give-mic' }),
+    button('Lower', () => act(c.lowerHand(h.participant.id)), { class: 'btn small ghost' }))));
+
+  renderChat($('#chat-log'), live.chat, c.participant?.id);
+
+  sterileButton.disabled = c.state !== 'open';
+  sterileButton.setAttribute('aria-pressed', String(live.sterile));
+  sterileButton.textContent = live.sterile ? 'Sterile focus: ON' : 'Sterile focus';
+  $('#sterile-strip').hidden = !live.sterile;
+  document.body.dataset.sterile = String(live.sterile);
+  renderRoster(c);
 }

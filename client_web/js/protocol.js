@@ -29,6 +29,10 @@
  * - `error`        {error, request}                     any error from the server or a failed recovery
  * - `publication`  {publication}                        a publication's state changed
  * - `subscription` {subscription}                       a Subscription's state or stream changed
+ * - `interaction`  {type, message}                      live interaction changed (`type` is the
+ *                                                       server message type, or `interaction_state`
+ *                                                       after a (re)join); read `client.interaction`
+ * - `presence`     {event: 'joined'|'left', participant} (experts and admins only)
  */
 
 /**
@@ -45,7 +49,155 @@
  * @typedef {'idle'|'connecting'|'open'|'reconnecting'|'ended'|'failed'|'closed'} ClientState
  * @typedef {'connecting'|'live'|'reconnecting'|'failed'|'stopped'} PublicationState
  * @typedef {'connecting'|'connected'|'reconnecting'|'failed'|'closed'} SubscriptionState
+ * @typedef {{id: string, name: string}} Person
+ * @typedef {{kind: 'freehand'|'arrow'|'circle'|'label', color: string, width: number,
+ *            points: [number, number][], text?: string}} Shape
+ * @typedef {{id: string, feed: string, shape: Shape, pinned: boolean, fade_s: number, t: number,
+ *            expires_t: number|null, by: Person, media: Record<string, number>}} Annotation
+ * @typedef {{annotation: Annotation, expiresAt: number|null, receivedAt: number}} LiveAnnotation
+ * @typedef {{id: string, text: string, author: Person, t: number, votes: number,
+ *            status: 'open'|'answered'|'dismissed', held: boolean}} Question
+ * @typedef {{id: string, kind: 'step'|'bookmark', name: string, t: number, by: Person}} Mark
+ * @typedef {{id: string, text: string, by: Person & {role: string}, t: number}} ChatMessage
+ * @typedef {{participant: Person, t: number}} Hand
  */
+
+/** The slot a trainee given the microphone publishes into (audio only). */
+export const MIC_SLOT = 'trainee-mic';
+
+/** Server messages that change the live interaction state. */
+const INTERACTION_MESSAGES = new Set([
+  'annotation', 'annotations_cleared', 'mark', 'question', 'questions', 'chat', 'hand', 'mic',
+  'sterile',
+]);
+
+/** Wall-clock milliseconds with sub-millisecond precision (same clock in every tab). */
+export function nowMs() {
+  return performance.timeOrigin + performance.now();
+}
+
+/**
+ * The live interaction of the Session as this participant sees it: drawings,
+ * steps, questions, chat, hands, microphone, sterile focus. Plain data, kept
+ * up to date by the client from the server's messages.
+ */
+export class InteractionState {
+  constructor() {
+    this.synced = false;
+    /** Session clock anchor: `t` seconds at local time `at` (ms, nowMs()). */
+    this.clock = { t: 0, at: nowMs() };
+    this.startedAt = 0;
+    this.procedure = '';
+    /** @type {string[]} */
+    this.steps = [];
+    /** @type {string|null} */
+    this.currentStep = null;
+    /** @type {Mark[]} */
+    this.marks = [];
+    /** @type {Map<string, LiveAnnotation>} */
+    this.annotations = new Map();
+    /** @type {Map<string, Question>} */
+    this.questions = new Map();
+    /** @type {Set<string>} questions this participant voted for */
+    this.voted = new Set();
+    /** @type {ChatMessage[]} */
+    this.chat = [];
+    /** @type {Map<string, Hand>} raised hands (experts see all; trainees their own) */
+    this.hands = new Map();
+    /** @type {Person|null} */
+    this.mic = null;
+    this.sterile = false;
+    /** @type {Record<string, number>} */
+    this.limits = { text_chars: 500, step_chars: 120, points: 500, fade_default_s: 8,
+      fade_min_s: 1, fade_max_s: 600 };
+  }
+
+  /** The Session clock now: seconds since the Session started. */
+  sessionTime() {
+    return this.clock.t + (nowMs() - this.clock.at) / 1000;
+  }
+
+  /**
+   * @param {Annotation} annotation
+   * @param {number} t  the server clock when the message was sent
+   */
+  putAnnotation(annotation, t) {
+    const receivedAt = nowMs();
+    const expiresAt = annotation.expires_t === null || annotation.expires_t === undefined
+      ? null : receivedAt + (annotation.expires_t - t) * 1000;
+    this.annotations.set(annotation.id, { annotation, expiresAt, receivedAt });
+    this.pruneAnnotations();
+  }
+
+  pruneAnnotations() {
+    const now = nowMs();
+    for (const [id, live] of this.annotations) {
+      if (live.expiresAt !== null && live.expiresAt < now) this.annotations.delete(id);
+    }
+  }
+
+  /** @param {any} state an `interaction_state` message */
+  reset(state) {
+    this.synced = true;
+    this.clock = { t: Number(state.t) || 0, at: nowMs() };
+    this.startedAt = Number(state.started_at) || 0;
+    this.procedure = String(state.procedure || '');
+    this.steps = Array.isArray(state.steps) ? state.steps : [];
+    this.currentStep = state.current_step ?? null;
+    this.marks = Array.isArray(state.marks) ? state.marks : [];
+    this.annotations = new Map();
+    for (const a of state.annotations || []) this.putAnnotation(a, this.clock.t);
+    this.questions = new Map((state.questions || []).map((/** @type {Question} */ q) => [q.id, q]));
+    this.voted = new Set(state.voted || []);
+    this.chat = Array.isArray(state.chat) ? state.chat : [];
+    this.hands = new Map((state.hands || []).map((/** @type {Hand} */ h) => [h.participant.id, h]));
+    this.mic = state.mic || null;
+    this.sterile = Boolean(state.sterile);
+    if (state.limits) this.limits = { ...this.limits, ...state.limits };
+  }
+
+  /** @param {any} msg one of INTERACTION_MESSAGES */
+  apply(msg) {
+    switch (msg.type) {
+      case 'annotation':
+        this.putAnnotation(msg.annotation, Number(msg.t) || 0);
+        break;
+      case 'annotations_cleared':
+        for (const [id, live] of this.annotations) {
+          if (!msg.feed || live.annotation.feed === msg.feed) this.annotations.delete(id);
+        }
+        break;
+      case 'mark':
+        this.marks.push(msg.mark);
+        if (this.marks.length > 1000) this.marks.shift();
+        if (Array.isArray(msg.steps)) this.steps = msg.steps;
+        this.currentStep = msg.current_step ?? null;
+        break;
+      case 'question':
+        this.questions.set(msg.question.id, msg.question);
+        break;
+      case 'questions':
+        this.questions = new Map((msg.questions || []).map((/** @type {Question} */ q) => [q.id, q]));
+        break;
+      case 'chat':
+        if (!this.chat.some((m) => m.id === msg.message.id)) this.chat.push(msg.message);
+        if (this.chat.length > 200) this.chat.shift();
+        break;
+      case 'hand':
+        if (msg.raised) this.hands.set(msg.participant.id, { participant: msg.participant, t: msg.t });
+        else this.hands.delete(msg.participant.id);
+        break;
+      case 'mic':
+        this.mic = msg.holder || null;
+        break;
+      case 'sterile':
+        this.sterile = Boolean(msg.on);
+        break;
+      default:
+        break;
+    }
+  }
+}
 
 /** An error the server (or this client) reports in the protocol's error shape. */
 export class ScrubinError extends Error {
@@ -272,6 +424,8 @@ export class ScrubinClient extends EventTarget {
     this.fatalError = null;
     /** @type {string} */
     this.endReason = '';
+    /** Drawings, steps, questions, chat, hands, microphone, sterile focus. */
+    this.interaction = new InteractionState();
 
     /** @type {WebSocket|null} */
     this._ws = null;
@@ -501,6 +655,11 @@ export class ScrubinClient extends EventTarget {
       return;
     }
 
+    if (INTERACTION_MESSAGES.has(msg.type)) {
+      this.interaction.apply(msg);
+      this._emit('interaction', { type: msg.type, message: msg });
+      return;
+    }
     switch (msg.type) {
       case 'feed':
         if (msg.feed) this._onFeed(msg.feed);
@@ -509,6 +668,12 @@ export class ScrubinClient extends EventTarget {
         this.participants = Array.isArray(msg.participants) ? msg.participants : [];
         this.viewers = Number(msg.viewers) || 0;
         this._emit('roster', { participants: this.participants, viewers: this.viewers });
+        break;
+      case 'presence':
+        this._emit('presence', { event: msg.event, participant: msg.participant });
+        break;
+      case 'recording': // {state: on|off|failed, since, error?} (client_web/js/recording.js)
+        this._emit('recording', { recording: msg });
         break;
       case 'session_ended':
         this._ended(msg.reason || 'ended');
@@ -547,6 +712,15 @@ export class ScrubinClient extends EventTarget {
       this._firstWelcome = null;
     }
     if (reconnected) this._resync();
+    this._syncInteraction();
+  }
+
+  /** Fetch the interaction state after every (re)join: events may have been missed. */
+  _syncInteraction() {
+    this.request({ type: 'interaction_sync' }).then((state) => {
+      this.interaction.reset(state);
+      this._emit('interaction', { type: 'interaction_state', message: state });
+    }, () => { /* disconnected meanwhile: the next welcome asks again */ });
   }
 
   /** @param {Feed} feed */
@@ -1091,6 +1265,109 @@ export class ScrubinClient extends EventTarget {
     if (error) sub.error = toScrubinError(error);
     else if (state === 'connected') sub.error = null;
     this._emit('subscription', { subscription: sub, streamChanged });
+  }
+
+  // -- live interaction ---------------------------------------------------
+
+  /**
+   * Draw on a video Feed (expert). Coordinates are normalised to the video's
+   * picture (0–1, letterboxing excluded).
+   * @param {string} feed
+   * @param {Shape} shape
+   * @param {{pinned?: boolean, fadeS?: number, media?: Record<string, number>}} [options]
+   * @returns {Promise<Annotation>}
+   */
+  async annotate(feed, shape, options = {}) {
+    /** @type {Record<string, unknown>} */
+    const message = { type: 'annotate', feed, shape, pinned: Boolean(options.pinned) };
+    if (options.fadeS !== undefined) message.fade_s = options.fadeS;
+    if (options.media) message.media = options.media;
+    const reply = await this.request(/** @type {any} */ (message));
+    return reply.annotation;
+  }
+
+  /** @param {string} id @param {boolean} pinned */
+  async pinAnnotation(id, pinned) {
+    return (await this.request({ type: 'annotation_pin', annotation: id, pinned })).annotation;
+  }
+
+  /** Clear the drawings of one Feed, or of all (expert, admin). @param {string|null} [feed] */
+  async clearAnnotations(feed = null) {
+    await this.request(feed ? { type: 'annotations_clear', feed } : { type: 'annotations_clear' });
+  }
+
+  /**
+   * Mark a procedure step (it becomes the current one) or a bookmark (expert).
+   * @param {string} name @param {'step'|'bookmark'} [kind]
+   * @returns {Promise<Mark>}
+   */
+  async mark(name, kind = 'step') {
+    return (await this.request({ type: 'mark', name, kind })).mark;
+  }
+
+  /** Ask a question (trainee). @param {string} text @returns {Promise<Question>} */
+  async ask(text) {
+    const { question } = await this.request({ type: 'ask', text });
+    this.interaction.questions.set(question.id, question);
+    this._emit('interaction', { type: 'question', message: { type: 'question', question } });
+    return question;
+  }
+
+  /** Upvote (or take back a vote for) someone else's question (trainee). */
+  async vote(/** @type {string} */ id, up = true) {
+    const reply = await this.request({ type: 'vote', question: id, up });
+    if (up) this.interaction.voted.add(id);
+    else this.interaction.voted.delete(id);
+    this.interaction.questions.set(id, reply.question);
+    this._emit('interaction', { type: 'question', message: { type: 'question', question: reply.question } });
+    return reply.question;
+  }
+
+  /**
+   * Mark a question answered, dismissed or open again (expert, admin).
+   * @param {string} id @param {'open'|'answered'|'dismissed'} status
+   */
+  async setQuestionStatus(id, status) {
+    return (await this.request({ type: 'question_status', question: id, status })).question;
+  }
+
+  /** Say something in the Session's chat. @param {string} text */
+  async chat(text) {
+    return (await this.request({ type: 'chat', text })).message;
+  }
+
+  /** Raise or lower this trainee's hand. */
+  async raiseHand(raised = true) {
+    const reply = await this.request({ type: 'hand', raised });
+    return reply.raised;
+  }
+
+  /** Lower someone's hand (expert, admin). @param {string} participantId */
+  async lowerHand(participantId) {
+    await this.request({ type: 'hand', raised: false, participant: participantId });
+  }
+
+  /** Give a trainee the microphone; whoever had it loses it (expert, admin). */
+  async grantMic(/** @type {string} */ participantId) {
+    return (await this.request({ type: 'mic_grant', participant: participantId })).mic;
+  }
+
+  /** Take the microphone back (expert, admin), or give it back (its holder). */
+  async revokeMic() {
+    await this.request({ type: 'mic_revoke' });
+  }
+
+  /** Sterile focus: silence every trainee input (expert, admin). */
+  async setSterile(/** @type {boolean} */ on) {
+    await this.request({ type: 'sterile', on });
+  }
+
+  /**
+   * The trainee given the microphone publishes it (audio only).
+   * @param {MediaStreamTrack} track
+   */
+  publishMic(track) {
+    return this.publish(MIC_SLOT, [track]);
   }
 
   // -- moderation ---------------------------------------------------------

@@ -9,7 +9,10 @@
  * only shows "waiting for camera" and never resubscribes for it.
  */
 
-import { ScrubinClient, toScrubinError } from './protocol.js';
+import { MIC_SLOT, ScrubinClient, toScrubinError } from './protocol.js';
+import { TelestrationOverlay } from './telestration.js';
+import { Toasts, button, clock, questionItem, renderChat, sortQuestions } from './live.js';
+import { mountRecording } from './recording.js';
 import { forgetToken, takeToken } from './token.js';
 import {
   $, Banner, attachStream, joinFailure, describeError, el, fromTemplate, showConnection, slotTitle,
@@ -31,6 +34,14 @@ const audioToggle = /** @type {HTMLButtonElement} */ ($('#audio-toggle'));
 const enableAudioButton = /** @type {HTMLButtonElement} */ ($('#enable-audio'));
 const thumbList = $('#thumb-list');
 const audioSinks = $('#audio-sinks');
+const toasts = new Toasts($('#toasts'));
+const handButton = /** @type {HTMLButtonElement} */ ($('#hand-toggle'));
+const telestration = new TelestrationOverlay(mainVideo,
+  /** @type {HTMLCanvasElement} */ ($('#main-telestration')));
+/** @type {MediaStreamTrack|null} this trainee's microphone, while it has it */
+let micTrack = null;
+/** Starting the microphone (getUserMedia, publish) is under way. */
+let micStarting = false;
 
 /** @type {string|null} Feed shown in the main view */
 let mainFeedId = null;
@@ -68,9 +79,11 @@ if (!token) {
 
 /** @param {ScrubinClient} c */
 function start(c) {
+  mountRecording(c); // REC indicator; Record button for the expert
   c.addEventListener('state', (e) => {
     showConnection(connPill, /** @type {CustomEvent} */ (e).detail.state);
     render(c);
+    renderLive(c);
   });
   c.addEventListener('welcome', (e) => {
     const { reconnected } = /** @type {CustomEvent} */ (e).detail;
@@ -81,6 +94,11 @@ function start(c) {
   c.addEventListener('feed', () => {
     syncSubscriptions(c);
     render(c);
+  });
+  c.addEventListener('interaction', (e) => onInteraction(c, /** @type {CustomEvent} */ (e).detail));
+  c.addEventListener('publication', (e) => {
+    const pub = /** @type {CustomEvent} */ (e).detail.publication;
+    if (pub.slot === MIC_SLOT && (pub.state === 'stopped' || pub.state === 'failed')) stopMic();
   });
   c.addEventListener('subscription', (e) => {
     const { subscription, streamChanged } = /** @type {CustomEvent} */ (e).detail;
@@ -178,7 +196,13 @@ function start(c) {
     audioElements: () => [...audioElements.values()],
     overlayText: () => (overlay.hidden ? '' : overlayText.textContent),
     audio: () => ({ wanted: audioWanted, blocked: audioBlocked }),
+    telestration,
+    /** when an annotation was first drawn on this page (nowMs), by id */
+    drawnAt: (/** @type {string} */ id) => telestration.drawnAt.get(id) ?? null,
+    interaction: () => c.interaction,
+    micTrack: () => micTrack,
   };
+  setUpInteraction(c);
 }
 
 /** @param {ScrubinClient} c */
@@ -199,6 +223,7 @@ function syncSubscriptions(/** @type {ScrubinClient} */ c) {
   const now = Date.now();
   for (const feed of c.feeds.values()) {
     if (c.subscriptions.has(feed.id) || subscribing.has(feed.id)) continue;
+    if (feed.slot === MIC_SLOT && c.publications.has(MIC_SLOT)) continue; // our own voice
     if ((retryAfter.get(feed.id) || 0) > now) continue;
     subscribing.add(feed.id);
     c.subscribe(feed.id)
@@ -271,6 +296,7 @@ function renderMain(c) {
     attachStream(mainVideo, stream);
   }
   $('#main-name').textContent = feed ? slotTitle(feed.slot) : '';
+  telestration.show(mainFeedId, c.interaction.annotations.values());
   const pill = $('#main-state');
 
   /** @type {[string, string]} state, message ('' hides the overlay) */
@@ -365,7 +391,8 @@ function renderThumbs(c) {
 
 /** @param {ScrubinClient} c */
 function renderAudio(c) {
-  const feeds = [...c.feeds.values()].filter((f) => f.kind === 'audio');
+  const feeds = [...c.feeds.values()].filter((f) => f.kind === 'audio'
+    && !(f.slot === MIC_SLOT && c.publications.has(MIC_SLOT)));
   for (const [id, audio] of audioElements) {
     const sub = c.subscriptions.get(id);
     if (!sub || !feeds.some((f) => f.id === id)) {
@@ -442,4 +469,156 @@ function showEnded(title, reason) {
   overlay.hidden = true;
   audioToggle.disabled = true;
   enableAudioButton.hidden = true;
+  handButton.disabled = true;
+  stopMic();
+}
+
+// -- live interaction ----------------------------------------------------------
+
+/** Report a failed request in the banner. @param {Promise<unknown>} promise */
+function act(promise) {
+  promise.catch((err) => banner.show(describeError(toScrubinError(err))));
+}
+
+/** @param {ScrubinClient} c */
+function setUpInteraction(c) {
+  const askInput = /** @type {HTMLInputElement} */ ($('#ask-input'));
+  $('#ask-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const text = askInput.value.trim();
+    if (!text) return;
+    act(c.ask(text).then(() => { askInput.value = ''; }));
+  });
+  const chatInput = /** @type {HTMLInputElement} */ ($('#chat-input'));
+  $('#chat-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const text = chatInput.value.trim();
+    if (!text) return;
+    act(c.chat(text).then(() => { chatInput.value = ''; }));
+  });
+  handButton.addEventListener('click', () => {
+    const raised = c.participant ? c.interaction.hands.has(c.participant.id) : false;
+    act(c.raiseHand(!raised).then((now) => {
+      const id = c.participant?.id;
+      if (!id) return;
+      if (now) c.interaction.hands.set(id, { participant: { id, name: c.participant?.name || '' }, t: 0 });
+      else c.interaction.hands.delete(id);
+      renderLive(c);
+    }));
+  });
+  $('#mic-give-back').addEventListener('click', () => act(c.revokeMic()));
+}
+
+/** @param {ScrubinClient} c @param {{type: string, message: any}} detail */
+function onInteraction(c, { type, message }) {
+  const me = c.participant?.id;
+  if (type === 'question' && message.question.author.id === me && message.question.status !== 'open') {
+    toasts.show(`Your question was ${message.question.status}.`);
+  } else if (type === 'sterile') {
+    toasts.show(message.on ? 'Sterile focus: the surgeon needs quiet.' : 'Sterile focus is over.',
+      { level: 'warn' });
+  } else if (type === 'mark' && message.mark.kind === 'step') {
+    toasts.show(`Step: ${message.mark.name}`);
+  }
+  syncMic(c);
+  renderLive(c);
+  if (type === 'annotation' || type === 'annotations_cleared' || type === 'interaction_state') {
+    telestration.show(mainFeedId, c.interaction.annotations.values());
+  }
+}
+
+/**
+ * The microphone follows the grant: given, this page publishes it (audio
+ * only); taken back, the server closes its Feed and this page stops it.
+ * @param {ScrubinClient} c
+ */
+function syncMic(c) {
+  const mine = Boolean(c.participant && c.interaction.mic?.id === c.participant.id);
+  if (mine && !micTrack && !micStarting) {
+    micStarting = true;
+    toasts.show('The surgeon gave you the microphone.', { level: 'warn' });
+    navigator.mediaDevices.getUserMedia({ audio: true, video: false })
+      .then(async (stream) => {
+        const track = stream.getAudioTracks()[0];
+        if (!c.interaction.mic || c.interaction.mic.id !== c.participant?.id) {
+          track.stop();
+          return;
+        }
+        micTrack = track;
+        await c.publishMic(track);
+      })
+      .catch((err) => {
+        stopMic();
+        banner.show(`Cannot use your microphone: ${describeError(toScrubinError(err))}`);
+      })
+      .finally(() => {
+        micStarting = false;
+        renderLive(c);
+      });
+  } else if (!mine && micTrack) {
+    stopMic();
+    c.unpublish(MIC_SLOT).catch(() => {});
+  }
+}
+
+function stopMic() {
+  micTrack?.stop();
+  micTrack = null;
+}
+
+/** @param {ScrubinClient} c */
+function renderLive(c) {
+  const live = c.interaction;
+  const me = c.participant?.id;
+  const open = c.state === 'open';
+
+  // Steps: the list, the current one highlighted and on the picture.
+  const done = new Set(live.marks.filter((m) => m.kind === 'step').map((m) => m.name));
+  $('#step-list').replaceChildren(...live.steps.map((name) => el('li', {
+    class: 'step', 'data-current': String(name === live.currentStep), 'data-done': String(done.has(name)),
+  }, name)));
+  $('#steps-empty').hidden = Boolean(live.currentStep);
+  const stepNow = $('#step-now');
+  const lastStep = [...live.marks].reverse().find((m) => m.kind === 'step');
+  stepNow.hidden = !live.currentStep;
+  stepNow.textContent = live.currentStep
+    ? `${live.currentStep}${lastStep ? ` · ${clock(lastStep.t)}` : ''}` : '';
+
+  // Questions: everyone's, with upvotes for others'.
+  const questions = sortQuestions([...live.questions.values()].filter((q) => q.status !== 'dismissed'
+    || q.author.id === me));
+  $('#question-count').textContent = String(questions.filter((q) => q.status === 'open').length);
+  $('#questions-empty').hidden = questions.length > 0;
+  $('#question-list').replaceChildren(...questions.map((q) => {
+    if (q.author.id === me || q.status !== 'open' || c.participant?.role !== 'trainee') {
+      return questionItem(q);
+    }
+    const voted = live.voted.has(q.id);
+    return questionItem(q, button(voted ? 'Voted' : 'Upvote', () => act(c.vote(q.id, !voted)), {
+      class: 'btn small vote', 'aria-pressed': String(voted),
+      'aria-label': `${voted ? 'Remove your vote for' : 'Upvote'} this question`,
+    }));
+  }));
+  $('#ask-note').hidden = !live.sterile;
+
+  renderChat($('#chat-log'), live.chat, me);
+  const chatInput = /** @type {HTMLInputElement} */ ($('#chat-input'));
+  chatInput.disabled = live.sterile || !open;
+  chatInput.placeholder = live.sterile ? 'Chat is paused (sterile focus)' : 'Message everyone…';
+
+  // Asking, voting and raising a hand are for trainees (an admin watches and reads).
+  const trainee = c.participant?.role === 'trainee';
+  $('#ask-form').hidden = !trainee;
+  handButton.hidden = !trainee;
+  const raised = Boolean(me && live.hands.has(me));
+  handButton.disabled = !open || (live.sterile && !raised);
+  handButton.setAttribute('aria-pressed', String(raised));
+  handButton.textContent = raised ? 'Lower hand' : 'Raise hand';
+
+  const mine = Boolean(me && live.mic?.id === me);
+  $('#mic-strip').hidden = !mine;
+  $('#mic-strip-text').textContent = micTrack
+    ? 'Your microphone is live: everyone hears you.' : 'Starting your microphone…';
+  $('#sterile-strip').hidden = !live.sterile;
+  document.body.dataset.sterile = String(live.sterile);
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import math
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -17,9 +18,10 @@ from .common import (
     CONFIG,
     METRICS,
     PEERS,
+    REGISTRY,
     STORE,
     TOKENS,
-    bearer_grant,
+    authenticate,
     session_for,
 )
 
@@ -28,10 +30,14 @@ routes = web.RouteTableDef()
 
 @routes.get("/api/sessions/{session}")
 async def get_session(request: web.Request) -> web.Response:
-    grant = bearer_grant(request)
-    session = session_for(request, grant)
+    """Also for a Session not live on this Node (scheduled, or live on
+    another Node): then its state and Theatre, without Feeds."""
+    grant = await authenticate(request)
+    session_id = request.match_info["session"]
+    if not grant.covers(session_id):
+        raise Forbidden("token is for another session", code="wrong_session")
     return web.json_response({
-        "session": session.describe(),
+        "session": await request.app[REGISTRY].describe(session_id),
         "participant": {"id": grant.participant_id, "role": grant.role.value,
                         "name": grant.name},
         "ice_servers": request.app[PEERS].ice_servers,
@@ -40,8 +46,8 @@ async def get_session(request: web.Request) -> web.Response:
 
 @routes.post("/api/sessions/{session}/end")
 async def end_session(request: web.Request) -> web.Response:
-    grant = bearer_grant(request)
-    session = session_for(request, grant)
+    grant = await authenticate(request)
+    session = await session_for(request, grant)
     session.check_moderator(grant)
     await session.end(f"ended by {grant.name or grant.role.value}")
     return web.json_response({"session": session.describe()})
@@ -49,8 +55,8 @@ async def end_session(request: web.Request) -> web.Response:
 
 @routes.get("/api/sessions/{session}/links")
 async def links(request: web.Request) -> web.Response:
-    grant = bearer_grant(request)
-    session = session_for(request, grant)
+    grant = await authenticate(request)
+    session = await session_for(request, grant)
     session.check_moderator(grant)
     config = request.app[CONFIG]
     return web.json_response(session_links(session, request.app[TOKENS], config.base_url,
@@ -60,17 +66,19 @@ async def links(request: web.Request) -> web.Response:
 @routes.get("/api/sessions/{session}/audit")
 async def audit(request: web.Request) -> web.Response:
     """The audit trail of one Session, for its admins."""
-    grant = bearer_grant(request)
+    grant = await authenticate(request)
     session_id = request.match_info["session"]
-    if grant.session_id != session_id:
+    if not grant.covers(session_id):
         raise Forbidden("token is for another session", code="wrong_session")
     if grant.role is not Role.ADMIN:
         raise Forbidden("only admins read the audit trail", code="wrong_role")
     try:
         since = float(request.query.get("since", "0"))
-        limit = min(int(request.query.get("limit", "1000")), 10000)
+        limit = int(request.query.get("limit", "1000"))
     except ValueError:
         raise BadRequest("since and limit are numbers", code="bad_query") from None
+    if not (math.isfinite(since) and since >= 0 and 1 <= limit <= 10000):
+        raise BadRequest("since is ≥ 0 and limit from 1 to 10000", code="bad_query")
     entries = request.app[AUDIT].read(session=session_id, since=since, limit=limit)
     return web.json_response({"entries": entries})
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,12 +16,19 @@ from aiohttp import web
 from .. import logs
 from ..audit import JsonlAuditTrail
 from ..config import Config
-from ..errors import BadRequest, ScrubinError, Unauthorized, UnsupportedMediaType
+from ..errors import (
+    BadRequest,
+    Forbidden,
+    ScrubinError,
+    TooManyRequests,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from ..media.peers import PeerFactory
 from ..metrics import Metrics
 from ..registry import Registry
 from ..session import Session
-from ..store import Presence, Store, StoreUnavailable
+from ..store import Presence, RateLimiter, Store, StoreUnavailable
 from ..tokens import Grant, TokenAuthority
 
 logger = logging.getLogger(__name__)
@@ -34,6 +44,135 @@ METRICS = web.AppKey("metrics", Metrics)
 AUDIT = web.AppKey("audit", JsonlAuditTrail)
 STORE = web.AppKey("store", Store)
 PRESENCE = web.AppKey("presence", Presence)
+
+
+class AuthGuard:
+    """Failed authentications per client address (docs/protocol.md, "Limits").
+
+    Failures are counted in the shared store, so every Node sees them. Once
+    an address is over the limit, this Node refuses it with 429 for the rest
+    of the window before reading its token at all. Successful requests are
+    never counted: many trainees behind one hospital NAT are not a problem
+    unless that address keeps presenting bad tokens.
+    """
+
+    WINDOW_S = 60.0
+    #: Bound on remembered addresses (expired blocks are dropped first).
+    MAX_BLOCKED = 10_000
+
+    def __init__(self, rates: RateLimiter, limit: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._rates = rates
+        self._limit = limit
+        self._clock = clock
+        self._blocked: dict[str, float] = {}
+
+    def check(self, address: str | None) -> None:
+        key = address or "unknown"
+        until = self._blocked.get(key)
+        if until is None:
+            return
+        if until > self._clock():
+            raise TooManyRequests("too many failed authentications from this address; "
+                                  "try again in a minute", code="rate_limited")
+        del self._blocked[key]
+
+    async def failed(self, address: str | None) -> bool:
+        """Count one failure; True when it puts the address over the limit."""
+        key = address or "unknown"
+        try:
+            allowed = await self._rates.hit(f"auth-failures:{key}", self._limit, self.WINDOW_S)
+        except StoreUnavailable:
+            return False
+        if allowed:
+            return False
+        now = self._clock()
+        if len(self._blocked) >= self.MAX_BLOCKED:
+            for stale in [k for k, until in self._blocked.items() if until <= now]:
+                del self._blocked[stale]
+            if len(self._blocked) >= self.MAX_BLOCKED:
+                self._blocked.pop(next(iter(self._blocked)))
+        self._blocked[key] = now + self.WINDOW_S
+        return True
+
+
+AUTH_GUARD = web.AppKey("auth_guard", AuthGuard)
+
+
+class MessageRate:
+    """Websocket messages of one Participant (all its sockets on this Node):
+    a token bucket of ``burst`` refilled at ``per_second``. A refused message
+    is a strike; strikes fade at half the rate, so a client that keeps
+    sending at twice the rate or more collects ``burst`` strikes and is
+    disconnected, while one that backs off after a 429 is not."""
+
+    def __init__(self, per_second: float, burst: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = per_second
+        self._burst = float(burst)
+        self._clock = clock
+        self._tokens = float(burst)
+        self._strikes = 0.0
+        self._last = clock()
+        self.users = 0
+
+    def take(self) -> str:
+        """"ok", "refuse" (answer 429) or "close" (disconnect)."""
+        now = self._clock()
+        elapsed, self._last = now - self._last, now
+        self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
+        self._strikes = max(0.0, self._strikes - elapsed * self._rate / 2)
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return "ok"
+        self._strikes += 1.0
+        return "close" if self._strikes >= self._burst else "refuse"
+
+
+class MessageRates:
+    """One ``MessageRate`` per Participant while it has sockets here."""
+
+    def __init__(self, per_second: float, burst: int) -> None:
+        self._per_second = per_second
+        self._burst = burst
+        self._rates: dict[tuple[str, str], MessageRate] = {}
+
+    def acquire(self, session_id: str, participant_id: str) -> MessageRate:
+        rate = self._rates.get((session_id, participant_id))
+        if rate is None:
+            rate = self._rates[(session_id, participant_id)] = MessageRate(
+                self._per_second, self._burst)
+        rate.users += 1
+        return rate
+
+    def release(self, session_id: str, participant_id: str) -> None:
+        rate = self._rates.get((session_id, participant_id))
+        if rate is not None:
+            rate.users -= 1
+            if rate.users <= 0:
+                del self._rates[(session_id, participant_id)]
+
+
+MESSAGE_RATES = web.AppKey("message_rates", MessageRates)
+#: The Grant behind each open websocket, so revocations close them.
+SOCKET_GRANTS: web.AppKey[weakref.WeakKeyDictionary[Any, Grant]] = web.AppKey("socket_grants")
+
+
+def close_socket(app: web.Application, ws: web.WebSocketResponse, error: ScrubinError,
+                 code: int) -> None:
+    """Close a websocket from outside its handler: the error first, as a
+    message, then the close frame. (aiohttp tears the connection down right
+    after a close sent from another task, so a client may see 1006 instead of
+    ``code``; browsers report the code of the close frame they received.)"""
+    if ws.closed:
+        return
+
+    async def close() -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.send_json({"type": "error", "error": error.to_dict()})
+        await ws.close(code=code, message=error.code.encode())
+
+    app[REGISTRY].spawn(close())
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -74,6 +213,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ScrubinError as exc:
+        exc = await refused_auth(request.app, exc, request.remote)
         count_refusal(request.app, exc, joining=request.path.startswith(("/whip/", "/whep/")))
         if exc.status in (401, 403):
             request.app[AUDIT].record("denied", code=exc.code, method=request.method,
@@ -81,7 +221,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                                       session=request.match_info.get("session"))
         if exc.status >= 500:
             logger.error("%s %s: %s", request.method, request.path, exc.message)
-        return error_response(exc, headers=cors_headers(request))
+        headers = cors_headers(request)
+        if exc.status == 429:
+            headers["Retry-After"] = str(int(AuthGuard.WINDOW_S))
+        return error_response(exc, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -140,24 +283,60 @@ async def require_store(app: web.Application) -> None:
         raise StoreUnavailable("shared state is unreachable; joins resume when it is back")
 
 
-def bearer_grant(request: web.Request) -> Grant:
+async def refused_auth(app: web.Application, error: ScrubinError,
+                       address: str | None) -> ScrubinError:
+    """Count a 401 against the caller's address; the failure that crosses the
+    limit is answered 429 instead."""
+    if error.status == 401 and await app[AUTH_GUARD].failed(address):
+        return TooManyRequests("too many failed authentications from this address; "
+                               "try again in a minute", code="rate_limited")
+    return error
+
+
+def bearer_token(request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send 'Authorization: Bearer <token>'", code="token_missing")
-    grant = request.app[TOKENS].verify(token.strip())
+    return token.strip()
+
+
+async def authenticate(request: web.Request, token: str | None = None, *,
+                       redeem: bool = True) -> Grant:
+    """The one place a token becomes a Grant, for every bearer route and the
+    websocket hello (``token`` given): the failed-auth limit of the address
+    (429), signature and expiry (401), revocation of the token, its invite or
+    its Session (401 token_revoked), and, for an invite with ``max_uses``, one
+    use per Participant (403 invite_used_up; ``redeem=False`` leaves that to
+    the caller). A node-wide admin token on a route with ``{session}`` comes
+    back scoped to that Session. The store being unreachable is a 503: a
+    revocation is never skipped."""
+    app = request.app
+    app[AUTH_GUARD].check(request.remote)
+    grant = app[TOKENS].verify(bearer_token(request) if token is None else token)
+    invites = app[STORE].invites
+    if await invites.is_revoked(grant.token_id, session_id=grant.session_id,
+                                issued_at=grant.issued_at):
+        raise Unauthorized("this token or its invite has been revoked", code="token_revoked")
+    if redeem and grant.max_uses is not None and not await invites.use_invite(
+            grant.token_id, max_uses=grant.max_uses, expires_at=grant.expires_at,
+            redeemer=grant.participant_id):
+        raise Forbidden("this invite has been used by as many people as it allows",
+                        code="invite_used_up")
+    path_session = request.match_info.get("session")
+    if grant.node_wide and path_session:
+        grant = dataclasses.replace(grant, session_id=path_session)
     logs.bind(grant.session_id, grant.participant_id)
     return grant
 
 
-def session_for(request: web.Request, grant: Grant) -> Session:
-    """The Session named in the path, if the token is scoped to it."""
-    from ..errors import Forbidden
-
+async def session_for(request: web.Request, grant: Grant, *, start: bool = False) -> Session:
+    """The live Session named in the path, if the token covers it; ``start``
+    lets this request bring a scheduled Session live (its expert publishing)."""
     session_id = request.match_info["session"]
-    if grant.session_id != session_id:
+    if not grant.covers(session_id):
         raise Forbidden("token is for another session", code="wrong_session")
-    return request.app[REGISTRY].get(session_id)
+    return await request.app[REGISTRY].resolve(session_id, start=start)
 
 
 async def read_sdp(request: web.Request) -> str:
@@ -177,5 +356,6 @@ async def read_json(request: web.Request) -> Any:
         return {}
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than the parser goes ("[[[[…").
         raise BadRequest("body is not valid JSON", code="bad_json") from None

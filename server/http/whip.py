@@ -9,8 +9,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..errors import Forbidden, NotFound
-from ..roles import MODERATORS
-from .common import audit_grant, bearer_grant, cors_headers, read_sdp, require_store, session_for
+from ..roles import MODERATORS, PUBLISHERS
+from .common import (
+    audit_grant,
+    authenticate,
+    cors_headers,
+    read_sdp,
+    require_store,
+    session_for,
+)
 
 routes = web.RouteTableDef()
 
@@ -42,8 +49,9 @@ async def preflight(request: web.Request) -> web.Response:
 
 @routes.post("/whip/{session}/{slot}")
 async def whip_publish(request: web.Request) -> web.Response:
-    grant = bearer_grant(request)
-    session = session_for(request, grant)
+    grant = await authenticate(request)
+    # The expert's first publication brings a scheduled Session live here.
+    session = await session_for(request, grant, start=grant.role in PUBLISHERS)
     offer = await read_sdp(request)
     await require_store(request.app)
     answer, ingest = await session.publish(grant, request.match_info["slot"], offer)
@@ -54,8 +62,8 @@ async def whip_publish(request: web.Request) -> web.Response:
 
 @routes.delete("/whip/{session}/{slot}/{resource}")
 async def whip_delete(request: web.Request) -> web.Response:
-    grant = bearer_grant(request)
-    session = session_for(request, grant)
+    grant = await authenticate(request)
+    session = await session_for(request, grant)
     ingest = session.ingests.get(request.match_info["resource"])
     if ingest is None or ingest.slot != request.match_info["slot"]:
         raise NotFound("no such WHIP resource", code="unknown_resource")
@@ -66,8 +74,8 @@ async def whip_delete(request: web.Request) -> web.Response:
 
 @routes.post("/whep/{session}/{feed}")
 async def whep_subscribe(request: web.Request) -> web.Response:
-    grant = bearer_grant(request)
-    session = session_for(request, grant)
+    grant = await authenticate(request)
+    session = await session_for(request, grant)
     offer = await read_sdp(request)
     await require_store(request.app)
     answer, subscription = await session.subscribe(grant, request.match_info["feed"], offer)
@@ -78,8 +86,8 @@ async def whep_subscribe(request: web.Request) -> web.Response:
 
 @routes.delete("/whep/{session}/{feed}/{resource}")
 async def whep_delete(request: web.Request) -> web.Response:
-    grant = bearer_grant(request)
-    session = session_for(request, grant)
+    grant = await authenticate(request)
+    session = await session_for(request, grant)
     subscription = session.subscriptions.get(request.match_info["resource"])
     if subscription is None or subscription.feed_id != request.match_info["feed"]:
         raise NotFound("no such WHEP resource", code="unknown_resource")
@@ -96,5 +104,7 @@ async def whep_delete(request: web.Request) -> web.Response:
 async def no_trickle(request: web.Request) -> web.Response:
     # Answers carry every candidate; trickle and ICE restart are refused
     # deliberately (RFC 9725 section 4.3.1 allows 405).
-    bearer_grant(request)
+    grant = await authenticate(request)
+    if not grant.covers(request.match_info["session"]):
+        raise Forbidden("token is for another session", code="wrong_session")
     raise web.HTTPMethodNotAllowed("PATCH", ["DELETE", "OPTIONS"], headers=NO_TRICKLE)

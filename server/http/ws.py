@@ -11,8 +11,10 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import logs
-from ..errors import BadRequest, Forbidden, ScrubinError
-from ..roles import ROSTER_READERS, VIEWERS, Role
+from ..errors import BadRequest, Forbidden, ScrubinError, TooManyRequests
+from ..interaction import visible_to
+from ..recordings import MESSAGE_TYPES as RECORDING_MESSAGES
+from ..roles import PUBLISHERS, ROSTER_READERS, VIEWERS, Role
 from ..session import Event, Ingest, Session
 from ..subscription import Subscription
 from ..tokens import Grant
@@ -20,15 +22,19 @@ from .common import (
     ACCEPTING,
     AUDIT,
     CONFIG,
+    MESSAGE_RATES,
     PEERS,
     PRESENCE,
     REGISTRY,
-    TOKENS,
+    SOCKET_GRANTS,
     WEBSOCKETS,
     audit_grant,
+    authenticate,
     count_refusal,
+    refused_auth,
     require_store,
 )
+from .review import RECORDINGS
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +43,11 @@ CLOSE_PROTOCOL = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_TIMEOUT = 4408
-#: RFC 6455 "try again later": shared state is unreachable, the client retries.
+#: RFC 6455 "try again later": shared state is unreachable, the Session has
+#: not started yet, or too many failed logins: the client retries.
 CLOSE_TRY_AGAIN = 1013
+#: RFC 6455 policy violation: kept sending far over the message rate.
+CLOSE_POLICY = 1008
 
 
 class Connection:
@@ -84,7 +93,15 @@ class Connection:
         kind = event["type"]
         if kind in ("participant_joined", "participant_left"):
             self.send(self.roster_message())
-        elif kind == "feed":
+            if self.grant.role in ROSTER_READERS:
+                # Join and leave notices for the expert's page (toasts).
+                self.send({"type": "presence", "participant": event["participant"],
+                           "event": "joined" if kind == "participant_joined" else "left",
+                           "t": self.session.interaction.now()})
+        elif kind == "interaction":
+            if visible_to(event.get("to"), self.grant.role, self.grant.participant_id):
+                self.send(event["message"])
+        elif kind in ("feed", "recording"):
             self.send(event)
         elif kind == "session_ended":
             self.send(event)
@@ -123,6 +140,11 @@ class Connection:
             self.subscriptions.pop(subscription_id, None)
             await session.unsubscribe(grant, subscription_id)
             return {"type": "ok"}
+        if isinstance(kind, str) and kind in RECORDING_MESSAGES:  # start/stop_recording
+            return await self.app[RECORDINGS].handle(session, grant, message)
+        if isinstance(kind, str) and kind in session.interaction.message_types:
+            # Drawings, steps, questions, chat, hands, microphone, sterile focus.
+            return session.interaction.handle(grant, message)
         raise BadRequest(f"unknown message type {kind!r}", code="unknown_type")
 
     async def close_resources(self) -> None:
@@ -154,21 +176,30 @@ async def _hello(ws: web.WebSocketResponse, request: web.Request) -> tuple[Grant
         return None
     try:
         hello = json.loads(msg.data)
-    except ValueError:
+    except (ValueError, RecursionError):
         await ws.close(code=CLOSE_PROTOCOL, message=b"bad JSON")
         return None
     if not isinstance(hello, dict) or hello.get("type") != "hello":
         await ws.close(code=CLOSE_PROTOCOL, message=b"first message must be hello")
         return None
     try:
-        grant = request.app[TOKENS].verify(str(hello.get("token", "")))
+        grant = await authenticate(request, str(hello.get("token", "")))
     except ScrubinError as exc:
+        exc = await refused_auth(request.app, exc, request.remote)
         count_refusal(request.app, exc, joining=False)
-        request.app[AUDIT].record("denied", code=exc.code, path="/ws", address=request.remote)
+        if exc.status < 500:
+            request.app[AUDIT].record("denied", code=exc.code, path="/ws",
+                                      address=request.remote)
         await ws.send_json({"type": "error", "error": exc.to_dict(), "id": hello.get("id")})
-        await ws.close(code=CLOSE_UNAUTHORIZED, message=exc.code.encode())
+        await ws.close(code=_refusal_close_code(exc), message=exc.code.encode())
         return None
     return grant, hello.get("id")
+
+
+def _refusal_close_code(exc: ScrubinError) -> int:
+    if exc.status >= 500 or exc.status == 429 or exc.code == "session_not_started":
+        return CLOSE_TRY_AGAIN
+    return CLOSE_UNAUTHORIZED if exc.status == 401 else CLOSE_FORBIDDEN
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -187,7 +218,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     try:
         if grant.role not in VIEWERS:
             raise Forbidden(f"role {grant.role.value} has no live access", code="wrong_role")
-        session = request.app[REGISTRY].get(grant.session_id)
+        if grant.node_wide:
+            raise Forbidden("a node-wide admin token joins no Session; use a Session's token",
+                            code="wrong_session")
+        # The expert joining brings a scheduled Session live on this Node.
+        session = await request.app[REGISTRY].resolve(grant.session_id,
+                                                       start=grant.role in PUBLISHERS)
         await require_store(request.app)
         participant = session.join(grant)
     except ScrubinError as exc:
@@ -195,9 +231,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         if exc.status < 500:
             audit_grant(request.app, "denied", grant, request.remote, code=exc.code, path="/ws")
         await ws.send_json({"type": "error", "error": exc.to_dict(), "id": hello_id})
-        code = (CLOSE_TRY_AGAIN if exc.status >= 500 else
-                CLOSE_FORBIDDEN if exc.status in (403, 404, 410) else CLOSE_UNAUTHORIZED)
-        await ws.close(code=code, message=exc.code.encode())
+        await ws.close(code=_refusal_close_code(exc), message=exc.code.encode())
         return ws
 
     connection = Connection(request.app, ws, session, grant)
@@ -206,16 +240,24 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     presence = request.app[PRESENCE]
     await presence.join(session.id, participant.id, grant.role, participant.name)
     request.app[WEBSOCKETS].add(ws)
+    request.app[SOCKET_GRANTS][ws] = grant
+    rate = request.app[MESSAGE_RATES].acquire(session.id, participant.id)
     stop_listening = session.listen(connection.on_event)
     welcome = connection.roster_message()
     connection.send({
         "type": "welcome", "id": hello_id, "participant": participant.describe(),
         "session": session.describe(), "participants": welcome["participants"],
         "viewers": welcome["viewers"], "ice_servers": request.app[PEERS].ice_servers,
+        "recording": request.app[RECORDINGS].status(session),  # is it being recorded?
     })
     writer = asyncio.ensure_future(connection.writer())
     try:
         async for msg in ws:
+            verdict = rate.take()
+            if verdict != "ok":
+                if await _refuse_for_rate(connection, verdict, msg.data):
+                    break
+                continue
             if msg.type != WSMsgType.TEXT:
                 if msg.type == WSMsgType.ERROR:
                     break
@@ -227,6 +269,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 break
     finally:
         stop_listening()
+        request.app[MESSAGE_RATES].release(session.id, participant.id)
         connection.send(None)
         with contextlib.suppress(Exception):
             await writer
@@ -239,13 +282,31 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+async def _refuse_for_rate(connection: Connection, verdict: str, data: Any) -> bool:
+    """429 for a message over the Participant's rate (with its id, so the
+    client's request fails at once); True once the socket is closed for it."""
+    reply: dict[str, Any] = {"type": "error", "error": TooManyRequests(
+        "too many messages; slow down", code="rate_limited").to_dict()}
+    with contextlib.suppress(ValueError, TypeError, AttributeError, RecursionError):
+        request_id = json.loads(data).get("id")
+        if isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
+            reply["id"] = request_id
+    connection.send(reply)
+    if verdict != "close":
+        return False
+    connection.audit("denied", code="rate_limited", request="websocket")
+    connection.send(None)
+    await connection.ws.close(code=CLOSE_POLICY, message=b"rate_limited")
+    return True
+
+
 async def _dispatch(connection: Connection, data: str) -> None:
     request_id: Any = None
     message_type: Any = None
     try:
         try:
             message = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise BadRequest("message is not valid JSON", code="bad_json") from None
         if not isinstance(message, dict):
             raise BadRequest("message must be a JSON object", code="bad_message")

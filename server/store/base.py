@@ -107,6 +107,40 @@ class PresenceEntry:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class InviteRecord:
+    """What an admin handed out: enough to list, re-issue and revoke an invite.
+
+    The token itself is not stored; it is signed again from these claims when
+    an admin asks for the link once more."""
+
+    id: str
+    session_id: str
+    role: Role
+    #: Display name carried by the invite ("" = asked when it is redeemed).
+    name: str
+    #: The ``sub`` claim of the invite token itself.
+    participant_id: str
+    issued_at: float
+    expires_at: float
+    #: None: any number of Participants.
+    max_uses: int | None = None
+    #: Who created it (the admin's display name or participant id).
+    created_by: str = ""
+    revoked_at: float | None = None
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["role"] = self.role.value
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> InviteRecord:
+        data = _known_fields(cls, json.loads(raw))
+        data["role"] = Role(data["role"])
+        return cls(**data)
+
+
 def theatre_to_json(theatre: Theatre) -> str:
     return json.dumps({"id": theatre.id, "name": theatre.name, "slots": list(theatre.slots)},
                       separators=(",", ":"))
@@ -230,6 +264,16 @@ class InviteStore(Protocol):
         use; None counts every call. The count is kept until ``expires_at``."""
 
     async def invite_uses(self, invite_id: str) -> int: ...
+
+    async def put_invite(self, record: InviteRecord) -> None:
+        """Create or replace the record of an invite; it is kept until the
+        invite expires (``record.expires_at``), then forgotten."""
+
+    async def get_invite(self, session_id: str, invite_id: str) -> InviteRecord | None:
+        """None if unknown or expired."""
+
+    async def list_invites(self, session_id: str) -> list[InviteRecord]:
+        """The Session's unexpired invites, oldest first."""
 
 
 class RateLimiter(Protocol):

@@ -22,6 +22,7 @@ from .base import (
     DEFAULT_SUBSCRIPTION_BUFFER,
     EventSubscription,
     Fanout,
+    InviteRecord,
     PresenceEntry,
     SessionRecord,
     SessionState,
@@ -53,6 +54,8 @@ class MemoryState:
     revoked_before: dict[str, float] = field(default_factory=dict)
     # invite id -> (redeemers, wall-clock expiry)
     uses: dict[str, tuple[set[str], float]] = field(default_factory=dict)
+    # session id -> invite id -> record (expires with record.expires_at)
+    invites: dict[str, dict[str, InviteRecord]] = field(default_factory=dict)
     # rate key -> monotonic times of allowed hits, oldest first
     hits: dict[str, deque[float]] = field(default_factory=dict)
     fanout: Fanout = field(default_factory=Fanout)
@@ -259,6 +262,24 @@ class MemoryStore:
         redeemers, expiry = self.state.uses.get(invite_id, (set(), 0.0))
         return len(redeemers) if expiry > self.state.wall() else 0
 
+    async def put_invite(self, record: InviteRecord) -> None:
+        self._check_open()
+        self._sweep()
+        if record.expires_at > self.state.wall():
+            self.state.invites.setdefault(record.session_id, {})[record.id] = record
+
+    async def get_invite(self, session_id: str, invite_id: str) -> InviteRecord | None:
+        self._check_open()
+        record = self.state.invites.get(session_id, {}).get(invite_id)
+        return record if record is not None and record.expires_at > self.state.wall() else None
+
+    async def list_invites(self, session_id: str) -> list[InviteRecord]:
+        self._check_open()
+        now = self.state.wall()
+        records = [r for r in self.state.invites.get(session_id, {}).values()
+                   if r.expires_at > now]
+        return sorted(records, key=lambda r: (r.issued_at, r.id))
+
     # -- rate limiting ----------------------------------------------------
     async def hit(self, key: str, limit: int, window_s: float) -> bool:
         self._check_open()
@@ -300,6 +321,12 @@ class MemoryStore:
             del self.state.revoked[invite_id]
         for invite_id in [k for k, (_, exp) in self.state.uses.items() if exp <= now]:
             del self.state.uses[invite_id]
+        for session_id in list(self.state.invites):
+            records = self.state.invites[session_id]
+            for invite_id in [k for k, r in records.items() if r.expires_at <= now]:
+                del records[invite_id]
+            if not records:
+                del self.state.invites[session_id]
         # Any window is shorter than an hour in practice; a key idle that long
         # holds no hit that still counts.
         for key in [k for k, h in self.state.hits.items() if not h or h[-1] < now_mono - 3600]:

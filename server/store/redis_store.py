@@ -23,6 +23,7 @@ Layout (all under the configurable prefix, default "scrubin:"):
     revoked:<invite id>           string "1", PX until the token expires
     revoked-before:<sid>          string epoch seconds (only grows)
     invite-uses:<invite id>       set    redeemers, PX until the token expires
+    invites:<sid>                 hash   invite id -> record JSON, PX until its last invite expires
     rate:<key>                    zset   allowed hits (µs, Redis clock), PX window
     channel events:<sid>          pub/sub, JSON events
     channel bus                   pub/sub, keeps the connection subscribed for heartbeats
@@ -59,6 +60,7 @@ from .base import (
     DEFAULT_SUBSCRIPTION_BUFFER,
     EventSubscription,
     Fanout,
+    InviteRecord,
     PresenceEntry,
     SessionRecord,
     SessionState,
@@ -132,6 +134,16 @@ end
 return 0
 """
 
+# One invite record; the Session's hash lives as long as its longest-lived
+# invite (PEXPIRE only ever extends it).
+PUT_INVITE_LUA = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return 1
+"""
+
 # Sliding-window log on Redis's own clock (one clock for every Node). A hit
 # counts for [t, t + window); refused hits are not recorded. Writing after
 # TIME is allowed with effect replication (default since Redis 5).
@@ -191,6 +203,7 @@ class RedisStore:
         self._use_invite = self._redis.register_script(USE_INVITE_LUA)
         self._revoke_invite = self._redis.register_script(REVOKE_INVITE_LUA)
         self._revoke_session = self._redis.register_script(REVOKE_SESSION_LUA)
+        self._put_invite = self._redis.register_script(PUT_INVITE_LUA)
         self._rate = self._redis.register_script(RATE_LUA)
         self._closed = False
         self._available = True
@@ -431,6 +444,38 @@ class RedisStore:
         n = await self._op("invite_uses",
                            lambda: self._redis.scard(self._key("invite-uses", invite_id)))
         return int(n)
+
+    async def put_invite(self, record: InviteRecord) -> None:
+        remaining = record.expires_at - time.time()
+        if remaining <= 0:
+            return
+        key = self._key("invites", record.session_id)
+        data = record.to_json()
+        await self._op("put_invite", lambda: self._put_invite(
+            keys=[key], args=[record.id, data, _ms(remaining)]))
+
+    async def get_invite(self, session_id: str, invite_id: str) -> InviteRecord | None:
+        raw = await self._op("get_invite", lambda: self._redis.hget(
+            self._key("invites", session_id), invite_id))
+        if not raw:
+            return None
+        record = InviteRecord.from_json(raw)
+        return record if record.expires_at > time.time() else None
+
+    async def list_invites(self, session_id: str) -> list[InviteRecord]:
+        raw = await self._op("list_invites", lambda: self._redis.hvals(
+            self._key("invites", session_id)))
+        now = time.time()
+        records = []
+        for value in raw:
+            try:
+                record = InviteRecord.from_json(value)
+            except (ValueError, KeyError, TypeError):
+                logger.warning("store: unreadable invite record of session %s", session_id)
+                continue
+            if record.expires_at > now:
+                records.append(record)
+        return sorted(records, key=lambda r: (r.issued_at, r.id))
 
     # -- rate limiting ----------------------------------------------------
     async def hit(self, key: str, limit: int, window_s: float) -> bool:

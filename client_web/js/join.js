@@ -1,0 +1,150 @@
+// @ts-check
+/**
+ * The join page: an invite link (`/join.html#token=…`) becomes a personal
+ * token for this device, then the Role's page opens with it.
+ *
+ * The display name comes with the invite, or is asked here once (and
+ * remembered on this device for the next invite). A random device id, kept
+ * in localStorage, makes this device one use of an invite with a use limit:
+ * opening the same link again on it is not another use.
+ */
+
+import { $, joinFailure } from './ui.js';
+import { forgetToken, takeToken } from './token.js';
+
+const DEVICE_KEY = 'scrubin.device';
+const NAME_KEY = 'scrubin.name';
+
+const ROLE_WORDS = {
+  expert: 'You are invited to broadcast this session as its expert.',
+  trainee: 'You are invited to watch this session live.',
+  admin: 'You are invited to watch and moderate this session.',
+  recorder: 'This link is for a recorder.',
+  reviewer: 'You are invited as a reviewer (recordings).',
+};
+
+/** @param {string} key */
+function load(key) {
+  try {
+    return localStorage.getItem(key) || '';
+  } catch {
+    return '';
+  }
+}
+
+/** @param {string} key @param {string} value */
+function save(key, value) {
+  try {
+    localStorage.setItem(key, value);
+  } catch {
+    /* storage disabled: asked again next time */
+  }
+}
+
+/** A random id for this browser, kept across invites. */
+function deviceId() {
+  let id = load(DEVICE_KEY);
+  if (!/^[0-9a-f]{32}$/.test(id)) {
+    const bytes = new Uint8Array(16);
+    crypto.getRandomValues(bytes);
+    id = Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+    save(DEVICE_KEY, id);
+  }
+  return id;
+}
+
+/** Claims of the invite, for display only (the server verifies). @param {string} jwt */
+function claims(jwt) {
+  try {
+    const part = jwt.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const json = decodeURIComponent(Array.from(atob(part),
+      (c) => `%${c.charCodeAt(0).toString(16).padStart(2, '0')}`).join(''));
+    const value = JSON.parse(json);
+    return value && typeof value === 'object' ? value : {};
+  } catch {
+    return {};
+  }
+}
+
+/** @param {string} title @param {string} text */
+function status(title, text = '') {
+  $('#join-card').hidden = true;
+  $('#join-status').hidden = false;
+  $('#status-title').textContent = title;
+  $('#status-text').textContent = text;
+}
+
+/** @param {{code?: string, message?: string, fault?: string}} error */
+function failed(error) {
+  const text = error.code === 'invite_used_up'
+    ? 'This invite has already been used by as many people as it allows. Ask the organiser for '
+      + 'a link of your own.'
+    : error.code === 'token_revoked'
+      ? 'This invite has been withdrawn. Ask the organiser for a new one.'
+      : joinFailure(error);
+  status('Cannot join', text);
+}
+
+/** @param {string} token @param {string} name */
+async function redeem(token, name) {
+  status('Joining…');
+  let response;
+  try {
+    response = await fetch('/api/invites/redeem', {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ device: deviceId(), name }),
+      cache: 'no-store',
+      credentials: 'omit',
+    });
+  } catch (err) {
+    status('Cannot reach the server', 'Check the network and open the link again.');
+    return;
+  }
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    body = null;
+  }
+  if (!response.ok || !body) {
+    failed(body || { code: 'http_error', message: `HTTP ${response.status}`, fault: 'server' });
+    return;
+  }
+  forgetToken();
+  if (!body.page) {
+    status('You are registered', 'There is no live page for your role yet.');
+    return;
+  }
+  status('Opening the session…');
+  location.replace(body.page);
+}
+
+function main() {
+  const token = takeToken();
+  if (!token) {
+    status('No invite', 'Open the whole invite link you were given (it ends with #token=…).');
+    return;
+  }
+  const invite = claims(token);
+  const role = String(invite.role || '');
+  $('#join-role').textContent = ROLE_WORDS[/** @type {keyof typeof ROLE_WORDS} */ (role)] || '';
+  if (invite.name) {
+    // Named invite: nothing to ask.
+    redeem(token, '');
+    return;
+  }
+  const input = /** @type {HTMLInputElement} */ ($('#join-name'));
+  input.value = load(NAME_KEY);
+  $('#join-card').hidden = false;
+  $('#join-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const name = input.value.trim().replace(/\s+/g, ' ');
+    if (!name) return;
+    save(NAME_KEY, name);
+    redeem(token, name);
+  });
+  input.focus();
+}
+
+main();

@@ -1,0 +1,404 @@
+"""From a Recording's directory to things people open: a thumbnail, one MP4 of a
+Feed with the drawings and step titles burned in, a contact sheet of the steps.
+
+Decoding is PyAV, drawing OpenCV, encoding H.264 (libx264) with PyAV. The
+Session clock places everything (recorder.recording): a frame at file time
+``x`` of a part starting at ``start`` happened at ``start + x``; drawings and
+steps come from events.jsonl through recorder.replay, by the same rules as the
+player page.
+
+Nothing here runs on the event loop: the server calls :func:`make_thumbnail`
+in a thread; ``scrubin export`` calls the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from .recording import EVENTS, MANIFEST
+from .replay import annotations_at, marks, player_events, read_events, step_at
+
+THUMBNAIL = "thumbnail.jpg"
+#: Sizes of drawings are given for a picture this many lines high (telestration.js).
+REFERENCE_HEIGHT = 720
+Image = npt.NDArray[np.uint8]
+Progress = Callable[[float, float], None]
+
+
+class ExportError(Exception):
+    """The recording cannot be exported as asked (user's fault: wrong Feed, no video)."""
+
+
+@dataclass
+class RecordingFiles:
+    directory: Path
+    manifest: dict[str, Any]
+    events: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> RecordingFiles:
+        path = Path(directory)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"{path} is not a recording (no readable {MANIFEST}): {exc}") from exc
+        return cls(path, manifest, player_events(read_events(path / EVENTS)))
+
+    def feed(self, feed_id: str) -> dict[str, Any]:
+        for feed in self.manifest.get("feeds", []):
+            if feed.get("id") == feed_id:
+                return dict(feed)
+        known = ", ".join(f.get("id", "?") for f in self.manifest.get("feeds", []))
+        raise ExportError(f"no Feed {feed_id!r} in this recording (Feeds: {known or 'none'})")
+
+    def video_feeds(self) -> list[dict[str, Any]]:
+        return [f for f in self.manifest.get("feeds", []) if f.get("kind") == "video"
+                and any(p.get("frames") for p in f.get("parts", []))]
+
+    def main_video_feed(self, slots: list[str] | tuple[str, ...] = ()) -> dict[str, Any] | None:
+        """The video Feed of the first slot in ``slots`` order (the Theatre's), else
+        the first recorded."""
+        feeds = self.video_feeds()
+        order = {slot: i for i, slot in enumerate(slots)}
+        feeds.sort(key=lambda f: order.get(str(f["id"]).split(".")[0], len(order)))
+        return feeds[0] if feeds else None
+
+    def parts(self, feed: dict[str, Any]) -> list[tuple[dict[str, Any], Path]]:
+        """A Feed's parts with frames, in time order, as paths checked to stay in
+        the recording's directory."""
+        out = []
+        for part in sorted(feed.get("parts", []), key=lambda p: float(p.get("start", 0))):
+            name = str(part.get("file", ""))
+            if not part.get("frames") or not _safe_name(name):
+                continue
+            out.append((part, self.directory / name))
+        return out
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _safe_name(name: str) -> bool:
+    return bool(_NAME.match(name)) and ".." not in name
+
+
+# -- frames -------------------------------------------------------------------------
+
+def _frames(path: Path) -> Iterator[tuple[float, Image]]:
+    """(file time, BGR picture) of every frame of a part; a torn end is tolerated."""
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            try:
+                for frame in container.decode(stream):
+                    yield float(frame.time or 0.0), np.asarray(frame.to_ndarray(format="bgr24"),
+                                                          dtype=np.uint8)
+            except av.error.InvalidDataError:
+                return  # the last cluster of a part that was being written
+    except (av.error.FileNotFoundError, av.error.InvalidDataError, IndexError):
+        return
+
+
+def _fit(image: Image, width: int, height: int) -> Image:
+    """Scale into width×height, letterboxed (a part at another picture size)."""
+    h, w = image.shape[:2]
+    if (w, h) == (width, height):
+        return image
+    scale = min(width / w, height / h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    out = np.zeros((height, width, 3), np.uint8)
+    x, y = (width - nw) // 2, (height - nh) // 2
+    out[y:y + nh, x:x + nw] = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def _encode_jpeg(image: Image, quality: int = 85) -> bytes:
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ExportError("JPEG encoding failed")
+    return bytes(data.tobytes())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# -- drawing (the same shapes as client_web/js/telestration.js) -----------------------
+
+def _bgr(color: Any) -> tuple[int, int, int]:
+    text = str(color or "#ff3b30")
+    if not re.fullmatch(r"#[0-9a-fA-F]{6}", text):
+        text = "#ff3b30"
+    r, g, b = int(text[1:3], 16), int(text[3:5], 16), int(text[5:7], 16)
+    return b, g, r
+
+
+def _ascii(text: str) -> str:
+    """OpenCV's fonts draw ASCII only."""
+    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
+
+
+def draw_shape(image: Image, shape: dict[str, Any], alpha: float = 1.0) -> None:
+    """Draw one telestration shape (normalised points) on the whole picture."""
+    h, w = image.shape[:2]
+    scale = h / REFERENCE_HEIGHT
+    width = max(1.5, float(shape.get("width", 4)) * scale)
+    thickness = max(1, round(width))
+    color = _bgr(shape.get("color"))
+    points = [(float(p[0]) * w, float(p[1]) * h) for p in shape.get("points", [])
+              if isinstance(p, list) and len(p) == 2]
+    if not points:
+        return
+    target = image if alpha >= 1.0 else image.copy()
+    pts = [(round(x), round(y)) for x, y in points]
+    kind = shape.get("kind")
+    line = cv2.LINE_AA
+    if kind == "freehand":
+        if len(pts) == 1:
+            cv2.circle(target, pts[0], max(1, round(width / 2)), color, -1, line)
+        else:
+            cv2.polylines(target, [np.array(pts, np.int32)], False, color, thickness, line)
+    elif kind == "arrow" and len(points) >= 2:
+        (x0, y0), (x1, y1) = points[0], points[-1]
+        angle = math.atan2(y1 - y0, x1 - x0)
+        head = max(10.0, width * 4)
+        cv2.line(target, pts[0], pts[-1], color, thickness, line)
+        for side in (-1, 1):
+            end = (round(x1 - head * math.cos(angle + side * 0.45)),
+                   round(y1 - head * math.sin(angle + side * 0.45)))
+            cv2.line(target, pts[-1], end, color, thickness, line)
+    elif kind == "circle" and len(points) >= 2:
+        (cx, cy), (ex, ey) = points[0], points[-1]
+        radius = max(1, round(math.hypot(ex - cx, ey - cy)))
+        cv2.circle(target, pts[0], radius, color, thickness, line)
+    elif kind == "label":
+        text = _ascii(str(shape.get("text", "")))
+        size = max(11.0, 26 * scale)
+        font_scale = size / 30
+        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+        pad = round(size * 0.3)
+        x, y = pts[0]
+        box = target.copy()
+        cv2.rectangle(box, (x - pad, y - th // 2 - pad), (x + tw + pad, y + th // 2 + pad),
+                      (0, 0, 0), -1)
+        cv2.addWeighted(box, 0.65, target, 0.35, 0, dst=target)
+        cv2.putText(target, text, (x, y + th // 2), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
+                    color, max(1, round(size / 14)), line)
+    if target is not image:
+        cv2.addWeighted(target, alpha, image, 1 - alpha, 0, dst=image)
+
+
+def draw_caption(image: Image, text: str, *, top: bool = True) -> None:
+    """A dark band with one line of text (the step title), across the picture."""
+    h = image.shape[0]
+    size = max(11.0, 24 * h / REFERENCE_HEIGHT)
+    font_scale = size / 30
+    (_, th), base = cv2.getTextSize(_ascii(text), cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+    band = th + base + round(size * 0.6)
+    y0 = 0 if top else h - band
+    region = image[y0:y0 + band]
+    region[:] = (region * 0.35).astype(np.uint8)
+    cv2.putText(image, _ascii(text), (round(size * 0.5), y0 + band - base - round(size * 0.3)),
+                cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255),
+                max(1, round(size / 14)), cv2.LINE_AA)
+
+
+def burn_in(image: Image, files: RecordingFiles, feed_id: str, t: float) -> None:
+    """What a reviewer sees on the player at ``t``: drawings, then the step title."""
+    for annotation, alpha in annotations_at(files.events, feed_id, t):
+        shape = annotation.get("shape")
+        if isinstance(shape, dict):
+            draw_shape(image, shape, alpha)
+    step = step_at(files.events, t)
+    if step:
+        draw_caption(image, step)
+
+
+# -- thumbnail ------------------------------------------------------------------------
+
+def make_thumbnail(directory: str | os.PathLike[str], slots: tuple[str, ...] = (),
+                   width: int = 320) -> Path | None:
+    """``thumbnail.jpg`` from the first (key) frame of the main video Feed's first
+    part; None when there is no video."""
+    files = RecordingFiles.load(directory)
+    feed = files.main_video_feed(slots)
+    if feed is None:
+        return None
+    for _part, path in files.parts(feed):
+        for _t, image in _frames(path):
+            h, w = image.shape[:2]
+            height = max(2, round(h * width / w))
+            thumb = np.asarray(cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA),
+                               dtype=np.uint8)
+            out = files.directory / THUMBNAIL
+            _write_atomic(out, _encode_jpeg(thumb))
+            return out
+    return None
+
+
+# -- one Feed as an MP4 -----------------------------------------------------------------
+
+@dataclass
+class ExportResult:
+    path: Path
+    frames: int
+    duration: float  # seconds of video
+    start: float  # Session clock of the first frame
+    width: int
+    height: int
+
+
+def export_feed(directory: str | os.PathLike[str], feed_id: str, out: str | os.PathLike[str],
+                *, progress: Progress | None = None, burn: bool = True,
+                crf: int = 23, preset: str = "veryfast") -> ExportResult:
+    """One MP4 (H.264) of ``feed_id``: its parts one after the other on the
+    Session clock (a gap between parts holds the last picture), with drawings
+    and step titles burned in. ``progress(done_s, total_s)`` as it goes."""
+    files = RecordingFiles.load(directory)
+    feed = files.feed(feed_id)
+    if feed.get("kind") != "video":
+        raise ExportError(f"{feed_id} is {feed.get('kind')}; export a video Feed")
+    parts = files.parts(feed)
+    if not parts:
+        raise ExportError(f"{feed_id} has no recorded frames")
+    first, last = parts[0][0], parts[-1][0]
+    t0 = float(first["start"])
+    total = float(last["start"]) + float(last.get("duration", 0)) - t0
+    width = int(first.get("width") or 0)
+    height = int(first.get("height") or 0)
+    out_path = Path(out)
+    time_base = Fraction(1, 90000)
+    container = av.open(str(out_path), "w", format="mp4", options={"movflags": "+faststart"})
+    frames = 0
+    last_pts = -1
+    last_t = t0
+    try:
+        stream: Any = None
+        for part, path in parts:
+            for file_t, image in _frames(path):
+                if stream is None:
+                    if not (width and height):
+                        height, width = image.shape[:2]
+                    width, height = width - width % 2, height - height % 2
+                    stream = container.add_stream("libx264", rate=30)
+                    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+                    stream.codec_context.time_base = time_base
+                    stream.options = {"preset": preset, "crf": str(crf)}
+                t = float(part["start"]) + file_t
+                picture = np.ascontiguousarray(_fit(image, width, height))
+                if burn:
+                    burn_in(picture, files, feed_id, t)
+                frame = av.VideoFrame.from_ndarray(picture, format="bgr24")
+                pts = max(round((t - t0) / time_base), last_pts + 1)
+                frame.pts, frame.time_base = pts, time_base
+                last_pts, last_t = pts, t
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+                frames += 1
+                if progress is not None and frames % 15 == 0:
+                    progress(min(t - t0, total), total)
+        if stream is None:
+            raise ExportError(f"{feed_id}: no frame could be decoded")
+        for packet in stream.encode():
+            container.mux(packet)
+    except BaseException:
+        container.close()
+        out_path.unlink(missing_ok=True)
+        raise
+    container.close()
+    if progress is not None:
+        progress(total, total)
+    return ExportResult(out_path, frames, last_t - t0, t0, width, height)
+
+
+# -- contact sheet ----------------------------------------------------------------------
+
+def contact_sheet(directory: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                  feed_id: str | None = None, columns: int = 4, tile_width: int = 320,
+                  slots: tuple[str, ...] = ()) -> int:
+    """A JPEG grid: the picture at each procedure step (else each bookmark, else
+    eight moments evenly spread), with drawings, and its time and name under
+    it. Returns the number of tiles."""
+    files = RecordingFiles.load(directory)
+    feed = files.feed(feed_id) if feed_id else files.main_video_feed(slots)
+    if feed is None:
+        raise ExportError("this recording has no video")
+    parts = files.parts(feed)
+    if not parts:
+        raise ExportError(f"{feed['id']} has no recorded frames")
+    moments = [(float(m["t"]), str(m.get("name", ""))) for m in marks(files.events, "step")]
+    if not moments:
+        moments = [(float(m["t"]), str(m.get("name", ""))) for m in
+                   marks(files.events, "bookmark")]
+    t0 = float(parts[0][0]["start"])
+    t1 = float(parts[-1][0]["start"]) + float(parts[-1][0].get("duration", 0))
+    if not moments:
+        moments = [(t0 + (t1 - t0) * (i + 0.5) / 8, "") for i in range(8)]
+    moments.sort()
+    # One pass over the parts: the last frame at or before each moment (or the
+    # first frame of the Feed, for a moment before it).
+    pictures: list[Image | None] = [None] * len(moments)
+    index = 0
+    previous: Image | None = None
+    for part, path in parts:
+        for file_t, image in _frames(path):
+            t = float(part["start"]) + file_t
+            while index < len(moments) and moments[index][0] < t:
+                pictures[index] = previous if previous is not None else image
+                index += 1
+            previous = image
+            if index >= len(moments):
+                break
+    for rest in range(index, len(moments)):
+        pictures[rest] = previous
+    tiles = []
+    feed_name = str(feed["id"])
+    for (t, name), picture in zip(moments, pictures, strict=True):
+        if picture is None:
+            continue
+        tile = np.ascontiguousarray(picture.copy())
+        for annotation, alpha in annotations_at(files.events, feed_name, t):
+            if isinstance(annotation.get("shape"), dict):
+                draw_shape(tile, annotation["shape"], alpha)
+        h, w = tile.shape[:2]
+        tile_height = max(2, round(h * tile_width / w))
+        tile = np.asarray(cv2.resize(tile, (tile_width, tile_height),
+                                     interpolation=cv2.INTER_AREA), dtype=np.uint8)
+        caption = np.zeros((28, tile_width, 3), np.uint8)
+        minutes, seconds = divmod(max(0, int(t)), 60)
+        cv2.putText(caption, _ascii(f"{minutes:02d}:{seconds:02d} {name}")[:48], (6, 19),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+        tiles.append(np.vstack([tile, caption]))
+    if not tiles:
+        raise ExportError("no picture for any moment")
+    tile_h = max(t.shape[0] for t in tiles)
+    columns = max(1, min(columns, len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    gap = 6
+    sheet = np.full((rows * (tile_h + gap) + gap, columns * (tile_width + gap) + gap, 3), 24,
+                    np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        y, x = gap + r * (tile_h + gap), gap + c * (tile_width + gap)
+        sheet[y:y + tile.shape[0], x:x + tile_width] = tile
+    _write_atomic(Path(out), _encode_jpeg(sheet, 88))
+    return len(tiles)

@@ -1,0 +1,210 @@
+"""`scrubin theatre|session|invite …`: the admin API from a terminal.
+
+Each command calls a running Node's admin API (docs/openapi.yaml) with a
+node-wide admin token (``scrubin admin-token``), given as ``--token`` or in
+``SCRUBIN_ADMIN_TOKEN``. ``--json`` prints the API's answer as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+
+from .roles import Role
+
+COMMANDS = ("theatre", "session", "invite")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: Any) -> None:
+        message = body.get("message") if isinstance(body, dict) else str(body)
+        super().__init__(f"error {status}: {message}")
+        self.status = status
+
+
+async def call(server: str, token: str, method: str, path: str,
+               body: dict[str, Any] | None = None) -> Any:
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as http, http.request(
+            method, f"{server.rstrip('/')}{path}", json=body,
+            headers={"Authorization": f"Bearer {token}"}) as response:
+        text = await response.text()
+        try:
+            data = json.loads(text) if text else None
+        except ValueError:
+            data = text
+        if response.status >= 400:
+            raise ApiError(response.status, data)
+        return data
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--server", default=os.environ.get("SCRUBIN_SERVER",
+                                                          "http://127.0.0.1:8080"),
+                       help="the Node's base URL (env SCRUBIN_SERVER)")
+        p.add_argument("--token", default=os.environ.get("SCRUBIN_ADMIN_TOKEN", ""),
+                       help="node-wide admin token (env SCRUBIN_ADMIN_TOKEN)")
+        p.add_argument("--json", action="store_true", help="print the API's JSON answer")
+        return p
+
+    theatre = sub.add_parser("theatre", help="list or add Theatres (admin API)")
+    tsub = theatre.add_subparsers(dest="action", required=True)
+    common(tsub.add_parser("list", help="every Theatre"))
+    add = common(tsub.add_parser("add", help="a Theatre and its camera slots"))
+    add.add_argument("id")
+    add.add_argument("--slots", required=True, help="comma-separated, e.g. room,endoscope")
+    add.add_argument("--name", default="")
+
+    session = sub.add_parser("session", help="schedule, list, start and end Sessions")
+    ssub = session.add_subparsers(dest="action", required=True)
+    ls = common(ssub.add_parser("list", help="every Session"))
+    ls.add_argument("--state", choices=["scheduled", "live", "ended"])
+    create = common(ssub.add_parser("create", help="schedule a Session"))
+    create.add_argument("--theatre", required=True)
+    create.add_argument("--title", required=True)
+    create.add_argument("--id", default=None, help="default: generated")
+    create.add_argument("--procedure", default="")
+    create.add_argument("--expert", default="", help="display name of the leading expert")
+    create.add_argument("--starts-at", default=None,
+                        help="ISO 8601 (2026-05-01T08:30, local time unless an offset is "
+                             "given) or epoch seconds")
+    for action, text in (("start", "bring it live on the Node"),
+                         ("end", "end it (or cancel it if scheduled)")):
+        p = common(ssub.add_parser(action, help=text))
+        p.add_argument("session")
+
+    invite = sub.add_parser("invite", help="create, list and revoke invites of a Session")
+    isub = invite.add_subparsers(dest="action", required=True)
+    ic = common(isub.add_parser("create", help="a signed invite link"))
+    ic.add_argument("--session", required=True)
+    ic.add_argument("--role", required=True, choices=[r.value for r in Role])
+    ic.add_argument("--name", default="", help="display name (else asked on the join page)")
+    ic.add_argument("--ttl", type=float, default=None, help="seconds (default: the Node's)")
+    ic.add_argument("--max-uses", type=int, default=None,
+                    help="how many people (devices) may use it")
+    il = common(isub.add_parser("list", help="a Session's invites"))
+    il.add_argument("--session", required=True)
+    ir = common(isub.add_parser("revoke", help="revoke one invite, or all of a Session"))
+    ir.add_argument("--session", required=True)
+    which = ir.add_mutually_exclusive_group(required=True)
+    which.add_argument("--invite", help="the invite id")
+    which.add_argument("--all", action="store_true",
+                       help="every token of the Session issued until now")
+
+
+def parse_time(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise SystemExit(f"--starts-at: {value!r} is neither ISO 8601 nor epoch seconds") \
+            from None
+
+
+def _when(value: float | None) -> str:
+    return datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M") if value else "-"
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.token:
+        print("an admin token is needed: --token or SCRUBIN_ADMIN_TOKEN "
+              "(mint one with `scrubin admin-token --config FILE`)", file=sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(_run(args))
+    except ApiError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except aiohttp.ClientError as exc:
+        print(f"cannot reach {args.server}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_format(args, result))
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> Any:
+    server, token = args.server, args.token
+
+    async def api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        return await call(server, token, method, path, body)
+
+    if args.command == "theatre":
+        if args.action == "list":
+            return await api("GET", "/api/admin/theatres")
+        body = {"id": args.id, "slots": [s.strip() for s in args.slots.split(",") if s.strip()]}
+        if args.name:
+            body["name"] = args.name
+        return await api("POST", "/api/admin/theatres", body)
+    if args.command == "session":
+        if args.action == "list":
+            return await api("GET", "/api/admin/sessions" + (
+                f"?state={args.state}" if args.state else ""))
+        if args.action == "create":
+            fields: dict[str, Any] = {"theatre": args.theatre, "title": args.title,
+                                      "procedure": args.procedure, "expert": args.expert}
+            if args.id:
+                fields["id"] = args.id
+            if args.starts_at:
+                fields["starts_at"] = parse_time(args.starts_at)
+            return await api("POST", "/api/admin/sessions", fields)
+        return await api("POST", f"/api/admin/sessions/{args.session}/{args.action}")
+    base = f"/api/admin/sessions/{args.session}/invites"
+    if args.action == "create":
+        invite: dict[str, Any] = {"role": args.role, "name": args.name}
+        if args.ttl is not None:
+            invite["ttl_s"] = args.ttl
+        if args.max_uses is not None:
+            invite["max_uses"] = args.max_uses
+        return await api("POST", base, invite)
+    if args.action == "list":
+        return await api("GET", base)
+    if args.all:
+        return await api("DELETE", base)
+    return await api("DELETE", f"{base}/{args.invite}")
+
+
+def _format(args: argparse.Namespace, result: Any) -> str:
+    if args.command == "theatre":
+        theatres = result["theatres"] if "theatres" in result else [result["theatre"]]
+        return "\n".join(f"{t['id']:<16} {t['name']:<24} {', '.join(t['slots'])}"
+                         for t in theatres) or "(no theatres)"
+    if args.command == "session":
+        sessions = result["sessions"] if "sessions" in result else [result["session"]]
+        return "\n".join(
+            f"{s['id']:<24} {s['state']:<10} {s['theatre']:<12} starts {_when(s['starts_at'])}"
+            f"  {s['title']}" + (f" ({s['expert']})" if s["expert"] else "")
+            for s in sessions) or "(no sessions)"
+    if args.action == "create":
+        invite = result["invite"]
+        lines = [f"Invite {invite['id']} for {invite['role']} in {invite['session']}, "
+                 f"expires {_when(invite['expires_at'])}"
+                 + (f", up to {invite['max_uses']} people" if invite["max_uses"] else ""),
+                 f"  Join link: {result['link']}"]
+        if result.get("page"):
+            lines.append(f"  Direct page link (one participant, no name asked): {result['page']}")
+        lines.append(f"  Bearer token: {result['token']}")
+        return "\n".join(lines)
+    if args.action == "list":
+        return "\n".join(
+            f"{i['id']}  {i['role']:<8} {i['name'] or '(name asked)':<20} "
+            f"uses {i['uses']}/{i['max_uses'] or '∞'}  expires {_when(i['expires_at'])}"
+            + ("  REVOKED" if i["revoked"] else f"\n    {i['link']}")
+            for i in result["invites"]) or "(no invites)"
+    if "revoked_before" in result:
+        return (f"Every token of {result['session']} issued before "
+                f"{_when(result['revoked_before'])} is revoked.")
+    return f"Invite {result['invite']['id']} revoked."

@@ -1,0 +1,509 @@
+"""Admin API (docs/openapi.yaml): Theatres, Sessions, invites; and redeeming
+an invite, and the OpenAPI document itself.
+
+Theatre and Session management (list, create) needs a node-wide admin token
+(``sid="*"``). Routes under ``/api/admin/sessions/{session}`` also accept an
+admin token of that Session. Every change is audited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import secrets
+import time
+import weakref
+from pathlib import Path
+from typing import Any, cast
+
+import yaml
+from aiohttp import web
+
+from .. import invites
+from ..errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Gone,
+    NotFound,
+    ScrubinError,
+    Unauthorized,
+)
+from ..roles import Role
+from ..store import SESSION_STATES, InviteRecord, SessionRecord, SessionState
+from ..theatre import Theatre, check_name
+from ..tokens import Grant
+from .common import (
+    AUDIT,
+    CONFIG,
+    REGISTRY,
+    SOCKET_GRANTS,
+    STORE,
+    TOKENS,
+    authenticate,
+    close_socket,
+    read_json,
+)
+
+routes = web.RouteTableDef()
+
+OPENAPI_PATH = Path(__file__).resolve().parent.parent.parent / "docs" / "openapi.yaml"
+#: Event (on the store's event bus) telling every Node to close the sockets
+#: of revoked tokens.
+REVOKED_EVENT = "tokens_revoked"
+
+TITLE_MAX = 200
+NAME_MAX = 100
+MAX_SLOTS = 16
+#: Epoch seconds accepted for starts_at: 2000-01-01 … 2100-01-01.
+STARTS_AT_RANGE = (946_684_800.0, 4_102_444_800.0)
+
+
+# -- the OpenAPI document ------------------------------------------------------
+
+_openapi_cache: dict[str, bytes] = {}
+
+
+def openapi_document() -> dict[str, Any]:
+    with open(OPENAPI_PATH, encoding="utf-8") as fh:
+        document: dict[str, Any] = yaml.safe_load(fh)
+    return document
+
+
+@routes.get("/api/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    """The HTTP API, described (no token needed: it holds no secret)."""
+    body = _openapi_cache.get("json")
+    if body is None:
+        body = _openapi_cache["json"] = json.dumps(openapi_document()).encode()
+    return web.Response(body=body, content_type="application/json")
+
+
+# -- input -----------------------------------------------------------------------
+
+async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object", code="bad_json")
+    unknown = set(body) - allowed
+    if unknown:
+        raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))[:200]}",
+                         code="bad_request")
+    return body
+
+
+def _text(body: dict[str, Any], key: str, *, limit: int, required: bool = False,
+          default: str | None = "") -> str | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise BadRequest(f"{key} is required", code="bad_request")
+        return default
+    if not isinstance(value, str):
+        raise BadRequest(f"{key} must be a string", code="bad_request")
+    value = invites.clean_text(value)
+    if len(value) > limit:
+        raise BadRequest(f"{key} is longer than {limit} characters", code="bad_request")
+    if required and not value:
+        raise BadRequest(f"{key} must not be empty", code="bad_request")
+    return value
+
+
+def _number(body: dict[str, Any], key: str, *, low: float, high: float) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+            value) or not low <= value <= high:
+        raise BadRequest(f"{key} must be a number from {low:g} to {high:g}", code="bad_request")
+    return float(value)
+
+
+def _integer(body: dict[str, Any], key: str, *, low: int, high: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadRequest(f"{key} must be an integer from {low} to {high}", code="bad_request")
+    return value
+
+
+def _slots(body: dict[str, Any]) -> tuple[str, ...]:
+    slots = body.get("slots")
+    if (not isinstance(slots, list) or not 1 <= len(slots) <= MAX_SLOTS
+            or not all(isinstance(s, str) for s in slots)):
+        raise BadRequest(f"slots must be a list of 1 to {MAX_SLOTS} slot names",
+                         code="bad_slot")
+    for slot in slots:
+        check_name("slot", slot)
+    if len(set(slots)) != len(slots):
+        raise BadRequest("slots must be distinct", code="bad_slot")
+    return tuple(slots)
+
+
+def _path_name(request: web.Request, kind: str) -> str:
+    return check_name(kind, request.match_info[kind])
+
+
+# -- who may call ------------------------------------------------------------------
+
+async def node_admin(request: web.Request) -> Grant:
+    grant = await authenticate(request)
+    if grant.role is not Role.ADMIN:
+        raise Forbidden("only admins manage theatres and sessions", code="wrong_role")
+    if not grant.node_wide:
+        raise Forbidden("this needs a node-wide admin token (sid \"*\")", code="wrong_session")
+    return grant
+
+
+async def session_admin(request: web.Request) -> Grant:
+    """A node-wide admin token, or an admin token of the Session in the path."""
+    grant = await authenticate(request)
+    if not grant.covers(request.match_info["session"]):
+        raise Forbidden("token is for another session", code="wrong_session")
+    if grant.role is not Role.ADMIN:
+        raise Forbidden("only admins manage sessions and invites", code="wrong_role")
+    return grant
+
+
+def _audit(request: web.Request, event: str, grant: Grant, **fields: Any) -> None:
+    request.app[AUDIT].record(event, by=grant.participant_id, by_name=grant.name,
+                              address=request.remote, **fields)
+
+
+# -- theatres ----------------------------------------------------------------------
+
+@routes.get("/api/admin/theatres")
+async def list_theatres(request: web.Request) -> web.Response:
+    await node_admin(request)
+    theatres = {t.id: t for t in request.app[REGISTRY].theatres.values()}
+    theatres.update({t.id: t for t in await request.app[STORE].theatres.list_theatres()})
+    return web.json_response({"theatres": [theatres[k].describe() for k in sorted(theatres)]})
+
+
+@routes.post("/api/admin/theatres")
+async def create_theatre(request: web.Request) -> web.Response:
+    grant = await node_admin(request)
+    body = await _body(request, {"id", "name", "slots"})
+    theatre_id = body.get("id")
+    if not isinstance(theatre_id, str):
+        raise BadRequest("id is required", code="bad_theatre")
+    check_name("theatre", theatre_id)
+    name = _text(body, "name", limit=NAME_MAX) or theatre_id
+    theatre = Theatre(theatre_id, name, _slots(body))
+    registry = request.app[REGISTRY]
+    if await registry.get_theatre(theatre_id) is not None:
+        raise Conflict(f"theatre {theatre_id} exists", code="theatre_exists")
+    await registry.put_theatre(theatre)
+    _audit(request, "theatre_created", grant, theatre=theatre.id, slots=list(theatre.slots))
+    return web.json_response({"theatre": theatre.describe()}, status=201)
+
+
+@routes.get("/api/admin/theatres/{theatre}")
+async def get_theatre(request: web.Request) -> web.Response:
+    await node_admin(request)
+    return web.json_response({"theatre": (await _theatre(request)).describe()})
+
+
+@routes.put("/api/admin/theatres/{theatre}")
+async def update_theatre(request: web.Request) -> web.Response:
+    grant = await node_admin(request)
+    current = await _theatre(request)
+    body = await _body(request, {"name", "slots"})
+    name = _text(body, "name", limit=NAME_MAX, default=None) or current.name
+    slots = _slots(body) if "slots" in body else current.slots
+    theatre = Theatre(current.id, name, slots)
+    await request.app[REGISTRY].put_theatre(theatre)
+    _audit(request, "theatre_updated", grant, theatre=theatre.id, slots=list(theatre.slots))
+    return web.json_response({"theatre": theatre.describe()})
+
+
+@routes.delete("/api/admin/theatres/{theatre}")
+async def delete_theatre(request: web.Request) -> web.Response:
+    grant = await node_admin(request)
+    theatre = await _theatre(request)
+    registry = request.app[REGISTRY]
+    in_use = [r.id for r in await request.app[STORE].sessions.list_sessions()
+              if r.theatre_id == theatre.id and r.state != "ended"]
+    in_use += [s.id for s in registry.sessions.values() if s.theatre.id == theatre.id]
+    if in_use:
+        raise Conflict(f"theatre {theatre.id} has sessions that have not ended: "
+                       f"{', '.join(sorted(set(in_use)))[:200]}", code="theatre_in_use")
+    await registry.delete_theatre(theatre.id)
+    _audit(request, "theatre_deleted", grant, theatre=theatre.id)
+    return web.Response(status=204)
+
+
+async def _theatre(request: web.Request) -> Theatre:
+    theatre_id = _path_name(request, "theatre")
+    theatre = await request.app[REGISTRY].get_theatre(theatre_id)
+    if theatre is None:
+        raise NotFound(f"no theatre {theatre_id!r}", code="unknown_theatre")
+    return theatre
+
+
+# -- sessions ----------------------------------------------------------------------
+
+async def _session_view(request: web.Request, record: SessionRecord) -> dict[str, Any]:
+    live = request.app[REGISTRY].sessions.get(record.id)
+    view: dict[str, Any] = {
+        "id": record.id, "theatre": record.theatre_id, "title": record.title,
+        "procedure": record.procedure, "expert": record.expert,
+        "starts_at": record.starts_at, "state": record.state,
+        "started_at": record.started_at, "ended_at": record.ended_at,
+        "node": record.node_id or None, "feeds": [], "participants": 0,
+    }
+    if live is not None and live.state == "live":
+        view["feeds"] = live.describe()["feeds"]
+        view["participants"] = len(live.participants)
+    return view
+
+
+async def _record(request: web.Request) -> SessionRecord:
+    session_id = _path_name(request, "session")
+    registry = request.app[REGISTRY]
+    await registry.flush()
+    record = await request.app[STORE].sessions.get_session(session_id)
+    if record is None:
+        registry.get(session_id)  # 410 for one that ended here
+        raise NotFound(f"no session {session_id!r}", code="unknown_session")
+    return record
+
+
+@routes.get("/api/admin/sessions")
+async def list_sessions(request: web.Request) -> web.Response:
+    await node_admin(request)
+    state = request.query.get("state")
+    if state is not None and state not in SESSION_STATES:
+        raise BadRequest(f"state is one of {', '.join(SESSION_STATES)}", code="bad_query")
+    registry = request.app[REGISTRY]
+    await registry.flush()
+    records = await request.app[STORE].sessions.list_sessions(cast(SessionState | None, state))
+    return web.json_response({"sessions": [await _session_view(request, r) for r in records]})
+
+
+@routes.post("/api/admin/sessions")
+async def create_session(request: web.Request) -> web.Response:
+    grant = await node_admin(request)
+    body = await _body(request, {"id", "theatre", "title", "procedure", "expert", "starts_at"})
+    session_id = body.get("id")
+    if session_id is None:
+        session_id = f"s-{time.strftime('%Y%m%d')}-{secrets.token_hex(3)}"
+    if not isinstance(session_id, str):
+        raise BadRequest("id must be a string", code="bad_session")
+    check_name("session", session_id)
+    theatre_id = body.get("theatre")
+    if not isinstance(theatre_id, str):
+        raise BadRequest("theatre is required", code="bad_theatre")
+    check_name("theatre", theatre_id)
+    title = _text(body, "title", limit=TITLE_MAX, required=True) or ""
+    registry = request.app[REGISTRY]
+    theatre = await registry.get_theatre(theatre_id)
+    if theatre is None:
+        raise NotFound(f"no theatre {theatre_id!r}", code="unknown_theatre")
+    if registry.sessions.get(session_id) is not None:
+        raise Conflict(f"session {session_id} is live", code="session_exists")
+    store = request.app[STORE]
+    if await store.theatres.get_theatre(theatre_id) is None:
+        await store.theatres.put_theatre(theatre)  # a Theatre from this Node's configuration
+    record = await store.sessions.create_session(SessionRecord(
+        id=session_id, theatre_id=theatre_id, title=title,
+        procedure=_text(body, "procedure", limit=TITLE_MAX) or "",
+        expert=_text(body, "expert", limit=NAME_MAX) or "",
+        starts_at=_number(body, "starts_at", low=STARTS_AT_RANGE[0], high=STARTS_AT_RANGE[1]),
+        state="scheduled"))
+    _audit(request, "session_created", grant, session=record.id, theatre=theatre_id,
+           title=record.title, starts_at=record.starts_at)
+    return web.json_response({"session": await _session_view(request, record)}, status=201)
+
+
+@routes.get("/api/admin/sessions/{session}")
+async def get_session(request: web.Request) -> web.Response:
+    await session_admin(request)
+    return web.json_response({"session": await _session_view(request, await _record(request))})
+
+
+@routes.patch("/api/admin/sessions/{session}")
+async def update_session(request: web.Request) -> web.Response:
+    grant = await session_admin(request)
+    record = await _record(request)
+    body = await _body(request, {"title", "procedure", "expert", "starts_at"})
+    if record.state == "ended":
+        raise Gone(f"session {record.id} has ended", code="session_ended")
+    title = _text(body, "title", limit=TITLE_MAX, default=None)
+    if title == "":
+        raise BadRequest("title must not be empty", code="bad_request")
+    procedure = _text(body, "procedure", limit=TITLE_MAX, default=None)
+    record = await request.app[STORE].sessions.update_session(
+        record.id, title=title, procedure=procedure,
+        expert=_text(body, "expert", limit=NAME_MAX, default=None),
+        starts_at=_number(body, "starts_at", low=STARTS_AT_RANGE[0], high=STARTS_AT_RANGE[1]))
+    live = request.app[REGISTRY].sessions.get(record.id)
+    if live is not None:
+        live.title, live.procedure = record.title, record.procedure
+    _audit(request, "session_updated", grant, session=record.id,
+           fields=sorted(k for k in body if body[k] is not None))
+    return web.json_response({"session": await _session_view(request, record)})
+
+
+@routes.post("/api/admin/sessions/{session}/start")
+async def start_session(request: web.Request) -> web.Response:
+    grant = await session_admin(request)
+    record = await _record(request)
+    if record.state == "ended":
+        raise Gone(f"session {record.id} has ended", code="session_ended")
+    registry = request.app[REGISTRY]
+    was_live_here = record.id in registry.sessions
+    await registry.start(record.id)
+    if not was_live_here:
+        _audit(request, "session_started", grant, session=record.id)
+    return web.json_response({"session": await _session_view(request, await _record(request))})
+
+
+@routes.post("/api/admin/sessions/{session}/end")
+async def end_session(request: web.Request) -> web.Response:
+    grant = await session_admin(request)
+    record = await _record(request)
+    if record.state != "ended":
+        await request.app[REGISTRY].end(record.id, f"ended by {grant.name or 'an admin'}")
+        _audit(request, "session_ended_by_admin", grant, session=record.id, was=record.state)
+    return web.json_response({"session": await _session_view(request, await _record(request))})
+
+
+# -- invites -----------------------------------------------------------------------
+
+async def _invite_views(request: web.Request,
+                        records: list[InviteRecord]) -> list[dict[str, Any]]:
+    store = request.app[STORE]
+    if not records:
+        return []
+    before = await store.invites.revoked_before(records[0].session_id)
+    base = request.app[CONFIG].base_url
+    return [await invites.describe(store, request.app[TOKENS], r, base, revoked_before=before)
+            for r in records]
+
+
+@routes.get("/api/admin/sessions/{session}/invites")
+async def list_invites(request: web.Request) -> web.Response:
+    await session_admin(request)
+    record = await _record(request)
+    found = await request.app[STORE].invites.list_invites(record.id)
+    return web.json_response({"invites": await _invite_views(request, found)})
+
+
+@routes.post("/api/admin/sessions/{session}/invites")
+async def create_invite(request: web.Request) -> web.Response:
+    grant = await session_admin(request)
+    record = await _record(request)
+    if record.state == "ended":
+        raise Gone(f"session {record.id} has ended", code="session_ended")
+    body = await _body(request, {"role", "name", "ttl_s", "max_uses"})
+    try:
+        role = Role(str(body.get("role")))
+    except ValueError:
+        raise BadRequest(f"role is one of {', '.join(r.value for r in Role)}",
+                         code="bad_role") from None
+    config = request.app[CONFIG]
+    ttl = _number(body, "ttl_s", low=invites.MIN_TTL_S, high=invites.MAX_TTL_S)
+    invite, token = await invites.create(
+        request.app[STORE], request.app[TOKENS], session_id=record.id, role=role,
+        name=_text(body, "name", limit=invites.NAME_MAX) or "",
+        ttl_s=ttl if ttl is not None else config.auth.token_ttl_s,
+        max_uses=_integer(body, "max_uses", low=1, high=invites.MAX_USES),
+        created_by=grant.name or grant.participant_id)
+    _audit(request, "invite_created", grant, session=record.id, invite=invite.id,
+           role=role.value, name=invite.name, max_uses=invite.max_uses,
+           expires_at=invite.expires_at)
+    view = (await _invite_views(request, [invite]))[0]
+    return web.json_response({"invite": view, "token": token, "link": view["link"],
+                              "page": view["page"]}, status=201)
+
+
+@routes.delete("/api/admin/sessions/{session}/invites/{invite}")
+async def revoke_invite(request: web.Request) -> web.Response:
+    grant = await session_admin(request)
+    record = await _record(request)
+    store = request.app[STORE]
+    invite = await store.invites.get_invite(record.id, request.match_info["invite"])
+    if invite is None:
+        raise NotFound("no such invite (or it has expired)", code="unknown_invite")
+    await store.invites.revoke_invite(invite.id, expires_at=invite.expires_at)
+    if invite.revoked_at is None:
+        invite = _revoked(invite)
+        await store.invites.put_invite(invite)
+        _audit(request, "invite_revoked", grant, session=record.id, invite=invite.id)
+    await _announce_revocation(request, record.id, {"invite": invite.id})
+    return web.json_response({"invite": (await _invite_views(request, [invite]))[0]})
+
+
+@routes.delete("/api/admin/sessions/{session}/invites")
+async def revoke_all_invites(request: web.Request) -> web.Response:
+    grant = await session_admin(request)
+    record = await _record(request)
+    before = time.time()
+    await request.app[STORE].invites.revoke_session(record.id, before=before)
+    _audit(request, "invites_revoked", grant, session=record.id, before=before)
+    await _announce_revocation(request, record.id, {"before": before})
+    return web.json_response({"session": record.id, "revoked_before": before})
+
+
+def _revoked(invite: InviteRecord) -> InviteRecord:
+    return dataclasses.replace(invite, revoked_at=time.time())
+
+
+async def _announce_revocation(request: web.Request, session_id: str,
+                               what: dict[str, Any]) -> None:
+    """Close the sockets of revoked tokens: here at once, on other Nodes
+    through the store's events (best effort; their next request is refused
+    in any case)."""
+    close_revoked_sockets(request.app, session_id, {"type": REVOKED_EVENT, **what})
+    try:
+        await request.app[STORE].events.publish(session_id, {"type": REVOKED_EVENT, **what})
+    except ScrubinError:
+        pass
+
+
+def close_revoked_sockets(app: web.Application, session_id: str, event: dict[str, Any]) -> None:
+    """Registry hook for Session events: a ``tokens_revoked`` event closes
+    the matching websockets of this Node with 4401 token_revoked."""
+    if event.get("type") != REVOKED_EVENT:
+        return
+    sockets: weakref.WeakKeyDictionary[Any, Grant] = app[SOCKET_GRANTS]
+    invite = event.get("invite")
+    before = event.get("before")
+    for ws, grant in list(sockets.items()):
+        if grant.session_id != session_id or ws.closed:
+            continue
+        if (invite is not None and grant.token_id == invite) or (
+                isinstance(before, (int, float)) and grant.issued_at < before):
+            sockets.pop(ws, None)
+            close_socket(app, ws, Unauthorized("this token or its invite has been revoked",
+                                               code="token_revoked"), 4401)
+
+
+# -- redeeming an invite -------------------------------------------------------------
+
+@routes.post("/api/invites/redeem")
+async def redeem_invite(request: web.Request) -> web.Response:
+    """The join page: an invite (bearer) becomes a personal token for this device."""
+    grant = await authenticate(request, redeem=False)
+    if grant.node_wide:
+        raise Forbidden("a node-wide admin token is not an invite", code="wrong_session")
+    body = await _body(request, {"device", "name"})
+    device = body.get("device")
+    if not isinstance(device, str):
+        raise BadRequest("device is required", code="bad_request")
+    name = _text(body, "name", limit=invites.NAME_MAX) or ""
+    token, participant_id, display = await invites.redeem(
+        request.app[STORE], request.app[TOKENS], grant, device=device, name=name)
+    request.app[AUDIT].record("invite_redeemed", session=grant.session_id,
+                              invite=grant.token_id, participant=participant_id,
+                              role=grant.role.value, name=display, address=request.remote)
+    return web.json_response({
+        "token": token, "session": grant.session_id,
+        "participant": {"id": participant_id, "role": grant.role.value, "name": display},
+        "expires_at": grant.expires_at,
+        # Relative: the join page continues on the origin it was opened from.
+        "page": invites.page_link("", grant.role, token),
+    })

@@ -1,0 +1,128 @@
+"""Review API: the library of Recordings, one Recording for the player, its
+media (HTTP Range) and thumbnail through signed URLs, deletion
+(docs/protocol.md, "Recording"; server/recordings.py does the work).
+
+``setup(app)`` is the one call in ``create_app``: it adds the routes, the
+Node's ``Recordings`` (``app[RECORDINGS]``), recording control for every
+Session that goes live, and the retention task (a cleanup_ctx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ..errors import Forbidden
+from ..recordings import REVIEWERS, Recordings
+from ..roles import Role
+from ..session import Session
+from .common import AUDIT, CONFIG, REGISTRY, authenticate
+
+RECORDINGS = web.AppKey("recordings", Recordings)
+routes = web.RouteTableDef()
+
+
+def setup(app: web.Application) -> None:
+    recordings = app[RECORDINGS] = Recordings(app[CONFIG], app[AUDIT])
+    app.add_routes(routes)
+    registry = app[REGISTRY]
+    previous = registry.on_session
+
+    def on_session(session: Session, state: str) -> None:
+        if previous is not None:
+            previous(session, state)
+        if state == "live":
+            recordings.attach_session(session)
+        elif state == "ended":
+            recordings.forget_session(session)
+
+    registry.on_session = on_session
+    app.cleanup_ctx.append(_recordings)
+
+
+async def _recordings(app: web.Application) -> AsyncIterator[None]:
+    recordings = app[RECORDINGS]
+    await asyncio.to_thread(recordings.open)
+    # Sessions of the configuration went live before the app had hooks.
+    for session in list(app[REGISTRY].sessions.values()):
+        recordings.attach_session(session)
+    retention = asyncio.ensure_future(recordings.retention_loop())
+    yield
+    retention.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await retention
+    await recordings.close()
+    # Running recordings stop with their Sessions (Session.end), after this.
+
+
+def _who(grant_role: Role, participant: str, name: str) -> dict[str, str]:
+    return {"id": participant, "name": name or grant_role.value, "role": grant_role.value}
+
+
+@routes.get("/api/sessions/{session}/recordings")
+async def list_recordings(request: web.Request) -> web.Response:
+    grant = await authenticate(request)
+    session_id = request.match_info["session"]
+    if not grant.covers(session_id):
+        raise Forbidden("token is for another session", code="wrong_session")
+    if grant.role not in REVIEWERS:
+        raise Forbidden("recordings are for reviewers and admins", code="wrong_role")
+    recordings = request.app[RECORDINGS]
+    expires = recordings.expiry()
+    return web.json_response({
+        "recordings": [recordings.listed(e, expires) for e in recordings.for_session(session_id)],
+        "expires_at": expires,
+    })
+
+
+@routes.get("/api/recordings/{recording}")
+async def get_recording(request: web.Request) -> web.Response:
+    grant = await authenticate(request)
+    recordings = request.app[RECORDINGS]
+    if grant.role not in REVIEWERS:
+        raise Forbidden("recordings are for reviewers and admins", code="wrong_role")
+    recording_id = request.match_info["recording"]
+    recordings.check_access(grant, recordings.entry(recording_id))
+    detail = await asyncio.to_thread(recordings.detail, recording_id, recordings.expiry())
+    request.app[AUDIT].record("recording_viewed", session=detail["recording"]["session"],
+                              recording=recording_id, participant=grant.participant_id,
+                              role=grant.role.value, name=grant.name, address=request.remote)
+    return web.json_response(detail)
+
+
+@routes.delete("/api/recordings/{recording}")
+async def delete_recording(request: web.Request) -> web.Response:
+    grant = await authenticate(request)
+    recordings = request.app[RECORDINGS]
+    if grant.role is not Role.ADMIN:
+        raise Forbidden("only admins delete recordings", code="wrong_role")
+    recording_id = request.match_info["recording"]
+    recordings.check_access(grant, recordings.entry(recording_id))
+    await recordings.delete(recording_id, reason="deleted",
+                            by=_who(grant.role, grant.participant_id, grant.name))
+    return web.json_response({"deleted": recording_id})
+
+
+async def _serve(request: web.Request, name: str) -> web.StreamResponse:
+    recordings = request.app[RECORDINGS]
+    recording_id = request.match_info["recording"]
+    recordings.signer.check(recording_id, name, request.query.get("exp"),
+                            request.query.get("sig"))
+    path, content_type = await asyncio.to_thread(recordings.media_path, recording_id, name)
+    # FileResponse answers Range requests with 206 and Content-Range.
+    return web.FileResponse(path, headers={
+        "Content-Type": content_type, "Cache-Control": "private, max-age=3600",
+        "Accept-Ranges": "bytes"})
+
+
+@routes.get("/api/recordings/{recording}/media/{part}")
+async def media(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, request.match_info["part"])
+
+
+@routes.get("/api/recordings/{recording}/thumbnail")
+async def thumbnail(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, "thumbnail")

@@ -1,0 +1,123 @@
+"""Invites: signed tokens an admin hands out for one Session and Role.
+
+An invite is a token (``server.tokens``) whose ``jti`` is the invite id, with
+an optional ``max_uses``; its record in the store lets admins list it, copy
+its link again and revoke it. People open the invite's *join link*
+(``/join.html#token=…``): the page asks for a display name if the invite
+carries none, and redeems the invite for a personal token (its own
+Participant id, the invite's Role, Session, expiry and id) which the watch or
+broadcast page then uses. Each device that redeems an invite is one use; the
+same device redeeming again, or reloading the page, is not another.
+Revoking the invite revokes every token redeemed from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+import unicodedata
+from typing import Any
+
+from .errors import BadRequest, Forbidden
+from .roles import Role
+from .store import InviteRecord, Store
+from .tokens import Grant, TokenAuthority
+
+#: The page each Role's people use (reviewers have no live page yet).
+PAGES: dict[Role, str] = {
+    Role.EXPERT: "broadcast.html",
+    Role.TRAINEE: "watch.html",
+    Role.ADMIN: "watch.html",
+    Role.RECORDER: "watch.html",
+}
+MIN_TTL_S = 60
+MAX_TTL_S = 30 * 24 * 3600
+MAX_USES = 10_000
+NAME_MAX = 64
+
+
+def clean_text(value: str) -> str:
+    """Text as data: no control or format characters, single spaces. Never
+    markup: pages render it as text, so "<b>" stays four characters."""
+    kept = "".join(" " if ch.isspace() else ch for ch in value
+                   if unicodedata.category(ch)[0] != "C" or ch.isspace())
+    return " ".join(kept.split())
+
+
+def clean_name(value: str) -> str:
+    """A display name: clean text, at most 64 characters."""
+    return clean_text(value)[:NAME_MAX]
+
+
+def page_link(base_url: str, role: Role, token: str) -> str | None:
+    page = PAGES.get(role)
+    return f"{base_url.rstrip('/')}/{page}#token={token}" if page else None
+
+
+def join_link(base_url: str, token: str) -> str:
+    return f"{base_url.rstrip('/')}/join.html#token={token}"
+
+
+def sign(tokens: TokenAuthority, record: InviteRecord) -> str:
+    """The invite's token, from its record (the same claims every time)."""
+    return tokens.issue(record.session_id, record.role, name=record.name,
+                        participant_id=record.participant_id, now=record.issued_at,
+                        token_id=record.id, max_uses=record.max_uses,
+                        expires_at=record.expires_at)
+
+
+async def create(store: Store, tokens: TokenAuthority, *, session_id: str, role: Role,
+                 name: str, ttl_s: float, max_uses: int | None,
+                 created_by: str) -> tuple[InviteRecord, str]:
+    issued = time.time()
+    record = InviteRecord(
+        id=secrets.token_hex(12), session_id=session_id, role=role, name=clean_name(name),
+        participant_id=secrets.token_hex(6), issued_at=issued,
+        expires_at=float(int(issued + ttl_s)), max_uses=max_uses, created_by=created_by)
+    await store.invites.put_invite(record)
+    return record, sign(tokens, record)
+
+
+async def describe(store: Store, tokens: TokenAuthority, record: InviteRecord, base_url: str,
+                   *, revoked_before: float | None) -> dict[str, Any]:
+    revoked = record.revoked_at is not None or (
+        revoked_before is not None and record.issued_at < revoked_before)
+    view: dict[str, Any] = {
+        "id": record.id, "session": record.session_id, "role": record.role.value,
+        "name": record.name, "issued_at": record.issued_at, "expires_at": record.expires_at,
+        "max_uses": record.max_uses, "uses": await store.invites.invite_uses(record.id),
+        "created_by": record.created_by, "revoked": revoked, "revoked_at": record.revoked_at,
+        "token": None, "link": None, "page": None,
+    }
+    if not revoked:
+        token = sign(tokens, record)
+        view.update(token=token, link=join_link(base_url, token),
+                    page=page_link(base_url, record.role, token))
+    return view
+
+
+def participant_for(invite_id: str, device: str) -> str:
+    """One Participant per invite and device: the same device gets the same
+    id back (a reload or a second redemption is not another use)."""
+    return hashlib.sha256(f"{invite_id}\x00{device}".encode()).hexdigest()[:12]
+
+
+async def redeem(store: Store, tokens: TokenAuthority, grant: Grant, *, device: str,
+                 name: str) -> tuple[str, str, str]:
+    """A personal token for one device: (token, participant id, display name)."""
+    if grant.node_wide:
+        raise Forbidden("a node-wide admin token is not an invite", code="wrong_session")
+    if not (16 <= len(device) <= 128) or not device.isascii() or not device.isprintable():
+        raise BadRequest("device must be 16–128 printable ASCII characters", code="bad_request")
+    participant_id = participant_for(grant.token_id, device)
+    if grant.max_uses is not None and not await store.invites.use_invite(
+            grant.token_id, max_uses=grant.max_uses, expires_at=grant.expires_at,
+            redeemer=participant_id):
+        raise Forbidden("this invite has been used by as many people as it allows",
+                        code="invite_used_up")
+    display = grant.name or clean_name(name)
+    token = tokens.issue(grant.session_id, grant.role, name=display,
+                         participant_id=participant_id, token_id=grant.token_id,
+                         expires_at=grant.expires_at)
+    return token, participant_id, display

@@ -1,0 +1,124 @@
+"""`scrubin export` (a Recording's directory → MP4 or contact sheet, offline) and
+`scrubin recording list|delete` (the review API of a running Node)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from recorder.export import ExportError, contact_sheet, export_feed
+
+from .admin_cli import ApiError, call
+
+COMMANDS = ("export", "recording")
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    export = sub.add_parser(
+        "export", help="one Feed of a Recording as an MP4 with drawings and steps burned in, "
+                       "or a contact sheet of its steps")
+    export.add_argument("directory", type=Path, help="the Recording's directory "
+                        "(<recording.root>/<id>, with manifest.json)")
+    export.add_argument("--feed", default="", help="video Feed id, e.g. room.video "
+                        "(contact sheet: default the main camera)")
+    export.add_argument("--out", type=Path, help="the MP4 to write")
+    export.add_argument("--contact-sheet", type=Path, help="a JPEG of the steps to write")
+    export.add_argument("--no-burn-in", action="store_true",
+                        help="the pictures only, without drawings and step titles")
+    export.add_argument("--quiet", action="store_true", help="no progress")
+
+    recording = sub.add_parser("recording", help="list or delete Recordings (review API)")
+    rsub = recording.add_subparsers(dest="action", required=True)
+    for name, helptext in (("list", "a Session's Recordings"),
+                           ("delete", "delete a Recording: parts, events, thumbnail, index")):
+        p = rsub.add_parser(name, help=helptext)
+        p.add_argument("--server", default=os.environ.get("SCRUBIN_SERVER",
+                                                          "http://127.0.0.1:8080"),
+                       help="the Node's base URL (env SCRUBIN_SERVER)")
+        p.add_argument("--token", default=os.environ.get("SCRUBIN_ADMIN_TOKEN", ""),
+                       help="admin token (node-wide or of the Session; env SCRUBIN_ADMIN_TOKEN)")
+        if name == "list":
+            p.add_argument("--session", required=True)
+        else:
+            p.add_argument("recording", help="the Recording's id")
+
+
+def _progress(quiet: bool) -> Any:
+    if quiet:
+        return None
+
+    def show(done: float, total: float) -> None:
+        percent = 100.0 * done / total if total > 0 else 100.0
+        print(f"\rexport: {percent:5.1f}%  {done:7.1f} / {total:.1f} s", end="",
+              file=sys.stderr, flush=True)
+
+    return show
+
+
+def export(args: argparse.Namespace) -> int:
+    if not args.out and not args.contact_sheet:
+        print("export: give --out FILE.mp4 (with --feed) and/or --contact-sheet FILE.jpg",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.out:
+            if not args.feed:
+                print("export: --out needs --feed (e.g. room.video)", file=sys.stderr)
+                return 2
+            result = export_feed(args.directory, args.feed, args.out,
+                                 progress=_progress(args.quiet), burn=not args.no_burn_in)
+            if not args.quiet:
+                print(file=sys.stderr)
+            print(f"wrote {result.path}: {result.frames} frames, {result.duration:.1f} s, "
+                  f"{result.width}x{result.height}")
+        if args.contact_sheet:
+            tiles = contact_sheet(args.directory, args.contact_sheet, feed_id=args.feed or None)
+            print(f"wrote {args.contact_sheet}: {tiles} pictures")
+    except ExportError as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _when(value: Any) -> str:
+    if not isinstance(value, str):
+        return "-"
+    try:
+        return datetime.fromisoformat(value).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return value
+
+
+async def _remote(args: argparse.Namespace) -> int:
+    if not args.token:
+        print("recording: give --token (or SCRUBIN_ADMIN_TOKEN)", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "list":
+            body = await call(args.server, args.token, "GET",
+                              f"/api/sessions/{args.session}/recordings")
+            for entry in body["recordings"]:
+                duration = entry.get("duration")
+                print(f"{entry['id']}  {_when(entry.get('started'))}  "
+                      f"{'-' if duration is None else f'{duration:.0f} s':>7}  "
+                      f"{entry.get('state')}  {entry.get('consent_scope')}  {entry.get('title')}")
+            if not body["recordings"]:
+                print("(no recordings)")
+        else:
+            await call(args.server, args.token, "DELETE", f"/api/recordings/{args.recording}")
+            print(f"deleted recording {args.recording}")
+    except ApiError as exc:
+        print(f"recording: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "export":
+        return export(args)
+    return asyncio.run(_remote(args))

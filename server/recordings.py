@@ -1,0 +1,607 @@
+"""Recordings of a Node: starting and stopping them, the index, review access,
+signed media URLs, deletion and retention (docs/protocol.md, "Recording").
+
+One ``Recordings`` per Node (``app[RECORDINGS]``, server/http/review.py). Per
+live Session it keeps at most one running :class:`recorder.Recording`,
+started by the expert or an admin (websocket ``start_recording`` with a
+consent record) or automatically (``[recording] auto`` / ``auto_sessions``,
+with the standing consent of the configuration). Every participant is told
+whether recording is on (Session event ``recording``, forwarded by each
+websocket); ``Session.end()`` awaits the recording's stop. A disk error stops
+the Recording, not the Session: the expert's page shows it and the audit trail
+has it.
+
+On disk, under ``[recording] root``: one directory per Recording (its random
+id; recorder.recording describes the layout, plus ``thumbnail.jpg`` made when
+it stops) and ``index.json``, a summary of each, rebuilt from the manifests at
+start. Files are served only by id and by names listed in the manifest, never
+by joining a path from a request, and never through a symlink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+from recorder import Recording, RecordingError, SessionInfo, WriterOptions
+from recorder.export import THUMBNAIL, make_thumbnail
+from recorder.recording import EVENTS, MANIFEST
+from recorder.replay import player_events, read_events
+
+from .audit import AuditTrail
+from .config import Config
+from .errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unauthorized, Unavailable
+from .roles import MODERATORS, Role
+from .session import Session
+from .tokens import Grant
+
+logger = logging.getLogger(__name__)
+
+SCOPES = ("live_only", "internal_review", "deidentified_reuse")
+#: Who may review a Recording, beside admins.
+REVIEWERS = frozenset({Role.REVIEWER, Role.ADMIN})
+RECORDING_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+INDEX = "index.json"
+#: Websocket requests handled here.
+MESSAGE_TYPES = frozenset({"start_recording", "stop_recording"})
+CONSENT_FIELDS = {"recorded_by": 200, "recorded_at": 64, "scope": 32, "note": 1000}
+#: Events sent to the player at most (the rest is in events.jsonl).
+MAX_EVENTS = 50_000
+CONTENT_TYPES = {".webm": "video/webm", ".mp4": "video/mp4", ".mkv": "video/x-matroska"}
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
+
+LiveState = Literal["on", "off", "failed"]
+
+
+def check_consent(raw: Any) -> dict[str, str]:
+    """The consent record of a ``start_recording``: ``recorded_by``, ``recorded_at``
+    (ISO 8601), ``scope``, optional ``note``. ``live_only`` is a 409: that
+    consent does not cover recording."""
+    if not isinstance(raw, dict):
+        raise BadRequest("recording needs a consent record: {recorded_by, recorded_at, scope, "
+                         "note?}", code="consent_missing")
+    unknown = set(raw) - set(CONSENT_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown consent fields {sorted(unknown)}", code="bad_consent")
+    out: dict[str, str] = {}
+    for name, limit in CONSENT_FIELDS.items():
+        value = raw.get(name)
+        if name == "note" and (value is None or (isinstance(value, str) and not value.strip())):
+            continue
+        if not isinstance(value, str) or not _CONTROL.sub("", value).strip():
+            raise BadRequest(f"consent.{name} must be a non-empty string", code="bad_consent")
+        if len(value) > limit:
+            raise BadRequest(f"consent.{name} is longer than {limit} characters",
+                             code="bad_consent")
+        out[name] = _CONTROL.sub("", value).strip()
+    try:
+        datetime.datetime.fromisoformat(out["recorded_at"].replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest("consent.recorded_at must be an ISO 8601 date or time",
+                         code="bad_consent") from None
+    if out["scope"] not in SCOPES:
+        raise BadRequest(f"consent.scope must be one of {', '.join(SCOPES)}", code="bad_consent")
+    if out["scope"] == "live_only":
+        raise Conflict("the consent covers live teaching only: this Session may not be "
+                       "recorded", code="consent_scope")
+    return out
+
+
+def _iso_to_unix(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+def summarize(manifest: dict[str, Any], *, thumbnail: bool) -> dict[str, Any]:
+    """An index entry: what the library lists, from a manifest."""
+    session = manifest.get("session") or {}
+    consent = manifest.get("consent") or {}
+    feeds = [{"id": f.get("id"), "kind": f.get("kind"), "codec": f.get("codec"),
+              "parts": len(f.get("parts", []))} for f in manifest.get("feeds", [])]
+    return {
+        "id": manifest.get("id"),
+        "session": session.get("session_id"),
+        "theatre": session.get("theatre"),
+        "title": session.get("title", ""),
+        "procedure": session.get("procedure", ""),
+        "expert": session.get("expert", ""),
+        "state": manifest.get("state"),
+        "started": manifest.get("started"),
+        "ended": manifest.get("ended"),
+        "started_unix": _iso_to_unix(manifest.get("started")),
+        "ended_unix": _iso_to_unix(manifest.get("ended")),
+        "duration": manifest.get("duration"),
+        "consent_scope": consent.get("scope"),
+        "feeds": feeds,
+        "thumbnail": thumbnail,
+        "errors": len(manifest.get("errors") or []),
+    }
+
+
+class MediaSigner:
+    """Short-lived signed URLs for media elements, which cannot send a bearer
+    token: HMAC-SHA256 of (recording, file, expiry)."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    @classmethod
+    def from_config(cls, config: Config) -> MediaSigner:
+        keys = config.auth.signing_keys
+        if not keys:
+            return cls(secrets.token_bytes(32))
+        secret = keys[0].partition(":")[2].encode()
+        # A key of its own, derived: a media signature is never a token signature.
+        return cls(hmac.new(secret, b"scrubin media url v1", hashlib.sha256).digest())
+
+    def signature(self, recording_id: str, name: str, expires: int) -> str:
+        message = f"{recording_id}\n{name}\n{expires}".encode()
+        digest = hmac.new(self._key, message, hashlib.sha256).digest()[:24]
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+    def url(self, recording_id: str, name: str, expires: int) -> str:
+        sig = self.signature(recording_id, name, expires)
+        path = "thumbnail" if name == THUMBNAIL_NAME else f"media/{quote(name, safe='')}"
+        return f"/api/recordings/{recording_id}/{path}?exp={expires}&sig={sig}"
+
+    def check(self, recording_id: str, name: str, exp: str | None, sig: str | None,
+              now: float | None = None) -> None:
+        if not exp or not sig:
+            raise Unauthorized("media URLs carry exp and sig; get them from "
+                               "GET /api/recordings/{recording}", code="token_missing")
+        if not exp.isdigit() or len(exp) > 12 or len(sig) > 64:
+            raise Unauthorized("malformed media signature", code="token_invalid")
+        expected = self.signature(recording_id, name, int(exp))
+        if not hmac.compare_digest(expected.encode(), sig.encode()):
+            raise Unauthorized("bad media signature", code="token_invalid")
+        if int(exp) < (time.time() if now is None else now):
+            raise Unauthorized("this media URL has expired; reload the recording",
+                               code="token_expired")
+
+
+#: The signed name of a Recording's thumbnail.
+THUMBNAIL_NAME = "thumbnail"
+
+
+@dataclass
+class _Live:
+    """Recording control of one live Session."""
+
+    session: Session
+    recording: Recording | None = None
+    state: LiveState = "off"
+    since: float | None = None
+    error: dict[str, Any] | None = None
+    unfollow: Callable[[], None] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Recordings:
+    def __init__(self, config: Config, audit: AuditTrail) -> None:
+        self.config = config.recording
+        self.root = Path(self.config.root)
+        self.audit = audit
+        self.signer = MediaSigner.from_config(config)
+        self.index: dict[str, dict[str, Any]] = {}
+        self._live: dict[str, _Live] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._manifests: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+    # -- lifecycle ------------------------------------------------------------
+    def open(self) -> None:
+        """Create the root; rebuild the index from the recordings on disk."""
+        self.root.mkdir(mode=0o750, parents=True, exist_ok=True)
+        active = self._active_ids()
+        self.index = {}
+        for child in sorted(self.root.iterdir()):
+            if not RECORDING_ID.match(child.name) or child.is_symlink() or not child.is_dir():
+                continue
+            try:
+                manifest = json.loads((child / MANIFEST).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                logger.warning("recordings: %s has no readable manifest; not listed", child.name)
+                continue
+            if manifest.get("id") != child.name:
+                continue
+            entry = summarize(manifest, thumbnail=(child / THUMBNAIL).is_file())
+            if entry["state"] in ("new", "recording", "stopping") and child.name not in active:
+                entry["state"] = "interrupted"  # the Node stopped while it recorded
+            self.index[child.name] = entry
+        self._save_index()
+
+    async def close(self, timeout: float = 15.0) -> None:
+        """Let background starts and stops finish (they are bounded), then cancel."""
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            _done, late = await asyncio.wait(pending, timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.gather(*late, return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _save_index(self) -> None:
+        tmp = self.root / f".{INDEX}.tmp"
+        try:
+            tmp.write_text(json.dumps({"recordings": list(self.index.values())}, indent=1,
+                                      ensure_ascii=False), encoding="utf-8")
+            os.replace(tmp, self.root / INDEX)
+        except OSError as exc:
+            logger.warning("recordings: index not written: %s", exc)
+
+    # -- live Sessions --------------------------------------------------------
+    def attach_session(self, session: Session) -> None:
+        """A Session went live here: its recording control, and its automatic
+        recording if configured."""
+        if session.id in self._live and self._live[session.id].session is session:
+            return
+        self._live[session.id] = _Live(session)
+        session.end_hooks.append(lambda: self._session_ended(session))
+        if self.config.auto or session.id in self.config.auto_sessions:
+            consent = {"recorded_by": self.config.auto_consent_by,
+                       "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(
+                           timespec="seconds"),
+                       "scope": self.config.auto_consent_scope}
+            if self.config.auto_consent_note:
+                consent["note"] = self.config.auto_consent_note
+            self._spawn(self._auto_start(session, consent))
+
+    async def _auto_start(self, session: Session, consent: dict[str, str]) -> None:
+        try:
+            await self.start(session, check_consent(consent), by=None)
+        except Exception as exc:
+            logger.error("session %s: automatic recording did not start: %s", session.id, exc)
+
+    def forget_session(self, session: Session) -> None:
+        live = self._live.get(session.id)
+        if live is not None and live.session is session and live.recording is None:
+            del self._live[session.id]
+
+    async def _session_ended(self, session: Session) -> None:
+        await self.stop(session, by=None, reason="session_ended")
+        self.forget_session(session)
+
+    def status(self, session: Session) -> dict[str, Any]:
+        """The ``recording`` message for this Session's participants."""
+        live = self._live.get(session.id)
+        if live is None:
+            return {"type": "recording", "state": "off", "since": None}
+        message: dict[str, Any] = {"type": "recording", "state": live.state,
+                                   "since": live.since}
+        if live.error is not None:
+            message["error"] = live.error
+        return message
+
+    def _announce(self, live: _Live) -> None:
+        live.session.emit(self.status(live.session))
+
+    async def handle(self, session: Session, grant: Grant,
+                     message: dict[str, Any]) -> dict[str, Any]:
+        """``start_recording`` / ``stop_recording`` from a websocket."""
+        if grant.session_id != session.id:
+            raise Forbidden("token is for another session", code="wrong_session")
+        if grant.role not in MODERATORS:
+            raise Forbidden(f"role {grant.role.value} may not start or stop recording",
+                            code="wrong_role")
+        by = {"id": grant.participant_id, "name": grant.name or grant.role.value,
+              "role": grant.role.value}
+        if message.get("type") == "start_recording":
+            consent = check_consent(message.get("consent"))
+            await self.start(session, consent, by=by, grant=grant)
+        else:
+            if not await self.stop(session, by=by, reason="stopped"):
+                raise Conflict("the Session is not being recorded", code="not_recording")
+        return {"type": "ok", "recording": self.status(session)}
+
+    async def start(self, session: Session, consent: dict[str, str], *,
+                    by: dict[str, str] | None, grant: Grant | None = None) -> Recording:
+        if session.state != "live":
+            raise Gone(f"session {session.id} has ended", code="session_ended")
+        live = self._live.get(session.id)
+        if live is None or live.session is not session:
+            self.attach_session(session)
+            live = self._live[session.id]
+        async with live.lock:
+            if session.state != "live":
+                raise Gone(f"session {session.id} has ended", code="session_ended")
+            if live.recording is not None:
+                raise Conflict("the Session is already being recorded", code="recording_active")
+            expert = (grant.name if grant is not None and grant.role is Role.EXPERT
+                      and grant.name else self._expert_name(session))
+            record = {**consent, "started_by": by or {"id": "", "name": "automatic",
+                                                       "role": "system"},
+                      "auto": by is None}
+            recording = Recording(
+                self.root, SessionInfo.from_session(session, expert=expert), record,
+                on_error=lambda error: self._failed(session, recording, error),
+                options=WriterOptions(part_max_s=self.config.part_max_s),
+                origin=time.monotonic() - session.interaction.now())
+            live.recording, live.error = recording, None
+            await recording.start()
+            if recording.state != "recording":
+                # start() reported why through _failed; nothing was written.
+                live.recording = None
+                reason = live.error["message"] if live.error else "unknown error"
+                raise Unavailable(f"the recording could not start: {reason}",
+                                  code="recording_failed")
+            live.unfollow = recording.follow(session)
+            live.state, live.since = "on", session.interaction.now()
+            self.index[recording.id] = summarize(recording.manifest(), thumbnail=False)
+            self._save_index()
+        self.audit.record("recording_started", session=session.id, recording=recording.id,
+                          scope=consent["scope"], by=by, auto=by is None)
+        logger.info("session %s: recording %s started (%s)", session.id, recording.id,
+                    consent["scope"])
+        self._announce(live)
+        return recording
+
+    def _expert_name(self, session: Session) -> str:
+        for participant in session.participants.values():
+            if participant.role is Role.EXPERT:
+                return participant.name
+        return ""
+
+    async def stop(self, session: Session, *, by: dict[str, str] | None,
+                   reason: str) -> bool:
+        """Stop the Session's recording (False: none was running)."""
+        live = self._live.get(session.id)
+        if live is None or live.session is not session:
+            return False
+        async with live.lock:
+            recording = live.recording
+            if recording is None:
+                return False
+            if live.unfollow is not None:
+                live.unfollow()
+                live.unfollow = None
+            try:
+                manifest = await recording.stop()
+            finally:
+                live.recording = None
+            thumbnail = False
+            with contextlib.suppress(Exception):
+                thumbnail = await asyncio.to_thread(
+                    make_thumbnail, recording.directory, tuple(session.theatre.slots)) is not None
+            self.index[recording.id] = summarize(manifest, thumbnail=thumbnail)
+            self._save_index()
+            failed = recording.state == "failed" or live.state == "failed"
+            if not failed:
+                live.state, live.error = "off", None
+            live.since = session.interaction.now()
+        self.audit.record("recording_stopped", session=session.id, recording=recording.id,
+                          reason=reason, by=by, duration=manifest.get("duration"),
+                          state=manifest.get("state"))
+        logger.info("session %s: recording %s stopped (%s)", session.id, recording.id, reason)
+        if session.state == "live":
+            self._announce(live)
+        return True
+
+    def _failed(self, session: Session, recording: Recording, error: RecordingError) -> None:
+        """From the Recording, on the loop: a Feed's writer or the whole recording
+        failed. The live Session goes on."""
+        live = self._live.get(session.id)
+        fatal = recording.state == "failed"
+        self.audit.record("recording_failed", session=session.id, recording=recording.id,
+                          code=error.code, message=error.message, feed=error.feed_id,
+                          fatal=fatal)
+        if live is None or live.recording is not recording:
+            return
+        live.error = error.describe()
+        if fatal:
+            live.state, live.since = "failed", session.interaction.now()
+            if recording.origin is not None and live.unfollow is not None:
+                # Close what can be closed, list the error: in the background.
+                self._spawn(self.stop(session, by=None, reason="failed"))
+        self._announce(live)
+
+    # -- review -----------------------------------------------------------------
+    def entry(self, recording_id: str) -> dict[str, Any]:
+        if not RECORDING_ID.match(recording_id) or recording_id not in self.index:
+            raise NotFound("no such recording", code="unknown_recording")
+        return self.index[recording_id]
+
+    def for_session(self, session_id: str) -> list[dict[str, Any]]:
+        entries = [e for e in self.index.values() if e.get("session") == session_id]
+        return sorted(entries, key=lambda e: e.get("started") or "", reverse=True)
+
+    def check_access(self, grant: Grant, entry: dict[str, Any]) -> None:
+        """Reviewers and admins of the Recording's Session (node-wide admins:
+        any); with ``share_deidentified``, reviewers of other Sessions for
+        Recordings consented for deidentified reuse."""
+        if grant.role not in REVIEWERS:
+            raise Forbidden("recordings are for reviewers and admins", code="wrong_role")
+        if grant.covers(str(entry.get("session"))):
+            return
+        if (grant.role is Role.REVIEWER and self.config.share_deidentified
+                and entry.get("consent_scope") == "deidentified_reuse"):
+            return
+        raise Forbidden("this recording belongs to another session", code="wrong_session")
+
+    def expiry(self) -> int:
+        return int(time.time() + self.config.media_url_ttl_s)
+
+    def listed(self, entry: dict[str, Any], expires: int) -> dict[str, Any]:
+        out = {k: v for k, v in entry.items() if k not in ("started_unix", "ended_unix")}
+        out["thumbnail"] = (self.signer.url(entry["id"], THUMBNAIL_NAME, expires)
+                            if entry.get("thumbnail") else None)
+        return out
+
+    def manifest(self, recording_id: str) -> dict[str, Any]:
+        """The manifest on disk (cached while unchanged)."""
+        directory = self._directory(recording_id)
+        path = directory / MANIFEST
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotFound("no such recording", code="unknown_recording")
+            key = (st.st_mtime_ns, st.st_size)
+            cached = self._manifests.get(recording_id)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise NotFound("no such recording", code="unknown_recording") from None
+        if len(self._manifests) > 256:
+            self._manifests.clear()
+        self._manifests[recording_id] = (key, manifest)
+        return dict(manifest)
+
+    def detail(self, recording_id: str, expires: int) -> dict[str, Any]:
+        """What the player needs: the manifest's Feeds and parts with signed
+        URLs, the consent, and the events (flattened, recorder.replay)."""
+        entry = self.entry(recording_id)
+        manifest = self.manifest(recording_id)
+        feeds = []
+        for feed in manifest.get("feeds", []):
+            parts = []
+            for part in feed.get("parts", []):
+                name = str(part.get("file", ""))
+                if not part.get("frames") or not _safe_name(name):
+                    continue
+                parts.append({k: part.get(k) for k in (
+                    "index", "file", "start", "duration", "frames", "complete", "width",
+                    "height")} | {"url": self.signer.url(recording_id, name, expires)})
+            feeds.append({"id": feed.get("id"), "kind": feed.get("kind"),
+                          "codec": feed.get("codec"), "parts": parts})
+        raw = read_events(self._directory(recording_id) / EVENTS, limit=MAX_EVENTS)
+        return {
+            "recording": {**self.listed(entry, expires), "feeds": feeds,
+                          "consent": manifest.get("consent"),
+                          "clock_zero_unix": manifest.get("clock_zero_unix"),
+                          "started_t": manifest.get("started_t"),
+                          "errors": manifest.get("errors") or []},
+            "events": player_events(raw),
+            "expires_at": expires,
+        }
+
+    def media_path(self, recording_id: str, name: str) -> tuple[Path, str]:
+        """The file of a part (or the thumbnail) to serve: only a name the
+        manifest lists, a regular file directly inside the recording's
+        directory, under the root, reached through no symlink."""
+        self.entry(recording_id)
+        if name == THUMBNAIL_NAME:
+            return self._inside(recording_id, THUMBNAIL), "image/jpeg"
+        listed = {str(p.get("file")) for f in self.manifest(recording_id).get("feeds", [])
+                  for p in f.get("parts", [])}
+        if name not in listed or not _safe_name(name):
+            raise NotFound("no such part", code="unknown_part")
+        return (self._inside(recording_id, name),
+                CONTENT_TYPES.get(Path(name).suffix, "application/octet-stream"))
+
+    def _directory(self, recording_id: str) -> Path:
+        if not RECORDING_ID.match(recording_id):
+            raise NotFound("no such recording", code="unknown_recording")
+        directory = self.root / recording_id
+        try:
+            st = os.lstat(directory)
+        except OSError:
+            raise NotFound("no such recording", code="unknown_recording") from None
+        if not stat.S_ISDIR(st.st_mode):  # a symlink is not a directory to lstat
+            raise NotFound("no such recording", code="unknown_recording")
+        return directory
+
+    def _inside(self, recording_id: str, name: str) -> Path:
+        directory = self._directory(recording_id)
+        path = directory / name
+        try:
+            st = os.lstat(path)
+            real = path.resolve(strict=True)
+            root = self.root.resolve(strict=True)
+        except OSError:
+            raise NotFound("no such file", code="unknown_part") from None
+        if (not stat.S_ISREG(st.st_mode) or real.parent != directory.resolve()
+                or not real.is_relative_to(root)):
+            logger.warning("recording %s: refused to serve %r (not a plain file inside the "
+                           "recording)", recording_id, name)
+            raise NotFound("no such file", code="unknown_part")
+        return path
+
+    # -- deletion and retention -----------------------------------------------------
+    def _active_ids(self) -> set[str]:
+        return {live.recording.id for live in self._live.values() if live.recording is not None}
+
+    async def delete(self, recording_id: str, *, by: dict[str, str] | None,
+                     reason: str) -> dict[str, Any]:
+        """Remove every part, the events, thumbnail and manifest, and the index
+        entry. A Recording still running is a 409."""
+        entry = self.entry(recording_id)
+        if recording_id in self._active_ids():
+            raise Conflict("this recording is running; stop it first", code="recording_active")
+        directory = self.root / recording_id
+        try:
+            st = os.lstat(directory)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if stat.S_ISDIR(st.st_mode):
+                # rmtree unlinks symlinks inside, it never follows them.
+                await asyncio.to_thread(shutil.rmtree, directory)
+            else:
+                directory.unlink()
+        self.index.pop(recording_id, None)
+        self._manifests.pop(recording_id, None)
+        self._save_index()
+        self.audit.record("recording_deleted", session=entry.get("session"),
+                          recording=recording_id, reason=reason, by=by)
+        logger.info("recording %s deleted (%s)", recording_id, reason)
+        return entry
+
+    async def expire(self, now: float | None = None) -> list[str]:
+        """Delete the Recordings older than ``retention_days`` (by their end, or
+        start); returns their ids."""
+        days = self.config.retention_days
+        if days <= 0:
+            return []
+        cutoff = (time.time() if now is None else now) - days * 86400
+        deleted = []
+        active = self._active_ids()
+        for recording_id, entry in list(self.index.items()):
+            when = entry.get("ended_unix") or entry.get("started_unix")
+            if recording_id in active or when is None or when >= cutoff:
+                continue
+            try:
+                await self.delete(recording_id, by=None, reason="retention")
+                deleted.append(recording_id)
+            except Exception:
+                logger.exception("recording %s: retention could not delete it", recording_id)
+        return deleted
+
+    async def retention_loop(self) -> None:
+        while True:
+            try:
+                await self.expire()
+            except Exception:
+                logger.exception("recordings: retention pass failed")
+            await asyncio.sleep(self.config.retention_check_s)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _safe_name(name: str) -> bool:
+    return bool(_NAME.match(name)) and ".." not in name
