@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from .peers import Viewer
+from .peers import Viewer, receive_losses
 
 FIRST_FRAME_TIMEOUT = 10.0
 
@@ -29,16 +29,10 @@ def farm_main(conn: Connection) -> None:
 
 
 async def _inbound(viewer: Viewer) -> tuple[int, int, int]:
-    received = lost = nacks = 0
     if viewer.pc is None:
         return 0, 0, 0
-    with contextlib.suppress(Exception):
-        report = await asyncio.wait_for(viewer.pc.getStats(), 2)
-        for stat in report.values():
-            if stat.type == "inbound-rtp":
-                received += stat.packetsReceived
-                lost += stat.packetsLost
-    return received, lost, nacks
+    received, lost = receive_losses(viewer.pc)
+    return received, lost, 0
 
 
 async def _farm(conn: Connection) -> None:
@@ -60,13 +54,14 @@ async def _farm(conn: Connection) -> None:
                 url, tokens = args
                 new = [Viewer(f"farm{len(viewers) + i}") for i in range(len(tokens))]
                 viewers.extend(new)
-                await asyncio.gather(*(v.join(http, url, t) for v, t in zip(new, tokens)))
+                await asyncio.gather(*(v.join(http, url, t)
+                                       for v, t in zip(new, tokens, strict=True)))
                 deadline = time.time() + FIRST_FRAME_TIMEOUT
-                while time.time() < deadline and any(
+                while time.time() < deadline and any(  # noqa: ASYNC110 - bounded poll
                         v.t_first_frame is None and v.error is None for v in new):
                     await asyncio.sleep(0.05)
-                conn.send([{"t_join": v.t_join, "t_ice": v.t_ice, "t_first_frame": v.t_first_frame,
-                            "error": v.error} for v in new])
+                conn.send([{"t_join": v.t_join, "t_ice": v.t_ice,
+                            "t_first_frame": v.t_first_frame, "error": v.error} for v in new])
             elif cmd == "counts":
                 conn.send([(v.frames, v.bytes) for v in viewers])
             elif cmd == "inbound":

@@ -33,6 +33,22 @@ HTTP_TIMEOUT = aiohttp.ClientTimeout(total=20)
 ARRIVAL_HISTORY = 400
 
 
+def receive_losses(pc: RTCPeerConnection) -> tuple[int, int]:
+    """(packets received, packets lost on first transmission) over every SSRC.
+
+    aiortc's getStats() gives all of a receiver's SSRCs (media and RTX) the same
+    stats id, so the report keeps only one of them; read the receiver's own
+    per-SSRC statistics instead (bench-only use of a private name).
+    """
+    received = lost = 0
+    for transceiver in pc.getTransceivers():
+        streams = getattr(transceiver.receiver, "_RTCRtpReceiver__remote_streams", {})
+        for stream in list(streams.values()):
+            received += stream.packets_received
+            lost += stream.packets_lost
+    return received, lost
+
+
 def new_pc() -> RTCPeerConnection:
     # An explicit empty list: None would make aiortc add a public STUN server.
     return RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -45,14 +61,15 @@ def prefer_vp8(transceiver) -> None:  # type: ignore[no-untyped-def]
         + [c for c in caps if c.mimeType.lower() == "video/rtx"])
 
 
-async def _post_sdp(http: aiohttp.ClientSession, url: str, sdp: str, token: str) -> str:
+async def _post_sdp(http: aiohttp.ClientSession, url: str, sdp: str,
+                    token: str) -> tuple[str, str]:
     async with http.post(url, data=sdp, timeout=HTTP_TIMEOUT,
                          headers={"Authorization": f"Bearer {token}",
                                   "Content-Type": "application/sdp"}) as response:
         body = await response.text()
         if response.status != 201:
             raise RuntimeError(f"POST {url}: {response.status} {body[:200]}")
-        return body
+        return body, response.headers.get("Location", "")
 
 
 async def publish(http: aiohttp.ClientSession, url: str, token: str,
@@ -65,7 +82,7 @@ async def publish(http: aiohttp.ClientSession, url: str, token: str,
     advertise_host_addresses(pc, LOOPBACK)
     await pc.setLocalDescription(await pc.createOffer())
     try:
-        answer = await _post_sdp(http, url, pc.localDescription.sdp, token)
+        answer, _ = await _post_sdp(http, url, pc.localDescription.sdp, token)
         await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
     except BaseException:
         await pc.close()
@@ -152,6 +169,7 @@ class Viewer:
     decode: str | None = None
     stamps: StampBook | None = None
     pc: RTCPeerConnection | None = None
+    resource: str = ""  # WHEP resource id (ScrubIn: the Subscription id)
     t_join: float | None = None
     t_answer: float | None = None
     t_ice: float | None = None
@@ -204,8 +222,9 @@ class Viewer:
             tap_receiver(transceiver.receiver, "video", self._on_frame)
             advertise_host_addresses(pc, LOOPBACK)
             await pc.setLocalDescription(await pc.createOffer())
-            answer = await _post_sdp(http, url, pc.localDescription.sdp, token)
+            answer, location = await _post_sdp(http, url, pc.localDescription.sdp, token)
             self.t_answer = time.time()
+            self.resource = location.rstrip("/").rsplit("/", 1)[-1]
             await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"[:300]
@@ -233,6 +252,26 @@ class Viewer:
         if self.decoder is None or self.decoder.first is None:
             return None
         return self.decoder.first.decoded_at
+
+    async def packets_lost(self) -> int:
+        return 0 if self.pc is None else receive_losses(self.pc)[1]
+
+    def caught_up_by_skipping(self, threshold: float = 0.1) -> bool | None:
+        """True if the viewer reached live by jumping ahead (frames skipped, e.g. the
+        server dropping a backlog at a keyframe), False if by draining the backlog."""
+        when = self.caught_up_at(threshold)
+        if when is None:
+            return None
+        previous = None
+        for rtp_timestamp, received_at in self.arrivals:
+            if received_at > when:
+                break
+            if previous is not None:
+                step = (rtp_timestamp - previous) & 0xFFFFFFFF
+                if 4 * 3000 < step < 0x80000000:
+                    return True
+            previous = rtp_timestamp
+        return False
 
     def caught_up_at(self, threshold: float = 0.1) -> float | None:
         """When frames started arriving live (< ``threshold`` s after they were

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
+import tempfile
 import time
+import types
+from collections import Counter
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -24,6 +28,8 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from .peers import receive_losses
 
 SESSION = "or1-live"
 SLOT = "room"
@@ -54,31 +60,121 @@ def _rss() -> int:
 
 
 # -- ScrubIn -----------------------------------------------------------------
-def scrubin_main(conn: Connection, port: int, signing_key: str) -> None:
+def _instrument_first_send() -> None:
+    """Note when each viewer's sender takes its first frame (wall clock).
+
+    Bench-only, in the server process: the wrapper records one time, then puts
+    the original method on the instance so later frames bypass it.
+    """
+    from server.subscription import ForwardTrack
+
+    original = ForwardTrack.recv
+
+    async def recv(self: Any) -> Any:
+        packet = await original(self)
+        self.bench_first_sent = time.time()
+        self.recv = types.MethodType(original, self)
+        return packet
+
+    ForwardTrack.recv = recv  # type: ignore[method-assign]
+    try:  # the fast path (packetized once per Feed), where the server has one
+        from server.media.fastpath import FastSender
+    except ImportError:
+        return
+    send_frame = FastSender.send_frame
+
+    def first_send_frame(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = send_frame(self, *args, **kwargs)
+        if getattr(self, "_send", None) is not None:
+            self.bench_first_sent = time.time()
+            self.send_frame = types.MethodType(send_frame, self)
+        return result
+
+    FastSender.send_frame = first_send_frame  # type: ignore[method-assign]
+
+
+def _first_sent(sub: Any) -> float | None:
+    fast = getattr(sub, "_fast", None)
+    return getattr(sub.track, "bench_first_sent", None) or getattr(fast, "bench_first_sent", None)
+
+
+def _pending(sub: Any) -> int:
+    """Frames waiting for this viewer: the sender path's track queue, or the fast
+    path's backlog behind a replay."""
+    return int(sub.track.pending) + len(getattr(sub, "_pending", ()))
+
+
+def scrubin_main(conn: Connection, port: int, signing_key: str,
+                 media: dict[str, Any] | None = None) -> None:
     _quiet_logs()
-    asyncio.run(_scrubin(conn, port, signing_key))
+    asyncio.run(_scrubin(conn, port, signing_key, media or {}))
 
 
-async def _scrubin(conn: Connection, port: int, signing_key: str) -> None:
+async def _scrubin(conn: Connection, port: int, signing_key: str,
+                   media: dict[str, Any]) -> None:
     from server.app import create_app
-    from server.config import load_config
+    from server.config import ConfigError, load_config
     from server.http.common import REGISTRY
     from server.theatre import Theatre
 
-    config = load_config(
-        None, env={},
-        server={"host": "127.0.0.1", "port": port},
-        ice={"host_addresses": LOOPBACK, "allowed_remote_networks": ["127.0.0.0/8"],
-             "servers": []},
-        auth={"signing_keys": [signing_key]},
-    )
+    sections: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "ice": {"host_addresses": LOOPBACK, "allowed_remote_networks": ["127.0.0.0/8"],
+                "servers": []},
+        "auth": {"signing_keys": [signing_key]},
+    }
+    if media:
+        sections["media"] = media  # ConfigError if this server has no such setting
+    audit_dir = tempfile.mkdtemp(prefix="scrubin-bench-")
+    try:  # keep the benchmark's audit trail out of the working tree
+        config = load_config(None, env={}, audit={"path": f"{audit_dir}/audit.jsonl"},
+                             **sections)
+    except ConfigError:
+        try:
+            config = load_config(None, env={}, **sections)
+        except ConfigError as exc:
+            conn.send(("error", f"config refused: {exc}"))
+            return
+    _instrument_first_send()
     app = create_app(config)
+    answers: list[tuple[float, float]] = []
+
+    @web.middleware
+    async def answer_time(request: web.Request, handler: Any) -> web.StreamResponse:
+        start = time.time()
+        try:
+            return await handler(request)
+        finally:
+            if request.method == "POST" and request.path.startswith("/whep/"):
+                answers.append((start, time.time()))
+
+    app.middlewares.append(answer_time)
+    # Arrival times of the Feed's frames (via its public frame-listener hook).
+    arrivals: dict[str, Any] = {"feed": None, "last": None, "max_gap": 0.0, "gaps": 0}
+
+    def on_frame(frame: Any) -> None:
+        now = time.monotonic()
+        if arrivals["last"] is not None:
+            gap = now - arrivals["last"]
+            arrivals["max_gap"] = max(arrivals["max_gap"], gap)
+            if gap > 0.1:
+                arrivals["gaps"] += 1
+        arrivals["last"] = now
 
     async def stats(request: web.Request) -> web.Response:
         session = app[REGISTRY].sessions.get(SESSION)
         feeds: dict[str, Any] = {}
         subs: list[dict[str, Any]] = []
+        ingest: dict[str, int] = {"received": 0, "lost": 0}
         if session is not None:
+            feed = session.feeds.get(FEED)
+            if feed is not None and arrivals["feed"] is not feed:
+                arrivals["feed"] = feed
+                feed.add_frame_listener(on_frame)
+            for ing in list(session.ingests.values()):
+                received, lost = receive_losses(ing.pc)
+                ingest["received"] += received
+                ingest["lost"] += lost
             for feed in session.feeds.values():
                 feeds[feed.id] = {
                     "state": feed.state,
@@ -91,14 +187,31 @@ async def _scrubin(conn: Connection, port: int, signing_key: str) -> None:
                 }
             for sub in session.subscriptions.values():
                 subs.append({
+                    "id": sub.id,
+                    "first_sent": _first_sent(sub),
                     "state": sub.state,
-                    "pending": sub.track.pending,
+                    "pending": _pending(sub),
+                    "path": getattr(sub, "path", "sender"),
                     "frames_forwarded": sub.frames_forwarded,
                     "first_frame_after": None if sub.first_frame_at is None
                     else sub.first_frame_at - sub.created_at,
                 })
-        return web.json_response({"rss": _rss(), "feeds": feeds, "subscriptions": subs,
-                                  "tasks": len(asyncio.all_tasks())})
+        out = {"rss": _rss(), "feeds": feeds, "subscriptions": subs,
+               "tasks": len(asyncio.all_tasks()), "ingest": ingest,
+               "feed_max_gap": arrivals["max_gap"], "feed_gaps_over_100ms": arrivals["gaps"],
+               "answers": answers[-64:]}
+        # Gaps are per stats call: reset.
+        arrivals["max_gap"] = 0.0
+        arrivals["gaps"] = 0
+        if request.query.get("deep"):
+            # Costly (walks the heap): only between measurement windows.
+            gc.collect()
+            pcs = [o for o in gc.get_objects() if isinstance(o, RTCPeerConnection)]
+            out["peer_connections"] = len(pcs)
+            out["peer_connections_open"] = sum(1 for pc in pcs if pc.connectionState != "closed")
+            names = Counter(getattr(t.get_coro(), "__qualname__", "?") for t in asyncio.all_tasks())
+            out["task_names"] = dict(names.most_common(12))
+        return web.json_response(out)
 
     app.router.add_get("/bench/stats", stats)
     runner = web.AppRunner(app, shutdown_timeout=2, access_log=None)

@@ -164,6 +164,12 @@ class PacketReplayTrack(MediaStreamTrack):
         self.keyframes_sent = 0
         self.keyframe_requests = 0
         self.skipped_slots = 0
+        self._last_sent: float | None = None
+        self.max_gap = 0.0  # longest time between two frames handed to the sender
+
+    def take_max_gap(self) -> float:
+        gap, self.max_gap = self.max_gap, 0.0
+        return gap
 
     def request_keyframe(self) -> None:
         """Patched in as the sender's ``_send_keyframe`` (PLI/FIR from the remote)."""
@@ -199,5 +205,9 @@ class PacketReplayTrack(MediaStreamTrack):
         if counter == 0:
             self.keyframes_sent += 1
         self.frames_sent += 1
-        self.stamps.record(counter, time.time())
+        now = time.time()
+        if self._last_sent is not None:
+            self.max_gap = max(self.max_gap, now - self._last_sent)
+        self._last_sent = now
+        self.stamps.record(counter, now)
         return packet
