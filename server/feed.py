@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 FeedState = Literal["live", "down", "closed"]
 
+#: A cache longer than this (frames) makes a joiner ask for a fresh keyframe.
+FRESH_CACHE_FRAMES = 15
+
 #: Gap inserted into the outgoing timeline when a publisher re-attaches.
 _REATTACH_STEP = {"video": 3000, "audio": 960}
 
@@ -180,6 +183,10 @@ class Feed:
     # -- viewer side ------------------------------------------------------
     def add_subscription(self, subscription: Subscription) -> None:
         self.subscriptions[subscription.id] = subscription
+        if self.kind == "video" and len(self._gop) > FRESH_CACHE_FRAMES:
+            # The cache gives a picture at once but starts in the past; a fresh
+            # keyframe soon after brings the joiner to live.
+            self.request_keyframe()
         if self.kind != "video" or subscription.fast:
             return  # a fast-path viewer starts from the cache once connected
         if self._gop:

@@ -48,9 +48,10 @@ class EncodedFrame:
 class ForwardTrack(MediaStreamTrack):
     """A track whose frames are already encoded: aiortc's sender packs, not encodes."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, on_sent: Callable[[EncodedFrame], None] | None = None) -> None:
         super().__init__()
         self.kind = kind
+        self._on_sent = on_sent
         self._queue: deque[EncodedFrame | None] = deque()
         self._wakeup = asyncio.Event()
         self._replay_left = 0
@@ -86,6 +87,8 @@ class ForwardTrack(MediaStreamTrack):
                 if self._replay_left:
                     self._replay_left -= 1
                     await asyncio.sleep(REPLAY_SPACING_S)
+                if self._on_sent is not None:
+                    self._on_sent(item)
                 return item.packet
             self._wakeup.clear()
             await self._wakeup.wait()
@@ -112,7 +115,8 @@ class Subscription:
         self.feed_id = feed_id
         self.participant_id = participant_id
         self.kind = kind
-        self.track = ForwardTrack(kind)
+        # Counted when aiortc's sender takes a frame, not when it is queued.
+        self.track = ForwardTrack(kind, on_sent=lambda frame: self._count([frame]))
         self.state: SubscriptionState = "waiting"
         self.frames_forwarded = 0
         self.bytes_forwarded = 0
@@ -181,7 +185,6 @@ class Subscription:
         if frames and frames[0].keyframe:
             self.track.replay(frames)
             self._needs_keyframe = False
-            self._count(frames)
 
     def deliver(self, frame: EncodedFrame) -> None:
         if self.state == "closed":
@@ -204,7 +207,6 @@ class Subscription:
                 self._request_keyframe()
             return
         self.track.push(frame)
-        self._count([frame])
 
     def _deliver_fast(self, fast: FastSender, frame: EncodedFrame) -> None:
         if not self._active:

@@ -275,3 +275,24 @@ def test_fast_path_packets_are_byte_identical_to_aiortcs() -> None:
     first, second = (RtpPacket.parse(d, negotiated.extensions) for d in sent)
     assert second.sequence_number == (first.sequence_number + 1) & 0xFFFF
     assert first.timestamp == second.timestamp
+
+
+def test_a_packet_that_never_comes_back_holds_frames_for_a_bounded_time() -> None:
+    now = [0.0]
+    frames: list[tuple[bytes, int]] = []
+    buffer = MarkerJitterBuffer(lambda d, t: frames.append((d, t)), max_stall_s=1.0,
+                                clock=lambda: now[0])
+    buffer.add(rtp(1, 0, b"k", marker=True))
+    buffer.add(rtp(2, 3000, b"a"))          # 3 (the end of this frame) is lost for good
+    pli = False
+    for i in range(4, 40):                   # later frames, one packet each, 33 ms apart
+        now[0] += 0.033
+        pli_now, _ = buffer.add(rtp(i, 3000 * (i - 2), bytes([i]), marker=True))
+        pli = pli or pli_now
+    # Held while the retransmission might still come, then skipped past with a
+    # keyframe request, and everything complete since was handed on.
+    assert pli
+    assert frames[0] == (b"k", 0)
+    assert (b"a", 3000) not in frames
+    assert frames[-1] == (bytes([39]), 3000 * 37)
+    assert len(frames) > 30

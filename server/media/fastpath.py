@@ -26,7 +26,10 @@ from . import hooks
 
 logger = logging.getLogger(__name__)
 
-HISTORY = 512  # packets kept per viewer for NACK retransmission
+# Packets kept per viewer for NACK retransmission: ~2 s at 1.5 Mbit/s, far
+# beyond a LAN round trip; each is a full packet, so this is most of a
+# viewer's memory (docs/performance.md).
+HISTORY = 256
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 import types
 from collections.abc import Callable
 from typing import Any
@@ -42,13 +43,44 @@ class MarkerJitterBuffer(JitterBuffer):
     decoder thread stays idle and no pixels are ever decoded here.
     """
 
-    def __init__(self, sink: FrameSink, capacity: int = 512) -> None:
+    def __init__(self, sink: FrameSink, capacity: int = 512, *, max_stall_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(capacity=capacity, is_video=True)
         self._sink = sink
+        self._max_stall_s = max_stall_s
+        self._clock = clock
+        self._head: int | None = None
+        self._head_since = 0.0
 
     def add(self, packet: RtpPacket) -> tuple[bool, None]:
         pli_flag, _ = super().add(packet)
+        # aiortc asks again for a lost packet only when a new gap appears, so a
+        # retransmission that never comes would hold every later frame until
+        # 512 packets have passed (seconds, for every viewer). Bound the wait:
+        # skip to the next frame and ask the publisher for a keyframe.
+        now = self._clock()
+        if self._origin != self._head:
+            self._head, self._head_since = self._origin, now
+        elif now - self._head_since > self._max_stall_s and self._skip_incomplete_head():
+            self._head, self._head_since = self._origin, now
+            self._remove_frame(packet.sequence_number)
+            pli_flag = True
         return pli_flag, None
+
+    def _skip_incomplete_head(self) -> bool:
+        if self._origin is None:
+            return False
+        head_timestamp: int | None = None
+        for count in range(self.capacity):
+            packet = self._packets[(self._origin + count) % self.capacity]
+            if packet is None:
+                continue
+            if head_timestamp is None:
+                head_timestamp = packet.timestamp
+            elif packet.timestamp != head_timestamp:
+                self.remove(count)
+                return True
+        return False
 
     def _remove_frame(self, sequence_number: int) -> None:
         # Several frames may complete at once (a retransmission fills a gap).
