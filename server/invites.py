@@ -24,12 +24,13 @@ from .roles import Role
 from .store import InviteRecord, Store
 from .tokens import Grant, TokenAuthority
 
-#: The page each Role's people use (reviewers have no live page yet).
+#: The page each Role's people use; reviewers see recordings, not the live Session.
 PAGES: dict[Role, str] = {
     Role.EXPERT: "broadcast.html",
     Role.TRAINEE: "watch.html",
     Role.ADMIN: "watch.html",
     Role.RECORDER: "watch.html",
+    Role.REVIEWER: "library.html",
 }
 MIN_TTL_S = 60
 MAX_TTL_S = 30 * 24 * 3600

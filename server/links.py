@@ -22,6 +22,7 @@ def session_links(session: Session, tokens: TokenAuthority, base_url: str,
         "session": session.id,
         "expert_page": f"{base}/broadcast.html#token={expert}",
         "trainee_page": f"{base}/watch.html#token={token(Role.TRAINEE, 'Trainee')}",
+        "reviewer_page": f"{base}/library.html#token={token(Role.REVIEWER, 'Reviewer')}",
         "whip": [
             {"slot": slot, "url": f"{base}/whip/{session.id}/{slot}",
              "bearer_token": token(Role.EXPERT, f"Encoder {slot}")}
@@ -43,6 +44,8 @@ def format_links(links: dict[str, Any]) -> str:
         f"    {links['expert_page']}",
         "  Trainee (watch page):",
         f"    {links['trainee_page']}",
+        "  Reviewer (recordings library):",
+        f"    {links.get('reviewer_page', '(not offered by this server)')}",
         "",
         "  WHIP ingest for external encoders (OBS, GStreamer, hardware), one per camera slot:",
     ]

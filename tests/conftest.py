@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gc
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,6 +30,15 @@ from server.theatre import Theatre
 from server.tokens import TokenAuthority
 
 LOOPBACK = ["127.0.0.1"]
+_RECORDINGS_PARENT: list[str] = []
+
+
+def _recordings_parent() -> str:
+    """One temporary directory for every test server's recordings, removed at exit."""
+    if not _RECORDINGS_PARENT:
+        _RECORDINGS_PARENT.append(tempfile.mkdtemp(prefix="scrubin-recordings-"))
+        atexit.register(shutil.rmtree, _RECORDINGS_PARENT[0], True)
+    return _RECORDINGS_PARENT[0]
 
 
 def make_config(**sections: dict[str, Any]) -> Config:
@@ -39,7 +50,7 @@ def make_config(**sections: dict[str, Any]) -> Config:
     sections.setdefault("audit", {}).setdefault(
         "path", str(Path(tempfile.mkdtemp(prefix="scrubin-audit-")) / "audit.jsonl"))
     sections.setdefault("recording", {}).setdefault(
-        "root", tempfile.mkdtemp(prefix="scrubin-recordings-"))
+        "root", tempfile.mkdtemp(prefix="recordings-", dir=_recordings_parent()))
     sections["server"].setdefault("host", "127.0.0.1")
     return load_config(None, env={}, **sections)
 

@@ -149,8 +149,9 @@ async def test_a_named_invite_keeps_its_name(server: Server, http: aiohttp.Clien
     assert redeemed["participant"]["name"] == "Dr Karev"
     assert redeemed["participant"]["role"] == "expert"
     reviewer = await invite(http, server, role="reviewer")
-    assert reviewer["page"] is None
-    assert (await redeem(http, server, reviewer["token"], "device-a" * 3))["page"] is None
+    assert reviewer["page"].startswith(f"{server.config.base_url}/library.html#token=")
+    redeemed = await redeem(http, server, reviewer["token"], "device-a" * 3)
+    assert redeemed["page"].startswith("/library.html#token=")  # relative: same origin
 
 
 async def test_a_single_use_invite_used_directly_is_one_participant(

@@ -23,6 +23,9 @@ const MODERATOR_ROLES = new Set(['expert', 'admin']);
 
 /** @param {RecordingStatus} status */
 export function recordingLabel(status) {
+  if (status.state === 'on' && status.error) {
+    return `REC · ${status.error.feed ? `${status.error.feed}: ` : ''}${status.error.message}`;
+  }
   if (status.state === 'on') return 'REC';
   if (status.state === 'failed') {
     return `Recording failed${status.error ? `: ${status.error.message}` : ''}`;

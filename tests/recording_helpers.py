@@ -1,0 +1,157 @@
+"""Recordings made without a network: the real ``recorder.Recording`` fed with
+synthetic-camera frames (VP8, with the frame counter) at chosen Session-clock
+times, plus chosen events. Shared by the review, export and access tests."""
+
+from __future__ import annotations
+
+import fractions
+import functools
+import json
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import av
+from av import VideoFrame
+
+from recorder import Recording, SessionInfo
+from recorder.export import make_thumbnail
+from server.publish.synthetic import TheatreRenderer
+from server.subscription import EncodedFrame
+
+W, H, FPS = 320, 180, 15
+CONSENT = {"recorded_by": "Dr Expert", "recorded_at": "2026-01-05T09:00:00+00:00",
+           "scope": "internal_review"}
+#: A recording id the access matrix plants in its server's recording root.
+PLANTED_ID = "planted-recording-0123456789"
+PART = "room.video-000.webm"
+
+
+class FakeFeed:
+    """A Feed as the recorder sees it, driven by the test."""
+
+    def __init__(self, feed_id: str = "room.video", kind: str = "video",
+                 mime: str = "video/VP8", rate: int = 90000) -> None:
+        self.id = feed_id
+        self.kind = kind
+        self.codec = types.SimpleNamespace(mimeType=mime, clockRate=rate)
+        self.listeners: list[Callable[[EncodedFrame], None]] = []
+
+    def add_frame_listener(self, listener: Callable[[EncodedFrame], None]
+                           ) -> Callable[[], None]:
+        self.listeners.append(listener)
+        return lambda: self.listeners.remove(listener)
+
+    def request_keyframe(self) -> None:
+        pass
+
+    def emit(self, data: bytes, pts: int, keyframe: bool, received_at: float) -> None:
+        packet = av.Packet(data)
+        packet.pts = pts
+        packet.time_base = fractions.Fraction(1, self.codec.clockRate)
+        frame = EncodedFrame(packet=packet, keyframe=keyframe, size=len(data),
+                             received_at=received_at)
+        for listener in list(self.listeners):
+            listener(frame)
+
+
+@functools.lru_cache(maxsize=8)
+def encode_vp8(count: int, first_counter: int = 0, gop: int = 15,
+               label: str = "room", codec: str = "vp8") -> list[tuple[bytes, bool]]:
+    """``count`` VP8 (or H.264, Annex B) frames of the synthetic camera; frame i
+    shows counter ``first_counter + i``. (Cached: do not modify the list.)"""
+    renderer = TheatreRenderer(W, H, label=label)
+    h264 = codec == "h264"
+    context = av.CodecContext.create("libx264" if h264 else "libvpx", "w")
+    context.width, context.height, context.pix_fmt = W, H, "yuv420p"
+    context.time_base = fractions.Fraction(1, 90000)
+    context.gop_size = gop
+    context.bit_rate = 600_000
+    context.options = ({"tune": "zerolatency", "preset": "ultrafast", "profile": "baseline"}
+                       if h264 else {"deadline": "realtime", "cpu-used": "8"})
+    out = []
+    for i in range(count):
+        frame = VideoFrame.from_ndarray(renderer.render(first_counter + i, 0.0),
+                                        format="bgr24").reformat(format="yuv420p")
+        frame.pts = i * (90000 // FPS)
+        for packet in context.encode(frame):
+            out.append((bytes(packet), bool(packet.is_keyframe)))
+    for packet in context.encode():
+        out.append((bytes(packet), bool(packet.is_keyframe)))
+    return out
+
+
+async def build_recording(root: str | Path, session_id: str = "or1-live", *,
+                          seconds: float = 4.0, start_t: float = 1.0,
+                          events: list[dict[str, Any]] = (),  # type: ignore[assignment]
+                          recording_id: str | None = None,
+                          consent: dict[str, str] | None = None,
+                          thumbnail: bool = True,
+                          feeds: tuple[tuple[str, int], ...] = (("room.video", 0),),
+                          h264: tuple[str, ...] = ()) -> Recording:
+    """A stopped Recording: for each of ``feeds`` (id, first counter), VP8
+    frames (H.264 for the Feeds in ``h264``) captured from Session time
+    ``start_t`` at 15 fps for ``seconds`` (frame i shows counter first + i),
+    and ``events`` (each with its ``t``)."""
+    recording = Recording(root, SessionInfo(session_id, "or1", "Cholecystectomy", "Dr Expert",
+                                            "Laparoscopic cholecystectomy"),
+                          {**(consent or CONSENT), "started_by": {"name": "test"}},
+                          recording_id=recording_id, origin=time.monotonic())
+    await recording.start()
+    origin = recording.origin
+    assert origin is not None
+    for feed_id, first in feeds:
+        codec = "h264" if feed_id in h264 else "vp8"
+        feed = FakeFeed(feed_id, mime="video/H264" if codec == "h264" else "video/VP8")
+        recording.attach(feed)
+        frames = encode_vp8(round(seconds * FPS), first, label=feed_id.split(".")[0],
+                            codec=codec)
+        for i, (data, key) in enumerate(frames):
+            feed.emit(data, 1000 + i * (90000 // FPS), key, origin + start_t + i / FPS)
+    for event in events:
+        recording.add_event(event)
+    await recording.stop()
+    if thumbnail:
+        make_thumbnail(recording.directory, ("room",))
+    return recording
+
+
+def interaction(message: dict[str, Any]) -> dict[str, Any]:
+    """An interaction message as the recorder stores it (Recording.follow)."""
+    return {"type": "interaction", "to": None, "message": message, "t": message["t"]}
+
+
+def circle(t: float, feed: str = "room.video", *, center: tuple[float, float] = (0.5, 0.45),
+           radius: float = 0.15, color: str = "#30d158", fade_s: float = 60.0,
+           annotation_id: str = "a1") -> dict[str, Any]:
+    shape = {"kind": "circle", "color": color, "width": 8,
+             "points": [list(center), [center[0] + radius, center[1]]]}
+    annotation = {"id": annotation_id, "feed": feed, "shape": shape, "pinned": False,
+                  "fade_s": fade_s, "t": t, "expires_t": t + fade_s,
+                  "by": {"id": "e", "name": "Dr Expert"}, "media": {}}
+    return interaction({"type": "annotation", "annotation": annotation, "t": t})
+
+
+def mark(t: float, name: str, kind: str = "step", mark_id: str = "m1",
+         current: str | None = None) -> dict[str, Any]:
+    entry = {"id": mark_id, "kind": kind, "name": name, "t": t,
+             "by": {"id": "e", "name": "Dr Expert"}}
+    return interaction({"type": "mark", "mark": entry, "t": t,
+                        "current_step": current if current is not None
+                        else (name if kind == "step" else None),
+                        "steps": []})
+
+
+def age_recording(directory: Path, days: float) -> None:
+    """Pretend the recording was made ``days`` ago (for retention)."""
+    import datetime
+
+    manifest_path = directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    then = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=days)
+    manifest["started"] = then.isoformat(timespec="milliseconds")
+    manifest["ended"] = (then + datetime.timedelta(seconds=manifest.get("duration") or 0)
+                         ).isoformat(timespec="milliseconds")
+    manifest_path.write_text(json.dumps(manifest, indent=2))

@@ -1,0 +1,243 @@
+"""The review pages and the live REC indicator in real Chromium.
+
+Player: a Recording of two synthetic cameras (their frame counters known at
+every Session-clock time) opens from the library; clicking a bookmark or a
+step shows the frame of that moment (counter read from the picture with the
+JS port of server/framecode.py), the expert's circle is drawn over it,
+cameras switch, and playback at 2x keeps the cameras in sync.
+
+Live: the expert records from the broadcast page (consent dialog), the
+trainee's page shows REC.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+from playwright.async_api import Page
+
+from server import framecode
+from server.http.review import RECORDINGS
+from server.roles import Role
+
+from .browser_helpers import chromium, chromium_available, open_page, screenshot, wait_js
+from .conftest import Server
+from .recording_helpers import FPS, build_recording, circle, interaction, mark
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.browser,
+    pytest.mark.skipif(not chromium_available(), reason="needs /usr/bin/chromium"),
+]
+
+START_T = 1.0
+ENDOSCOPE_FIRST = 5000
+
+#: The frame counter of what a <video> shows (framecode.JS_READER on its pixels).
+COUNTER_JS = """
+(selector) => {
+""" + framecode.JS_READER + """
+  const video = document.querySelector(selector);
+  if (!video || !video.videoWidth) return null;
+  const canvas = document.createElement('canvas');
+  canvas.width = video.videoWidth; canvas.height = video.videoHeight;
+  const ctx = canvas.getContext('2d', {willReadFrequently: true});
+  ctx.drawImage(video, 0, 0);
+  return framecodeRead(ctx.getImageData(0, 0, canvas.width, canvas.height));
+}
+"""
+
+#: The most opaque overlay pixel within 4 px of a picture point, as [r, g, b, a].
+OVERLAY_PIXEL_JS = """
+([nx, ny]) => {
+  const v = document.querySelector('#player-video');
+  const canvas = document.querySelector('#player-telestration');
+  const r = v.getBoundingClientRect(), cb = canvas.getBoundingClientRect();
+  const s = Math.min(r.width / v.videoWidth, r.height / v.videoHeight);
+  const w = v.videoWidth * s, h = v.videoHeight * s;
+  const x = r.left + (r.width - w) / 2 + nx * w - cb.left;
+  const y = r.top + (r.height - h) / 2 + ny * h - cb.top;
+  const k = canvas.width / cb.width, span = 4;
+  const data = canvas.getContext('2d').getImageData(
+    Math.round((x - span) * k), Math.round((y - span) * k), Math.round(2 * span * k),
+    Math.round(2 * span * k)).data;
+  let best = [0, 0, 0, 0];
+  for (let i = 0; i < data.length; i += 4) if (data[i + 3] > best[3]) best = data.slice(i, i + 4);
+  return Array.from(best);
+}
+"""
+
+SETTLED_JS = """
+(t) => {
+  const p = window.scrubinPlayer, v = p.mainVideo();
+  const shown = p.shownTime();
+  return v.readyState >= 2 && !v.seeking && shown !== null && Math.abs(shown - t) < 0.02;
+}
+"""
+
+
+def expected_counter(t: float, first: int = 0) -> int:
+    """The frame shown at Session time t: frame i covers [START_T + i/FPS, ...)."""
+    return first + int((t - START_T) * FPS + 1e-6)
+
+
+def h264_shows(value: int | None, t: float, gop: int = 15) -> bool:
+    """The endoscope (H.264) shows the frame of ``t``. This machine's Chromium
+    paints only the key frames of any H.264 file (P-frames leave the picture
+    unchanged, for files from FFmpeg's CLI too), so the frame shown is the key
+    frame at or before the one of ``t`` (a decoder that paints every frame
+    shows it exactly)."""
+    exact = expected_counter(t, ENDOSCOPE_FIRST)
+    key = ENDOSCOPE_FIRST + (exact - ENDOSCOPE_FIRST) // gop * gop
+    return value is not None and key <= value <= exact + 1
+
+
+async def counter(page: Page, selector: str = "#player-video") -> int | None:
+    value = await page.evaluate(COUNTER_JS, selector)
+    return None if value is None else int(value)
+
+
+async def jump(page: Page, selector: str, t: float) -> None:
+    await page.click(selector)
+    await wait_js(page, SETTLED_JS, t)
+    await page.wait_for_timeout(150)  # the decoded frame reaches the element
+
+
+async def test_player_jumps_to_the_moment_with_drawings_and_cameras_in_sync(
+        server: Server) -> None:
+    question = interaction({"type": "question", "t": 3.1, "question": {
+        "id": "q1", "text": "Why <b>clip</b> here?", "author": {"id": "t1", "name": "Trainee"},
+        "t": 3.1, "votes": 2, "status": "answered", "held": False}})
+    events = [mark(1.5, "Port placement"), circle(2.0, center=(0.5, 0.45), radius=0.15),
+              mark(2.43, "Calot's triangle", kind="bookmark", mark_id="m2",
+                   current="Port placement"),
+              question, mark(4.1, "Exposure", mark_id="m3")]
+    recording = await build_recording(
+        server.config.recording.root, seconds=6, start_t=START_T, events=events,
+        feeds=(("room.video", 0), ("endoscope.video", ENDOSCOPE_FIRST)),
+        h264=("endoscope.video",))  # fragmented MP4 in the browser too
+    server.app[RECORDINGS].open()
+    token = server.token(Role.REVIEWER, name="Prof Review")
+
+    async with chromium() as browser:
+        context, page, log = await open_page(
+            browser, f"{server.base_url}/library.html#token={token}", "library")
+        await wait_js(page, "() => document.querySelectorAll('.recording-card').length === 1")
+        await wait_js(page, "() => { const i = document.querySelector('.recording-img');"
+                            " return i && i.complete && i.naturalWidth > 0; }")
+        assert await page.text_content(".recording-title") == "Cholecystectomy"
+        assert "#token=" not in page.url  # scrubbed from the address bar
+        await page.click(".recording-link")
+        await wait_js(page, "() => window.scrubinPlayer && "
+                            "window.scrubinPlayer.mainVideo().readyState >= 2")
+        assert recording.id in await page.evaluate("() => location.hash")
+        assert await page.evaluate("() => window.scrubinPlayer.mainFeed()") == "room.video"
+        assert await page.evaluate("() => window.scrubinPlayer.mainPart().file") == (
+            "room.video-000.webm")
+        # Question text is text.
+        assert await page.evaluate(
+            "() => document.querySelector('#player-questions b') === null")
+
+        # A bookmark: the frame of that moment, and the circle over it.
+        await jump(page, "button.mark-button[data-kind='bookmark']", 2.43)
+        shown = await counter(page)
+        assert shown is not None and abs(shown - expected_counter(2.43)) <= 1, shown
+        pixel = await page.evaluate(OVERLAY_PIXEL_JS, [0.65, 0.45])
+        assert pixel[3] > 150 and pixel[1] > 150 and pixel[0] < 120, pixel
+        assert await page.evaluate(OVERLAY_PIXEL_JS, [0.1, 0.1]) == [0, 0, 0, 0]
+        assert await page.text_content("#player-step") == "Port placement"
+        await screenshot(page, "player-bookmark")
+
+        # A step later on; then the endoscope (H.264, fragmented MP4) as the main camera.
+        await jump(page, "button.mark-button[data-mark='m3']", 4.1)
+        shown = await counter(page)
+        assert shown is not None and abs(shown - expected_counter(4.1)) <= 1, shown
+        assert await page.text_content("#player-step") == "Exposure"
+        assert h264_shows(await counter(page, ".thumb video"), 4.1)
+        await page.click(".thumb")
+        await wait_js(page, "() => window.scrubinPlayer.mainFeed() === 'endoscope.video'")
+        assert await page.evaluate("() => window.scrubinPlayer.mainPart().file") == (
+            "endoscope.video-000.mp4")
+        await wait_js(page, SETTLED_JS, 4.1)
+        await page.wait_for_timeout(150)
+        assert h264_shows(await counter(page), 4.1)
+        # The circle was drawn on the room camera: not on the endoscope.
+        assert (await page.evaluate(OVERLAY_PIXEL_JS, [0.65, 0.45]))[3] == 0
+        await page.click(".thumb")  # the room camera back
+        await wait_js(page, "() => window.scrubinPlayer.mainFeed() === 'room.video'")
+        await wait_js(page, SETTLED_JS, 4.1)
+
+        # The timeline: a click at a marker jumps to it.
+        box = await page.locator("#timeline").bounding_box()
+        assert box is not None
+        t0, t1 = await page.evaluate("() => window.scrubinPlayer.range()")
+        x = box["x"] + (2.43 - t0) / (t1 - t0) * box["width"]
+        await page.mouse.click(x + 2, box["y"] + box["height"] / 4)
+        await wait_js(page, SETTLED_JS, 2.43)
+
+        # Playing at 2x from 1.5 s: the clock and both cameras move together.
+        await page.evaluate("() => window.scrubinPlayer.seek(1.5)")
+        await page.select_option("#player-speed", "2")
+        await page.click("#play")
+        await page.wait_for_timeout(1000)
+        await page.click("#play")  # pause
+        t = await page.evaluate("() => window.scrubinPlayer.time()")
+        assert 2.9 <= t <= 4.3, t
+        await wait_js(page, "() => !window.scrubinPlayer.mainVideo().seeking && "
+                            "!document.querySelector('.thumb video').seeking")
+        await page.wait_for_timeout(300)
+        main_counter = await counter(page)
+        assert main_counter is not None and abs(main_counter - expected_counter(t)) <= 2, (
+            main_counter, t)
+        assert h264_shows(await counter(page, ".thumb video"), t)
+        assert not log.errors, log.errors
+        await context.close()
+
+
+async def test_expert_records_from_the_broadcast_page_and_trainees_see_rec(
+        server: Server, http: aiohttp.ClientSession) -> None:
+    base = server.base_url
+    async with chromium() as browser:
+        expert_ctx, expert, expert_log = await open_page(
+            browser, f"{base}/broadcast.html#token={server.token(Role.EXPERT, name='Dr Grey')}",
+            "expert")
+        trainee_ctx, trainee, trainee_log = await open_page(
+            browser, f"{base}/watch.html#token={server.token(Role.TRAINEE)}", "trainee")
+        await wait_js(expert, "() => { const b = document.querySelector('#rec-toggle');"
+                              " return b && !b.disabled; }")
+        assert await trainee.locator(".rec-indicator").is_hidden()
+        assert await trainee.locator("#rec-toggle").count() == 0  # trainees get no button
+
+        async def consent(scope: str) -> None:
+            await expert.click("#rec-toggle")
+            await wait_js(expert, "() => document.querySelector('#consent-dialog').open")
+            assert await expert.input_value("#consent-by") == "Dr Grey"
+            await expert.check(f"input[name='scope'][value='{scope}']")
+            await expert.fill("#consent-note", "Form 12b <signed>")
+            await expert.click("#consent-start")
+
+        # Live-only consent: refused in the dialog, nothing recorded.
+        await consent("live_only")
+        await wait_js(expert, "() => !document.querySelector('.consent-error').hidden")
+        await expert.click("#consent-dialog button[value='cancel']")
+        assert not server.app[RECORDINGS].index
+
+        await consent("internal_review")
+        await wait_js(trainee, "() => { const r = document.querySelector('.rec-indicator');"
+                               " return r && !r.hidden && r.dataset.state === 'on'; }")
+        assert await trainee.text_content(".rec-indicator") == "REC"
+        assert await expert.get_attribute("#rec-toggle", "aria-pressed") == "true"
+        [entry] = server.app[RECORDINGS].index.values()
+        assert entry["consent_scope"] == "internal_review"
+        await screenshot(expert, "broadcast-recording")
+        await screenshot(trainee, "watch-recording")
+
+        await expert.click("#rec-toggle")  # stop
+        await wait_js(trainee, "() => document.querySelector('.rec-indicator').hidden")
+        assert server.app[RECORDINGS].index[entry["id"]]["state"] == "stopped"
+        errors: list[Any] = expert_log.errors + trainee_log.errors
+        assert not errors, errors
+        await expert_ctx.close()
+        await trainee_ctx.close()

@@ -1,0 +1,357 @@
+"""The review API: library, one Recording, media by signed URL with HTTP Range,
+who may see what, files never reached outside a recording, deletion and
+retention."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+from aiortc import RTCPeerConnection
+
+from server.cli import main as scrubin
+from server.http.common import AUDIT
+from server.http.review import RECORDINGS
+from server.recordings import Recordings
+from server.roles import Role
+from server.tokens import NODE_WIDE
+
+from .conftest import Server, make_config, start_server, wait_for
+from .recording_helpers import CONSENT, PART, age_recording, build_recording, circle, mark
+from .test_recording_control import Client, join, publish_camera
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def get_json(http: aiohttp.ClientSession, url: str, token: str | None,
+                   status: int = 200) -> Any:
+    async with http.get(url, headers=bearer(token) if token else {}) as response:
+        body = await response.json()
+        assert response.status == status, (url, body)
+        return body
+
+
+def manager(server: Server) -> Recordings:
+    return server.app[RECORDINGS]
+
+
+async def plant(server: Server, session_id: str = "or1-live", **kwargs: Any) -> str:
+    """A real stopped Recording in the server's root, listed."""
+    recording = await build_recording(server.config.recording.root, session_id, **kwargs)
+    manager(server).open()
+    return recording.id
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Client]]:
+    opened: list[Client] = []
+    yield opened
+    for client in opened:
+        await client.ws.close()
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[list[RTCPeerConnection]]:
+    created: list[RTCPeerConnection] = []
+    yield created
+    for pc in created:
+        await pc.close()
+
+
+@pytest.mark.slow  # real media over WebRTC
+async def test_record_then_library_then_recording_then_range_requests(
+        server: Server, http: aiohttp.ClientSession, clients: list[Client],
+        peers: list[RTCPeerConnection]) -> None:
+    await publish_camera(http, server, peers)
+    expert = await join(http, server, clients, Role.EXPERT, "Dr Grey")
+    assert (await expert.request({"type": "start_recording", "consent": CONSENT}))["type"] == "ok"
+    await expert.request({"type": "mark", "name": "Port placement"})
+    await expert.request({"type": "mark", "name": "Look here", "kind": "bookmark"})
+    await asyncio.sleep(2)
+    assert (await expert.request({"type": "stop_recording"}))["type"] == "ok"
+
+    reviewer = server.token(Role.REVIEWER, name="Prof Review")
+    library = await get_json(http, f"{server.base_url}/api/sessions/or1-live/recordings",
+                             reviewer)
+    [entry] = library["recordings"]
+    assert entry["title"] == "Cholecystectomy" and entry["expert"] == "Dr Grey"
+    assert entry["state"] == "stopped" and 1.5 < entry["duration"] < 4
+    assert entry["consent_scope"] == "internal_review"
+    assert library["expires_at"] > time.time() + 60
+    async with http.get(server.base_url + entry["thumbnail"]) as response:
+        assert response.status == 200 and response.content_type == "image/jpeg"
+        assert (await response.read())[:2] == b"\xff\xd8"
+
+    detail = await get_json(http, f"{server.base_url}/api/recordings/{entry['id']}", reviewer)
+    recording = detail["recording"]
+    assert recording["consent"]["recorded_by"] == CONSENT["recorded_by"]
+    [feed] = [f for f in recording["feeds"] if f["id"] == "room.video"]
+    part = feed["parts"][0]
+    assert part["start"] >= 0 and part["frames"] > 10
+    kinds = [(e["type"], e.get("mark", {}).get("kind")) for e in detail["events"]
+             if e["type"] == "mark"]
+    assert kinds == [("mark", "step"), ("mark", "bookmark")]
+    assert all(a["t"] <= b["t"] for a, b in itertools.pairwise(detail["events"]))
+    path = Path(server.config.recording.root) / entry["id"] / part["file"]
+    data = path.read_bytes()
+    manifest = json.loads(path.with_name("manifest.json").read_text())
+    listed = next(p for f in manifest["feeds"] for p in f["parts"] if p["file"] == part["file"])
+    url = server.base_url + part["url"]
+
+    async with http.get(url) as response:
+        assert response.status == 200 and response.content_type == "video/webm"
+        body = await response.read()
+        assert hashlib.sha256(body).hexdigest() == listed["sha256"]
+        assert response.headers["Accept-Ranges"] == "bytes"
+    async with http.get(url, headers={"Range": "bytes=0-99"}) as response:
+        assert response.status == 206
+        assert response.headers["Content-Range"] == f"bytes 0-99/{len(data)}"
+        assert await response.read() == data[:100]
+    middle = len(data) // 2
+    async with http.get(url, headers={"Range": f"bytes={middle}-"}) as response:
+        assert response.status == 206
+        assert response.headers["Content-Range"] == f"bytes {middle}-{len(data) - 1}/{len(data)}"
+        assert await response.read() == data[middle:]
+    async with http.get(url, headers={"Range": f"bytes={len(data) + 10}-"}) as response:
+        assert response.status == 416
+    viewed = [e for e in server.app[AUDIT].read(session="or1-live")
+              if e["event"] == "recording_viewed"]
+    assert viewed and viewed[0]["name"] == "Prof Review"
+
+
+async def test_who_may_see_a_recording(server: Server, http: aiohttp.ClientSession) -> None:
+    mine = await plant(server, thumbnail=False)
+    other = await plant(server, "or2-other", thumbnail=False)
+    base = server.base_url
+    for role in (Role.REVIEWER, Role.ADMIN):
+        library = await get_json(http, f"{base}/api/sessions/or1-live/recordings",
+                                 server.token(role))
+        assert [e["id"] for e in library["recordings"]] == [mine]
+        assert library["recordings"][0]["thumbnail"] is None
+        await get_json(http, f"{base}/api/recordings/{mine}", server.token(role))
+    node_admin = server.token(Role.ADMIN, NODE_WIDE)
+    await get_json(http, f"{base}/api/recordings/{other}", node_admin)
+    library = await get_json(http, f"{base}/api/sessions/or2-other/recordings", node_admin)
+    assert [e["id"] for e in library["recordings"]] == [other]
+
+    cases = [(None, 401, "token_missing"), ("not-a-token", 401, "token_invalid")]
+    cases += [(server.token(role), 403, "wrong_role")
+              for role in (Role.TRAINEE, Role.EXPERT, Role.RECORDER)]
+    for token, status, code in cases:
+        for url in (f"{base}/api/recordings/{mine}", f"{base}/api/sessions/or1-live/recordings"):
+            body = await get_json(http, url, token, status)
+            assert body["code"] == code, (url, body)
+    # Another Session's reviewer, and unknown ids.
+    body = await get_json(http, f"{base}/api/recordings/{other}", server.token(Role.REVIEWER),
+                          403)
+    assert body["code"] == "wrong_session"
+    body = await get_json(http, f"{base}/api/sessions/or2-other/recordings",
+                          server.token(Role.REVIEWER), 403)
+    assert body["code"] == "wrong_session"
+    for unknown in ("x" * 24, "..", "%2e%2e", mine[:-1] + "Z", "a" * 80):
+        body = await get_json(http, f"{base}/api/recordings/{unknown}",
+                              server.token(Role.REVIEWER), 404)
+        assert body["code"] in ("unknown_recording", "not_found"), body
+
+
+async def test_deidentified_recordings_can_be_shared_with_other_sessions_reviewers(
+        http: aiohttp.ClientSession) -> None:
+    server, runner = await start_server(make_config(recording={"share_deidentified": True}))
+    try:
+        internal = await plant(server, "or2-other", thumbnail=False)
+        shared = await plant(server, "or2-other", thumbnail=False,
+                             consent={**CONSENT, "scope": "deidentified_reuse"})
+        reviewer = server.token(Role.REVIEWER)  # of or1-live
+        await get_json(http, f"{server.base_url}/api/recordings/{shared}", reviewer)
+        body = await get_json(http, f"{server.base_url}/api/recordings/{internal}", reviewer,
+                              403)
+        assert body["code"] == "wrong_session"
+        # Admins of another Session get no more than its own.
+        body = await get_json(http, f"{server.base_url}/api/recordings/{shared}",
+                              server.token(Role.ADMIN), 403)
+        assert body["code"] == "wrong_session"
+    finally:
+        await runner.cleanup()
+
+
+async def test_media_urls_never_leave_the_recording(server: Server,
+                                                    http: aiohttp.ClientSession) -> None:
+    recording_id = await plant(server)
+    root = Path(server.config.recording.root)
+    directory = root / recording_id
+    signer = manager(server).signer
+    expires = int(time.time()) + 600
+    secret = root.parent / f"secret-{recording_id}.txt"
+    secret.write_text("outside the recordings")
+    (root / "outside.webm").write_text("in the root, not in the recording")
+
+    def signed(name: str, raw: str | None = None) -> str:
+        """A correctly signed URL for ``name`` (so only the path checks refuse it)."""
+        return (f"{server.base_url}/api/recordings/{recording_id}/media/"
+                f"{raw if raw is not None else quote(name, safe='')}"
+                f"?exp={expires}&sig={signer.signature(recording_id, name, expires)}")
+
+    async with http.get(signed(PART)) as response:
+        assert response.status == 200
+    hostile = ["..", "../manifest.json", "../../etc/passwd", "/etc/passwd", str(secret),
+               "manifest.json", "events.jsonl", "thumbnail.jpg", ".manifest.json.tmp",
+               f"../{recording_id}/{PART}", "../outside.webm", "room.video-000.webm/",
+               "%2e%2e", "..%2F..%2Fetc%2Fpasswd", "room.video-000.webm\x00.txt"]
+    for name in hostile:
+        async with http.get(signed(name)) as response:
+            text = await response.text()
+            assert response.status in (400, 404), (name, response.status, text)
+            assert "outside" not in text and "root:" not in text, name
+    # Raw path forms the router sees (dot segments, encoded dots and slashes).
+    for raw in ("..", "%2e%2e", "%2E%2E%2Fmanifest.json", "..%2F..%2Fsecret",
+                "%2Fetc%2Fpasswd", "x/../../manifest.json"):
+        url = (f"{server.base_url}/api/recordings/{recording_id}/media/{raw}"
+               f"?exp={expires}&sig={signer.signature(recording_id, raw, expires)}")
+        async with http.get(url) as response:
+            assert response.status in (400, 401, 404), (raw, response.status)
+            assert "root:" not in await response.text()
+
+    # A symlink planted in the recording, listed by a tampered manifest.
+    manifest_path = directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    (directory / "room.video-001.webm").symlink_to(secret)
+    manifest["feeds"][0]["parts"].append({**manifest["feeds"][0]["parts"][0], "index": 1,
+                                          "file": "room.video-001.webm"})
+    manifest_path.write_text(json.dumps(manifest))
+    async with http.get(signed("room.video-001.webm")) as response:
+        assert response.status == 404
+        assert "outside" not in await response.text()
+    # A real part replaced by a symlink, even to a file inside the root.
+    os.replace(directory / PART, root / "moved.webm")
+    (directory / PART).symlink_to(root / "moved.webm")
+    async with http.get(signed(PART)) as response:
+        assert response.status == 404
+    # The recording directory itself a symlink.
+    (directory / PART).unlink()
+    os.replace(root / "moved.webm", directory / PART)
+    os.replace(directory, root / "elsewhere")
+    directory.symlink_to(root / "elsewhere")
+    async with http.get(signed(PART)) as response:
+        assert response.status == 404
+    body = await get_json(http, f"{server.base_url}/api/recordings/{recording_id}",
+                          server.token(Role.REVIEWER), 404)
+    assert body["code"] == "unknown_recording"
+
+
+async def test_media_signatures(server: Server, http: aiohttp.ClientSession) -> None:
+    recording_id = await plant(server)
+    signer = manager(server).signer
+    base = f"{server.base_url}/api/recordings/{recording_id}"
+    now = int(time.time())
+
+    async def status(url: str) -> tuple[int, str]:
+        async with http.get(url) as response:
+            if response.content_type == "application/json":
+                return response.status, (await response.json())["code"]
+            return response.status, ""
+
+    good = signer.signature(recording_id, PART, now + 60)
+    assert await status(f"{base}/media/{PART}?exp={now + 60}&sig={good}") == (200, "")
+    thumb = signer.signature(recording_id, "thumbnail", now + 60)
+    assert await status(f"{base}/thumbnail?exp={now + 60}&sig={thumb}") == (200, "")
+    assert await status(f"{base}/media/{PART}") == (401, "token_missing")
+    assert await status(f"{base}/media/{PART}?exp={now + 60}") == (401, "token_missing")
+    assert await status(f"{base}/media/{PART}?exp={now + 61}&sig={good}") == (
+        401, "token_invalid")
+    assert await status(f"{base}/media/{PART}?exp=abc&sig={good}") == (401, "token_invalid")
+    # A signature for the thumbnail does not open a part, nor another recording's.
+    assert await status(f"{base}/media/{PART}?exp={now + 60}&sig={thumb}") == (
+        401, "token_invalid")
+    other = await plant(server)
+    assert await status(f"{server.base_url}/api/recordings/{other}/media/{PART}"
+                        f"?exp={now + 60}&sig={good}") == (401, "token_invalid")
+    old = signer.signature(recording_id, PART, now - 5)
+    assert await status(f"{base}/media/{PART}?exp={now - 5}&sig={old}") == (
+        401, "token_expired")
+
+
+async def test_delete_by_admin_api_and_cli(server: Server, http: aiohttp.ClientSession,
+                                           clients: list[Client],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    first = await plant(server)
+    second = await plant(server)
+    root = Path(server.config.recording.root)
+    url = f"{server.base_url}/api/recordings/{first}"
+    for role in (Role.REVIEWER, Role.EXPERT):
+        async with http.delete(url, headers=bearer(server.token(role))) as response:
+            assert response.status == 403
+    async with http.delete(url, headers=bearer(server.token(Role.ADMIN, "or2-other"))) as r:
+        assert r.status == 403 and (await r.json())["code"] == "wrong_session"
+    async with http.delete(url, headers=bearer(server.token(Role.ADMIN))) as response:
+        assert response.status == 200 and (await response.json()) == {"deleted": first}
+    assert not (root / first).exists()
+    index = json.loads((root / "index.json").read_text())["recordings"]
+    assert [e["id"] for e in index] == [second]
+    await get_json(http, url, server.token(Role.ADMIN), 404)
+    async with http.delete(url, headers=bearer(server.token(Role.ADMIN))) as response:
+        assert response.status == 404
+
+    # scrubin recording list / delete, with a node-wide admin token.
+    admin = server.token(Role.ADMIN, NODE_WIDE)
+    capsys.readouterr()
+    assert await asyncio.to_thread(scrubin, ["recording", "list", "--session", "or1-live",
+                                             "--server", server.base_url, "--token", admin]) == 0
+    listing = capsys.readouterr().out
+    assert second in listing and first not in listing and "Cholecystectomy" in listing
+    code = await asyncio.to_thread(scrubin, ["recording", "delete", second, "--server",
+                                             server.base_url, "--token", admin])
+    assert code == 0
+    assert not (root / second).exists() and not manager(server).index
+    assert await asyncio.to_thread(scrubin, ["recording", "delete", second, "--server",
+                                             server.base_url, "--token", admin]) == 2
+    deleted = [e for e in server.app[AUDIT].read(session="or1-live")
+               if e["event"] == "recording_deleted"]
+    assert [(e["recording"], e["reason"], e["by"]["role"]) for e in deleted] == [
+        (first, "deleted", "admin"), (second, "deleted", "admin")]
+
+    # A running recording is not deleted under its writer.
+    expert = await join(http, server, clients, Role.EXPERT)
+    assert (await expert.request({"type": "start_recording", "consent": CONSENT}))["type"] == "ok"
+    [running] = manager(server).index
+    async with http.delete(f"{server.base_url}/api/recordings/{running}",
+                           headers=bearer(admin)) as response:
+        assert response.status == 409 and (await response.json())["code"] == "recording_active"
+    assert (root / running).is_dir()
+
+
+async def test_retention_deletes_old_recordings(http: aiohttp.ClientSession,
+                                                tmp_path: Path) -> None:
+    config = make_config(recording={"root": str(tmp_path), "retention_days": 30,
+                                    "retention_check_s": 0.2})
+    old = await build_recording(tmp_path, events=[mark(1.5, "Port placement"), circle(2.0)])
+    age_recording(old.directory, days=40)
+    new = await build_recording(tmp_path)
+    server, runner = await start_server(config)
+    try:
+        await wait_for(lambda: "" if not old.directory.exists() else "not deleted yet",
+                       timeout=5)
+        assert new.directory.is_dir()
+        assert list(manager(server).index) == [new.id]
+        entries = json.loads((tmp_path / "index.json").read_text())["recordings"]
+        assert [e["id"] for e in entries] == [new.id]
+        deleted = [e for e in server.app[AUDIT].read(session="or1-live")
+                   if e["event"] == "recording_deleted"]
+        assert [(e["recording"], e["reason"], e["by"]) for e in deleted] == [
+            (old.id, "retention", None)]
+        # Later passes keep the new one.
+        await asyncio.sleep(0.5)
+        assert new.directory.is_dir()
+    finally:
+        await runner.cleanup()
