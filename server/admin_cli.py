@@ -1,4 +1,4 @@
-"""`scrubin theatre|session|invite …`: the admin API from a terminal.
+"""`scrubin theatre|session|invite|audit …`: the admin API from a terminal.
 
 Each command calls a running Node's admin API (docs/openapi.yaml) with a
 node-wide admin token (``scrubin admin-token``), given as ``--token`` or in
@@ -19,7 +19,7 @@ import aiohttp
 
 from .roles import Role
 
-COMMANDS = ("theatre", "session", "invite")
+COMMANDS = ("theatre", "session", "invite", "audit")
 
 
 class ApiError(Exception):
@@ -92,12 +92,21 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                     help="how many people (devices) may use it")
     il = common(isub.add_parser("list", help="a Session's invites"))
     il.add_argument("--session", required=True)
+    _add_audit(sub, common)
     ir = common(isub.add_parser("revoke", help="revoke one invite, or all of a Session"))
     ir.add_argument("--session", required=True)
     which = ir.add_mutually_exclusive_group(required=True)
     which.add_argument("--invite", help="the invite id")
     which.add_argument("--all", action="store_true",
                        help="every token of the Session issued until now")
+
+
+def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+               common: Any) -> None:
+    audit = common(sub.add_parser("audit", help="a Session's audit trail (admins)"))
+    audit.add_argument("--session", required=True)
+    audit.add_argument("--since", default="0", help="ISO 8601 or epoch seconds")
+    audit.add_argument("--limit", type=int, default=1000)
 
 
 def parse_time(value: str) -> float:
@@ -142,6 +151,10 @@ async def _run(args: argparse.Namespace) -> Any:
     async def api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         return await call(server, token, method, path, body)
 
+    if args.command == "audit":
+        since = parse_time(args.since)
+        return await api("GET", f"/api/sessions/{args.session}/audit"
+                                f"?since={since}&limit={args.limit}")
     if args.command == "theatre":
         if args.action == "list":
             return await api("GET", "/api/admin/theatres")
@@ -178,6 +191,13 @@ async def _run(args: argparse.Namespace) -> Any:
 
 
 def _format(args: argparse.Namespace, result: Any) -> str:
+    if args.command == "audit":
+        lines = []
+        for entry in result["entries"]:
+            when = datetime.fromtimestamp(entry["ts"]).strftime("%Y-%m-%d %H:%M:%S")
+            rest = {k: v for k, v in entry.items() if k not in ("ts", "event", "node")}
+            lines.append(f"{when}  {entry['event']:<16} {json.dumps(rest, ensure_ascii=False)}")
+        return "\n".join(lines) or "(no entries)"
     if args.command == "theatre":
         theatres = result["theatres"] if "theatres" in result else [result["theatre"]]
         return "\n".join(f"{t['id']:<16} {t['name']:<24} {', '.join(t['slots'])}"

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+from pathlib import Path
 
 import aiohttp
+import pytest
+from aiohttp import web
 from aiortc.mediastreams import VideoStreamTrack
 
+from server.app import create_app
 from server.http.common import ACCEPTING, AUDIT
 from server.roles import Role
 
@@ -119,3 +124,76 @@ async def test_audit_trail_records_joins_publishing_and_denials(
             assert r.status == 403
     finally:
         await publisher.close()
+
+
+async def test_audit_cli_prints_the_trail(server: Server, http: aiohttp.ClientSession) -> None:
+    from server.tokens import NODE_WIDE
+
+    publisher, _ = await whip_publish(http, server, "room", [VideoStreamTrack()])
+    try:
+        admin = server.tokens.issue(NODE_WIDE, Role.ADMIN, name="Auditor")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "audit", "--server", server.base_url,
+            "--token", admin, "--session", "or1-live", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0, err
+        assert b"publish_start" in out and b'"slot": "room"' in out
+        trainee = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "audit", "--server", server.base_url,
+            "--token", server.token(Role.TRAINEE), "--session", "or1-live",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(trainee.communicate(), 30)
+        assert trainee.returncode == 2 and b"403" in err
+    finally:
+        await publisher.close()
+
+
+async def test_the_server_serves_https_itself(tmp_path: Path) -> None:
+    """Browsers allow cameras only on secure origins: the Node terminates TLS."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from server.cli import _ssl_context
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    config = make_config(server={"tls_cert": str(tmp_path / "cert.pem"),
+                                 "tls_key": str(tmp_path / "key.pem")})
+    assert config.base_url.startswith("https://")
+    app = create_app(config)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", config.server.port,
+                      ssl_context=_ssl_context(config)).start()
+    try:
+        client_ssl = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        async with aiohttp.ClientSession() as http, http.get(
+                f"https://localhost:{config.server.port}/watch.html", ssl=client_ssl) as r:
+            assert r.status == 200
+            assert r.headers["Strict-Transport-Security"].startswith("max-age=")
+            assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(aiohttp.ClientError):
+                # Plain HTTP to the TLS port is not served.
+                async with http.get(f"http://127.0.0.1:{config.server.port}/healthz") as r:
+                    await r.read()
+    finally:
+        await runner.cleanup()
