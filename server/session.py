@@ -70,6 +70,8 @@ class Ingest:
         self.feeds: list[Feed] = []
         self.created_at = time.time()
         self._closed = False
+        #: The token it was published with (revocation closes it).
+        self.grant: Grant | None = None
         self._requests: set[asyncio.Task[int]] = set()
 
     def keyframe_requester(self, receiver: RTCRtpReceiver) -> Callable[[], bool]:
@@ -252,6 +254,7 @@ class Session:
                 feed.close()
 
             ingest = Ingest(_new_id(), slot, grant.participant_id, pc)
+            ingest.grant = grant
             for transceiver in pc.getTransceivers():
                 codec = codecs.get(transceiver.mid or "")
                 if codec is None or transceiver.kind not in ("audio", "video"):
@@ -342,6 +345,25 @@ class Session:
         feed = self.feeds.get(feed_id)
         return feed is not None and feed.kind == "video" and feed.state != "closed"
 
+    def close_revoked(self, *, invite: str | None, before: float | None) -> int:
+        """A revocation: close the media of tokens it covers (WHIP and WHEP
+        included, not only websockets). Returns how many were closed."""
+        def revoked(grant: Grant | None) -> bool:
+            return grant is not None and (
+                (invite is not None and grant.token_id == invite)
+                or (before is not None and grant.issued_at < before))
+
+        closed = 0
+        for subscription in list(self.subscriptions.values()):
+            if revoked(subscription.grant):
+                self._track(subscription.close())
+                closed += 1
+        for ingest in list(self.ingests.values()):
+            if revoked(ingest.grant):
+                self._track(self._close_ingest(ingest, final=True))
+                closed += 1
+        return closed
+
     async def _close_ingest(self, ingest: Ingest, *, final: bool) -> None:
         self.ingests.pop(ingest.id, None)
         await ingest.close(final=final)
@@ -400,6 +422,7 @@ class Session:
         if feed.state == "closed" or self.state != "live":
             await pc.close()
             raise Gone(f"feed {feed_id} closed while subscribing", code="feed_closed")
+        subscription.grant = grant
         self.subscriptions[subscription.id] = subscription
         feed.add_subscription(subscription)
         self._watch_peer(pc, subscription.close)

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -129,6 +129,8 @@ class Subscription:
         self._on_first_frame = on_first_frame
         self._needs_keyframe = kind == "video"
         self._closing: asyncio.Task[None] | None = None
+        #: The token it was made with (revocation closes it); set by the Session.
+        self.grant: Any = None
         # Fast path: frames go straight out once the viewer is connected.
         self._fast: FastSender | None = None
         self._active = False

@@ -340,3 +340,36 @@ async def test_websocket_messages_over_the_rate_get_429_then_a_close(
         assert (await receive_until(calm, lambda m: m.get("id") == "still"))["type"] == "pong"
     finally:
         await runner.cleanup()
+
+
+async def test_revocation_stops_whip_and_whep_media_too(server: Server,
+                                                        http: aiohttp.ClientSession):
+    from aiortc.mediastreams import VideoStreamTrack
+
+    from .conftest import wait_for, whep_subscribe, whip_publish
+
+    expert = server.token(Role.EXPERT)
+    publisher, _ = await whip_publish(http, server, "room", [VideoStreamTrack()], token=expert)
+    session = server.session()
+    viewer = None
+    try:
+        await wait_for(lambda: "" if "room.video" in session.feeds else "no feed")
+        viewer_invite = await invite(http, server)
+        viewer, _, track = await whep_subscribe(http, server, "room.video", "video",
+                                                token=viewer_invite["token"])
+        await wait_for(lambda: "" if len(session.subscriptions) == 1 else "no subscription")
+        # Revoking the viewer's invite ends its WHEP media; the expert keeps publishing.
+        await api(http, server, "DELETE",
+                  f"/api/admin/sessions/or1-live/invites/{viewer_invite['invite']['id']}",
+                  admin_token(server), expect=200)
+        await wait_for(lambda: "" if not session.subscriptions else "viewer still served")
+        assert "room.video" in session.feeds and session.feeds["room.video"].state == "live"
+        # Revoking every token of the Session ends the expert's WHIP publication too.
+        await api(http, server, "DELETE", "/api/admin/sessions/or1-live/invites",
+                  admin_token(server), expect=200)
+        await wait_for(lambda: "" if not session.ingests and not session.feeds
+                       else f"still publishing: {list(session.feeds)}")
+    finally:
+        await publisher.close()
+        if viewer is not None:
+            await viewer.close()

@@ -472,6 +472,11 @@ def close_revoked_sockets(app: web.Application, session_id: str, event: dict[str
     sockets: weakref.WeakKeyDictionary[Any, Grant] = app[SOCKET_GRANTS]
     invite = event.get("invite")
     before = event.get("before")
+    session = app[REGISTRY].sessions.get(session_id)
+    if session is not None:
+        # WHIP/WHEP media of a revoked token stops too, not only its websockets.
+        session.close_revoked(invite=invite if isinstance(invite, str) else None,
+                              before=float(before) if isinstance(before, (int, float)) else None)
     for ws, grant in list(sockets.items()):
         if grant.session_id != session_id or ws.closed:
             continue
