@@ -344,6 +344,8 @@ async def test_websocket_messages_over_the_rate_get_429_then_a_close(
 
 async def test_revocation_stops_whip_and_whep_media_too(server: Server,
                                                         http: aiohttp.ClientSession):
+    import asyncio
+
     from aiortc.mediastreams import VideoStreamTrack
 
     from .conftest import wait_for, whep_subscribe, whip_publish
@@ -357,7 +359,9 @@ async def test_revocation_stops_whip_and_whep_media_too(server: Server,
         viewer_invite = await invite(http, server)
         viewer, _, track = await whep_subscribe(http, server, "room.video", "video",
                                                 token=viewer_invite["token"])
-        await wait_for(lambda: "" if len(session.subscriptions) == 1 else "no subscription")
+        await asyncio.wait_for(track, 10)
+        sub = next(iter(session.subscriptions.values()))
+        await wait_for(lambda: "" if sub.frames_forwarded > 0 else "no media yet")
         # Revoking the viewer's invite ends its WHEP media; the expert keeps publishing.
         await api(http, server, "DELETE",
                   f"/api/admin/sessions/or1-live/invites/{viewer_invite['invite']['id']}",
