@@ -340,7 +340,9 @@ async def test_retention_deletes_old_recordings(http: aiohttp.ClientSession,
     new = await build_recording(tmp_path)
     server, runner = await start_server(config)
     try:
-        await wait_for(lambda: "" if not old.directory.exists() else "not deleted yet",
+        # The directory goes first (in a thread), then the index entry.
+        await wait_for(lambda: "" if not old.directory.exists()
+                       and old.id not in manager(server).index else "not deleted yet",
                        timeout=5)
         assert new.directory.is_dir()
         assert list(manager(server).index) == [new.id]
