@@ -97,6 +97,21 @@ async def server() -> AsyncIterator[Server]:
 
 
 @pytest.fixture
+async def live_server(server: Server) -> Server:
+    """The same server, named for the browser tests that drive it through pages."""
+    return server
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """One headless Debian Chromium (tests/browser_helpers.py has the flags)."""
+    from .browser_helpers import chromium
+
+    async with chromium() as b:
+        yield b
+
+
+@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session

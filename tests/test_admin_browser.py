@@ -4,16 +4,14 @@ joins as soon as the Session is started."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from playwright.async_api import Browser
 
 from server.http.common import STORE
 
 from .admin_helpers import admin_token
-from .browser_helpers import chromium, chromium_available, open_page, screenshot, wait_js
-from .conftest import Server, make_config, start_server
+from .browser_helpers import chromium_available, open_page, screenshot, wait_js
+from .conftest import Server
 
 pytestmark = [
     pytest.mark.slow,
@@ -22,21 +20,6 @@ pytestmark = [
 ]
 
 HOSTILE_NAME = 'Dr <img src=x class="pwned"> Trainee'
-
-
-@pytest.fixture
-async def live_server() -> AsyncIterator[Server]:
-    srv, runner = await start_server(make_config())
-    try:
-        yield srv
-    finally:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as b:
-        yield b
 
 
 @pytest.mark.timeout(90)

@@ -17,7 +17,7 @@ from playwright.async_api import Browser
 from server.roles import Role
 
 from .browser_helpers import chromium, chromium_available, open_page, wait_js
-from .conftest import Server, make_config, start_server, wait_for
+from .conftest import Server, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,15 +39,6 @@ async () => {
   return out;
 }
 """
-
-
-@pytest.fixture
-async def live_server() -> AsyncIterator[Server]:
-    srv, runner = await start_server(make_config())
-    try:
-        yield srv
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture

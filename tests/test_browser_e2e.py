@@ -11,7 +11,6 @@ Set SCRUBIN_SCREENSHOTS=/some/dir to keep screenshots of each step.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,13 +21,12 @@ from server.roles import Role
 from .browser_helpers import (
     INBOUND_STATS_JS,
     SAMPLE_MAIN_VIDEO_JS,
-    chromium,
     chromium_available,
     open_page,
     screenshot,
     wait_js,
 )
-from .conftest import Server, make_config, start_server, wait_for
+from .conftest import Server, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,21 +37,6 @@ pytestmark = [
 SESSION = "or1-live"
 #: A display name that would be markup if a page used innerHTML.
 TRAINEE_NAME = 'Dr <img src=x class="pwned"> Trainee'
-
-
-@pytest.fixture
-async def live_server() -> AsyncIterator[Server]:
-    srv, runner = await start_server(make_config())
-    try:
-        yield srv
-    finally:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as b:
-        yield b
 
 
 async def inbound(page: Page, feed: str) -> dict[str, Any] | None:

@@ -11,7 +11,6 @@ from the video's own size and element box (not from the page's code).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -22,8 +21,8 @@ from playwright.async_api import Browser, Page
 from server.interaction import MIC_SLOT
 from server.roles import Role
 
-from .browser_helpers import chromium, chromium_available, open_page, screenshot, wait_js
-from .conftest import Server, make_config, start_server, wait_for, whip_publish
+from .browser_helpers import chromium_available, open_page, screenshot, wait_js
+from .conftest import Server, wait_for, whip_publish
 from .test_browser_e2e import wait_decoding
 
 pytestmark = [
@@ -80,21 +79,6 @@ async () => {{
   return out;
 }}
 """
-
-
-@pytest.fixture
-async def live_server() -> AsyncIterator[Server]:
-    srv, runner = await start_server(make_config())
-    try:
-        yield srv
-    finally:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as b:
-        yield b
 
 
 async def drag(page: Page, box: dict[str, Any], start: tuple[float, float],
