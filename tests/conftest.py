@@ -97,6 +97,28 @@ async def server() -> AsyncIterator[Server]:
 
 
 @pytest.fixture
+async def peers() -> AsyncIterator[list[RTCPeerConnection]]:
+    """Client peer connections a test creates; all closed afterwards."""
+    created: list[RTCPeerConnection] = []
+    try:
+        yield created
+    finally:
+        for pc in created:
+            await pc.close()
+
+
+@pytest.fixture
+async def sockets() -> AsyncIterator[list[aiohttp.ClientWebSocketResponse]]:
+    """Websockets a test opens; all closed afterwards."""
+    opened: list[aiohttp.ClientWebSocketResponse] = []
+    try:
+        yield opened
+    finally:
+        for ws in opened:
+            await ws.close()
+
+
+@pytest.fixture
 async def live_server(server: Server) -> Server:
     """The same server, named for the browser tests that drive it through pages."""
     return server

@@ -39,14 +39,6 @@ async def hello(http: aiohttp.ClientSession, server: Server, token: str,
     return ws
 
 
-@pytest.fixture
-async def sockets() -> Any:
-    opened: list[WS] = []
-    yield opened
-    for ws in opened:
-        await ws.close()
-
-
 # -- theatres ---------------------------------------------------------------------------
 
 async def test_theatres_create_list_update_delete(server: Server, http: aiohttp.ClientSession):

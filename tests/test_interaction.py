@@ -6,7 +6,6 @@ size and rate limits, and hostile text carried verbatim as data."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -21,26 +20,6 @@ from .conftest import Server, client_pc, offer_sdp, wait_for, whip_publish
 from .test_ws_protocol import WS, check_error, join, of_type, receive_until
 
 HOSTILE = '<img src=x onerror=alert(1)>\u202e"; DROP TABLE questions;--'
-
-
-@pytest.fixture
-async def sockets() -> AsyncIterator[list[WS]]:
-    opened: list[WS] = []
-    try:
-        yield opened
-    finally:
-        for ws in opened:
-            await ws.close()
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[list[RTCPeerConnection]]:
-    created: list[RTCPeerConnection] = []
-    try:
-        yield created
-    finally:
-        for pc in created:
-            await pc.close()
 
 
 async def request(ws: WS, message: dict[str, Any], request_id: str = "r") -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -25,14 +24,6 @@ from .test_ws_protocol import closed_with, connect, receive, receive_until
 WS = aiohttp.ClientWebSocketResponse
 HOSTILE = '<img src=x onerror="alert(1)">&amp;'
 KEY = "k1:" + "q" * 40
-
-
-@pytest.fixture
-async def sockets() -> AsyncIterator[list[WS]]:
-    opened: list[WS] = []
-    yield opened
-    for ws in opened:
-        await ws.close()
 
 
 async def hello(http: aiohttp.ClientSession, server: Server, token: str,

@@ -67,14 +67,6 @@ class CounterReader:
             await self.task
 
 
-@pytest.fixture
-async def peers() -> AsyncIterator[list[RTCPeerConnection]]:
-    created: list[RTCPeerConnection] = []
-    yield created
-    for pc in created:
-        await pc.close()
-
-
 @pytest.fixture(params=["fast", "sender"])
 async def any_path_server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
     from .conftest import make_config, start_server

@@ -23,7 +23,7 @@ import textwrap
 import threading
 import time
 import types
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +61,6 @@ CONSENT = {"patient": "written consent on file", "staff": ["Dr Expert", "scrub n
 
 
 # -- helpers ----------------------------------------------------------------------
-
-@pytest.fixture
-async def peers() -> AsyncIterator[list[RTCPeerConnection]]:
-    created: list[RTCPeerConnection] = []
-    yield created
-    for pc in created:
-        await pc.close()
-
 
 def session_info(server: Server) -> SessionInfo:
     return SessionInfo.from_session(server.session(), expert="Dr Expert")

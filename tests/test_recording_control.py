@@ -72,14 +72,6 @@ async def clients() -> AsyncIterator[list[Client]]:
         await client.ws.close()
 
 
-@pytest.fixture
-async def peers() -> AsyncIterator[list[RTCPeerConnection]]:
-    created: list[RTCPeerConnection] = []
-    yield created
-    for pc in created:
-        await pc.close()
-
-
 async def join(http: aiohttp.ClientSession, server: Server, clients: list[Client],
                role: Role, name: str = "") -> Client:
     ws = await http.ws_connect(f"{server.base_url}/ws")

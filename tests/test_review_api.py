@@ -62,14 +62,6 @@ async def clients() -> AsyncIterator[list[Client]]:
         await client.ws.close()
 
 
-@pytest.fixture
-async def peers() -> AsyncIterator[list[RTCPeerConnection]]:
-    created: list[RTCPeerConnection] = []
-    yield created
-    for pc in created:
-        await pc.close()
-
-
 @pytest.mark.slow  # real media over WebRTC
 async def test_record_then_library_then_recording_then_range_requests(
         server: Server, http: aiohttp.ClientSession, clients: list[Client],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -155,17 +155,6 @@ def remote_candidate_hosts(pc: RTCPeerConnection) -> set[str]:
         transport = transceiver.receiver.transport.transport
         hosts |= {c.ip for c in transport.getRemoteCandidates()}
     return hosts
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[list[RTCPeerConnection]]:
-    """Client peer connections a test creates; all closed afterwards."""
-    created: list[RTCPeerConnection] = []
-    try:
-        yield created
-    finally:
-        for pc in created:
-            await pc.close()
 
 
 async def publish(http: aiohttp.ClientSession, server: Server, peers: list[RTCPeerConnection],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -36,26 +36,6 @@ WS = aiohttp.ClientWebSocketResponse
 
 
 # -- helpers ----------------------------------------------------------------
-
-@pytest.fixture
-async def sockets() -> AsyncIterator[list[WS]]:
-    opened: list[WS] = []
-    try:
-        yield opened
-    finally:
-        for ws in opened:
-            await ws.close()
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[list[RTCPeerConnection]]:
-    created: list[RTCPeerConnection] = []
-    try:
-        yield created
-    finally:
-        for pc in created:
-            await pc.close()
-
 
 async def connect(http: aiohttp.ClientSession, server: Server, sockets: list[WS]) -> WS:
     ws = await http.ws_connect(f"{server.base_url}/ws", autoping=True)
