@@ -59,7 +59,7 @@ def create_app(config: Config) -> web.Application:
         client_max_size=config.limits.max_body_bytes,
     )
     node_id = config.server.node_id or f"node-{secrets.token_hex(3)}"
-    peers = PeerFactory(config.ice)
+    peers = PeerFactory(config.ice, config.turn)
     app[CONFIG] = config
     app[NODE_ID] = node_id
     app[PEERS] = peers

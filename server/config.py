@@ -2,13 +2,16 @@
 
 Every key can be overridden by ``SCRUBIN_<SECTION>_<KEY>`` (upper case), e.g.
 ``SCRUBIN_SERVER_PORT=8443`` or ``SCRUBIN_AUTH_SIGNING_KEY=...``. Lists are
-comma-separated in the environment.
+comma-separated in the environment; ICE server lists are either URLs
+(comma-separated) or, to carry credentials, a JSON array of
+``{"urls": [...], "username": ..., "credential": ...}``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -47,7 +50,16 @@ class ServerConfig:
 class IceConfig:
     # Never defaults to a public STUN server: hospital networks are closed and
     # aiortc would otherwise add Google's.
+    # Given to clients (pages, WHIP/WHEP answers), with [turn]'s per-Participant
+    # TURN credentials; static accounts here are the same for everyone.
     servers: list[IceServer] = field(default_factory=list)
+    # The Node's own peer connections. Empty (the default) means the Node answers
+    # only from its host candidates: a client behind a firewall reaches it from
+    # its TURN relay, and the Node sends to that relay address directly, on the
+    # fast path. A TURN server here makes the Node allocate a relay per peer
+    # connection, which costs CPU per packet and is only needed when the Node
+    # itself cannot be reached by UDP.
+    node_servers: list[IceServer] = field(default_factory=list)
     # Addresses advertised as host candidates instead of the interfaces'
     # (NAT 1:1 announcements; 127.0.0.1 for single-machine use, which aioice
     # would never gather on its own).
@@ -55,6 +67,22 @@ class IceConfig:
     # Remote candidates outside these networks are ignored; empty = any.
     # mDNS (.local) candidates are always ignored.
     allowed_remote_networks: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    """A TURN server (coturn with ``use-auth-secret``) shared by every client;
+    each Participant with live media gets credentials of its own
+    (server/media/turn.py, docs/deployment.md)."""
+
+    # e.g. ["turn:turn.example:3478?transport=udp", "turn:turn.example:3478?transport=tcp",
+    #       "turns:turn.example:443?transport=tcp"]
+    urls: list[str] = field(default_factory=list)
+    # coturn's static-auth-secret; set it with SCRUBIN_TURN_SECRET.
+    secret: str = ""
+    # Credentials expire this long after they are handed out, and never after
+    # the Participant's token. Connections set up before keep working.
+    credential_ttl_s: int = 3600
 
 
 @dataclass(frozen=True)
@@ -170,6 +198,7 @@ class SessionConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     ice: IceConfig = field(default_factory=IceConfig)
+    turn: TurnConfig = field(default_factory=TurnConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -211,18 +240,19 @@ def _coerce(value: Any, annotation: str, where: str) -> Any:
                 raise TypeError
             return list(value)
         if annotation == "list[IceServer]":
-            if isinstance(value, str):
+            if isinstance(value, str) and value.strip().startswith("["):
+                value = json.loads(value)  # with credentials
+            elif isinstance(value, str):
                 return [IceServer(urls=[u.strip()]) for u in value.split(",") if u.strip()]
             servers = []
             for item in value:
                 urls = item["urls"]
-                servers.append(
-                    IceServer(
-                        urls=[urls] if isinstance(urls, str) else list(urls),
-                        username=item.get("username"),
-                        credential=item.get("credential"),
-                    )
-                )
+                urls = [urls] if isinstance(urls, str) else list(urls)
+                username, credential = item.get("username"), item.get("credential")
+                if not all(isinstance(u, str) for u in urls) or not all(
+                        v is None or isinstance(v, str) for v in (username, credential)):
+                    raise TypeError
+                servers.append(IceServer(urls=urls, username=username, credential=credential))
             return servers
     except (TypeError, ValueError, KeyError) as exc:
         raise ConfigError(f"{where}: expected {annotation}, got {value!r}") from exc
@@ -255,6 +285,11 @@ def _validate(config: Config) -> None:
             ipaddress.ip_address(addr)
         except ValueError as exc:
             raise ConfigError(f"[ice].host_addresses: {addr!r} is not an IP address") from exc
+    for server in [*config.ice.servers, *config.ice.node_servers]:
+        for url in server.urls:
+            if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
+                raise ConfigError(f"[ice]: {url!r} is not a stun:, stuns:, turn: or turns: URL")
+    _validate_turn(config.turn)
     for key in config.auth.signing_keys:
         kid, sep, secret = key.partition(":")
         if not sep or not kid or len(secret) < 32:
@@ -289,6 +324,20 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"[[sessions]] {session.id}: no theatre {session.theatre!r}")
 
 
+def _validate_turn(turn: TurnConfig) -> None:
+    from .media.turn import turn_transport
+
+    for url in turn.urls:
+        if turn_transport(url) is None:
+            raise ConfigError(f"[turn].urls: {url!r} is not a turn: (udp or tcp) or turns: URL")
+    if bool(turn.urls) != bool(turn.secret):
+        raise ConfigError("[turn]: urls and secret go together (SCRUBIN_TURN_SECRET)")
+    if turn.secret and len(turn.secret) < 16:
+        raise ConfigError("[turn].secret: at least 16 characters (coturn's static-auth-secret)")
+    if not 60 <= turn.credential_ttl_s <= 7 * 86400:
+        raise ConfigError("[turn].credential_ttl_s: between 60 s and 7 days")
+
+
 def load_config(
     path: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any
 ) -> Config:
@@ -306,6 +355,7 @@ def load_config(
     sections = {
         "server": ServerConfig,
         "ice": IceConfig,
+        "turn": TurnConfig,
         "auth": AuthConfig,
         "media": MediaConfig,
         "limits": LimitsConfig,

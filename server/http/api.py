@@ -40,7 +40,7 @@ async def get_session(request: web.Request) -> web.Response:
         "session": await request.app[REGISTRY].describe(session_id),
         "participant": {"id": grant.participant_id, "role": grant.role.value,
                         "name": grant.name},
-        "ice_servers": request.app[PEERS].ice_servers,
+        "ice_servers": request.app[PEERS].ice_servers_for(grant).servers,
     })
 
 

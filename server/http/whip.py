@@ -7,10 +7,14 @@ token's Participant (or a moderator) may DELETE them.
 from __future__ import annotations
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from ..errors import Forbidden, NotFound
+from ..media.turn import link_headers
 from ..roles import MODERATORS, PUBLISHERS
+from ..tokens import Grant
 from .common import (
+    PEERS,
     audit_grant,
     authenticate,
     cors_headers,
@@ -27,12 +31,16 @@ NO_TRICKLE = {"Allow": "DELETE, OPTIONS"}
 _cors = cors_headers
 
 
-def _created(request: web.Request, answer: str, resource: str) -> web.Response:
-    headers = {
+def _created(request: web.Request, grant: Grant, answer: str, resource: str) -> web.Response:
+    headers = CIMultiDict({
         "Location": f"{request.path.rstrip('/')}/{resource}",
         "ETag": f'"{resource}"',
         **_cors(request),
-    }
+    })
+    # RFC 9725 section 4.6: the ICE servers this client may use, its own TURN
+    # credentials included (docs/protocol.md says how a client uses them).
+    for link in link_headers(request.app[PEERS].ice_servers_for(grant).servers):
+        headers.add("Link", link)
     return web.Response(status=201, text=answer, content_type="application/sdp",
                         headers=headers)
 
@@ -57,7 +65,7 @@ async def whip_publish(request: web.Request) -> web.Response:
     answer, ingest = await session.publish(grant, request.match_info["slot"], offer)
     audit_grant(request.app, "publish_start", grant, request.remote, slot=ingest.slot,
                 feeds=[f.id for f in ingest.feeds], via="whip")
-    return _created(request, answer, ingest.id)
+    return _created(request, grant, answer, ingest.id)
 
 
 @routes.delete("/whip/{session}/{slot}/{resource}")
@@ -81,7 +89,7 @@ async def whep_subscribe(request: web.Request) -> web.Response:
     answer, subscription = await session.subscribe(grant, request.match_info["feed"], offer)
     audit_grant(request.app, "subscribe", grant, request.remote, feed=subscription.feed_id,
                 via="whep")
-    return _created(request, answer, subscription.id)
+    return _created(request, grant, answer, subscription.id)
 
 
 @routes.delete("/whep/{session}/{feed}/{resource}")

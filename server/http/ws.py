@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -13,6 +14,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from .. import logs
 from ..errors import BadRequest, Forbidden, ScrubinError, TooManyRequests
 from ..interaction import visible_to
+from ..media.turn import ClientIce
 from ..recordings import MESSAGE_TYPES as RECORDING_MESSAGES
 from ..roles import PUBLISHERS, ROSTER_READERS, VIEWERS, Role
 from ..session import Event, Ingest, Session
@@ -48,6 +50,8 @@ CLOSE_TIMEOUT = 4408
 CLOSE_TRY_AGAIN = 1013
 #: RFC 6455 policy violation: kept sending far over the message rate.
 CLOSE_POLICY = 1008
+#: Fresh TURN credentials are sent when this share of the last ones' lifetime is left.
+ICE_REFRESH_AT = 0.5
 
 
 class Connection:
@@ -244,13 +248,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     rate = request.app[MESSAGE_RATES].acquire(session.id, participant.id)
     stop_listening = session.listen(connection.on_event)
     welcome = connection.roster_message()
+    ice = request.app[PEERS].ice_servers_for(grant)
     connection.send({
         "type": "welcome", "id": hello_id, "participant": participant.describe(),
         "session": session.describe(), "participants": welcome["participants"],
-        "viewers": welcome["viewers"], "ice_servers": request.app[PEERS].ice_servers,
+        "viewers": welcome["viewers"], "ice_servers": ice.servers,
         "recording": request.app[RECORDINGS].status(session),  # is it being recorded?
     })
     writer = asyncio.ensure_future(connection.writer())
+    refresher = asyncio.ensure_future(_refresh_ice_servers(connection, ice))
     try:
         async for msg in ws:
             verdict = rate.take()
@@ -268,6 +274,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             if writer.done():
                 break
     finally:
+        refresher.cancel()
         stop_listening()
         request.app[MESSAGE_RATES].release(session.id, participant.id)
         connection.send(None)
@@ -280,6 +287,19 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         if session.state == "ended" and not ws.closed:
             await ws.close(code=WSCloseCode.OK, message=b"session ended")
     return ws
+
+
+async def _refresh_ice_servers(connection: Connection, ice: ClientIce) -> None:
+    """New TURN credentials before the last ones expire, for the peer
+    connections a page sets up later (a new Feed, a reconnect). Connections
+    already up keep their relays. Nothing to refresh once the credentials
+    last as long as the token."""
+    peers = connection.app[PEERS]
+    while ice.expires_at is not None and ice.expires_at < connection.grant.expires_at:
+        lifetime = ice.expires_at - time.time()
+        await asyncio.sleep(max(1.0, lifetime * (1 - ICE_REFRESH_AT)))
+        ice = peers.ice_servers_for(connection.grant)
+        connection.send({"type": "ice_servers", "ice_servers": ice.servers})
 
 
 async def _refuse_for_rate(connection: Connection, verdict: str, data: Any) -> bool:
