@@ -116,9 +116,15 @@ async def publish(args: argparse.Namespace) -> int:
                          audio=not args.no_audio, passthrough=not args.transcode)
     options = WhipOptions(
         ice_servers=[RTCIceServer(urls=u) for u in args.ice_server],
-        host_addresses=args.host_address, video_codec=source.video_codec)
+        host_addresses=args.host_address, video_codec=source.video_codec,
+        relay_only=args.relay_only, connect_timeout_s=args.connect_timeout)
     publisher = WhipPublisher(args.url, args.token, source.tracks, options)
-    publisher.on_state = lambda state: print(f"publish: {state}", flush=True)
+
+    def on_state(state: str) -> None:
+        how = f" ({publisher.ice_label})" if state in ("connecting", "live") else ""
+        print(f"publish: {state}{how}", flush=True)
+
+    publisher.on_state = on_state
     task = asyncio.ensure_future(publisher.run())
     stopper = asyncio.ensure_future(_until_signal())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -173,7 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     p_pub.add_argument("--no-audio", action="store_true")
     p_pub.add_argument("--transcode", action="store_true",
                        help="decode and re-encode even H.264 sources")
-    p_pub.add_argument("--ice-server", action="append", default=[])
+    p_pub.add_argument("--ice-server", action="append", default=[],
+                       help="a STUN/TURN URL to use besides the server's (which come with "
+                            "this token's own TURN credentials)")
+    p_pub.add_argument("--relay-only", action="store_true",
+                       help="only through TURN (checks the path a firewalled camera takes)")
+    p_pub.add_argument("--connect-timeout", type=float, default=15.0,
+                       help="seconds before an attempt that has not connected tries the next "
+                            "TURN transport (UDP, then TCP, then TLS)")
     p_pub.add_argument("--host-address", action="append", default=[],
                        help="advertise this address (e.g. 127.0.0.1 on one machine)")
 

@@ -3,6 +3,13 @@
 This is how ``scrubin publish`` and the demo camera reach a Session: the same
 HTTP endpoint OBS or a hardware encoder would use. Sources are shared through
 a MediaRelay so a reconnect does not stop the camera or file.
+
+Behind a firewall a camera reaches the Node through TURN. Before each attempt
+the publisher asks the Node for the ICE servers of its own token (its own
+short-lived TURN credentials; ``GET /api/sessions/{session}``, or else the
+``Link: rel="ice-server"`` headers of its last answer). aiortc uses one TURN
+URL per peer connection, so an attempt that does not connect is followed by
+one through the next transport: UDP, then TCP, then TLS.
 """
 
 from __future__ import annotations
@@ -13,12 +20,13 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import aiohttp
 from aiortc import (
     RTCConfiguration,
     RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
     RTCRtpSender,
     RTCSessionDescription,
@@ -27,8 +35,13 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
 
 from ..media.hooks import advertise_host_addresses
+from ..media.turn import parse_link_headers, turn_transport
 
 logger = logging.getLogger(__name__)
+
+
+class IceUnreachable(Exception):
+    """This attempt's ICE configuration gave no candidate to offer."""
 
 
 class WhipError(Exception):
@@ -51,6 +64,7 @@ class WhipError(Exception):
 
 @dataclass
 class WhipOptions:
+    #: Used besides the Node's (e.g. a STUN server of the camera's own network).
     ice_servers: list[RTCIceServer] = field(default_factory=list)
     host_addresses: list[str] = field(default_factory=list)
     #: Restrict video to one codec ("video/H264" for passthrough sources).
@@ -58,6 +72,70 @@ class WhipOptions:
     reconnect: bool = True
     min_backoff_s: float = 0.5
     max_backoff_s: float = 10.0
+    #: Ask the Node for this token's ICE servers (TURN credentials) before each attempt.
+    server_ice: bool = True
+    #: Relayed candidates only: the path a camera behind a firewall would take.
+    relay_only: bool = False
+    #: An attempt not connected by then has failed; the next tries the next TURN transport.
+    connect_timeout_s: float = 15.0
+
+
+TRANSPORT_ORDER = ("udp", "tcp", "tls")
+
+
+@dataclass(frozen=True)
+class IceAttempt:
+    """One peer connection's ICE servers and what to call them in messages."""
+
+    label: str
+    servers: list[RTCIceServer]
+
+
+def ice_attempts(servers: list[RTCIceServer]) -> list[IceAttempt]:
+    """The configurations to try in turn: every non-TURN server in each, plus
+    one TURN URL (aiortc uses only the first it is given), UDP before TCP
+    before TLS, since each step costs more per packet than the one before."""
+    base: list[RTCIceServer] = []
+    relays: list[tuple[int, str, RTCIceServer]] = []
+    for server in servers:
+        for url in [server.urls] if isinstance(server.urls, str) else list(server.urls):
+            single = RTCIceServer(urls=[url], username=server.username,
+                                  credential=server.credential)
+            transport = turn_transport(url)
+            if transport is None:
+                if not url.startswith(("turn:", "turns:")):  # aiortc cannot use the others
+                    base.append(single)
+            else:
+                relays.append((TRANSPORT_ORDER.index(transport), transport, single))
+    if not relays:
+        return [IceAttempt("direct", base)]
+    relays.sort(key=lambda r: r[0])
+    return [IceAttempt(f"TURN over {transport}", [*base, relay])
+            for _, transport, relay in relays]
+
+
+def _as_rtc(servers: list[dict[str, object]]) -> list[RTCIceServer]:
+    out = []
+    for entry in servers:
+        urls = entry.get("urls")
+        if isinstance(urls, str):
+            urls = [urls]
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            continue
+        username, credential = entry.get("username"), entry.get("credential")
+        out.append(RTCIceServer(urls=urls, username=str(username) if username else None,
+                                credential=str(credential) if credential else None))
+    return out
+
+
+def session_api_url(whip_url: str) -> str | None:
+    """``…/whip/{session}/{slot}`` → ``…/api/sessions/{session}`` (same prefix)."""
+    parts = urlsplit(whip_url)
+    segments = parts.path.rstrip("/").split("/")
+    if len(segments) < 3 or segments[-3] != "whip":
+        return None
+    path = "/".join([*segments[:-3], "api", "sessions", segments[-2]])
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
 class WhipPublisher:
@@ -71,8 +149,12 @@ class WhipPublisher:
         self._pc: RTCPeerConnection | None = None
         self._resource: str | None = None
         self._stopping = asyncio.Event()
+        #: The Node's ICE servers from the last answer's Link headers.
+        self._linked: list[RTCIceServer] = []
         self.connections = 0
         self.state = "new"
+        #: The ICE configuration of the current (or last) attempt, e.g. "TURN over tcp".
+        self.ice_label = ""
         self.on_state: Callable[[str], None] | None = None
 
     def _set_state(self, state: str) -> None:
@@ -80,9 +162,32 @@ class WhipPublisher:
         if self.on_state is not None:
             self.on_state(state)
 
-    async def connect(self, http: aiohttp.ClientSession) -> RTCPeerConnection:
+    async def node_ice_servers(self, http: aiohttp.ClientSession) -> list[RTCIceServer]:
+        """This token's ICE servers, fresh from the Node; the last answer's
+        Link headers if it cannot say (not ScrubIn, or unreachable)."""
+        url = session_api_url(self.url) if self.options.server_ice else None
+        if url is None:
+            return list(self._linked)
+        try:
+            async with http.get(url, headers={"Authorization": f"Bearer {self.token}"},
+                                timeout=aiohttp.ClientTimeout(total=10)) as response:
+                if response.status == 200:
+                    body = await response.json()
+                    return _as_rtc([e for e in body.get("ice_servers", [])
+                                    if isinstance(e, dict)])
+                logger.info("no ICE servers from %s: HTTP %s", url, response.status)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            logger.info("no ICE servers from %s: %s", url, exc)
+        return list(self._linked)
+
+    async def connect(self, http: aiohttp.ClientSession,
+                      servers: list[RTCIceServer] | None = None) -> RTCPeerConnection:
         """One publication attempt: offer, answer, and the peer connection."""
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self.options.ice_servers)))
+        policy = (RTCIceTransportPolicy.RELAY if self.options.relay_only
+                  else RTCIceTransportPolicy.ALL)
+        pc = RTCPeerConnection(RTCConfiguration(
+            iceServers=list(self.options.ice_servers if servers is None else servers),
+            iceTransportPolicy=policy))
         try:
             for source in self._sources:
                 transceiver = pc.addTransceiver(
@@ -92,8 +197,11 @@ class WhipPublisher:
                     caps = RTCRtpSender.getCapabilities("video").codecs
                     transceiver.setCodecPreferences(
                         [c for c in caps if c.mimeType.lower() in (wanted, "video/rtx")])
-            advertise_host_addresses(pc, self.options.host_addresses)
+            if not self.options.relay_only:  # host candidates would defeat the point
+                advertise_host_addresses(pc, self.options.host_addresses)
             await pc.setLocalDescription(await pc.createOffer())
+            if "a=candidate:" not in pc.localDescription.sdp:
+                raise IceUnreachable("no ICE candidate (TURN server unreachable?)")
             headers = {"Authorization": f"Bearer {self.token}",
                        "Content-Type": "application/sdp"}
             async with http.post(self.url, data=pc.localDescription.sdp,
@@ -102,6 +210,7 @@ class WhipPublisher:
                 if response.status != 201:
                     raise WhipError(response.status, body)
                 location = response.headers.get("Location", "")
+                self._linked = _as_rtc(parse_link_headers(response.headers.getall("Link", [])))
             self._resource = urljoin(self.url, location) if location else None
             await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
         except BaseException:
@@ -111,28 +220,52 @@ class WhipPublisher:
         return pc
 
     async def run(self) -> None:
-        """Publish until stop(); reconnect with backoff when anything drops."""
+        """Publish until stop(); reconnect with backoff when anything drops.
+        An attempt that never connects moves on to the next TURN transport;
+        one that connected and later dropped retries the same."""
         backoff = self.options.min_backoff_s
+        rung = 0
         async with aiohttp.ClientSession() as http:
             while not self._stopping.is_set():
                 gone = asyncio.Event()
+                connected = asyncio.Event()
+                servers = [*self.options.ice_servers, *await self.node_ice_servers(http)]
+                attempts = ice_attempts(servers)
+                attempt = attempts[rung % len(attempts)]
+                self.ice_label = attempt.label
                 try:
                     self._set_state("connecting")
-                    pc = self._pc = await self.connect(http)
+                    pc = self._pc = await self.connect(http, attempt.servers)
 
                     @pc.on("connectionstatechange")
-                    def _changed(pc: RTCPeerConnection = pc, gone: asyncio.Event = gone) -> None:
+                    def _changed(pc: RTCPeerConnection = pc, gone: asyncio.Event = gone,
+                                 connected: asyncio.Event = connected) -> None:
                         if pc.connectionState == "connected":
+                            connected.set()
                             self._set_state("live")
                         if pc.connectionState in ("failed", "closed"):
                             gone.set()
 
-                    backoff = self.options.min_backoff_s
                     stop = asyncio.ensure_future(self._stopping.wait())
                     dropped = asyncio.ensure_future(gone.wait())
-                    await asyncio.wait({stop, dropped}, return_when=asyncio.FIRST_COMPLETED)
+                    up = asyncio.ensure_future(connected.wait())
+                    await asyncio.wait({stop, dropped, up}, timeout=self.options.connect_timeout_s,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    up.cancel()
+                    if connected.is_set():
+                        backoff = self.options.min_backoff_s
+                        await asyncio.wait({stop, dropped}, return_when=asyncio.FIRST_COMPLETED)
+                    elif not self._stopping.is_set():
+                        logger.warning("publish to %s did not connect (%s); trying %s next",
+                                       self.url, attempt.label,
+                                       attempts[(rung + 1) % len(attempts)].label)
+                        rung += 1
+                        backoff = self.options.min_backoff_s
                     stop.cancel()
                     dropped.cancel()
+                except IceUnreachable as exc:
+                    logger.warning("publish to %s: %s with %s", self.url, exc, attempt.label)
+                    rung += 1
                 except WhipError as exc:
                     logger.warning("publish to %s refused: %s", self.url, exc)
                     if not exc.retryable:
@@ -141,7 +274,7 @@ class WhipPublisher:
                 except (aiohttp.ClientError, OSError) as exc:
                     logger.warning("server unreachable at %s: %s", self.url, exc)
                 finally:
-                    await self._teardown(http)
+                    await self._teardown(http, abandon=not connected.is_set())
                 if self._stopping.is_set() or not self.options.reconnect:
                     break
                 self._set_state("reconnecting")
@@ -150,10 +283,11 @@ class WhipPublisher:
                 backoff = min(backoff * 2, self.options.max_backoff_s)
         self._set_state("stopped")
 
-    async def _teardown(self, http: aiohttp.ClientSession) -> None:
+    async def _teardown(self, http: aiohttp.ClientSession, *, abandon: bool = False) -> None:
+        """``abandon``: the attempt never connected; its resource goes too."""
         pc, self._pc = self._pc, None
         resource, self._resource = self._resource, None
-        if resource is not None and self._stopping.is_set():
+        if resource is not None and (self._stopping.is_set() or abandon):
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 async with http.delete(resource, headers={"Authorization": f"Bearer {self.token}"},
                                        timeout=aiohttp.ClientTimeout(total=5)):
