@@ -18,7 +18,7 @@ from aiohttp import WSCloseCode, web
 
 from .audit import JsonlAuditTrail
 from .config import Config
-from .http import admin, api, review, whip
+from .http import admin, api, preflight, review, whip
 from .http.common import (
     ACCEPTING,
     AUDIT,
@@ -50,7 +50,7 @@ from .tokens import TokenAuthority
 logger = logging.getLogger(__name__)
 
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
-PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player")
+PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player", "preflight")
 
 
 def create_app(config: Config) -> web.Application:
@@ -102,6 +102,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_sessions)
     review.setup(app)  # recording control, review API, retention (after _sessions)
+    preflight.setup(app)  # connection checks for participants' networks
     app.on_shutdown.append(_going_away)
     return app
 

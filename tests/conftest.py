@@ -7,7 +7,7 @@ import atexit
 import gc
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,26 @@ async def start_server(config: Config) -> tuple[Server, web.AppRunner]:
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
     srv, runner = await start_server(make_config())
+    try:
+        yield srv
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def coturn() -> Iterator[Any]:
+    """A real coturn on loopback (tests/coturn.py), shared by the run's tests."""
+    from .coturn import running_coturn
+
+    with running_coturn() as turn:
+        yield turn
+
+
+@pytest.fixture
+async def turn_server(coturn: Any) -> AsyncIterator[Server]:
+    """A server whose clients get their own credentials for ``coturn``."""
+    srv, runner = await start_server(make_config(turn={"urls": coturn.urls,
+                                                       "secret": coturn.secret}))
     try:
         yield srv
     finally:

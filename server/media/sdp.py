@@ -28,19 +28,10 @@ class OfferSummary:
     codecs: dict[str, set[str]]
 
 
-def check_offer(
-    text: str,
-    *,
-    max_bytes: int,
-    max_media: int,
-    allowed_networks: list[Network],
-    want_direction: str,
-) -> OfferSummary:
-    """Validate an SDP offer and drop remote candidates we must never contact.
-
-    ``want_direction`` is what the remote must do: "send" for a publisher,
-    "recv" for a viewer.
-    """
+def _parse_allowed(text: str, *, max_bytes: int, allowed_networks: list[Network],
+                   ) -> tuple[str, aiortc_sdp.SessionDescription]:
+    """Size, shape and candidates: the SDP without remote candidates we must
+    never contact, and aiortc's parse of it."""
     if len(text.encode("utf-8", "replace")) > max_bytes:
         raise PayloadTooLarge(f"SDP is larger than {max_bytes} bytes", code="sdp_too_large")
     stripped = text.strip()
@@ -62,6 +53,39 @@ def check_offer(
         parsed = aiortc_sdp.SessionDescription.parse(clean)
     except Exception as exc:  # aiortc raises assorted errors on truncated input
         raise BadRequest(f"malformed SDP: {exc}", code="sdp_malformed") from None
+    return clean, parsed
+
+
+def check_datachannel_offer(text: str, *, max_bytes: int,
+                            allowed_networks: list[Network]) -> str:
+    """An offer of one data channel section and nothing else (connection
+    checks, server/http/preflight.py); the SDP to hand to aiortc."""
+    clean, parsed = _parse_allowed(text, max_bytes=max_bytes, allowed_networks=allowed_networks)
+    if [m.kind for m in parsed.media] != ["application"]:
+        raise Unprocessable("a connection check offers one data channel section only",
+                            code="sdp_not_datachannel")
+    media = parsed.media[0]
+    if media.ice is None or not media.ice.usernameFragment or not media.ice.password:
+        raise BadRequest("data channel section lacks ICE credentials", code="sdp_malformed")
+    if not media.dtls or not media.dtls.fingerprints:
+        raise BadRequest("data channel section lacks a DTLS fingerprint", code="sdp_malformed")
+    return clean
+
+
+def check_offer(
+    text: str,
+    *,
+    max_bytes: int,
+    max_media: int,
+    allowed_networks: list[Network],
+    want_direction: str,
+) -> OfferSummary:
+    """Validate an SDP offer and drop remote candidates we must never contact.
+
+    ``want_direction`` is what the remote must do: "send" for a publisher,
+    "recv" for a viewer.
+    """
+    clean, parsed = _parse_allowed(text, max_bytes=max_bytes, allowed_networks=allowed_networks)
     media = [m for m in parsed.media if m.kind in ("audio", "video")]
     if not media:
         raise Unprocessable("SDP offer has no audio or video section", code="sdp_no_media")
