@@ -10,10 +10,13 @@
  */
 
 import { $, joinFailure } from './ui.js';
-import { forgetToken, takeToken } from './token.js';
+import { forgetToken, takeToken, tokenClaims } from './token.js';
 
 const DEVICE_KEY = 'scrubin.device';
 const NAME_KEY = 'scrubin.name';
+
+/** Roles that receive live video: their invite offers the connection check. */
+const CHECKED_ROLES = new Set(['trainee', 'admin', 'expert']);
 
 const ROLE_WORDS = {
   expert: 'You are invited to broadcast this session as its expert.',
@@ -51,19 +54,6 @@ function deviceId() {
     save(DEVICE_KEY, id);
   }
   return id;
-}
-
-/** Claims of the invite, for display only (the server verifies). @param {string} jwt */
-function claims(jwt) {
-  try {
-    const part = jwt.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
-    const json = decodeURIComponent(Array.from(atob(part),
-      (c) => `%${c.charCodeAt(0).toString(16).padStart(2, '0')}`).join(''));
-    const value = JSON.parse(json);
-    return value && typeof value === 'object' ? value : {};
-  } catch {
-    return {};
-  }
 }
 
 /** @param {string} title @param {string} text */
@@ -126,25 +116,41 @@ function main() {
     status('No invite', 'Open the whole invite link you were given (it ends with #token=…).');
     return;
   }
-  const invite = claims(token);
+  const invite = tokenClaims(token);
   const role = String(invite.role || '');
   $('#join-role').textContent = ROLE_WORDS[/** @type {keyof typeof ROLE_WORDS} */ (role)] || '';
-  if (invite.name) {
+  const checked = CHECKED_ROLES.has(role);
+  if (checked) {
+    // Checking uses the invite without using it up (server/http/preflight.py).
+    /** @type {HTMLAnchorElement} */ ($('#preflight-link')).href = `preflight.html#token=${token}`;
+    $('#preflight-hint').hidden = false;
+  }
+  if (invite.name && !checked) {
     // Named invite: nothing to ask.
     redeem(token, '');
     return;
   }
   const input = /** @type {HTMLInputElement} */ ($('#join-name'));
-  input.value = load(NAME_KEY);
+  if (invite.name) {
+    // Named: nothing to ask, but the page stays so the check can come first.
+    $('#name-field').hidden = true;
+    input.required = false;
+  } else {
+    input.value = load(NAME_KEY);
+  }
   $('#join-card').hidden = false;
   $('#join-form').addEventListener('submit', (event) => {
     event.preventDefault();
+    if (invite.name) {
+      redeem(token, '');
+      return;
+    }
     const name = input.value.trim().replace(/\s+/g, ' ');
     if (!name) return;
     save(NAME_KEY, name);
     redeem(token, name);
   });
-  input.focus();
+  if (!invite.name) input.focus();
 }
 
 main();

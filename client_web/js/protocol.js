@@ -675,6 +675,11 @@ export class ScrubinClient extends EventTarget {
       case 'recording': // {state: on|off|failed, since, error?} (client_web/js/recording.js)
         this._emit('recording', { recording: msg });
         break;
+      case 'ice_servers':
+        // Fresh TURN credentials for peer connections made from now on; those
+        // already connected keep their relays.
+        if (Array.isArray(msg.ice_servers)) this.iceServers = msg.ice_servers;
+        break;
       case 'session_ended':
         this._ended(msg.reason || 'ended');
         break;

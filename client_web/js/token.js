@@ -54,3 +54,21 @@ export function forgetToken(/** @type {Window} */ win = window) {
     /* nothing stored */
   }
 }
+
+/**
+ * The claims of a token, for display and for addressing the API (the server
+ * verifies the token itself; nothing here is trusted).
+ * @param {string} jwt
+ * @returns {Record<string, unknown>}
+ */
+export function tokenClaims(jwt) {
+  try {
+    const part = jwt.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const json = decodeURIComponent(Array.from(atob(part),
+      (c) => `%${c.charCodeAt(0).toString(16).padStart(2, '0')}`).join(''));
+    const value = JSON.parse(json);
+    return value && typeof value === 'object' ? value : {};
+  } catch {
+    return {};
+  }
+}
