@@ -42,13 +42,14 @@ def chromium_available() -> bool:
 
 
 @contextlib.asynccontextmanager
-async def chromium(fake_device: str = "") -> AsyncIterator[Browser]:
+async def chromium(fake_device: str = "", extra_args: tuple[str, ...] = ()
+                   ) -> AsyncIterator[Browser]:
     """One headless Chromium. Playwright's ``launch`` starts it with a fresh
     temporary ``--user-data-dir`` of its own and deletes it afterwards; each
     ``new_context`` is then an isolated profile (cookies, storage)."""
     async with async_playwright() as pw:
         args = [a if a != "--use-fake-device-for-media-stream" or not fake_device
-                else f"{a}={fake_device}" for a in CHROMIUM_ARGS]
+                else f"{a}={fake_device}" for a in CHROMIUM_ARGS] + list(extra_args)
         browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         try:
             yield browser

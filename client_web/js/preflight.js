@@ -248,7 +248,7 @@ function itNote(info, paths) {
   const lines = [
     'ScrubIn (live surgical teaching over WebRTC) from this computer:',
     '',
-    `Web page and signalling: https://${host} (works: this check ran from it).`,
+    `Web page and signalling: ${location.origin} (works: this check ran from it).`,
     '',
     'Live video needs ONE of:',
     `1. Direct: UDP from the ScrubIn server to this computer, replies to traffic it sends to ${host}`
