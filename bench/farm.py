@@ -51,8 +51,12 @@ async def _farm(conn: Connection) -> None:
             except EOFError:
                 break
             if cmd == "join":
-                url, tokens = args
-                new = [Viewer(f"farm{len(viewers) + i}") for i in range(len(tokens))]
+                # (url, tokens) or (url, tokens, ices): per viewer {"servers", "relay_only"}.
+                url, tokens, *more = args
+                ices = more[0] if more else [{}] * len(tokens)
+                new = [Viewer(f"farm{len(viewers) + i}", ice_servers=ice.get("servers"),
+                              relay_only=bool(ice.get("relay_only")))
+                       for i, ice in enumerate(ices)]
                 viewers.extend(new)
                 await asyncio.gather(*(v.join(http, url, t)
                                        for v, t in zip(new, tokens, strict=True)))

@@ -11,12 +11,15 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import av
 import numpy as np
 from aiortc import (
     RTCConfiguration,
+    RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
     RTCRtpSender,
     RTCSessionDescription,
@@ -49,9 +52,13 @@ def receive_losses(pc: RTCPeerConnection) -> tuple[int, int]:
     return received, lost
 
 
-def new_pc() -> RTCPeerConnection:
-    # An explicit empty list: None would make aiortc add a public STUN server.
-    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+def new_pc(ice_servers: list[dict[str, Any]] | None = None,
+           relay_only: bool = False) -> RTCPeerConnection:
+    # An explicit (possibly empty) list: None would make aiortc add a public STUN server.
+    servers = [RTCIceServer(urls=s["urls"], username=s.get("username"),
+                            credential=s.get("credential")) for s in ice_servers or []]
+    policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
+    return RTCPeerConnection(RTCConfiguration(iceServers=servers, iceTransportPolicy=policy))
 
 
 def prefer_vp8(transceiver) -> None:  # type: ignore[no-untyped-def]
@@ -181,6 +188,10 @@ class Viewer:
     error: str | None = None
     arrivals: list[tuple[int, float]] = field(default_factory=list)
     decoder: FrameDecoder | None = None
+    #: RTCIceServer dictionaries (e.g. TURN with this viewer's credentials).
+    ice_servers: list[dict[str, Any]] | None = None
+    #: Relayed candidates only: everything this viewer gets comes through TURN.
+    relay_only: bool = False
 
     def _on_frame(self, data: bytes, rtp_timestamp: int) -> None:
         now = time.time()
@@ -199,7 +210,7 @@ class Viewer:
         if self.decode is not None:
             assert self.stamps is not None
             self.decoder = FrameDecoder(self.stamps, until_first=self.decode == "first")
-        pc = self.pc = new_pc()
+        pc = self.pc = new_pc(self.ice_servers, self.relay_only)
 
         @pc.on("iceconnectionstatechange")
         def _ice() -> None:
@@ -220,7 +231,8 @@ class Viewer:
             transceiver = pc.addTransceiver("video", direction="recvonly")
             prefer_vp8(transceiver)
             tap_receiver(transceiver.receiver, "video", self._on_frame)
-            advertise_host_addresses(pc, LOOPBACK)
+            if not self.relay_only:  # host candidates would bypass the relay
+                advertise_host_addresses(pc, LOOPBACK)
             await pc.setLocalDescription(await pc.createOffer())
             answer, location = await _post_sdp(http, url, pc.localDescription.sdp, token)
             self.t_answer = time.time()

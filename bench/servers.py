@@ -105,13 +105,15 @@ def _pending(sub: Any) -> int:
 
 
 def scrubin_main(conn: Connection, port: int, signing_key: str,
-                 media: dict[str, Any] | None = None) -> None:
+                 media: dict[str, Any] | None = None,
+                 sections: dict[str, dict[str, Any]] | None = None) -> None:
+    """``sections``: more configuration (e.g. ``turn``, ``ice.node_servers``)."""
     _quiet_logs()
-    asyncio.run(_scrubin(conn, port, signing_key, media or {}))
+    asyncio.run(_scrubin(conn, port, signing_key, media or {}, sections or {}))
 
 
 async def _scrubin(conn: Connection, port: int, signing_key: str,
-                   media: dict[str, Any]) -> None:
+                   media: dict[str, Any], extra: dict[str, dict[str, Any]]) -> None:
     from server.app import create_app
     from server.config import ConfigError, load_config
     from server.http.common import REGISTRY
@@ -125,6 +127,8 @@ async def _scrubin(conn: Connection, port: int, signing_key: str,
     }
     if media:
         sections["media"] = media  # ConfigError if this server has no such setting
+    for name, values in extra.items():
+        sections.setdefault(name, {}).update(values)
     audit_dir = tempfile.mkdtemp(prefix="scrubin-bench-")
     try:  # keep the benchmark's audit trail out of the working tree
         config = load_config(None, env={}, audit={"path": f"{audit_dir}/audit.jsonl"},
