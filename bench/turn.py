@@ -21,8 +21,10 @@ through coturn over UDP, each with its own credentials from
   servers were separated from the clients').
 
 Figures: server cores, CPU-s per viewer-second (N viewers) and marginal
-(cores(N) - cores(0)) / N, viewer frame rate, the Subscriptions' send path,
-and coturn's own cores.
+(cores(N) - cores(0)) / N, viewer frame rate and packet loss, the
+Subscriptions' send path, and coturn's cores. Direct and relayed windows
+alternate over several rounds (the machine is shared; the report gives the
+median and the range).
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class TurnBench:
     def __init__(self, quick: bool) -> None:
         self.quick = quick
         self.n = 8 if quick else 16
-        self.window_s = 5.0 if quick else 10.0
+        self.rounds = 1 if quick else 3
+        self.window_s = 5.0 if quick else 8.0
         self.settle_s = 2.0 if quick else 3.0
         self.ctx = multiprocessing.get_context("spawn")
         self.key = "bench:" + "k" * 40
@@ -104,27 +107,37 @@ class TurnBench:
                                       self.tokens.issue(SESSION, Role.EXPERT), track)
             await self.until_feed(http, base)
             await asyncio.sleep(self.settle_s)
-            await self.measure(name, "publisher only", 0, server.pid, coturn, farm, http, base)
-            for kind in ("direct", "relayed"):
-                tokens = [self.tokens.issue(SESSION, Role.TRAINEE) for _ in range(self.n)]
-                ices: list[dict[str, Any]] = [{}] * self.n
-                if kind == "relayed":
-                    ices = [{"servers": await self.ice_servers(http, base, t),
-                             "relay_only": True} for t in tokens]
-                joined = await farm.call("join", (whep, tokens, ices), timeout=90)
-                failed = [r["error"] or "no frame" for r in joined
-                          if r["error"] or r["t_first_frame"] is None]
-                if failed:
-                    self.note(f"{name}/{kind}: {len(failed)} viewers failed: {failed[0]}")
-                await asyncio.sleep(self.settle_s)
-                await self.measure(name, kind, self.n, server.pid, coturn, farm, http, base)
-                await farm.call("close")
-                await asyncio.sleep(self.settle_s)
+            args = (server.pid, coturn, farm, http, base)
+            await self.measure(name, "publisher only", 0, *args)
+            # Alternating, so a slow spell of the shared machine does not land
+            # on one kind only; the report takes the median of the rounds.
+            for round_ in range(self.rounds):
+                kinds = ("direct", "relayed") if round_ % 2 == 0 else ("relayed", "direct")
+                for kind in kinds:
+                    await self.join(name, kind, farm, http, base, whep)
+                    await self.measure(name, kind, self.n, *args)
+                    await farm.call("close")
+                    await asyncio.sleep(self.settle_s)
+            await self.measure(name, "publisher only", 0, *args)
         finally:
             if publisher is not None:
                 await publisher.close()
             await http.close()
             server.stop()
+
+    async def join(self, name: str, kind: str, farm: Child, http: aiohttp.ClientSession,
+                   base: str, whep: str) -> None:
+        tokens = [self.tokens.issue(SESSION, Role.TRAINEE) for _ in range(self.n)]
+        ices: list[dict[str, Any]] = [{}] * self.n
+        if kind == "relayed":  # each with its own credentials, as a page gets them
+            ices = [{"servers": await self.ice_servers(http, base, t), "relay_only": True}
+                    for t in tokens]
+        joined = await farm.call("join", (whep, tokens, ices), timeout=90)
+        failed = [r["error"] or "no frame" for r in joined
+                  if r["error"] or r["t_first_frame"] is None]
+        if failed:
+            self.note(f"{name}/{kind}: {len(failed)} viewers failed: {failed[0]}")
+        await asyncio.sleep(self.settle_s)
 
     async def until_feed(self, http: aiohttp.ClientSession, base: str) -> None:
         end = time.monotonic() + 15
@@ -161,6 +174,7 @@ class TurnBench:
     async def window(self, config: str, kind: str, n: int, server_pid: int, coturn: Coturn,
                      farm: Child, http: aiohttp.ClientSession, base: str) -> dict[str, Any]:
         counts0 = await farm.call("counts") if n else []
+        inbound0 = await farm.call("inbound") if n else []
         pids = (server_pid, coturn.process.pid, farm.pid, psutil.Process().pid)
         c0 = [cpu_seconds(p) for p in pids] + [machine_busy()]
         t0 = time.monotonic()
@@ -168,16 +182,21 @@ class TurnBench:
         c1 = [cpu_seconds(p) for p in pids] + [machine_busy()]
         elapsed = time.monotonic() - t0
         counts1 = await farm.call("counts") if n else []
+        inbound1 = await farm.call("inbound") if n else []
         stats = await self.stats(http, base)
+        received = sum(i[0] for i in inbound1) - sum(i[0] for i in inbound0)
+        lost = sum(i[1] for i in inbound1) - sum(i[1] for i in inbound0)
         fps = [(f1 - f0) / elapsed for (f0, _), (f1, _) in zip(counts0, counts1, strict=True)]
         used = [(b - a) / elapsed for a, b in zip(c0, c1, strict=True)]
         return {
             "config": config, "kind": kind, "n": n, "seconds": elapsed,
-            "server_cores": used[0], "coturn_cores": used[1],
+            "server_cores": used[0], "coturn_cores": used[1], "viewer_cores": used[2],
             "other_cores": max(0.0, used[4] - sum(used[:4])),
             "fps_mean": statistics.fmean(fps) if fps else None,
             "fps_min": min(fps) if fps else None,
             "paths": dict(Counter(s.get("path", "?") for s in stats["subscriptions"])),
+            # Packets the viewers received, and lost on first transmission (NACKed).
+            "packets": received, "lost": lost,
         }
 
     @staticmethod
@@ -185,35 +204,45 @@ class TurnBench:
         fps = "-" if row["fps_mean"] is None else f"{row['fps_mean']:.1f}/{row['fps_min']:.1f}"
         print(f"  {row['config']:<12} {row['kind']:<15} N={row['n']:<3} server "
               f"{row['server_cores']:.3f} cores, coturn {row['coturn_cores']:.3f}, fps {fps}, "
-              f"paths {row['paths']}, others {row['other_cores']:.2f} {tag}", flush=True)
+              f"lost {row['lost']}/{row['packets']}, paths {row['paths']}, "
+              f"others {row['other_cores']:.2f} {tag}", flush=True)
 
     def report(self) -> str:
         lines = ["", "Server CPU per viewer, one 720p30 VP8 Feed, "
-                 f"N = {self.n} viewers, {self.window_s:.0f} s windows",
+                 f"N = {self.n} viewers, {self.window_s:.0f} s windows, "
+                 f"{self.rounds} alternating round(s) per kind (median; min-max)",
                  "",
                  "| Node's ICE servers | viewers | server cores | CPU-s per viewer-s "
-                 "| marginal per viewer | ÷ direct | fps mean/min | send path | coturn cores |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "| marginal per viewer | ÷ direct | fps min | packets lost | send path "
+                 "| coturn cores |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for config in dict.fromkeys(r["config"] for r in self.rows):
-            rows = {r["kind"]: r for r in self.rows if r["config"] == config}
-            base = rows.get("publisher only")
-            direct = rows.get("direct")
-            for kind, row in rows.items():
-                n = row["n"]
-                per = row["server_cores"] / n if n else None
-                marginal = ((row["server_cores"] - base["server_cores"]) / n
-                            if n and base else None)
-                direct_marginal = ((direct["server_cores"] - base["server_cores"]) / direct["n"]
-                                   if direct and base else None)
-                ratio = (marginal / direct_marginal if marginal is not None
-                         and direct_marginal else None)
-                fps = ("-" if row["fps_mean"] is None
-                       else f"{row['fps_mean']:.1f} / {row['fps_min']:.1f}")
-                paths = ", ".join(f"{k} {v}" for k, v in row["paths"].items()) or "-"
+            rows = [r for r in self.rows if r["config"] == config]
+            idle = [r["server_cores"] for r in rows if r["kind"] == "publisher only"]
+            base = statistics.fmean(idle) if idle else 0.0
+            lines.append(f"| {config} | publisher only | {base:.3f} | - | - | - | - | - | - "
+                         f"| - |")
+            marginal: dict[str, list[float]] = {}
+            for r in rows:
+                if r["n"]:
+                    marginal.setdefault(r["kind"], []).append(
+                        (r["server_cores"] - base) / r["n"])
+            direct = statistics.median(marginal["direct"]) if "direct" in marginal else None
+            for kind, values in marginal.items():
+                of_kind = [r for r in rows if r["kind"] == kind]
+                cores = statistics.median(r["server_cores"] for r in of_kind)
+                mid = statistics.median(values)
+                ratio = mid / direct if direct else None
+                paths = Counter[str]()
+                for r in of_kind:
+                    paths.update(r["paths"])
                 lines.append(
-                    f"| {config} | {kind}{' (re-measured)' if row.get('remeasured') else ''} | "
-                    f"{row['server_cores']:.3f} | {_f(per, 4)} | {_f(marginal, 4)} | "
-                    f"{_f(ratio, 2)} | {fps} | {paths} | {row['coturn_cores']:.3f} |")
+                    f"| {config} | {kind} | {cores:.3f} | {cores / self.n:.4f} | {mid:.4f} "
+                    f"({min(values):.4f}-{max(values):.4f}) | {_f(ratio, 2)} | "
+                    f"{min(r['fps_min'] for r in of_kind):.1f} | "
+                    f"{sum(r['lost'] for r in of_kind)} of {sum(r['packets'] for r in of_kind)} | "
+                    f"{', '.join(f'{k} {v}' for k, v in paths.items())} | "
+                    f"{statistics.median(r['coturn_cores'] for r in of_kind):.3f} |")
         if self.notes:
             lines += ["", *[f"- {n}" for n in self.notes]]
         return "\n".join(lines)
@@ -225,7 +254,8 @@ def _f(value: float | None, digits: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="N=8, 5 s windows (~1 minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help="N=8, 5 s windows, one round (~1.5 minutes; full ~5)")
     parser.add_argument("--json", help="also write the raw figures to this file")
     args = parser.parse_args()
     started = time.monotonic()

@@ -77,10 +77,14 @@ class PageLog:
 
 
 async def open_page(browser: Browser, url: str, name: str, *, width: int = 1280,
-                    height: int = 800) -> tuple[BrowserContext, Page, PageLog]:
+                    height: int = 800, init_script: str = ""
+                    ) -> tuple[BrowserContext, Page, PageLog]:
+    """``init_script`` runs in every page of the context before its own scripts."""
     context = await browser.new_context(viewport={"width": width, "height": height},
                                         permissions=["camera", "microphone"])
     context.set_default_timeout(10_000)
+    if init_script:
+        await context.add_init_script(init_script)
     page = await context.new_page()
     log = PageLog(name)
     log.attach(page)

@@ -316,15 +316,21 @@ def test_shipped_demo_config_loads():
 
 def test_shipped_production_example_loads_and_takes_keys_from_env():
     path = ROOT / "configs" / "production.example.toml"
-    config = load_config(path, env={})
+    turn_secret = {"SCRUBIN_TURN_SECRET": "t" * 32}
+    config = load_config(path, env=turn_secret)
     assert config.server.port == 8443 and config.server.tls_cert and config.server.tls_key
     assert config.base_url == "https://scrubin.hospital.example"
-    assert config.ice.servers[0].urls == ["turns:turn.hospital.example:5349"]
-    assert config.ice.servers[0].username == "scrubin"
+    # TURN for clients, with the secret from the environment; none for the Node itself.
+    assert config.turn.urls[-1] == "turns:turn.hospital.example:443?transport=tcp"
+    assert config.turn.secret == "t" * 32
+    assert config.ice.servers == [] and config.ice.node_servers == []
+    with pytest.raises(ConfigError, match="SCRUBIN_TURN_SECRET"):
+        load_config(path, env={})
     assert config.auth.token_ttl_s == 43200
     assert [t.id for t in config.theatres] == ["or-3"]
 
-    with_keys = load_config(path, env={"SCRUBIN_AUTH_SIGNING_KEYS": f"{NEW_KEY},{OLD_KEY}"})
+    with_keys = load_config(path, env={**turn_secret,
+                                       "SCRUBIN_AUTH_SIGNING_KEYS": f"{NEW_KEY},{OLD_KEY}"})
     authority = TokenAuthority(with_keys.auth.signing_keys)
     token = TokenAuthority([OLD_KEY]).issue("s", Role.ADMIN)
     assert authority.verify(token).role == Role.ADMIN

@@ -22,7 +22,6 @@ import aiohttp
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page
 
-from server import framecode
 from server.publish.synthetic import SyntheticTheatreCamera
 from server.roles import Role
 
@@ -32,11 +31,13 @@ from .browser_helpers import (
     PageLog,
     chromium,
     chromium_available,
+    open_page,
     screenshot,
     wait_js,
 )
 from .conftest import Server, make_config, start_server, wait_for, whip_publish
 from .coturn import Coturn
+from .test_player_browser import COUNTER_JS
 
 pytestmark = [
     pytest.mark.slow,
@@ -76,21 +77,6 @@ async (feedId) => {
 }
 """
 
-#: The frame counter in the main video's pixels (framecode.JS_READER).
-MAIN_COUNTER_JS = """
-() => {
-""" + framecode.JS_READER + """
-  const video = window.scrubin.mainVideo();
-  if (!video || !video.videoWidth) return null;
-  const canvas = document.createElement('canvas');
-  canvas.width = video.videoWidth; canvas.height = video.videoHeight;
-  const ctx = canvas.getContext('2d', {willReadFrequently: true});
-  ctx.drawImage(video, 0, 0);
-  return framecodeRead(ctx.getImageData(0, 0, canvas.width, canvas.height));
-}
-"""
-
-
 @pytest.fixture
 async def tls_browser() -> AsyncIterator[Browser]:
     async with chromium(extra_args=("--ignore-certificate-errors",)) as browser:
@@ -99,14 +85,7 @@ async def tls_browser() -> AsyncIterator[Browser]:
 
 async def relay_only_page(browser: Browser, url: str, name: str
                           ) -> tuple[BrowserContext, Page, PageLog]:
-    context = await browser.new_context(viewport={"width": 1280, "height": 800})
-    context.set_default_timeout(10_000)
-    await context.add_init_script(RELAY_ONLY_JS)
-    page = await context.new_page()
-    log = PageLog(name)
-    log.attach(page)
-    await page.goto(url)
-    return context, page, log
+    return await open_page(browser, url, name, init_script=RELAY_ONLY_JS)
 
 
 async def poll(page: Page, expression: str, arg: Any = None, timeout_s: float = 20.0) -> Any:
@@ -150,9 +129,12 @@ async def test_relay_only_trainee_watches_through_turn_over_tcp(
         assert pair is not None and pair["localType"] == "relay", pair
         assert pair["relayProtocol"] == "tcp", pair
         # What the trainee sees is the camera, frame by frame.
-        first = await wait_js(page, MAIN_COUNTER_JS)
-        later = await wait_js(page, f"() => {{ const c = ({MAIN_COUNTER_JS})(); "
-                                    f"return c !== null && c > {first} ? c : null; }}")
+        # Wrapped in an object: counter 0 is a reading too.
+        read = f"(s) => {{ const c = ({COUNTER_JS})(s); return c === null ? null : {{c}}; }}"
+        first = (await wait_js(page, read, "#main-video"))["c"]
+        later = (await wait_js(page, f"(s) => {{ const r = ({read})(s); "
+                                     f"return r && r.c > {first} ? r : null; }}",
+                               "#main-video"))["c"]
         assert later > first
         (subscription,) = session.subscriptions.values()
         assert subscription.path == "fast"
