@@ -177,9 +177,11 @@ class TurnBench:
         inbound0 = await farm.call("inbound") if n else []
         pids = (server_pid, coturn.process.pid, farm.pid, psutil.Process().pid)
         c0 = [cpu_seconds(p) for p in pids] + [machine_busy()]
+        sys0 = psutil.Process(server_pid).cpu_times().system
         t0 = time.monotonic()
         await asyncio.sleep(self.window_s)
         c1 = [cpu_seconds(p) for p in pids] + [machine_busy()]
+        sys1 = psutil.Process(server_pid).cpu_times().system
         elapsed = time.monotonic() - t0
         counts1 = await farm.call("counts") if n else []
         inbound1 = await farm.call("inbound") if n else []
@@ -191,6 +193,8 @@ class TurnBench:
         return {
             "config": config, "kind": kind, "n": n, "seconds": elapsed,
             "server_cores": used[0], "coturn_cores": used[1], "viewer_cores": used[2],
+            # Kernel time: on loopback it includes delivering into the receiver's socket.
+            "server_system_cores": (sys1 - sys0) / elapsed,
             "other_cores": max(0.0, used[4] - sum(used[:4])),
             "fps_mean": statistics.fmean(fps) if fps else None,
             "fps_min": min(fps) if fps else None,
@@ -213,15 +217,17 @@ class TurnBench:
                  f"{self.rounds} alternating round(s) per kind (median; min-max)",
                  "",
                  "| Node's ICE servers | viewers | server cores | CPU-s per viewer-s "
-                 "| marginal per viewer | ÷ direct | fps min | packets lost | send path "
-                 "| coturn cores |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 "| marginal per viewer | ÷ direct | of which kernel | fps min | packets lost "
+                 "| send path | coturn cores |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for config in dict.fromkeys(r["config"] for r in self.rows):
             rows = [r for r in self.rows if r["config"] == config]
             idle = [r["server_cores"] for r in rows if r["kind"] == "publisher only"]
             base = statistics.fmean(idle) if idle else 0.0
             lines.append(f"| {config} | publisher only | {base:.3f} | - | - | - | - | - | - "
-                         f"| - |")
+                         f"| - | - |")
+            idle_sys = statistics.fmean(r["server_system_cores"] for r in rows
+                                        if r["kind"] == "publisher only")
             marginal: dict[str, list[float]] = {}
             for r in rows:
                 if r["n"]:
@@ -233,12 +239,14 @@ class TurnBench:
                 cores = statistics.median(r["server_cores"] for r in of_kind)
                 mid = statistics.median(values)
                 ratio = mid / direct if direct else None
+                kernel = statistics.median((r["server_system_cores"] - idle_sys) / r["n"]
+                                           for r in of_kind)
                 paths = Counter[str]()
                 for r in of_kind:
                     paths.update(r["paths"])
                 lines.append(
                     f"| {config} | {kind} | {cores:.3f} | {cores / self.n:.4f} | {mid:.4f} "
-                    f"({min(values):.4f}-{max(values):.4f}) | {_f(ratio, 2)} | "
+                    f"({min(values):.4f}-{max(values):.4f}) | {_f(ratio, 2)} | {kernel:.4f} | "
                     f"{min(r['fps_min'] for r in of_kind):.1f} | "
                     f"{sum(r['lost'] for r in of_kind)} of {sum(r['packets'] for r in of_kind)} | "
                     f"{', '.join(f'{k} {v}' for k, v in paths.items())} | "
