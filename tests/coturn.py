@@ -11,14 +11,12 @@ bounded allocations and bandwidth. It dies with the process that started it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import ipaddress
 import os
 import random
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -127,13 +125,6 @@ def write_certificates(directory: Path) -> tuple[Path, Path, Path]:
     return ca_file, cert_file, key_file
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the test process goes away."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def _listening(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.settimeout(0.5)
@@ -148,6 +139,9 @@ def _start(directory: Path, secret: str) -> Coturn:
     low = random.randrange(20000, 32000 - 256)
     log_file = directory / "turnserver.log"
     args = [
+        # setpriv (util-linux): SIGTERM to coturn when the process that started it
+        # goes away, however it ends (preexec_fn is unsafe with threads).
+        "setpriv", "--pdeathsig", "TERM",
         TURNSERVER, "-n", "--no-cli", "--no-dtls", "--no-tlsv1", "--no-tlsv1_1",
         "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", "--allow-loopback-peers",
         f"--listening-port={port}", f"--tls-listening-port={tls_port}",
@@ -162,7 +156,7 @@ def _start(directory: Path, secret: str) -> Coturn:
     ]
     with open(directory / "stderr.log", "wb") as stderr:
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                                   preexec_fn=_die_with_parent, cwd=directory)
+                                   cwd=directory)
     coturn = Coturn(secret, port, tls_port, ca_file, log_file, process)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
