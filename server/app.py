@@ -7,6 +7,8 @@ going away, then end every Session (closing all peer connections).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import weakref
@@ -24,6 +26,7 @@ from .http.common import (
     AUDIT,
     AUTH_GUARD,
     CONFIG,
+    LIVENESS,
     MESSAGE_RATES,
     METRICS,
     NODE_ID,
@@ -41,6 +44,7 @@ from .http.common import (
     security_headers,
 )
 from .http.ws import websocket
+from .media.liveness import Liveness
 from .media.peers import PeerFactory
 from .metrics import Metrics
 from .registry import Registry
@@ -59,7 +63,11 @@ def create_app(config: Config) -> web.Application:
         client_max_size=config.limits.max_body_bytes,
     )
     node_id = config.server.node_id or f"node-{secrets.token_hex(3)}"
-    peers = PeerFactory(config.ice)
+    live = config.liveness
+    liveness = app[LIVENESS] = Liveness(
+        peer_timeout_s=live.peer_timeout_s, probe_after_s=live.probe_after_s,
+        interval_s=live.check_interval_s)
+    peers = PeerFactory(config.ice, liveness)
     app[CONFIG] = config
     app[NODE_ID] = node_id
     app[PEERS] = peers
@@ -83,6 +91,8 @@ def create_app(config: Config) -> web.Application:
     registry.on_session = lambda session, state: audit.record(
         f"session_{state}", session=session.id, theatre=session.theatre.id, title=session.title)
     registry.on_first_frame = metrics.first_frame.observe
+    registry.on_media_count = metrics.count_media
+    registry.watch_stream = liveness.watch_stream
     registry.on_event = lambda session_id, event: admin.close_revoked_sockets(
         app, session_id, event)
 
@@ -98,6 +108,7 @@ def create_app(config: Config) -> web.Application:
             app.router.add_static(f"/{folder}", CLIENT_DIR / folder, follow_symlinks=False)
 
     app.cleanup_ctx.append(_audit)
+    app.cleanup_ctx.append(_liveness)
     # Before _sessions: cleanup runs in reverse, so Sessions end before the store closes.
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_sessions)
@@ -122,6 +133,16 @@ async def _audit(app: web.Application) -> AsyncIterator[None]:
     yield
     app[AUDIT].record("node_stopped")
     app[AUDIT].close()
+
+
+async def _liveness(app: web.Application) -> AsyncIterator[None]:
+    """One task notices quiet peers and stalled Feeds (server/media/liveness.py)."""
+    task = asyncio.ensure_future(app[LIVENESS].run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await app[PEERS].close()
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:

@@ -89,6 +89,33 @@ class MediaConfig:
 
 
 @dataclass(frozen=True)
+class LivenessConfig:
+    """How quickly quiet peers and stopped media are noticed (server/media/liveness.py)."""
+
+    # A connected peer (publisher or viewer) from which nothing at all (RTP,
+    # RTCP, STUN, DTLS) arrives for this long is gone: a publisher's Feeds go
+    # down (their grace period starts), a viewer's Subscription is closed.
+    peer_timeout_s: float = 5.0
+    # Quiet this long, a peer is probed with a STUN binding request each
+    # second; a live peer answers at once, so idle is never mistaken for gone.
+    probe_after_s: float = 2.0
+    # A video Feed with no frame for this long while its publisher is
+    # connected is "stalled". Audio: Opus DTX still sends a packet every
+    # 400 ms in silence, so only a much longer gap means the microphone
+    # stopped; 0 disables the check for that kind.
+    stall_video_s: float = 1.5
+    stall_audio_s: float = 5.0
+    # How often the stamps are looked at.
+    check_interval_s: float = 0.25
+    # A downstream whose deliver() takes longer than this (it runs inside the
+    # publisher's receive loop) is dropped.
+    downstream_block_ms: float = 200.0
+    # Websocket ping interval; a page that does not answer within half of it
+    # is gone.
+    ws_heartbeat_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_body_bytes: int = 64 * 1024
     max_sdp_bytes: int = 32 * 1024
@@ -172,6 +199,7 @@ class Config:
     ice: IceConfig = field(default_factory=IceConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -279,6 +307,13 @@ def _validate(config: Config) -> None:
             recording.part_max_s <= 0 or recording.media_url_ttl_s < 60):
         raise ConfigError("[recording]: retention_days ≥ 0, retention_check_s and part_max_s "
                           "> 0, media_url_ttl_s ≥ 60")
+    liveness = config.liveness
+    if not (0 < liveness.probe_after_s < liveness.peer_timeout_s) or (
+            liveness.check_interval_s <= 0 or liveness.stall_video_s < 0
+            or liveness.stall_audio_s < 0 or liveness.downstream_block_ms <= 0
+            or liveness.ws_heartbeat_s <= 0):
+        raise ConfigError("[liveness]: 0 < probe_after_s < peer_timeout_s; check_interval_s, "
+                          "downstream_block_ms and ws_heartbeat_s > 0; stall_* ≥ 0")
     seen: set[str] = set()
     for theatre in config.theatres:
         if theatre.id in seen:
@@ -308,6 +343,7 @@ def load_config(
         "ice": IceConfig,
         "auth": AuthConfig,
         "media": MediaConfig,
+        "liveness": LivenessConfig,
         "limits": LimitsConfig,
         "audit": AuditConfig,
         "store": StoreConfig,

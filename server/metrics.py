@@ -34,6 +34,26 @@ class Metrics:
             "scrubin_auth_denials_total", "Requests refused for a missing, invalid or "
             "out-of-scope token", ["code"], registry=self.registry)
 
+        self.feed_transitions = Counter(
+            "scrubin_feed_transitions_total", "Feeds entering a state (live, stalled, down, "
+            "closed)", ["state"], registry=self.registry)
+        self.subscription_transitions = Counter(
+            "scrubin_subscription_transitions_total", "Subscriptions entering a state",
+            ["state"], registry=self.registry)
+        self.downstream_drops = Counter(
+            "scrubin_downstream_drops_total", "Downstreams a Feed let go because they failed, "
+            "blocked, fell behind or lost their transport", ["reason"], registry=self.registry)
+        self.peers_gone = Counter(
+            "scrubin_peers_gone_total", "Peer connections that failed or went quiet",
+            ["role"], registry=self.registry)
+
+    def count_media(self, what: str, label: str) -> None:
+        """The Registry's ``on_media_count``: one media-plane event."""
+        counter = {"feed": self.feed_transitions, "subscription": self.subscription_transitions,
+                   "drop": self.downstream_drops, "peer_gone": self.peers_gone}.get(what)
+        if counter is not None:
+            counter.labels(label).inc()
+
     def watch(self, registry: Registry) -> None:
         self.registry.register(_LiveCollector(registry))
 
@@ -63,9 +83,9 @@ class _LiveCollector(Collector):
                 totals["bytes_forwarded"] += sub.bytes_forwarded
         yield _gauge("scrubin_sessions", "Sessions on this Node by state", sessions,
                      ("live", "ended"))
-        yield _gauge("scrubin_feeds", "Feeds by state", feeds, ("live", "down"))
+        yield _gauge("scrubin_feeds", "Feeds by state", feeds, ("live", "stalled", "down"))
         yield _gauge("scrubin_subscriptions", "Subscriptions by state", subscriptions,
-                     ("waiting", "flowing"))
+                     ("waiting", "flowing", "paused"))
         for name, help_text in (
             ("frames_received", "Encoded frames received from publishers"),
             ("bytes_received", "Encoded bytes received from publishers"),

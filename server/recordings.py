@@ -336,8 +336,10 @@ class Recordings:
             record = {**consent, "started_by": by or {"id": "", "name": "automatic",
                                                        "role": "system"},
                       "auto": by is None}
+            info = SessionInfo(session_id=session.id, theatre=session.theatre.id,
+                               title=session.title, expert=expert, procedure=session.procedure)
             recording = Recording(
-                self.root, SessionInfo.from_session(session, expert=expert), record,
+                self.root, info, record,
                 on_error=lambda error: self._failed(session, recording, error),
                 options=WriterOptions(part_max_s=self.config.part_max_s),
                 origin=time.monotonic() - session.interaction.now())

@@ -56,6 +56,10 @@ class Registry:
         self.ended: set[str] = set()
         self.totals: Counter[str] = Counter()
         self.on_first_frame: Callable[[float], None] | None = None
+        #: Media-plane events for /metrics ("feed", state), ("drop", reason)...
+        self.on_media_count: Callable[[str, str], None] | None = None
+        #: The Node's liveness task: Feeds register their stall checks there.
+        self.watch_stream: Callable[[Callable[[float], None]], Callable[[], None]] | None = None
         self.on_session: Callable[[Session, str], None] | None = None
         #: Every other event of the store's bus for a Session live here.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
@@ -133,7 +137,8 @@ class Registry:
         session = Session(session_id=session_id, theatre=theatre, title=title,
                           procedure=procedure, config=self._config, peers=self._peers,
                           node_id=self._node_id, totals=self.totals,
-                          on_first_frame=self._first_frame, on_ended=self._ended)
+                          on_first_frame=self._first_frame, on_ended=self._ended,
+                          count=self._media_count, watch_stream=self.watch_stream)
         self.ended.discard(session_id)
         self.sessions[session_id] = session
         if self.on_session is not None:
@@ -143,6 +148,10 @@ class Registry:
             self._spawn(self._watch(session), watcher_of=session_id)
         logger.info("session %s live in theatre %s", session_id, theatre.id)
         return session
+
+    def _media_count(self, what: str, label: str) -> None:
+        if self.on_media_count is not None:
+            self.on_media_count(what, label)
 
     def _first_frame(self, seconds: float) -> None:
         if self.on_first_frame is not None:

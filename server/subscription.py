@@ -1,9 +1,20 @@
 """Subscription: one Feed delivered to one viewer, without decoding.
 
-A Subscription owns the viewer's peer connection and a ForwardTrack whose
-``recv()`` returns the Feed's encoded frames as ``av.Packet``; aiortc's
-RTCRtpSender then only packetizes them. Closing a Subscription closes its peer
-connection; nothing it started outlives it.
+A Subscription is the local-viewer downstream of the media seam
+(``server/media/plane.py``): it owns the viewer's peer connection, negotiates
+it for its Feed, and takes the Feed's encoded frames out one of two ways:
+
+- the **fast path** (``media.fast_path``, the default): the Feed's shared RTP
+  payloads get this viewer's RTP header, SRTP and a synchronous ``sendto`` on
+  the selected UDP pair (``server/media/fastpath.py``);
+- **aiortc's sender**, when the fast path is off or cannot bind to the
+  transport: frames go through a bounded :class:`FrameQueue` to a
+  :class:`ForwardTrack`, whose ``recv()`` hands aiortc's RTCRtpSender encoded
+  packets to packetize.
+
+The Feed only sees ``deliver``/``dropped``. Closing a Subscription detaches it
+from the Feed first, then closes its peer connection; nothing it started
+outlives it.
 """
 
 from __future__ import annotations
@@ -11,249 +22,217 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import av
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import sdp as aiortc_sdp
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .media.fastpath import FastSender
+from .errors import Unprocessable
+from .media import hooks
+from .media.codecs import capabilities_for
+from .media.fastpath import FastSender, negotiated_from
+from .media.peers import negotiated_codecs
+from .media.plane import DropReason, EncodedFrame, FrameQueue
+
+if TYPE_CHECKING:
+    from .feed import Feed
 
 logger = logging.getLogger(__name__)
 
-#: Spacing between replayed cached frames: a whole GOP sent in one burst
-#: overflows the viewer's socket buffers and turns into retransmissions.
-REPLAY_SPACING_S = 0.003
+SubscriptionState = Literal["waiting", "flowing", "paused", "closed"]
 
-
-@dataclass(slots=True)
-class EncodedFrame:
-    """One complete encoded frame on its Feed's continuous timeline.
-
-    ``packet`` is shared by every Subscription of the Feed: senders only read it.
-    """
-
-    packet: av.Packet
-    keyframe: bool
-    size: int
-    received_at: float
-    #: The Feed's continuous RTP timeline (the packet's pts).
-    pts: int = 0
-    #: RTP payloads, packetized once by the Feed for every fast-path viewer.
-    payloads: list[bytes] = field(default_factory=list)
+#: Answers an offer on a peer connection (``PeerFactory.answer``).
+Answerer = Callable[[RTCPeerConnection, str], Awaitable[str]]
 
 
 class ForwardTrack(MediaStreamTrack):
     """A track whose frames are already encoded: aiortc's sender packs, not encodes."""
 
-    def __init__(self, kind: str, on_sent: Callable[[EncodedFrame], None] | None = None) -> None:
+    def __init__(self, kind: str, queue: FrameQueue,
+                 on_sent: Callable[[EncodedFrame], None]) -> None:
         super().__init__()
         self.kind = kind
+        self._queue = queue
         self._on_sent = on_sent
-        self._queue: deque[EncodedFrame | None] = deque()
         self._wakeup = asyncio.Event()
-        self._replay_left = 0
 
-    def push(self, frame: EncodedFrame | None) -> None:
-        self._queue.append(frame)
+    def wake(self) -> None:
         self._wakeup.set()
-
-    def replay(self, frames: list[EncodedFrame]) -> None:
-        self._queue.extend(frames)
-        self._replay_left = max(0, len(frames) - 1)
-        self._wakeup.set()
-
-    def clear(self) -> None:
-        self._queue.clear()
-        self._replay_left = 0
-
-    @property
-    def pending(self) -> int:
-        # Not __len__: aiortc tests a sender's track for truth, and an empty
-        # queue would read as "no track".
-        return len(self._queue)
 
     async def recv(self) -> av.Packet:
         while True:
             if self.readyState != "live":
                 raise MediaStreamError
-            if self._queue:
-                item = self._queue.popleft()
-                if item is None:
-                    self.stop()
-                    raise MediaStreamError
-                if self._replay_left:
-                    self._replay_left -= 1
-                    await asyncio.sleep(REPLAY_SPACING_S)
-                if self._on_sent is not None:
-                    self._on_sent(item)
-                return item.packet
+            frame = self._queue.get()
+            if frame is not None:
+                self._on_sent(frame)
+                return frame.packet
             self._wakeup.clear()
             await self._wakeup.wait()
 
 
-SubscriptionState = Literal["waiting", "flowing", "closed"]
-
-
 class Subscription:
+    """See the module docstring."""
+
     def __init__(
         self,
         *,
         subscription_id: str,
-        feed_id: str,
+        feed: Feed,
         participant_id: str,
-        kind: str,
+        pc: RTCPeerConnection,
         max_queue: int,
-        request_keyframe: Callable[[], None],
-        close_peer: Callable[[], Awaitable[None]],
+        fast_path: bool,
         on_closed: Callable[[Subscription], None],
         on_first_frame: Callable[[float], None] | None = None,
     ) -> None:
         self.id = subscription_id
-        self.feed_id = feed_id
+        self.feed_id = feed.id
         self.participant_id = participant_id
-        self.kind = kind
-        # Counted when aiortc's sender takes a frame, not when it is queued.
-        self.track = ForwardTrack(kind, on_sent=lambda frame: self._count([frame]))
+        self.kind = feed.kind
+        self.pc = pc
         self.state: SubscriptionState = "waiting"
+        self.close_reason: DropReason | None = None
         self.frames_forwarded = 0
         self.bytes_forwarded = 0
         self.created_at = time.monotonic()
         self.first_frame_at: float | None = None
-        self._max_queue = max_queue
-        self._request_keyframe = request_keyframe
-        self._close_peer = close_peer
-        self._on_closed = on_closed
-        self._on_first_frame = on_first_frame
-        self._needs_keyframe = kind == "video"
-        self._closing: asyncio.Task[None] | None = None
         #: The token it was made with (revocation closes it); set by the Session.
         self.grant: Any = None
-        # Fast path: frames go straight out once the viewer is connected.
+        self._feed = feed
+        self._fast_path = fast_path
+        self._on_closed = on_closed
+        self._on_first_frame = on_first_frame
+        self._queue = FrameQueue(max_frames=max_queue, video=feed.kind == "video")
+        self.track = ForwardTrack(feed.kind, self._queue, on_sent=self._count)
         self._fast: FastSender | None = None
-        self._active = False
-        self._replay: asyncio.Task[None] | None = None
-        self._pending: deque[EncodedFrame] = deque()
+        self._connected = False
+        self._attached = False
+        self._closing: asyncio.Task[None] | None = None
 
+    # -- the seam's Downstream ----------------------------------------------
     @property
-    def fast(self) -> bool:
-        return self._fast is not None
+    def downstream_id(self) -> str:
+        return f"viewer:{self.id}"
 
     @property
     def path(self) -> str:
         """How frames leave: "fast" (shared packetization) or "sender" (aiortc's)."""
         return "fast" if self._fast is not None else "sender"
 
-    def use_fast_path(self, fast: FastSender) -> None:
-        """Before the viewer connects: send through ``fast`` instead of the track."""
-        self._fast = fast
-
-    def connected(self, gop: list[EncodedFrame]) -> None:
-        """The viewer's connection is up: start from ``gop`` (the Feed's cache)."""
-        if self._fast is None or self._active or self.state == "closed":
-            return
-        if not self._fast.activate():
-            # A relayed (TURN) connection: aiortc's own sender carries it.
-            self._fast = None
-            self.prime(gop)
-            return
-        self._active = True
-        if self.kind == "video":
-            if gop and gop[0].keyframe:
-                self._needs_keyframe = False
-                self._replay = asyncio.ensure_future(self._replay_then_live(list(gop)))
-            else:
-                self._request_keyframe()
-
-    async def _replay_then_live(self, frames: list[EncodedFrame]) -> None:
-        fast = self._fast
-        for index, frame in enumerate(frames):
-            if fast is None or self.state == "closed":
-                return
-            if index:
-                await asyncio.sleep(REPLAY_SPACING_S)
-            fast.send_frame(frame.payloads, frame.pts)
-            self._count([frame])
-        while self._pending and fast is not None and self.state != "closed":
-            frame = self._pending.popleft()
-            fast.send_frame(frame.payloads, frame.pts)
-            self._count([frame])
-        self._replay = None
-
-    def prime(self, frames: list[EncodedFrame]) -> None:
-        """Start from the Feed's cached keyframe and the frames after it."""
-        if frames and frames[0].keyframe:
-            self.track.replay(frames)
-            self._needs_keyframe = False
-
     def deliver(self, frame: EncodedFrame) -> None:
-        if self.state == "closed":
+        fast = self._fast
+        if fast is not None:
+            fast.send_frame(frame.payloads, frame.pts)  # raises DownstreamGone
+            self._count(frame)
             return
-        if self._fast is not None:
-            self._deliver_fast(self._fast, frame)
-            return
-        if self._needs_keyframe:
-            if not frame.keyframe:
-                return
-            self._needs_keyframe = False
-        elif frame.keyframe and self.track.pending > 2:
-            # Behind by more than a couple of frames: a keyframe lets the viewer
-            # skip the backlog instead of the server buffering it.
-            self.track.clear()
-        if self.track.pending >= self._max_queue:
-            self.track.clear()
-            self._needs_keyframe = self.kind == "video"
-            if self._needs_keyframe:
-                self._request_keyframe()
-            return
-        self.track.push(frame)
+        self._queue.put(frame)  # raises DownstreamBehind when it had to skip
+        self.track.wake()
 
-    def _deliver_fast(self, fast: FastSender, frame: EncodedFrame) -> None:
-        if not self._active:
-            return  # not connected yet: it will start from the Feed's cache
-        if self._needs_keyframe:
-            if not frame.keyframe:
-                return
-            self._needs_keyframe = False
-        if self._replay is not None:
-            if len(self._pending) >= self._max_queue:
-                self._pending.clear()
-                self._needs_keyframe = self.kind == "video"
-                self._request_keyframe()
-                return
-            self._pending.append(frame)
-            return
-        fast.send_frame(frame.payloads, frame.pts)
-        self._count([frame])
+    def dropped(self, reason: DropReason) -> None:
+        self._attached = False
+        self.close(reason)
 
+    # -- negotiation ----------------------------------------------------------
+    async def negotiate(self, offer: str, answer: Answerer) -> str:
+        """Answer the viewer's offer for this Subscription's Feed (one codec: the Feed's)."""
+        feed, pc = self._feed, self.pc
+        transceiver = pc.addTransceiver(self.track, direction="sendonly")
+        transceiver.setCodecPreferences(capabilities_for(feed.codec))
+        text = await answer(pc, offer)
+        negotiated = negotiated_codecs(text).get(transceiver.mid or "")
+        if negotiated is None or negotiated.mimeType.lower() != feed.mime_type.lower():
+            raise Unprocessable(f"viewer cannot receive {feed.mime_type}, which "
+                                f"{feed.id} is published in", code="codec_mismatch")
+        hooks.redirect_keyframe_requests(transceiver.sender, self.on_keyframe_request)
+        if self._fast_path:
+            media = next(m for m in aiortc_sdp.SessionDescription.parse(text).media
+                         if m.rtp.muxId == transceiver.mid)
+            self._fast = FastSender(transceiver.sender,
+                                    negotiated_from(media, transceiver.mid or ""),
+                                    ntp_clock=feed.ntp_at)
+        await pc.setLocalDescription(RTCSessionDescription(text, "answer"))
+
+        @pc.on("connectionstatechange")
+        def _connected() -> None:
+            if pc.connectionState == "connected":
+                self.connected()
+
+        return text
+
+    def connected(self) -> None:
+        """The viewer's connection is up: the Feed starts it from its cache."""
+        if self._connected or self.state == "closed":
+            return
+        self._connected = True
+        if self._fast is not None and not self._fast.activate():
+            # No synchronous UDP pair to write to: aiortc's own sender carries it.
+            logger.info("subscription %s: fast path unavailable, using aiortc's sender",
+                        self.id)
+            self._fast = None
+        self._attach()
+
+    def _attach(self) -> None:
+        if self._connected and not self._attached and self.state not in ("closed", "paused"):
+            self._attached = True
+            self._feed.attach(self, start="cache")
+
+    # -- viewer feedback ------------------------------------------------------
     def on_keyframe_request(self) -> None:
-        """The viewer lost a picture (PLI/FIR)."""
-        self._request_keyframe()
+        """The viewer lost a picture (PLI/FIR): through the Feed's policy."""
+        self._feed.request_keyframe(self.downstream_id)
 
-    def _count(self, frames: list[EncodedFrame]) -> None:
+    def pause(self) -> None:
+        """Stop sending (a hidden video); the connection stays up."""
+        if self.state in ("closed", "paused"):
+            return
+        self.state = "paused"
+        if self._attached:
+            self._feed.pause(self)
+        self._queue.clear()
+
+    def resume(self) -> None:
+        if self.state != "paused":
+            return
+        self.state = "flowing" if self.first_frame_at is not None else "waiting"
+        if self._attached:
+            self._feed.resume(self)
+        else:
+            self._attach()  # paused before its connection came up: start from the cache
+
+    def _count(self, frame: EncodedFrame) -> None:
         if self.first_frame_at is None:
             self.first_frame_at = time.monotonic()
-            self.state = "flowing"
+            if self.state == "waiting":
+                self.state = "flowing"
             if self._on_first_frame is not None:
                 self._on_first_frame(self.first_frame_at - self.created_at)
-        self.frames_forwarded += len(frames)
-        self.bytes_forwarded += sum(f.size for f in frames)
+        self.frames_forwarded += 1
+        self.bytes_forwarded += frame.size
 
-    def close(self) -> asyncio.Task[None]:
-        """Close the peer connection; idempotent. Returns the closing task."""
+    # -- lifecycle -------------------------------------------------------------
+    def close(self, reason: DropReason = "closed") -> asyncio.Task[None]:
+        """Detach from the Feed, then close the peer connection; idempotent.
+        Returns the closing task."""
         if self._closing is None:
             self.state = "closed"
-            self.track.push(None)
-            if self._replay is not None:
-                self._replay.cancel()
+            self.close_reason = reason
+            if self._attached:
+                self._attached = False
+                self._feed.detach(self, reason)
+            self.track.stop()
             self._closing = asyncio.ensure_future(self._close())
         return self._closing
 
     async def _close(self) -> None:
         try:
-            await self._close_peer()
+            await self.pc.close()
         except Exception:  # the peer may already be gone; closing must finish
             logger.exception("subscription %s: closing peer failed", self.id)
         self._on_closed(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "feed": self.feed_id, "state": self.state, "path": self.path}

@@ -218,7 +218,7 @@ async def test_whip_to_whep_media_flows_and_delete_frees_everything(server, http
     assert (frame.width, frame.height) == (640, 480)
     assert publisher.connectionState == "connected"
     session = server.session()
-    assert session.feeds["room.video"].describe()["viewers"] == 1
+    assert session.describe_feed(session.feeds["room.video"])["viewers"] == 1
     assert len(server_peers(publisher, viewer)) == 2
 
     async with http.delete(publisher_url, headers=auth(server.token(Role.EXPERT))) as response:
@@ -263,7 +263,7 @@ async def test_whep_delete_closes_only_that_subscription(server, http, peers):
         assert response.status == 200
     await wait_for(lambda: "" if not session.subscriptions else "subscription still there")
     assert session.feeds["room.video"].state == "live"
-    assert session.feeds["room.video"].describe()["viewers"] == 0
+    assert session.describe_feed(session.feeds["room.video"])["viewers"] == 0
     await wait_for(lambda: "" if len(server_peers(*peers)) == 1 else "viewer peer still open")
     async with http.delete(viewer_url, headers=auth(viewer_token)) as response:
         await check_error(response, 404, "unknown_resource")

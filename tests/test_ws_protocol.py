@@ -342,7 +342,7 @@ async def test_publish_and_subscribe_over_ws_deliver_frames(server, http, socket
     def viewer_gone() -> str:
         if session.subscriptions:
             return f"subscriptions left: {list(session.subscriptions)}"
-        if session.feeds["room.video"].describe()["viewers"]:
+        if session.describe_feed(session.feeds["room.video"])["viewers"]:
             return "feed still counts a viewer"
         server_side = [pc for pc in live_peer_connections() if pc not in (publisher, viewer)]
         return "" if len(server_side) == 1 else f"{len(server_side)} server peers open"

@@ -24,6 +24,7 @@ from ..errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from ..media.liveness import Liveness
 from ..media.peers import PeerFactory
 from ..metrics import Metrics
 from ..registry import Registry
@@ -37,6 +38,7 @@ CONFIG = web.AppKey("config", Config)
 TOKENS = web.AppKey("tokens", TokenAuthority)
 REGISTRY = web.AppKey("registry", Registry)
 PEERS = web.AppKey("peers", PeerFactory)
+LIVENESS = web.AppKey("liveness", Liveness)
 NODE_ID = web.AppKey("node_id", str)
 WEBSOCKETS: web.AppKey[weakref.WeakSet[Any]] = web.AppKey("websockets")
 ACCEPTING = web.AppKey("accepting", dict[str, bool])

@@ -103,6 +103,21 @@ class Connection:
                 self.send(event["message"])
         elif kind in ("feed", "recording"):
             self.send(event)
+        elif kind == "subscription_closed":
+            # Only the socket that made it; closed by its owner it needs no notice.
+            if self.subscriptions.pop(event["subscription"], None) is not None and (
+                    event["reason"] not in ("closed",)):
+                self.send({"type": "subscription_closed", "subscription": event["subscription"],
+                           "feed": event["feed"], "reason": event["reason"]})
+        elif kind == "media_dropped":
+            if self.grant.role in ROSTER_READERS:
+                # The expert sees who dropped, and why.
+                self.send({"type": "presence", "event": "dropped",
+                           "participant": {"id": event["participant_id"],
+                                           "name": event["name"]},
+                           "role": event["role"], "slot": event.get("slot"),
+                           "feed": event.get("feed"), "reason": event["reason"],
+                           "t": self.session.interaction.now()})
         elif kind == "session_ended":
             self.send(event)
             self.send(None)
@@ -139,6 +154,17 @@ class Connection:
             subscription_id = _field(message, "subscription")
             self.subscriptions.pop(subscription_id, None)
             await session.unsubscribe(grant, subscription_id)
+            return {"type": "ok"}
+        if kind in ("pause", "resume"):
+            # A hidden video: stop sending it without tearing its connection down.
+            target = self.subscriptions.get(_field(message, "subscription"))
+            if target is None:
+                raise BadRequest("no such subscription on this connection",
+                                 code="unknown_resource")
+            if kind == "pause":
+                target.pause()
+            else:
+                target.resume()
             return {"type": "ok"}
         if isinstance(kind, str) and kind in RECORDING_MESSAGES:  # start/stop_recording
             return await self.app[RECORDINGS].handle(session, grant, message)
@@ -204,7 +230,9 @@ def _refusal_close_code(exc: ScrubinError) -> int:
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
-    ws = web.WebSocketResponse(max_msg_size=config.limits.ws_max_message_bytes, heartbeat=20)
+    # A page that stops answering pings is gone within 1.5 heartbeats.
+    ws = web.WebSocketResponse(max_msg_size=config.limits.ws_max_message_bytes,
+                               heartbeat=config.liveness.ws_heartbeat_s)
     await ws.prepare(request)
     if not request.app[ACCEPTING]["joins"]:
         await ws.send_json({"type": "going_away", "reason": "server is shutting down"})
