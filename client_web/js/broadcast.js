@@ -104,9 +104,17 @@ function start(c) {
   c.addEventListener('subscription', () => renderAll());
   c.addEventListener('interaction', (e) => onInteraction(c, /** @type {CustomEvent} */ (e).detail));
   c.addEventListener('presence', (e) => {
-    const { event, participant } = /** @type {CustomEvent} */ (e).detail;
+    const { event, participant, role, feed, slot } = /** @type {CustomEvent} */ (e).detail;
+    const who = participant.name || participant.role || 'Someone';
+    if (event === 'dropped') {
+      // Shown even in sterile focus: a camera or a viewer lost is worth knowing.
+      toasts.show(role === 'publisher'
+        ? `Lost the camera on ${slotTitle(slot || '')} (${who}); waiting for it to come back`
+        : `${who}'s connection dropped (${feed || 'video'})`);
+      return;
+    }
     if (c.interaction.sterile || participant.id === c.participant?.id) return;
-    toasts.show(`${participant.name || participant.role} ${event === 'joined' ? 'joined' : 'left'}`);
+    toasts.show(`${who} ${event === 'joined' ? 'joined' : 'left'}`);
   });
   c.addEventListener('publication', (e) => {
     const pub = /** @type {CustomEvent} */ (e).detail.publication;
@@ -586,9 +594,18 @@ function renderSlot(c, view) {
   let state;
   let label;
   const remote = remoteFeed(c, view);
-  if (pub) {
+  const stalled = [...c.feeds.values()].some((f) => f.slot === view.slot && f.kind === 'video'
+    && f.state === 'stalled');
+  if (pub && pub.state === 'live' && stalled) {
+    // Connected, but the server gets no pictures: the camera stopped or froze.
+    state = 'reconnecting';
+    label = 'Camera stalled';
+  } else if (pub) {
     state = pub.state;
     label = PUBLICATION_LABELS[pub.state] || pub.state;
+  } else if (remote && remote.state === 'stalled') {
+    state = 'reconnecting';
+    label = 'Encoder stalled';
   } else if (remote) {
     // Published by an encoder outside this page (WHIP): shown, and drawable.
     state = remote.state === 'live' ? 'remote' : 'reconnecting';

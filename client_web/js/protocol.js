@@ -32,14 +32,16 @@
  * - `interaction`  {type, message}                      live interaction changed (`type` is the
  *                                                       server message type, or `interaction_state`
  *                                                       after a (re)join); read `client.interaction`
- * - `presence`     {event: 'joined'|'left', participant} (experts and admins only)
+ * - `presence`     {event: 'joined'|'left'|'dropped', participant, role?, reason?, feed?, slot?}
+ *                                                       (experts and admins only; `dropped`: a
+ *                                                       peer connection went quiet or failed)
  */
 
 /**
  * @typedef {{code: string, message: string, fault: 'user'|'protocol'|'server', status: number}} ErrorObject
  * @typedef {'audio'|'video'} MediaKind
  * @typedef {{id: string, slot: string, kind: MediaKind, codec: string,
- *            state: 'live'|'down'|'closed', viewers: number}} Feed
+ *            state: 'live'|'stalled'|'down'|'closed', viewers: number}} Feed
  * @typedef {{id: string, role: string, name: string}} Participant
  * @typedef {{id: string, name: string, slots: string[]}} Theatre
  * @typedef {{id: string, title: string, procedure: string, state: string,
@@ -670,7 +672,14 @@ export class ScrubinClient extends EventTarget {
         this._emit('roster', { participants: this.participants, viewers: this.viewers });
         break;
       case 'presence':
-        this._emit('presence', { event: msg.event, participant: msg.participant });
+        // joined | left | dropped (a peer connection went quiet or failed: role, reason)
+        this._emit('presence', {
+          event: msg.event, participant: msg.participant, role: msg.role, reason: msg.reason,
+          feed: msg.feed, slot: msg.slot,
+        });
+        break;
+      case 'subscription_closed':
+        this._onSubscriptionClosed(msg);
         break;
       case 'recording': // {state: on|off|failed, since, error?} (client_web/js/recording.js)
         this._emit('recording', { recording: msg });
@@ -1166,7 +1175,8 @@ export class ScrubinClient extends EventTarget {
       const feed = this.feeds.get(sub.feedId);
       if (!pc || sub.negotiating || sub.state !== 'connected' || !feed || feed.state !== 'live'
           || !this.ready) {
-        // Nothing is expected to arrive (a `down` Feed waits for its publisher).
+        // Nothing is expected to arrive (a `down` Feed waits for its publisher,
+        // a `stalled` one for its camera).
         sub.progressAt = now;
         continue;
       }
@@ -1187,6 +1197,22 @@ export class ScrubinClient extends EventTarget {
         this._renegotiateSubscription(sub);
       }
     }
+  }
+
+  /**
+   * The server let go of one of our Subscriptions (docs/protocol.md,
+   * `subscription_closed`): its connection went quiet or failed on the server's
+   * side. Ask for a new one unless the Feed itself is gone.
+   * @param {{subscription?: string, feed?: string, reason?: string}} msg
+   */
+  _onSubscriptionClosed(msg) {
+    const sub = [...this.subscriptions.values()].find((s) => s.id === msg.subscription);
+    if (!sub || sub.negotiating) return;
+    if (msg.reason === 'feed_closed' || msg.reason === 'revoked') {
+      this._dropSubscription(sub.feedId, 'closed');
+      return;
+    }
+    this._scheduleSubscribeRetry(sub);
   }
 
   /** @param {Subscription} sub */

@@ -311,6 +311,8 @@ function renderMain(c) {
     status = ['empty', 'No camera is live yet. The picture appears as soon as the surgeon goes live.'];
   } else if (feed.state === 'down') {
     status = ['down', 'Waiting for camera… The picture resumes automatically.'];
+  } else if (feed.state === 'stalled') {
+    status = ['stalled', 'The camera stopped sending pictures. It resumes automatically.'];
   } else if (!sub || sub.state === 'connecting') {
     status = ['connecting', 'Connecting to the camera…'];
   } else if (sub.state === 'reconnecting' || sub.state === 'failed') {
@@ -332,6 +334,7 @@ function renderMain(c) {
 const FEED_LABELS = {
   live: 'Live',
   down: 'Waiting',
+  stalled: 'Stalled',
   connecting: 'Connecting…',
   starting: 'Starting…',
   reconnecting: 'Reconnecting…',
@@ -341,7 +344,7 @@ const FEED_LABELS = {
 /** @param {ScrubinClient} c @param {Feed} feed */
 function feedStatus(c, feed) {
   const sub = c.subscriptions.get(feed.id);
-  if (feed.state === 'down') return 'down';
+  if (feed.state === 'down' || feed.state === 'stalled') return feed.state;
   if (!sub || sub.state === 'connecting') return 'connecting';
   if (sub.state !== 'connected') return 'reconnecting';
   return 'live';
