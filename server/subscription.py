@@ -99,6 +99,10 @@ class Subscription:
         self.frames_forwarded = 0
         self.bytes_forwarded = 0
         self.created_at = time.monotonic()
+        #: When the viewer's ICE connected (server side) and when its first frame
+        #: left: the server's share of a joiner's wait is the difference.
+        self.ice_connected_at: float | None = None
+        self.connected_at: float | None = None  # DTLS up: SRTP keys ready
         self.first_frame_at: float | None = None
         #: The token it was made with (revocation closes it); set by the Session.
         self.grant: Any = None
@@ -161,6 +165,12 @@ class Subscription:
             if pc.connectionState == "connected":
                 self.connected()
 
+        @pc.on("iceconnectionstatechange")
+        def _ice() -> None:
+            # aiortc has no "connected" ICE state: "completed" is when ICE is up.
+            if self.ice_connected_at is None and pc.iceConnectionState == "completed":
+                self.ice_connected_at = time.monotonic()
+
         return text
 
     def connected(self) -> None:
@@ -168,6 +178,7 @@ class Subscription:
         if self._connected or self.state == "closed":
             return
         self._connected = True
+        self.connected_at = time.monotonic()
         if self._fast is not None and not self._fast.activate():
             # No synchronous UDP pair to write to: aiortc's own sender carries it.
             logger.info("subscription %s: fast path unavailable, using aiortc's sender",
