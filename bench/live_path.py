@@ -1162,12 +1162,13 @@ def main() -> None:
     plan = Plan.make(args.quick)
     started = time.monotonic()
     stream = encode_stream(seconds=plan.stream_seconds)
-    bench = Bench(plan, stream, args.profile)
     snapshot_dir = None
     if args.baseline:
         snapshot_dir = snapshot(args.baseline)
-        bench.baseline = snapshot_dir.name
         plan.budget += 150
+    bench = Bench(plan, stream, args.profile)
+    if snapshot_dir is not None:
+        bench.baseline = snapshot_dir.name
     bench.results["env"] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpus": os.cpu_count(), "python": platform.python_version(),

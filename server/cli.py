@@ -116,7 +116,8 @@ async def publish(args: argparse.Namespace) -> int:
                          audio=not args.no_audio, passthrough=not args.transcode)
     options = WhipOptions(
         ice_servers=[RTCIceServer(urls=u) for u in args.ice_server],
-        host_addresses=args.host_address, video_codec=source.video_codec)
+        host_addresses=args.host_address, video_codec=source.video_codec,
+        takeover=args.takeover)
     publisher = WhipPublisher(args.url, args.token, source.tracks, options)
     publisher.on_state = lambda state: print(f"publish: {state}", flush=True)
     task = asyncio.ensure_future(publisher.run())
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p_pub.add_argument("--ice-server", action="append", default=[])
     p_pub.add_argument("--host-address", action="append", default=[],
                        help="advertise this address (e.g. 127.0.0.1 on one machine)")
+    p_pub.add_argument("--takeover", action="store_true",
+                       help="replace another encoder publishing the slot (never the expert's "
+                            "own camera)")
 
     p_links = sub.add_parser("links", help="print page, WHIP and WHEP links of a Session")
     p_links.add_argument("--server", default="http://127.0.0.1:8080")

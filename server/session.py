@@ -53,15 +53,22 @@ Count = Callable[[str, str], None]
 WatchStream = Callable[[Callable[[float], None]], Callable[[], None]]
 
 
+#: How a publication reached us: the expert's broadcast page (websocket) or an
+#: encoder (WHIP: `scrubin publish`, OBS, a hardware encoder).
+Via = Literal["page", "whip"]
+
+
 class Ingest:
     """The expert's peer connection into one camera slot; it feeds 1–2 Feeds."""
 
     def __init__(self, ingest_id: str, slot: str, participant_id: str,
-                 pc: RTCPeerConnection) -> None:
+                 pc: RTCPeerConnection, *, via: Via = "whip", name: str = "") -> None:
         self.id = ingest_id
         self.slot = slot
         self.participant_id = participant_id
         self.pc = pc
+        self.via: Via = via
+        self.name = name
         self.feeds: list[Feed] = []
         self.created_at = time.time()
         self._closed = False
@@ -175,7 +182,10 @@ class Session:
     def describe_feed(self, feed: Feed) -> dict[str, Any]:
         viewers = sum(1 for s in self.subscriptions.values()
                       if s.feed_id == feed.id and s.state != "closed")
-        return {**feed.describe(), "viewers": viewers}
+        owner = self.slot_owner(feed.slot)
+        publisher = None if owner is None else {"id": owner.participant_id, "name": owner.name,
+                                                "via": owner.via}
+        return {**feed.describe(), "viewers": viewers, "publisher": publisher}
 
     def roster(self) -> list[dict[str, object]]:
         return [p.describe() for p in self.participants.values()]
@@ -206,11 +216,38 @@ class Session:
         self._emit({"type": "participant_left", "participant": participant.describe()})
 
     # -- publishing -------------------------------------------------------
-    async def publish(self, grant: Grant, slot: str, offer: str) -> tuple[str, Ingest]:
+    def slot_owner(self, slot: str) -> Ingest | None:
+        """The connection that publishes ``slot`` now, if any (one at a time)."""
+        return next((i for i in self.ingests.values() if i.slot == slot and not i.closed), None)
+
+    def _check_owner(self, grant: Grant, slot: str, via: Via, takeover: bool) -> Ingest | None:
+        """One publisher per slot. Returns the holder this publication replaces.
+
+        The same Participant reconnecting replaces its own connection. Anyone
+        else needs ``takeover``: the expert's page may take a slot from anyone
+        (an encoder left running, its own other device); an encoder may take one
+        from another encoder, never from the expert's page.
+        """
+        holder = self.slot_owner(slot)
+        if holder is None or holder.participant_id == grant.participant_id:
+            return holder
+        what = "the expert's page" if holder.via == "page" else "an encoder"
+        who = f"{holder.name} ({what})" if holder.name else what
+        if not takeover:
+            raise Conflict(f"{slot} is being published by {who}; publish with takeover to "
+                           "replace it", code="slot_taken")
+        if via == "whip" and holder.via == "page":
+            raise Forbidden(f"{slot} is published by {who}; an encoder may not take over "
+                            "the expert's camera", code="takeover_refused")
+        return holder
+
+    async def publish(self, grant: Grant, slot: str, offer: str, *, via: Via = "whip",
+                      takeover: bool = False) -> tuple[str, Ingest]:
         """Answer a publisher's offer for ``slot``; its media become Feeds.
         The trainee granted the microphone publishes audio to ``MIC_SLOT``."""
         self._check_publisher(grant, slot)
         self._require_live()
+        self._check_owner(grant, slot, via, takeover)
         limits = self._config.limits
         summary = check_offer(offer, max_bytes=limits.max_sdp_bytes,
                               max_media=limits.max_media_sections,
@@ -246,11 +283,22 @@ class Session:
                         [c for c in caps if c.mimeType.lower() in (mime.lower(), f"{kind}/rtx")])
             answer = await self._peers.answer(pc, summary.text)
             codecs = negotiated_codecs(answer)
-            # The microphone may have been taken back while we answered.
+            # The microphone may have been taken back, or someone else taken the
+            # slot, while we answered.
             self._check_publisher(grant, slot)
+            holder = self._check_owner(grant, slot, via, takeover)
+            name = grant.name or grant.role.value
+            if holder is not None and holder.participant_id != grant.participant_id:
+                logger.info("session %s: %s takes over slot %s from %s", self.id, name, slot,
+                            holder.name)
+                self._emit({"type": "slot_taken_over", "slot": slot, "ingest": holder.id,
+                            "from": {"id": holder.participant_id, "name": holder.name,
+                                     "via": holder.via},
+                            "by": {"id": grant.participant_id, "name": name, "via": via}})
 
             # The previous connection on this slot is stale (the publisher came
-            # back before its old connection timed out): replace it, keep Feeds.
+            # back before its old connection timed out) or taken over: replace
+            # it, keep the Feeds and their viewers.
             for old in [i for i in self.ingests.values() if i.slot == slot]:
                 await self._close_ingest(old, final=False, reason="replaced by a new connection")
             # A kind the slot no longer carries (camera off, mic kept) ends now
@@ -259,7 +307,7 @@ class Session:
                          if f.slot == slot and f.kind not in summary.kinds]:
                 feed.close("the publisher no longer sends it")
 
-            ingest = Ingest(_new_id(), slot, grant.participant_id, pc)
+            ingest = Ingest(_new_id(), slot, grant.participant_id, pc, via=via, name=name)
             ingest.grant = grant
             for transceiver in pc.getTransceivers():
                 codec = codecs.get(transceiver.mid or "")

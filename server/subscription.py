@@ -147,14 +147,15 @@ class Subscription:
         transceiver = pc.addTransceiver(self.track, direction="sendonly")
         transceiver.setCodecPreferences(capabilities_for(feed.codec))
         text = await answer(pc, offer)
-        negotiated = negotiated_codecs(text).get(transceiver.mid or "")
+        # Parsed once here: joins come in bursts and SDP parsing is a good part of each.
+        parsed = aiortc_sdp.SessionDescription.parse(text)
+        negotiated = negotiated_codecs(parsed).get(transceiver.mid or "")
         if negotiated is None or negotiated.mimeType.lower() != feed.mime_type.lower():
             raise Unprocessable(f"viewer cannot receive {feed.mime_type}, which "
                                 f"{feed.id} is published in", code="codec_mismatch")
         hooks.redirect_keyframe_requests(transceiver.sender, self.on_keyframe_request)
         if self._fast_path:
-            media = next(m for m in aiortc_sdp.SessionDescription.parse(text).media
-                         if m.rtp.muxId == transceiver.mid)
+            media = next(m for m in parsed.media if m.rtp.muxId == transceiver.mid)
             self._fast = FastSender(transceiver.sender,
                                     negotiated_from(media, transceiver.mid or ""),
                                     ntp_clock=feed.ntp_at)

@@ -32,6 +32,7 @@
  * - `interaction`  {type, message}                      live interaction changed (`type` is the
  *                                                       server message type, or `interaction_state`
  *                                                       after a (re)join); read `client.interaction`
+ * - `slot_taken_over` {slot, from, by}                  (experts and admins) a slot changed publisher
  * - `presence`     {event: 'joined'|'left'|'dropped', participant, role?, reason?, feed?, slot?}
  *                                                       (experts and admins only; `dropped`: a
  *                                                       peer connection went quiet or failed)
@@ -41,7 +42,8 @@
  * @typedef {{code: string, message: string, fault: 'user'|'protocol'|'server', status: number}} ErrorObject
  * @typedef {'audio'|'video'} MediaKind
  * @typedef {{id: string, slot: string, kind: MediaKind, codec: string,
- *            state: 'live'|'stalled'|'down'|'closed', viewers: number}} Feed
+ *            state: 'live'|'stalled'|'down'|'closed', viewers: number,
+ *            publisher?: {id: string, name: string, via: 'page'|'whip'}|null}} Feed
  * @typedef {{id: string, role: string, name: string}} Participant
  * @typedef {{id: string, name: string, slots: string[]}} Theatre
  * @typedef {{id: string, title: string, procedure: string, state: string,
@@ -681,6 +683,14 @@ export class ScrubinClient extends EventTarget {
       case 'subscription_closed':
         this._onSubscriptionClosed(msg);
         break;
+      case 'publication_ended':
+        // Someone took this slot over: stop, and do not publish it again by ourselves.
+        this._dropPublication(msg.slot, 'stopped', clientError('taken_over',
+          `${msg.by?.name || 'someone'} took over ${msg.slot}`, 'user', 409));
+        break;
+      case 'slot_taken_over':
+        this._emit('slot_taken_over', { slot: msg.slot, from: msg.from, by: msg.by });
+        break;
       case 'recording': // {state: on|off|failed, since, error?} (client_web/js/recording.js)
         this._emit('recording', { recording: msg });
         break;
@@ -840,18 +850,22 @@ export class ScrubinClient extends EventTarget {
    * Publish a slot: its video and/or audio track become Feeds `<slot>.video`
    * and `<slot>.audio`. Publishing a slot again replaces its connection and
    * keeps the Feeds (and their viewers).
+   * A slot has one publisher at a time: publishing a slot someone else
+   * publishes fails with `slot_taken` unless `takeover` is set (the expert's
+   * page may take a slot from an encoder; an encoder never from the page).
    * @param {string} slot
    * @param {MediaStream|MediaStreamTrack[]} media  at most one video and one audio track
+   * @param {{takeover?: boolean}} [options]
    * @returns {Promise<Publication>}
    */
-  async publish(slot, media) {
+  async publish(slot, media, options = {}) {
     const tracks = Array.isArray(media) ? media : media.getTracks();
     if (!tracks.length) throw new TypeError('publish() needs at least one track');
     const previous = this.publications.get(slot);
     const pub = new Publication(slot, tracks);
     this.publications.set(slot, pub);
     try {
-      await this._negotiatePublication(pub, previous?.pc || null);
+      await this._negotiatePublication(pub, previous?.pc || null, Boolean(options.takeover));
     } catch (err) {
       if (this.publications.get(slot) === pub) {
         // Nothing is kept from a refused request: the previous connection, if
@@ -907,8 +921,9 @@ export class ScrubinClient extends EventTarget {
   /**
    * @param {Publication} pub
    * @param {RTCPeerConnection|null} replaces closed once the new one is answered
+   * @param {boolean} [takeover] replace whoever else publishes the slot
    */
-  _negotiatePublication(pub, replaces) {
+  _negotiatePublication(pub, replaces, takeover = false) {
     const run = async () => {
       const pc = new this._RTCPeerConnection(this._rtcConfig());
       try {
@@ -919,6 +934,7 @@ export class ScrubinClient extends EventTarget {
         await iceGatheringComplete(pc);
         const reply = await this.request({
           type: 'publish', slot: pub.slot, sdp: /** @type {RTCSessionDescription} */ (pc.localDescription).sdp,
+          ...(takeover ? { takeover: true } : {}),
         });
         if (this.publications.get(pub.slot) !== pub) throw clientError('cancelled', 'unpublished');
         await pc.setRemoteDescription({ type: 'answer', sdp: reply.sdp });

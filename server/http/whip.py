@@ -54,7 +54,9 @@ async def whip_publish(request: web.Request) -> web.Response:
     session = await session_for(request, grant, start=grant.role in PUBLISHERS)
     offer = await read_sdp(request)
     await require_store(request.app)
-    answer, ingest = await session.publish(grant, request.match_info["slot"], offer)
+    takeover = request.query.get("takeover", "") in ("1", "true")
+    answer, ingest = await session.publish(grant, request.match_info["slot"], offer,
+                                           via="whip", takeover=takeover)
     audit_grant(request.app, "publish_start", grant, request.remote, slot=ingest.slot,
                 feeds=[f.id for f in ingest.feeds], via="whip")
     return _created(request, answer, ingest.id)

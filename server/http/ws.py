@@ -103,6 +103,14 @@ class Connection:
                 self.send(event["message"])
         elif kind in ("feed", "recording"):
             self.send(event)
+        elif kind == "slot_taken_over":
+            if self.ingests.pop(event["ingest"], None) is not None:
+                # This page published the slot: it must not publish it again by itself.
+                self.send({"type": "publication_ended", "slot": event["slot"],
+                           "reason": "taken_over", "by": event["by"]})
+            elif self.grant.role in ROSTER_READERS:
+                self.send({"type": "slot_taken_over", "slot": event["slot"],
+                           "from": event["from"], "by": event["by"]})
         elif kind == "subscription_closed":
             # Only the socket that made it; closed by its owner it needs no notice.
             if self.subscriptions.pop(event["subscription"], None) is not None and (
@@ -129,7 +137,11 @@ class Connection:
             return {"type": "pong"}
         if kind == "publish":
             slot = _field(message, "slot")
-            answer, ingest = await session.publish(grant, slot, _field(message, "sdp"))
+            takeover = message.get("takeover", False)
+            if not isinstance(takeover, bool):
+                raise BadRequest("takeover must be true or false", code="bad_message")
+            answer, ingest = await session.publish(grant, slot, _field(message, "sdp"),
+                                                   via="page", takeover=takeover)
             for old in [i for i in self.ingests.values() if i.slot == slot]:
                 self.ingests.pop(old.id, None)
             self.ingests[ingest.id] = ingest

@@ -38,10 +38,12 @@ GONE_CLOSED = "closed"          # the connection closed (DTLS close, BYE...)
 GONE_QUIET = "peer_gone"        # nothing heard for liveness.peer_timeout_s
 
 
-def negotiated_codecs(answer_sdp: str) -> dict[str, RTCRtpCodecParameters]:
+def negotiated_codecs(answer: str | aiortc_sdp.SessionDescription
+                      ) -> dict[str, RTCRtpCodecParameters]:
     """mid -> the codec the remote will send/receive (first in the answer)."""
     out = {}
-    for media in aiortc_sdp.SessionDescription.parse(answer_sdp).media:
+    parsed = aiortc_sdp.SessionDescription.parse(answer) if isinstance(answer, str) else answer
+    for media in parsed.media:
         codecs = [c for c in media.rtp.codecs if not c.mimeType.lower().endswith("/rtx")]
         if codecs and media.rtp.muxId is not None:
             out[media.rtp.muxId] = codecs[0]
