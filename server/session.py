@@ -29,7 +29,7 @@ from .media.plane import DropReason
 from .media.sdp import add_bitrate_hints, check_offer
 from .participant import Participant
 from .roles import MODERATORS, PUBLISHERS, VIEWERS, Role
-from .subscription import Subscription
+from .subscription import Subscription, ViewerPeer
 from .theatre import Theatre, check_name
 from .tokens import Grant
 
@@ -476,7 +476,8 @@ class Session:
 
         pc = self._peers.create()
         subscription = Subscription(
-            subscription_id=_new_id(), feed=feed, participant_id=grant.participant_id, pc=pc,
+            subscription_id=_new_id(), feed=feed, participant_id=grant.participant_id,
+            peer=ViewerPeer(pc),
             max_queue=self._config.media.keyframe_cache_max_frames
             + self._config.media.viewer_queue_frames,
             fast_path=self._config.media.fast_path,

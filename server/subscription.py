@@ -12,9 +12,12 @@ it for its Feed, and takes the Feed's encoded frames out one of two ways:
   :class:`ForwardTrack`, whose ``recv()`` hands aiortc's RTCRtpSender encoded
   packets to packetize.
 
+A :class:`ViewerPeer` owns the viewer's peer connection and answers its offer
+for one or more Subscriptions (one per transceiver: a Feed per WHEP or
+websocket subscribe; a camera with its narration for a WHEP-per-slot player).
 The Feed only sees ``deliver``/``dropped``. Closing a Subscription detaches it
-from the Feed first, then closes its peer connection; nothing it started
-outlives it.
+from the Feed first; the peer connection closes with its last Subscription;
+nothing they started outlives them.
 """
 
 from __future__ import annotations
@@ -74,6 +77,54 @@ class ForwardTrack(MediaStreamTrack):
             await self._wakeup.wait()
 
 
+class ViewerPeer:
+    """One viewer's peer connection and the Subscriptions it carries."""
+
+    def __init__(self, pc: RTCPeerConnection) -> None:
+        self.pc = pc
+        self.subscriptions: list[Subscription] = []
+        #: When ICE completed (server side): the server's share of a joiner's wait
+        #: for its first frame starts here.
+        self.ice_connected_at: float | None = None
+
+    async def negotiate(self, subscriptions: list[Subscription], offer: str,
+                        answer: Answerer) -> str:
+        """Answer the viewer's offer: one sendonly transceiver per Subscription,
+        matched to the offer's sections of its kind in order."""
+        pc = self.pc
+        self.subscriptions = list(subscriptions)
+        transceivers = [sub.add_to(pc) for sub in subscriptions]
+        text = await answer(pc, offer)
+        # Parsed once here: joins come in bursts and SDP parsing is a good part of each.
+        parsed = aiortc_sdp.SessionDescription.parse(text)
+        for sub, transceiver in zip(subscriptions, transceivers, strict=True):
+            sub.bind(transceiver, parsed)
+        await pc.setLocalDescription(RTCSessionDescription(text, "answer"))
+
+        @pc.on("connectionstatechange")
+        def _connected() -> None:
+            if pc.connectionState == "connected":
+                for sub in list(self.subscriptions):
+                    sub.connected()
+
+        @pc.on("iceconnectionstatechange")
+        def _ice() -> None:
+            # aiortc has no "connected" ICE state: "completed" is when ICE is up.
+            if self.ice_connected_at is None and pc.iceConnectionState == "completed":
+                self.ice_connected_at = time.monotonic()
+                for sub in self.subscriptions:
+                    sub.ice_connected_at = self.ice_connected_at
+
+        return text
+
+    async def release(self, subscription: Subscription) -> None:
+        """``subscription`` closed; the connection closes with the last one."""
+        if subscription in self.subscriptions:
+            self.subscriptions.remove(subscription)
+        if not self.subscriptions:
+            await self.pc.close()
+
+
 class Subscription:
     """See the module docstring."""
 
@@ -83,7 +134,7 @@ class Subscription:
         subscription_id: str,
         feed: Feed,
         participant_id: str,
-        pc: RTCPeerConnection,
+        peer: ViewerPeer,
         max_queue: int,
         fast_path: bool,
         on_closed: Callable[[Subscription], None],
@@ -93,7 +144,8 @@ class Subscription:
         self.feed_id = feed.id
         self.participant_id = participant_id
         self.kind = feed.kind
-        self.pc = pc
+        self.peer = peer
+        self.pc = peer.pc
         self.state: SubscriptionState = "waiting"
         self.close_reason: DropReason | None = None
         self.frames_forwarded = 0
@@ -141,38 +193,29 @@ class Subscription:
         self.close(reason)
 
     # -- negotiation ----------------------------------------------------------
-    async def negotiate(self, offer: str, answer: Answerer) -> str:
-        """Answer the viewer's offer for this Subscription's Feed (one codec: the Feed's)."""
-        feed, pc = self._feed, self.pc
+    def add_to(self, pc: RTCPeerConnection) -> Any:
+        """This Subscription's transceiver: the Feed's codec, and only it."""
         transceiver = pc.addTransceiver(self.track, direction="sendonly")
-        transceiver.setCodecPreferences(capabilities_for(feed.codec))
-        text = await answer(pc, offer)
-        # Parsed once here: joins come in bursts and SDP parsing is a good part of each.
-        parsed = aiortc_sdp.SessionDescription.parse(text)
-        negotiated = negotiated_codecs(parsed).get(transceiver.mid or "")
+        transceiver.setCodecPreferences(capabilities_for(self._feed.codec))
+        return transceiver
+
+    def bind(self, transceiver: Any, answer: aiortc_sdp.SessionDescription) -> None:
+        """What our answer fixed for this transceiver: codec, fast path, PLI route."""
+        feed = self._feed
+        negotiated = negotiated_codecs(answer).get(transceiver.mid or "")
         if negotiated is None or negotiated.mimeType.lower() != feed.mime_type.lower():
             raise Unprocessable(f"viewer cannot receive {feed.mime_type}, which "
                                 f"{feed.id} is published in", code="codec_mismatch")
         hooks.redirect_keyframe_requests(transceiver.sender, self.on_keyframe_request)
         if self._fast_path:
-            media = next(m for m in parsed.media if m.rtp.muxId == transceiver.mid)
+            media = next(m for m in answer.media if m.rtp.muxId == transceiver.mid)
             self._fast = FastSender(transceiver.sender,
                                     negotiated_from(media, transceiver.mid or ""),
                                     ntp_clock=feed.ntp_at)
-        await pc.setLocalDescription(RTCSessionDescription(text, "answer"))
 
-        @pc.on("connectionstatechange")
-        def _connected() -> None:
-            if pc.connectionState == "connected":
-                self.connected()
-
-        @pc.on("iceconnectionstatechange")
-        def _ice() -> None:
-            # aiortc has no "connected" ICE state: "completed" is when ICE is up.
-            if self.ice_connected_at is None and pc.iceConnectionState == "completed":
-                self.ice_connected_at = time.monotonic()
-
-        return text
+    async def negotiate(self, offer: str, answer: Answerer) -> str:
+        """Answer the viewer's offer for this Subscription's Feed alone."""
+        return await self.peer.negotiate([self], offer, answer)
 
     def connected(self) -> None:
         """The viewer's connection is up: the Feed starts it from its cache."""
@@ -241,7 +284,7 @@ class Subscription:
 
     async def _close(self) -> None:
         try:
-            await self.pc.close()
+            await self.peer.release(self)
         except Exception:  # the peer may already be gone; closing must finish
             logger.exception("subscription %s: closing peer failed", self.id)
         self._on_closed(self)

@@ -665,11 +665,12 @@ async def test_feed_limit_is_409(http):
     srv, runner = await start_server(make_config(limits={"max_feeds_per_session": 1}))
     created: list[RTCPeerConnection] = []
     try:
-        await publish(http, srv, created)
+        encoder = srv.token(Role.EXPERT, participant_id="encoder-1")
+        await publish(http, srv, created, token=encoder)
         await refused(http, srv, f"/whip/{SESSION}/endoscope", await make_offer("video"),
                       srv.token(Role.EXPERT), 409, "too_many_feeds")
-        # Publishing again to the same slot replaces the connection: no new Feed.
-        await publish(http, srv, created)
+        # The same publisher again on the same slot replaces its connection: no new Feed.
+        await publish(http, srv, created, token=encoder)
         assert list(srv.session().feeds) == ["room.video"]
         assert len(srv.session().ingests) == 1
     finally:

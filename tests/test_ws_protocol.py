@@ -141,8 +141,10 @@ async def test_hello_gets_welcome_with_session_roster_and_ice_servers(server, ht
     assert session["title"] == "Cholecystectomy"
     assert session["theatre"] == {"id": "or1", "name": "Theatre 1",
                                   "slots": ["room", "endoscope", "narration"]}
-    assert session["feeds"] == [{"id": "room.video", "slot": "room", "kind": "video",
-                                 "codec": "video/VP8", "state": "live", "viewers": 0}]
+    (feed,) = session["feeds"]
+    assert feed.pop("publisher")["via"] == "whip"
+    assert feed == {"id": "room.video", "slot": "room", "kind": "video",
+                    "codec": "video/VP8", "state": "live", "viewers": 0}
     assert welcome["participants"] == [{"id": "exp-1", "role": "expert", "name": "Dr Grey"}]
     assert welcome["viewers"] == 0
     assert welcome["ice_servers"] == []
