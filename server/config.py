@@ -86,6 +86,14 @@ class MediaConfig:
     # Packetize each frame once per Feed and only rewrite RTP headers per viewer
     # (server/media/fastpath.py); off = aiortc's RTCRtpSender per viewer.
     fast_path: bool = True
+    # Make a low layer (320x180, 15 fps, 250 kbit/s, same codec) for cameras
+    # published with one layer (encoders): decoded once and encoded once per Feed
+    # on this Node, ~0.1-0.2 of a core each (docs/performance.md). Browser
+    # publishers send their own low layer.
+    server_low_layer: bool = False
+    # Per viewer, move between a camera's layers from its own feedback (loss,
+    # REMB); off: every viewer gets what it asked for (full unless pinned low).
+    adaptive_layers: bool = True
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from .feed import Feed
 from .interaction import MIC_SLOT, Interaction
 from .media import hooks
 from .media.codecs import capabilities_for
+from .media.layers import LowLayerMaker
 from .media.peers import GONE_CLOSED, PeerFactory, negotiated_codecs
 from .media.plane import DropReason
 from .media.sdp import add_bitrate_hints, check_offer
@@ -144,6 +145,8 @@ class Session:
         self._count = count or (lambda what, label: None)
         self._watch_stream = watch_stream
         self._unwatch_feeds: dict[int, Callable[[], None]] = {}
+        #: Low layers this Node makes (decode once, encode once), by full Feed id.
+        self._makers: dict[str, LowLayerMaker] = {}
         #: Awaited by end() after the close cascade (the recorder stopping).
         self.end_hooks: list[Callable[[], Awaitable[None]]] = []
         #: Drawings, steps, questions, chat, hands, the trainee microphone.
@@ -253,13 +256,18 @@ class Session:
                               max_media=limits.max_media_sections,
                               allowed_networks=self._peers.allowed_networks,
                               want_direction="send")
-        if len(set(summary.kinds)) != len(summary.kinds):
-            raise Unprocessable("a slot carries at most one video and one audio track",
+        if summary.kinds.count("audio") > 1 or summary.kinds.count("video") > 2:
+            raise Unprocessable("a slot carries one audio track and one video track, "
+                                "optionally with a low layer (a second video section)",
                                 code="sdp_duplicate_kind")
+        with_low = summary.kinds.count("video") == 2
+        if with_low and slot == MIC_SLOT:
+            raise Unprocessable("the trainee microphone carries audio only",
+                                code="sdp_kind_mismatch")
         if slot == MIC_SLOT and summary.kinds != ["audio"]:
             raise Unprocessable("the trainee microphone carries audio only",
                                 code="sdp_kind_mismatch")
-        new_feeds = [k for k in summary.kinds if f"{slot}.{k}" not in self.feeds]
+        new_feeds = [k for k in set(summary.kinds) if f"{slot}.{k}" not in self.feeds]
         live = sum(1 for f in self.feeds.values() if f.state != "closed")
         if live + len(new_feeds) > limits.max_feeds_per_session:
             raise Conflict(f"session has its maximum of {limits.max_feeds_per_session} feeds",
@@ -309,11 +317,18 @@ class Session:
 
             ingest = Ingest(_new_id(), slot, grant.participant_id, pc, via=via, name=name)
             ingest.grant = grant
+            full: Feed | None = None
             for transceiver in pc.getTransceivers():
                 codec = codecs.get(transceiver.mid or "")
                 if codec is None or transceiver.kind not in ("audio", "video"):
                     continue
-                feed = self._feed_for(slot, transceiver.kind, codec)
+                if transceiver.kind == "video" and full is not None:
+                    # The second video section: this camera's low layer.
+                    feed = self._low_feed_for(full, codec, published=True)
+                else:
+                    feed = self._feed_for(slot, transceiver.kind, codec)
+                    if transceiver.kind == "video":
+                        full = feed
                 receiver = transceiver.receiver
                 sink = feed.connect_publisher(ingest.keyframe_requester(receiver))
                 hooks.tap_receiver(receiver, transceiver.kind, sink)
@@ -321,6 +336,8 @@ class Session:
                 ingest.feeds.append(feed)
             if not ingest.feeds:
                 raise Unprocessable("no usable media in the offer", code="sdp_no_codec")
+            if full is not None and not with_low:
+                self._without_published_low(full)
             await pc.setLocalDescription(RTCSessionDescription(answer, "answer"))
         except BaseException:
             await pc.close()
@@ -366,6 +383,57 @@ class Session:
             self._unwatch_feeds[id(feed)] = self._watch_stream(feed.check_stall)
         return feed
 
+    def _low_feed_for(self, full: Feed, codec: RTCRtpCodecParameters, *,
+                      published: bool) -> Feed:
+        """The low layer of ``full``: its own Feed, linked, never in ``self.feeds``
+        (pages, the recorder and links see cameras, not layers)."""
+        maker = self._makers.pop(full.id, None)
+        if maker is not None and published:
+            maker.stop()  # the publisher sends its own low layer now
+            if full.low is not None:
+                full.low.publisher_gone(final=False, reason="the publisher sends its own")
+        low = full.low
+        if low is None or low.state == "closed":
+            low = Feed(feed_id=f"{full.id}.low", slot=full.slot, kind="video", codec=codec,
+                       media=self._config.media, liveness=self._config.liveness,
+                       on_state=self._low_changed, on_closed=self._feed_closed,
+                       on_dropped=self._downstream_dropped, layer="low")
+            full.low = low
+            if self._watch_stream is not None:
+                self._unwatch_feeds[id(low)] = self._watch_stream(low.check_stall)
+        elif low.codec.mimeType.lower() != codec.mimeType.lower():
+            raise Unprocessable(f"the low layer must use the full layer's codec "
+                                f"({full.codec.mimeType})", code="codec_mismatch")
+        return low
+
+    def _without_published_low(self, full: Feed) -> None:
+        """A camera published without a low layer: close a published one it had;
+        the server makes one instead when configured to."""
+        low = full.low
+        if full.id in self._makers:
+            return
+        if low is not None and low.state != "closed" and not self._config.media.server_low_layer:
+            low.close("the publisher no longer sends a low layer")
+            full.low = None
+            self._feed_changed(full)
+            return
+        if not self._config.media.server_low_layer:
+            return
+        low = self._low_feed_for(full, full.codec, published=False)
+        maker = LowLayerMaker(feed_id=full.id, mime_type=full.mime_type,
+                              request_full_keyframe=lambda: full.request_keyframe(
+                                  f"low-layer:{full.id}"))
+        self._makers[full.id] = maker
+        maker.start(low.connect_publisher(maker.request_keyframe))
+        full.attach(maker, start="keyframe")
+        logger.info("session %s: making a low layer of %s on this Node", self.id, full.id)
+
+    def _low_changed(self, low: Feed) -> None:
+        self._count("feed", low.state)
+        full = self.feeds.get(low.slot + ".video")
+        if full is not None and full.low is low and full.state != "closed":
+            self._emit({"type": "feed", "feed": self.describe_feed(full)})
+
     def _feed_changed(self, feed: Feed) -> None:
         self._count("feed", feed.state)
         self._emit({"type": "feed", "feed": self.describe_feed(feed)})
@@ -377,6 +445,11 @@ class Session:
         unwatch = self._unwatch_feeds.pop(id(feed), None)
         if unwatch is not None:
             unwatch()
+        maker = self._makers.pop(feed.id, None)
+        if maker is not None:
+            maker.stop()
+        if feed.layer == "low":
+            return
         if self.feeds.get(feed.id) is feed:
             del self.feeds[feed.id]
         self._totals["frames_received"] += feed.frames_received
@@ -481,7 +554,8 @@ class Session:
             max_queue=self._config.media.keyframe_cache_max_frames
             + self._config.media.viewer_queue_frames,
             fast_path=self._config.media.fast_path,
-            on_closed=self._subscription_closed, on_first_frame=self._on_first_frame)
+            on_closed=self._subscription_closed, on_first_frame=self._on_first_frame,
+            on_layer=self._layer_changed, adaptive=self._config.media.adaptive_layers)
         try:
             answer = await subscription.negotiate(summary.text, self._peers.answer)
         except BaseException:
@@ -497,6 +571,12 @@ class Session:
         self._count("subscription", "waiting")
         self._feed_changed(feed)
         return answer, subscription
+
+    def _layer_changed(self, subscription: Subscription, layer: str, reason: str) -> None:
+        self._count("layer", layer)
+        self._emit({"type": "layer", "subscription": subscription.id,
+                    "feed": subscription.feed_id, "layer": layer, "reason": reason,
+                    "participant_id": subscription.participant_id})
 
     def _viewer_gone(self, subscription: Subscription, reason: str) -> None:
         """The viewer's connection failed, went quiet, or closed under us."""

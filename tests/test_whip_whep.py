@@ -575,7 +575,10 @@ async def test_unusable_offers_are_422(server, http):
     limit = server.config.limits.max_media_sections
     too_many = await make_offer(*(["video", "audio"] * limit)[: limit + 1])
     await refused(http, server, WHIP_ROOM, too_many, token, 422, "sdp_too_many_media")
-    await refused(http, server, WHIP_ROOM, await make_offer("video", "video"), token, 422,
+    # Two video sections are a camera and its low layer; a third is one too many.
+    await refused(http, server, WHIP_ROOM, await make_offer("video", "video", "video"), token,
+                  422, "sdp_duplicate_kind")
+    await refused(http, server, WHIP_ROOM, await make_offer("audio", "audio"), token, 422,
                   "sdp_duplicate_kind")
 
 

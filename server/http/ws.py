@@ -111,6 +111,10 @@ class Connection:
             elif self.grant.role in ROSTER_READERS:
                 self.send({"type": "slot_taken_over", "slot": event["slot"],
                            "from": event["from"], "by": event["by"]})
+        elif kind == "layer":
+            if event["subscription"] in self.subscriptions:
+                self.send({"type": "layer", "subscription": event["subscription"],
+                           "feed": event["feed"], "layer": event["layer"]})
         elif kind == "subscription_closed":
             # Only the socket that made it; closed by its owner it needs no notice.
             if self.subscriptions.pop(event["subscription"], None) is not None and (
@@ -167,6 +171,16 @@ class Connection:
             self.subscriptions.pop(subscription_id, None)
             await session.unsubscribe(grant, subscription_id)
             return {"type": "ok"}
+        if kind == "set_layer":
+            target = self.subscriptions.get(_field(message, "subscription"))
+            if target is None:
+                raise BadRequest("no such subscription on this connection",
+                                 code="unknown_resource")
+            layer = message.get("layer")
+            if layer not in ("auto", "full", "low"):
+                raise BadRequest("layer must be auto, full or low", code="bad_message")
+            target.set_preference(layer)
+            return {"type": "ok", "layer": target.layer}
         if kind in ("pause", "resume"):
             # A hidden video: stop sending it without tearing its connection down.
             target = self.subscriptions.get(_field(message, "subscription"))

@@ -104,14 +104,18 @@ class FastSender:
     def active(self) -> bool:
         return self._send is not None
 
-    def send_frame(self, payloads: Any, pts: int) -> None:
+    def send_frame(self, payloads: Any, pts: int, picture_id_offset: int = 0) -> None:
         """One encoded frame (payloads from the Feed's packetizer), now.
 
+        ``picture_id_offset`` keeps VP8 picture ids continuous for a viewer that
+        moved between layers (each layer's Feed numbers its own frames).
         Raises :class:`DownstreamGone` when the viewer's transport is gone.
         """
         send = self._send
         if send is None:
             raise DownstreamGone("fast sender is not bound to a transport")
+        if picture_id_offset:
+            payloads = [vp8_with_picture_id_offset(p, picture_id_offset) for p in payloads]
         timestamp = (self._ts_origin + pts) & 0xFFFFFFFF
         now_ntp = current_ntp_time()
         profile, ext = self._negotiated.extensions.set(HeaderExtensions(
@@ -163,6 +167,21 @@ class FastSender:
             self.retransmitted += 1
         except (ConnectionError, OSError, RuntimeError, AttributeError):
             self._send = None
+
+
+def vp8_picture_id(payload: bytes) -> int | None:
+    """The 15-bit picture id of a VP8 payload descriptor (RFC 7741), if it has one."""
+    if len(payload) >= 4 and payload[0] & 0x80 and payload[1] & 0x80 and payload[2] & 0x80:
+        return ((payload[2] & 0x7F) << 8) | payload[3]
+    return None
+
+
+def vp8_with_picture_id_offset(payload: bytes, offset: int) -> bytes:
+    picture_id = vp8_picture_id(payload)
+    if picture_id is None:
+        return payload
+    rewritten = (picture_id + offset) & 0x7FFF
+    return payload[:2] + bytes((0x80 | (rewritten >> 8), rewritten & 0xFF)) + payload[4:]
 
 
 def shared_packetizer(codec: Any) -> Any:
