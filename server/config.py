@@ -91,6 +91,9 @@ class MediaConfig:
     # on this Node, ~0.1-0.2 of a core each (docs/performance.md). Browser
     # publishers send their own low layer.
     server_low_layer: bool = False
+    # The low layer's bitrate ceiling, whoever makes it (REMB and answer hints
+    # hold a publisher to it).
+    low_layer_max_kbps: int = 250
     # Per viewer, move between a camera's layers from its own feedback (loss,
     # REMB); off: every viewer gets what it asked for (full unless pinned low).
     adaptive_layers: bool = True

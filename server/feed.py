@@ -59,7 +59,7 @@ _REATTACH_STEP = {"video": 3000, "audio": 960}
 
 #: Per viewer, at most one keyframe request (PLI, join, switch) per this many
 #: seconds reaches the policy; the Feed-wide interval still applies on top.
-PER_REQUESTER_S = 2.0
+PER_REQUESTER_S = 1.0
 
 
 @dataclass(eq=False)

@@ -318,13 +318,18 @@ class Session:
             ingest = Ingest(_new_id(), slot, grant.participant_id, pc, via=via, name=name)
             ingest.grant = grant
             full: Feed | None = None
+            low_mids: set[str] = set()
             for transceiver in pc.getTransceivers():
                 codec = codecs.get(transceiver.mid or "")
                 if codec is None or transceiver.kind not in ("audio", "video"):
                     continue
                 if transceiver.kind == "video" and full is not None:
-                    # The second video section: this camera's low layer.
+                    # The second video section: this camera's low layer, held to its
+                    # bitrate by REMB (and by the answer's hints, for browsers).
                     feed = self._low_feed_for(full, codec, published=True)
+                    hooks.cap_remb(transceiver.receiver,
+                                   self._config.media.low_layer_max_kbps * 1000)
+                    low_mids.add(transceiver.mid or "")
                 else:
                     feed = self._feed_for(slot, transceiver.kind, codec)
                     if transceiver.kind == "video":
@@ -349,7 +354,8 @@ class Session:
                     ", ".join(f"{f.id} {f.codec.mimeType}" for f in ingest.feeds))
         media = self._config.media
         return add_bitrate_hints(answer, media.min_bitrate_kbps, media.start_bitrate_kbps,
-                                 media.max_bitrate_kbps), ingest
+                                 media.max_bitrate_kbps, frozenset(low_mids),
+                                 media.low_layer_max_kbps), ingest
 
     def _publisher_gone(self, ingest: Ingest, reason: str) -> None:
         """The publisher's connection failed, closed, or went quiet."""
@@ -422,7 +428,8 @@ class Session:
         low = self._low_feed_for(full, full.codec, published=False)
         maker = LowLayerMaker(feed_id=full.id, mime_type=full.mime_type,
                               request_full_keyframe=lambda: full.request_keyframe(
-                                  f"low-layer:{full.id}"))
+                                  f"low-layer:{full.id}"),
+                              bitrate=self._config.media.low_layer_max_kbps * 1000)
         self._makers[full.id] = maker
         maker.start(low.connect_publisher(maker.request_keyframe))
         full.attach(maker, start="keyframe")

@@ -254,6 +254,8 @@ class Subscription:
                 if first is not None:
                     port.picture_id_offset = (self._last_picture_id + 1 - first) & 0x7FFF
             old.feed.detach(old, "closed")
+            if self._fast is not None:
+                self._fast.new_epoch()
         self.layer = port.layer
         self.layer_switches += 1
         self.controller.start(port.layer)
@@ -267,6 +269,8 @@ class Subscription:
     def _port_dropped(self, port: _Port, reason: DropReason) -> None:
         if port is self._target:
             self._target = None
+            if self._current is not None and self.state != "paused":
+                self._current.feed.resume(self._current)  # it was held for the switch
             return
         if port is not self._current:
             return
@@ -317,10 +321,15 @@ class Subscription:
         if self._target is not None:
             self._target.feed.detach(self._target, "closed")
             self._target = None
+            self._current.feed.resume(self._current)
         if layer == self._current.layer:
             return
         logger.info("subscription %s: %s -> %s layer (%s)", self.id, self._current.layer, layer,
                     reason)
+        if layer == "low" and self.preference == "auto":
+            # The link is overloaded: stop filling it with the full layer now, so
+            # the low layer's keyframe (and its retransmissions) get through.
+            self._current.feed.pause(self._current)
         self._attach_layer(layer, start="keyframe")
 
     def on_feedback(self, loss: float, jitter: int, rtt: float | None) -> None:

@@ -417,3 +417,32 @@ def observe_viewer_feedback(sender: RTCRtpSender,
             logger.exception("viewer feedback observer failed")
 
     setattr(sender, SENDER_HANDLE_RTCP, handle)
+
+
+RECEIVER_SEND_RTCP = "_send_rtcp"
+
+
+def cap_remb(receiver: RTCRtpReceiver, max_bps: int) -> None:
+    """The receiver's REMB to its publisher never says more than ``max_bps``.
+
+    A REMB is an upper bound to a sender: capping it is how a layer is held to
+    its bitrate (a camera's low layer) for any publisher that obeys REMB.
+    """
+    from aiortc.rtp import pack_remb_fci
+
+    original = getattr(receiver, RECEIVER_SEND_RTCP, None)
+    if not callable(original):
+        raise RuntimeError("aiortc changed: RTCRtpReceiver has no _send_rtcp")
+
+    async def send(packet: Any) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                pass
+            else:
+                if bitrate > max_bps:
+                    packet.fci = pack_remb_fci(max_bps, ssrcs)
+        await original(packet)
+
+    setattr(receiver, RECEIVER_SEND_RTCP, send)

@@ -71,8 +71,11 @@ class LayerController:
                   full_bps: float | None = None) -> Layer | None:
         """One receiver report (and the latest REMB); returns a layer to move to."""
         now = self.clock()
-        too_slow = (remb_bps is not None and full_bps is not None and full_bps > 0
-                    and remb_bps < full_bps * self.remb_margin)
+        # Right after moving up, a receiver's REMB still reflects the low layer it
+        # was receiving (it ramps up over seconds): only loss judges the attempt.
+        settling = self._went_up_at is not None and now - self._went_up_at < self.probation_s
+        too_slow = (not settling and remb_bps is not None and full_bps is not None
+                    and full_bps > 0 and remb_bps < full_bps * self.remb_margin)
         if self.layer == "full":
             self._bad = self._bad + 1 if loss > self.loss_down or too_slow else 0
             if self._bad >= self.bad_reports:
@@ -85,7 +88,11 @@ class LayerController:
                 self._went_up_at = None
                 self._wait = self.up_after_s  # the full layer held: the next wait is short
             return None
-        if loss > self.loss_clean or too_slow:
+        # On the low layer a receiver's REMB cannot say more than ~1.5x what it
+        # receives (receive-side estimation is capped by the incoming rate), so
+        # it cannot tell whether the full layer would fit: only loss counts, and
+        # a failed attempt at the full layer makes the next wait longer.
+        if loss > self.loss_clean:
             self._clean_since = None
             return None
         if self._clean_since is None:
