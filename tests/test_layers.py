@@ -55,6 +55,7 @@ class Scaled(MediaStreamTrack):
 
 async def publish_layers(http: aiohttp.ClientSession, server: Server, slot: str = "room",
                          full: tuple[int, int] = FULL, fps: int = FPS,
+                         session: str = SESSION,
                          ) -> tuple[RTCPeerConnection, SyntheticTheatreCamera]:
     """A publisher that sends a camera as two layers, as the broadcast page does
     (same source, two video sections: full then low)."""
@@ -66,8 +67,9 @@ async def publish_layers(http: aiohttp.ClientSession, server: Server, slot: str 
     for track in (relay.subscribe(camera, buffered=False),
                   Scaled(relay.subscribe(camera, buffered=False), LOW, keep=2)):
         pc.addTransceiver(track, direction="sendonly").setCodecPreferences(vp8)
-    async with http.post(f"{server.base_url}/whip/{SESSION}/{slot}", data=await offer_sdp(pc),
-                         headers={"Authorization": f"Bearer {server.token(Role.EXPERT)}",
+    token = server.token(Role.EXPERT, session)
+    async with http.post(f"{server.base_url}/whip/{session}/{slot}", data=await offer_sdp(pc),
+                         headers={"Authorization": f"Bearer {token}",
                                   "Content-Type": "application/sdp"}) as response:
         body = await response.text()
         assert response.status == 201, body
@@ -243,3 +245,112 @@ async def test_a_weak_link_moves_chromium_to_the_low_layer_and_back(
     finally:
         relay.close()
         await good.stop()
+
+
+LAYER_HEIGHTS_JS = """
+async () => {
+  const out = {};
+  for (const [id, sub] of window.scrubin.client.subscriptions) {
+    if (sub.kind !== 'video' || !sub.pc) continue;
+    let height = 0, bytes = 0;
+    (await sub.pc.getStats()).forEach((r) => {
+      if (r.type === 'inbound-rtp' && r.kind === 'video') {
+        height = r.frameHeight || 0; bytes = r.bytesReceived || 0;
+      }
+    });
+    out[id] = {height, bytes, layer: sub.layer, want: sub.wantLayer, paused: sub.paused};
+  }
+  return out;
+}
+"""
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not chromium_available(), reason="needs /usr/bin/chromium")
+async def test_the_watch_page_takes_one_full_and_three_low_layers_of_four_cameras(
+        server: Server, http: aiohttp.ClientSession, peers: list[RTCPeerConnection],
+        browser: Any) -> None:
+    from server.theatre import Theatre
+
+    slots = ("room", "endoscope", "overhead", "microscope")
+    server.registry.add_theatre(Theatre("or4", "Theatre 4", slots))
+    server.registry.create_session("four-cams", "or4", "Four cameras")
+    for slot in slots:
+        pc, _ = await publish_layers(http, server, slot, full=(640, 360), fps=15,
+                                     session="four-cams")
+        peers.append(pc)
+    session = server.session("four-cams")
+    await wait_for(lambda: "" if all(
+        f"{s}.video" in session.feeds and session.feeds[f"{s}.video"].low is not None
+        and session.feeds[f"{s}.video"].low.frames_received > 5 for s in slots)
+        else "cameras starting", timeout=20)
+    token = server.token(Role.TRAINEE, "four-cams", name="Trainee")
+    _, page, log = await open_page(browser, f"{server.base_url}/watch.html#token={token}",
+                                   "trainee")
+    await page.wait_for_function(
+        "() => window.scrubin && scrubin.mainFeedId() === 'room.video'"
+        " && scrubin.thumbnails().length === 3", polling=100, timeout=20_000)
+
+    def heights_ok(layers: dict[str, Any]) -> str:
+        if len(layers) != 4:
+            return f"{len(layers)} subscriptions"
+        want = {f"{s}.video": 360 if s == "room" else 180 for s in slots}
+        got = {k: v["height"] for k, v in layers.items()}
+        return "" if got == want else f"frame heights {got}"
+
+    reason = "never looked"
+    for _ in range(100):
+        layers = await page.evaluate(LAYER_HEIGHTS_JS)
+        reason = heights_ok(layers)
+        if not reason:
+            break
+        await asyncio.sleep(0.2)
+    assert not reason, reason
+    # The server agrees: one viewer of each camera, the main one on the full layer.
+    subs = {s.feed_id: s for s in session.subscriptions.values() if s.kind == "video"}
+    assert {k: v.layer for k, v in subs.items()} == {
+        f"{s}.video": "full" if s == "room" else "low" for s in slots}
+    # What this trainee receives for all four cameras (the benchmark measures it).
+    first = await page.evaluate(LAYER_HEIGHTS_JS)
+    await asyncio.sleep(2)
+    second = await page.evaluate(LAYER_HEIGHTS_JS)
+    kbps = {k: (second[k]["bytes"] - first[k]["bytes"]) * 8 / 2 / 1000 for k in second}
+    low_total = sum(v for k, v in kbps.items() if k != "room.video")
+    assert low_total < 3 * 300, kbps  # each thumbnail at most ~250 kbit/s
+    # Switching the main camera swaps the layers.
+    await page.click("[data-feed='endoscope.video']")
+    await page.wait_for_function(
+        "async () => { const s = window.scrubin.client.subscriptions;"
+        " return s.get('endoscope.video').layer === 'full'"
+        " && s.get('room.video').layer === 'low'; }",
+        polling=100, timeout=15_000)
+    assert not log.errors, log.errors
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not chromium_available(), reason="needs /usr/bin/chromium")
+async def test_the_broadcast_page_publishes_a_low_layer_beside_each_camera(
+        server: Server, browser: Any) -> None:
+    token = server.token(Role.EXPERT, name="Dr Grey")
+    _, page, log = await open_page(browser, f"{server.base_url}/broadcast.html#token={token}",
+                                   "expert")
+    await page.wait_for_function("() => window.scrubin && scrubin.slotState('room') === "
+                                 "'preview'", polling=100, timeout=15_000)
+    await page.click("#go-live")
+    session = server.session()
+    await wait_for(lambda: "" if "room.video" in session.feeds
+                   and session.feeds["room.video"].low is not None
+                   and session.feeds["room.video"].low.frames_received > 20
+                   else "no low layer yet", timeout=20)
+    full, low = session.feeds["room.video"], session.feeds["room.video"].low
+    assert low is not None and low.codec.mimeType == full.codec.mimeType
+    # The low layer is the camera scaled to 180 lines.
+    key = next(f for f in reversed(low.cached_frames()) if f.keyframe)
+    width = int.from_bytes(key.data[6:8], "little") & 0x3FFF  # VP8 keyframe header
+    height = int.from_bytes(key.data[8:10], "little") & 0x3FFF
+    assert height == 180 and width in (240, 320), (width, height)
+    described = session.describe_feed(full)
+    assert described["layers"] == ["full", "low"]
+    await wait_for(lambda: "" if 0 < low.bitrate_bps <= 300_000 else f"{low.bitrate_bps:.0f}",
+                   timeout=15)
+    assert not log.errors, log.errors

@@ -250,6 +250,9 @@ const FATAL_HELLO_CODES = new Set([
 /** Subscribe failures meaning the Feed is gone: stop trying. */
 const FEED_GONE_CODES = new Set(['unknown_feed', 'feed_closed']);
 
+/** The low layer's bitrate ceiling (the server holds publishers to it too). */
+const LOW_LAYER_BPS = 250_000;
+
 /** How long a peer connection may stay `disconnected` before it is replaced. */
 const DISCONNECTED_GRACE_MS = 5000;
 const SUBSCRIPTION_DISCONNECTED_GRACE_MS = 3000;
@@ -344,6 +347,8 @@ export class Publication {
     this.retryTimer = undefined;
     /** @type {ReturnType<typeof setTimeout>|undefined} */
     this.disconnectTimer = undefined;
+    /** Also send the camera as a low layer (a second video section). */
+    this.lowLayer = true;
   }
 }
 
@@ -377,6 +382,16 @@ export class Subscription {
     this.retryTimer = undefined;
     /** @type {ReturnType<typeof setTimeout>|undefined} */
     this.disconnectTimer = undefined;
+    /**
+     * Which layer of the camera to receive (docs/protocol.md, `set_layer`):
+     * `auto` follows the link; thumbnails ask for `low`.
+     * @type {'auto'|'full'|'low'}
+     */
+    this.wantLayer = 'auto';
+    /** @type {'full'|'low'} the layer the server sends now */
+    this.layer = 'full';
+    /** Sent nothing by the server while hidden (`pause`). */
+    this.paused = false;
     /** Packets received when last checked, and when that count last grew. */
     this.packets = 0;
     this.progressAt = 0;
@@ -683,6 +698,14 @@ export class ScrubinClient extends EventTarget {
       case 'subscription_closed':
         this._onSubscriptionClosed(msg);
         break;
+      case 'layer': {
+        const sub = [...this.subscriptions.values()].find((x) => x.id === msg.subscription);
+        if (sub && (msg.layer === 'full' || msg.layer === 'low')) {
+          sub.layer = msg.layer;
+          this._emit('subscription', { subscription: sub });
+        }
+        break;
+      }
       case 'publication_ended':
         // Someone took this slot over: stop, and do not publish it again by ourselves.
         this._dropPublication(msg.slot, 'stopped', clientError('taken_over',
@@ -855,7 +878,9 @@ export class ScrubinClient extends EventTarget {
    * page may take a slot from an encoder; an encoder never from the page).
    * @param {string} slot
    * @param {MediaStream|MediaStreamTrack[]} media  at most one video and one audio track
-   * @param {{takeover?: boolean}} [options]
+   * A camera goes out as two layers, the full one and a low one (≈ 320×180,
+   * 15 fps, ≤ 250 kbit/s) for thumbnails and weak links, unless `lowLayer` is false.
+   * @param {{takeover?: boolean, lowLayer?: boolean}} [options]
    * @returns {Promise<Publication>}
    */
   async publish(slot, media, options = {}) {
@@ -863,6 +888,7 @@ export class ScrubinClient extends EventTarget {
     if (!tracks.length) throw new TypeError('publish() needs at least one track');
     const previous = this.publications.get(slot);
     const pub = new Publication(slot, tracks);
+    pub.lowLayer = options.lowLayer !== false;
     this.publications.set(slot, pub);
     try {
       await this._negotiatePublication(pub, previous?.pc || null, Boolean(options.takeover));
@@ -897,7 +923,8 @@ export class ScrubinClient extends EventTarget {
     if (!pub || !pub.pc || pub.negotiating) return this.publish(slot, tracks);
     const senders = pub.pc.getTransceivers().map((t) => t.sender);
     const kinds = (/** @type {MediaStreamTrack[]} */ list) => list.map((t) => t.kind).sort().join();
-    const senderKinds = senders.map((s) => s.track?.kind).filter(Boolean).sort().join();
+    const senderKinds = [...new Set(senders.map((s) => s.track?.kind).filter(Boolean))]
+      .sort().join();
     if (kinds(tracks) !== kinds(pub.tracks) || senderKinds !== kinds(pub.tracks)) {
       const wanted = new Set(tracks.map((t) => t.kind));
       if (pub.tracks.some((t) => !wanted.has(t.kind))) {
@@ -909,8 +936,10 @@ export class ScrubinClient extends EventTarget {
       return this.publish(slot, tracks);
     }
     for (const track of tracks) {
-      const sender = senders.find((s) => s.track && s.track.kind === track.kind);
-      if (sender) await sender.replaceTrack(track);
+      // Every sender of that kind: a camera's full and low layers share its track.
+      for (const sender of senders.filter((s) => s.track && s.track.kind === track.kind)) {
+        await sender.replaceTrack(track);
+      }
     }
     pub.tracks = tracks;
     pub.stream = new MediaStream(tracks);
@@ -929,6 +958,17 @@ export class ScrubinClient extends EventTarget {
       try {
         for (const track of pub.tracks) {
           pc.addTransceiver(track, { direction: 'sendonly', streams: [pub.stream] });
+        }
+        const video = pub.tracks.find((t) => t.kind === 'video');
+        if (video && pub.lowLayer) {
+          // The same camera again, smaller: aiortc cannot receive simulcast, so
+          // the low layer is its own section (docs/protocol.md, "Layers").
+          const height = video.getSettings().height || 720;
+          pc.addTransceiver(video, {
+            direction: 'sendonly', streams: [pub.stream],
+            sendEncodings: [{ scaleResolutionDownBy: Math.max(1, height / 180),
+              maxBitrate: LOW_LAYER_BPS, maxFramerate: 15 }],
+          });
         }
         await pc.setLocalDescription(await pc.createOffer());
         await iceGatheringComplete(pc);
@@ -1131,6 +1171,14 @@ export class ScrubinClient extends EventTarget {
       if (oldPc) oldPc.close();
       if (oldId && oldId !== sub.id) this._unsubscribeQuietly(oldId);
       this._watchSubscription(sub, pc);
+      sub.layer = sub.wantLayer === 'low' ? 'low' : 'full';
+      queueMicrotask(() => {
+        if (sub.pc !== pc) return;
+        this._sendLayer(sub);
+        if (sub.paused && this.ready) {
+          this.request({ type: 'pause', subscription: sub.id }).catch(() => {});
+        }
+      });
       sub.packets = 0;
       sub.progressAt = Date.now();
       if (sub.kind === 'video' && !this._stallTimer) {
@@ -1189,8 +1237,8 @@ export class ScrubinClient extends EventTarget {
     for (const sub of videos) {
       const pc = sub.pc;
       const feed = this.feeds.get(sub.feedId);
-      if (!pc || sub.negotiating || sub.state !== 'connected' || !feed || feed.state !== 'live'
-          || !this.ready) {
+      if (!pc || sub.negotiating || sub.paused || sub.state !== 'connected' || !feed
+          || feed.state !== 'live' || !this.ready) {
         // Nothing is expected to arrive (a `down` Feed waits for its publisher,
         // a `stalled` one for its camera).
         sub.progressAt = now;
@@ -1261,6 +1309,44 @@ export class ScrubinClient extends EventTarget {
         this._dropSubscription(sub.feedId, 'failed', error);
       }
     });
+  }
+
+  /**
+   * Which layer of a camera to receive: `auto` (follow the link), `full` or
+   * `low` (thumbnails). Remembered across reconnections.
+   * @param {string} id  the Feed id
+   * @param {'auto'|'full'|'low'} layer
+   */
+  setLayer(id, layer) {
+    const sub = this.subscriptions.get(id);
+    if (!sub || sub.kind !== 'video' || sub.wantLayer === layer) return;
+    sub.wantLayer = layer;
+    if (!sub.negotiating) this._sendLayer(sub);
+  }
+
+  /** @param {Subscription} sub */
+  _sendLayer(sub) {
+    // While negotiating, sub.id is the old Subscription's: the new one sends it.
+    if (!sub.id || !this.ready) return;
+    if (sub.wantLayer !== 'auto' || sub.layer !== 'full') {
+      this.request({ type: 'set_layer', subscription: sub.id, layer: sub.wantLayer })
+        .catch(() => { /* gone meanwhile: the next negotiation sends it again */ });
+    }
+  }
+
+  /**
+   * Stop (or restart) receiving a video the page does not show; the connection
+   * stays up, so showing it again is quick.
+   * @param {string} id  the Feed id
+   * @param {boolean} paused
+   */
+  setPaused(id, paused) {
+    const sub = this.subscriptions.get(id);
+    if (!sub || sub.paused === paused) return;
+    sub.paused = paused;
+    if (sub.id && this.ready && !sub.negotiating) {
+      this.request({ type: paused ? 'pause' : 'resume', subscription: sub.id }).catch(() => {});
+    }
   }
 
   /**
