@@ -18,7 +18,7 @@ from aiohttp import WSCloseCode, web
 
 from .audit import JsonlAuditTrail
 from .config import Config
-from .http import admin, api, review, whip
+from .http import admin, api, review, revocation, whip
 from .http.common import (
     ACCEPTING,
     AUDIT,
@@ -63,7 +63,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[NODE_ID] = node_id
     app[PEERS] = peers
-    app[TOKENS] = TokenAuthority(config.auth.signing_keys)
+    app[TOKENS] = TokenAuthority(config.auth.signing_keys, config.role_caps())
     app[WEBSOCKETS] = weakref.WeakSet()
     app[SOCKET_GRANTS] = weakref.WeakKeyDictionary()
     app[ACCEPTING] = {"joins": True}
@@ -83,8 +83,6 @@ def create_app(config: Config) -> web.Application:
     registry.on_session = lambda session, state: audit.record(
         f"session_{state}", session=session.id, theatre=session.theatre.id, title=session.title)
     registry.on_first_frame = metrics.first_frame.observe
-    registry.on_event = lambda session_id, event: admin.close_revoked_sockets(
-        app, session_id, event)
 
     app.add_routes(api.routes)
     app.add_routes(admin.routes)
@@ -102,6 +100,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_sessions)
     review.setup(app)  # recording control, review API, retention (after _sessions)
+    revocation.setup(app)  # revocations reach live connections
     app.on_shutdown.append(_going_away)
     return app
 

@@ -305,29 +305,38 @@ async def authenticate(request: web.Request, token: str | None = None, *,
                        redeem: bool = True) -> Grant:
     """The one place a token becomes a Grant, for every bearer route and the
     websocket hello (``token`` given): the failed-auth limit of the address
-    (429), signature and expiry (401), revocation of the token, its invite or
-    its Session (401 token_revoked), and, for an invite with ``max_uses``, one
-    use per Participant (403 invite_used_up; ``redeem=False`` leaves that to
-    the caller). A node-wide admin token on a route with ``{session}`` comes
-    back scoped to that Session. The store being unreachable is a 503: a
-    revocation is never skipped."""
+    (429), signature and expiry (401), revocation of the token or of any
+    grant it comes from (its invite, its parents), or of its Session's tokens
+    (401 token_revoked), and, for an invite used directly, one of its device
+    uses (403 invite_used_up; ``redeem=False`` leaves that to the caller). A
+    node-wide admin token on a route with ``{session}`` comes back scoped to
+    that Session (``Grant.scope`` keeps "*"). The store being unreachable is a
+    503: a revocation is never skipped."""
     app = request.app
     app[AUTH_GUARD].check(request.remote)
     grant = app[TOKENS].verify(bearer_token(request) if token is None else token)
     invites = app[STORE].invites
-    if await invites.is_revoked(grant.token_id, session_id=grant.session_id,
+    if await invites.is_revoked(grant.lineage, session_id=grant.session_id,
                                 issued_at=grant.issued_at):
-        raise Unauthorized("this token or its invite has been revoked", code="token_revoked")
-    if redeem and grant.max_uses is not None and not await invites.use_invite(
-            grant.token_id, max_uses=grant.max_uses, expires_at=grant.expires_at,
+        raise Unauthorized("this token, or the invite or token it comes from, has been revoked",
+                           code="token_revoked")
+    if redeem and grant.kind == "invite" and not await invites.use_invite(
+            grant.token_id, max_uses=device_limit(app, grant), expires_at=grant.expires_at,
             redeemer=grant.participant_id):
-        raise Forbidden("this invite has been used by as many people as it allows",
+        raise Forbidden("this invite has been used on as many devices as it allows",
                         code="invite_used_up")
     path_session = request.match_info.get("session")
     if grant.node_wide and path_session:
-        grant = dataclasses.replace(grant, session_id=path_session)
+        grant = dataclasses.replace(grant, session_id=path_session, scope=grant.session_id)
     logs.bind(grant.session_id, grant.participant_id)
     return grant
+
+
+def device_limit(app: web.Application, invite: Grant) -> int:
+    """Devices that may use an invite: its ``max_uses``, never more than
+    ``limits.devices_per_invite`` (an invite is one person)."""
+    cap = app[CONFIG].limits.devices_per_invite
+    return min(invite.max_uses or cap, cap)
 
 
 async def session_for(request: web.Request, grant: Grant, *, start: bool = False) -> Session:
