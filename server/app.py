@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .http.common import (
     METRICS,
     NODE_ID,
     PEERS,
+    PENDING_SUBSCRIPTIONS,
     PRESENCE,
     REGISTRY,
     SOCKET_GRANTS,
@@ -67,6 +69,7 @@ def create_app(config: Config) -> web.Application:
     app[WEBSOCKETS] = weakref.WeakSet()
     app[SOCKET_GRANTS] = weakref.WeakKeyDictionary()
     app[ACCEPTING] = {"joins": True}
+    app[PENDING_SUBSCRIPTIONS] = Counter()
     store = app[STORE] = open_store(config.store.redis_url or None, node_id=node_id,
                                     prefix=config.store.prefix, timeout_s=config.store.timeout_s)
     app[PRESENCE] = Presence(store.presence, node_id=node_id, ttl_s=config.store.presence_ttl_s,

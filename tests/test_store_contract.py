@@ -157,6 +157,22 @@ async def test_closed_store_is_unhealthy_and_refuses_calls(store: Store) -> None
 # -- theatres ------------------------------------------------------------------
 
 
+async def test_a_cancelled_call_is_cancelled(store: Store) -> None:
+    """A task cancelled while a store call is in flight stops there: redis-py
+    swallows some such cancellations, which left a Session's watcher waiting
+    forever after its Session ended."""
+    for i in range(60):
+        async def call() -> None:
+            await store.sessions.get_session("s1")
+            await asyncio.sleep(30)
+
+        task = asyncio.ensure_future(call())
+        await asyncio.sleep(0.0003 * (i % 12))
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=3)
+        assert done and task.cancelled(), f"attempt {i}: the cancellation was lost"
+
+
 async def test_theatres(nodes: Nodes, store: Store) -> None:
     other = nodes.open("node-b")
     assert await store.theatres.get_theatre("or1") is None

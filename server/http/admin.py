@@ -455,6 +455,10 @@ async def redeem_invite(request: web.Request) -> web.Response:
     """The join page: an invite (bearer) becomes a personal token for this device."""
     grant = await authenticate(request, redeem=False)
     invites.check_redeemable(grant)
+    registry = request.app[REGISTRY]
+    record = await registry.record(grant.session_id)
+    if grant.session_id in registry.ended or (record is not None and record.state == "ended"):
+        raise Gone(f"session {grant.session_id} has ended", code="session_ended")
     body = await _body(request, {"device", "name"})
     device = body.get("device")
     if not isinstance(device, str):

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from ..audit import JsonlAuditTrail
 from ..config import Config
 from ..errors import (
     BadRequest,
+    Conflict,
     Forbidden,
     ScrubinError,
     TooManyRequests,
@@ -29,6 +31,7 @@ from ..metrics import Metrics
 from ..registry import Registry
 from ..session import Session
 from ..store import Presence, RateLimiter, Store, StoreUnavailable
+from ..subscription import Subscription
 from ..tokens import Grant, TokenAuthority
 
 logger = logging.getLogger(__name__)
@@ -154,6 +157,10 @@ class MessageRates:
 
 
 MESSAGE_RATES = web.AppKey("message_rates", MessageRates)
+#: Subscriptions being negotiated, per (Session, person): counted against the
+#: cap while their answer is computed, so concurrent requests cannot pass it.
+PENDING_SUBSCRIPTIONS: web.AppKey[Counter[tuple[str, str]]] = web.AppKey(
+    "pending_subscriptions")
 #: The Grant behind each open websocket, so revocations close them.
 SOCKET_GRANTS: web.AppKey[weakref.WeakKeyDictionary[Any, Grant]] = web.AppKey("socket_grants")
 
@@ -346,6 +353,28 @@ async def session_for(request: web.Request, grant: Grant, *, start: bool = False
     if not grant.covers(session_id):
         raise Forbidden("token is for another session", code="wrong_session")
     return await request.app[REGISTRY].resolve(session_id, start=start)
+
+
+async def subscribe(app: web.Application, session: Session, grant: Grant, feed_id: str,
+                    offer: str) -> tuple[str, Subscription]:
+    """``Session.subscribe`` within the per-person cap
+    (``limits.max_subscriptions_per_participant`` counts every device of an
+    invite and everything derived from one token together)."""
+    cap = app[CONFIG].limits.max_subscriptions_per_participant
+    pending = app[PENDING_SUBSCRIPTIONS]
+    key = (session.id, grant.person_id)
+    live = sum(1 for s in session.subscriptions.values()
+               if s.grant is not None and s.grant.person_id == grant.person_id)
+    if live + pending[key] >= cap:
+        raise Conflict(f"at most {cap} subscriptions per person (an invite's devices "
+                       "together)", code="too_many_subscriptions")
+    pending[key] += 1
+    try:
+        return await session.subscribe(grant, feed_id, offer)
+    finally:
+        pending[key] -= 1
+        if pending[key] <= 0:
+            del pending[key]
 
 
 async def read_sdp(request: web.Request) -> str:

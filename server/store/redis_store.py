@@ -224,18 +224,24 @@ class RedisStore:
     async def _op(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         if self._closed:
             raise StoreUnavailable("the store is closed")
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
         try:
             async with asyncio.timeout(self.timeout_s):
                 result = await call()
         except TimeoutError as exc:
+            _cancelled_meanwhile(task, cancelling)
             raise self._unavailable(what, f"no answer within {self.timeout_s:g} s") from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            _cancelled_meanwhile(task, cancelling)
             raise self._unavailable(what, str(exc) or type(exc).__name__) from exc
         except RedisError as exc:
+            _cancelled_meanwhile(task, cancelling)
             # Not a lost connection (OOM, READONLY replica, a script error):
             # still not the caller's fault, but worth a traceback.
             logger.error("store: redis refused %s", what, exc_info=True)
             raise self._unavailable(what, str(exc)) from exc
+        _cancelled_meanwhile(task, cancelling)
         if not self._available:
             self._available = True
             logger.info("store: redis reachable again")
@@ -525,6 +531,14 @@ class RedisStore:
         if self._closed:
             raise StoreUnavailable("the store is closed")
         return await self._bus.subscribe(session_id)
+
+
+def _cancelled_meanwhile(task: asyncio.Task[Any] | None, cancelling: int) -> None:
+    """redis-py sometimes swallows a cancellation that arrives while a command
+    is in flight; the caller asked to stop (e.g. the watcher of a Session that
+    ended), so it stops rather than carry on waiting forever."""
+    if task is not None and task.cancelling() > cancelling:
+        raise asyncio.CancelledError
 
 
 def _existing(session_id: str, record: SessionRecord | None) -> SessionRecord:
