@@ -183,7 +183,7 @@ def test_the_derivation_table_and_expiry_rule() -> None:
         with pytest.raises(Forbidden) as refused:
             authority.derive(expert, role)
         assert refused.value.code == "wrong_role"
-    trainee_token, trainee = authority.derive(expert, Role.TRAINEE, ttl_s=3600)
+    _, trainee = authority.derive(expert, Role.TRAINEE, ttl_s=3600)
     # The Role's cap (90 s) is shorter than the parent's 600 s and the 3600 asked.
     assert trainee.expires_at <= time.time() + 90 and trainee.parents == expert.lineage
     for role in Role:
@@ -451,7 +451,7 @@ async def test_a_revocation_whose_event_is_lost_still_closes_within_5_s(
     started = time.monotonic()
     await store.invites.revoke_invite(created["invite"]["id"],
                                       expires_at=created["invite"]["expires_at"])
-    code, messages = await closed_with(watching, timeout=5.0)
+    _, messages = await closed_with(watching, timeout=5.0)
     assert messages[-1]["error"]["code"] == "token_revoked"
     await wait_for(lambda: "" if not session.subscriptions else "still watching", timeout=5.0)
     assert time.monotonic() - started < 5.0
