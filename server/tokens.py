@@ -248,8 +248,8 @@ class TokenAuthority:
         person = claims.get("per", "")
         token_id = claims["jti"]
         if (kind not in KINDS or not isinstance(parents, list) or len(parents) > MAX_DEPTH
-                or not all(_is_id(p) for p in parents) or not _is_id(token_id)
-                or not (person == "" or _is_id(person))
+                or not all(is_grant_id(p) for p in parents) or not is_grant_id(token_id)
+                or not (person == "" or is_grant_id(person))
                 or (kind in ("device", "derived")) != bool(parents)
                 or (max_uses is not None and kind != "invite")):
             raise Unauthorized("token has a bad grant claim", code="token_invalid")
@@ -268,6 +268,7 @@ class TokenAuthority:
         )
 
 
-def _is_id(value: object) -> bool:
+def is_grant_id(value: object) -> bool:
+    """A grant id (``jti``, ``par``, ``per``): 1–64 printable ASCII characters."""
     return (isinstance(value, str) and 0 < len(value) <= ID_MAX and value.isascii()
             and value.isprintable())

@@ -472,3 +472,117 @@ async def test_a_connection_whose_token_expires_is_closed(
     watching = await welcomed(http, server, short, sockets)
     code, messages = await closed_with(watching, timeout=8.0)
     assert code in (4401, 1006) and messages[-1]["error"]["code"] == "token_expired"
+
+
+# -- finding 9: any token revoked one by one; signing keys rotated by a procedure ------------
+
+async def test_node_wide_admin_and_root_tokens_are_revoked_one_by_one(
+        server: Server, http: aiohttp.ClientSession, sockets: list[WS],
+        peers: list[RTCPeerConnection]) -> None:
+    from server import cli
+
+    admin = admin_token(server)
+    other_admin = server.tokens.issue(NODE_WIDE, Role.ADMIN, name="Bea Admin")
+    expert = server.token(Role.EXPERT, name="Dr Root")  # `scrubin token`, no invite
+    pc, _ = await whip_publish(http, server, "room", [VideoStreamTrack()], token=expert)
+    peers.append(pc)
+    session = server.session()
+    await wait_for(lambda: "" if session.ingests else "not publishing")
+    expert_ws = await welcomed(http, server, expert, sockets)
+    _, links = await api(http, server, "GET", "/api/sessions/or1-live/links", expert,
+                         expect=200)
+    trainee_ws = await welcomed(http, server, token_in(links["trainee_page"]), sockets)
+
+    # One node-wide admin token, by its id; the other admin is untouched.
+    bea = grant_of(server, other_admin).token_id
+    _, body = await api(http, server, "DELETE", f"/api/admin/tokens/{bea}", admin, expect=200)
+    assert body["revoked"] == bea and body["until"] > time.time() + 29 * 86400
+    _, error = await api(http, server, "GET", "/api/admin/theatres", other_admin, expect=401)
+    assert error["code"] == "token_revoked"
+    await api(http, server, "GET", "/api/admin/theatres", admin, expect=200)
+
+    # A root expert token, given whole to the CLI: it and everything derived
+    # from it stop, live connections and its WHIP publication included.
+    code = await asyncio.to_thread(cli.main, ["--log-level", "WARNING", "revoke", expert,
+                                              "--server", server.base_url, "--token", admin])
+    assert code == 0
+    for ws in (expert_ws, trainee_ws):
+        _, messages = await closed_with(ws)
+        assert messages[-1]["error"]["code"] == "token_revoked"
+    await wait_for(lambda: "" if not session.ingests else "still publishing")
+    for token in (expert, token_in(links["trainee_page"]), links["whip"][0]["bearer_token"]):
+        _, error = await api(http, server, "GET", "/api/sessions/or1-live", token, expect=401)
+        assert error["code"] == "token_revoked"
+    revoked = [e for e in server.app[AUDIT].read(limit=10_000) if e["event"] == "token_revoked"]
+    assert [e["token"] for e in revoked] == [bea, grant_of(server, expert).token_id]
+    await api(http, server, "DELETE", "/api/admin/tokens/" + "x" * 65, admin, expect=400)
+
+    # Every node-wide admin token at once; a Session's admin token is not one.
+    session_admin = server.token(Role.ADMIN)
+    third = server.tokens.issue(NODE_WIDE, Role.ADMIN)
+    await api(http, server, "DELETE", "/api/admin/tokens", third, expect=200)
+    for token in (admin, third):
+        await api(http, server, "GET", "/api/admin/theatres", token, expect=401)
+    await api(http, server, "GET", "/api/admin/sessions/or1-live", session_admin, expect=200)
+    await api(http, server, "GET", "/api/admin/theatres",
+              server.tokens.issue(NODE_WIDE, Role.ADMIN), expect=200)
+
+
+@pytest.mark.slow
+async def test_signing_key_rotation_follows_the_written_procedure(
+        config_redis: RedisExecutor, http: aiohttp.ClientSession, sockets: list[WS]) -> None:
+    """docs/security.md, "Rotating the signing key": add the new key second on
+    every Node, then first, then drop the old one once its tokens are gone."""
+    old, new = "2026-05:" + "o" * 40, "2026-11:" + "n" * 40
+
+    def node(keys: list[str]) -> Any:
+        return make_config(store={"redis_url": f"redis://{config_redis.host}:"
+                                                f"{config_redis.port}/0",
+                                  "prefix": "rotation:"},
+                           server={"node_id": "node-r"}, auth={"signing_keys": keys})
+
+    async def phase(keys: list[str]) -> tuple[Server, Any]:
+        return await start_server(node(keys))
+
+    old_admin = TokenAuthority([old]).issue(NODE_WIDE, Role.ADMIN, name="Old admin")
+    server, runner = await phase([old])
+    try:
+        _, created = await api(http, server, "POST", "/api/admin/sessions/or1-live/invites",
+                               old_admin, {"role": "trainee"}, expect=201)
+        old_link = created["token"]
+    finally:
+        await runner.cleanup()
+
+    # 1. The new key verifies everywhere before anything is signed with it.
+    server, runner = await phase([old, new])
+    try:
+        new_admin = TokenAuthority([new]).issue(NODE_WIDE, Role.ADMIN, name="New admin")
+        for token in (old_admin, new_admin):
+            await api(http, server, "GET", "/api/admin/theatres", token, expect=200)
+        assert grant_of(server, server.token(Role.TRAINEE)).token_id  # still signs with old
+    finally:
+        await runner.cleanup()
+
+    # 2. The new key signs; invites are signed again from their records.
+    server, runner = await phase([new, old])
+    try:
+        _, listed = await api(http, server, "GET", "/api/admin/sessions/or1-live/invites",
+                              new_admin, expect=200)
+        new_link = listed["invites"][0]["token"]
+        assert new_link != old_link
+        await redeem(http, server, old_link, DEVICES[0])  # old links still work meanwhile
+    finally:
+        await runner.cleanup()
+
+    # 3. The old key is retired: what it signed is refused, the rest goes on.
+    server, runner = await phase([new])
+    try:
+        _, error = await api(http, server, "GET", "/api/admin/theatres", old_admin, expect=401)
+        assert error["code"] == "token_invalid"
+        await api(http, server, "POST", "/api/invites/redeem", old_link,
+                  {"device": DEVICES[1]}, expect=401)
+        same = await redeem(http, server, new_link, DEVICES[0])  # the same device, same use
+        await welcomed(http, server, same["token"], sockets)
+        await api(http, server, "GET", "/api/admin/theatres", new_admin, expect=200)
+    finally:
+        await runner.cleanup()

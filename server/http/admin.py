@@ -30,7 +30,7 @@ from ..errors import (
 from ..roles import Role
 from ..store import SESSION_STATES, InviteRecord, SessionRecord, SessionState
 from ..theatre import Theatre, check_name
-from ..tokens import Grant
+from ..tokens import MAX_LIFETIME_S, NODE_WIDE, Grant, is_grant_id
 from . import revocation
 from .common import (
     AUDIT,
@@ -442,6 +442,44 @@ async def revoke_all_invites(request: web.Request) -> web.Response:
     _audit(request, "invites_revoked", grant, session=record.id, before=before)
     await revocation.announce(request.app, [record.id], {"before": before})
     return web.json_response({"session": record.id, "revoked_before": before})
+
+
+# -- any token, one by one ----------------------------------------------------------
+
+@routes.delete("/api/admin/tokens/{token}")
+async def revoke_token(request: web.Request) -> web.Response:
+    """Revoke one grant by its id (``jti``): a node-wide admin token, a token
+    minted with ``scrubin token``, a device or derived token, and everything
+    derived from it. The id alone is enough (no token lives longer than
+    ``MAX_LIFETIME_S``, so the revocation is kept that long)."""
+    grant = await node_admin(request)
+    token_id = request.match_info["token"]
+    if not is_grant_id(token_id):
+        raise BadRequest("a token id is 1–64 printable ASCII characters (the token's jti)",
+                         code="bad_request")
+    until = time.time() + MAX_LIFETIME_S
+    store = request.app[STORE]
+    await store.invites.revoke_invite(token_id, expires_at=until)
+    _audit(request, "token_revoked", grant, token=token_id)
+    live = [r.id for r in await store.sessions.list_sessions("live")]
+    await revocation.announce(request.app, [*live, *request.app[REGISTRY].sessions],
+                              {"token": token_id})
+    return web.json_response({"revoked": token_id, "until": until})
+
+
+@routes.delete("/api/admin/tokens")
+async def revoke_admin_tokens(request: web.Request) -> web.Response:
+    """Revoke every node-wide admin token issued until now (the caller's too);
+    Session tokens are untouched."""
+    grant = await node_admin(request)
+    before = time.time()
+    store = request.app[STORE]
+    await store.invites.revoke_session(NODE_WIDE, before=before)
+    _audit(request, "admin_tokens_revoked", grant, before=before)
+    live = [r.id for r in await store.sessions.list_sessions("live")]
+    await revocation.announce(request.app, [*live, *request.app[REGISTRY].sessions],
+                              {"before": before, "scope": NODE_WIDE})
+    return web.json_response({"revoked_before": before})
 
 
 def _revoked(invite: InviteRecord) -> InviteRecord:
