@@ -19,12 +19,13 @@ from aiohttp import WSCloseCode, web
 
 from .audit import JsonlAuditTrail
 from .config import Config
-from .http import admin, api, review, revocation, whip
+from .http import admin, api, guard, review, revocation, whip
 from .http.common import (
     ACCEPTING,
     AUDIT,
     AUTH_GUARD,
     CONFIG,
+    CSP,
     MESSAGE_RATES,
     METRICS,
     NODE_ID,
@@ -39,7 +40,9 @@ from .http.common import (
     AuthGuard,
     Handler,
     MessageRates,
+    content_security_policy,
     errors_middleware,
+    forwarded_middleware,
     security_headers,
 )
 from .http.ws import websocket
@@ -57,12 +60,15 @@ PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player")
 
 def create_app(config: Config) -> web.Application:
     app = web.Application(
-        middlewares=[security_headers, errors_middleware],
+        middlewares=[forwarded_middleware(config.server.trusted_proxies), security_headers,
+                     errors_middleware],
         client_max_size=config.limits.max_body_bytes,
+        handler_args=guard.handler_args(config),
     )
     node_id = config.server.node_id or f"node-{secrets.token_hex(3)}"
     peers = PeerFactory(config.ice)
     app[CONFIG] = config
+    app[CSP] = content_security_policy(config)
     app[NODE_ID] = node_id
     app[PEERS] = peers
     app[TOKENS] = TokenAuthority(config.auth.signing_keys, config.role_caps())

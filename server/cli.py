@@ -21,6 +21,7 @@ from . import admin_cli, logs, recording_cli
 from .app import create_app
 from .config import Config, ConfigError, load_config
 from .http.common import REGISTRY, TOKENS
+from .http.guard import NodeRunner
 from .links import format_links, session_links
 from .roles import Role
 
@@ -39,7 +40,7 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
 
 async def _start(config: Config) -> tuple[web.AppRunner, web.Application]:
     app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
+    runner = NodeRunner(app, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port,
                        ssl_context=_ssl_context(config))

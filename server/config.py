@@ -128,7 +128,7 @@ class LimitsConfig:
     # opened or the previous response went out (also the idle keep-alive);
     # its body must be read within body_timeout_s.
     header_timeout_s: float = 5.0
-    body_timeout_s: float = 10.0
+    body_timeout_s: float = 7.0
 
 
 @dataclass(frozen=True)
