@@ -111,7 +111,12 @@ async def test_no_secret_reaches_a_log_or_an_error_body(
         _, _, body = answer.partition("\r\n\r\n")
         assert json.loads(body)["code"] == "bad_request" and not canary.leaks(answer)
 
+    # A path cannot forge a log line (control characters, undecodable bytes).
+    async with http.get(f"{base}/x%0A127.0.0.1%20%22GET%20/admin%22%20200%C2%85%FF") as response:
+        assert response.status == 404
     access = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    forged = next(line for line in access if "/x" in line)
+    assert forged.isascii() and forged.isprintable() and "%0A" in forged, forged
     assert any("/api/recordings/planted-recording-0123456789/media/" in line
                for line in access)  # logged, without its query
     assert all("?" not in line and "sig=" not in line for line in access), access

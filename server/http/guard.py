@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -39,12 +40,15 @@ LINGER_S = 1.0
 
 class AccessLog(AbstractAccessLogger):
     """One line per request: client, method, path (never the query), status,
-    size, duration. No Referer or User-Agent either."""
+    size, duration. No Referer or User-Agent either. The path is percent-encoded
+    again: a request cannot write control characters (a forged line) or
+    undecodable bytes into the log."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse,
             time: float) -> None:
-        self.logger.info('%s "%s %s" %s %s %.3fs', request.remote, request.method,
-                         request.path, response.status, response.body_length, time)
+        path = quote(request.path, safe="/:@!$&'()*+,;=-._~")
+        self.logger.info('%s "%s %s" %s %s %.3fs', request.remote, quote(request.method),
+                         path, response.status, response.body_length, time)
 
 
 class GuardedRequestHandler(RequestHandler):
