@@ -111,9 +111,12 @@ class LimitsConfig:
     max_media_sections: int = 4
     ws_max_message_bytes: int = 64 * 1024
     max_feeds_per_session: int = 16
+    # Per person: an invite with all its devices, or a root token with what was
+    # derived from it (docs/security.md); the name is older than the model.
     max_subscriptions_per_participant: int = 16
     # Failed authentications (401) per client address per minute, counted
-    # across Nodes; past it the address gets 429 before its tokens are read.
+    # across Nodes; past it the address's failures get 429 for a minute
+    # (tokens that verify still get in: many people behind one NAT).
     auth_failures_per_minute: int = 20
     # Websocket messages per Participant: a burst, refilled at this rate.
     # Past it requests get 429; a client that keeps going is disconnected.
