@@ -506,24 +506,25 @@ class Session:
         feed = self.feeds.get(feed_id)
         return feed is not None and feed.kind == "video" and feed.state != "closed"
 
-    def close_revoked(self, *, invite: str | None, before: float | None) -> int:
-        """A revocation: close the media of tokens it covers (WHIP and WHEP
-        included, not only websockets). Returns how many were closed."""
-        def revoked(grant: Grant | None) -> bool:
-            return grant is not None and (
-                (invite is not None and grant.token_id == invite)
-                or (before is not None and grant.issued_at < before))
-
+    def close_revoked(self, revoked: Callable[[Grant], bool]) -> int:
+        """A revocation: close the media of the grants ``revoked`` matches (WHIP
+        and WHEP included, not only websockets). Returns how many were closed."""
         closed = 0
         for subscription in list(self.subscriptions.values()):
-            if revoked(subscription.grant):
+            if subscription.grant is not None and revoked(subscription.grant):
                 self._track(subscription.close("revoked"))
                 closed += 1
         for ingest in list(self.ingests.values()):
-            if revoked(ingest.grant):
+            if ingest.grant is not None and revoked(ingest.grant):
                 self._track(self._close_ingest(ingest, final=True, reason="access revoked"))
                 closed += 1
         return closed
+
+    def live_grants(self) -> set[Grant]:
+        """The grants behind this Session's open media (the periodic revocation
+        re-check looks them up)."""
+        grants = {s.grant for s in self.subscriptions.values() if s.grant is not None}
+        return grants | {i.grant for i in self.ingests.values() if i.grant is not None}
 
     async def _close_ingest(self, ingest: Ingest, *, final: bool, reason: str) -> None:
         self.ingests.pop(ingest.id, None)

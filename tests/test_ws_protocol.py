@@ -93,10 +93,10 @@ async def closed_with(ws: WS, timeout: float = 5.0) -> tuple[int | None, list[di
 
 
 async def join(http: aiohttp.ClientSession, server: Server, sockets: list[WS], role: Role,
-               name: str = "", participant_id: str | None = None,
+               name: str = "", participant_id: str | None = None, token: str | None = None,
                ) -> tuple[WS, dict[str, Any]]:
     ws = await connect(http, server, sockets)
-    token = server.token(role, name=name, participant_id=participant_id)
+    token = token or server.token(role, name=name, participant_id=participant_id)
     await ws.send_json({"type": "hello", "token": token, "id": "hello-1"})
     welcome = await receive(ws)
     assert welcome["type"] == "welcome", welcome

@@ -238,13 +238,14 @@ const FATAL_CLOSE = new Map([
   [4400, 'protocol_error'],
   [4401, 'token_invalid'],
   [4403, 'not_allowed'],
+  [4409, 'too_many_connections'],
   [1009, 'too_large'],
 ]);
 
 /** Hello failures that a retry will not fix. */
 const FATAL_HELLO_CODES = new Set([
-  'token_missing', 'token_invalid', 'token_expired', 'wrong_session', 'wrong_role',
-  'unknown_session',
+  'token_missing', 'token_invalid', 'token_expired', 'token_revoked', 'wrong_session',
+  'wrong_role', 'unknown_session', 'too_many_connections',
 ]);
 
 /** Subscribe failures meaning the Feed is gone: stop trying. */

@@ -17,6 +17,7 @@ from .common import (
     read_sdp,
     require_store,
     session_for,
+    subscribe,
 )
 
 routes = web.RouteTableDef()
@@ -80,7 +81,8 @@ async def whep_subscribe(request: web.Request) -> web.Response:
     session = await session_for(request, grant)
     offer = await read_sdp(request)
     await require_store(request.app)
-    answer, subscription = await session.subscribe(grant, request.match_info["feed"], offer)
+    answer, subscription = await subscribe(request.app, session, grant,
+                                           request.match_info["feed"], offer)
     audit_grant(request.app, "subscribe", grant, request.remote, feed=subscription.feed_id,
                 via="whep")
     return _created(request, answer, subscription.id)
