@@ -9,6 +9,7 @@ Subscriptions; a Subscription closing closes its viewer peer connection.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -41,6 +42,14 @@ Event = dict[str, Any]
 
 #: Codecs a new Feed may be published in, most preferred first.
 PUBLISH_PREFERENCE = ["video/VP8", "video/H264", "audio/opus"]
+
+
+def _no_remb(bitrate: int) -> int | None:
+    return None
+
+
+def _plus(extra: int, bitrate: int) -> int | None:
+    return bitrate + extra
 
 
 def _new_id() -> str:
@@ -318,22 +327,29 @@ class Session:
             ingest = Ingest(_new_id(), slot, grant.participant_id, pc, via=via, name=name)
             ingest.grant = grant
             full: Feed | None = None
+            full_receiver: RTCRtpReceiver | None = None
             low_mids: set[str] = set()
             for transceiver in pc.getTransceivers():
                 codec = codecs.get(transceiver.mid or "")
                 if codec is None or transceiver.kind not in ("audio", "video"):
                     continue
                 if transceiver.kind == "video" and full is not None:
-                    # The second video section: this camera's low layer, held to its
-                    # bitrate by REMB (and by the answer's hints, for browsers).
+                    # The second video section: this camera's low layer. A browser
+                    # page holds it to its bitrate itself (sendEncodings) and reads
+                    # any REMB as the whole connection's: this receiver sends none.
+                    # Other publishers are held to it by a REMB naming its SSRC.
                     feed = self._low_feed_for(full, codec, published=True)
-                    hooks.cap_remb(transceiver.receiver,
-                                   self._config.media.low_layer_max_kbps * 1000)
-                    low_mids.add(transceiver.mid or "")
+                    low_bps = self._config.media.low_layer_max_kbps * 1000
+                    if via == "page" and full_receiver is not None:
+                        hooks.adjust_remb(transceiver.receiver, _no_remb)
+                        hooks.adjust_remb(full_receiver, functools.partial(_plus, low_bps))
+                    else:
+                        hooks.adjust_remb(transceiver.receiver, functools.partial(min, low_bps))
+                        low_mids.add(transceiver.mid or "")
                 else:
                     feed = self._feed_for(slot, transceiver.kind, codec)
                     if transceiver.kind == "video":
-                        full = feed
+                        full, full_receiver = feed, transceiver.receiver
                 receiver = transceiver.receiver
                 sink = feed.connect_publisher(ingest.keyframe_requester(receiver))
                 hooks.tap_receiver(receiver, transceiver.kind, sink)
@@ -353,8 +369,12 @@ class Session:
         logger.info("session %s: %s publishes slot %s (%s)", self.id, grant.participant_id, slot,
                     ", ".join(f"{f.id} {f.codec.mimeType}" for f in ingest.feeds))
         media = self._config.media
-        return add_bitrate_hints(answer, media.min_bitrate_kbps, media.start_bitrate_kbps,
-                                 media.max_bitrate_kbps, frozenset(low_mids),
+        # A browser's hints count for its whole connection: with a low layer in
+        # it, the full layer keeps its range only if the low layer's is added.
+        extra = media.low_layer_max_kbps if with_low and via == "page" else 0
+        return add_bitrate_hints(answer, media.min_bitrate_kbps + extra,
+                                 media.start_bitrate_kbps + extra,
+                                 media.max_bitrate_kbps + extra, frozenset(low_mids),
                                  media.low_layer_max_kbps), ingest
 
     def _publisher_gone(self, ingest: Ingest, reason: str) -> None:

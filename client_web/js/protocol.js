@@ -254,6 +254,23 @@ const FEED_GONE_CODES = new Set(['unknown_feed', 'feed_closed']);
 /** The low layer's bitrate ceiling (the server holds publishers to it too). */
 const LOW_LAYER_BPS = 250_000;
 
+/**
+ * The camera for the low layer: a clone at 15 fps. Not `maxFramerate` on the
+ * encoding: libwebrtc then lowers the camera itself, full layer included, to
+ * the smallest frame rate any of its encoders asked for.
+ * @param {MediaStreamTrack} video
+ * @returns {Promise<MediaStreamTrack>}
+ */
+async function lowLayerTrack(video) {
+  const low = video.clone();
+  try {
+    await low.applyConstraints({ frameRate: { max: 15 } });
+  } catch {
+    // A browser that cannot: the low layer keeps the camera's rate, still small.
+  }
+  return low;
+}
+
 /** How long a peer connection may stay `disconnected` before it is replaced. */
 const DISCONNECTED_GRACE_MS = 5000;
 const SUBSCRIPTION_DISCONNECTED_GRACE_MS = 3000;
@@ -350,6 +367,8 @@ export class Publication {
     this.disconnectTimer = undefined;
     /** Also send the camera as a low layer (a second video section). */
     this.lowLayer = true;
+    /** @type {MediaStreamTrack|null} the camera at 15 fps for the low layer (ours to stop) */
+    this.lowTrack = null;
   }
 }
 
@@ -937,9 +956,16 @@ export class ScrubinClient extends EventTarget {
       return this.publish(slot, tracks);
     }
     for (const track of tracks) {
-      // Every sender of that kind: a camera's full and low layers share its track.
       for (const sender of senders.filter((s) => s.track && s.track.kind === track.kind)) {
-        await sender.replaceTrack(track);
+        if (pub.lowTrack && sender.track === pub.lowTrack) {
+          // The low layer follows the new camera at its own frame rate.
+          const low = await lowLayerTrack(track);
+          await sender.replaceTrack(low);
+          pub.lowTrack.stop();
+          pub.lowTrack = low;
+        } else {
+          await sender.replaceTrack(track);
+        }
       }
     }
     pub.tracks = tracks;
@@ -964,11 +990,14 @@ export class ScrubinClient extends EventTarget {
         if (video && pub.lowLayer) {
           // The same camera again, smaller: aiortc cannot receive simulcast, so
           // the low layer is its own section (docs/protocol.md, "Layers").
+          const low = await lowLayerTrack(video);
+          pub.lowTrack?.stop();
+          pub.lowTrack = low;
           const height = video.getSettings().height || 720;
-          pc.addTransceiver(video, {
+          pc.addTransceiver(low, {
             direction: 'sendonly', streams: [pub.stream],
             sendEncodings: [{ scaleResolutionDownBy: Math.max(1, height / 180),
-              maxBitrate: LOW_LAYER_BPS, maxFramerate: 15 }],
+              maxBitrate: LOW_LAYER_BPS }],
           });
         }
         await pc.setLocalDescription(await pc.createOffer());
@@ -1077,6 +1106,7 @@ export class ScrubinClient extends EventTarget {
       if (this.ready) await this.request({ type: 'unpublish', slot });
     } finally {
       pub.pc?.close();
+      pub.lowTrack?.stop();
       this._setPublicationState(pub, 'stopped');
     }
   }
@@ -1093,6 +1123,7 @@ export class ScrubinClient extends EventTarget {
     clearTimeout(pub.retryTimer);
     clearTimeout(pub.disconnectTimer);
     pub.pc?.close();
+    pub.lowTrack?.stop();
     this._setPublicationState(pub, state, error);
   }
 

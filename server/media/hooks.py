@@ -422,11 +422,15 @@ def observe_viewer_feedback(sender: RTCRtpSender,
 RECEIVER_SEND_RTCP = "_send_rtcp"
 
 
-def cap_remb(receiver: RTCRtpReceiver, max_bps: int) -> None:
-    """The receiver's REMB to its publisher never says more than ``max_bps``.
+def adjust_remb(receiver: RTCRtpReceiver, adjust: Callable[[int], int | None]) -> None:
+    """Every REMB this receiver sends its publisher goes through ``adjust``:
+    the bitrate it says, or None to send none.
 
-    A REMB is an upper bound to a sender: capping it is how a layer is held to
-    its bitrate (a camera's low layer) for any publisher that obeys REMB.
+    Publishers read REMB differently. aiortc applies it to the senders whose
+    SSRCs it names, so one receiver's REMB can hold one layer to its bitrate.
+    libwebrtc (browsers) takes any REMB as the estimate for its whole
+    connection: there the low layer's receiver must send none, and the full
+    layer's must leave room for both.
     """
     from aiortc.rtp import pack_remb_fci
 
@@ -441,8 +445,11 @@ def cap_remb(receiver: RTCRtpReceiver, max_bps: int) -> None:
             except ValueError:
                 pass
             else:
-                if bitrate > max_bps:
-                    packet.fci = pack_remb_fci(max_bps, ssrcs)
+                adjusted = adjust(bitrate)
+                if adjusted is None:
+                    return
+                if adjusted != bitrate:
+                    packet.fci = pack_remb_fci(adjusted, ssrcs)
         await original(packet)
 
     setattr(receiver, RECEIVER_SEND_RTCP, send)
