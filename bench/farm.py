@@ -64,7 +64,7 @@ async def _farm(conn: Connection) -> None:
                 while time.time() < deadline and any(  # noqa: ASYNC110 - bounded poll
                         v.t_first_frame is None and v.error is None for v in new):
                     await asyncio.sleep(0.05)
-                conn.send([{"t_join": v.t_join, "t_ice": v.t_ice,
+                conn.send([{"t_join": v.t_join, "t_ice": v.t_ice, "resource": v.resource,
                             "t_first_frame": v.t_first_frame, "error": v.error} for v in new])
             elif cmd == "counts":
                 conn.send([(v.frames, v.bytes) for v in viewers])

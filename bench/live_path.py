@@ -44,6 +44,7 @@ import secrets
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -131,6 +132,21 @@ def code_version() -> str:
         return f"{where} (not a git checkout)"
 
 
+def snapshot(revision: str) -> tempfile.TemporaryDirectory[str]:
+    """``server/`` and what it reads, as of ``revision``, in a temporary directory."""
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    target = tempfile.TemporaryDirectory(prefix="scrubin-baseline-")
+    archive = subprocess.run(["git", "-C", repo, "archive", revision, "server", "recorder",
+                              "docs", "client_web"], capture_output=True, check=True, timeout=60)
+    subprocess.run(["tar", "-x", "-C", target.name], input=archive.stdout, check=True,
+                   timeout=60)
+    with open(os.path.join(target.name, "REVISION"), "w") as fh:
+        fh.write(revision)
+    return target
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -156,10 +172,18 @@ def rss_mb(pid: int) -> float:
 class Child:
     """A spawned process driven over a Pipe; ended by its pid only."""
 
-    def __init__(self, ctx: Any, target: Any, *args: Any) -> None:
+    def __init__(self, ctx: Any, target: Any, *args: Any, code: str | None = None) -> None:
         self.conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(target=target, args=(child_conn, *args), daemon=True)
-        self.proc.start()
+        # A spawned child starts with the parent's sys.path: with ``code`` first,
+        # it imports ``server`` from that snapshot (an older revision).
+        if code is not None:
+            sys.path.insert(0, code)
+        try:
+            self.proc.start()
+        finally:
+            if code is not None:
+                sys.path.remove(code)
         if not self.conn.poll(60):
             self.kill()
             raise RuntimeError(f"{target.__name__} did not start")
@@ -204,6 +228,8 @@ class Bench:
         self.results: dict[str, Any] = {"notes": []}
         self.farm: Child | None = None
         self.me = os.getpid()
+        #: A snapshot of an older revision to measure in the same run (--baseline).
+        self.baseline: str | None = None
 
     def note(self, text: str) -> None:
         self.results["notes"].append(text)
@@ -295,15 +321,18 @@ class Bench:
 
     # -- ScrubIn -----------------------------------------------------------
     async def run_scrubin(self, key: str = "scrubin", media: dict[str, Any] | None = None,
-                          ns: list[int] | None = None, full: bool = True) -> None:
+                          ns: list[int] | None = None, full: bool = True,
+                          code: str | None = None) -> None:
         """One server configuration: the CPU/latency sweep, and with ``full`` the
-        direct baseline, the join tests and the profile."""
+        direct baseline, the join tests and the profile. ``code``: run the server
+        from that snapshot instead of the current tree."""
         plan = self.plan
-        label = "ScrubIn" if key == "scrubin" else "sender path"
+        label = {"scrubin": "ScrubIn", "sender": "sender path", "baseline": "baseline",
+                 "again": "ScrubIn"}.get(key, key)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         whep = f"{base}/whep/{SESSION}/{FEED}"
-        server = Child(self.ctx, scrubin_main, port, self.key, media or {})
+        server = Child(self.ctx, scrubin_main, port, self.key, media or {}, code=code)
         print(f"{label} server pid {server.pid} on {base}" + (f" (media {media})" if media
                                                                 else ""), flush=True)
         stamps = StampBook()
@@ -373,6 +402,12 @@ class Bench:
             self.results[key]["after_close"] = self.leftovers(after, server.pid)
             if not full:
                 return
+
+            # 1b. The server's share of a joiner's first frame: 32 count-only viewers
+            # (no decoding anywhere) join at once; server side, ICE completed ->
+            # first frame (the cached keyframe) sent.
+            if self.left() > 40:
+                await self.run_farm_burst(http, base, whep)
 
             # 2. Direct publisher -> viewer baseline (no server), same run.
             await self.run_direct()
@@ -462,6 +497,37 @@ class Bench:
             return
         self.results["profile"] = summarize_profile(raw, n)
         print(f"  py-spy profile of the server with {n} viewers: {raw}", flush=True)
+
+    async def run_farm_burst(self, http: aiohttp.ClientSession, base: str, whep: str) -> None:
+        """The server's share of a joiner's first frame, with count-only viewers
+        (nothing decodes): the viewer's ICE connected (its clock) -> the server
+        hands it its first frame (the cached keyframe); and on the server alone,
+        ICE completed -> DTLS up -> first frame sent."""
+        assert self.farm is not None
+        n = self.plan.burst_joins
+        result = await self.farm_join(whep, n)
+        await asyncio.sleep(1.0)
+        stats = await self.stats(http, base)
+        subs = {s["id"]: s for s in stats["subscriptions"]}
+        share = [subs[r["resource"]]["first_sent"] - r["t_ice"] for r in result
+                 if r["t_ice"] and subs.get(r["resource"], {}).get("first_sent")]
+
+        def server(name: str) -> list[float]:
+            return [s[name] for s in subs.values() if s.get(name) is not None]
+
+        figures: dict[str, Any] = {"n": n, "measured": len(share), "p50": pct(share, 50),
+                                   "p95": pct(share, 95), "max": max(share) if share else None}
+        for name in ("ice_to_dtls", "dtls_to_first_frame", "ice_to_first_frame"):
+            values = server(name)
+            figures[name] = (pct(values, 50), pct(values, 95))
+        self.results["server_share"] = figures
+        print(f"  {n} simultaneous count-only joins: viewer ICE connected -> server sends its "
+              f"first frame p50 {ms(figures['p50'], 1)} ms p95 {ms(figures['p95'], 1)} ms "
+              f"({len(share)}/{n}); on the server ICE->DTLS "
+              f"{'/'.join(ms(v, 1) for v in figures['ice_to_dtls'])} ms, DTLS->first frame "
+              f"{'/'.join(ms(v, 1) for v in figures['dtls_to_first_frame'])} ms", flush=True)
+        await self.farm.call("close")
+        await asyncio.sleep(2)
 
     async def run_direct(self) -> None:
         stamps = StampBook()
@@ -930,6 +996,32 @@ class Bench:
                 "cores during the measurement windows (of 2); figures taken under load are "
                 "pessimistic.")
             add("")
+        base_rows = {row["n"]: row for row in r.get("baseline", {}).get("cpu", [])}
+        again_rows = {row["n"]: row for row in r.get("again", {}).get("cpu", [])}
+        if base_rows:
+            add(f"5b. The media seam against the code before it ({r['env'].get('baseline')}), "
+                "same run, same stream")
+            add("   code          N | server cores | CPU-s/viewer-s | fps (min) "
+                "| stamp->decode p50")
+            for name, table in (("current", scr), ("baseline", base_rows),
+                                ("current again", again_rows)):
+                for n, row in sorted(table.items()):
+                    add(f"   {name:13} {n:2d} | {row['server_cores']:12.3f} | "
+                        f"{_f(row['cpu_per_viewer_s'], 14, 4)} | "
+                        f"{_f(row['fps_mean'], 4, 1)} ({_f(row['fps_min'], 4, 1)}) | "
+                        f"{ms(row.get('latency_p50'), 1)} ms")
+            add("")
+        share = r.get("server_share")
+        if share:
+            add(f"5c. The server's share of a joiner's first frame: {share['n']} count-only "
+                "viewers (nothing decodes) join at once; each viewer's ICE connected -> the "
+                f"server sends it its first frame (the cached keyframe): p50 "
+                f"{ms(share['p50'], 1)} ms, p95 {ms(share['p95'], 1)} ms, max "
+                f"{ms(share['max'], 1)} ms ({share['measured']}/{share['n']} measured)")
+            add("   on the server alone, p50/p95 ms: ICE completed -> DTLS up "
+                f"{'/'.join(ms(v, 1) for v in share['ice_to_dtls'])}, DTLS up -> first frame "
+                f"sent {'/'.join(ms(v, 1) for v in share['dtls_to_first_frame'])}")
+            add("")
         add("6. Targets")
         for line in self.verdicts():
             add(f"   {line}")
@@ -961,6 +1053,19 @@ class Bench:
                            f"{f['ice_first_p95'] * 1000:.0f} ms vs <= "
                            f"{TARGET_FIRST_FRAME * 1000:.0f} ms: "
                            f"{'met' if f['ice_first_p95'] <= TARGET_FIRST_FRAME else 'MISSED'}")
+        base_rows = {row["n"]: row for row in r.get("baseline", {}).get("cpu", [])}
+        again_rows = {row["n"]: row for row in r.get("again", {}).get("cpu", [])}
+        top_n = max(base_rows) if base_rows else None
+        if top_n and scr.get(top_n) and base_rows[top_n]["cpu_per_viewer_s"]:
+            ours = [t[top_n]["cpu_per_viewer_s"] for t in (scr, again_rows) if t.get(top_n)]
+            ratio = statistics.fmean(ours) / base_rows[top_n]["cpu_per_viewer_s"]
+            out.append(f"CPU per viewer-second at N={top_n} on the seam / before it: "
+                       f"{ratio:.3f} vs <= 1.10: {'met' if ratio <= 1.10 else 'MISSED'}")
+        share = r.get("server_share")
+        if share and share["p95"] is not None:
+            out.append(f"server's share of a joiner's first frame ({share['n']} simultaneous): "
+                       f"p95 {share['p95'] * 1000:.0f} ms vs <= 50 ms: "
+                       f"{'met' if share['p95'] <= 0.050 else 'MISSED'}")
         per = r.get("rss_per_viewer_mb")
         if per is not None:
             out.append(f"RSS {per:.2f} MB/viewer vs <= {TARGET_RSS} MB: "
@@ -994,6 +1099,16 @@ class Bench:
                               f"{str(exc)[:160]}")
             else:
                 self.note("time budget: sender-path baseline skipped")
+            if self.baseline is not None:
+                # The code before a change, and the current code again right after,
+                # so machine load hits both alike.
+                for key, code in (("baseline", self.baseline), ("again", None)):
+                    try:
+                        await self.run_scrubin(key, None, self.plan.sender_ns, full=False,
+                                               code=code)
+                    except Exception as exc:
+                        self.note(f"{key} not measured: {type(exc).__name__}: "
+                                  f"{str(exc)[:160]}")
 
         finally:
             self.farm.stop(("exit", None))
@@ -1040,11 +1155,20 @@ def main() -> None:
     parser.add_argument("--profile", metavar="PREFIX",
                         help="py-spy the server for one extra window at the largest N "
                              "(needs py-spy in the venv); raw output to PREFIX.raw.txt")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also measure the server at git revision REV (e.g. the commit "
+                             "before a change) at N=0 and 32, in the same run")
     args = parser.parse_args()
     plan = Plan.make(args.quick)
     started = time.monotonic()
     stream = encode_stream(seconds=plan.stream_seconds)
+    snapshot_dir = None
+    if args.baseline:
+        snapshot_dir = snapshot(args.baseline)
+        plan.budget += 150
     bench = Bench(plan, stream, args.profile)
+    if snapshot_dir is not None:
+        bench.baseline = snapshot_dir.name
     bench.results["env"] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -1056,11 +1180,14 @@ def main() -> None:
                    f"{len(stream.frames)} pre-encoded frames"),
         "plan": plan.__dict__,
         "code": code_version(),
+        "baseline": args.baseline,
     }
     print(f"stream ready in {time.monotonic() - started:.1f} s: {bench.results['env']['stream']}",
           flush=True)
     asyncio.run(bench.run())
     bench.results["env"]["duration_s"] = time.monotonic() - started
+    if snapshot_dir is not None:
+        snapshot_dir.cleanup()
     text = bench.report()
     print(text)
     print(f"\n(total {time.monotonic() - started:.0f} s)")

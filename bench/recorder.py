@@ -31,15 +31,13 @@ import shutil
 import tempfile
 import threading
 import time
-import types
-from collections.abc import Callable
 from typing import Any
 
 import av
 import psutil
 
 from recorder import Recording, SessionInfo, WriterOptions
-from server.subscription import EncodedFrame
+from server.media.plane import Downstream, DropReason, EncodedFrame, Start
 
 from .stream import EncodedStream, encode_stream
 
@@ -48,33 +46,42 @@ TIME_BASE = fractions.Fraction(1, 90_000)
 
 
 class BenchFeed:
-    """What the recorder sees of a Feed: frame listeners and a keyframe request."""
+    """What the recorder sees of a Feed (the media seam's upstream); times its deliveries."""
 
     def __init__(self, feed_id: str) -> None:
         self.id = feed_id
         self.kind = "video"
-        self.codec = types.SimpleNamespace(mimeType="video/VP8", clockRate=90_000)
-        self.listeners: list[Callable[[EncodedFrame], None]] = []
+        self.mime_type = "video/VP8"
+        self.clock_rate = 90_000
+        self.downstreams: list[Downstream] = []
         self.listener_s = 0.0
         self.listener_cpu_s = 0.0
 
-    def add_frame_listener(self, listener: Callable[[EncodedFrame], None]
-                           ) -> Callable[[], None]:
-        self.listeners.append(listener)
-        return lambda: self.listeners.remove(listener)
+    def attach(self, downstream: Downstream, *, start: Start) -> None:
+        self.downstreams.append(downstream)
 
-    def request_keyframe(self) -> None:
-        pass  # the replay restarts at its key frame every pass anyway
+    def detach(self, downstream: Downstream, reason: DropReason = "closed") -> None:
+        if downstream in self.downstreams:
+            self.downstreams.remove(downstream)
+
+    def pause(self, downstream: Downstream) -> None:
+        pass
+
+    def resume(self, downstream: Downstream) -> None:
+        pass
+
+    def request_keyframe(self, requester: str) -> bool:
+        return True  # the replay restarts at its key frame every pass anyway
 
     def emit(self, data: bytes, pts: int, keyframe: bool) -> None:
         packet = av.Packet(data)
         packet.pts = pts
         packet.time_base = TIME_BASE
-        frame = EncodedFrame(packet=packet, keyframe=keyframe, size=len(data),
-                             received_at=time.monotonic())
+        frame = EncodedFrame(data=data, pts=pts, keyframe=keyframe,
+                             received_at=time.monotonic(), packet=packet)
         started, cpu = time.perf_counter(), time.thread_time()
-        for listener in self.listeners:
-            listener(frame)
+        for downstream in self.downstreams:
+            downstream.deliver(frame)
         self.listener_cpu_s += time.thread_time() - cpu
         self.listener_s += time.perf_counter() - started
 

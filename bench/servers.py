@@ -99,21 +99,47 @@ def _first_sent(sub: Any) -> float | None:
 
 
 def _pending(sub: Any) -> int:
-    """Frames waiting for this viewer: the sender path's track queue, or the fast
-    path's backlog behind a replay."""
-    return int(sub.track.pending) + len(getattr(sub, "_pending", ()))
+    """Frames waiting for this viewer: the sender path's queue, or the fast path's
+    backlog behind a replay (works on the code before the media seam too)."""
+    if hasattr(sub.track, "pending"):  # before the media seam
+        return int(sub.track.pending) + len(getattr(sub, "_pending", ()))
+    return len(getattr(sub, "_queue", ()))
+
+
+def _between(sub: Any, start: str, end: str) -> float | None:
+    begin, finish = getattr(sub, start, None), getattr(sub, end, None)
+    return None if begin is None or finish is None else finish - begin
+
+
+class _ArrivalTap:
+    """A downstream of the media seam that only notes when frames arrive."""
+
+    def __init__(self, on_frame: Any) -> None:
+        self.on_frame = on_frame
+
+    @property
+    def downstream_id(self) -> str:
+        return "bench:arrivals"
+
+    def deliver(self, frame: Any) -> None:
+        self.on_frame(frame)
+
+    def dropped(self, reason: str) -> None:
+        pass
 
 
 def scrubin_main(conn: Connection, port: int, signing_key: str,
                  media: dict[str, Any] | None = None,
+                 slots: tuple[str, ...] = (SLOT,),
                  sections: dict[str, dict[str, Any]] | None = None) -> None:
     """``sections``: more configuration (e.g. ``turn``, ``ice.node_servers``)."""
     _quiet_logs()
-    asyncio.run(_scrubin(conn, port, signing_key, media or {}, sections or {}))
+    asyncio.run(_scrubin(conn, port, signing_key, media or {}, slots, sections or {}))
 
 
 async def _scrubin(conn: Connection, port: int, signing_key: str,
-                   media: dict[str, Any], extra: dict[str, dict[str, Any]]) -> None:
+                   media: dict[str, Any], slots: tuple[str, ...] = (SLOT,),
+                   extra: dict[str, dict[str, Any]] | None = None) -> None:
     from server.app import create_app
     from server.config import ConfigError, load_config
     from server.http.common import REGISTRY
@@ -127,7 +153,7 @@ async def _scrubin(conn: Connection, port: int, signing_key: str,
     }
     if media:
         sections["media"] = media  # ConfigError if this server has no such setting
-    for name, values in extra.items():
+    for name, values in (extra or {}).items():
         sections.setdefault(name, {}).update(values)
     audit_dir = tempfile.mkdtemp(prefix="scrubin-bench-")
     try:  # keep the benchmark's audit trail out of the working tree
@@ -174,7 +200,10 @@ async def _scrubin(conn: Connection, port: int, signing_key: str,
             feed = session.feeds.get(FEED)
             if feed is not None and arrivals["feed"] is not feed:
                 arrivals["feed"] = feed
-                feed.add_frame_listener(on_frame)
+                if hasattr(feed, "add_frame_listener"):  # before the media seam
+                    feed.add_frame_listener(on_frame)
+                else:
+                    feed.attach(_ArrivalTap(on_frame), start="now")
             for ing in list(session.ingests.values()):
                 received, lost = receive_losses(ing.pc)
                 ingest["received"] += received
@@ -187,7 +216,8 @@ async def _scrubin(conn: Connection, port: int, signing_key: str,
                     "keyframe_requests_sent": feed.keyframe_requests_sent,
                     "gop_frames": len(getattr(feed, "_gop", [])),
                     "gop_bytes": getattr(feed, "_gop_bytes", None),
-                    "subscriptions": len(feed.subscriptions),
+                    "subscriptions": sum(1 for sub in session.subscriptions.values()
+                                         if sub.feed_id == feed.id),
                 }
             for sub in session.subscriptions.values():
                 subs.append({
@@ -199,6 +229,10 @@ async def _scrubin(conn: Connection, port: int, signing_key: str,
                     "frames_forwarded": sub.frames_forwarded,
                     "first_frame_after": None if sub.first_frame_at is None
                     else sub.first_frame_at - sub.created_at,
+                    # Server side only: its ICE completed -> DTLS up -> first frame sent.
+                    "ice_to_first_frame": _between(sub, "ice_connected_at", "first_frame_at"),
+                    "ice_to_dtls": _between(sub, "ice_connected_at", "connected_at"),
+                    "dtls_to_first_frame": _between(sub, "connected_at", "first_frame_at"),
                 })
         out = {"rss": _rss(), "feeds": feeds, "subscriptions": subs,
                "tasks": len(asyncio.all_tasks()), "ingest": ingest,
@@ -222,7 +256,7 @@ async def _scrubin(conn: Connection, port: int, signing_key: str,
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     registry = app[REGISTRY]
-    registry.add_theatre(Theatre("or1", "Theatre 1", (SLOT,)))
+    registry.add_theatre(Theatre("or1", "Theatre 1", tuple(slots)))
     registry.create_session(SESSION, "or1", "Benchmark")
     conn.send(("ready", os.getpid()))
     try:

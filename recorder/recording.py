@@ -43,15 +43,12 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from server.subscription import EncodedFrame
+from server.media.plane import DropReason, EncodedFrame, Upstream
 
 from .errors import FATAL_CODES, RecordingError, error_from_exception
 from .writer import RECORDABLE, FeedWriter, PartInfo, WriterOptions
-
-if TYPE_CHECKING:
-    from server.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -74,26 +71,42 @@ class SessionInfo:
     expert: str
     procedure: str = ""
 
-    @classmethod
-    def from_session(cls, session: Session, expert: str) -> SessionInfo:
-        return cls(session_id=session.id, theatre=session.theatre.id, title=session.title,
-                   expert=expert, procedure=session.procedure)
-
     def describe(self) -> dict[str, str]:
         return asdict(self)
 
 
-class RecordableFeed(Protocol):
-    """What the recorder needs of a Feed (server.feed.Feed has it)."""
+#: What the recorder needs of a Feed: the media seam's upstream side.
+RecordableFeed = Upstream
 
-    id: str
-    kind: str
-    codec: Any  # has mimeType and clockRate (aiortc RTCRtpCodecParameters)
 
-    def add_frame_listener(
-            self, listener: Callable[[EncodedFrame], None]) -> Callable[[], None]: ...
+class FeedSource(Protocol):
+    """What :meth:`Recording.follow` needs of a Session."""
 
-    def request_keyframe(self) -> None: ...
+    @property
+    def feeds(self) -> Mapping[str, Upstream]: ...
+
+    def listen(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]: ...
+
+
+class _Tap:
+    """The recorder's downstream on one Feed: frames go to the Feed's writer,
+    whose own thread does the disk I/O (``push`` only enqueues)."""
+
+    def __init__(self, feed_id: str, writer: FeedWriter,
+                 on_dropped: Callable[[DropReason], None]) -> None:
+        self._writer = writer
+        self._on_dropped = on_dropped
+        self._id = f"recorder:{feed_id}"
+
+    @property
+    def downstream_id(self) -> str:
+        return self._id
+
+    def deliver(self, frame: EncodedFrame) -> None:
+        self._writer.push(frame)
+
+    def dropped(self, reason: DropReason) -> None:
+        self._on_dropped(reason)
 
 
 def _iso(ts: float | None) -> str | None:
@@ -257,7 +270,7 @@ class Recording:
                 return current.writer
             # A new Feed object under the same id (the old one closed): new writer.
             self._release_later(current.feed)
-        mime = str(feed.codec.mimeType)
+        mime = feed.mime_type
         if mime.lower() not in RECORDABLE:
             logger.warning("recording %s: cannot record %s (%s)", self.id, feed.id, mime)
             return None
@@ -265,18 +278,32 @@ class Recording:
             self._feeds.setdefault(feed.id, {"id": feed.id, "kind": feed.kind, "codec": mime})
             self._parts.setdefault(feed.id, {})
             counter = self._counters.setdefault(feed.id, itertools.count())
+        requester = f"recorder:{self.id}:{feed.id}"
         writer = FeedWriter(
-            feed_id=feed.id, kind=feed.kind, mime_type=mime, clock_rate=int(feed.codec.clockRate),
+            feed_id=feed.id, kind=feed.kind, mime_type=mime, clock_rate=feed.clock_rate,
             directory=self.directory, origin=self.origin,
             on_part=functools.partial(self._part_changed, feed.id),
             on_error=functools.partial(self._writer_failed, feed.id),
-            request_keyframe=feed.request_keyframe, options=self._options,
+            request_keyframe=functools.partial(feed.request_keyframe, requester),
+            options=self._options,
             allocate_index=functools.partial(self._next_index, counter))
         writer.start()
-        unsubscribe = feed.add_frame_listener(writer.push)
-        self._attached[feed.id] = _Attached(feed, writer, unsubscribe)
+        tap = _Tap(feed.id, writer, functools.partial(self._tap_dropped, feed))
+        # From the next keyframe: nothing cached from before the recording started.
+        feed.attach(tap, start="keyframe")
+        self._attached[feed.id] = _Attached(feed, writer, functools.partial(feed.detach, tap))
         self.add_event({"type": "feed_attached", "feed": feed.id, "codec": mime})
         return writer
+
+    def _tap_dropped(self, feed: RecordableFeed, reason: DropReason) -> None:
+        """The Feed let go of our tap (it closed, or our writer misbehaved)."""
+        attached = self._attached.get(feed.id)
+        if attached is not None and attached.feed is feed:
+            attached.unsubscribe = None  # the Feed already let go
+            if reason != "feed_closed":
+                logger.warning("recording %s: %s stopped feeding the recorder (%s)", self.id,
+                               feed.id, reason)
+            self._release_later(feed)
 
     def _next_index(self, counter: Iterator[int]) -> int:
         with self._lock:
@@ -313,7 +340,7 @@ class Recording:
         if self.state in ("recording", "stopping"):
             self.add_event({"type": "feed_detached", "feed": feed_id})
 
-    def follow(self, session: Session, *, events: bool = True) -> Callable[[], None]:
+    def follow(self, session: FeedSource, *, events: bool = True) -> Callable[[], None]:
         """Attach the Session's live Feeds now and whenever one appears or comes
         back as a new Feed; detach Feeds that close. With ``events``, the
         Session's events go to events.jsonl too, as they are: ``interaction``
@@ -322,8 +349,9 @@ class Recording:
         Returns an unfollow. Stopping the recording stays the caller's job."""
         feed_states: dict[str, str] = {}
         for feed in list(session.feeds.values()):
-            if feed.state != "closed":
-                feed_states[feed.id] = feed.state
+            state = getattr(feed, "state", "live")
+            if state != "closed":
+                feed_states[feed.id] = state
                 self.attach(feed)
 
         def on_event(event: Mapping[str, Any]) -> None:
@@ -334,9 +362,9 @@ class Recording:
                 if state == "closed":
                     self._release_later(feed_id)
                 else:
-                    feed = session.feeds.get(feed_id)
-                    if feed is not None and state == "live":
-                        self.attach(feed)
+                    found = session.feeds.get(feed_id)
+                    if found is not None and state == "live":
+                        self.attach(found)
                 if events and feed_states.get(feed_id) != state:
                     self._add_session_event({"type": "feed_state", "feed": feed_id,
                                              "state": state})

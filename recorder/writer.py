@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 import av
 
-from server.subscription import EncodedFrame
+from server.media.plane import EncodedFrame
 
 from .bitstream import (
     NAL_IDR,

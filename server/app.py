@@ -7,9 +7,12 @@ going away, then end every Session (closing all peer connections).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,16 +21,19 @@ from aiohttp import WSCloseCode, web
 
 from .audit import JsonlAuditTrail
 from .config import Config
-from .http import admin, api, preflight, review, whip
+from .http import admin, api, guard, preflight, review, revocation, whip
 from .http.common import (
     ACCEPTING,
     AUDIT,
     AUTH_GUARD,
     CONFIG,
+    CSP,
+    LIVENESS,
     MESSAGE_RATES,
     METRICS,
     NODE_ID,
     PEERS,
+    PENDING_SUBSCRIPTIONS,
     PRESENCE,
     REGISTRY,
     SOCKET_GRANTS,
@@ -37,10 +43,13 @@ from .http.common import (
     AuthGuard,
     Handler,
     MessageRates,
+    content_security_policy,
     errors_middleware,
+    forwarded_middleware,
     security_headers,
 )
 from .http.ws import websocket
+from .media.liveness import Liveness
 from .media.peers import PeerFactory
 from .metrics import Metrics
 from .registry import Registry
@@ -55,18 +64,26 @@ PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player", "p
 
 def create_app(config: Config) -> web.Application:
     app = web.Application(
-        middlewares=[security_headers, errors_middleware],
+        middlewares=[forwarded_middleware(config.server.trusted_proxies), security_headers,
+                     errors_middleware],
         client_max_size=config.limits.max_body_bytes,
+        handler_args=guard.handler_args(config),
     )
     node_id = config.server.node_id or f"node-{secrets.token_hex(3)}"
-    peers = PeerFactory(config.ice, config.turn)
+    live = config.liveness
+    liveness = app[LIVENESS] = Liveness(
+        peer_timeout_s=live.peer_timeout_s, probe_after_s=live.probe_after_s,
+        interval_s=live.check_interval_s)
+    peers = PeerFactory(config.ice, liveness, config.turn)
     app[CONFIG] = config
+    app[CSP] = content_security_policy(config)
     app[NODE_ID] = node_id
     app[PEERS] = peers
-    app[TOKENS] = TokenAuthority(config.auth.signing_keys)
+    app[TOKENS] = TokenAuthority(config.auth.signing_keys, config.role_caps())
     app[WEBSOCKETS] = weakref.WeakSet()
     app[SOCKET_GRANTS] = weakref.WeakKeyDictionary()
     app[ACCEPTING] = {"joins": True}
+    app[PENDING_SUBSCRIPTIONS] = Counter()
     store = app[STORE] = open_store(config.store.redis_url or None, node_id=node_id,
                                     prefix=config.store.prefix, timeout_s=config.store.timeout_s)
     app[PRESENCE] = Presence(store.presence, node_id=node_id, ttl_s=config.store.presence_ttl_s,
@@ -83,8 +100,8 @@ def create_app(config: Config) -> web.Application:
     registry.on_session = lambda session, state: audit.record(
         f"session_{state}", session=session.id, theatre=session.theatre.id, title=session.title)
     registry.on_first_frame = metrics.first_frame.observe
-    registry.on_event = lambda session_id, event: admin.close_revoked_sockets(
-        app, session_id, event)
+    registry.on_media_count = metrics.count_media
+    registry.watch_stream = liveness.watch_stream
 
     app.add_routes(api.routes)
     app.add_routes(admin.routes)
@@ -98,10 +115,12 @@ def create_app(config: Config) -> web.Application:
             app.router.add_static(f"/{folder}", CLIENT_DIR / folder, follow_symlinks=False)
 
     app.cleanup_ctx.append(_audit)
+    app.cleanup_ctx.append(_liveness)
     # Before _sessions: cleanup runs in reverse, so Sessions end before the store closes.
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_sessions)
     review.setup(app)  # recording control, review API, retention (after _sessions)
+    revocation.setup(app)  # revocations reach live connections
     preflight.setup(app)  # connection checks for participants' networks
     app.on_shutdown.append(_going_away)
     return app
@@ -123,6 +142,16 @@ async def _audit(app: web.Application) -> AsyncIterator[None]:
     yield
     app[AUDIT].record("node_stopped")
     app[AUDIT].close()
+
+
+async def _liveness(app: web.Application) -> AsyncIterator[None]:
+    """One task notices quiet peers and stalled Feeds (server/media/liveness.py)."""
+    task = asyncio.ensure_future(app[LIVENESS].run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await app[PEERS].close()
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:

@@ -10,6 +10,7 @@ import logging
 import signal
 import ssl
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +21,7 @@ from . import admin_cli, logs, recording_cli
 from .app import create_app
 from .config import Config, ConfigError, load_config
 from .http.common import REGISTRY, TOKENS
+from .http.guard import NodeRunner
 from .links import format_links, session_links
 from .roles import Role
 
@@ -38,7 +40,7 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
 
 async def _start(config: Config) -> tuple[web.AppRunner, web.Application]:
     app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
+    runner = NodeRunner(app, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port,
                        ssl_context=_ssl_context(config))
@@ -57,9 +59,11 @@ async def _until_signal() -> None:
 async def serve(config: Config) -> None:
     runner, app = await _start(config)
     print(f"ScrubIn serving on {config.base_url}", flush=True)
+    # No tokens here: this output ends in service logs (docs/security.md).
     for session in app[REGISTRY].sessions.values():
-        links = session_links(session, app[TOKENS], config.base_url, config.auth.token_ttl_s)
-        print(format_links(links), flush=True)
+        print(f"Session {session.id} is live. Its links: scrubin links --server "
+              f"{config.base_url} --session {session.id} --token <an admin token from "
+              "`scrubin admin-token --config FILE`>", flush=True)
     try:
         await _until_signal()
     finally:
@@ -117,7 +121,8 @@ async def publish(args: argparse.Namespace) -> int:
     options = WhipOptions(
         ice_servers=[RTCIceServer(urls=u) for u in args.ice_server],
         host_addresses=args.host_address, video_codec=source.video_codec,
-        relay_only=args.relay_only, connect_timeout_s=args.connect_timeout)
+        takeover=args.takeover, relay_only=args.relay_only,
+        connect_timeout_s=args.connect_timeout)
     publisher = WhipPublisher(args.url, args.token, source.tracks, options)
 
     def on_state(state: str) -> None:
@@ -189,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                             "TURN transport (UDP, then TCP, then TLS)")
     p_pub.add_argument("--host-address", action="append", default=[],
                        help="advertise this address (e.g. 127.0.0.1 on one machine)")
+    p_pub.add_argument("--takeover", action="store_true",
+                       help="replace another encoder publishing the slot (never the expert's "
+                            "own camera)")
 
     p_links = sub.add_parser("links", help="print page, WHIP and WHEP links of a Session")
     p_links.add_argument("--server", default="http://127.0.0.1:8080")
@@ -229,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "links":
             return asyncio.run(fetch_links(args.server, args.session, args.token))
         elif args.command in ("token", "admin-token"):
-            from .tokens import NODE_WIDE, TokenAuthority
+            from .tokens import MAX_LIFETIME_S, NODE_WIDE, TokenAuthority
 
             config = load_config(args.config)
             if not config.auth.signing_keys:
@@ -242,9 +250,17 @@ def main(argv: list[str] | None = None) -> int:
             if session == NODE_WIDE and role is not Role.ADMIN:
                 print("only admin tokens may be node-wide (--session '*')", file=sys.stderr)
                 return 2
-            token = TokenAuthority(config.auth.signing_keys).issue(
-                session, role, name=args.name, ttl_s=ttl)
+            if not 0 < ttl <= MAX_LIFETIME_S:
+                print(f"--ttl: 1 to {MAX_LIFETIME_S} seconds", file=sys.stderr)
+                return 2
+            authority = TokenAuthority(config.auth.signing_keys)
+            token = authority.issue(session, role, name=args.name, ttl_s=ttl)
+            grant = authority.verify(token)
+            # The token on stdout (for a pipe), how to revoke it on stderr.
             print(token)
+            print(f"token id {grant.token_id}, expires "
+                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(grant.expires_at))}; "
+                  f"revoke it with: scrubin revoke {grant.token_id}", file=sys.stderr)
         elif args.command in admin_cli.COMMANDS:
             return admin_cli.run(args)
         elif args.command in recording_cli.COMMANDS:

@@ -9,7 +9,8 @@ Sessions exist, and each Session's state) lives in the shared store:
 - ``Session.end()`` records "ended" in the store; an admin ending a Session
   live on another Node asks that Node, through the store's events, to end it.
 - Theatres and Sessions from the configuration are live at start, and written
-  to the store like the others.
+  to the store like the others; a configured Session the store says has ended
+  stays ended (a Session id names one Session forever, docs/security.md).
 - Node shutdown ends the local Sessions (the close cascade) but leaves them
   "live" in the store: the same Node (same ``server.node_id``) resumes one
   when its participants reconnect.
@@ -56,6 +57,10 @@ class Registry:
         self.ended: set[str] = set()
         self.totals: Counter[str] = Counter()
         self.on_first_frame: Callable[[float], None] | None = None
+        #: Media-plane events for /metrics ("feed", state), ("drop", reason)...
+        self.on_media_count: Callable[[str, str], None] | None = None
+        #: The Node's liveness task: Feeds register their stall checks there.
+        self.watch_stream: Callable[[Callable[[float], None]], Callable[[], None]] | None = None
         self.on_session: Callable[[Session, str], None] | None = None
         #: Every other event of the store's bus for a Session live here.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
@@ -117,6 +122,10 @@ class Registry:
         """A Session live on this Node at once (configuration, the demo, tests);
         recorded as live in the store in the background."""
         check_name("session", session_id)
+        if session_id in self.ended:
+            # A Session id names one Session forever (docs/security.md).
+            raise Gone(f"session {session_id} has ended; its id is not used again",
+                       code="session_ended")
         theatre = self.theatres.get(theatre_id)
         if theatre is None:
             raise NotFound(f"no theatre {theatre_id!r}", code="unknown_theatre")
@@ -133,7 +142,8 @@ class Registry:
         session = Session(session_id=session_id, theatre=theatre, title=title,
                           procedure=procedure, config=self._config, peers=self._peers,
                           node_id=self._node_id, totals=self.totals,
-                          on_first_frame=self._first_frame, on_ended=self._ended)
+                          on_first_frame=self._first_frame, on_ended=self._ended,
+                          count=self._media_count, watch_stream=self.watch_stream)
         self.ended.discard(session_id)
         self.sessions[session_id] = session
         if self.on_session is not None:
@@ -143,6 +153,10 @@ class Registry:
             self._spawn(self._watch(session), watcher_of=session_id)
         logger.info("session %s live in theatre %s", session_id, theatre.id)
         return session
+
+    def _media_count(self, what: str, label: str) -> None:
+        if self.on_media_count is not None:
+            self.on_media_count(what, label)
 
     def _first_frame(self, seconds: float) -> None:
         if self.on_first_frame is not None:
@@ -290,7 +304,14 @@ class Registry:
             await store.sessions.create_session(record)
         except Conflict:
             existing = await store.sessions.get_session(session.id)
-            if existing is not None and existing.state == "scheduled":
+            if existing is not None and existing.state == "ended":
+                # A configured Session keeps its identity until it ends; after
+                # that its id is never a new Session (old tokens, invites and
+                # recordings name it).
+                logger.warning("session %s ended before this Node started; it stays ended "
+                               "(give the configuration a new id)", session.id)
+                await session.end("this Session has ended")
+            elif existing is not None and existing.state == "scheduled":
                 await store.sessions.set_session_state(session.id, "live")
             elif existing is not None and existing.node_id != self._node_id:
                 logger.warning("session %s is live here and, says the store, on node %s",

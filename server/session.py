@@ -9,6 +9,7 @@ Subscriptions; a Subscription closing closes its viewer peer connection.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -17,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from aiortc import RTCPeerConnection, RTCRtpCodecParameters, RTCRtpReceiver, RTCSessionDescription
-from aiortc import sdp as aiortc_sdp
 
 from .config import Config
 from .errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unprocessable
@@ -25,12 +25,13 @@ from .feed import Feed
 from .interaction import MIC_SLOT, Interaction
 from .media import hooks
 from .media.codecs import capabilities_for
-from .media.fastpath import FastSender, negotiated_from
-from .media.peers import PeerFactory
+from .media.layers import LowLayerMaker
+from .media.peers import GONE_CLOSED, PeerFactory, negotiated_codecs
+from .media.plane import DropReason
 from .media.sdp import add_bitrate_hints, check_offer
 from .participant import Participant
 from .roles import MODERATORS, PUBLISHERS, VIEWERS, Role
-from .subscription import Subscription
+from .subscription import Subscription, ViewerPeer
 from .theatre import Theatre, check_name
 from .tokens import Grant
 
@@ -43,30 +44,41 @@ Event = dict[str, Any]
 PUBLISH_PREFERENCE = ["video/VP8", "video/H264", "audio/opus"]
 
 
+def _no_remb(bitrate: int) -> int | None:
+    return None
+
+
+def _plus(extra: int, bitrate: int) -> int | None:
+    return bitrate + extra
+
+
 def _new_id() -> str:
     # Resource ids appear in WHIP/WHEP Location URLs: unguessable on purpose.
     return secrets.token_urlsafe(18)
 
 
-def _negotiated_codecs(answer_sdp: str) -> dict[str, RTCRtpCodecParameters]:
-    """mid -> the codec the remote will send/receive (first in the answer)."""
-    out = {}
-    for media in aiortc_sdp.SessionDescription.parse(answer_sdp).media:
-        codecs = [c for c in media.rtp.codecs if not c.mimeType.lower().endswith("/rtx")]
-        if codecs and media.rtp.muxId is not None:
-            out[media.rtp.muxId] = codecs[0]
-    return out
+#: Counts a media-plane event for /metrics: (what, label), e.g. ("drop", "failed").
+Count = Callable[[str, str], None]
+#: Registers a stream check with the Node's liveness task; returns an unwatch.
+WatchStream = Callable[[Callable[[float], None]], Callable[[], None]]
+
+
+#: How a publication reached us: the expert's broadcast page (websocket) or an
+#: encoder (WHIP: `scrubin publish`, OBS, a hardware encoder).
+Via = Literal["page", "whip"]
 
 
 class Ingest:
     """The expert's peer connection into one camera slot; it feeds 1–2 Feeds."""
 
     def __init__(self, ingest_id: str, slot: str, participant_id: str,
-                 pc: RTCPeerConnection) -> None:
+                 pc: RTCPeerConnection, *, via: Via = "whip", name: str = "") -> None:
         self.id = ingest_id
         self.slot = slot
         self.participant_id = participant_id
         self.pc = pc
+        self.via: Via = via
+        self.name = name
         self.feeds: list[Feed] = []
         self.created_at = time.time()
         self._closed = False
@@ -91,14 +103,14 @@ class Ingest:
     def closed(self) -> bool:
         return self._closed
 
-    async def close(self, *, final: bool) -> None:
+    async def close(self, *, final: bool, reason: str = "publisher left") -> None:
         """Stop receiving. ``final`` closes the Feeds; otherwise they wait for a
         reconnecting publisher."""
         if self._closed:
             return
         self._closed = True
         for feed in self.feeds:
-            feed.detach(final=final)
+            feed.publisher_gone(final=final, reason=reason)
         await self.pc.close()
 
 
@@ -116,6 +128,8 @@ class Session:
         totals: Counter[str] | None = None,
         on_first_frame: Callable[[float], None] | None = None,
         on_ended: Callable[[Session], None] | None = None,
+        count: Count | None = None,
+        watch_stream: WatchStream | None = None,
     ) -> None:
         check_name("session", session_id)
         self.id = session_id
@@ -137,6 +151,11 @@ class Session:
         self._totals: Counter[str] = totals if totals is not None else Counter()
         self._on_first_frame = on_first_frame
         self._on_ended = on_ended
+        self._count = count or (lambda what, label: None)
+        self._watch_stream = watch_stream
+        self._unwatch_feeds: dict[int, Callable[[], None]] = {}
+        #: Low layers this Node makes (decode once, encode once), by full Feed id.
+        self._makers: dict[str, LowLayerMaker] = {}
         #: Awaited by end() after the close cascade (the recorder stopping).
         self.end_hooks: list[Callable[[], Awaitable[None]]] = []
         #: Drawings, steps, questions, chat, hands, the trainee microphone.
@@ -168,8 +187,17 @@ class Session:
             "procedure": self.procedure,
             "state": self.state,
             "theatre": self.theatre.describe(),
-            "feeds": [f.describe() for f in self.feeds.values() if f.state != "closed"],
+            "feeds": [self.describe_feed(f) for f in self.feeds.values()
+                      if f.state != "closed"],
         }
+
+    def describe_feed(self, feed: Feed) -> dict[str, Any]:
+        viewers = sum(1 for s in self.subscriptions.values()
+                      if s.feed_id == feed.id and s.state != "closed")
+        owner = self.slot_owner(feed.slot)
+        publisher = None if owner is None else {"id": owner.participant_id, "name": owner.name,
+                                                "via": owner.via}
+        return {**feed.describe(), "viewers": viewers, "publisher": publisher}
 
     def roster(self) -> list[dict[str, object]]:
         return [p.describe() for p in self.participants.values()]
@@ -200,23 +228,55 @@ class Session:
         self._emit({"type": "participant_left", "participant": participant.describe()})
 
     # -- publishing -------------------------------------------------------
-    async def publish(self, grant: Grant, slot: str, offer: str) -> tuple[str, Ingest]:
+    def slot_owner(self, slot: str) -> Ingest | None:
+        """The connection that publishes ``slot`` now, if any (one at a time)."""
+        return next((i for i in self.ingests.values() if i.slot == slot and not i.closed), None)
+
+    def _check_owner(self, grant: Grant, slot: str, via: Via, takeover: bool) -> Ingest | None:
+        """One publisher per slot. Returns the holder this publication replaces.
+
+        The same Participant reconnecting replaces its own connection. Anyone
+        else needs ``takeover``: the expert's page may take a slot from anyone
+        (an encoder left running, its own other device); an encoder may take one
+        from another encoder, never from the expert's page.
+        """
+        holder = self.slot_owner(slot)
+        if holder is None or holder.participant_id == grant.participant_id:
+            return holder
+        what = "the expert's page" if holder.via == "page" else "an encoder"
+        who = f"{holder.name} ({what})" if holder.name else what
+        if not takeover:
+            raise Conflict(f"{slot} is being published by {who}; publish with takeover to "
+                           "replace it", code="slot_taken")
+        if via == "whip" and holder.via == "page":
+            raise Forbidden(f"{slot} is published by {who}; an encoder may not take over "
+                            "the expert's camera", code="takeover_refused")
+        return holder
+
+    async def publish(self, grant: Grant, slot: str, offer: str, *, via: Via = "whip",
+                      takeover: bool = False) -> tuple[str, Ingest]:
         """Answer a publisher's offer for ``slot``; its media become Feeds.
         The trainee granted the microphone publishes audio to ``MIC_SLOT``."""
         self._check_publisher(grant, slot)
         self._require_live()
+        self._check_owner(grant, slot, via, takeover)
         limits = self._config.limits
         summary = check_offer(offer, max_bytes=limits.max_sdp_bytes,
                               max_media=limits.max_media_sections,
                               allowed_networks=self._peers.allowed_networks,
                               want_direction="send")
-        if len(set(summary.kinds)) != len(summary.kinds):
-            raise Unprocessable("a slot carries at most one video and one audio track",
+        if summary.kinds.count("audio") > 1 or summary.kinds.count("video") > 2:
+            raise Unprocessable("a slot carries one audio track and one video track, "
+                                "optionally with a low layer (a second video section)",
                                 code="sdp_duplicate_kind")
+        with_low = summary.kinds.count("video") == 2
+        if with_low and slot == MIC_SLOT:
+            raise Unprocessable("the trainee microphone carries audio only",
+                                code="sdp_kind_mismatch")
         if slot == MIC_SLOT and summary.kinds != ["audio"]:
             raise Unprocessable("the trainee microphone carries audio only",
                                 code="sdp_kind_mismatch")
-        new_feeds = [k for k in summary.kinds if f"{slot}.{k}" not in self.feeds]
+        new_feeds = [k for k in set(summary.kinds) if f"{slot}.{k}" not in self.feeds]
         live = sum(1 for f in self.feeds.values() if f.state != "closed")
         if live + len(new_feeds) > limits.max_feeds_per_session:
             raise Conflict(f"session has its maximum of {limits.max_feeds_per_session} feeds",
@@ -238,45 +298,99 @@ class Session:
                     caps = RTCRtpReceiver.getCapabilities(kind).codecs  # type: ignore[union-attr]
                     transceiver.setCodecPreferences(
                         [c for c in caps if c.mimeType.lower() in (mime.lower(), f"{kind}/rtx")])
-            answer = await self._answer(pc, summary.text)
-            codecs = _negotiated_codecs(answer)
-            # The microphone may have been taken back while we answered.
+            answer = await self._peers.answer(pc, summary.text)
+            codecs = negotiated_codecs(answer)
+            # The microphone may have been taken back, or someone else taken the
+            # slot, while we answered.
             self._check_publisher(grant, slot)
+            holder = self._check_owner(grant, slot, via, takeover)
+            name = grant.name or grant.role.value
+            if holder is not None and holder.participant_id != grant.participant_id:
+                logger.info("session %s: %s takes over slot %s from %s", self.id, name, slot,
+                            holder.name)
+                self._emit({"type": "slot_taken_over", "slot": slot, "ingest": holder.id,
+                            "from": {"id": holder.participant_id, "name": holder.name,
+                                     "via": holder.via},
+                            "by": {"id": grant.participant_id, "name": name, "via": via}})
 
             # The previous connection on this slot is stale (the publisher came
-            # back before its old connection timed out): replace it, keep Feeds.
+            # back before its old connection timed out) or taken over: replace
+            # it, keep the Feeds and their viewers.
             for old in [i for i in self.ingests.values() if i.slot == slot]:
-                await self._close_ingest(old, final=False)
+                await self._close_ingest(old, final=False, reason="replaced by a new connection")
             # A kind the slot no longer carries (camera off, mic kept) ends now
             # rather than waiting out its grace period.
             for feed in [f for f in self.feeds.values()
                          if f.slot == slot and f.kind not in summary.kinds]:
-                feed.close()
+                feed.close("the publisher no longer sends it")
 
-            ingest = Ingest(_new_id(), slot, grant.participant_id, pc)
+            ingest = Ingest(_new_id(), slot, grant.participant_id, pc, via=via, name=name)
             ingest.grant = grant
+            full: Feed | None = None
+            full_receiver: RTCRtpReceiver | None = None
+            low_mids: set[str] = set()
             for transceiver in pc.getTransceivers():
                 codec = codecs.get(transceiver.mid or "")
                 if codec is None or transceiver.kind not in ("audio", "video"):
                     continue
-                feed = self._feed_for(slot, transceiver.kind, codec)
+                if transceiver.kind == "video" and full is not None:
+                    # The second video section: this camera's low layer. A browser
+                    # page holds it to its bitrate itself (sendEncodings) and reads
+                    # any REMB as the whole connection's: this receiver sends none.
+                    # Other publishers are held to it by a REMB naming its SSRC.
+                    feed = self._low_feed_for(full, codec, published=True)
+                    low_bps = self._config.media.low_layer_max_kbps * 1000
+                    if via == "page" and full_receiver is not None:
+                        hooks.adjust_remb(transceiver.receiver, _no_remb)
+                        hooks.adjust_remb(full_receiver, functools.partial(_plus, low_bps))
+                    else:
+                        hooks.adjust_remb(transceiver.receiver, functools.partial(min, low_bps))
+                        low_mids.add(transceiver.mid or "")
+                else:
+                    feed = self._feed_for(slot, transceiver.kind, codec)
+                    if transceiver.kind == "video":
+                        full, full_receiver = feed, transceiver.receiver
                 receiver = transceiver.receiver
-                sink = feed.attach(ingest.keyframe_requester(receiver))
+                sink = feed.connect_publisher(ingest.keyframe_requester(receiver))
                 hooks.tap_receiver(receiver, transceiver.kind, sink)
+                hooks.observe_sender_reports(receiver, feed.on_sender_report)
                 ingest.feeds.append(feed)
             if not ingest.feeds:
                 raise Unprocessable("no usable media in the offer", code="sdp_no_codec")
+            if full is not None and not with_low:
+                self._without_published_low(full)
             await pc.setLocalDescription(RTCSessionDescription(answer, "answer"))
         except BaseException:
             await pc.close()
             raise
         self.ingests[ingest.id] = ingest
-        self._watch_peer(pc, lambda: self._close_ingest(ingest, final=False))
+        self._peers.watch(pc, f"publisher {ingest.id} ({slot})",
+                          lambda reason: self._publisher_gone(ingest, reason))
         logger.info("session %s: %s publishes slot %s (%s)", self.id, grant.participant_id, slot,
                     ", ".join(f"{f.id} {f.codec.mimeType}" for f in ingest.feeds))
         media = self._config.media
-        return add_bitrate_hints(answer, media.min_bitrate_kbps, media.start_bitrate_kbps,
-                                 media.max_bitrate_kbps), ingest
+        # A browser's hints count for its whole connection: with a low layer in
+        # it, the full layer keeps its range only if the low layer's is added.
+        extra = media.low_layer_max_kbps if with_low and via == "page" else 0
+        return add_bitrate_hints(answer, media.min_bitrate_kbps + extra,
+                                 media.start_bitrate_kbps + extra,
+                                 media.max_bitrate_kbps + extra, frozenset(low_mids),
+                                 media.low_layer_max_kbps), ingest
+
+    def _publisher_gone(self, ingest: Ingest, reason: str) -> None:
+        """The publisher's connection failed, closed, or went quiet."""
+        if ingest.closed:
+            return  # we closed it ourselves (replaced, unpublished, ended)
+        if reason != GONE_CLOSED:
+            self._count("peer_gone", "publisher")
+            participant = self.participants.get(ingest.participant_id)
+            logger.warning("session %s: lost the publisher of slot %s (%s)", self.id,
+                           ingest.slot, reason)
+            self._emit({"type": "media_dropped", "role": "publisher", "slot": ingest.slot,
+                        "participant_id": ingest.participant_id,
+                        "name": participant.name if participant is not None else "",
+                        "reason": reason})
+        self._track(self._close_ingest(ingest, final=False, reason=f"publisher {reason}"))
 
     def _feed_for(self, slot: str, kind: str, codec: RTCRtpCodecParameters) -> Feed:
         feed_id = f"{slot}.{kind}"
@@ -287,15 +401,82 @@ class Session:
                                     f"must use it too", code="codec_mismatch")
             return feed
         feed = Feed(feed_id=feed_id, slot=slot, kind=kind, codec=codec,
-                    media=self._config.media, on_state=self._feed_changed,
-                    on_closed=self._feed_closed)
+                    media=self._config.media, liveness=self._config.liveness,
+                    on_state=self._feed_changed, on_closed=self._feed_closed,
+                    on_dropped=self._downstream_dropped)
         self.feeds[feed_id] = feed
+        if self._watch_stream is not None:
+            self._unwatch_feeds[id(feed)] = self._watch_stream(feed.check_stall)
         return feed
 
+    def _low_feed_for(self, full: Feed, codec: RTCRtpCodecParameters, *,
+                      published: bool) -> Feed:
+        """The low layer of ``full``: its own Feed, linked, never in ``self.feeds``
+        (pages, the recorder and links see cameras, not layers)."""
+        maker = self._makers.pop(full.id, None)
+        if maker is not None and published:
+            maker.stop()  # the publisher sends its own low layer now
+            if full.low is not None:
+                full.low.publisher_gone(final=False, reason="the publisher sends its own")
+        low = full.low
+        if low is None or low.state == "closed":
+            low = Feed(feed_id=f"{full.id}.low", slot=full.slot, kind="video", codec=codec,
+                       media=self._config.media, liveness=self._config.liveness,
+                       on_state=self._low_changed, on_closed=self._feed_closed,
+                       on_dropped=self._downstream_dropped, layer="low")
+            full.low = low
+            if self._watch_stream is not None:
+                self._unwatch_feeds[id(low)] = self._watch_stream(low.check_stall)
+        elif low.codec.mimeType.lower() != codec.mimeType.lower():
+            raise Unprocessable(f"the low layer must use the full layer's codec "
+                                f"({full.codec.mimeType})", code="codec_mismatch")
+        return low
+
+    def _without_published_low(self, full: Feed) -> None:
+        """A camera published without a low layer: close a published one it had;
+        the server makes one instead when configured to."""
+        low = full.low
+        if full.id in self._makers:
+            return
+        if low is not None and low.state != "closed" and not self._config.media.server_low_layer:
+            low.close("the publisher no longer sends a low layer")
+            full.low = None
+            self._feed_changed(full)
+            return
+        if not self._config.media.server_low_layer:
+            return
+        low = self._low_feed_for(full, full.codec, published=False)
+        maker = LowLayerMaker(feed_id=full.id, mime_type=full.mime_type,
+                              request_full_keyframe=lambda: full.request_keyframe(
+                                  f"low-layer:{full.id}"),
+                              bitrate=self._config.media.low_layer_max_kbps * 1000)
+        self._makers[full.id] = maker
+        maker.start(low.connect_publisher(maker.request_keyframe))
+        full.attach(maker, start="keyframe")
+        logger.info("session %s: making a low layer of %s on this Node", self.id, full.id)
+
+    def _low_changed(self, low: Feed) -> None:
+        self._count("feed", low.state)
+        full = self.feeds.get(low.slot + ".video")
+        if full is not None and full.low is low and full.state != "closed":
+            self._emit({"type": "feed", "feed": self.describe_feed(full)})
+
     def _feed_changed(self, feed: Feed) -> None:
-        self._emit({"type": "feed", "feed": feed.describe()})
+        self._count("feed", feed.state)
+        self._emit({"type": "feed", "feed": self.describe_feed(feed)})
+
+    def _downstream_dropped(self, feed: Feed, reason: DropReason) -> None:
+        self._count("drop", reason)
 
     def _feed_closed(self, feed: Feed) -> None:
+        unwatch = self._unwatch_feeds.pop(id(feed), None)
+        if unwatch is not None:
+            unwatch()
+        maker = self._makers.pop(feed.id, None)
+        if maker is not None:
+            maker.stop()
+        if feed.layer == "low":
+            return
         if self.feeds.get(feed.id) is feed:
             del self.feeds[feed.id]
         self._totals["frames_received"] += feed.frames_received
@@ -308,7 +489,7 @@ class Session:
             raise NotFound("no such publication", code="unknown_resource")
         if ingest.participant_id != grant.participant_id and grant.role not in MODERATORS:
             raise Forbidden("this publication belongs to someone else", code="not_owner")
-        await self._close_ingest(ingest, final=True)
+        await self._close_ingest(ingest, final=True, reason="unpublished")
 
     async def close_slot(self, grant: Grant, slot: str) -> None:
         """The expert stops a slot: every publication of it, and its Feeds, even
@@ -319,9 +500,9 @@ class Session:
             return
         self._check_grant(grant, PUBLISHERS, "publish")
         for ingest in [i for i in self.ingests.values() if i.slot == slot]:
-            await self._close_ingest(ingest, final=True)
+            await self._close_ingest(ingest, final=True, reason="slot closed")
         for feed in [f for f in self.feeds.values() if f.slot == slot]:
-            feed.close()
+            feed.close("slot closed")
 
     def _check_publisher(self, grant: Grant, slot: str) -> None:
         if slot == MIC_SLOT:
@@ -337,36 +518,37 @@ class Session:
         """The trainee microphone was taken back: its Feed closes at once."""
         for ingest in [i for i in self.ingests.values() if i.slot == MIC_SLOT]:
             self.ingests.pop(ingest.id, None)
-            self._track(ingest.close(final=True))
+            self._track(ingest.close(final=True, reason="microphone taken back"))
         for feed in [f for f in self.feeds.values() if f.slot == MIC_SLOT]:
-            feed.close()
+            feed.close("microphone taken back")
 
     def _has_video_feed(self, feed_id: str) -> bool:
         feed = self.feeds.get(feed_id)
         return feed is not None and feed.kind == "video" and feed.state != "closed"
 
-    def close_revoked(self, *, invite: str | None, before: float | None) -> int:
-        """A revocation: close the media of tokens it covers (WHIP and WHEP
-        included, not only websockets). Returns how many were closed."""
-        def revoked(grant: Grant | None) -> bool:
-            return grant is not None and (
-                (invite is not None and grant.token_id == invite)
-                or (before is not None and grant.issued_at < before))
-
+    def close_revoked(self, revoked: Callable[[Grant], bool]) -> int:
+        """A revocation: close the media of the grants ``revoked`` matches (WHIP
+        and WHEP included, not only websockets). Returns how many were closed."""
         closed = 0
         for subscription in list(self.subscriptions.values()):
-            if revoked(subscription.grant):
-                self._track(subscription.close())
+            if subscription.grant is not None and revoked(subscription.grant):
+                self._track(subscription.close("revoked"))
                 closed += 1
         for ingest in list(self.ingests.values()):
-            if revoked(ingest.grant):
-                self._track(self._close_ingest(ingest, final=True))
+            if ingest.grant is not None and revoked(ingest.grant):
+                self._track(self._close_ingest(ingest, final=True, reason="access revoked"))
                 closed += 1
         return closed
 
-    async def _close_ingest(self, ingest: Ingest, *, final: bool) -> None:
+    def live_grants(self) -> set[Grant]:
+        """The grants behind this Session's open media (the periodic revocation
+        re-check looks them up)."""
+        grants = {s.grant for s in self.subscriptions.values() if s.grant is not None}
+        return grants | {i.grant for i in self.ingests.values() if i.grant is not None}
+
+    async def _close_ingest(self, ingest: Ingest, *, final: bool, reason: str) -> None:
         self.ingests.pop(ingest.id, None)
-        await ingest.close(final=final)
+        await ingest.close(final=final, reason=reason)
 
     # -- viewing ----------------------------------------------------------
     async def subscribe(self, grant: Grant, feed_id: str, offer: str) -> tuple[str, Subscription]:
@@ -395,27 +577,15 @@ class Session:
 
         pc = self._peers.create()
         subscription = Subscription(
-            subscription_id=_new_id(), feed_id=feed.id, participant_id=grant.participant_id,
-            kind=feed.kind,
+            subscription_id=_new_id(), feed=feed, participant_id=grant.participant_id,
+            peer=ViewerPeer(pc),
             max_queue=self._config.media.keyframe_cache_max_frames
             + self._config.media.viewer_queue_frames,
-            request_keyframe=feed.request_keyframe, close_peer=pc.close,
-            on_closed=self._subscription_closed, on_first_frame=self._on_first_frame)
+            fast_path=self._config.media.fast_path,
+            on_closed=self._subscription_closed, on_first_frame=self._on_first_frame,
+            on_layer=self._layer_changed, adaptive=self._config.media.adaptive_layers)
         try:
-            transceiver = pc.addTransceiver(subscription.track, direction="sendonly")
-            transceiver.setCodecPreferences(capabilities_for(feed.codec))
-            answer = await self._answer(pc, summary.text)
-            negotiated = _negotiated_codecs(answer).get(transceiver.mid or "")
-            if negotiated is None or negotiated.mimeType.lower() != feed.codec.mimeType.lower():
-                raise Unprocessable(f"viewer cannot receive {feed.codec.mimeType}, which "
-                                    f"{feed.id} is published in", code="codec_mismatch")
-            hooks.redirect_keyframe_requests(transceiver.sender, subscription.on_keyframe_request)
-            if self._config.media.fast_path:
-                media = next(m for m in aiortc_sdp.SessionDescription.parse(answer).media
-                             if m.rtp.muxId == transceiver.mid)
-                subscription.use_fast_path(FastSender(
-                    transceiver.sender, negotiated_from(media, transceiver.mid or "")))
-            await pc.setLocalDescription(RTCSessionDescription(answer, "answer"))
+            answer = await subscription.negotiate(summary.text, self._peers.answer)
         except BaseException:
             await pc.close()
             raise
@@ -424,16 +594,27 @@ class Session:
             raise Gone(f"feed {feed_id} closed while subscribing", code="feed_closed")
         subscription.grant = grant
         self.subscriptions[subscription.id] = subscription
-        feed.add_subscription(subscription)
-        self._watch_peer(pc, subscription.close)
-
-        @pc.on("connectionstatechange")
-        def _connected() -> None:
-            if pc.connectionState == "connected":
-                subscription.connected(feed.cached_frames())
-
+        self._peers.watch(pc, f"viewer {subscription.id} ({feed.id})",
+                          lambda reason: self._viewer_gone(subscription, reason))
+        self._count("subscription", "waiting")
         self._feed_changed(feed)
         return answer, subscription
+
+    def _layer_changed(self, subscription: Subscription, layer: str, reason: str) -> None:
+        self._count("layer", layer)
+        self._emit({"type": "layer", "subscription": subscription.id,
+                    "feed": subscription.feed_id, "layer": layer, "reason": reason,
+                    "participant_id": subscription.participant_id})
+
+    def _viewer_gone(self, subscription: Subscription, reason: str) -> None:
+        """The viewer's connection failed, went quiet, or closed under us."""
+        if subscription.state == "closed":
+            return  # we closed it ourselves
+        self._count("peer_gone", "viewer")
+        logger.info("session %s: viewer %s of %s gone (%s)", self.id, subscription.id,
+                    subscription.feed_id, reason)
+        self._track(subscription.close("transport_gone" if reason == GONE_CLOSED
+                                       else "peer_gone"))
 
     async def unsubscribe(self, grant: Grant, subscription_id: str) -> None:
         subscription = self.subscriptions.get(subscription_id)
@@ -444,46 +625,29 @@ class Session:
         await subscription.close()
 
     def _subscription_closed(self, subscription: Subscription) -> None:
-        if self.subscriptions.pop(subscription.id, None) is not None:
-            self._totals["frames_forwarded"] += subscription.frames_forwarded
-            self._totals["bytes_forwarded"] += subscription.bytes_forwarded
+        if self.subscriptions.pop(subscription.id, None) is None:
+            return
+        self._totals["frames_forwarded"] += subscription.frames_forwarded
+        self._totals["bytes_forwarded"] += subscription.bytes_forwarded
+        reason = subscription.close_reason or "closed"
+        self._count("subscription", "closed")
+        logger.info("session %s: subscription %s of %s closed (%s)", self.id, subscription.id,
+                    subscription.feed_id, reason)
+        self._emit({"type": "subscription_closed", "subscription": subscription.id,
+                    "feed": subscription.feed_id, "participant_id": subscription.participant_id,
+                    "reason": reason})
+        if reason in ("peer_gone", "transport_gone", "failed", "blocked", "behind"):
+            participant = self.participants.get(subscription.participant_id)
+            self._emit({"type": "media_dropped", "role": "viewer",
+                        "feed": subscription.feed_id,
+                        "participant_id": subscription.participant_id,
+                        "name": participant.name if participant is not None else "",
+                        "reason": reason})
         feed = self.feeds.get(subscription.feed_id)
-        if feed is not None:
-            feed.remove_subscription(subscription)
-            if feed.state != "closed":
-                self._feed_changed(feed)
+        if feed is not None and feed.state != "closed":
+            self._feed_changed(feed)
 
     # -- shared helpers ---------------------------------------------------
-    async def _answer(self, pc: RTCPeerConnection, offer: str) -> str:
-        try:
-            await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
-        except Exception as exc:  # aiortc raises ValueError/OperationError/etc.
-            raise Unprocessable(f"offer rejected: {exc}", code="sdp_rejected") from None
-        hooks.answer_as_dtls_server(pc)
-        self._peers.before_local_description(pc)
-        # Gather before answering so the answer carries every candidate: we do
-        # not trickle (WHIP/WHEP PATCH answers 405).
-        await self._gather(pc)
-        answer = await pc.createAnswer()
-        if answer is None:
-            raise Unprocessable("could not answer the offer", code="sdp_rejected")
-        return str(answer.sdp)
-
-    @staticmethod
-    async def _gather(pc: RTCPeerConnection) -> None:
-        """Gather candidates without applying the answer yet: receivers must be
-        tapped before setLocalDescription starts connecting."""
-        for transceiver in pc.getTransceivers():
-            await transceiver.receiver.transport.transport.iceGatherer.gather()
-
-    def _watch_peer(self, pc: RTCPeerConnection, on_gone: Callable[[], Any]) -> None:
-        @pc.on("connectionstatechange")
-        def _changed() -> None:
-            if pc.connectionState in ("failed", "closed"):
-                result = on_gone()
-                if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-                    self._track(result)
-
     def _track(self, awaitable: Any) -> None:
         task = asyncio.ensure_future(awaitable)
         self._pending.add(task)
@@ -511,10 +675,10 @@ class Session:
         self.state = "ended"
         self._emit({"type": "session_ended", "reason": reason})
         for ingest in list(self.ingests.values()):
-            await self._close_ingest(ingest, final=True)
+            await self._close_ingest(ingest, final=True, reason="session ended")
         for feed in list(self.feeds.values()):
-            feed.close()
-        closing = [s.close() for s in list(self.subscriptions.values())]
+            feed.close("session ended")
+        closing = [s.close("feed_closed") for s in list(self.subscriptions.values())]
         if closing:
             await asyncio.gather(*closing, return_exceptions=True)
         await self._drain()

@@ -1,9 +1,23 @@
 """Subscription: one Feed delivered to one viewer, without decoding.
 
-A Subscription owns the viewer's peer connection and a ForwardTrack whose
-``recv()`` returns the Feed's encoded frames as ``av.Packet``; aiortc's
-RTCRtpSender then only packetizes them. Closing a Subscription closes its peer
-connection; nothing it started outlives it.
+A Subscription is the local-viewer downstream of the media seam
+(``server/media/plane.py``): it owns the viewer's peer connection, negotiates
+it for its Feed, and takes the Feed's encoded frames out one of two ways:
+
+- the **fast path** (``media.fast_path``, the default): the Feed's shared RTP
+  payloads get this viewer's RTP header, SRTP and a synchronous ``sendto`` on
+  the selected UDP pair (``server/media/fastpath.py``);
+- **aiortc's sender**, when the fast path is off or cannot bind to the
+  transport: frames go through a bounded :class:`FrameQueue` to a
+  :class:`ForwardTrack`, whose ``recv()`` hands aiortc's RTCRtpSender encoded
+  packets to packetize.
+
+A :class:`ViewerPeer` owns the viewer's peer connection and answers its offer
+for one or more Subscriptions (one per transceiver: a Feed per WHEP or
+websocket subscribe; a camera with its narration for a WHEP-per-slot player).
+The Feed only sees ``deliver``/``dropped``. Closing a Subscription detaches it
+from the Feed first; the peer connection closes with its last Subscription;
+nothing they started outlives them.
 """
 
 from __future__ import annotations
@@ -11,249 +25,457 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import av
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import sdp as aiortc_sdp
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .media.fastpath import FastSender
+from .errors import Unprocessable
+from .media import hooks
+from .media.codecs import capabilities_for
+from .media.fastpath import FastSender, negotiated_from, vp8_picture_id
+from .media.layers import Layer, LayerController, Preference
+from .media.peers import negotiated_codecs
+from .media.plane import DropReason, EncodedFrame, FrameQueue, Start
+
+if TYPE_CHECKING:
+    from .feed import Feed
 
 logger = logging.getLogger(__name__)
 
-#: Spacing between replayed cached frames: a whole GOP sent in one burst
-#: overflows the viewer's socket buffers and turns into retransmissions.
-REPLAY_SPACING_S = 0.003
+SubscriptionState = Literal["waiting", "flowing", "paused", "closed"]
 
-
-@dataclass(slots=True)
-class EncodedFrame:
-    """One complete encoded frame on its Feed's continuous timeline.
-
-    ``packet`` is shared by every Subscription of the Feed: senders only read it.
-    """
-
-    packet: av.Packet
-    keyframe: bool
-    size: int
-    received_at: float
-    #: The Feed's continuous RTP timeline (the packet's pts).
-    pts: int = 0
-    #: RTP payloads, packetized once by the Feed for every fast-path viewer.
-    payloads: list[bytes] = field(default_factory=list)
+#: Answers an offer on a peer connection (``PeerFactory.answer``).
+Answerer = Callable[[RTCPeerConnection, str], Awaitable[str]]
 
 
 class ForwardTrack(MediaStreamTrack):
     """A track whose frames are already encoded: aiortc's sender packs, not encodes."""
 
-    def __init__(self, kind: str, on_sent: Callable[[EncodedFrame], None] | None = None) -> None:
+    def __init__(self, kind: str, queue: FrameQueue,
+                 on_sent: Callable[[EncodedFrame], None]) -> None:
         super().__init__()
         self.kind = kind
+        self._queue = queue
         self._on_sent = on_sent
-        self._queue: deque[EncodedFrame | None] = deque()
         self._wakeup = asyncio.Event()
-        self._replay_left = 0
 
-    def push(self, frame: EncodedFrame | None) -> None:
-        self._queue.append(frame)
+    def wake(self) -> None:
         self._wakeup.set()
-
-    def replay(self, frames: list[EncodedFrame]) -> None:
-        self._queue.extend(frames)
-        self._replay_left = max(0, len(frames) - 1)
-        self._wakeup.set()
-
-    def clear(self) -> None:
-        self._queue.clear()
-        self._replay_left = 0
-
-    @property
-    def pending(self) -> int:
-        # Not __len__: aiortc tests a sender's track for truth, and an empty
-        # queue would read as "no track".
-        return len(self._queue)
 
     async def recv(self) -> av.Packet:
         while True:
             if self.readyState != "live":
                 raise MediaStreamError
-            if self._queue:
-                item = self._queue.popleft()
-                if item is None:
-                    self.stop()
-                    raise MediaStreamError
-                if self._replay_left:
-                    self._replay_left -= 1
-                    await asyncio.sleep(REPLAY_SPACING_S)
-                if self._on_sent is not None:
-                    self._on_sent(item)
-                return item.packet
+            frame = self._queue.get()
+            if frame is not None:
+                self._on_sent(frame)
+                return frame.packet
             self._wakeup.clear()
             await self._wakeup.wait()
 
 
-SubscriptionState = Literal["waiting", "flowing", "closed"]
+class ViewerPeer:
+    """One viewer's peer connection and the Subscriptions it carries."""
+
+    def __init__(self, pc: RTCPeerConnection) -> None:
+        self.pc = pc
+        self.subscriptions: list[Subscription] = []
+        #: When ICE completed (server side): the server's share of a joiner's wait
+        #: for its first frame starts here.
+        self.ice_connected_at: float | None = None
+
+    async def negotiate(self, subscriptions: list[Subscription], offer: str,
+                        answer: Answerer) -> str:
+        """Answer the viewer's offer: one sendonly transceiver per Subscription,
+        matched to the offer's sections of its kind in order."""
+        pc = self.pc
+        self.subscriptions = list(subscriptions)
+        transceivers = [sub.add_to(pc) for sub in subscriptions]
+        text = await answer(pc, offer)
+        # Parsed once here: joins come in bursts and SDP parsing is a good part of each.
+        parsed = aiortc_sdp.SessionDescription.parse(text)
+        for sub, transceiver in zip(subscriptions, transceivers, strict=True):
+            sub.bind(transceiver, parsed)
+        await pc.setLocalDescription(RTCSessionDescription(text, "answer"))
+
+        @pc.on("connectionstatechange")
+        def _connected() -> None:
+            if pc.connectionState == "connected":
+                for sub in list(self.subscriptions):
+                    sub.connected()
+
+        @pc.on("iceconnectionstatechange")
+        def _ice() -> None:
+            # aiortc has no "connected" ICE state: "completed" is when ICE is up.
+            if self.ice_connected_at is None and pc.iceConnectionState == "completed":
+                self.ice_connected_at = time.monotonic()
+                for sub in self.subscriptions:
+                    sub.ice_connected_at = self.ice_connected_at
+
+        return text
+
+    async def release(self, subscription: Subscription) -> None:
+        """``subscription`` closed; the connection closes with the last one."""
+        if subscription in self.subscriptions:
+            self.subscriptions.remove(subscription)
+        if not self.subscriptions:
+            await self.pc.close()
+
+
+#: A gap left in a viewer's outgoing timeline when it moves to another layer
+#: (about one frame), so its decoder sees time go on, never back.
+_SWITCH_STEP = {"video": 3000, "audio": 960}
+
+
+class _Port:
+    """One Subscription's attachment to one layer's Feed (a seam downstream)."""
+
+    __slots__ = ("feed", "layer", "picture_id_offset", "pts_offset", "sub")
+
+    def __init__(self, sub: Subscription, feed: Feed, layer: Layer) -> None:
+        self.sub = sub
+        self.feed = feed
+        self.layer: Layer = layer
+        self.pts_offset = 0
+        self.picture_id_offset = 0
+
+    @property
+    def downstream_id(self) -> str:
+        base = f"viewer:{self.sub.id}"
+        return base if self.layer == "full" else f"{base}:{self.layer}"
+
+    def deliver(self, frame: EncodedFrame) -> None:
+        self.sub._from_port(self, frame)
+
+    def dropped(self, reason: DropReason) -> None:
+        self.sub._port_dropped(self, reason)
 
 
 class Subscription:
+    """See the module docstring. One camera (or audio) Feed to one viewer, on
+    one outgoing stream, from whichever layer suits the viewer's link."""
+
     def __init__(
         self,
         *,
         subscription_id: str,
-        feed_id: str,
+        feed: Feed,
         participant_id: str,
-        kind: str,
+        peer: ViewerPeer,
         max_queue: int,
-        request_keyframe: Callable[[], None],
-        close_peer: Callable[[], Awaitable[None]],
+        fast_path: bool,
         on_closed: Callable[[Subscription], None],
         on_first_frame: Callable[[float], None] | None = None,
+        on_layer: Callable[[Subscription, Layer, str], None] | None = None,
+        adaptive: bool = True,
+        preference: Preference = "auto",
     ) -> None:
         self.id = subscription_id
-        self.feed_id = feed_id
+        self.feed_id = feed.id
         self.participant_id = participant_id
-        self.kind = kind
-        # Counted when aiortc's sender takes a frame, not when it is queued.
-        self.track = ForwardTrack(kind, on_sent=lambda frame: self._count([frame]))
+        self.kind = feed.kind
+        self.peer = peer
+        self.pc = peer.pc
         self.state: SubscriptionState = "waiting"
+        self.close_reason: DropReason | None = None
         self.frames_forwarded = 0
         self.bytes_forwarded = 0
         self.created_at = time.monotonic()
+        #: When the viewer's ICE connected (server side) and when its first frame
+        #: left: the server's share of a joiner's wait is the difference.
+        self.ice_connected_at: float | None = None
+        self.connected_at: float | None = None  # DTLS up: SRTP keys ready
         self.first_frame_at: float | None = None
-        self._max_queue = max_queue
-        self._request_keyframe = request_keyframe
-        self._close_peer = close_peer
-        self._on_closed = on_closed
-        self._on_first_frame = on_first_frame
-        self._needs_keyframe = kind == "video"
-        self._closing: asyncio.Task[None] | None = None
         #: The token it was made with (revocation closes it); set by the Session.
         self.grant: Any = None
-        # Fast path: frames go straight out once the viewer is connected.
+        #: What the viewer asked for ("auto": follow its link) and what it gets.
+        self.preference: Preference = preference
+        self.layer: Layer = "full"
+        self.layer_switches = 0
+        #: The viewer's last feedback: loss (0-1), REMB (bit/s), RTT (s).
+        self.loss = 0.0
+        self.remb_bps: float | None = None
+        self.rtt_s: float | None = None
+        self._feed = feed
+        self._fast_path = fast_path
+        self._on_closed = on_closed
+        self._on_first_frame = on_first_frame
+        self._on_layer = on_layer
+        self._adaptive = adaptive and feed.kind == "video"
+        self.controller = LayerController()
+        self._queue = FrameQueue(max_frames=max_queue, video=feed.kind == "video")
+        self.track = ForwardTrack(feed.kind, self._queue, on_sent=self._count)
         self._fast: FastSender | None = None
-        self._active = False
-        self._replay: asyncio.Task[None] | None = None
-        self._pending: deque[EncodedFrame] = deque()
-
-    @property
-    def fast(self) -> bool:
-        return self._fast is not None
+        self._connected = False
+        #: The port frames go out from, and the one waiting for its first keyframe.
+        self._current: _Port | None = None
+        self._target: _Port | None = None
+        self._last_pts = 0
+        self._last_picture_id: int | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     @property
     def path(self) -> str:
         """How frames leave: "fast" (shared packetization) or "sender" (aiortc's)."""
         return "fast" if self._fast is not None else "sender"
 
-    def use_fast_path(self, fast: FastSender) -> None:
-        """Before the viewer connects: send through ``fast`` instead of the track."""
-        self._fast = fast
-
-    def connected(self, gop: list[EncodedFrame]) -> None:
-        """The viewer's connection is up: start from ``gop`` (the Feed's cache)."""
-        if self._fast is None or self._active or self.state == "closed":
-            return
-        if not self._fast.activate():
-            # A relayed (TURN) connection: aiortc's own sender carries it.
-            self._fast = None
-            self.prime(gop)
-            return
-        self._active = True
-        if self.kind == "video":
-            if gop and gop[0].keyframe:
-                self._needs_keyframe = False
-                self._replay = asyncio.ensure_future(self._replay_then_live(list(gop)))
-            else:
-                self._request_keyframe()
-
-    async def _replay_then_live(self, frames: list[EncodedFrame]) -> None:
+    # -- frames from the seam ---------------------------------------------------
+    def _from_port(self, port: _Port, frame: EncodedFrame) -> None:
+        if port is not self._current:
+            if port is not self._target:
+                return
+            self._switch(port, frame)  # the target layer's first keyframe
+        pts = frame.pts + port.pts_offset
         fast = self._fast
-        for index, frame in enumerate(frames):
-            if fast is None or self.state == "closed":
-                return
-            if index:
-                await asyncio.sleep(REPLAY_SPACING_S)
-            fast.send_frame(frame.payloads, frame.pts)
-            self._count([frame])
-        while self._pending and fast is not None and self.state != "closed":
-            frame = self._pending.popleft()
-            fast.send_frame(frame.payloads, frame.pts)
-            self._count([frame])
-        self._replay = None
-
-    def prime(self, frames: list[EncodedFrame]) -> None:
-        """Start from the Feed's cached keyframe and the frames after it."""
-        if frames and frames[0].keyframe:
-            self.track.replay(frames)
-            self._needs_keyframe = False
-
-    def deliver(self, frame: EncodedFrame) -> None:
-        if self.state == "closed":
+        if fast is not None:
+            fast.send_frame(frame.payloads, pts, port.picture_id_offset)  # may raise Gone
+            if self._vp8:
+                self._last_picture_id = _first_picture_id(frame, port.picture_id_offset)
+            self._last_pts = pts
+            self._count(frame)
             return
-        if self._fast is not None:
-            self._deliver_fast(self._fast, frame)
-            return
-        if self._needs_keyframe:
-            if not frame.keyframe:
-                return
-            self._needs_keyframe = False
-        elif frame.keyframe and self.track.pending > 2:
-            # Behind by more than a couple of frames: a keyframe lets the viewer
-            # skip the backlog instead of the server buffering it.
-            self.track.clear()
-        if self.track.pending >= self._max_queue:
-            self.track.clear()
-            self._needs_keyframe = self.kind == "video"
-            if self._needs_keyframe:
-                self._request_keyframe()
-            return
-        self.track.push(frame)
+        if port.pts_offset:
+            frame = _shifted(frame, pts)
+        self._last_pts = pts
+        self._queue.put(frame)  # raises DownstreamBehind when it had to skip
+        self.track.wake()
 
-    def _deliver_fast(self, fast: FastSender, frame: EncodedFrame) -> None:
-        if not self._active:
-            return  # not connected yet: it will start from the Feed's cache
-        if self._needs_keyframe:
-            if not frame.keyframe:
-                return
-            self._needs_keyframe = False
-        if self._replay is not None:
-            if len(self._pending) >= self._max_queue:
-                self._pending.clear()
-                self._needs_keyframe = self.kind == "video"
-                self._request_keyframe()
-                return
-            self._pending.append(frame)
-            return
-        fast.send_frame(frame.payloads, frame.pts)
-        self._count([frame])
+    def _switch(self, port: _Port, frame: EncodedFrame) -> None:
+        """Continue the outgoing stream from ``port``'s layer at ``frame`` (a keyframe)."""
+        old, self._current, self._target = self._current, port, None
+        if old is not None:
+            port.pts_offset = self._last_pts + _SWITCH_STEP[self.kind] - frame.pts
+            if self._vp8 and self._last_picture_id is not None:
+                first = _first_picture_id(frame, 0)
+                if first is not None:
+                    port.picture_id_offset = (self._last_picture_id + 1 - first) & 0x7FFF
+            old.feed.detach(old, "closed")
+            if self._fast is not None:
+                self._fast.new_epoch()
+        self.layer = port.layer
+        self.layer_switches += 1
+        self.controller.start(port.layer)
+        if self._on_layer is not None:
+            self._on_layer(self, port.layer, "switched")
 
+    @property
+    def _vp8(self) -> bool:
+        return self._feed.mime_type.lower() == "video/vp8"
+
+    def _port_dropped(self, port: _Port, reason: DropReason) -> None:
+        if port is self._target:
+            self._target = None
+            if self._current is not None and self.state != "paused":
+                self._current.feed.resume(self._current)  # it was held for the switch
+            return
+        if port is not self._current:
+            return
+        self._current = None
+        if port.layer == "low" and reason == "feed_closed" and self.state != "closed":
+            # The low layer went away (the publisher stopped sending it): back
+            # to the full one, from its next keyframe.
+            self._attach_layer("full", start="keyframe")
+            return
+        self.close(reason)
+
+    # -- layers -------------------------------------------------------------------
+    def _layer_feed(self, layer: Layer) -> Feed | None:
+        if layer == "full":
+            return self._feed
+        low = self._feed.low
+        return low if low is not None and low.state != "closed" else None
+
+    def _attach_layer(self, layer: Layer, *, start: Start) -> None:
+        feed = self._layer_feed(layer)
+        if feed is None:
+            feed, layer = self._feed, "full"
+        port = _Port(self, feed, layer)
+        if self._current is None:
+            self._current = port
+            self.layer = layer
+            self.controller.start(layer)
+        else:
+            self._target = port
+        feed.attach(port, start=start)
+
+    def set_preference(self, preference: Preference) -> None:
+        """The viewer pins a layer ("full", "low") or lets its link decide ("auto")."""
+        if self.kind != "video":
+            return
+        self.preference = preference
+        wanted: Layer = self.controller.layer if preference == "auto" else preference
+        self._move(wanted, f"asked for {preference}")
+
+    def _move(self, layer: Layer, reason: str) -> None:
+        """Start moving to ``layer`` at its next keyframe (asked for through its policy)."""
+        if self._current is None or self.state in ("closed", "paused"):
+            self.layer = layer if self._layer_feed(layer) is not None else "full"
+            return
+        target = self._target.layer if self._target is not None else self._current.layer
+        if layer == target or self._layer_feed(layer) is None:
+            return
+        if self._target is not None:
+            self._target.feed.detach(self._target, "closed")
+            self._target = None
+            self._current.feed.resume(self._current)
+        if layer == self._current.layer:
+            return
+        logger.info("subscription %s: %s -> %s layer (%s)", self.id, self._current.layer, layer,
+                    reason)
+        if layer == "low" and self.preference == "auto":
+            # The link is overloaded: stop filling it with the full layer now, so
+            # the low layer's keyframe (and its retransmissions) get through.
+            self._current.feed.pause(self._current)
+        self._attach_layer(layer, start="keyframe")
+
+    def on_feedback(self, loss: float, jitter: int, rtt: float | None) -> None:
+        """A receiver report from the viewer: maybe move between layers."""
+        self.loss = loss
+        if rtt is not None:
+            self.rtt_s = rtt
+        if not self._adaptive or self.preference != "auto" or self._feed.low is None:
+            return
+        full_bps = self._feed.bitrate_bps or None
+        wanted = self.controller.on_report(loss, self.remb_bps, full_bps)
+        if wanted is not None:
+            self._move(wanted, f"loss {loss:.0%}, REMB "
+                       f"{'-' if self.remb_bps is None else f'{self.remb_bps / 1000:.0f}'} kbit/s")
+
+    def on_remb(self, bitrate: float) -> None:
+        self.remb_bps = bitrate
+
+    # -- negotiation ----------------------------------------------------------
+    def add_to(self, pc: RTCPeerConnection) -> Any:
+        """This Subscription's transceiver: the Feed's codec, and only it."""
+        transceiver = pc.addTransceiver(self.track, direction="sendonly")
+        transceiver.setCodecPreferences(capabilities_for(self._feed.codec))
+        return transceiver
+
+    def bind(self, transceiver: Any, answer: aiortc_sdp.SessionDescription) -> None:
+        """What our answer fixed for this transceiver: codec, fast path, feedback."""
+        feed = self._feed
+        negotiated = negotiated_codecs(answer).get(transceiver.mid or "")
+        if negotiated is None or negotiated.mimeType.lower() != feed.mime_type.lower():
+            raise Unprocessable(f"viewer cannot receive {feed.mime_type}, which "
+                                f"{feed.id} is published in", code="codec_mismatch")
+        hooks.redirect_keyframe_requests(transceiver.sender, self.on_keyframe_request)
+        if self.kind == "video":
+            hooks.observe_viewer_feedback(transceiver.sender, self.on_feedback, self.on_remb)
+        if self._fast_path:
+            media = next(m for m in answer.media if m.rtp.muxId == transceiver.mid)
+            self._fast = FastSender(transceiver.sender,
+                                    negotiated_from(media, transceiver.mid or ""),
+                                    ntp_clock=self._ntp_at)
+
+    def _ntp_at(self, pts: int) -> int | None:
+        port = self._current
+        if port is None:
+            return None
+        return port.feed.ntp_at(pts - port.pts_offset)
+
+    async def negotiate(self, offer: str, answer: Answerer) -> str:
+        """Answer the viewer's offer for this Subscription's Feed alone."""
+        return await self.peer.negotiate([self], offer, answer)
+
+    def connected(self) -> None:
+        """The viewer's connection is up: the Feed starts it from its cache."""
+        if self._connected or self.state == "closed":
+            return
+        self._connected = True
+        self.connected_at = time.monotonic()
+        if self._fast is not None and not self._fast.activate():
+            # No synchronous UDP pair to write to: aiortc's own sender carries it.
+            logger.info("subscription %s: fast path unavailable, using aiortc's sender",
+                        self.id)
+            self._fast = None
+        self._start()
+
+    def _start(self) -> None:
+        if self._connected and self._current is None and self.state not in ("closed", "paused"):
+            layer: Layer = "low" if self.preference == "low" else "full"
+            self._attach_layer(layer, start="cache")
+
+    # -- viewer feedback ------------------------------------------------------
     def on_keyframe_request(self) -> None:
-        """The viewer lost a picture (PLI/FIR)."""
-        self._request_keyframe()
+        """The viewer lost a picture (PLI/FIR): through the Feed's policy."""
+        port = self._current
+        if port is not None:
+            port.feed.request_keyframe(port.downstream_id)
 
-    def _count(self, frames: list[EncodedFrame]) -> None:
+    def pause(self) -> None:
+        """Stop sending (a hidden video); the connection stays up."""
+        if self.state in ("closed", "paused"):
+            return
+        self.state = "paused"
+        if self._target is not None:
+            self._target.feed.detach(self._target, "closed")
+            self._target = None
+        if self._current is not None:
+            self._current.feed.pause(self._current)
+        self._queue.clear()
+
+    def resume(self) -> None:
+        if self.state != "paused":
+            return
+        self.state = "flowing" if self.first_frame_at is not None else "waiting"
+        if self._current is not None:
+            self._current.feed.resume(self._current)
+        else:
+            self._start()  # paused before its connection came up: start from the cache
+
+    def _count(self, frame: EncodedFrame) -> None:
         if self.first_frame_at is None:
             self.first_frame_at = time.monotonic()
-            self.state = "flowing"
+            if self.state == "waiting":
+                self.state = "flowing"
             if self._on_first_frame is not None:
                 self._on_first_frame(self.first_frame_at - self.created_at)
-        self.frames_forwarded += len(frames)
-        self.bytes_forwarded += sum(f.size for f in frames)
+        self.frames_forwarded += 1
+        self.bytes_forwarded += frame.size
 
-    def close(self) -> asyncio.Task[None]:
-        """Close the peer connection; idempotent. Returns the closing task."""
+    # -- lifecycle -------------------------------------------------------------
+    def close(self, reason: DropReason = "closed") -> asyncio.Task[None]:
+        """Detach from the Feed, then close the peer connection; idempotent.
+        Returns the closing task."""
         if self._closing is None:
             self.state = "closed"
-            self.track.push(None)
-            if self._replay is not None:
-                self._replay.cancel()
+            self.close_reason = reason
+            for port in (self._current, self._target):
+                if port is not None:
+                    port.feed.detach(port, reason)
+            self._current = self._target = None
+            self.track.stop()
             self._closing = asyncio.ensure_future(self._close())
         return self._closing
 
     async def _close(self) -> None:
         try:
-            await self._close_peer()
+            await self.peer.release(self)
         except Exception:  # the peer may already be gone; closing must finish
             logger.exception("subscription %s: closing peer failed", self.id)
         self._on_closed(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "feed": self.feed_id, "state": self.state, "path": self.path,
+                "layer": self.layer, "preference": self.preference}
+
+
+def _first_picture_id(frame: EncodedFrame, offset: int) -> int | None:
+    if not frame.payloads:
+        return None
+    picture_id = vp8_picture_id(frame.payloads[0])
+    return None if picture_id is None else (picture_id + offset) & 0x7FFF
+
+
+def _shifted(frame: EncodedFrame, pts: int) -> EncodedFrame:
+    """The same frame at another pts, for aiortc's sender (which reads the packet's)."""
+    packet = av.Packet(frame.data)
+    packet.pts = pts
+    if frame.packet is not None:
+        packet.time_base = frame.packet.time_base
+    return EncodedFrame(data=frame.data, pts=pts, keyframe=frame.keyframe,
+                        received_at=frame.received_at, wall=frame.wall, packet=packet)

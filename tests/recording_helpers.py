@@ -8,8 +8,6 @@ import fractions
 import functools
 import json
 import time
-import types
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +16,8 @@ from av import VideoFrame
 
 from recorder import Recording, SessionInfo
 from recorder.export import make_thumbnail
+from server.media.plane import Downstream, DropReason, EncodedFrame, Start
 from server.publish.synthetic import TheatreRenderer
-from server.subscription import EncodedFrame
 
 W, H, FPS = 320, 180, 15
 CONSENT = {"recorded_by": "Dr Expert", "recorded_at": "2026-01-05T09:00:00+00:00",
@@ -30,31 +28,42 @@ PART = "room.video-000.webm"
 
 
 class FakeFeed:
-    """A Feed as the recorder sees it, driven by the test."""
+    """A Feed as the recorder sees it (the media seam's upstream), driven by the test."""
 
     def __init__(self, feed_id: str = "room.video", kind: str = "video",
                  mime: str = "video/VP8", rate: int = 90000) -> None:
         self.id = feed_id
         self.kind = kind
-        self.codec = types.SimpleNamespace(mimeType=mime, clockRate=rate)
-        self.listeners: list[Callable[[EncodedFrame], None]] = []
+        self.mime_type = mime
+        self.clock_rate = rate
+        self.downstreams: list[Downstream] = []
+        self.keyframe_requests = 0
 
-    def add_frame_listener(self, listener: Callable[[EncodedFrame], None]
-                           ) -> Callable[[], None]:
-        self.listeners.append(listener)
-        return lambda: self.listeners.remove(listener)
+    def attach(self, downstream: Downstream, *, start: Start) -> None:
+        self.downstreams.append(downstream)
 
-    def request_keyframe(self) -> None:
+    def detach(self, downstream: Downstream, reason: DropReason = "closed") -> None:
+        if downstream in self.downstreams:
+            self.downstreams.remove(downstream)
+
+    def pause(self, downstream: Downstream) -> None:
         pass
+
+    def resume(self, downstream: Downstream) -> None:
+        pass
+
+    def request_keyframe(self, requester: str) -> bool:
+        self.keyframe_requests += 1
+        return True
 
     def emit(self, data: bytes, pts: int, keyframe: bool, received_at: float) -> None:
         packet = av.Packet(data)
         packet.pts = pts
-        packet.time_base = fractions.Fraction(1, self.codec.clockRate)
-        frame = EncodedFrame(packet=packet, keyframe=keyframe, size=len(data),
-                             received_at=received_at)
-        for listener in list(self.listeners):
-            listener(frame)
+        packet.time_base = fractions.Fraction(1, self.clock_rate)
+        frame = EncodedFrame(data=data, pts=pts, keyframe=keyframe, received_at=received_at,
+                             packet=packet)
+        for downstream in list(self.downstreams):
+            downstream.deliver(frame)
 
 
 @functools.lru_cache(maxsize=8)

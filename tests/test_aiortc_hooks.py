@@ -125,3 +125,48 @@ async def test_fast_path_internals() -> None:
     assert isinstance(getattr(connection, hooks.ICE_NOMINATED), dict)
     assert "self.transport.sendto(data, addr)" in inspect.getsource(
         aioice.ice.StunProtocol.send_data)
+
+
+async def test_seam_and_liveness_internals() -> None:
+    """What fastpath, liveness and lip sync read through hooks.py."""
+    from aiortc.rtp import RtcpSrPacket
+
+    pc = RTCPeerConnection()
+    try:
+        transceiver = pc.addTransceiver("video", direction="sendrecv")
+        ssrc, rtx_ssrc = hooks.sender_ssrcs(transceiver.sender)
+        assert isinstance(ssrc, int) and isinstance(rtx_ssrc, int) and ssrc != rtx_ssrc
+        assert callable(hooks.sender_retransmit(transceiver.sender))
+        # Sender reports: the receiver routes every RTCP packet through this method.
+        receiver = transceiver.receiver
+        assert inspect.iscoroutinefunction(getattr(receiver, hooks.RECEIVER_HANDLE_RTCP))
+        seen: list[tuple[int, int]] = []
+        hooks.observe_sender_reports(receiver, lambda ntp, rtp: seen.append((ntp, rtp)))
+        from aiortc.rtp import RtcpSenderInfo
+        await getattr(receiver, hooks.RECEIVER_HANDLE_RTCP)(RtcpSrPacket(
+            ssrc=1, sender_info=RtcpSenderInfo(ntp_timestamp=5, rtp_timestamp=7,
+                                               packet_count=0, octet_count=0)))
+        assert seen == [(5, 7)]
+        # Datagram watching: every local candidate's protocol after gathering.
+        hooks.advertise_host_addresses(pc, ["127.0.0.1"])
+        await pc.setLocalDescription(await pc.createOffer())
+        heard: list[bytes] = []
+        hooks.watch_datagrams(pc, heard.append)
+        connection = getattr(transceiver.receiver.transport.transport.iceGatherer,
+                             hooks.GATHERER_CONNECTION)
+        protocols = getattr(connection, hooks.GATHERER_PROTOCOLS)
+        assert protocols and all(isinstance(p, aioice.ice.StunProtocol) for p in protocols)
+        protocols[0].datagram_received(b"\x80\xc8rtcp", ("127.0.0.1", 9))
+        assert heard == [b"\x80\xc8rtcp"]
+    finally:
+        await pc.close()
+    # dtls_transport._recv_next demultiplexes what watch_datagrams classifies.
+    source = inspect.getsource(aioice.ice.StunProtocol.datagram_received)
+    assert "self.receiver.data_received(" in source and "transaction.response_received" in source
+    # The liveness probe sends what a consent check sends.
+    consent = inspect.getsource(aioice.ice.Connection.query_consent)
+    assert "self.build_request(pair, nominate=False)" in consent
+    assert "pair.protocol.request(" in consent and "retransmissions=0" in consent
+    assert "self.remote_password" in consent
+    # bind_rtp_output refuses a transport that is closing.
+    assert "def is_closing" in inspect.getsource(__import__("asyncio").BaseTransport)

@@ -30,8 +30,10 @@ async () => {
   const pub = [...window.scrubin.client.publications.values()].find((p) => p.slot === 'room');
   if (!pub || !pub.pc) return null;
   let out = null;
+  // The camera's full layer: the larger of its two video streams (the other is its low layer).
   (await pub.pc.getStats()).forEach((r) => {
-    if (r.type === 'outbound-rtp' && r.kind === 'video') {
+    if (r.type === 'outbound-rtp' && r.kind === 'video'
+        && (!out || (r.frameHeight || 0) > out.height)) {
       out = {width: r.frameWidth || 0, height: r.frameHeight || 0, fps: r.framesPerSecond || 0,
              limitation: r.qualityLimitationReason || '', target: r.targetBitrate || 0};
     }

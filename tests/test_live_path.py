@@ -118,7 +118,7 @@ async def test_viewers_decode_the_publishers_frame_counter_and_audio(
     await audio.stop()
 
     feed = session.feeds["room.video"]
-    assert len(feed.subscriptions) == 3
+    assert len(feed.downstreams) == 3
     # Each path was the one configured (loopback: no TURN fallback).
     assert {s.path for s in session.subscriptions.values()} == {server.path}  # type: ignore[attr-defined]
     # Late joiners were served from the keyframe cache, not one request each.
@@ -167,7 +167,7 @@ async def test_publisher_reconnect_resumes_existing_viewers(
     peers.append(pc)
     reader = CounterReader(await asyncio.wait_for(track, 10))
     await wait_for(lambda: "" if len(reader.counters) >= 10 else f"{len(reader.counters)}")
-    subscription = next(iter(feed.subscriptions.values()))
+    subscription = next(s for s in session.subscriptions.values() if s.feed_id == feed.id)
 
     # The publisher drops without saying goodbye (no DELETE).
     await publisher.close()

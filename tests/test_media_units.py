@@ -1,8 +1,8 @@
-"""The forwarding path's pieces on plain data: jitter buffers, keyframes, Feeds."""
+"""The forwarding path's pieces on plain data: jitter buffers, keyframes, the fast path's
+RTP headers (the Feed and its downstreams: tests/test_media_plane.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import fractions
 
 import av
@@ -11,11 +11,8 @@ import pytest
 from aiortc import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 
-from server.config import MediaConfig
-from server.feed import Feed
 from server.media.codecs import h264_nal_types, is_keyframe
 from server.media.hooks import AudioPassThrough, MarkerJitterBuffer
-from server.subscription import Subscription
 
 VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
 
@@ -106,127 +103,6 @@ def test_h264_keyframes_detected_in_real_encoder_output() -> None:
     assert 5 in h264_nal_types(packets[0]) and 1 in h264_nal_types(packets[1])
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.requests = 0
-
-    def __call__(self) -> bool:
-        self.requests += 1
-        return True
-
-
-def make_feed(**media: int | float) -> tuple[Feed, list[str]]:
-    states: list[str] = []
-    feed = Feed(feed_id="room.video", slot="room", kind="video", codec=VP8,
-                media=MediaConfig(**media),  # type: ignore[arg-type]
-                on_state=lambda f: states.append(f.state), on_closed=lambda f: None)
-    return feed, states
-
-
-KEY, DELTA = b"\x10\x02\x00\x9d\x01\x2a", b"\x11\x02\x00"
-
-
-async def _closed() -> None:
-    return None
-
-
-def make_subscription(feed: Feed, sid: str = "s1", max_queue: int = 200) -> Subscription:
-    return Subscription(subscription_id=sid, feed_id=feed.id, participant_id="p",
-                        kind="video", max_queue=max_queue, request_keyframe=feed.request_keyframe,
-                        close_peer=_closed, on_closed=lambda s: None)
-
-
-async def test_feed_timeline_stays_continuous_across_publishers() -> None:
-    feed, states = make_feed()
-    sink = feed.attach(Recorder())
-    sub = make_subscription(feed)
-    feed.add_subscription(sub)
-    sink(KEY, 1_000_000)
-    sink(DELTA, 1_003_000)
-    feed.detach(final=False)
-    assert feed.state == "down" and sub.state != "closed"
-    sink = feed.attach(Recorder())
-    sink(KEY, 55)  # the new publisher's clock starts anywhere
-    sink(DELTA, 3055)
-    pts = []
-    while sub.track.pending:
-        pts.append((await sub.track.recv()).pts)
-    assert pts == [0, 3000, 6000, 9000]
-    assert states == ["live", "down", "live"]
-    feed.close()
-
-
-async def test_late_joiner_starts_from_the_cached_keyframe() -> None:
-    feed, _ = make_feed()
-    upstream = Recorder()
-    sink = feed.attach(upstream)
-    for i, data in enumerate([DELTA, KEY, DELTA, DELTA]):
-        sink(data, i * 3000)
-    sub = make_subscription(feed)
-    feed.add_subscription(sub)
-    assert sub.track.pending == 3
-    first = await sub.track.recv()
-    assert bytes(first) == KEY
-    assert upstream.requests == 0  # the cache answered, the publisher was not asked
-    feed.close()
-
-
-async def test_keyframe_requests_upstream_are_rate_limited_and_coalesced() -> None:
-    feed, _ = make_feed(keyframe_request_interval_ms=200)
-    upstream = Recorder()
-    feed.attach(upstream)
-    for i in range(30):  # thirty joins at once, no cache yet
-        feed.add_subscription(make_subscription(feed, f"s{i}"))
-    assert upstream.requests == 1
-    await asyncio.sleep(0.3)
-    assert upstream.requests == 2  # one deferred request covers all later ones
-    await asyncio.sleep(0.3)
-    assert upstream.requests == 2
-    feed.close()
-
-
-async def test_a_viewer_too_far_behind_skips_to_a_keyframe() -> None:
-    feed, _ = make_feed(keyframe_request_interval_ms=0)
-    upstream = Recorder()
-    sink = feed.attach(upstream)
-    sub = make_subscription(feed, max_queue=5)
-    feed.add_subscription(sub)
-    sink(KEY, 0)
-    for i in range(1, 8):
-        sink(DELTA, i * 3000)
-    # The backlog was dropped and a keyframe requested instead of buffering.
-    assert sub.track.pending < 5
-    assert upstream.requests >= 1
-    sink(DELTA, 30000)
-    pending_before = sub.track.pending
-    sink(KEY, 33000)
-    assert sub.track.pending <= max(pending_before, 1)
-    while sub.track.pending > 1:
-        await sub.track.recv()
-    assert bytes(await sub.track.recv()) == KEY
-    feed.close()
-
-
-async def test_closing_a_feed_closes_its_subscriptions() -> None:
-    feed, states = make_feed()
-    feed.attach(Recorder())
-    subs = [make_subscription(feed, f"s{i}") for i in range(3)]
-    for sub in subs:
-        feed.add_subscription(sub)
-    feed.close()
-    await asyncio.gather(*[sub.close() for sub in subs])
-    assert all(sub.state == "closed" for sub in subs)
-    assert states[-1] == "closed"
-
-
-async def test_a_down_feed_closes_after_its_grace_period() -> None:
-    feed, _states = make_feed(feed_grace_s=0.1)
-    feed.attach(Recorder())
-    feed.detach(final=False)
-    await asyncio.sleep(0.2)
-    assert feed.state == "closed"
-
-
 @pytest.mark.parametrize("data", [b"", b"\x01"])
 def test_garbage_is_not_a_keyframe(data: bytes) -> None:
     assert not is_keyframe("video/VP8", data)
@@ -251,6 +127,7 @@ def test_fast_path_packets_are_byte_identical_to_aiortcs() -> None:
 
     class FakeSender:
         _ssrc = 0x11223344
+        _rtx_ssrc = 0x55667788
 
         async def _retransmit(self, sequence_number: int) -> None:
             return None
@@ -296,3 +173,51 @@ def test_a_packet_that_never_comes_back_holds_frames_for_a_bounded_time() -> Non
     assert (b"a", 3000) not in frames
     assert frames[-1] == (bytes([39]), 3000 * 37)
     assert len(frames) > 30
+
+
+async def test_nacked_packets_are_resent_as_rtx_when_negotiated_and_as_is_otherwise() -> None:
+    """RFC 4588: RTX has its own SSRC and sequence, the original sequence number
+    first in its payload; checked against aiortc's own unwrap."""
+    from aiortc import sdp as aiortc_sdp
+    from aiortc.rtp import RtpPacket, unwrap_rtx
+
+    from server.media.fastpath import FastSender, negotiated_from
+
+    def answer(rtx: bool) -> str:
+        return (
+            "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+            f"m=video 9 UDP/TLS/RTP/SAVPF 97{' 98' if rtx else ''}\r\nc=IN IP4 0.0.0.0\r\n"
+            "a=mid:0\r\na=extmap:1 urn:ietf:params:rtp-hdrext:sdes:mid\r\n"
+            "a=rtpmap:97 VP8/90000\r\n"
+            + ("a=rtpmap:98 rtx/90000\r\na=fmtp:98 apt=97\r\n" if rtx else "")
+            + "a=sendonly\r\na=rtcp-mux\r\n")
+
+    class FakeSender:
+        _ssrc = 0x11223344
+        _rtx_ssrc = 0x55667788
+
+        async def _retransmit(self, sequence_number: int) -> None:
+            return None
+
+    for with_rtx in (True, False):
+        media = aiortc_sdp.SessionDescription.parse(answer(with_rtx)).media[0]
+        negotiated = negotiated_from(media, "0")
+        assert negotiated.rtx_payload_type == (98 if with_rtx else None)
+        sent: list[bytes] = []
+        fast = FastSender(FakeSender(), negotiated)  # type: ignore[arg-type]
+        fast._protect, fast._send = (lambda data: data), sent.append
+        fast.send_frame([b"first", b"second"], pts=3000)
+        original = RtpPacket.parse(sent[1], negotiated.extensions)
+        await fast._retransmit(original.sequence_number)
+        await fast._retransmit((original.sequence_number + 1000) & 0xFFFF)  # not in history
+        assert len(sent) == 3
+        resent = RtpPacket.parse(sent[2], negotiated.extensions)
+        if with_rtx:
+            assert resent.ssrc == 0x55667788 and resent.payload_type == 98
+            assert resent.extensions.mid == "0"
+            restored = unwrap_rtx(resent, payload_type=97, ssrc=0x11223344)
+            assert restored.sequence_number == original.sequence_number
+            assert restored.payload == b"second" and restored.timestamp == original.timestamp
+            assert restored.marker == original.marker == 1
+        else:
+            assert sent[2] == sent[1]

@@ -241,3 +241,45 @@ async def test_expert_records_from_the_broadcast_page_and_trainees_see_rec(
         assert not errors, errors
         await expert_ctx.close()
         await trainee_ctx.close()
+
+
+async def test_player_renews_its_media_urls_within_one_playback(
+        http: aiohttp.ClientSession) -> None:
+    """Media URLs live at most 5 minutes (here one, so the player renews every
+    10 s): the player swaps the new URLs in and keeps playing; the audit trail
+    has one viewing and one entry per part for the whole playback."""
+    from server.http.common import AUDIT
+
+    from .conftest import make_config, start_server
+
+    server, runner = await start_server(make_config(recording={"media_url_ttl_s": 60}))
+    try:
+        recording = await build_recording(server.config.recording.root, seconds=6,
+                                          start_t=START_T, events=[mark(4.1, "Exposure")])
+        server.app[RECORDINGS].open()
+        token = server.token(Role.REVIEWER, name="Prof Review")
+        async with chromium() as browser:
+            context, page, log = await open_page(
+                browser, f"{server.base_url}/player.html#token={token}"
+                         f"&recording={recording.id}", "player")
+            await wait_js(page, "() => window.scrubinPlayer && "
+                                "window.scrubinPlayer.mainVideo().readyState >= 2")
+            first = await page.evaluate("() => window.scrubinPlayer.mainVideo().currentSrc")
+            await wait_js(page, "(first) => { const v = window.scrubinPlayer.mainVideo();"
+                                " return v.currentSrc !== first && v.readyState >= 2; }",
+                          first, timeout_s=20)
+            renewed = await page.evaluate("() => window.scrubinPlayer.mainVideo().currentSrc")
+            play = [p.split("=", 1)[1] for url in (first, renewed)
+                    for p in url.split("?", 1)[1].split("&") if p.startswith("play=")]
+            assert play[0] == play[1]  # the same playback
+            await jump(page, "button.mark-button[data-mark='m1']", 4.1)
+            shown = await counter(page)
+            assert shown is not None and abs(shown - expected_counter(4.1)) <= 1, shown
+            assert not log.errors, log.errors
+            await context.close()
+        entries = server.app[AUDIT].read(session="or1-live")
+        assert [e["event"] for e in entries].count("recording_viewed") == 1
+        media = [(e["playback"], e["part"]) for e in entries if e["event"] == "recording_media"]
+        assert media == [(play[0], "room.video-000.webm")]
+    finally:
+        await runner.cleanup()

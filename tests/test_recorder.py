@@ -22,8 +22,6 @@ import sys
 import textwrap
 import threading
 import time
-import types
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +44,9 @@ from recorder.bitstream import (
 from server import framecode
 from server.publish.synthetic import SyntheticTheatreCamera, SyntheticTone, TheatreRenderer
 from server.roles import Role
-from server.subscription import EncodedFrame
 
 from .conftest import Server, client_pc, offer_sdp, wait_for, whep_subscribe, whip_publish
+from .recording_helpers import FakeFeed
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +61,9 @@ CONSENT = {"patient": "written consent on file", "staff": ["Dr Expert", "scrub n
 # -- helpers ----------------------------------------------------------------------
 
 def session_info(server: Server) -> SessionInfo:
-    return SessionInfo.from_session(server.session(), expert="Dr Expert")
+    session = server.session()
+    return SessionInfo(session_id=session.id, theatre=session.theatre.id, title=session.title,
+                       expert="Dr Expert", procedure=session.procedure)
 
 
 async def wait_feeds(server: Server, *feed_ids: str) -> None:
@@ -314,10 +314,10 @@ async def test_recording_two_cameras_and_tone_plays_in_sync(
 KILL_SCRIPT = textwrap.dedent("""
     import asyncio, sys
     import aiohttp
-    from recorder import Recording, SessionInfo
+    from recorder import Recording
     from server.publish.synthetic import SyntheticTheatreCamera, SyntheticTone
     from tests.conftest import make_config, start_server, whip_publish
-    from tests.test_recorder import publish_h264
+    from tests.test_recorder import publish_h264, session_info
 
     async def main():
         server, runner = await start_server(make_config())
@@ -330,8 +330,7 @@ KILL_SCRIPT = textwrap.dedent("""
             while len(session.feeds) < 3 or not all(
                     f.frames_received for f in session.feeds.values()):
                 await asyncio.sleep(0.05)
-            recording = Recording(sys.argv[1], SessionInfo.from_session(session, "Dr Expert"),
-                                  {"patient": "consented"})
+            recording = Recording(sys.argv[1], session_info(server), {"patient": "consented"})
             await recording.start()
             recording.follow(session)
             print("recording", recording.id, flush=True)
@@ -443,7 +442,8 @@ async def test_unwritable_directory_reports_not_writable_and_live_flows_on(
     assert recording.state == "failed"
     assert len(errors) == 1  # reported once for the recording
     feed = server.session().feeds["room.video"]
-    assert not feed._frame_listeners  # the recorder let go of the Feed
+    # The recorder let go of the Feed; the viewer is still served.
+    assert not [d for d in feed.downstreams if d.downstream_id.startswith("recorder:")]
     await recording.stop()
     # What was finished before stays listed in the last manifest written.
     manifest = json.loads((moved / "manifest.json").read_text())
@@ -568,34 +568,6 @@ def test_picture_size_is_read_from_vp8_and_h264_headers() -> None:
     assert opus_packet_samples(bytes([0x4B, 0x83])) == 3 * 960  # SILK 20 ms x 3 (code 3)
 
 
-class FakeFeed:
-    """A Feed as the recorder sees it, driven by the test."""
-
-    def __init__(self, feed_id: str, kind: str, mime: str, rate: int) -> None:
-        self.id = feed_id
-        self.kind = kind
-        self.codec = types.SimpleNamespace(mimeType=mime, clockRate=rate)
-        self.listeners: list[Callable[[EncodedFrame], None]] = []
-        self.keyframe_requests = 0
-
-    def add_frame_listener(self, listener: Callable[[EncodedFrame], None]
-                           ) -> Callable[[], None]:
-        self.listeners.append(listener)
-        return lambda: self.listeners.remove(listener)
-
-    def request_keyframe(self) -> None:
-        self.keyframe_requests += 1
-
-    def emit(self, data: bytes, pts: int, keyframe: bool, received_at: float) -> None:
-        packet = av.Packet(data)
-        packet.pts = pts
-        packet.time_base = fractions.Fraction(1, self.codec.clockRate)
-        frame = EncodedFrame(packet=packet, keyframe=keyframe, size=len(data),
-                             received_at=received_at)
-        for listener in list(self.listeners):
-            listener(frame)
-
-
 async def test_h264_resolution_change_and_disk_full(tmp_path: Path) -> None:
     frames = _encode("libx264", [(320, 180), (256, 144)],
                      options={"tune": "zerolatency", "preset": "ultrafast",
@@ -633,7 +605,7 @@ async def test_h264_resolution_change_and_disk_full(tmp_path: Path) -> None:
     await wait_for(lambda: "" if errors else "no error yet")
     assert [e.code for e in errors] == ["disk_full"]
     assert errors[0].feed_id == "room.video" and writer.state == "failed"
-    assert full.state == "failed" and not vp8.listeners
+    assert full.state == "failed" and not vp8.downstreams
     await full.stop()
 
 

@@ -27,6 +27,7 @@ from server.store import (
     MemoryState,
     Presence,
     PresenceEntry,
+    RevocationCheck,
     SessionRecord,
     SessionState,
     Store,
@@ -156,6 +157,22 @@ async def test_closed_store_is_unhealthy_and_refuses_calls(store: Store) -> None
 # -- theatres ------------------------------------------------------------------
 
 
+async def test_a_cancelled_call_is_cancelled(store: Store) -> None:
+    """A task cancelled while a store call is in flight stops there: redis-py
+    swallows some such cancellations, which left a Session's watcher waiting
+    forever after its Session ended."""
+    for i in range(60):
+        async def call() -> None:
+            await store.sessions.get_session("s1")
+            await asyncio.sleep(30)
+
+        task = asyncio.ensure_future(call())
+        await asyncio.sleep(0.0003 * (i % 12))
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=3)
+        assert done and task.cancelled(), f"attempt {i}: the cancellation was lost"
+
+
 async def test_theatres(nodes: Nodes, store: Store) -> None:
     other = nodes.open("node-b")
     assert await store.theatres.get_theatre("or1") is None
@@ -237,10 +254,15 @@ async def test_session_refusals(store: Store) -> None:
     for bad in SESSION_STATES:
         with pytest.raises(Conflict):
             await store.sessions.set_session_state("s1", bad)
-    # An ended Session's id may be used again, as Registry allows.
-    again = await store.sessions.create_session(
-        SessionRecord(id="s1", theatre_id="or1", title="second", state="live"))
-    assert again.state == "live" and again.node_id == "node-a" and again.ended_at is None
+    # An ended Session's id names that Session forever: never a second one
+    # (old tokens, invites and recordings name it), scheduled or live.
+    for state in ("scheduled", "live"):
+        with pytest.raises(Conflict) as reused:
+            await store.sessions.create_session(
+                SessionRecord(id="s1", theatre_id="or1", title="second", state=state))
+        assert reused.value.code == "session_exists"
+    record = await store.sessions.get_session("s1")
+    assert record is not None and record.state == "ended" and record.title == "x"
 
 
 async def test_scheduled_session_can_be_cancelled(store: Store) -> None:
@@ -377,6 +399,41 @@ async def test_invite_revocation(nodes: Nodes, store: Store) -> None:
     # A token that has expired already is refused anyway: nothing to keep.
     await store.invites.revoke_invite("jti-old", expires_at=now - 1)
     assert not await store.invites.is_revoked("jti-old", session_id="s1", issued_at=now)
+
+
+async def test_revoking_an_ancestor_revokes_the_lineage(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    now = time.time()
+    device = ("dev-1", "invite-1")  # a device token, then the invite it came from
+    derived = ("links-1", "dev-1", "invite-1")
+    assert not await store.invites.is_revoked(derived, session_id="s1", issued_at=now)
+    await store.invites.revoke_invite("dev-1", expires_at=now + 60)
+    # The device and what was derived from it, on every Node; not the invite.
+    assert await other.invites.is_revoked(device, session_id="s1", issued_at=now)
+    assert await other.invites.is_revoked(derived, session_id="s1", issued_at=now)
+    assert not await other.invites.is_revoked(("invite-1",), session_id="s1", issued_at=now)
+    assert not await other.invites.is_revoked(("dev-2", "invite-1"), session_id="s1",
+                                              issued_at=now)
+    await store.invites.revoke_invite("invite-1", expires_at=now + 60)
+    assert await other.invites.is_revoked(("dev-2", "invite-1"), session_id="s1",
+                                          issued_at=now)
+
+
+async def test_which_revoked_answers_many_grants_at_once(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    now = time.time()
+    assert await store.invites.which_revoked([]) == []
+    await store.invites.revoke_invite("gone", expires_at=now + 60)
+    await store.invites.revoke_session("s2", before=now)
+    checks = [RevocationCheck(("a", "gone"), "s1", now),     # an ancestor revoked
+              RevocationCheck(("b", "kept"), "s1", now),     # nothing revoked
+              RevocationCheck(("c",), "s2", now - 1),        # its Session's tokens before now
+              RevocationCheck(("d",), "s2", now + 1),        # issued after that
+              RevocationCheck(("gone",), "*", now)]          # a node-wide token by id
+    assert await other.invites.which_revoked(checks) == [True, False, True, False, True]
+    for check, expected in zip(checks, [True, False, True, False, True], strict=True):
+        assert await store.invites.is_revoked(check.token_ids, session_id=check.session_id,
+                                              issued_at=check.issued_at) == expected
 
 
 async def test_invite_revocation_is_forgotten_when_the_token_expires(store: Store) -> None:

@@ -28,6 +28,7 @@ from server.store import (
     EventSubscription,
     Presence,
     PresenceEntry,
+    RevocationCheck,
     SessionRecord,
     Store,
     StoreUnavailable,
@@ -132,6 +133,8 @@ def every_call(store: Store) -> dict[str, Callable[[], Awaitable[Any]]]:
         "revoke_session": lambda: store.invites.revoke_session("s1", before=now),
         "revoked_before": lambda: store.invites.revoked_before("s1"),
         "is_revoked": lambda: store.invites.is_revoked("j", session_id="s1", issued_at=now),
+        "which_revoked": lambda: store.invites.which_revoked(
+            [RevocationCheck(("j", "i"), "s1", now)]),
         "use_invite": lambda: store.invites.use_invite("i", max_uses=1, expires_at=now + 60),
         "invite_uses": lambda: store.invites.invite_uses("i"),
         "hit": lambda: store.rates.hit("k", 5, 1.0),

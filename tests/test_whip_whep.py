@@ -218,7 +218,7 @@ async def test_whip_to_whep_media_flows_and_delete_frees_everything(server, http
     assert (frame.width, frame.height) == (640, 480)
     assert publisher.connectionState == "connected"
     session = server.session()
-    assert session.feeds["room.video"].describe()["viewers"] == 1
+    assert session.describe_feed(session.feeds["room.video"])["viewers"] == 1
     assert len(server_peers(publisher, viewer)) == 2
 
     async with http.delete(publisher_url, headers=auth(server.token(Role.EXPERT))) as response:
@@ -263,7 +263,7 @@ async def test_whep_delete_closes_only_that_subscription(server, http, peers):
         assert response.status == 200
     await wait_for(lambda: "" if not session.subscriptions else "subscription still there")
     assert session.feeds["room.video"].state == "live"
-    assert session.feeds["room.video"].describe()["viewers"] == 0
+    assert session.describe_feed(session.feeds["room.video"])["viewers"] == 0
     await wait_for(lambda: "" if len(server_peers(*peers)) == 1 else "viewer peer still open")
     async with http.delete(viewer_url, headers=auth(viewer_token)) as response:
         await check_error(response, 404, "unknown_resource")
@@ -575,7 +575,10 @@ async def test_unusable_offers_are_422(server, http):
     limit = server.config.limits.max_media_sections
     too_many = await make_offer(*(["video", "audio"] * limit)[: limit + 1])
     await refused(http, server, WHIP_ROOM, too_many, token, 422, "sdp_too_many_media")
-    await refused(http, server, WHIP_ROOM, await make_offer("video", "video"), token, 422,
+    # Two video sections are a camera and its low layer; a third is one too many.
+    await refused(http, server, WHIP_ROOM, await make_offer("video", "video", "video"), token,
+                  422, "sdp_duplicate_kind")
+    await refused(http, server, WHIP_ROOM, await make_offer("audio", "audio"), token, 422,
                   "sdp_duplicate_kind")
 
 
@@ -665,11 +668,12 @@ async def test_feed_limit_is_409(http):
     srv, runner = await start_server(make_config(limits={"max_feeds_per_session": 1}))
     created: list[RTCPeerConnection] = []
     try:
-        await publish(http, srv, created)
+        encoder = srv.token(Role.EXPERT, participant_id="encoder-1")
+        await publish(http, srv, created, token=encoder)
         await refused(http, srv, f"/whip/{SESSION}/endoscope", await make_offer("video"),
                       srv.token(Role.EXPERT), 409, "too_many_feeds")
-        # Publishing again to the same slot replaces the connection: no new Feed.
-        await publish(http, srv, created)
+        # The same publisher again on the same slot replaces its connection: no new Feed.
+        await publish(http, srv, created, token=encoder)
         assert list(srv.session().feeds) == ["room.video"]
         assert len(srv.session().ingests) == 1
     finally:

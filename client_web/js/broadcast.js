@@ -39,6 +39,8 @@ const VIDEO_CONSTRAINTS = { width: { ideal: 1280 }, height: { ideal: 720 }, fram
  * @property {FrameClock} frames            timing of the frame on screen, sent with drawings
  * @property {boolean} subscribing          subscribing to this slot's Feed published elsewhere
  * @property {HTMLElement} error
+ * @property {HTMLElement} owner           who else publishes this slot (an encoder)
+ * @property {HTMLButtonElement} takeover   take the slot over from that encoder
  * @property {MediaStream|null} stream   local capture for this slot (preview and publish)
  * @property {number} generation         guards against overlapping device switches
  * @property {boolean} busy              a publish/unpublish of this slot is in flight
@@ -104,9 +106,22 @@ function start(c) {
   c.addEventListener('subscription', () => renderAll());
   c.addEventListener('interaction', (e) => onInteraction(c, /** @type {CustomEvent} */ (e).detail));
   c.addEventListener('presence', (e) => {
-    const { event, participant } = /** @type {CustomEvent} */ (e).detail;
+    const { event, participant, role, feed, slot } = /** @type {CustomEvent} */ (e).detail;
+    const who = participant.name || participant.role || 'Someone';
+    if (event === 'dropped') {
+      // Shown even in sterile focus: a camera or a viewer lost is worth knowing.
+      toasts.show(role === 'publisher'
+        ? `Lost the camera on ${slotTitle(slot || '')} (${who}); waiting for it to come back`
+        : `${who}'s connection dropped (${feed || 'video'})`);
+      return;
+    }
     if (c.interaction.sterile || participant.id === c.participant?.id) return;
-    toasts.show(`${participant.name || participant.role} ${event === 'joined' ? 'joined' : 'left'}`);
+    toasts.show(`${who} ${event === 'joined' ? 'joined' : 'left'}`);
+  });
+  c.addEventListener('slot_taken_over', (e) => {
+    const { slot, from, by } = /** @type {CustomEvent} */ (e).detail;
+    toasts.show(`${by?.name || 'Someone'} took over ${slotTitle(slot)} from ${from?.name || 'its '
+      + 'publisher'}`);
   });
   c.addEventListener('publication', (e) => {
     const pub = /** @type {CustomEvent} */ (e).detail.publication;
@@ -223,6 +238,8 @@ function buildSlot(c, slot) {
     stop: /** @type {HTMLButtonElement} */ ($('.slot-stop', card)),
     draw: /** @type {HTMLButtonElement} */ ($('.slot-draw', card)),
     error: $('.slot-error', card),
+    owner: $('.slot-owner', card),
+    takeover: /** @type {HTMLButtonElement} */ ($('.slot-takeover', card)),
     stream: null,
     generation: 0,
     busy: false,
@@ -250,6 +267,9 @@ function buildSlot(c, slot) {
   view.camera.setAttribute('aria-label', `Camera for ${slotTitle(slot)}`);
   view.mic.setAttribute('aria-label', `Microphone for ${slotTitle(slot)}`);
   view.camera.addEventListener('change', () => capture(c, view));
+  view.takeover.addEventListener('click', () => {
+    if (view.stream) publishSlot(c, view, true);
+  });
   view.mic.addEventListener('change', () => capture(c, view));
   view.stop.addEventListener('click', () => stopSlot(c, view));
   return view;
@@ -285,7 +305,7 @@ async function initDevices(c) {
   if (!devices.cameras.length && !devices.mics.length) {
     deviceProblem('No camera or microphone was found. Connect one and it will appear here.');
   }
-  assignDefaults();
+  assignDefaults(c);
   await Promise.all([...slots.values()].map((view) => capture(c, view)));
   media.addEventListener('devicechange', () => refreshDevices().then(renderAll));
 }
@@ -321,9 +341,13 @@ function fillSelect(select, list, noun) {
   select.value = list.some((d) => d.deviceId === keep) ? keep : '';
 }
 
-/** Cameras to camera slots in order; the microphone to the narration slot. */
-function assignDefaults() {
-  const views = [...slots.values()];
+/**
+ * Cameras to camera slots in order; the microphone to the narration slot.
+ * Never for a slot an encoder already publishes: two publishers would fight.
+ * @param {ScrubinClient} c
+ */
+function assignDefaults(c) {
+  const views = [...slots.values()].filter((v) => !encoderOf(c, v));
   const videoSlots = views.filter((v) => !AUDIO_SLOT.test(v.slot));
   videoSlots.forEach((view, i) => {
     if (devices.cameras[i]) view.camera.value = devices.cameras[i].deviceId;
@@ -472,14 +496,14 @@ async function goLive(/** @type {ScrubinClient} */ c) {
   renderAll();
 }
 
-/** @param {ScrubinClient} c @param {SlotView} view */
-async function publishSlot(c, view) {
+/** @param {ScrubinClient} c @param {SlotView} view @param {boolean} [takeover] */
+async function publishSlot(c, view, takeover = false) {
   const stream = /** @type {MediaStream} */ (view.stream);
   view.busy = true;
   view.problem = '';
   renderSlot(c, view);
   try {
-    await c.publish(view.slot, stream);
+    await c.publish(view.slot, stream, { takeover });
   } catch (err) {
     view.problem = describeError(toScrubinError(err));
   } finally {
@@ -586,9 +610,18 @@ function renderSlot(c, view) {
   let state;
   let label;
   const remote = remoteFeed(c, view);
-  if (pub) {
+  const stalled = [...c.feeds.values()].some((f) => f.slot === view.slot && f.kind === 'video'
+    && f.state === 'stalled');
+  if (pub && pub.state === 'live' && stalled) {
+    // Connected, but the server gets no pictures: the camera stopped or froze.
+    state = 'reconnecting';
+    label = 'Camera stalled';
+  } else if (pub) {
     state = pub.state;
     label = PUBLICATION_LABELS[pub.state] || pub.state;
+  } else if (remote && remote.state === 'stalled') {
+    state = 'reconnecting';
+    label = 'Encoder stalled';
   } else if (remote) {
     // Published by an encoder outside this page (WHIP): shown, and drawable.
     state = remote.state === 'live' ? 'remote' : 'reconnecting';
@@ -626,6 +659,14 @@ function renderSlot(c, view) {
   if (!drawable && drawing === view) setDrawing(c, null);
   view.error.textContent = view.problem;
   view.error.hidden = !view.problem;
+  const other = encoderOf(c, view);
+  view.owner.hidden = !other;
+  view.owner.textContent = other ? `Published by ${other.name || 'an encoder'}`
+    + `${other.via === 'whip' ? ' (encoder)' : ' (another device)'}.` : '';
+  // Offer to take over only with a device chosen, and never over a slot in flight.
+  view.takeover.hidden = !other || !view.stream || view.busy;
+  view.takeover.textContent = other?.via === 'whip' ? 'Take over from the encoder'
+    : 'Take over on this device';
 }
 
 /** @param {ScrubinClient} c */
@@ -701,6 +742,17 @@ function sendShape(c, view, shape) {
   c.annotate(`${view.slot}.video`, shape, { pinned, fadeS, media })
     .then((annotation) => sentAt.set(annotation.id, started))
     .catch((err) => banner.show(describeError(toScrubinError(err))));
+}
+
+/**
+ * Who else publishes this slot (an encoder over WHIP, or the expert's other
+ * device), if anyone. @param {ScrubinClient} c @param {SlotView} view
+ */
+function encoderOf(c, view) {
+  if (c.publications.has(view.slot)) return null;
+  const feed = [...c.feeds.values()].find((f) => f.slot === view.slot && f.publisher);
+  const publisher = feed?.publisher;
+  return publisher && publisher.id !== c.participant?.id ? publisher : null;
 }
 
 /** A video Feed of this slot published by someone else (an encoder), if any. */

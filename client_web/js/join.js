@@ -66,12 +66,15 @@ function status(title, text = '') {
 
 /** @param {{code?: string, message?: string, fault?: string}} error */
 function failed(error) {
-  const text = error.code === 'invite_used_up'
-    ? 'This invite has already been used by as many people as it allows. Ask the organiser for '
-      + 'a link of your own.'
-    : error.code === 'token_revoked'
-      ? 'This invite has been withdrawn. Ask the organiser for a new one.'
-      : joinFailure(error);
+  /** @type {Record<string, string>} */
+  const texts = {
+    invite_used_up: 'This invite is personal and has been used on as many devices as it allows. '
+      + 'Ask the organiser for a link of your own.',
+    token_revoked: 'This invite has been withdrawn. Ask the organiser for a new one.',
+    not_an_invite: 'This is not an invite link. Ask the organiser for an invite of your own.',
+    session_ended: 'This session has ended.',
+  };
+  const text = texts[String(error.code)] || joinFailure(error);
   status('Cannot join', text);
 }
 

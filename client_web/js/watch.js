@@ -53,6 +53,10 @@ let mainHasFrames = false;
 let audioWanted = true;
 /** The browser refused to start sound without a click. */
 let audioBlocked = false;
+/** @type {'auto'|'full'|'low'} what the trainee chose for the main view */
+let pinnedQuality = 'auto';
+/** Bytes the main view had received at the last look, and when. */
+let lastBytes = { id: '', bytes: 0, at: 0 };
 /** @type {Map<string, {button: HTMLButtonElement, video: HTMLVideoElement}>} */
 const thumbs = new Map();
 /** @type {Map<string, HTMLAudioElement>} */
@@ -166,7 +170,14 @@ function start(c) {
   document.addEventListener('visibilitychange', () => {
     // A tablet waking up: its socket may have died while it slept.
     if (document.visibilityState === 'visible') c.checkConnection();
+    render(c);
   });
+  const quality = /** @type {HTMLSelectElement} */ ($('#quality'));
+  quality.addEventListener('change', () => {
+    pinnedQuality = /** @type {'auto'|'full'|'low'} */ (quality.value);
+    render(c);
+  });
+  setInterval(() => showQuality(c), 2000);
 
   // Full screen for the main view (with its overlays), where the browser allows it.
   const fullscreenButton = /** @type {HTMLButtonElement} */ ($('#fullscreen'));
@@ -281,9 +292,61 @@ function pickMain(/** @type {ScrubinClient} */ c) {
 function render(c) {
   if (c.state === 'ended') return;
   pickMain(c);
+  applyLayers(c);
   renderMain(c);
   renderThumbs(c);
   renderAudio(c);
+}
+
+/**
+ * The main view's connection details: which layer arrives and at what rate.
+ * @param {ScrubinClient} c
+ */
+async function showQuality(c) {
+  const note = $('#main-quality');
+  const sub = mainFeedId ? c.subscriptions.get(mainFeedId) : undefined;
+  if (!sub || !sub.pc || sub.state !== 'connected') {
+    note.textContent = '';
+    return;
+  }
+  let bytes = 0;
+  let height = 0;
+  try {
+    (await sub.pc.getStats()).forEach((/** @type {any} */ r) => {
+      if (r.type === 'inbound-rtp' && r.kind === 'video') {
+        bytes += r.bytesReceived || 0;
+        height = r.frameHeight || height;
+      }
+    });
+  } catch {
+    return; // closed meanwhile
+  }
+  const now = performance.now();
+  const kbps = lastBytes.id === sub.id && now > lastBytes.at
+    ? ((bytes - lastBytes.bytes) * 8) / (now - lastBytes.at) : null;
+  lastBytes = { id: sub.id || '', bytes, at: now };
+  const layer = sub.layer === 'low'
+    ? (sub.wantLayer === 'low' ? 'Low quality' : 'Low quality (weak connection)')
+    : 'High quality';
+  note.dataset.layer = sub.layer;
+  note.textContent = [layer, height ? `${height}p` : '',
+    kbps === null ? '' : `${kbps >= 1000 ? (kbps / 1000).toFixed(1) + ' Mbit/s'
+      : Math.round(kbps) + ' kbit/s'}`].filter(Boolean).join(' · ');
+}
+
+/**
+ * Thumbnails cost little: they get a camera's low layer, the main view the
+ * best the link carries (or what the trainee pinned); while the page is
+ * hidden, thumbnails are paused and the main view drops to the low layer.
+ * @param {ScrubinClient} c
+ */
+function applyLayers(c) {
+  const hidden = document.visibilityState === 'hidden';
+  for (const feed of videoFeeds(c)) {
+    const main = feed.id === mainFeedId;
+    c.setLayer(feed.id, main ? (hidden ? 'low' : pinnedQuality) : 'low');
+    c.setPaused(feed.id, hidden && !main);
+  }
 }
 
 /** @param {ScrubinClient} c */
@@ -311,6 +374,8 @@ function renderMain(c) {
     status = ['empty', 'No camera is live yet. The picture appears as soon as the surgeon goes live.'];
   } else if (feed.state === 'down') {
     status = ['down', 'Waiting for camera… The picture resumes automatically.'];
+  } else if (feed.state === 'stalled') {
+    status = ['stalled', 'The camera stopped sending pictures. It resumes automatically.'];
   } else if (!sub || sub.state === 'connecting') {
     status = ['connecting', 'Connecting to the camera…'];
   } else if (sub.state === 'reconnecting' || sub.state === 'failed') {
@@ -332,6 +397,7 @@ function renderMain(c) {
 const FEED_LABELS = {
   live: 'Live',
   down: 'Waiting',
+  stalled: 'Stalled',
   connecting: 'Connecting…',
   starting: 'Starting…',
   reconnecting: 'Reconnecting…',
@@ -341,7 +407,7 @@ const FEED_LABELS = {
 /** @param {ScrubinClient} c @param {Feed} feed */
 function feedStatus(c, feed) {
   const sub = c.subscriptions.get(feed.id);
-  if (feed.state === 'down') return 'down';
+  if (feed.state === 'down' || feed.state === 'stalled') return feed.state;
   if (!sub || sub.state === 'connecting') return 'connecting';
   if (sub.state !== 'connected') return 'reconnecting';
   return 'live';

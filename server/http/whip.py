@@ -21,6 +21,7 @@ from .common import (
     read_sdp,
     require_store,
     session_for,
+    subscribe,
 )
 
 routes = web.RouteTableDef()
@@ -62,7 +63,9 @@ async def whip_publish(request: web.Request) -> web.Response:
     session = await session_for(request, grant, start=grant.role in PUBLISHERS)
     offer = await read_sdp(request)
     await require_store(request.app)
-    answer, ingest = await session.publish(grant, request.match_info["slot"], offer)
+    takeover = request.query.get("takeover", "") in ("1", "true")
+    answer, ingest = await session.publish(grant, request.match_info["slot"], offer,
+                                           via="whip", takeover=takeover)
     audit_grant(request.app, "publish_start", grant, request.remote, slot=ingest.slot,
                 feeds=[f.id for f in ingest.feeds], via="whip")
     return _created(request, grant, answer, ingest.id)
@@ -86,7 +89,8 @@ async def whep_subscribe(request: web.Request) -> web.Response:
     session = await session_for(request, grant)
     offer = await read_sdp(request)
     await require_store(request.app)
-    answer, subscription = await session.subscribe(grant, request.match_info["feed"], offer)
+    answer, subscription = await subscribe(request.app, session, grant,
+                                           request.match_info["feed"], offer)
     audit_grant(request.app, "subscribe", grant, request.remote, feed=subscription.feed_id,
                 via="whep")
     return _created(request, grant, answer, subscription.id)

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import logs
-from ..errors import BadRequest, Forbidden, ScrubinError, TooManyRequests
+from ..errors import BadRequest, Conflict, Forbidden, ScrubinError, TooManyRequests
 from ..interaction import visible_to
 from ..media.turn import ClientIce
 from ..recordings import MESSAGE_TYPES as RECORDING_MESSAGES
@@ -35,6 +35,7 @@ from .common import (
     count_refusal,
     refused_auth,
     require_store,
+    subscribe,
 )
 from .review import RECORDINGS
 
@@ -52,6 +53,8 @@ CLOSE_TRY_AGAIN = 1013
 CLOSE_POLICY = 1008
 #: Fresh TURN credentials are sent when this share of the last ones' lifetime is left.
 ICE_REFRESH_AT = 0.5
+#: The person already has ``limits.websockets_per_person`` sockets open.
+CLOSE_TOO_MANY = 4409
 
 
 class Connection:
@@ -107,6 +110,33 @@ class Connection:
                 self.send(event["message"])
         elif kind in ("feed", "recording"):
             self.send(event)
+        elif kind == "slot_taken_over":
+            if self.ingests.pop(event["ingest"], None) is not None:
+                # This page published the slot: it must not publish it again by itself.
+                self.send({"type": "publication_ended", "slot": event["slot"],
+                           "reason": "taken_over", "by": event["by"]})
+            elif self.grant.role in ROSTER_READERS:
+                self.send({"type": "slot_taken_over", "slot": event["slot"],
+                           "from": event["from"], "by": event["by"]})
+        elif kind == "layer":
+            if event["subscription"] in self.subscriptions:
+                self.send({"type": "layer", "subscription": event["subscription"],
+                           "feed": event["feed"], "layer": event["layer"]})
+        elif kind == "subscription_closed":
+            # Only the socket that made it; closed by its owner it needs no notice.
+            if self.subscriptions.pop(event["subscription"], None) is not None and (
+                    event["reason"] not in ("closed",)):
+                self.send({"type": "subscription_closed", "subscription": event["subscription"],
+                           "feed": event["feed"], "reason": event["reason"]})
+        elif kind == "media_dropped":
+            if self.grant.role in ROSTER_READERS:
+                # The expert sees who dropped, and why.
+                self.send({"type": "presence", "event": "dropped",
+                           "participant": {"id": event["participant_id"],
+                                           "name": event["name"]},
+                           "role": event["role"], "slot": event.get("slot"),
+                           "feed": event.get("feed"), "reason": event["reason"],
+                           "t": self.session.interaction.now()})
         elif kind == "session_ended":
             self.send(event)
             self.send(None)
@@ -118,7 +148,11 @@ class Connection:
             return {"type": "pong"}
         if kind == "publish":
             slot = _field(message, "slot")
-            answer, ingest = await session.publish(grant, slot, _field(message, "sdp"))
+            takeover = message.get("takeover", False)
+            if not isinstance(takeover, bool):
+                raise BadRequest("takeover must be true or false", code="bad_message")
+            answer, ingest = await session.publish(grant, slot, _field(message, "sdp"),
+                                                   via="page", takeover=takeover)
             for old in [i for i in self.ingests.values() if i.slot == slot]:
                 self.ingests.pop(old.id, None)
             self.ingests[ingest.id] = ingest
@@ -134,7 +168,8 @@ class Connection:
             return {"type": "ok"}
         if kind == "subscribe":
             feed_id = _field(message, "feed")
-            answer, subscription = await session.subscribe(grant, feed_id, _field(message, "sdp"))
+            answer, subscription = await subscribe(self.app, session, grant, feed_id,
+                                                   _field(message, "sdp"))
             self.subscriptions[subscription.id] = subscription
             self.audit("subscribe", feed=feed_id)
             return {"type": "answer", "feed": feed_id, "subscription": subscription.id,
@@ -143,6 +178,27 @@ class Connection:
             subscription_id = _field(message, "subscription")
             self.subscriptions.pop(subscription_id, None)
             await session.unsubscribe(grant, subscription_id)
+            return {"type": "ok"}
+        if kind == "set_layer":
+            target = self.subscriptions.get(_field(message, "subscription"))
+            if target is None:
+                raise BadRequest("no such subscription on this connection",
+                                 code="unknown_resource")
+            layer = message.get("layer")
+            if layer not in ("auto", "full", "low"):
+                raise BadRequest("layer must be auto, full or low", code="bad_message")
+            target.set_preference(layer)
+            return {"type": "ok", "layer": target.layer}
+        if kind in ("pause", "resume"):
+            # A hidden video: stop sending it without tearing its connection down.
+            target = self.subscriptions.get(_field(message, "subscription"))
+            if target is None:
+                raise BadRequest("no such subscription on this connection",
+                                 code="unknown_resource")
+            if kind == "pause":
+                target.pause()
+            else:
+                target.resume()
             return {"type": "ok"}
         if isinstance(kind, str) and kind in RECORDING_MESSAGES:  # start/stop_recording
             return await self.app[RECORDINGS].handle(session, grant, message)
@@ -203,12 +259,30 @@ async def _hello(ws: web.WebSocketResponse, request: web.Request) -> tuple[Grant
 def _refusal_close_code(exc: ScrubinError) -> int:
     if exc.status >= 500 or exc.status == 429 or exc.code == "session_not_started":
         return CLOSE_TRY_AGAIN
+    if exc.code == "too_many_connections":
+        return CLOSE_TOO_MANY
     return CLOSE_UNAUTHORIZED if exc.status == 401 else CLOSE_FORBIDDEN
+
+
+def _claim_socket(app: web.Application, ws: web.WebSocketResponse, grant: Grant) -> None:
+    """Count the socket against its person (an invite and all its devices, or
+    a root token and what was derived from it), then register it, with no
+    await between: 300 copies of one token get ``websockets_per_person``."""
+    sockets = app[SOCKET_GRANTS]
+    cap = app[CONFIG].limits.websockets_per_person
+    mine = sum(1 for other, g in list(sockets.items()) if not other.closed
+               and g.session_id == grant.session_id and g.person_id == grant.person_id)
+    if mine >= cap:
+        raise Conflict(f"at most {cap} open connections per person; close another tab or "
+                       "device first", code="too_many_connections")
+    sockets[ws] = grant
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
-    ws = web.WebSocketResponse(max_msg_size=config.limits.ws_max_message_bytes, heartbeat=20)
+    # A page that stops answering pings is gone within 1.5 heartbeats.
+    ws = web.WebSocketResponse(max_msg_size=config.limits.ws_max_message_bytes,
+                               heartbeat=config.liveness.ws_heartbeat_s)
     await ws.prepare(request)
     if not request.app[ACCEPTING]["joins"]:
         await ws.send_json({"type": "going_away", "reason": "server is shutting down"})
@@ -229,8 +303,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         session = await request.app[REGISTRY].resolve(grant.session_id,
                                                        start=grant.role in PUBLISHERS)
         await require_store(request.app)
+        _claim_socket(request.app, ws, grant)
         participant = session.join(grant)
     except ScrubinError as exc:
+        request.app[SOCKET_GRANTS].pop(ws, None)
         count_refusal(request.app, exc, joining=True)
         if exc.status < 500:
             audit_grant(request.app, "denied", grant, request.remote, code=exc.code, path="/ws")
@@ -244,7 +320,6 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     presence = request.app[PRESENCE]
     await presence.join(session.id, participant.id, grant.role, participant.name)
     request.app[WEBSOCKETS].add(ws)
-    request.app[SOCKET_GRANTS][ws] = grant
     rate = request.app[MESSAGE_RATES].acquire(session.id, participant.id)
     stop_listening = session.listen(connection.on_event)
     welcome = connection.roster_message()
@@ -275,6 +350,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 break
     finally:
         refresher.cancel()
+        request.app[SOCKET_GRANTS].pop(ws, None)
         stop_listening()
         request.app[MESSAGE_RATES].release(session.id, participant.id)
         connection.send(None)

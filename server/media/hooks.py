@@ -20,7 +20,14 @@ from aioice import Candidate
 from aioice import ice as aioice_ice
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
 from aiortc.jitterbuffer import JitterBuffer
-from aiortc.rtp import RtpPacket
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpSrPacket,
+    RtpPacket,
+    unpack_remb_fci,
+)
 from aiortc.utils import uint16_add
 
 logger = logging.getLogger(__name__)
@@ -271,8 +278,178 @@ def bind_rtp_output(sender: RTCRtpSender
     if type(protocol) is not aioice_ice.StunProtocol or protocol.transport is None:
         return None
     transport, addr = protocol.transport, pair.remote_addr
+    if transport.is_closing():
+        return None
 
     def send(data: bytes) -> None:
+        # A transport closed under us (consent expired, connection torn down)
+        # must read as "gone" to the caller, not as a crash in asyncio.
+        if transport.is_closing():
+            raise ConnectionError("viewer transport closed")
         transport.sendto(data, addr)
 
     return srtp.protect, send
+
+
+SENDER_SSRC = "_ssrc"
+SENDER_RTX_SSRC = "_rtx_ssrc"
+GATHERER_PROTOCOLS = "_protocols"
+RECEIVER_HANDLE_RTCP = "_handle_rtcp_packet"
+
+
+def sender_ssrcs(sender: RTCRtpSender) -> tuple[int, int]:
+    """(media SSRC, RTX SSRC) that aiortc put in our answer for this sender."""
+    return getattr(sender, SENDER_SSRC), getattr(sender, SENDER_RTX_SSRC)
+
+
+def sender_retransmit(sender: RTCRtpSender) -> Callable[[int], Any]:
+    """aiortc's own NACK handler (answers from its own history)."""
+    handler = getattr(sender, SENDER_RETRANSMIT, None)
+    if not callable(handler):
+        raise RuntimeError("aiortc changed: RTCRtpSender has no _retransmit")
+    return handler
+
+
+def _unique_connections(pc: RTCPeerConnection) -> list[aioice_ice.Connection]:
+    seen: dict[int, aioice_ice.Connection] = {}
+    for connection in _ice_connections(pc):
+        seen.setdefault(id(connection), connection)
+    return list(seen.values())
+
+
+def watch_datagrams(pc: RTCPeerConnection, heard: Callable[[bytes], None]) -> None:
+    """Call ``heard(datagram)`` for every datagram the peer sends us (STUN, DTLS,
+    SRTP, SRTCP), on every local candidate, TURN-relayed ones included.
+
+    Call after gathering, before the connection starts. aioice's own consent
+    checks stay as they are; this only observes.
+    """
+    for connection in _unique_connections(pc):
+        for protocol in getattr(connection, GATHERER_PROTOCOLS):
+            original = protocol.datagram_received
+
+            def datagram_received(data: bytes | str, addr: tuple[Any, ...],
+                                  _original: Callable[..., None] = original) -> None:
+                if isinstance(data, bytes):
+                    heard(data)
+                _original(data, addr)
+
+            protocol.datagram_received = datagram_received
+
+
+def probe_peer(pc: RTCPeerConnection) -> list[asyncio.Task[Any]]:
+    """One STUN binding request (no retransmission) on each selected pair, as a
+    consent check would send; a live peer's answer reaches ``watch_datagrams``.
+    Returns the tasks (they end by themselves within aioice's RTO)."""
+    tasks = []
+    for connection in _unique_connections(pc):
+        password = connection.remote_password
+        if password is None:
+            continue
+        for pair in list(getattr(connection, ICE_NOMINATED).values()):
+            request = connection.build_request(pair, nominate=False)
+            tasks.append(asyncio.ensure_future(_quiet_request(
+                pair.protocol.request(request, pair.remote_addr,
+                                      integrity_key=password.encode("utf8"),
+                                      retransmissions=0))))
+    return tasks
+
+
+async def _quiet_request(request: Any) -> None:
+    try:
+        await request
+    except Exception:  # no answer is exactly what liveness wants to learn; it counts silence
+        pass
+
+
+def observe_sender_reports(receiver: RTCRtpReceiver,
+                           on_report: Callable[[int, int], None]) -> None:
+    """``on_report(ntp_timestamp, rtp_timestamp)`` for each RTCP sender report
+    the publisher sends on this receiver: how its RTP clock maps to its wall
+    clock, which viewers need for lip sync."""
+    original = getattr(receiver, RECEIVER_HANDLE_RTCP, None)
+    if not callable(original):
+        raise RuntimeError("aiortc changed: RTCRtpReceiver has no _handle_rtcp_packet")
+
+    async def handle(packet: Any) -> None:
+        if isinstance(packet, RtcpSrPacket):
+            try:
+                on_report(packet.sender_info.ntp_timestamp, packet.sender_info.rtp_timestamp)
+            except Exception:
+                logger.exception("sender report observer failed")
+        await original(packet)
+
+    setattr(receiver, RECEIVER_HANDLE_RTCP, handle)
+
+
+SENDER_HANDLE_RTCP = "_handle_rtcp_packet"
+SENDER_RTT = "_RTCRtpSender__rtt"
+
+
+def observe_viewer_feedback(sender: RTCRtpSender,
+                            on_report: Callable[[float, int, float | None], None],
+                            on_remb: Callable[[float], None]) -> None:
+    """What a viewer tells us about its link: for each receiver report block
+    about this sender, ``on_report(fraction lost 0-1, jitter, RTT s or None)``;
+    for each REMB naming it, ``on_remb(bits per second)``. aiortc's own handling
+    (RTT, NACK, PLI) runs first and is unchanged."""
+    original = getattr(sender, SENDER_HANDLE_RTCP, None)
+    if not callable(original):
+        raise RuntimeError("aiortc changed: RTCRtpSender has no _handle_rtcp_packet")
+    ssrc = getattr(sender, SENDER_SSRC)
+
+    async def handle(packet: Any) -> None:
+        await original(packet)
+        try:
+            if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+                for report in packet.reports:
+                    if report.ssrc == ssrc:
+                        on_report(report.fraction_lost / 256, report.jitter,
+                                  getattr(sender, SENDER_RTT, None))
+            elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+                try:
+                    bitrate, ssrcs = unpack_remb_fci(packet.fci)
+                except ValueError:
+                    return
+                if ssrc in ssrcs:
+                    on_remb(float(bitrate))
+        except Exception:
+            logger.exception("viewer feedback observer failed")
+
+    setattr(sender, SENDER_HANDLE_RTCP, handle)
+
+
+RECEIVER_SEND_RTCP = "_send_rtcp"
+
+
+def adjust_remb(receiver: RTCRtpReceiver, adjust: Callable[[int], int | None]) -> None:
+    """Every REMB this receiver sends its publisher goes through ``adjust``:
+    the bitrate it says, or None to send none.
+
+    Publishers read REMB differently. aiortc applies it to the senders whose
+    SSRCs it names, so one receiver's REMB can hold one layer to its bitrate.
+    libwebrtc (browsers) takes any REMB as the estimate for its whole
+    connection: there the low layer's receiver must send none, and the full
+    layer's must leave room for both.
+    """
+    from aiortc.rtp import pack_remb_fci
+
+    original = getattr(receiver, RECEIVER_SEND_RTCP, None)
+    if not callable(original):
+        raise RuntimeError("aiortc changed: RTCRtpReceiver has no _send_rtcp")
+
+    async def send(packet: Any) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                pass
+            else:
+                adjusted = adjust(bitrate)
+                if adjusted is None:
+                    return
+                if adjusted != bitrate:
+                    packet.fci = pack_remb_fci(adjusted, ssrcs)
+        await original(packet)
+
+    setattr(receiver, RECEIVER_SEND_RTCP, send)

@@ -124,19 +124,23 @@ def check_offer(
                         codecs=codecs)
 
 
-def add_bitrate_hints(answer: str, min_kbps: int, start_kbps: int, max_kbps: int) -> str:
+def add_bitrate_hints(answer: str, min_kbps: int, start_kbps: int, max_kbps: int,
+                      low_mids: frozenset[str] = frozenset(), low_max_kbps: int = 250) -> str:
     """Tell a browser publisher the bitrate range it may use.
 
     aiortc only sends REMB; without these hints Chrome stays at 200–400 kbit/s.
+    A camera's low layer (the sections in ``low_mids``) is held at ``low_max_kbps``.
     """
     parsed = aiortc_sdp.SessionDescription.parse(answer)
     for media in parsed.media:
         if media.kind != "video":
             continue
+        low = media.rtp.muxId in low_mids
         for codec in media.rtp.codecs:
             if codec.mimeType.lower().endswith("/rtx"):
                 continue
-            codec.parameters["x-google-min-bitrate"] = min_kbps
-            codec.parameters["x-google-start-bitrate"] = start_kbps
-            codec.parameters["x-google-max-bitrate"] = max_kbps
+            codec.parameters["x-google-min-bitrate"] = min(min_kbps, low_max_kbps // 2) \
+                if low else min_kbps
+            codec.parameters["x-google-start-bitrate"] = low_max_kbps if low else start_kbps
+            codec.parameters["x-google-max-bitrate"] = low_max_kbps if low else max_kbps
     return str(parsed)

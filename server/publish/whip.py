@@ -78,6 +78,8 @@ class WhipOptions:
     relay_only: bool = False
     #: An attempt not connected by then has failed; the next tries the next TURN transport.
     connect_timeout_s: float = 15.0
+    #: Replace another encoder publishing the slot (never the expert's page).
+    takeover: bool = False
 
 
 TRANSPORT_ORDER = ("udp", "tcp", "tls")
@@ -204,8 +206,9 @@ class WhipPublisher:
                 raise IceUnreachable("no ICE candidate (TURN server unreachable?)")
             headers = {"Authorization": f"Bearer {self.token}",
                        "Content-Type": "application/sdp"}
-            async with http.post(self.url, data=pc.localDescription.sdp,
-                                 headers=headers) as response:
+            params = {"takeover": "1"} if self.options.takeover else None
+            async with http.post(self.url, data=pc.localDescription.sdp, headers=headers,
+                                 params=params) as response:
                 body = await response.text()
                 if response.status != 201:
                     raise WhipError(response.status, body)
@@ -271,6 +274,11 @@ class WhipPublisher:
                     if not exc.retryable:
                         self._set_state("refused")
                         raise
+                    if exc.code == "slot_taken":
+                        # Someone else publishes this slot (the expert took it over):
+                        # wait for it to be free instead of fighting for it.
+                        self._set_state("waiting")
+                        backoff = self.options.max_backoff_s
                 except (aiohttp.ClientError, OSError) as exc:
                     logger.warning("server unreachable at %s: %s", self.url, exc)
                 finally:

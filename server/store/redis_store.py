@@ -62,12 +62,14 @@ from .base import (
     Fanout,
     InviteRecord,
     PresenceEntry,
+    RevocationCheck,
     SessionRecord,
     SessionState,
     StoreUnavailable,
     check_rate_args,
     check_ttl,
     encode_event,
+    lineage_ids,
     theatre_from_json,
     theatre_to_json,
 )
@@ -222,18 +224,24 @@ class RedisStore:
     async def _op(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         if self._closed:
             raise StoreUnavailable("the store is closed")
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
         try:
             async with asyncio.timeout(self.timeout_s):
                 result = await call()
         except TimeoutError as exc:
+            _cancelled_meanwhile(task, cancelling)
             raise self._unavailable(what, f"no answer within {self.timeout_s:g} s") from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            _cancelled_meanwhile(task, cancelling)
             raise self._unavailable(what, str(exc) or type(exc).__name__) from exc
         except RedisError as exc:
+            _cancelled_meanwhile(task, cancelling)
             # Not a lost connection (OOM, READONLY replica, a script error):
             # still not the caller's fault, but worth a traceback.
             logger.error("store: redis refused %s", what, exc_info=True)
             raise self._unavailable(what, str(exc)) from exc
+        _cancelled_meanwhile(task, cancelling)
         if not self._available:
             self._available = True
             logger.info("store: redis reachable again")
@@ -289,9 +297,9 @@ class RedisStore:
         record = stamp_new_session(record, self.node_id, time.time())
 
         def make(current: SessionRecord | None) -> SessionRecord:
-            if current is not None and current.state != "ended":
-                raise Conflict(f"session {record.id} exists ({current.state})",
-                               code="session_exists")
+            if current is not None:
+                raise Conflict(f"session {record.id} exists ({current.state}); a Session id "
+                               "is never used again", code="session_exists")
             return record
 
         return await self._modify_session("create_session", record.id, make,
@@ -422,10 +430,32 @@ class RedisStore:
                              lambda: self._redis.get(self._key("revoked-before", session_id)))
         return float(raw) if raw is not None else None
 
-    async def is_revoked(self, invite_id: str, *, session_id: str, issued_at: float) -> bool:
-        keys = [self._key("revoked", invite_id), self._key("revoked-before", session_id)]
-        revoked, before = await self._op("is_revoked", lambda: self._redis.mget(keys))
-        return revoked is not None or (before is not None and issued_at < float(before))
+    async def is_revoked(self, token_ids: str | Sequence[str], *, session_id: str,
+                         issued_at: float) -> bool:
+        check = RevocationCheck(lineage_ids(token_ids), session_id, issued_at)
+        return (await self._which_revoked("is_revoked", [check]))[0]
+
+    async def which_revoked(self, checks: Sequence[RevocationCheck]) -> list[bool]:
+        return await self._which_revoked("which_revoked", checks)
+
+    async def _which_revoked(self, what: str, checks: Sequence[RevocationCheck]) -> list[bool]:
+        """Every grant's ids and Session in one MGET."""
+        if not checks:
+            return []
+        keys: dict[str, int] = {}
+        for check in checks:
+            for token_id in check.token_ids:
+                keys.setdefault(self._key("revoked", token_id), len(keys))
+            keys.setdefault(self._key("revoked-before", check.session_id), len(keys))
+        names = list(keys)
+        values = await self._op(what, lambda: self._redis.mget(names))
+        out = []
+        for check in checks:
+            revoked = any(values[keys[self._key("revoked", t)]] is not None
+                          for t in check.token_ids)
+            before = values[keys[self._key("revoked-before", check.session_id)]]
+            out.append(revoked or (before is not None and check.issued_at < float(before)))
+        return out
 
     async def use_invite(
         self, invite_id: str, *, max_uses: int, expires_at: float, redeemer: str | None = None
@@ -501,6 +531,14 @@ class RedisStore:
         if self._closed:
             raise StoreUnavailable("the store is closed")
         return await self._bus.subscribe(session_id)
+
+
+def _cancelled_meanwhile(task: asyncio.Task[Any] | None, cancelling: int) -> None:
+    """redis-py sometimes swallows a cancellation that arrives while a command
+    is in flight; the caller asked to stop (e.g. the watcher of a Session that
+    ended), so it stops rather than carry on waiting forever."""
+    if task is not None and task.cancelling() > cancelling:
+        raise asyncio.CancelledError
 
 
 def _existing(session_id: str, record: SessionRecord | None) -> SessionRecord:
