@@ -118,7 +118,7 @@ async def publish(args: argparse.Namespace) -> int:
         ice_servers=[RTCIceServer(urls=u) for u in args.ice_server],
         host_addresses=args.host_address, video_codec=source.video_codec)
     publisher = WhipPublisher(args.url, args.token, source.tracks, options)
-    publisher.on_state = lambda state: print(f"publish: {state}", flush=True)
+    publisher.on_state = lambda _: print(f"publish: {publisher.describe_state()}", flush=True)
     task = asyncio.ensure_future(publisher.run())
     stopper = asyncio.ensure_future(_until_signal())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="decode and re-encode even H.264 sources")
     p_pub.add_argument("--ice-server", action="append", default=[])
     p_pub.add_argument("--host-address", action="append", default=[],
-                       help="advertise this address (e.g. 127.0.0.1 on one machine)")
+                       help="advertise this address instead of the interfaces' (default: "
+                            "loopback when the URL is loopback or localhost)")
 
     p_links = sub.add_parser("links", help="print page, WHIP and WHEP links of a Session")
     p_links.add_argument("--server", default="http://127.0.0.1:8080")

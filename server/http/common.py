@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -27,7 +28,7 @@ from ..errors import (
 from ..media.peers import PeerFactory
 from ..metrics import Metrics
 from ..registry import Registry
-from ..session import Session
+from ..session import Ingest, Session
 from ..store import Presence, RateLimiter, Store, StoreUnavailable
 from ..tokens import Grant, TokenAuthority
 
@@ -275,6 +276,53 @@ def audit_grant(app: web.Application, event: str, grant: Grant, address: str | N
                 **fields: Any) -> None:
     app[AUDIT].record(event, session=grant.session_id, participant=grant.participant_id,
                       role=grant.role.value, name=grant.name, address=address, **fields)
+
+
+def audit_publication(app: web.Application, ingest: Ingest, grant: Grant,
+                      address: str | None, *, via: str) -> None:
+    """Audit a publication when its media first flows (``publish_start``), or as
+    ``publish_no_media`` if its connection ends before any frame arrived.
+
+    An answered offer only means the offer was acceptable: a publisher whose ICE
+    never connects would otherwise leave one "publish start" per retry
+    (docs/protocol.md, "Audit trail").
+    """
+    loop = asyncio.get_running_loop()
+    answered = loop.time()
+    pc = ingest.pc
+    done = False
+    unsubscribes: list[Callable[[], None]] = []
+
+    def stop_listening() -> None:
+        for unsubscribe in unsubscribes:
+            unsubscribe()
+        unsubscribes.clear()
+
+    def first_frame(_frame: object) -> None:
+        nonlocal done
+        if done:
+            return
+        done = True
+        # Called while the Feed iterates its listeners: leave the list alone now.
+        loop.call_soon(stop_listening)
+        if ingest.closed:
+            return  # a frame of a later publication of the same slot
+        audit_grant(app, "publish_start", grant, address, slot=ingest.slot,
+                    feeds=[f.id for f in ingest.feeds], via=via,
+                    after_s=round(loop.time() - answered, 3))
+
+    @pc.on("connectionstatechange")
+    def ended_without_media() -> None:
+        nonlocal done
+        if done or pc.connectionState not in ("failed", "closed"):
+            return
+        done = True
+        stop_listening()
+        audit_grant(app, "publish_no_media", grant, address, slot=ingest.slot, via=via,
+                    connection=pc.connectionState, ice=pc.iceConnectionState)
+
+    for feed in ingest.feeds:
+        unsubscribes.append(feed.add_frame_listener(first_frame))
 
 
 async def require_store(app: web.Application) -> None:

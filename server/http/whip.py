@@ -12,6 +12,7 @@ from ..errors import Forbidden, NotFound
 from ..roles import MODERATORS, PUBLISHERS
 from .common import (
     audit_grant,
+    audit_publication,
     authenticate,
     cors_headers,
     read_sdp,
@@ -55,8 +56,7 @@ async def whip_publish(request: web.Request) -> web.Response:
     offer = await read_sdp(request)
     await require_store(request.app)
     answer, ingest = await session.publish(grant, request.match_info["slot"], offer)
-    audit_grant(request.app, "publish_start", grant, request.remote, slot=ingest.slot,
-                feeds=[f.id for f in ingest.feeds], via="whip")
+    audit_publication(request.app, ingest, grant, request.remote, via="whip")
     return _created(request, answer, ingest.id)
 
 
