@@ -11,7 +11,6 @@ import logging
 import secrets
 import weakref
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from aiohttp import WSCloseCode, web
@@ -44,12 +43,12 @@ from .http.ws import websocket
 from .media.peers import PeerFactory
 from .metrics import Metrics
 from .registry import Registry
+from .resources import CLIENT_DIR
 from .store import Presence, open_store
 from .tokens import TokenAuthority
 
 logger = logging.getLogger(__name__)
 
-CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
 PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player")
 
 

@@ -21,9 +21,9 @@ from .app import create_app
 from .config import Config, ConfigError, load_config
 from .http.common import REGISTRY, TOKENS
 from .links import format_links, session_links
+from .resources import DEMO_CONFIG
 from .roles import Role
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
 logger = logging.getLogger("scrubin")
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from server import framecode
+from server.http.common import AUDIT
 from server.publish.passthrough import EncodedVideoTrack, SourceError
 from server.publish.synthetic import TheatreRenderer
-from server.http.common import AUDIT
 from server.publish.whip import (
     WhipError,
     WhipOptions,

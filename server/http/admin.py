@@ -14,7 +14,6 @@ import math
 import secrets
 import time
 import weakref
-from pathlib import Path
 from typing import Any, cast
 
 import yaml
@@ -30,6 +29,7 @@ from ..errors import (
     ScrubinError,
     Unauthorized,
 )
+from ..resources import OPENAPI_PATH
 from ..roles import Role
 from ..store import SESSION_STATES, InviteRecord, SessionRecord, SessionState
 from ..theatre import Theatre, check_name
@@ -48,7 +48,6 @@ from .common import (
 
 routes = web.RouteTableDef()
 
-OPENAPI_PATH = Path(__file__).resolve().parent.parent.parent / "docs" / "openapi.yaml"
 #: Event (on the store's event bus) telling every Node to close the sockets
 #: of revoked tokens.
 REVOKED_EVENT = "tokens_revoked"
