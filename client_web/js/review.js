@@ -7,7 +7,10 @@
 import { ScrubinError } from './protocol.js';
 import { takeToken } from './token.js';
 
-/** The page's token (URL fragment, then this tab's storage) and other fragment values. */
+/**
+ * The page's token (URL fragment, then this tab's storage) and other fragment values.
+ * @returns {{token: string} & Record<string, string | undefined>}
+ */
 export function pageParams() {
   const hash = new URLSearchParams(location.hash.replace(/^#/, ''));
   const extra = Object.fromEntries([...hash.entries()].filter(([k]) => k !== 'token'));
