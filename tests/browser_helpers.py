@@ -100,7 +100,7 @@ async def wait_js(page: Page, expression: str, arg: Any = None, timeout_s: float
 
 
 #: True once the element's box was the same at two polls in a row and no CSS
-#: transition or animation runs: layout has settled (a card grew, a viewport changed).
+#: transition or animation moves it: layout has settled (a card grew, a viewport changed).
 SETTLED_BOX_JS = """
 (selector) => {
   const el = document.querySelector(selector);
@@ -110,8 +110,13 @@ SETTLED_BOX_JS = """
   const seen = (window.__settledBoxes = window.__settledBoxes || {});
   const same = seen[selector] === box;
   seen[selector] = box;
-  return same && r.width > 0 && r.height > 0
-    && document.getAnimations().every((a) => a.playState !== 'running');
+  // Transitions or animations of the element, its ancestors or its children move it.
+  const moving = document.getAnimations().some((a) => {
+    const target = a.effect && a.effect.target;
+    return a.playState === 'running' && target instanceof Element
+      && (target.contains(el) || el.contains(target));
+  });
+  return same && r.width > 0 && r.height > 0 && !moving;
 }
 """
 

@@ -4,6 +4,8 @@
  * server or a user (names, titles, messages) goes in as text, never markup.
  */
 
+import { tokenClaims } from './token.js';
+
 /**
  * @template {Element} [T=HTMLElement]
  * @param {string} selector
@@ -52,6 +54,15 @@ export const CONNECTION_LABELS = {
   ended: 'Session ended',
   failed: 'Cannot connect',
   closed: 'Disconnected',
+};
+
+/** The status pill while a page-wide state panel is up. */
+export const PAGE_STATE_LABELS = {
+  revoked: 'Access withdrawn',
+  ended: 'Session ended',
+  not_started: 'Not started yet',
+  reconnecting: 'Reconnecting…',
+  failed: 'Cannot join',
 };
 
 /**
@@ -128,8 +139,171 @@ export function joinFailure(error) {
       return `This link does not give access to the live session (${error.message || error.code}).`;
     case 'session_ended':
       return 'This session has ended.';
+    case 'token_revoked':
+      return 'This link has been withdrawn. Ask the organiser for a new one.';
     default:
       return describeError(error);
+  }
+}
+
+/**
+ * @typedef {'revoked'|'ended'|'not_started'|'reconnecting'|'failed'} PageStateKind
+ * @typedef {{kind: PageStateKind, title: string, text: string}} PageState
+ */
+
+/**
+ * The one way every page says where the participant stands when it cannot (or
+ * can no longer) take part: the same kinds, titles and words everywhere.
+ * @param {{code?: string, message?: string, fault?: string}} error
+ * @param {number|null} [startsAt]  epoch seconds, for `session_not_started`
+ * @returns {PageState}
+ */
+export function pageStateFor(error, startsAt = null) {
+  switch (error.code) {
+    case 'token_revoked':
+      return { kind: 'revoked', title: 'Your access was withdrawn',
+        text: 'The organiser withdrew this link. If you should still take part, ask them for a '
+          + 'new one.' };
+    case 'session_ended':
+      return endedState(error.message && !/^session \S+ has ended$/.test(error.message)
+        ? error.message : '');
+    case 'session_not_started':
+      return notStartedState(startsAt);
+    case 'invite_used_up':
+      return { kind: 'failed', title: 'Cannot join this session',
+        text: 'This invite has already been used by as many people as it allows. Ask the '
+          + 'organiser for a link of your own.' };
+    default:
+      return { kind: 'failed', title: 'Cannot join this session', text: joinFailure(error) };
+  }
+}
+
+/** @param {string} [reason] why it ended, as the server said @returns {PageState} */
+export function endedState(reason = '') {
+  return { kind: 'ended', title: 'The session has ended',
+    text: reason ? `${reason.charAt(0).toUpperCase()}${reason.slice(1)}.` : 'Thank you for taking part.' };
+}
+
+/**
+ * @param {number|null} startsAt  epoch seconds, or null when no time was set
+ * @param {number} [now]  ms
+ * @returns {PageState}
+ */
+export function notStartedState(startsAt, now = Date.now()) {
+  const joins = 'This page joins by itself as soon as it starts.';
+  if (!startsAt) {
+    return { kind: 'not_started', title: 'The session has not started yet', text: joins };
+  }
+  const at = new Date(startsAt * 1000);
+  const sameDay = at.toDateString() === new Date(now).toDateString();
+  const time = at.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  const when = sameDay ? time : `${at.toLocaleDateString([], {
+    weekday: 'short', day: 'numeric', month: 'short' })}, ${time}`;
+  return { kind: 'not_started', title: `The session starts at ${when}`,
+    text: `${startsIn(startsAt * 1000 - now)} ${joins}` };
+}
+
+/** "Starts in 25 min." @param {number} ms */
+function startsIn(ms) {
+  if (ms <= 60_000) return 'It should start any moment now.';
+  const minutes = Math.round(ms / 60_000);
+  if (minutes < 60) return `That is in ${minutes} min.`;
+  const hours = Math.floor(minutes / 60);
+  if (hours < 48) return `That is in ${hours} h ${minutes % 60} min.`;
+  return `That is in ${Math.round(hours / 24)} days.`;
+}
+
+/**
+ * The page-wide state panel (`#ended`, with `#ended-title` and `#ended-reason`):
+ * shown for revoked, ended, not-yet-started and cannot-join; the page behind it
+ * is made inert, so no control stays clickable or busy-looking under it.
+ */
+export class StatePanel {
+  /** @param {HTMLElement} root */
+  constructor(root) {
+    this.root = root;
+    /** @type {PageStateKind|null} */
+    this.kind = null;
+    /** @type {number|null|undefined} when the Session starts, once asked (epoch s) */
+    this.startsAt = undefined;
+    /** @type {ReturnType<typeof setInterval>|undefined} */
+    this.timer = undefined;
+  }
+
+  /** @param {PageState} state */
+  show(state) {
+    this.kind = state.kind;
+    this.root.dataset.kind = state.kind;
+    $('#ended-title', this.root).textContent = state.title;
+    $('#ended-reason', this.root).textContent = state.text;
+    // The panel lives outside any full-screen element: leave full screen to show it.
+    if (document.fullscreenElement) document.exitFullscreen().catch(() => {});
+    this.root.hidden = false;
+    document.body.dataset.pageState = state.kind;
+    const pill = document.querySelector('#conn-state');
+    if (pill instanceof HTMLElement) {
+      pill.dataset.state = state.kind === 'not_started' ? 'waiting' : state.kind;
+      pill.textContent = PAGE_STATE_LABELS[state.kind];
+    }
+    for (const part of document.querySelectorAll('main, .topbar-actions')) {
+      /** @type {HTMLElement} */ (part).inert = true;
+    }
+  }
+
+  /** Back to the live page (a scheduled Session started). */
+  hide() {
+    this.kind = null;
+    this.root.hidden = true;
+    delete document.body.dataset.pageState;
+    for (const part of document.querySelectorAll('main, .topbar-actions')) {
+      /** @type {HTMLElement} */ (part).inert = false;
+    }
+  }
+
+  /** A state the page cannot leave by itself (everything but not-started). */
+  get final() {
+    return this.kind !== null && this.kind !== 'not_started';
+  }
+
+  /**
+   * A scheduled Session refused the join (`session_not_started`; the client
+   * keeps trying): say when it starts, refreshed every half minute, until
+   * `waiting()` turns false (welcomed) or a final state replaces it.
+   * @param {string} token  the page's token (its Session, and to ask when it starts)
+   * @param {() => boolean} waiting
+   */
+  async showNotStarted(token, waiting) {
+    if (this.startsAt === undefined) {
+      this.startsAt = null;
+      this.startsAt = await sessionStartsAt(String(tokenClaims(token).sid || ''), token);
+    }
+    if (!waiting() || this.final) return;
+    this.show(notStartedState(this.startsAt ?? null));
+    clearInterval(this.timer);
+    this.timer = setInterval(() => {
+      if (this.kind === 'not_started' && waiting()) this.show(notStartedState(this.startsAt ?? null));
+      else clearInterval(this.timer);
+    }, 30_000);
+  }
+}
+
+/**
+ * When a scheduled Session starts (for the not-started panel): `starts_at` of
+ * `GET /api/sessions/{id}`, or null if unknown.
+ * @param {string} sessionId @param {string} token
+ * @returns {Promise<number|null>}
+ */
+export async function sessionStartsAt(sessionId, token) {
+  if (!sessionId) return null;
+  try {
+    const response = await fetch(`/api/sessions/${encodeURIComponent(sessionId)}`, {
+      headers: { Authorization: `Bearer ${token}` }, cache: 'no-store', credentials: 'omit' });
+    if (!response.ok) return null;
+    const body = await response.json();
+    const startsAt = Number(body?.session?.starts_at);
+    return Number.isFinite(startsAt) && startsAt > 0 ? startsAt : null;
+  } catch {
+    return null;
   }
 }
 
