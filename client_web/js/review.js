@@ -31,6 +31,10 @@ export function tokenSession(token) {
   }
 }
 
+/** Refusals after which this page cannot go on with its token: the state panel says why. */
+export const FINAL_CODES = new Set(['token_revoked', 'token_expired', 'token_invalid',
+  'token_missing', 'wrong_session', 'wrong_role', 'unknown_session']);
+
 /**
  * GET (or another method) a review API path with the bearer token.
  * @param {string} path @param {string} token @param {string} [method]

@@ -275,7 +275,8 @@ export class StatePanel {
   async showNotStarted(token, waiting) {
     if (this.startsAt === undefined) {
       this.startsAt = null;
-      this.startsAt = await sessionStartsAt(String(tokenClaims(token).sid || ''), token);
+      this.startsAt = (await sessionSchedule(String(tokenClaims(token).sid || ''), token))
+        ?.startsAt ?? null;
     }
     if (!waiting() || this.final) return;
     this.show(notStartedState(this.startsAt ?? null));
@@ -288,22 +289,64 @@ export class StatePanel {
 }
 
 /**
- * When a scheduled Session starts (for the not-started panel): `starts_at` of
- * `GET /api/sessions/{id}`, or null if unknown.
+ * A Session's state and, while it is scheduled, when it starts (`GET
+ * /api/sessions/{id}`); null if that cannot be read.
  * @param {string} sessionId @param {string} token
- * @returns {Promise<number|null>}
+ * @returns {Promise<{state: string, startsAt: number|null}|null>}
  */
-export async function sessionStartsAt(sessionId, token) {
+export async function sessionSchedule(sessionId, token) {
   if (!sessionId) return null;
   try {
     const response = await fetch(`/api/sessions/${encodeURIComponent(sessionId)}`, {
       headers: { Authorization: `Bearer ${token}` }, cache: 'no-store', credentials: 'omit' });
     if (!response.ok) return null;
-    const body = await response.json();
-    const startsAt = Number(body?.session?.starts_at);
-    return Number.isFinite(startsAt) && startsAt > 0 ? startsAt : null;
+    const session = (await response.json())?.session;
+    const startsAt = Number(session?.starts_at);
+    return { state: String(session?.state || ''),
+      startsAt: Number.isFinite(startsAt) && startsAt > 0 ? startsAt : null };
   } catch {
     return null;
+  }
+}
+
+/**
+ * Whether a failed call is worth trying again: the network failed (fetch
+ * rejects with a TypeError) or the server said it was its own trouble (5xx).
+ * @param {unknown} err
+ */
+export function transientFailure(err) {
+  if (err instanceof TypeError) return true;
+  const e = /** @type {{status?: number, error?: {status?: number}}|null} */ (err);
+  const status = Number(e?.status ?? e?.error?.status ?? 0);
+  return status >= 500;
+}
+
+/**
+ * The fetch-based pages (library, player, join, admin) reconnect as the live
+ * pages do: a call the network failed is tried again with backoff while the
+ * reconnecting strip (`#conn-strip`) says so; any other failure is thrown.
+ * @template T
+ * @param {() => Promise<T>} call
+ * @returns {Promise<T>}
+ */
+export async function withReconnect(call) {
+  const strip = document.querySelector('#conn-strip');
+  for (let attempt = 0; ; attempt++) {
+    try {
+      const result = await call();
+      if (strip instanceof HTMLElement) strip.hidden = true;
+      return result;
+    } catch (err) {
+      if (!transientFailure(err) || !(strip instanceof HTMLElement)) {
+        if (strip instanceof HTMLElement) strip.hidden = true;
+        throw err;
+      }
+      const delay = Math.min(10_000, 1000 * 2 ** Math.min(attempt, 4));
+      strip.textContent = `Cannot reach the server. Reconnecting… (next try in ${
+        Math.round(delay / 1000)} s)`;
+      strip.hidden = false;
+      await new Promise((resolve) => { setTimeout(resolve, delay); });
+    }
   }
 }
 
