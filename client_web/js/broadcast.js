@@ -130,7 +130,7 @@ function start(c) {
   });
   c.addEventListener('error', (e) => {
     const { error, request } = /** @type {CustomEvent} */ (e).detail;
-    if (c.state === 'failed') return; // the state panel says it
+    if (c.state === 'failed' || panel.final) return; // the state panel says it
     if (request === 'hello' && error.code === 'session_not_started') {
       panel.showNotStarted(c.token, () => c.state !== 'open'); // joins when it starts
       return;
@@ -694,7 +694,9 @@ function showState(state) {
 
 /** Report a failed request in the banner. @param {Promise<unknown>} promise */
 function act(promise) {
-  promise.catch((err) => banner.show(describeError(toScrubinError(err))));
+  promise.catch((err) => {
+    if (!panel.final) banner.show(describeError(toScrubinError(err)));
+  });
 }
 
 /** @param {ScrubinClient} c @param {SlotView|null} view */

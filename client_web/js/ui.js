@@ -248,6 +248,14 @@ export class StatePanel {
     for (const part of document.querySelectorAll('main, .topbar-actions')) {
       /** @type {HTMLElement} */ (part).inert = true;
     }
+    // The panel says it all: no "connecting" or "reconnecting" behind it.
+    for (const busy of document.querySelectorAll('#conn-strip, main .overlay')) {
+      /** @type {HTMLElement} */ (busy).hidden = true;
+    }
+    const banner = document.querySelector('#banner');
+    if (banner instanceof HTMLElement) banner.hidden = true;
+    const sub = document.querySelector('#session-sub');
+    if (sub && sub.textContent?.endsWith('…')) sub.textContent = PAGE_STATE_LABELS[state.kind];
   }
 
   /** Back to the live page (a scheduled Session started). */
@@ -275,8 +283,10 @@ export class StatePanel {
   async showNotStarted(token, waiting) {
     if (this.startsAt === undefined) {
       this.startsAt = null;
-      this.startsAt = (await sessionSchedule(String(tokenClaims(token).sid || ''), token))
-        ?.startsAt ?? null;
+      const schedule = await sessionSchedule(String(tokenClaims(token).sid || ''), token);
+      this.startsAt = schedule?.startsAt ?? null;
+      const title = document.querySelector('#session-title');
+      if (schedule?.title && title) title.textContent = schedule.title;
     }
     if (!waiting() || this.final) return;
     this.show(notStartedState(this.startsAt ?? null));
@@ -292,7 +302,7 @@ export class StatePanel {
  * A Session's state and, while it is scheduled, when it starts (`GET
  * /api/sessions/{id}`); null if that cannot be read.
  * @param {string} sessionId @param {string} token
- * @returns {Promise<{state: string, startsAt: number|null}|null>}
+ * @returns {Promise<{state: string, title: string, startsAt: number|null}|null>}
  */
 export async function sessionSchedule(sessionId, token) {
   if (!sessionId) return null;
@@ -302,7 +312,7 @@ export async function sessionSchedule(sessionId, token) {
     if (!response.ok) return null;
     const session = (await response.json())?.session;
     const startsAt = Number(session?.starts_at);
-    return { state: String(session?.state || ''),
+    return { state: String(session?.state || ''), title: String(session?.title || ''),
       startsAt: Number.isFinite(startsAt) && startsAt > 0 ? startsAt : null };
   } catch {
     return null;

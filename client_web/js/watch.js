@@ -123,7 +123,7 @@ function start(c) {
   });
   c.addEventListener('error', (e) => {
     const { error, request } = /** @type {CustomEvent} */ (e).detail;
-    if (c.state === 'failed') return; // the state panel says it
+    if (c.state === 'failed' || panel.final) return; // the state panel says it
     if (request === 'hello' && error.code === 'session_not_started') {
       // The client keeps trying and joins when it starts.
       panel.showNotStarted(c.token, () => c.state !== 'open');
@@ -138,18 +138,6 @@ function start(c) {
   c.addEventListener('session_ended', (e) => {
     const { reason } = /** @type {CustomEvent} */ (e).detail;
     forgetToken();
-    for (const media of document.querySelectorAll('video, audio')) {
-      /** @type {HTMLMediaElement} */ (media).srcObject = null;
-    }
-    // Nothing is live any more: leave no stale "connecting" badges behind.
-    thumbs.clear();
-    audioElements.clear();
-    thumbList.replaceChildren();
-    audioSinks.replaceChildren();
-    $('#audio-list').replaceChildren();
-    $('#main-name').textContent = '';
-    $('#main-state').hidden = true;
-    mainView.dataset.state = 'ended';
     showState(endedState(reason === 'ended' ? '' : reason));
   });
   c.connect().catch((err) => {
@@ -296,7 +284,7 @@ function pickMain(/** @type {ScrubinClient} */ c) {
 
 /** @param {ScrubinClient} c */
 function render(c) {
-  if (c.state === 'ended' || panel.final) return;
+  if (c.state === 'ended' || panel.kind) return;
   pickMain(c);
   renderMain(c);
   renderThumbs(c);
@@ -482,6 +470,17 @@ function applyAudio(/** @type {boolean} */ fromGesture) {
  */
 function showState(state) {
   panel.show(state);
+  for (const media of document.querySelectorAll('video, audio')) {
+    /** @type {HTMLMediaElement} */ (media).srcObject = null;
+  }
+  // Nothing is live any more: leave no stale "connecting" badges behind.
+  thumbs.clear();
+  audioElements.clear();
+  thumbList.replaceChildren();
+  audioSinks.replaceChildren();
+  $('#audio-list').replaceChildren();
+  $('#main-name').textContent = '';
+  $('#main-state').hidden = true;
   $('#fullscreen').hidden = true;
   overlay.hidden = true;
   mainView.dataset.state = state.kind;
@@ -495,9 +494,11 @@ function showState(state) {
 
 // -- live interaction ----------------------------------------------------------
 
-/** Report a failed request in the banner. @param {Promise<unknown>} promise */
+/** Report a failed request in the banner (not behind a state panel). @param {Promise<unknown>} promise */
 function act(promise) {
-  promise.catch((err) => banner.show(describeError(toScrubinError(err))));
+  promise.catch((err) => {
+    if (!panel.final) banner.show(describeError(toScrubinError(err)));
+  });
 }
 
 /** @param {ScrubinClient} c */
@@ -569,6 +570,8 @@ function syncMic(c) {
       })
       .catch((err) => {
         stopMic();
+        // Ended or cut off meanwhile: the state panel or strip says so already.
+        if (c.state !== 'open' || panel.kind) return;
         banner.show(`Cannot use your microphone: ${describeError(toScrubinError(err))}`);
       })
       .finally(() => {
