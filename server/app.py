@@ -7,6 +7,7 @@ going away, then end every Session (closing all peer connections).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import weakref
@@ -28,6 +29,7 @@ from .http.common import (
     NODE_ID,
     PEERS,
     PRESENCE,
+    PUBLICATION_WATCHES,
     REGISTRY,
     SOCKET_GRANTS,
     STORE,
@@ -66,6 +68,8 @@ def create_app(config: Config) -> web.Application:
     app[WEBSOCKETS] = weakref.WeakSet()
     app[SOCKET_GRANTS] = weakref.WeakKeyDictionary()
     app[ACCEPTING] = {"joins": True}
+    watches: set[asyncio.Task[None]] = set()
+    app[PUBLICATION_WATCHES] = watches
     store = app[STORE] = open_store(config.store.redis_url or None, node_id=node_id,
                                     prefix=config.store.prefix, timeout_s=config.store.timeout_s)
     app[PRESENCE] = Presence(store.presence, node_id=node_id, ttl_s=config.store.presence_ttl_s,
@@ -99,6 +103,8 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_audit)
     # Before _sessions: cleanup runs in reverse, so Sessions end before the store closes.
     app.cleanup_ctx.append(_store)
+    # Before _sessions: publications closed by Sessions ending are audited first.
+    app.cleanup_ctx.append(_publication_watches)
     app.cleanup_ctx.append(_sessions)
     review.setup(app)  # recording control, review API, retention (after _sessions)
     app.on_shutdown.append(_going_away)
@@ -121,6 +127,17 @@ async def _audit(app: web.Application) -> AsyncIterator[None]:
     yield
     app[AUDIT].record("node_stopped")
     app[AUDIT].close()
+
+
+async def _publication_watches(app: web.Application) -> AsyncIterator[None]:
+    yield
+    # Their peer connections are closed by now: each writes its audit entry at once.
+    watches = app[PUBLICATION_WATCHES]
+    pending = set(watches)
+    if pending:
+        _, late = await asyncio.wait(pending, timeout=2)
+        for task in late:
+            task.cancel()
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:

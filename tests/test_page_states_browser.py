@@ -23,7 +23,14 @@ from server.publish.synthetic import SyntheticTheatreCamera, SyntheticTone
 from server.roles import Role
 
 from .admin_helpers import admin_token, api, schedule
-from .browser_helpers import chromium_available, open_page, screenshot, wait_js, wait_settled
+from .browser_helpers import (
+    PageLog,
+    chromium_available,
+    open_page,
+    screenshot,
+    wait_js,
+    wait_settled,
+)
 from .conftest import Server, whip_publish
 from .test_browser_e2e import wait_decoding
 
@@ -87,16 +94,25 @@ async def publish_camera(http: aiohttp.ClientSession, server: Server,
     peers.append(pc)
 
 
+async def watching(server: Server, browser: Browser, http: aiohttp.ClientSession,
+                   peers: list[RTCPeerConnection], *, width: int = 1280,
+                   height: int = 800) -> tuple[Page, PageLog]:
+    """A camera published and a trainee's watch page showing it."""
+    await publish_camera(http, server, peers)
+    _, page, log = await open_page(
+        browser, f"{server.base_url}/watch.html#token={server.token(Role.TRAINEE, name='Tess')}",
+        "trainee", width=width, height=height)
+    await wait_js(page, "() => window.scrubin && scrubin.mainFeedId() === 'room.video'")
+    await wait_decoding(page, "room.video")
+    await wait_js(page, "() => scrubin.overlayText() === ''")
+    return page, log
+
+
 @pytest.mark.timeout(90)
 async def test_a_revoked_trainee_is_told_so_and_nothing_keeps_spinning(
         live_server: Server, browser: Browser, http: aiohttp.ClientSession,
         peers: list[RTCPeerConnection]) -> None:
-    await publish_camera(http, live_server, peers)
-    _, trainee, log = await open_page(
-        browser, f"{live_server.base_url}/watch.html#token="
-        f"{live_server.token(Role.TRAINEE, name='Tess')}", "trainee")
-    await wait_js(trainee, "() => window.scrubin && scrubin.mainFeedId() === 'room.video'")
-    await wait_decoding(trainee, "room.video")
+    trainee, log = await watching(live_server, browser, http, peers)
 
     # Every link of the Session withdrawn by an admin while the trainee watches.
     await api(http, live_server, "DELETE", "/api/admin/sessions/or1-live/invites",
@@ -189,11 +205,7 @@ async def test_after_the_session_ends_no_page_looks_busy(
 async def test_a_lost_connection_says_reconnecting_and_comes_back(
         live_server: Server, browser: Browser, http: aiohttp.ClientSession,
         peers: list[RTCPeerConnection]) -> None:
-    await publish_camera(http, live_server, peers)
-    _, trainee, _ = await open_page(
-        browser, f"{live_server.base_url}/watch.html#token="
-        f"{live_server.token(Role.TRAINEE, name='Tess')}", "trainee")
-    await wait_js(trainee, "() => window.scrubin && scrubin.overlayText() === ''")
+    trainee, _ = await watching(live_server, browser, http, peers)
 
     # The Node refuses joins and drops every socket: the page keeps trying.
     app = live_server.app
@@ -320,13 +332,8 @@ async def test_watch_and_broadcast_pages_work_on_a_phone(
         live_server: Server, browser: Browser, http: aiohttp.ClientSession,
         peers: list[RTCPeerConnection], size: tuple[int, int]) -> None:
     width, height = size
-    await publish_camera(http, live_server, peers)
     base = live_server.base_url
-
-    _, trainee, _ = await open_page(
-        browser, f"{base}/watch.html#token={live_server.token(Role.TRAINEE, name='Tess')}",
-        "trainee", width=width, height=height)
-    await wait_js(trainee, "() => window.scrubin && scrubin.overlayText() === ''")
+    trainee, _ = await watching(live_server, browser, http, peers, width=width, height=height)
     # Sound needs a tap on a phone: the prompt is shown, below the picture.
     await wait_js(trainee, "() => !document.querySelector('#enable-audio').hidden")
     await wait_settled(trainee, "#main-video")

@@ -278,51 +278,44 @@ def audit_grant(app: web.Application, event: str, grant: Grant, address: str | N
                       role=grant.role.value, name=grant.name, address=address, **fields)
 
 
+#: Background checks for a publication's first media (audit_publication).
+PUBLICATION_WATCHES: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("publication_watches")
+
+#: How often a new publication is checked for media until some arrives.
+MEDIA_CHECK_S = 0.1
+
+
 def audit_publication(app: web.Application, ingest: Ingest, grant: Grant,
                       address: str | None, *, via: str) -> None:
     """Audit a publication when its media first flows (``publish_start``), or as
-    ``publish_no_media`` if its connection ends before any frame arrived.
+    ``publish_no_media`` if its connection ends before any arrived.
 
     An answered offer only means the offer was acceptable: a publisher whose ICE
     never connects would otherwise leave one "publish start" per retry
-    (docs/protocol.md, "Audit trail").
+    (docs/protocol.md, "Audit trail"). Media is seen at the peer connection
+    (an RTP source heard by a receiver), not in the Feed, so this stays apart
+    from the media plane.
     """
+    watches = app[PUBLICATION_WATCHES]
+    task = asyncio.ensure_future(_audit_when_media_flows(app, ingest, grant, address, via))
+    watches.add(task)
+    task.add_done_callback(watches.discard)
+
+
+async def _audit_when_media_flows(app: web.Application, ingest: Ingest, grant: Grant,
+                                  address: str | None, via: str) -> None:
     loop = asyncio.get_running_loop()
     answered = loop.time()
     pc = ingest.pc
-    done = False
-    unsubscribes: list[Callable[[], None]] = []
-
-    def stop_listening() -> None:
-        for unsubscribe in unsubscribes:
-            unsubscribe()
-        unsubscribes.clear()
-
-    def first_frame(_frame: object) -> None:
-        nonlocal done
-        if done:
+    while pc.connectionState not in ("failed", "closed"):
+        if any(receiver.getSynchronizationSources() for receiver in pc.getReceivers()):
+            audit_grant(app, "publish_start", grant, address, slot=ingest.slot,
+                        feeds=[f.id for f in ingest.feeds], via=via,
+                        after_s=round(loop.time() - answered, 3))
             return
-        done = True
-        # Called while the Feed iterates its listeners: leave the list alone now.
-        loop.call_soon(stop_listening)
-        if ingest.closed:
-            return  # a frame of a later publication of the same slot
-        audit_grant(app, "publish_start", grant, address, slot=ingest.slot,
-                    feeds=[f.id for f in ingest.feeds], via=via,
-                    after_s=round(loop.time() - answered, 3))
-
-    @pc.on("connectionstatechange")
-    def ended_without_media() -> None:
-        nonlocal done
-        if done or pc.connectionState not in ("failed", "closed"):
-            return
-        done = True
-        stop_listening()
-        audit_grant(app, "publish_no_media", grant, address, slot=ingest.slot, via=via,
-                    connection=pc.connectionState, ice=pc.iceConnectionState)
-
-    for feed in ingest.feeds:
-        unsubscribes.append(feed.add_frame_listener(first_frame))
+        await asyncio.sleep(MEDIA_CHECK_S)
+    audit_grant(app, "publish_no_media", grant, address, slot=ingest.slot, via=via,
+                connection=pc.connectionState, ice=pc.iceConnectionState)
 
 
 async def require_store(app: web.Application) -> None:
