@@ -97,7 +97,7 @@ class TurnBench:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         whep = f"{base}/whep/{SESSION}/{FEED}"
-        server = Child(self.ctx, scrubin_main, port, self.key, {}, sections)
+        server = Child(self.ctx, scrubin_main, port, self.key, {}, (SLOT,), sections)
         print(f"{name}: server pid {server.pid} on {base}", flush=True)
         track = PacketReplayTrack(self.stream, StampBook())
         http = aiohttp.ClientSession()

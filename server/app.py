@@ -14,7 +14,6 @@ import secrets
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from aiohttp import WSCloseCode, web
@@ -35,6 +34,7 @@ from .http.common import (
     PEERS,
     PENDING_SUBSCRIPTIONS,
     PRESENCE,
+    PUBLICATION_WATCHES,
     REGISTRY,
     SOCKET_GRANTS,
     STORE,
@@ -53,12 +53,12 @@ from .media.liveness import Liveness
 from .media.peers import PeerFactory
 from .metrics import Metrics
 from .registry import Registry
+from .resources import CLIENT_DIR
 from .store import Presence, open_store
 from .tokens import TokenAuthority
 
 logger = logging.getLogger(__name__)
 
-CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
 PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player", "preflight")
 
 
@@ -84,6 +84,8 @@ def create_app(config: Config) -> web.Application:
     app[SOCKET_GRANTS] = weakref.WeakKeyDictionary()
     app[ACCEPTING] = {"joins": True}
     app[PENDING_SUBSCRIPTIONS] = Counter()
+    watches: set[asyncio.Task[None]] = set()
+    app[PUBLICATION_WATCHES] = watches
     store = app[STORE] = open_store(config.store.redis_url or None, node_id=node_id,
                                     prefix=config.store.prefix, timeout_s=config.store.timeout_s)
     app[PRESENCE] = Presence(store.presence, node_id=node_id, ttl_s=config.store.presence_ttl_s,
@@ -118,6 +120,8 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_liveness)
     # Before _sessions: cleanup runs in reverse, so Sessions end before the store closes.
     app.cleanup_ctx.append(_store)
+    # Before _sessions: publications closed by Sessions ending are audited first.
+    app.cleanup_ctx.append(_publication_watches)
     app.cleanup_ctx.append(_sessions)
     review.setup(app)  # recording control, review API, retention (after _sessions)
     revocation.setup(app)  # revocations reach live connections
@@ -152,6 +156,17 @@ async def _liveness(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await app[PEERS].close()
+
+
+async def _publication_watches(app: web.Application) -> AsyncIterator[None]:
+    yield
+    # Their peer connections are closed by now: each writes its audit entry at once.
+    watches = app[PUBLICATION_WATCHES]
+    pending = set(watches)
+    if pending:
+        _, late = await asyncio.wait(pending, timeout=2)
+        for task in late:
+            task.cancel()
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:

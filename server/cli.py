@@ -7,11 +7,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -23,9 +25,9 @@ from .config import Config, ConfigError, load_config
 from .http.common import REGISTRY, TOKENS
 from .http.guard import NodeRunner
 from .links import format_links, session_links
+from .resources import DEMO_CONFIG
 from .roles import Role
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
 logger = logging.getLogger("scrubin")
 
 
@@ -70,13 +72,24 @@ async def serve(config: Config) -> None:
         await runner.cleanup()
 
 
-async def demo(config: Config, cameras: list[str], width: int, height: int, fps: float) -> None:
+async def demo(config: Config, cameras: list[str], width: int, height: int, fps: float,
+               state_dir: Path | None = None) -> None:
+    from .demo_state import forget_signing_key
     from .publish.sources import open_source
     from .publish.whip import WhipOptions, WhipPublisher
 
     runner, app = await _start(config)
     session = app[REGISTRY].get(config.sessions[0].id)
     tokens = app[TOKENS]
+    stopping = False
+
+    def on_event(event: dict[str, object]) -> None:
+        # Ended by its expert or an admin (not by this process stopping): its
+        # links must not work again after a restart.
+        if event.get("type") == "session_ended" and not stopping and state_dir is not None:
+            forget_signing_key(state_dir)
+
+    session.listen(on_event)
     publishers = []
     for index, slot in enumerate(cameras):
         source = open_source("synthetic", label=slot, width=width, height=height, fps=fps,
@@ -104,6 +117,7 @@ async def demo(config: Config, cameras: list[str], width: int, height: int, fps:
     try:
         await _until_signal()
     finally:
+        stopping = True
         for publisher, task in publishers:
             publisher.stop()
             with contextlib.suppress(Exception):
@@ -124,12 +138,7 @@ async def publish(args: argparse.Namespace) -> int:
         takeover=args.takeover, relay_only=args.relay_only,
         connect_timeout_s=args.connect_timeout)
     publisher = WhipPublisher(args.url, args.token, source.tracks, options)
-
-    def on_state(state: str) -> None:
-        how = f" ({publisher.ice_label})" if state in ("connecting", "live") else ""
-        print(f"publish: {state}{how}", flush=True)
-
-    publisher.on_state = on_state
+    publisher.on_state = lambda _: print(f"publish: {publisher.describe_state()}", flush=True)
     task = asyncio.ensure_future(publisher.run())
     stopper = asyncio.ensure_future(_until_signal())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -172,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated demo slots to fill (room,endoscope,…)")
     p_demo.add_argument("--size", default="1280x720")
     p_demo.add_argument("--fps", type=float, default=30)
+    p_demo.add_argument("--state-dir", type=Path, default=Path("var"),
+                        help="audit trail, recordings and the demo's signing key (default: var)")
 
     p_pub = sub.add_parser("publish", help="publish a source to a Session slot over WHIP")
     p_pub.add_argument("url", help="WHIP URL, e.g. http://host:8080/whip/SESSION/SLOT")
@@ -189,11 +200,12 @@ def main(argv: list[str] | None = None) -> int:
                             "this token's own TURN credentials)")
     p_pub.add_argument("--relay-only", action="store_true",
                        help="only through TURN (checks the path a firewalled camera takes)")
-    p_pub.add_argument("--connect-timeout", type=float, default=15.0,
+    p_pub.add_argument("--connect-timeout", type=float, default=20.0,
                        help="seconds before an attempt that has not connected tries the next "
                             "TURN transport (UDP, then TCP, then TLS)")
     p_pub.add_argument("--host-address", action="append", default=[],
-                       help="advertise this address (e.g. 127.0.0.1 on one machine)")
+                       help="advertise this address instead of the interfaces' (default: "
+                            "loopback when the URL is loopback or localhost)")
     p_pub.add_argument("--takeover", action="store_true",
                        help="replace another encoder publishing the slot (never the expert's "
                             "own camera)")
@@ -226,11 +238,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             asyncio.run(serve(load_config(args.config)))
         elif args.command == "demo":
-            overrides = {"port": args.port} if args.port else {}
-            config = load_config(DEMO_CONFIG, server=overrides)
+            from .demo_state import signing_key
+
+            state: Path = args.state_dir
+            overrides: dict[str, dict[str, Any]] = {
+                "server": {"port": args.port} if args.port else {},
+                "audit": {"path": str(state / "audit" / "audit.jsonl")},
+                "recording": {"root": str(state / "recordings")},
+            }
+            # SCRUBIN_AUTH_SIGNING_KEYS, when set, wins as for any Node.
+            if "SCRUBIN_AUTH_SIGNING_KEYS" not in os.environ:
+                overrides["auth"] = {"signing_keys": [signing_key(state)]}
+            config = load_config(DEMO_CONFIG, **overrides)
             width, height = (int(v) for v in args.size.lower().split("x"))
             asyncio.run(demo(config, [c.strip() for c in args.cameras.split(",") if c.strip()],
-                             width, height, args.fps))
+                             width, height, args.fps, state))
         elif args.command == "publish":
             args.width, args.height = (int(v) for v in args.size.lower().split("x"))
             return asyncio.run(publish(args))

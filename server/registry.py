@@ -284,7 +284,7 @@ class Registry:
         theatre = await self.get_theatre(record.theatre_id)
         return {
             "id": record.id, "title": record.title, "procedure": record.procedure,
-            "state": record.state,
+            "state": record.state, "starts_at": record.starts_at,
             "theatre": theatre.describe() if theatre is not None else
             {"id": record.theatre_id, "name": record.theatre_id, "slots": []},
             "feeds": [],

@@ -583,7 +583,8 @@ class Session:
             + self._config.media.viewer_queue_frames,
             fast_path=self._config.media.fast_path,
             on_closed=self._subscription_closed, on_first_frame=self._on_first_frame,
-            on_layer=self._layer_changed, adaptive=self._config.media.adaptive_layers)
+            on_layer=self._layer_changed, on_state=self._subscription_changed,
+            adaptive=self._config.media.adaptive_layers)
         try:
             answer = await subscription.negotiate(summary.text, self._peers.answer)
         except BaseException:
@@ -599,6 +600,11 @@ class Session:
         self._count("subscription", "waiting")
         self._feed_changed(feed)
         return answer, subscription
+
+    def _subscription_changed(self, subscription: Subscription) -> None:
+        self._count("subscription", subscription.state)
+        logger.info("session %s: subscription %s of %s %s", self.id, subscription.id,
+                    subscription.feed_id, subscription.state)
 
     def _layer_changed(self, subscription: Subscription, layer: str, reason: str) -> None:
         self._count("layer", layer)

@@ -171,6 +171,7 @@ class Subscription:
         on_closed: Callable[[Subscription], None],
         on_first_frame: Callable[[float], None] | None = None,
         on_layer: Callable[[Subscription, Layer, str], None] | None = None,
+        on_state: Callable[[Subscription], None] | None = None,
         adaptive: bool = True,
         preference: Preference = "auto",
     ) -> None:
@@ -205,6 +206,7 @@ class Subscription:
         self._on_closed = on_closed
         self._on_first_frame = on_first_frame
         self._on_layer = on_layer
+        self._on_state = on_state
         self._adaptive = adaptive and feed.kind == "video"
         self.controller = LayerController()
         self._queue = FrameQueue(max_frames=max_queue, video=feed.kind == "video")
@@ -410,7 +412,7 @@ class Subscription:
         """Stop sending (a hidden video); the connection stays up."""
         if self.state in ("closed", "paused"):
             return
-        self.state = "paused"
+        self._set_state("paused")
         if self._target is not None:
             self._target.feed.detach(self._target, "closed")
             self._target = None
@@ -421,17 +423,23 @@ class Subscription:
     def resume(self) -> None:
         if self.state != "paused":
             return
-        self.state = "flowing" if self.first_frame_at is not None else "waiting"
+        self._set_state("flowing" if self.first_frame_at is not None else "waiting")
         if self._current is not None:
             self._current.feed.resume(self._current)
         else:
             self._start()  # paused before its connection came up: start from the cache
 
+    def _set_state(self, state: SubscriptionState) -> None:
+        if state != self.state:
+            self.state = state
+            if self._on_state is not None:
+                self._on_state(self)
+
     def _count(self, frame: EncodedFrame) -> None:
         if self.first_frame_at is None:
             self.first_frame_at = time.monotonic()
             if self.state == "waiting":
-                self.state = "flowing"
+                self._set_state("flowing")
             if self._on_first_frame is not None:
                 self._on_first_frame(self.first_frame_at - self.created_at)
         self.frames_forwarded += 1

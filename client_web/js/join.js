@@ -9,7 +9,7 @@
  * opening the same link again on it is not another use.
  */
 
-import { $, joinFailure } from './ui.js';
+import { $, pageStateFor, withReconnect } from './ui.js';
 import { forgetToken, takeToken, tokenClaims } from './token.js';
 
 const DEVICE_KEY = 'scrubin.device';
@@ -56,44 +56,39 @@ function deviceId() {
   return id;
 }
 
-/** @param {string} title @param {string} text */
-function status(title, text = '') {
+/** @param {string} title @param {string} text @param {string} [kind] */
+function status(title, text = '', kind = '') {
   $('#join-card').hidden = true;
-  $('#join-status').hidden = false;
+  const card = $('#join-status');
+  card.hidden = false;
+  card.dataset.kind = kind;
   $('#status-title').textContent = title;
   $('#status-text').textContent = text;
 }
 
-/** @param {{code?: string, message?: string, fault?: string}} error */
-function failed(error) {
-  /** @type {Record<string, string>} */
-  const texts = {
-    invite_used_up: 'This invite is personal and has been used on as many devices as it allows. '
-      + 'Ask the organiser for a link of your own.',
-    token_revoked: 'This invite has been withdrawn. Ask the organiser for a new one.',
-    not_an_invite: 'This is not an invite link. Ask the organiser for an invite of your own.',
-    session_ended: 'This session has ended.',
-  };
-  const text = texts[String(error.code)] || joinFailure(error);
-  status('Cannot join', text);
+/** Revoked, ended or refused: the same words as every other page. */
+function failed(/** @type {{code?: string, message?: string, fault?: string}} */ error) {
+  const state = pageStateFor(error);
+  status(state.title, state.text, state.kind);
 }
 
 /** @param {string} token @param {string} name */
 async function redeem(token, name) {
   status('Joining…');
-  let response;
-  try {
-    response = await fetch('/api/invites/redeem', {
+  // The network (or a restarting server) failing is retried; a refusal is not.
+  const response = await withReconnect(async () => {
+    const answer = await fetch('/api/invites/redeem', {
       method: 'POST',
       headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
       body: JSON.stringify({ device: deviceId(), name }),
       cache: 'no-store',
       credentials: 'omit',
     });
-  } catch (err) {
-    status('Cannot reach the server', 'Check the network and open the link again.');
-    return;
-  }
+    if (answer.status >= 500) {
+      throw Object.assign(new Error(`HTTP ${answer.status}`), { status: answer.status });
+    }
+    return answer;
+  });
   let body = null;
   try {
     body = await response.json();

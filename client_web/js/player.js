@@ -16,10 +16,12 @@
  * until `annotations_cleared`; the current step is the last `mark`'s.
  */
 
-import { $, Banner, describeError, el, fromTemplate, slotTitle } from './ui.js';
+import {
+  $, Banner, StatePanel, describeError, el, fromTemplate, pageStateFor, slotTitle, withReconnect,
+} from './ui.js';
 import { FADE_TAIL_MS, contentRect, drawShape } from './telestration.js';
 import {
-  SCOPE_LABELS, api, formatDuration, formatWhen, pageParams,
+  FINAL_CODES, SCOPE_LABELS, api, formatDuration, formatWhen, pageParams,
 } from './review.js';
 
 /** A follower further than this from the clock seeks. */
@@ -534,10 +536,13 @@ async function load() {
   }
   let body;
   try {
-    body = await api(`/api/recordings/${encodeURIComponent(recordingId)}`, token);
+    body = await withReconnect(
+      () => api(`/api/recordings/${encodeURIComponent(recordingId)}`, token));
   } catch (err) {
+    const error = /** @type {any} */ (err);
     $('#player-sub').textContent = 'This recording could not be opened.';
-    banner.show(describeError(/** @type {any} */ (err)), { sticky: true });
+    if (FINAL_CODES.has(error.code)) new StatePanel($('#ended')).show(pageStateFor(error));
+    else banner.show(describeError(error), { sticky: true });
     return;
   }
   useDetail(body);

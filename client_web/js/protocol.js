@@ -245,8 +245,11 @@ const FATAL_CLOSE = new Map([
 /** Hello failures that a retry will not fix. */
 const FATAL_HELLO_CODES = new Set([
   'token_missing', 'token_invalid', 'token_expired', 'token_revoked', 'wrong_session',
-  'wrong_role', 'unknown_session', 'too_many_connections',
+  'wrong_role', 'unknown_session', 'too_many_connections', 'invite_used_up',
 ]);
+
+/** Errors the server sends on its own (then it closes the socket) that end this client. */
+const FATAL_LATER_CODES = new Set(['token_revoked', 'token_expired', 'token_invalid']);
 
 /** Subscribe failures meaning the Feed is gone: stop trying. */
 const FEED_GONE_CODES = new Set(['unknown_feed', 'feed_closed']);
@@ -751,7 +754,12 @@ export class ScrubinClient extends EventTarget {
         this._emit('going_away', { reason: msg.reason || '' });
         break;
       case 'error':
-        if (msg.error) this._emit('error', { error: new ScrubinError(msg.error), request: null });
+        if (msg.error) {
+          const error = new ScrubinError(msg.error);
+          // Revoked (or expired) while connected: reconnecting cannot help.
+          if (FATAL_LATER_CODES.has(error.code)) this._fail(error);
+          else this._emit('error', { error, request: null });
+        }
         break;
       default:
         break; // pong for a timed-out ping, or a newer message type: ignore

@@ -13,7 +13,6 @@ import json
 import math
 import secrets
 import time
-from pathlib import Path
 from typing import Any, cast
 
 import yaml
@@ -27,6 +26,7 @@ from ..errors import (
     Gone,
     NotFound,
 )
+from ..resources import OPENAPI_PATH
 from ..roles import Role
 from ..store import SESSION_STATES, InviteRecord, SessionRecord, SessionState
 from ..theatre import Theatre, check_name
@@ -45,7 +45,6 @@ from .common import (
 
 routes = web.RouteTableDef()
 
-OPENAPI_PATH = Path(__file__).resolve().parent.parent.parent / "docs" / "openapi.yaml"
 TITLE_MAX = 200
 NAME_MAX = 100
 MAX_SLOTS = 16

@@ -35,7 +35,7 @@ from ..media.liveness import Liveness
 from ..media.peers import PeerFactory
 from ..metrics import Metrics
 from ..registry import Registry
-from ..session import Session
+from ..session import Ingest, Session
 from ..store import Presence, RateLimiter, Store, StoreUnavailable
 from ..subscription import Subscription
 from ..tokens import Grant, TokenAuthority
@@ -357,6 +357,46 @@ def audit_grant(app: web.Application, event: str, grant: Grant, address: str | N
                 **fields: Any) -> None:
     app[AUDIT].record(event, session=grant.session_id, participant=grant.participant_id,
                       role=grant.role.value, name=grant.name, address=address, **fields)
+
+
+#: Background checks for a publication's first media (audit_publication).
+PUBLICATION_WATCHES: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("publication_watches")
+
+#: How often a new publication is checked for media until some arrives.
+MEDIA_CHECK_S = 0.1
+
+
+def audit_publication(app: web.Application, ingest: Ingest, grant: Grant,
+                      address: str | None, *, via: str) -> None:
+    """Audit a publication when its media first flows (``publish_start``), or as
+    ``publish_no_media`` if its connection ends before any arrived.
+
+    An answered offer only means the offer was acceptable: a publisher whose ICE
+    never connects would otherwise leave one "publish start" per retry
+    (docs/protocol.md, "Audit trail"). Media is seen at the peer connection
+    (an RTP source heard by a receiver), not in the Feed, so this stays apart
+    from the media plane.
+    """
+    watches = app[PUBLICATION_WATCHES]
+    task = asyncio.ensure_future(_audit_when_media_flows(app, ingest, grant, address, via))
+    watches.add(task)
+    task.add_done_callback(watches.discard)
+
+
+async def _audit_when_media_flows(app: web.Application, ingest: Ingest, grant: Grant,
+                                  address: str | None, via: str) -> None:
+    loop = asyncio.get_running_loop()
+    answered = loop.time()
+    pc = ingest.pc
+    while pc.connectionState not in ("failed", "closed"):
+        if any(receiver.getSynchronizationSources() for receiver in pc.getReceivers()):
+            audit_grant(app, "publish_start", grant, address, slot=ingest.slot,
+                        feeds=[f.id for f in ingest.feeds], via=via,
+                        after_s=round(loop.time() - answered, 3))
+            return
+        await asyncio.sleep(MEDIA_CHECK_S)
+    audit_grant(app, "publish_no_media", grant, address, slot=ingest.slot, via=via,
+                connection=pc.connectionState, ice=pc.iceConnectionState)
 
 
 async def require_store(app: web.Application) -> None:

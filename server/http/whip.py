@@ -16,6 +16,7 @@ from ..tokens import Grant
 from .common import (
     PEERS,
     audit_grant,
+    audit_publication,
     authenticate,
     cors_headers,
     read_sdp,
@@ -66,8 +67,7 @@ async def whip_publish(request: web.Request) -> web.Response:
     takeover = request.query.get("takeover", "") in ("1", "true")
     answer, ingest = await session.publish(grant, request.match_info["slot"], offer,
                                            via="whip", takeover=takeover)
-    audit_grant(request.app, "publish_start", grant, request.remote, slot=ingest.slot,
-                feeds=[f.id for f in ingest.feeds], via="whip")
+    audit_publication(request.app, ingest, grant, request.remote, via="whip")
     return _created(request, grant, answer, ingest.id)
 
 

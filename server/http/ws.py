@@ -31,6 +31,7 @@ from .common import (
     SOCKET_GRANTS,
     WEBSOCKETS,
     audit_grant,
+    audit_publication,
     authenticate,
     count_refusal,
     refused_auth,
@@ -156,7 +157,7 @@ class Connection:
             for old in [i for i in self.ingests.values() if i.slot == slot]:
                 self.ingests.pop(old.id, None)
             self.ingests[ingest.id] = ingest
-            self.audit("publish_start", slot=slot, feeds=[f.id for f in ingest.feeds])
+            audit_publication(self.app, ingest, grant, self.address, via="websocket")
             return {"type": "answer", "slot": slot, "sdp": answer,
                     "feeds": [f.id for f in ingest.feeds]}
         if kind == "unpublish":

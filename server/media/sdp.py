@@ -38,6 +38,7 @@ def _parse_allowed(text: str, *, max_bytes: int, allowed_networks: list[Network]
     if not stripped.startswith("v=0"):
         raise BadRequest("body is not an SDP offer (must start with v=0)", code="sdp_malformed")
     kept = []
+    dropped = False
     for line in stripped.splitlines():
         if line.startswith("a=candidate:"):
             try:
@@ -46,8 +47,14 @@ def _parse_allowed(text: str, *, max_bytes: int, allowed_networks: list[Network]
                 raise BadRequest(f"malformed ICE candidate: {line[:80]}", code="sdp_malformed") \
                     from None
             if not remote_candidate_allowed(candidate, allowed_networks):
+                dropped = True
                 continue
         kept.append(line)
+    if dropped:
+        # With candidates taken out, "that was all of them" would leave ICE with
+        # nothing to try and no hope of more: let the remote's checks (peer-
+        # reflexive candidates) connect instead.
+        kept = [line for line in kept if line.strip() != "a=end-of-candidates"]
     clean = "\r\n".join(kept) + "\r\n"
     try:
         parsed = aiortc_sdp.SessionDescription.parse(clean)
