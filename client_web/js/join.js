@@ -108,7 +108,26 @@ async function redeem(token, name) {
   location.replace(body.page);
 }
 
-function main() {
+/**
+ * Whether the invite's Session is still to come: then a named invite waits for
+ * a click, so the connection check can come first. Asking does not use the
+ * invite up; any failure (revoked, ended, offline) leaves it to the redeem.
+ * @param {string} token @param {string} sessionId
+ */
+async function beforeTheSession(token, sessionId) {
+  try {
+    const response = await fetch(`/api/sessions/${encodeURIComponent(sessionId)}/preflight`, {
+      headers: { Authorization: `Bearer ${token}` }, cache: 'no-store', credentials: 'omit',
+    });
+    if (!response.ok) return false;
+    const body = await response.json();
+    return body?.session?.state === 'scheduled';
+  } catch {
+    return false;
+  }
+}
+
+async function main() {
   const token = takeToken();
   if (!token) {
     status('No invite', 'Open the whole invite link you were given (it ends with #token=…).');
@@ -123,14 +142,14 @@ function main() {
     /** @type {HTMLAnchorElement} */ ($('#preflight-link')).href = `preflight.html#token=${token}`;
     $('#preflight-hint').hidden = false;
   }
-  if (invite.name && !checked) {
+  if (invite.name && !(checked && await beforeTheSession(token, String(invite.sid || '')))) {
     // Named invite: nothing to ask.
     redeem(token, '');
     return;
   }
   const input = /** @type {HTMLInputElement} */ ($('#join-name'));
   if (invite.name) {
-    // Named: nothing to ask, but the page stays so the check can come first.
+    // Named, before the Session: nothing to ask, but the check can come first.
     $('#name-field').hidden = true;
     input.required = false;
   } else {
