@@ -60,8 +60,9 @@ DISTURBED_CORES = 0.5  # other processes' load that makes a window worth measuri
 
 
 class TurnBench:
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, configs: tuple[str, ...] = ("default", "node")) -> None:
         self.quick = quick
+        self.configs = configs
         self.n = 8 if quick else 16
         self.rounds = 1 if quick else 3
         self.window_s = 5.0 if quick else 8.0
@@ -81,14 +82,16 @@ class TurnBench:
         with running_coturn() as coturn:
             farm = Child(self.ctx, farm_main)
             try:
-                await self.configuration("default", {"turn": {
-                    "urls": [coturn.url("udp")], "secret": coturn.secret}}, coturn, farm)
-                username = turn_username(int(time.time()) + 3600, "bench-node")
-                node = [{"urls": [coturn.url("udp")], "username": username,
-                         "credential": turn_credential(coturn.secret, username)}]
-                await self.configuration("node relays", {
-                    "turn": {"urls": [coturn.url("udp")], "secret": coturn.secret},
-                    "ice": {"node_servers": node}}, coturn, farm)
+                if "default" in self.configs:
+                    await self.configuration("default", {"turn": {
+                        "urls": [coturn.url("udp")], "secret": coturn.secret}}, coturn, farm)
+                if "node" in self.configs:
+                    username = turn_username(int(time.time()) + 3600, "bench-node")
+                    node = [{"urls": [coturn.url("udp")], "username": username,
+                             "credential": turn_credential(coturn.secret, username)}]
+                    await self.configuration("node relays", {
+                        "turn": {"urls": [coturn.url("udp")], "secret": coturn.secret},
+                        "ice": {"node_servers": node}}, coturn, farm)
             finally:
                 farm.stop(("exit", None))
 
@@ -265,9 +268,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="N=8, 5 s windows, one round (~1.5 minutes; full ~5)")
     parser.add_argument("--json", help="also write the raw figures to this file")
+    parser.add_argument("--configs", default="default,node",
+                        help="which server configurations: default (no relays of the Node's "
+                             "own), node (ice.node_servers = the same coturn)")
     args = parser.parse_args()
     started = time.monotonic()
-    bench = TurnBench(args.quick)
+    bench = TurnBench(args.quick, tuple(c.strip() for c in args.configs.split(",")))
     env = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "python": platform.python_version(), "aiortc": aiortc.__version__,
            "code": code_version(), "cpus": psutil.cpu_count()}
