@@ -339,38 +339,6 @@ async def test_node_servers_are_the_nodes_own_and_make_it_allocate_relays(
         await runner.cleanup()
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "hooks.bind_rtp_output calls is_closing() on the relayed pair's transport, an aioice "
-    "TurnTransport that has none: the Subscription never starts. A pair whose local "
-    "candidate is the Node's own relay should return None (aiortc's sender path)."))
-async def test_relayed_viewers_still_receive_when_the_node_has_relays_of_its_own(
-        coturn: Coturn, http: aiohttp.ClientSession, peers: list[RTCPeerConnection]):
-    username = turn_username(int(time.time()) + 600, "the-node")
-    node = {"urls": [coturn.url("udp")], "username": username,
-            "credential": turn_credential(coturn.secret, username)}
-    server, runner = await start_server(make_config(
-        ice={"node_servers": [node]}, turn={"urls": coturn.urls, "secret": coturn.secret}))
-    try:
-        publisher, _ = await whip_publish(http, server, "room",
-                                          [SyntheticTheatreCamera(320, 180, 15)])
-        peers.append(publisher)
-        session = server.session()
-        await wait_for(lambda: "" if "room.video" in session.feeds else "no feed")
-        token = server.token(Role.TRAINEE)
-        entry = turn_of(await ice_servers(http, server, token))
-        _, _, _, remote = await relay_only_viewer(http, server, token,
-                                                  only(entry, coturn.url("udp")), peers)
-        reader = CounterReader(await asyncio.wait_for(remote, 10))
-        try:
-            await wait_for(lambda: "" if len(reader.counters) >= 10
-                           else f"{len(reader.counters)} counters", timeout=15)
-        finally:
-            await reader.stop()
-    finally:
-        await runner.cleanup()
-
-
 # -- who gets what --------------------------------------------------------------------
 
 async def test_each_participant_gets_its_own_credentials_and_reviewers_none(
