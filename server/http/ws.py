@@ -40,6 +40,11 @@ from .review import RECORDINGS
 
 logger = logging.getLogger(__name__)
 
+#: The socket's own requests (interaction and recording messages are handled by
+#: their modules); docs/protocol.md lists them all, a test holds both together.
+SOCKET_MESSAGES = frozenset({"ping", "publish", "unpublish", "subscribe", "unsubscribe",
+                             "set_layer", "pause", "resume", "end_session"})
+
 HELLO_TIMEOUT_S = 10.0
 CLOSE_PROTOCOL = 4400
 CLOSE_UNAUTHORIZED = 4401
