@@ -273,7 +273,8 @@ class Recordings:
 
     async def _auto_start(self, session: Session, consent: dict[str, str]) -> None:
         try:
-            await self.start(session, check_consent(consent), by=None)
+            # The standing consent applies from the moment the Session went live.
+            await self.start(session, check_consent(consent), by=None, consent_t=0.0)
         except Exception as exc:
             logger.error("session %s: automatic recording did not start: %s", session.id, exc)
 
@@ -319,7 +320,10 @@ class Recordings:
         return {"type": "ok", "recording": self.status(session)}
 
     async def start(self, session: Session, consent: dict[str, str], *,
-                    by: dict[str, str] | None, grant: Grant | None = None) -> Recording:
+                    by: dict[str, str] | None, grant: Grant | None = None,
+                    consent_t: float | None = None) -> Recording:
+        """Start recording now: consent was confirmed at ``consent_t`` (Session
+        clock; default now) and nothing from before it is kept."""
         if session.state != "live":
             raise Gone(f"session {session.id} has ended", code="session_ended")
         live = self._live.get(session.id)
@@ -342,7 +346,8 @@ class Recordings:
                 self.root, info, record,
                 on_error=lambda error: self._failed(session, recording, error),
                 options=WriterOptions(part_max_s=self.config.part_max_s),
-                origin=time.monotonic() - session.interaction.now())
+                origin=session.interaction.clock_zero,
+                origin_unix=session.interaction.started_at, consent_t=consent_t)
             live.recording, live.error = recording, None
             await recording.start()
             if recording.state != "recording":
