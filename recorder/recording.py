@@ -122,10 +122,11 @@ def _iso(ts: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     """Replace ``path`` with ``data``: a temporary file beside it, fsync, rename,
-    fsync of the directory. A failure (a full disk) leaves ``path`` as it was
-    and no temporary file behind."""
+    fsync of the directory (``sync=False``: no fsync, for files rebuilt from
+    others). A failure (a full disk) leaves ``path`` as it was and no temporary
+    file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
@@ -133,7 +134,8 @@ def write_atomic(path: Path, data: bytes) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -141,6 +143,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    if not sync:
+        return
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -192,6 +196,8 @@ class Recording:
         self.ended_t: float | None = None
         self.ended_at: float | None = None
         self.duration: float | None = None
+        #: Did the last write of manifest.json succeed (False: a full disk)?
+        self.manifest_saved = False
         self._on_error = on_error
         self._options = options or WriterOptions()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -505,7 +511,12 @@ class Recording:
         with self._lock:
             self._manifest_pending = False
             text = json.dumps(self._manifest_locked(), indent=2, ensure_ascii=False)
-        write_atomic(self.directory / MANIFEST, (text + "\n").encode())
+        try:
+            write_atomic(self.directory / MANIFEST, (text + "\n").encode())
+        except BaseException:
+            self.manifest_saved = False
+            raise
+        self.manifest_saved = True
 
     def manifest(self) -> dict[str, Any]:
         """The manifest as it stands (what manifest.json will say)."""

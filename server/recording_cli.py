@@ -1,5 +1,5 @@
 """`scrubin export` (a Recording's directory → MP4 or contact sheet, offline) and
-`scrubin recording list|delete` (the review API of a running Node)."""
+`scrubin recording list|delete|hold|release` (the review API of a running Node)."""
 
 from __future__ import annotations
 
@@ -32,10 +32,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                         help="the pictures only, without drawings and step titles")
     export.add_argument("--quiet", action="store_true", help="no progress")
 
-    recording = sub.add_parser("recording", help="list or delete Recordings (review API)")
+    recording = sub.add_parser("recording", help="list, delete or hold Recordings (review API)")
     rsub = recording.add_subparsers(dest="action", required=True)
     for name, helptext in (("list", "a Session's Recordings"),
-                           ("delete", "delete a Recording: parts, events, thumbnail, index")):
+                           ("delete", "delete a Recording: parts, events, thumbnail, index "
+                                      "(prints each file removed and its sha256)"),
+                           ("hold", "put a Recording on legal hold: never deleted, by hand "
+                                    "or by retention, until released"),
+                           ("release", "release a Recording's legal hold")):
         p = rsub.add_parser(name, help=helptext)
         p.add_argument("--server", default=os.environ.get("SCRUBIN_SERVER",
                                                           "http://127.0.0.1:8080"),
@@ -46,6 +50,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             p.add_argument("--session", required=True)
         else:
             p.add_argument("recording", help="the Recording's id")
+        if name == "hold":
+            p.add_argument("--reason", required=True,
+                           help="why it is held (a claim, an inquiry...), for the audit trail")
 
 
 def _progress(quiet: bool) -> Any:
@@ -104,14 +111,29 @@ async def _remote(args: argparse.Namespace) -> int:
                               f"/api/sessions/{args.session}/recordings")
             for entry in body["recordings"]:
                 duration = entry.get("duration")
+                held = "  HOLD" if entry.get("hold") else ""
                 print(f"{entry['id']}  {_when(entry.get('started'))}  "
                       f"{'-' if duration is None else f'{duration:.0f} s':>7}  "
-                      f"{entry.get('state')}  {entry.get('consent_scope')}  {entry.get('title')}")
+                      f"{entry.get('state')}  {entry.get('consent_scope')}  {entry.get('title')}"
+                      f"{held}")
             if not body["recordings"]:
                 print("(no recordings)")
+        elif args.action == "delete":
+            body = await call(args.server, args.token, "DELETE",
+                              f"/api/recordings/{args.recording}")
+            for item in body.get("files", []):
+                print(f"  {item.get('sha256', '-'):64}  {item.get('bytes', 0):>10}  "
+                      f"{item['file']}")
+            print(f"deleted recording {args.recording}: {len(body.get('files', []))} files"
+                  f"{', checked' if body.get('verified') else ''}")
+        elif args.action == "hold":
+            await call(args.server, args.token, "PUT", f"/api/recordings/{args.recording}/hold",
+                       {"reason": args.reason})
+            print(f"recording {args.recording} is on legal hold")
         else:
-            await call(args.server, args.token, "DELETE", f"/api/recordings/{args.recording}")
-            print(f"deleted recording {args.recording}")
+            await call(args.server, args.token, "DELETE",
+                       f"/api/recordings/{args.recording}/hold")
+            print(f"recording {args.recording}: legal hold released")
     except ApiError as exc:
         print(f"recording: {exc}", file=sys.stderr)
         return 2
