@@ -11,6 +11,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from recorder.export import ExportError, contact_sheet, export_feed
 
 from .admin_cli import ApiError, call
@@ -20,8 +22,9 @@ COMMANDS = ("export", "recording")
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     export = sub.add_parser(
-        "export", help="one Feed of a Recording as an MP4 with drawings and steps burned in, "
-                       "or a contact sheet of its steps")
+        "export", help="one Feed of a Recording as an MP4 with its sound (narration, trainee "
+                       "microphone) and drawings and steps burned in, or a contact sheet of "
+                       "its steps")
     export.add_argument("directory", type=Path, help="the Recording's directory "
                         "(<recording.root>/<id>, with manifest.json)")
     export.add_argument("--feed", default="", help="video Feed id, e.g. room.video "
@@ -29,8 +32,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     export.add_argument("--out", type=Path, help="the MP4 to write")
     export.add_argument("--contact-sheet", type=Path, help="a JPEG of the steps to write")
     export.add_argument("--no-burn-in", action="store_true",
-                        help="the pictures only, without drawings and step titles")
-    export.add_argument("--quiet", action="store_true", help="no progress")
+                        help="the pictures only, without drawings and step titles (H.264 "
+                             "is then copied as recorded)")
+    export.add_argument("--no-audio", action="store_true", help="the picture only")
+    export.add_argument("--audio", action="append", default=[], metavar="FEED",
+                        help="mix only this audio Feed (repeat for more); default all")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
 
     recording = sub.add_parser("recording", help="list, delete or hold Recordings (review API)")
     rsub = recording.add_subparsers(dest="action", required=True)
@@ -55,16 +62,22 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                            help="why it is held (a claim, an inquiry...), for the audit trail")
 
 
-def _progress(quiet: bool) -> Any:
-    if quiet:
-        return None
+class _ProgressBar:
+    """A terminal progress bar (stderr) in seconds of the recording."""
 
-    def show(done: float, total: float) -> None:
-        percent = 100.0 * done / total if total > 0 else 100.0
-        print(f"\rexport: {percent:5.1f}%  {done:7.1f} / {total:.1f} s", end="",
-              file=sys.stderr, flush=True)
+    def __init__(self) -> None:
+        self._bar: Any = None
 
-    return show
+    def __call__(self, done: float, total: float) -> None:
+        if self._bar is None:
+            self._bar = tqdm(total=round(total, 1), unit="s", desc="export", file=sys.stderr,
+                             dynamic_ncols=True, bar_format="{desc}: {percentage:5.1f}%|{bar}| "
+                             "{n:.1f}/{total:.1f} s [{elapsed}<{remaining}]")
+        self._bar.update(round(done, 1) - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def export(args: argparse.Namespace) -> int:
@@ -72,20 +85,28 @@ def export(args: argparse.Namespace) -> int:
         print("export: give --out FILE.mp4 (with --feed) and/or --contact-sheet FILE.jpg",
               file=sys.stderr)
         return 2
+    bar = None if args.quiet else _ProgressBar()
     try:
         if args.out:
             if not args.feed:
                 print("export: --out needs --feed (e.g. room.video)", file=sys.stderr)
                 return 2
-            result = export_feed(args.directory, args.feed, args.out,
-                                 progress=_progress(args.quiet), burn=not args.no_burn_in)
-            if not args.quiet:
-                print(file=sys.stderr)
+            audio: bool | list[str] = False if args.no_audio else (args.audio or True)
+            try:
+                result = export_feed(args.directory, args.feed, args.out, progress=bar,
+                                     burn=not args.no_burn_in, audio=audio)
+            finally:
+                if bar is not None:
+                    bar.close()
+            sound = ", ".join(result.audio) if result.audio else "no sound"
             print(f"wrote {result.path}: {result.frames} frames, {result.duration:.1f} s, "
-                  f"{result.width}x{result.height}")
+                  f"{result.width}x{result.height}, "
+                  f"{'video as recorded' if result.video_copied else 'H.264'}, sound: {sound}")
         if args.contact_sheet:
             tiles = contact_sheet(args.directory, args.contact_sheet, feed_id=args.feed or None)
-            print(f"wrote {args.contact_sheet}: {tiles} pictures")
+            print(f"wrote {args.contact_sheet}: {len(tiles)} pictures")
+            for tile in tiles:
+                print(f"  {tile.label}")
     except ExportError as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 2
