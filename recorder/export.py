@@ -279,7 +279,7 @@ def recording_span(files: RecordingFiles) -> tuple[float, float]:
 
 def clock_label(seconds: float) -> str:
     """``m:ss`` or ``h:mm:ss``, as every page shows a time (review.js formatDuration)."""
-    s = max(0, math.floor(seconds + 1e-6))
+    s = max(0, math.floor(seconds))
     h, rest = divmod(s, 3600)
     m, sec = divmod(rest, 60)
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
