@@ -491,12 +491,11 @@ class Recordings:
                     make_thumbnail, recording.directory, tuple(session.theatre.slots)) is not None
             self.index[recording.id] = summarize(manifest, thumbnail=thumbnail,
                                                  hold=self.index.get(recording.id, {}).get("hold"))
+            self._save_index()
             if not recording.manifest_saved or needs_repair(manifest):
                 # A full disk: the final manifest, or a part, is not on disk.
                 self._unfinished[recording.id] = manifest
                 self._spawn(self.maintain())
-            else:
-                self._save_index()
             failed = recording.state == "failed" or live.state == "failed"
             if not failed:
                 live.state, live.error = "off", None
@@ -602,6 +601,7 @@ class Recordings:
                           "consent": manifest.get("consent"),
                           "clock_zero_unix": manifest.get("clock_zero_unix"),
                           "started_t": manifest.get("started_t"),
+                          "ended_t": manifest.get("ended_t"),
                           "errors": manifest.get("errors") or []},
             "events": player_events(raw),
             "expires_at": expires,
