@@ -242,8 +242,9 @@ class Recording:
             self.origin = now_mono
         if self.clock_zero is None:
             self.clock_zero = now_unix - (now_mono - self.origin)
+        consent_given = self.started_t is not None
         if self.started_t is None:
-            self.started_t = round(now_mono - self.origin, 3)
+            self.started_t = round(now_mono - self.origin, 3)  # for now: see below
         self.started_at = self.clock_zero + self.started_t
         try:
             await self._loop.run_in_executor(self._io, self._prepare)
@@ -252,6 +253,13 @@ class Recording:
             return
         self._prepared = True
         self.state = "recording"
+        if not consent_given:
+            # The recording starts now, when the Feeds can be attached (the caller
+            # attaches them before it awaits anything): a disk slow to create the
+            # directory must not leave a gap between started_t and the media.
+            self.started_t = round(self.session_time(), 3)
+            self.started_at = self.clock_zero + self.started_t
+            self._schedule_manifest()
         self.add_event({"type": "recording_started", "recording": self.id,
                         "session": self.session.session_id})
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import io
 import itertools
@@ -209,7 +210,7 @@ class _Held:
 class _OpenPart:
     info: PartInfo
     path: Path
-    fh: io.FileIO
+    fh: _PartFile
     container: Any  # av OutputContainer
     stream: Any
     first_pts: int
@@ -234,6 +235,34 @@ def _sha256(path: Path) -> str:
 
 def _private_opener(path: str, flags: int) -> int:
     return os.open(path, flags, 0o640)
+
+
+class _PartFile(io.FileIO):
+    """A part's file that remembers a failed write: FFmpeg's I/O layer ignores
+    short writes and some errors (a trailer written to a full disk), which
+    would leave a part that looks finished but lacks its last frames."""
+
+    error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        try:
+            while view:
+                written = super().write(view)
+                if not written:
+                    raise OSError(errno.EIO, "short write")
+                view = view[written:]
+        except OSError as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+        return total
+
+    def check(self) -> None:
+        """Raise the first write error, if any."""
+        if self.error is not None:
+            raise self.error
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -571,7 +600,7 @@ class FeedWriter:
         self._next_reason = "start"
         if self._list_part is not None:
             self._list_part(replace(info))  # in the manifest on disk before the file exists
-        fh = open(path, "wb", buffering=0, opener=_private_opener)
+        fh = _PartFile(path, "wb", opener=_private_opener)
         try:
             container = av.open(fh, "w", format=self._format.container,
                                 options=self._format.options)
@@ -620,6 +649,7 @@ class FeedWriter:
         elif entry:
             packet.is_keyframe = True
         part.container.mux(packet)
+        part.fh.check()
         if self.kind == "audio":
             part.last_step = opus_packet_samples(data) or part.last_step
         elif part.info.frames:
@@ -638,14 +668,14 @@ class FeedWriter:
         part = self._part
         if part is None:
             return
+        # On failure the part stays open for _abort_part: listed, not complete.
+        part.container.close()
+        part.fh.check()
+        if self._options.fsync_s > 0:
+            os.fsync(part.fh.fileno())
+        size = os.fstat(part.fh.fileno()).st_size
         self._part = None
-        try:
-            part.container.close()
-            if self._options.fsync_s > 0:
-                os.fsync(part.fh.fileno())
-            size = os.fstat(part.fh.fileno()).st_size
-        finally:
-            part.fh.close()
+        part.fh.close()
         info = part.info
         info.start = part.offset
         info.duration = (part.last_pts - part.first_pts + max(part.last_step, 0)) / self._rate
