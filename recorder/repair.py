@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import itertools
 import json
 import logging
@@ -44,7 +43,7 @@ from typing import Any
 import av
 
 from .recording import EVENTS, MANIFEST, write_atomic
-from .writer import WriterOptions, container_format
+from .writer import WriterOptions, container_format, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +87,6 @@ def remove_temporary(directory: Path) -> list[str]:
                     child.unlink()
                     removed.append(child.name)
     return removed
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _iso(ts: float) -> str:

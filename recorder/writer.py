@@ -225,12 +225,9 @@ class _OpenPart:
 _STOP = object()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _private_opener(path: str, flags: int) -> int:
@@ -680,7 +677,7 @@ class FeedWriter:
         info.start = part.offset
         info.duration = (part.last_pts - part.first_pts + max(part.last_step, 0)) / self._rate
         info.bytes = size
-        info.sha256 = _sha256(part.path)
+        info.sha256 = sha256_file(part.path)
         info.complete = True
         info.ended_by = ended_by
         self.stats.file_bytes += size

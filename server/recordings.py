@@ -55,8 +55,9 @@ from urllib.parse import quote
 from recorder import Recording, RecordingError, SessionInfo, WriterOptions
 from recorder.export import THUMBNAIL, make_thumbnail
 from recorder.recording import EVENTS, MANIFEST, write_atomic
-from recorder.repair import needs_repair, remove_temporary, repair, sha256_file
+from recorder.repair import needs_repair, remove_temporary, repair
 from recorder.replay import player_events, read_events
+from recorder.writer import sha256_file
 
 from .audit import AuditTrail
 from .config import Config
