@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import fcntl
 import functools
 import itertools
 import json
@@ -267,6 +268,9 @@ class Recording:
         self.directory.mkdir(mode=0o750, parents=True)
         self._events_fd = os.open(self.directory / EVENTS,
                                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        # Held while the recording runs (the kernel lets go if the process dies):
+        # recorder.repair never touches a recording someone is writing.
+        fcntl.flock(self._events_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._write_manifest()
 
     async def stop(self, timeout: float = 10.0) -> dict[str, Any]:

@@ -21,6 +21,11 @@ writes it when the file is closed), so a player cannot tell how long they are.
 - temporary files (``.*.tmp``, copies of an earlier repair cut short) are
   removed.
 
+A running Recording holds an exclusive ``flock`` on its ``events.jsonl`` (the
+kernel releases it when the process dies); :func:`repair` takes the same
+lock first and leaves alone (:class:`RecordingBusy`) a recording that another
+process, or another Node sharing the disk, is still writing.
+
 Nothing here runs on the event loop. A full disk makes :func:`repair` raise
 (``OSError``); the recording is left as it was, to be repaired again later.
 """
@@ -29,12 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import itertools
 import json
 import logging
 import os
 import re
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -52,6 +59,24 @@ UNFINISHED = frozenset({"new", "recording", "stopping"})
 #: Temporary files: the atomic writes' (``.<name>.tmp``) and repair copies.
 _TEMPORARY = re.compile(r"^\..+\.(tmp|repair)$")
 _PART_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class RecordingBusy(Exception):
+    """Someone is writing this recording (its lock is held): not ours to repair."""
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[int]:
+    """The recording's lock (see the module docstring); yields its events file."""
+    fd = os.open(directory / EVENTS, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RecordingBusy(f"{directory.name} is being recorded") from None
+        yield fd
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -140,8 +165,15 @@ def repair(directory: str | os.PathLike[str], manifest: dict[str, Any] | None = 
     """Finish the recording in ``directory`` (see the module docstring); None
     when it needed nothing but the removal of temporary files. ``manifest``:
     use this one rather than the file (the final manifest a full disk kept from
-    being written). Raises ``OSError`` when the disk refuses (still full)."""
+    being written). Raises ``OSError`` when the disk refuses (still full),
+    :class:`RecordingBusy` when someone is still writing it."""
     path = Path(directory)
+    with _locked(path) as events:
+        return _repair(path, manifest, events, now)
+
+
+def _repair(path: Path, manifest: dict[str, Any] | None, events: int,
+            now: float | None) -> RepairReport | None:
     removed = remove_temporary(path)
     if manifest is None:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
@@ -200,7 +232,7 @@ def repair(directory: str | os.PathLike[str], manifest: dict[str, Any] | None = 
         manifest["duration"] = round(ended_t - started_t, 3)
         if isinstance(clock_zero, (int, float)):
             manifest["ended"] = _iso(float(clock_zero) + ended_t)
-        _append_event(path / EVENTS, {"t": ended_t, "type": "recording_interrupted"})
+        _append_event(events, {"t": ended_t, "type": "recording_interrupted"})
     manifest["repaired"] = {
         "at": _iso(now if now is not None else datetime.datetime.now(datetime.UTC).timestamp()),
         "parts": [p["file"] for p in report.parts], "dropped": report.dropped}
@@ -212,19 +244,15 @@ def repair(directory: str | os.PathLike[str], manifest: dict[str, Any] | None = 
     return report
 
 
-def _append_event(path: Path, event: dict[str, Any]) -> None:
-    """Append one event, after cutting a line torn by the crash."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        data = b""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
-    try:
-        if data and not data.endswith(b"\n"):
-            os.ftruncate(fd, data.rfind(b"\n") + 1)
-        os.lseek(fd, 0, os.SEEK_END)
-        os.write(fd, (json.dumps(event, separators=(",", ":")) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _append_event(fd: int, event: dict[str, Any]) -> None:
+    """Append one event to the open events file, after cutting a line torn by the crash."""
+    size = os.fstat(fd).st_size
+    if size:
+        os.lseek(fd, max(0, size - 65536), os.SEEK_SET)
+        tail = os.read(fd, 65536)
+        if not tail.endswith(b"\n"):
+            cut = tail.rfind(b"\n")
+            os.ftruncate(fd, size - len(tail) + cut + 1 if cut >= 0 else max(0, size - len(tail)))
+    os.lseek(fd, 0, os.SEEK_END)
+    os.write(fd, (json.dumps(event, separators=(",", ":")) + "\n").encode())
+    os.fsync(fd)

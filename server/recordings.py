@@ -55,7 +55,7 @@ from urllib.parse import quote
 from recorder import Recording, RecordingError, SessionInfo, WriterOptions
 from recorder.export import THUMBNAIL, make_thumbnail
 from recorder.recording import EVENTS, MANIFEST, write_atomic
-from recorder.repair import needs_repair, remove_temporary, repair
+from recorder.repair import RecordingBusy, needs_repair, remove_temporary, repair
 from recorder.replay import player_events, read_events
 from recorder.writer import sha256_file
 
@@ -231,6 +231,8 @@ class Recordings:
         #: Recordings to finish once the disk lets us: id -> final manifest (or
         #: None: the one on disk).
         self._unfinished: dict[str, dict[str, Any] | None] = {}
+        #: Recordings another process is writing (their lock is held).
+        self._elsewhere: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------
     def open(self) -> None:
@@ -259,7 +261,7 @@ class Recordings:
         entry = summarize(manifest, thumbnail=(directory / THUMBNAIL).is_file(),
                           hold=_read_hold(directory))
         if entry["state"] in ("new", "recording", "stopping") and \
-                directory.name not in self._active_ids():
+                directory.name not in self._active_ids() | self._elsewhere:
             entry["state"] = "interrupted"  # not finished yet (the disk refused)
         return entry
 
@@ -270,11 +272,17 @@ class Recordings:
         is then tried again every ``repair_retry_s``)."""
         try:
             report = repair(directory, manifest)
+        except RecordingBusy:
+            # Another process (another Node on the same disk) is recording it.
+            logger.info("recording %s: being recorded elsewhere; left alone", directory.name)
+            self._elsewhere.add(directory.name)
+            return None
         except (OSError, ValueError) as exc:
             logger.error("recording %s: could not be finished yet: %s", directory.name, exc)
             self._unfinished[directory.name] = manifest
             return None
         self._unfinished.pop(directory.name, None)
+        self._elsewhere.discard(directory.name)
         if report is None:
             return None
         with contextlib.suppress(Exception):
@@ -660,7 +668,7 @@ class Recordings:
         entry; audited with each file removed and its sha256, and checked. A
         Recording still running is a 409, one on legal hold too."""
         entry = self.entry(recording_id)
-        if recording_id in self._active_ids():
+        if recording_id in self._active_ids() | self._elsewhere:
             raise Conflict("this recording is running; stop it first", code="recording_active")
         if entry.get("hold"):
             raise Conflict("this recording is on legal hold; an admin must release it first",

@@ -38,6 +38,7 @@ from recorder.bitstream import (
     opus_packet_samples,
     vp8_frame_size,
 )
+from recorder.repair import RecordingBusy, repair
 from server import framecode
 from server.publish.synthetic import SyntheticTheatreCamera, SyntheticTone, TheatreRenderer
 from server.roles import Role
@@ -579,3 +580,41 @@ async def test_a_slow_disk_drops_frames_not_the_loop(tmp_path: Path) -> None:
         decoded = decode_video(recording.directory / part["file"])
         assert len(decoded) == part["frames"]
     assert feed.keyframe_requests >= 1
+
+
+async def test_repair_leaves_alone_a_recording_being_written(tmp_path: Path) -> None:
+    """A running Recording holds its lock: repair (another Node starting on the
+    same disk, say) does not touch it; once it stops, there is nothing to do.
+    A crashed one with a torn last event line gets the line cut."""
+    recording = Recording(tmp_path, SessionInfo("s", "or1", "t", "e"), {})
+    await recording.start()
+    feed = FakeFeed("room.video", "video", "video/VP8", 90000)
+    recording.attach(feed)
+    t0 = time.monotonic()
+    for i, (data, key) in enumerate(_encode("libvpx", [(320, 180)], per_size=20)):
+        feed.emit(data, i * 6000, key, t0 + i / 15)
+    await wait_for(lambda: "" if recording.manifest()["feeds"][0]["parts"] else "no part yet")
+    (recording.directory / ".manifest.json.tmp").write_bytes(b"")
+    with pytest.raises(RecordingBusy):
+        await asyncio.to_thread(repair, recording.directory)
+    assert (recording.directory / ".manifest.json.tmp").exists()  # not touched
+    manifest = await recording.stop()
+    assert await asyncio.to_thread(repair, recording.directory) is None
+    assert not (recording.directory / ".manifest.json.tmp").exists()
+    assert json.loads((recording.directory / "manifest.json").read_text()) == json.loads(
+        json.dumps(manifest))
+
+    # As a crash leaves it: state "recording", the part unfinished, a torn line.
+    crashed = {**manifest, "state": "recording", "ended_t": None, "duration": None}
+    part = crashed["feeds"][0]["parts"][0]
+    crashed["feeds"][0]["parts"][0] = {**part, "complete": False, "sha256": None}
+    (recording.directory / "manifest.json").write_text(json.dumps(crashed))
+    events = recording.directory / "events.jsonl"
+    events.write_text(events.read_text() + '{"t": 1.0, "type": "interac')
+    report = await asyncio.to_thread(repair, recording.directory)
+    assert report is not None and report.state == "interrupted"
+    assert [p["file"] for p in report.parts] == [part["file"]]
+    assert report.parts[0]["frames"] == part["frames"] == 20
+    lines = (recording.directory / "events.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines)
+    assert json.loads(lines[-1])["type"] == "recording_interrupted"
