@@ -8,6 +8,7 @@ import fractions
 import itertools
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import av
@@ -208,13 +209,25 @@ def test_ice_failures_are_explained_in_terms_an_operator_can_act_on() -> None:
 async def test_a_publication_ice_cannot_connect_says_why_backs_off_and_is_not_a_start(
         ) -> None:
     """The server accepts only 127.0.0.1; the publisher advertises 127.0.0.2 (all
-    traffic stays on loopback). Every offer is answered 201, ICE never connects:
-    the publisher says why, waits longer each time, and the audit trail has no
+    traffic stays on loopback), and this server answers without candidates of its
+    own (as ScrubIn did before it kept end-of-candidates out of such offers; other
+    WHIP servers may). Every offer is answered 201, ICE never connects: the
+    publisher says why, waits longer each time, and the audit trail has no
     publish_start, only publish_no_media entries."""
+    from server.http.common import PEERS
     from server.publish.synthetic import SyntheticTheatreCamera
 
     config = make_config(ice={"allowed_remote_networks": ["127.0.0.1/32"]})
     server, runner = await start_server(config)
+    peers = server.app[PEERS]
+    answer = peers.answer
+
+    async def without_candidates(pc: Any, offer: str) -> str:
+        text = await answer(pc, offer)
+        return "".join(line + "\r\n" for line in text.splitlines()
+                       if not line.startswith("a=candidate:"))
+
+    peers.answer = without_candidates  # type: ignore[method-assign]
     states: list[tuple[str, str, float]] = []
     publisher = WhipPublisher(
         f"{server.base_url}/whip/or1-live/room", server.token(Role.EXPERT),
