@@ -201,7 +201,7 @@ def cors_headers(request: web.Request) -> dict[str, str]:
     if origin and ("*" in allowed or origin in allowed):
         return {
             "Access-Control-Allow-Origin": origin,
-            "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
+            "Access-Control-Allow-Methods": "POST, DELETE, OPTIONS",
             "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
             "Access-Control-Expose-Headers": "Location, ETag, Link, Accept-Post",
             "Vary": "Origin",
