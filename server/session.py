@@ -24,6 +24,8 @@ from .feed import Feed
 from .interaction import MIC_SLOT, Interaction
 from .media import hooks
 from .media.codecs import capabilities_for
+from .media.h264 import inspect_frame
+from .media.hooks import FrameSink
 from .media.peers import GONE_CLOSED, PeerFactory, negotiated_codecs
 from .media.plane import DropReason
 from .media.sdp import add_bitrate_hints, check_offer
@@ -316,6 +318,8 @@ class Session:
                 feed = self._feed_for(slot, transceiver.kind, codec)
                 receiver = transceiver.receiver
                 sink = feed.connect_publisher(ingest.keyframe_requester(receiver))
+                if codec.mimeType.lower() == "video/h264":
+                    sink = self._inspect_h264(ingest, feed, sink)
                 hooks.tap_receiver(receiver, transceiver.kind, sink)
                 hooks.observe_sender_reports(receiver, feed.on_sender_report)
                 ingest.feeds.append(feed)
@@ -333,6 +337,39 @@ class Session:
         media = self._config.media
         return add_bitrate_hints(answer, media.min_bitrate_kbps, media.start_bitrate_kbps,
                                  media.max_bitrate_kbps), ingest
+
+    def _inspect_h264(self, ingest: Ingest, feed: Feed, sink: FrameSink) -> FrameSink:
+        """Learn what the publisher's H.264 really is (viewers are matched against its
+        SPS) and refuse B-frames, which WebRTC players cannot show."""
+        refused = False
+
+        def inspect(data: bytes, rtp_timestamp: int) -> None:
+            nonlocal refused
+            if refused:
+                return
+            sps, b_frames = inspect_frame(data)
+            if b_frames:
+                refused = True
+                self._refuse_publication(
+                    ingest, "h264_b_frames",
+                    f"{feed.id}: the encoder sends H.264 with B-frames, which WebRTC players "
+                    "cannot show; turn B-frames off (Constrained Baseline, or Main/High "
+                    "with bframes=0) and publish again")
+                return
+            if sps is not None and sps != feed.h264:
+                feed.h264 = sps
+            sink(data, rtp_timestamp)
+
+        return inspect
+
+    def _refuse_publication(self, ingest: Ingest, code: str, message: str) -> None:
+        """The publication's media cannot be forwarded: end it, and say why."""
+        logger.warning("session %s: refused the publication of slot %s: %s", self.id,
+                       ingest.slot, message)
+        self._emit({"type": "publication_refused", "slot": ingest.slot, "ingest": ingest.id,
+                    "participant_id": ingest.participant_id, "code": code,
+                    "message": message})
+        self._track(self._close_ingest(ingest, final=True, reason=message))
 
     def _publisher_gone(self, ingest: Ingest, reason: str) -> None:
         """The publisher's connection failed, closed, or went quiet."""

@@ -100,7 +100,12 @@ class PeerFactory:
         try:
             await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
         except Exception as exc:  # aiortc raises ValueError/OperationError/etc.
-            raise Unprocessable(f"offer rejected: {exc}", code="sdp_rejected") from None
+            # aiortc's words ("Failed to set remote video description send
+            # parameters") mean nothing to a client: log them, answer ours.
+            logger.info("offer rejected by aiortc: %s", exc)
+            raise Unprocessable("the offer cannot be answered: no codec or transport in it "
+                                "that ScrubIn can use with this stream", code="sdp_rejected"
+                                ) from None
         hooks.set_dtls_roles(pc, offered_setup(offer))
         hooks.accept_rsa_dtls_servers(pc)
         self.before_local_description(pc)

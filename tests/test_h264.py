@@ -1,0 +1,108 @@
+"""H.264 facts read from the stream (server/media/h264.py) and the SDP fitting that lets
+aiortc answer players by what the stream allows, not by its label (server/media/sdp.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import pytest
+from av.bitstream import BitStreamFilterContext
+
+from server.media.h264 import (
+    H264Refusal,
+    H264Stream,
+    choose_viewer_codec,
+    inspect_frame,
+)
+from server.media.sdp import h264_payloads, keep_one_h264, relabel_h264, section_index
+
+from .interop.media import write_h264
+
+
+def annexb_frames(path: Path) -> list[bytes]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        bsf = BitStreamFilterContext("h264_mp4toannexb", stream)
+        return [bytes(p) for packet in container.demux(stream) for p in bsf.filter(packet)]
+
+
+@pytest.mark.parametrize("bframes,profile,name", [
+    (0, "baseline", "Constrained Baseline"),
+    (2, "high", None),
+])
+def test_sps_and_b_frames_are_read_from_the_stream(tmp_path: Path, bframes: int,
+                                                   profile: str, name: str | None) -> None:
+    frames = annexb_frames(write_h264(tmp_path / "x.mp4", 45, bframes=bframes,
+                                      profile=profile))
+    results = [inspect_frame(f) for f in frames]
+    sps = [s for s, _ in results if s is not None]
+    b_frames = sum(b for _, b in results)
+    assert sps, "the keyframe carries an SPS"
+    if bframes:
+        assert b_frames > 10
+        assert sps[0].profile_idc in (77, 100)
+    else:
+        assert b_frames == 0
+        assert sps[0].describe().startswith(name or "")
+        assert sps[0].constraints & 0x40, "constraint_set1: decodable by Main decoders"
+
+
+@pytest.mark.parametrize("stream,player,ok", [
+    ("42c01f", "42e01f", True),   # constrained stream labelled Baseline, CB player
+    ("42e01f", "42001f", True),
+    ("42e01f", "640c1f", True),
+    ("42e01f", "4d001f", True),
+    ("42001f", "42e01f", False),  # real Baseline (FMO/ASO allowed): Baseline players only
+    ("4d001f", "42e01f", False),
+    ("4d001f", "64001f", True),
+    ("4d001f", "640c1f", False),  # Constrained High decoders: no Main promise
+    ("640c1f", "4d001f", False),
+    ("640c1f", "zz", False),
+])
+def test_which_players_decode_which_streams(stream: str, player: str, ok: bool) -> None:
+    assert H264Stream.from_label(stream).decodable_by(player) is ok
+
+
+def test_choice_and_refusals_name_mode_and_profile() -> None:
+    stream = H264Stream.from_label("42c01f")
+    offered = [(100, {"profile-level-id": "4d001f", "packetization-mode": "0"}),
+               (102, {"profile-level-id": "42e01f", "packetization-mode": "1"})]
+    assert choose_viewer_codec(stream, offered, "room.video").payload_type == 102
+    with pytest.raises(H264Refusal) as mode0:
+        choose_viewer_codec(stream, [(96, {"profile-level-id": "42e01f"})], "room.video")
+    assert mode0.value.code == "h264_packetization_mode"
+    assert "packetization-mode 0" in mode0.value.message and "42c01f" in mode0.value.message
+    with pytest.raises(H264Refusal) as profile:
+        choose_viewer_codec(H264Stream.from_label("640c1f"),
+                            [(96, {"profile-level-id": "42e01f", "packetization-mode": "1"})],
+                            "room.video")
+    assert profile.value.code == "codec_mismatch"
+    assert "Constrained High (640c1f)" in profile.value.message
+
+
+OFFER = "\r\n".join([
+    "v=0", "o=- 1 1 IN IP4 127.0.0.1", "s=-", "t=0 0",
+    "m=audio 9 UDP/TLS/RTP/SAVPF 111", "a=rtpmap:111 opus/48000/2",
+    "m=video 9 UDP/TLS/RTP/SAVPF 96 97 102 103 104",
+    "a=rtpmap:96 VP8/90000",
+    "a=rtpmap:97 H264/90000", "a=fmtp:97 packetization-mode=1;profile-level-id=640c1f",
+    "a=rtcp-fb:97 nack",
+    "a=rtpmap:102 H264/90000", "a=fmtp:102 packetization-mode=1;profile-level-id=42e01f",
+    "a=rtpmap:103 rtx/90000", "a=fmtp:103 apt=97",
+    "a=rtpmap:104 rtx/90000", "a=fmtp:104 apt=102",
+]) + "\r\n"
+
+
+def test_offer_fitted_for_aiortc_and_answer_relabelled() -> None:
+    section = section_index(OFFER, "video", 0)
+    assert section == 1 and section_index(OFFER, "video", 1) is None
+    assert [pt for pt, _ in h264_payloads(OFFER, section)] == [97, 102]
+    fitted = keep_one_h264(OFFER, section, 97, "42e01f")
+    video = fitted[fitted.index("m=video"):]
+    assert video.splitlines()[0] == "m=video 9 UDP/TLS/RTP/SAVPF 96 97 103"
+    assert "a=fmtp:97 packetization-mode=1;profile-level-id=42e01f" in video
+    assert ":102 " not in video and ":104 " not in video and "a=rtcp-fb:97 nack" in video
+    assert "m=audio 9 UDP/TLS/RTP/SAVPF 111" in fitted
+    answer = relabel_h264(fitted, section, 97, "640c1f")
+    assert "a=fmtp:97 packetization-mode=1;profile-level-id=640c1f" in answer
