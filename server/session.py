@@ -14,6 +14,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiortc import RTCPeerConnection, RTCRtpCodecParameters, RTCRtpReceiver, RTCSessionDescription
@@ -42,6 +43,13 @@ Event = dict[str, Any]
 
 #: Codecs a new Feed may be published in, most preferred first.
 PUBLISH_PREFERENCE = ["video/VP8", "video/H264", "audio/opus"]
+
+
+#: A DELETE of a WHIP/WHEP resource that ended this recently (same token) is a 200.
+ENDED_RESOURCE_MEMORY_S = 60.0
+
+#: The slot whose audio is the Session's narration (docs/protocol.md).
+NARRATION_SLOT = "narration"
 
 
 def _new_id() -> str:
@@ -106,6 +114,19 @@ class Ingest:
         await self.pc.close()
 
 
+@dataclass
+class SlotView:
+    """One WHEP-per-slot player: the Subscriptions its one peer connection carries."""
+
+    id: str
+    slot: str
+    subscriptions: list[Subscription]
+
+    @property
+    def participant_id(self) -> str:
+        return self.subscriptions[0].participant_id if self.subscriptions else ""
+
+
 class Session:
     def __init__(
         self,
@@ -133,6 +154,10 @@ class Session:
         self.feeds: dict[str, Feed] = {}
         self.ingests: dict[str, Ingest] = {}
         self.subscriptions: dict[str, Subscription] = {}
+        #: WHEP-per-slot resources: a camera and its narration on one connection.
+        self.slot_views: dict[str, SlotView] = {}
+        #: Resource id -> (where, token id, when it ended): see recently_ended().
+        self._ended: dict[str, tuple[str, str, float]] = {}
         self.participants: dict[str, Participant] = {}
         self._config = config
         self._peers = peers
@@ -483,57 +508,114 @@ class Session:
         return closed
 
     async def _close_ingest(self, ingest: Ingest, *, final: bool, reason: str) -> None:
-        self.ingests.pop(ingest.id, None)
+        if self.ingests.pop(ingest.id, None) is not None:
+            self._remember_ended(ingest.id, f"whip:{ingest.slot}", ingest.grant)
         await ingest.close(final=final, reason=reason)
 
     # -- viewing ----------------------------------------------------------
     async def subscribe(self, grant: Grant, feed_id: str, offer: str) -> tuple[str, Subscription]:
+        """One Feed to one viewer (a websocket subscribe, or WHEP per Feed)."""
         self._check_grant(grant, VIEWERS, "watch")
         self._require_live()
+        feed = self._live_feed(feed_id)
+        answer, subscriptions = await self._subscribe(grant, [feed], offer,
+                                                      f"viewer ({feed.id})")
+        return answer, subscriptions[0]
+
+    async def subscribe_slot(self, grant: Grant, slot: str, offer: str
+                             ) -> tuple[str, SlotView]:
+        """A camera slot for a WHEP player that wants picture and sound from one
+        endpoint: the slot's video and the Session's narration in one peer
+        connection (one media stream, so the player keeps them in lip sync from
+        the publishers' sender reports). Without narration the audio section is
+        answered inactive."""
+        self._check_grant(grant, VIEWERS, "watch")
+        self._require_live()
+        video = self._live_feed(f"{slot}.video")
+        feeds = [video]
+        narration = self.narration_for(slot)
+        if narration is not None and "audio/opus" in check_offer(
+                offer, max_bytes=self._config.limits.max_sdp_bytes,
+                max_media=self._config.limits.max_media_sections,
+                allowed_networks=self._peers.allowed_networks,
+                want_direction="recv").codecs.get("audio", set()):
+            feeds.append(narration)
+        answer, subscriptions = await self._subscribe(grant, feeds, offer,
+                                                      f"slot viewer ({slot})")
+        view = SlotView(_new_id(), slot, subscriptions)
+        self.slot_views[view.id] = view
+        return answer, view
+
+    def narration_for(self, slot: str) -> Feed | None:
+        """The sound that goes with a camera: the Session's narration slot, else the
+        camera slot's own audio."""
+        for feed_id in (f"{NARRATION_SLOT}.audio", f"{slot}.audio"):
+            feed = self.feeds.get(feed_id)
+            if feed is not None and feed.state != "closed":
+                return feed
+        return None
+
+    def _live_feed(self, feed_id: str) -> Feed:
         feed = self.feeds.get(feed_id)
         if feed is None or feed.state == "closed":
             raise NotFound(f"no feed {feed_id!r} in session {self.id}", code="unknown_feed")
+        return feed
+
+    async def _subscribe(self, grant: Grant, feeds: list[Feed], offer: str, name: str
+                         ) -> tuple[str, list[Subscription]]:
+        """Answer one viewer's offer for ``feeds`` (a Subscription each) on one peer."""
         limits = self._config.limits
         mine = sum(1 for s in self.subscriptions.values()
                    if s.participant_id == grant.participant_id)
-        if mine >= limits.max_subscriptions_per_participant:
+        if mine + len(feeds) > limits.max_subscriptions_per_participant:
             raise Conflict(f"at most {limits.max_subscriptions_per_participant} subscriptions "
                            "per participant", code="too_many_subscriptions")
         summary = check_offer(offer, max_bytes=limits.max_sdp_bytes,
                               max_media=limits.max_media_sections,
                               allowed_networks=self._peers.allowed_networks,
                               want_direction="recv")
-        if feed.kind not in summary.kinds:
-            raise Unprocessable(f"feed {feed_id} is {feed.kind}; the offer has no {feed.kind} "
-                                "section", code="sdp_kind_mismatch")
-        if feed.codec.mimeType.lower() not in summary.codecs.get(feed.kind, set()):
-            raise Unprocessable(f"viewer cannot receive {feed.codec.mimeType}, which "
-                                f"{feed.id} is published in (no transcoding)",
-                                code="codec_mismatch")
+        for feed in feeds:
+            if feed.kind not in summary.kinds:
+                raise Unprocessable(f"feed {feed.id} is {feed.kind}; the offer has no "
+                                    f"{feed.kind} section", code="sdp_kind_mismatch")
+            if feed.codec.mimeType.lower() not in summary.codecs.get(feed.kind, set()):
+                raise Unprocessable(f"viewer cannot receive {feed.codec.mimeType}, which "
+                                    f"{feed.id} is published in (no transcoding)",
+                                    code="codec_mismatch")
 
         pc = self._peers.create()
-        subscription = Subscription(
+        peer = ViewerPeer(pc)
+        subscriptions = [Subscription(
             subscription_id=_new_id(), feed=feed, participant_id=grant.participant_id,
-            peer=ViewerPeer(pc),
+            peer=peer,
             max_queue=self._config.media.keyframe_cache_max_frames
             + self._config.media.viewer_queue_frames,
             fast_path=self._config.media.fast_path,
             on_closed=self._subscription_closed, on_first_frame=self._on_first_frame)
+            for feed in feeds]
         try:
-            answer = await subscription.negotiate(summary.text, self._peers.answer)
+            answer = await peer.negotiate(subscriptions, summary.text, self._peers.answer)
         except BaseException:
             await pc.close()
             raise
-        if feed.state == "closed" or self.state != "live":
+        closed = next((f for f in feeds if f.state == "closed"), None)
+        if closed is not None or self.state != "live":
             await pc.close()
-            raise Gone(f"feed {feed_id} closed while subscribing", code="feed_closed")
-        subscription.grant = grant
-        self.subscriptions[subscription.id] = subscription
-        self._peers.watch(pc, f"viewer {subscription.id} ({feed.id})",
-                          lambda reason: self._viewer_gone(subscription, reason))
-        self._count("subscription", "waiting")
-        self._feed_changed(feed)
-        return answer, subscription
+            raise Gone(f"feed {(closed or feeds[0]).id} closed while subscribing",
+                       code="feed_closed")
+        for subscription in subscriptions:
+            subscription.grant = grant
+            self.subscriptions[subscription.id] = subscription
+        self._peers.watch(pc, f"{name} {subscriptions[0].id}",
+                          lambda reason: self._peer_gone(subscriptions, reason))
+        for feed in feeds:
+            self._count("subscription", "waiting")
+            self._feed_changed(feed)
+        return answer, subscriptions
+
+    def _peer_gone(self, subscriptions: list[Subscription], reason: str) -> None:
+        for subscription in subscriptions:
+            self._viewer_gone(subscription, reason)
 
     def _viewer_gone(self, subscription: Subscription, reason: str) -> None:
         """The viewer's connection failed, went quiet, or closed under us."""
@@ -544,6 +626,33 @@ class Session:
                     subscription.feed_id, reason)
         self._track(subscription.close("transport_gone" if reason == GONE_CLOSED
                                        else "peer_gone"))
+
+    async def unsubscribe_slot(self, grant: Grant, view_id: str) -> None:
+        view = self.slot_views.get(view_id)
+        if view is None:
+            raise NotFound("no such subscription", code="unknown_resource")
+        if view.participant_id != grant.participant_id and grant.role not in MODERATORS:
+            raise Forbidden("this subscription belongs to someone else", code="not_owner")
+        await asyncio.gather(*[s.close() for s in view.subscriptions])
+
+    def recently_ended(self, resource_id: str, where: str, grant: Grant) -> bool:
+        """A WHIP/WHEP resource at ``where`` that ended within the last
+        ``ENDED_RESOURCE_MEMORY_S`` and was made with this token: its DELETE is
+        answered 200 (clients often close their peer connection first)."""
+        self._forget_ended()
+        ended = self._ended.get(resource_id)
+        return ended is not None and ended[0] == where and ended[1] == grant.token_id
+
+    def _remember_ended(self, resource_id: str, where: str, grant: Grant | None) -> None:
+        if grant is None:
+            return
+        self._forget_ended()
+        self._ended[resource_id] = (where, grant.token_id, time.monotonic())
+
+    def _forget_ended(self) -> None:
+        horizon = time.monotonic() - ENDED_RESOURCE_MEMORY_S
+        for key in [k for k, (_, _, at) in self._ended.items() if at < horizon]:
+            del self._ended[key]
 
     async def unsubscribe(self, grant: Grant, subscription_id: str) -> None:
         subscription = self.subscriptions.get(subscription_id)
@@ -556,6 +665,13 @@ class Session:
     def _subscription_closed(self, subscription: Subscription) -> None:
         if self.subscriptions.pop(subscription.id, None) is None:
             return
+        self._remember_ended(subscription.id, f"whep:{subscription.feed_id}",
+                             subscription.grant)
+        for view in [v for v in self.slot_views.values() if subscription in v.subscriptions]:
+            view.subscriptions.remove(subscription)
+            if not view.subscriptions:
+                del self.slot_views[view.id]
+                self._remember_ended(view.id, f"whep:{view.slot}", subscription.grant)
         self._totals["frames_forwarded"] += subscription.frames_forwarded
         self._totals["bytes_forwarded"] += subscription.bytes_forwarded
         reason = subscription.close_reason or "closed"
