@@ -3,10 +3,16 @@ aiortc answer players by what the stream allows, not by its label (server/media/
 
 from __future__ import annotations
 
+import asyncio
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import av
 import pytest
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
 from av.bitstream import BitStreamFilterContext
 
 from server.media.h264 import (
@@ -16,7 +22,9 @@ from server.media.h264 import (
     inspect_frame,
 )
 from server.media.sdp import h264_payloads, keep_one_h264, relabel_h264, section_index
+from server.roles import Role
 
+from .conftest import Server, client_pc, offer_sdp, wait_for
 from .interop.media import write_h264
 
 
@@ -106,3 +114,53 @@ def test_offer_fitted_for_aiortc_and_answer_relabelled() -> None:
     assert "m=audio 9 UDP/TLS/RTP/SAVPF 111" in fitted
     answer = relabel_h264(fitted, section, 97, "640c1f")
     assert "a=fmtp:97 packetization-mode=1;profile-level-id=640c1f" in answer
+
+
+class RawH264Track(MediaStreamTrack):
+    """Sends a file's H.264 frames as they are, unchecked: an encoder with B-frames."""
+
+    kind = "video"
+
+    def __init__(self, frames: list[bytes]) -> None:
+        super().__init__()
+        self._frames = frames
+        self._index = 0
+
+    async def recv(self) -> av.Packet:
+        await asyncio.sleep(1 / 30)
+        packet = av.Packet(self._frames[self._index % len(self._frames)])
+        packet.pts = self._index * 3000
+        packet.time_base = Fraction(1, 90000)
+        self._index += 1
+        return packet
+
+
+async def test_server_refuses_a_publication_with_b_frames(tmp_path: Path, server: Server,
+                                                          http: aiohttp.ClientSession,
+                                                          peers: list[RTCPeerConnection]
+                                                          ) -> None:
+    frames = annexb_frames(write_h264(tmp_path / "high.mp4", 60, bframes=2, profile="high"))
+    session = server.session()
+    events: list[dict[str, Any]] = []
+    session.listen(events.append)
+    pc = client_pc()
+    peers.append(pc)
+    transceiver = pc.addTransceiver(RawH264Track(frames), direction="sendonly")
+    caps = RTCRtpSender.getCapabilities("video").codecs
+    transceiver.setCodecPreferences(
+        [c for c in caps if c.mimeType in ("video/H264", "video/rtx")])
+    async with http.post(f"{server.base_url}/whip/or1-live/room", data=await offer_sdp(pc),
+                         headers={"Authorization": f"Bearer {server.token(Role.EXPERT)}",
+                                  "Content-Type": "application/sdp"}) as response:
+        assert response.status == 201
+        await pc.setRemoteDescription(RTCSessionDescription(await response.text(), "answer"))
+
+    def refusal() -> dict[str, Any] | None:
+        return next((e for e in events if e["type"] == "publication_refused"), None)
+
+    await wait_for(lambda: "" if refusal() else "not refused yet", timeout=15)
+    event = refusal()
+    assert event is not None and event["code"] == "h264_b_frames" and event["slot"] == "room"
+    assert "B-frames" in event["message"]
+    await wait_for(lambda: "" if not session.ingests and "room.video" not in session.feeds
+                   else "publication still there")
