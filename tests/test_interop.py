@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -430,7 +431,7 @@ async def test_rtsp_camera_drops_and_returns_cleanly(node: Server, gst_env: dict
                            timeout=15)
             # The first frame after the outage: after the longest silence in the log.
             gaps = [(b[0] - a[0], i + 1) for i, (a, b) in
-                    enumerate(zip(log.frames, log.frames[1:], strict=False))]
+                    enumerate(itertools.pairwise(log.frames))]
             silence, index = max(gaps)
             assert silence > 2.0, f"no outage seen ({silence:.2f} s)"
             first_at, first_is_key = log.frames[index]
