@@ -25,7 +25,7 @@ from .feed import Feed
 from .interaction import MIC_SLOT, Interaction
 from .media import hooks
 from .media.codecs import capabilities_for
-from .media.h264 import inspect_frame
+from .media.h264 import H264Stream, fit_h264_publisher, inspect_frame
 from .media.hooks import FrameSink
 from .media.peers import GONE_CLOSED, PeerFactory, negotiated_codecs
 from .media.plane import DropReason
@@ -293,22 +293,31 @@ class Session:
                            code="too_many_feeds")
 
         pc = self._peers.create()
+        offer = summary.text
+        relabel: Callable[[str], str] = lambda text: text  # noqa: E731
+        labelled: H264Stream | None = None
         try:
             for kind in summary.kinds:
                 transceiver = pc.addTransceiver(kind, direction="recvonly")
                 existing = self.feeds.get(f"{slot}.{kind}")
                 if existing is not None and existing.state != "closed":
                     # A returning publisher must keep the codec viewers negotiated.
-                    transceiver.setCodecPreferences(capabilities_for(existing.codec))
+                    preferred = capabilities_for(existing.codec)
+                    transceiver.setCodecPreferences(preferred)
                 else:
                     # Exactly one codec: a publisher switching codecs mid-stream
                     # would push frames viewers negotiated differently.
                     offered = summary.codecs.get(kind, set())
                     mime = next(m for m in PUBLISH_PREFERENCE if m.lower() in offered)
                     caps = RTCRtpReceiver.getCapabilities(kind).codecs  # type: ignore[union-attr]
-                    transceiver.setCodecPreferences(
-                        [c for c in caps if c.mimeType.lower() in (mime.lower(), f"{kind}/rtx")])
-            answer = await self._peers.answer(pc, summary.text)
+                    preferred = [c for c in caps
+                                 if c.mimeType.lower() in (mime.lower(), f"{kind}/rtx")]
+                    transceiver.setCodecPreferences(preferred)
+                codec_cap = next(c for c in preferred if not c.mimeType.lower().endswith("/rtx"))
+                if codec_cap.mimeType.lower() == "video/h264":
+                    offer, relabel, labelled = fit_h264_publisher(
+                        offer, str(codec_cap.parameters.get("profile-level-id", "42e01f")))
+            answer = relabel(await self._peers.answer(pc, offer))
             codecs = negotiated_codecs(answer)
             # The microphone may have been taken back, or someone else taken the
             # slot, while we answered.
@@ -344,6 +353,8 @@ class Session:
                 receiver = transceiver.receiver
                 sink = feed.connect_publisher(ingest.keyframe_requester(receiver))
                 if codec.mimeType.lower() == "video/h264":
+                    if labelled is not None and feed.h264 is None:
+                        feed.h264 = labelled  # until its first SPS says more
                     sink = self._inspect_h264(ingest, feed, sink)
                 hooks.tap_receiver(receiver, transceiver.kind, sink)
                 hooks.observe_sender_reports(receiver, feed.on_sender_report)

@@ -164,3 +164,19 @@ async def test_server_refuses_a_publication_with_b_frames(tmp_path: Path, server
     assert "B-frames" in event["message"]
     await wait_for(lambda: "" if not session.ingests and "room.video" not in session.feeds
                    else "publication still there")
+
+
+def test_publisher_offering_only_high_is_fitted_and_its_label_restored() -> None:
+    from server.media.h264 import fit_h264_publisher
+
+    high = OFFER.replace("a=fmtp:102 packetization-mode=1;profile-level-id=42e01f",
+                         "a=fmtp:102 packetization-mode=1;profile-level-id=64001f")
+    fitted, relabel, stream = fit_h264_publisher(high, "42001f")
+    # The first usable payload type (97, Constrained High) is the one aiortc receives.
+    assert stream is not None and stream.describe() == "Constrained High (640c1f)"
+    assert "a=fmtp:97 packetization-mode=1;profile-level-id=42001f" in fitted
+    assert ":102 " not in fitted  # one H.264 payload type left for aiortc
+    assert "profile-level-id=640c1f" in relabel(fitted)
+    # A Baseline label aiortc knows: left alone.
+    unchanged, _, none = fit_h264_publisher(OFFER, "42001f")
+    assert unchanged == OFFER and none is None

@@ -35,7 +35,15 @@ from server.feed import Feed
 from server.media.plane import DropReason, EncodedFrame
 from server.roles import Role
 
-from .conftest import Server, make_config, start_server, wait_for, whep_subscribe
+from .conftest import (
+    Server,
+    client_pc,
+    make_config,
+    offer_sdp,
+    start_server,
+    wait_for,
+    whep_subscribe,
+)
 from .interop.media import gray_counters, write_h264, write_y4m
 from .test_live_path import CounterReader
 
@@ -228,6 +236,47 @@ async def test_gstreamer_h264_player_in_packetization_mode_0_gets_a_clear_422(
             error["message"]
         assert "Failed to set" not in error["message"]  # never aiortc's own words
         assert not node.session().subscriptions
+
+
+async def test_gstreamer_high_profile_publisher_reaches_high_players_only(
+        node: Server, gst_env: dict[str, str], clip: Path, workdir: Path,
+        http: aiohttp.ClientSession) -> None:
+    """A hardware encoder's High profile (no B-frames) is received although aiortc lists
+    only Baseline labels; players are matched by what they can decode."""
+    async with clients() as started:
+        publisher = await gst(gst_env, "publish", f"{node.base_url}/whip/{SESSION}/room",
+                              node.token(Role.EXPERT), "--codec", "h264", "--y4m", str(clip),
+                              "--h264-profile", "high", "--seconds", "8")
+        started.append(publisher)
+        await wait_for(lambda: feed_state(node, "room.video"), timeout=20)
+        stream = node.session().feeds["room.video"].h264
+        assert stream is not None and stream.profile_idc == 100, stream
+        answer = (publisher.event("status") or {}).get("sdp", "")
+        assert "profile-level-id=64" in answer, "the publisher's own label comes back"
+
+        # aiortc's player offers only Baseline profiles: refused, naming what it needs.
+        refused = client_offer_error = None
+        viewer = client_pc()
+        viewer.addTransceiver("video", direction="recvonly")
+        try:
+            async with http.post(f"{node.base_url}/whep/{SESSION}/room.video",
+                                 data=await offer_sdp(viewer), headers={
+                                     "Authorization": f"Bearer {node.token(Role.TRAINEE)}",
+                                     "Content-Type": "application/sdp"}) as response:
+                refused, client_offer_error = response.status, await response.json()
+        finally:
+            await viewer.close()
+        assert refused == 422 and client_offer_error["code"] == "codec_mismatch"
+        assert "High" in client_offer_error["message"]
+
+        out = workdir / "high.gray"
+        player = await gst(gst_env, "play", f"{node.base_url}/whep/{SESSION}/room.video",
+                           node.token(Role.TRAINEE), "--codec", "h264", "--profile", "64001f",
+                           "--seconds", "3", "--out", str(out))
+        started.append(player)
+        assert await player.finish() == 0, player.events
+        played = increasing(gray_counters(out))
+        assert len(played) >= 30, f"{len(played)} frames decoded"
 
 
 # -- FFmpeg's WHIP muxer ----------------------------------------------------------

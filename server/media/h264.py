@@ -16,10 +16,12 @@ delay to show them (RFC 7742 section 6.2 leaves them out of WebRTC).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from aiortc import sdp as aiortc_sdp
+
+from .sdp import h264_payloads, keep_one_h264, relabel_h264, section_index
 
 _P = aiortc_sdp.H264Profile
 #: Which players' profiles decode a stream of a given profile (CB is a subset of all).
@@ -198,3 +200,35 @@ def choose_viewer_codec(stream: H264Stream, offered: Sequence[tuple[int, Mapping
         "codec_mismatch",
         f"{feed_id} is H.264 {stream.describe()}; the player offers H.264 {labels}: "
         f"it needs {required}")
+
+
+def fit_h264_publisher(offer: str, as_profile: str
+                       ) -> tuple[str, Callable[[str], str], H264Stream | None]:
+    """A publisher offering H.264 only in profiles aiortc does not list (Main, High:
+    hardware encoders) is still received: aiortc forwards, never decodes, so only the
+    label stands in the way. Returns the offer as aiortc should see it (one payload
+    type, labelled ``as_profile``), how to put the publisher's label back on the
+    answer, and what that label says the stream is (None: nothing changed)."""
+    unchanged: tuple[str, Callable[[str], str], None] = (offer, lambda text: text, None)
+    section = section_index(offer, "video", 0)
+    if section is None:
+        return unchanged
+    candidates: list[tuple[int, str, aiortc_sdp.H264Profile]] = []
+    for pt, params in h264_payloads(offer, section):
+        label = str(params.get("profile-level-id", DEFAULT_PROFILE_LEVEL_ID)).lower()
+        profile = H264Stream.from_label(label).profile if _is_label(label) else None
+        if profile is None or str(params.get("packetization-mode", "0")) != "1":
+            continue
+        if profile in (_P.PROFILE_CONSTRAINED_BASELINE, _P.PROFILE_BASELINE):
+            return unchanged  # aiortc matches these itself
+        candidates.append((pt, label, profile))
+    if not candidates:
+        return unchanged  # aiortc refuses it with sdp_rejected
+    pt, label, _ = candidates[0]
+    fitted = keep_one_h264(offer, section, pt, as_profile)
+    return (fitted, lambda answer: relabel_h264(answer, section, pt, label),
+            H264Stream.from_label(label))
+
+
+def _is_label(label: str) -> bool:
+    return len(label) == 6 and all(c in "0123456789abcdef" for c in label)

@@ -35,8 +35,10 @@ ENCODERS = {
     "vp8": ("vp8enc deadline=1 keyframe-max-dist=30 target-bitrate=600000 ! rtpvp8pay pt=96 "
             "! application/x-rtp,media=video,encoding-name=VP8,payload=96,clock-rate=90000"),
     # No B-frames: WebRTC forbids them; constrained-baseline is what browsers decode.
-    "h264": ("x264enc tune=zerolatency speed-preset=ultrafast key-int-max=30 bframes=0 "
-             "bitrate=600 ! video/x-h264,profile=constrained-baseline "
+    # ultrafast leaves out CABAC and 8x8 transforms, so x264 writes Constrained Baseline
+    # whatever profile is asked for; superfast keeps them (a real High stream).
+    "h264": ("x264enc tune=zerolatency speed-preset={preset} key-int-max=30 bframes=0 "
+             "bitrate=600 ! video/x-h264,profile={profile} "
              "! rtph264pay pt=102 config-interval=-1 aggregate-mode=zero-latency "
              "! application/x-rtp,media=video,encoding-name=H264,payload=102,clock-rate=90000"),
 }
@@ -57,9 +59,11 @@ class Client:
         self.resource: str | None = None
         self.exit_code = 0
         if args.mode == "publish":
+            preset = "ultrafast" if args.h264_profile == "constrained-baseline" else "superfast"
             description = (
                 f"filesrc location={args.y4m} ! y4mdec ! clocksync ! videoconvert "
-                f"! video/x-raw,format=I420 ! queue ! {ENCODERS[args.codec]} "
+                "! video/x-raw,format=I420 ! queue "
+                f"! {ENCODERS[args.codec].format(profile=args.h264_profile, preset=preset)} "
                 f"! webrtcbin name=w bundle-policy=max-bundle "
                 "audiotestsrc is-live=true wave=sine freq=440 ! audioconvert ! audioresample "
                 "! opusenc ! rtpopuspay pt=111 "
@@ -228,6 +232,8 @@ def main() -> int:
     parser.add_argument("--codec", choices=sorted(VIDEO_PT), required=True)
     parser.add_argument("--y4m", help="publish: the video to send (paced in real time)")
     parser.add_argument("--profile", default="42e01f", help="play: H.264 profile-level-id")
+    parser.add_argument("--h264-profile", default="constrained-baseline",
+                        help="publish: x264's profile (high: as hardware encoders send)")
     parser.add_argument("--packetization-mode", dest="mode_h264", default="1",
                         help="play: H.264 packetization-mode ('none' leaves it out)")
     parser.add_argument("--seconds", type=float, default=5.0)
