@@ -111,6 +111,12 @@ class Connection:
             elif self.grant.role in ROSTER_READERS:
                 self.send({"type": "slot_taken_over", "slot": event["slot"],
                            "from": event["from"], "by": event["by"]})
+        elif kind == "publication_refused":
+            # Its publisher (a page) and the experts learn why a slot's media was refused.
+            if self.ingests.pop(event["ingest"], None) is not None or (
+                    self.grant.role in ROSTER_READERS):
+                self.send({"type": "publication_refused", "slot": event["slot"],
+                           "code": event["code"], "message": event["message"]})
         elif kind == "subscription_closed":
             # Only the socket that made it; closed by its owner it needs no notice.
             if self.subscriptions.pop(event["subscription"], None) is not None and (
