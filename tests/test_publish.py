@@ -32,7 +32,8 @@ def write_h264_file(path: Path, seconds: float = 3, fps: int = 15) -> None:
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = 320, 180, "yuv420p"
-        stream.options = {"g": str(fps), "bf": "0", "tune": "zerolatency"}
+        # Constrained Baseline, as WebRTC players (aiortc's included) say they decode.
+        stream.options = {"g": str(fps), "bf": "0", "tune": "zerolatency", "profile": "baseline"}
         for i in range(int(seconds * fps)):
             frame = av.VideoFrame.from_ndarray(renderer.render(i), format="bgr24")
             frame.pts = i
