@@ -129,13 +129,14 @@ class _ArrivalTap:
 
 
 def scrubin_main(conn: Connection, port: int, signing_key: str,
-                 media: dict[str, Any] | None = None) -> None:
+                 media: dict[str, Any] | None = None,
+                 slots: tuple[str, ...] = (SLOT,)) -> None:
     _quiet_logs()
-    asyncio.run(_scrubin(conn, port, signing_key, media or {}))
+    asyncio.run(_scrubin(conn, port, signing_key, media or {}, slots))
 
 
 async def _scrubin(conn: Connection, port: int, signing_key: str,
-                   media: dict[str, Any]) -> None:
+                   media: dict[str, Any], slots: tuple[str, ...] = (SLOT,)) -> None:
     from server.app import create_app
     from server.config import ConfigError, load_config
     from server.http.common import REGISTRY
@@ -250,7 +251,7 @@ async def _scrubin(conn: Connection, port: int, signing_key: str,
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     registry = app[REGISTRY]
-    registry.add_theatre(Theatre("or1", "Theatre 1", (SLOT,)))
+    registry.add_theatre(Theatre("or1", "Theatre 1", tuple(slots)))
     registry.create_session(SESSION, "or1", "Benchmark")
     conn.send(("ready", os.getpid()))
     try:

@@ -14,12 +14,14 @@ import os
 import sys
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
+import jwt
 
 from .roles import Role
 
-COMMANDS = ("theatre", "session", "invite", "audit")
+COMMANDS = ("theatre", "session", "invite", "audit", "revoke")
 
 
 class ApiError(Exception):
@@ -93,6 +95,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     il = common(isub.add_parser("list", help="a Session's invites"))
     il.add_argument("--session", required=True)
     _add_audit(sub, common)
+    revoke = common(sub.add_parser(
+        "revoke", help="revoke one token (and all derived from it), or every node-wide "
+                       "admin token"))
+    what = revoke.add_mutually_exclusive_group(required=True)
+    what.add_argument("token_or_id", nargs="?",
+                      help="the token itself, or its id (jti, printed when it was minted)")
+    what.add_argument("--admin-tokens", action="store_true",
+                      help="every node-wide admin token issued until now (yours too)")
     ir = common(isub.add_parser("revoke", help="revoke one invite, or all of a Session"))
     ir.add_argument("--session", required=True)
     which = ir.add_mutually_exclusive_group(required=True)
@@ -151,6 +161,10 @@ async def _run(args: argparse.Namespace) -> Any:
     async def api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         return await call(server, token, method, path, body)
 
+    if args.command == "revoke":
+        if args.admin_tokens:
+            return await api("DELETE", "/api/admin/tokens")
+        return await api("DELETE", f"/api/admin/tokens/{quote(token_id(args.token_or_id))}")
     if args.command == "audit":
         since = parse_time(args.since)
         return await api("GET", f"/api/sessions/{args.session}/audit"
@@ -190,7 +204,23 @@ async def _run(args: argparse.Namespace) -> Any:
     return await api("DELETE", f"{base}/{args.invite}")
 
 
+def token_id(token_or_id: str) -> str:
+    """The ``jti`` of a token given whole (read, not verified: the server
+    decides), or the id itself."""
+    if token_or_id.count(".") == 2:
+        try:
+            return str(jwt.decode(token_or_id, options={"verify_signature": False})["jti"])
+        except (jwt.PyJWTError, KeyError):
+            pass
+    return token_or_id
+
+
 def _format(args: argparse.Namespace, result: Any) -> str:
+    if args.command == "revoke":
+        if "revoked_before" in result:
+            return (f"Every node-wide admin token issued before "
+                    f"{_when(result['revoked_before'])} is revoked.")
+        return f"Token {result['revoked']} is revoked, with every token derived from it."
     if args.command == "audit":
         lines = []
         for entry in result["entries"]:

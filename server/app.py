@@ -12,26 +12,29 @@ import contextlib
 import logging
 import secrets
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from aiohttp import WSCloseCode, web
 
 from .audit import JsonlAuditTrail
 from .config import Config
-from .http import admin, api, review, whip
+from .http import admin, api, guard, review, revocation, whip
 from .http.common import (
     ACCEPTING,
     AUDIT,
     AUTH_GUARD,
     CONFIG,
+    CSP,
     LIVENESS,
     MESSAGE_RATES,
     METRICS,
     NODE_ID,
     PEERS,
+    PENDING_SUBSCRIPTIONS,
     PRESENCE,
+    PUBLICATION_WATCHES,
     REGISTRY,
     SOCKET_GRANTS,
     STORE,
@@ -40,7 +43,9 @@ from .http.common import (
     AuthGuard,
     Handler,
     MessageRates,
+    content_security_policy,
     errors_middleware,
+    forwarded_middleware,
     security_headers,
 )
 from .http.ws import websocket
@@ -48,19 +53,21 @@ from .media.liveness import Liveness
 from .media.peers import PeerFactory
 from .metrics import Metrics
 from .registry import Registry
+from .resources import CLIENT_DIR
 from .store import Presence, open_store
 from .tokens import TokenAuthority
 
 logger = logging.getLogger(__name__)
 
-CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
 PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player")
 
 
 def create_app(config: Config) -> web.Application:
     app = web.Application(
-        middlewares=[security_headers, errors_middleware],
+        middlewares=[forwarded_middleware(config.server.trusted_proxies), security_headers,
+                     errors_middleware],
         client_max_size=config.limits.max_body_bytes,
+        handler_args=guard.handler_args(config),
     )
     node_id = config.server.node_id or f"node-{secrets.token_hex(3)}"
     live = config.liveness
@@ -69,12 +76,16 @@ def create_app(config: Config) -> web.Application:
         interval_s=live.check_interval_s)
     peers = PeerFactory(config.ice, liveness)
     app[CONFIG] = config
+    app[CSP] = content_security_policy(config)
     app[NODE_ID] = node_id
     app[PEERS] = peers
-    app[TOKENS] = TokenAuthority(config.auth.signing_keys)
+    app[TOKENS] = TokenAuthority(config.auth.signing_keys, config.role_caps())
     app[WEBSOCKETS] = weakref.WeakSet()
     app[SOCKET_GRANTS] = weakref.WeakKeyDictionary()
     app[ACCEPTING] = {"joins": True}
+    app[PENDING_SUBSCRIPTIONS] = Counter()
+    watches: set[asyncio.Task[None]] = set()
+    app[PUBLICATION_WATCHES] = watches
     store = app[STORE] = open_store(config.store.redis_url or None, node_id=node_id,
                                     prefix=config.store.prefix, timeout_s=config.store.timeout_s)
     app[PRESENCE] = Presence(store.presence, node_id=node_id, ttl_s=config.store.presence_ttl_s,
@@ -93,8 +104,6 @@ def create_app(config: Config) -> web.Application:
     registry.on_first_frame = metrics.first_frame.observe
     registry.on_media_count = metrics.count_media
     registry.watch_stream = liveness.watch_stream
-    registry.on_event = lambda session_id, event: admin.close_revoked_sockets(
-        app, session_id, event)
 
     app.add_routes(api.routes)
     app.add_routes(admin.routes)
@@ -111,8 +120,11 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_liveness)
     # Before _sessions: cleanup runs in reverse, so Sessions end before the store closes.
     app.cleanup_ctx.append(_store)
+    # Before _sessions: publications closed by Sessions ending are audited first.
+    app.cleanup_ctx.append(_publication_watches)
     app.cleanup_ctx.append(_sessions)
     review.setup(app)  # recording control, review API, retention (after _sessions)
+    revocation.setup(app)  # revocations reach live connections
     app.on_shutdown.append(_going_away)
     return app
 
@@ -143,6 +155,17 @@ async def _liveness(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await app[PEERS].close()
+
+
+async def _publication_watches(app: web.Application) -> AsyncIterator[None]:
+    yield
+    # Their peer connections are closed by now: each writes its audit entry at once.
+    watches = app[PUBLICATION_WATCHES]
+    pending = set(watches)
+    if pending:
+        _, late = await asyncio.wait(pending, timeout=2)
+        for task in late:
+            task.cancel()
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:

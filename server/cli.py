@@ -7,10 +7,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -20,10 +23,11 @@ from . import admin_cli, logs, recording_cli
 from .app import create_app
 from .config import Config, ConfigError, load_config
 from .http.common import REGISTRY, TOKENS
+from .http.guard import NodeRunner
 from .links import format_links, session_links
+from .resources import DEMO_CONFIG
 from .roles import Role
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
 logger = logging.getLogger("scrubin")
 
 
@@ -38,7 +42,7 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
 
 async def _start(config: Config) -> tuple[web.AppRunner, web.Application]:
     app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
+    runner = NodeRunner(app, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port,
                        ssl_context=_ssl_context(config))
@@ -57,22 +61,35 @@ async def _until_signal() -> None:
 async def serve(config: Config) -> None:
     runner, app = await _start(config)
     print(f"ScrubIn serving on {config.base_url}", flush=True)
+    # No tokens here: this output ends in service logs (docs/security.md).
     for session in app[REGISTRY].sessions.values():
-        links = session_links(session, app[TOKENS], config.base_url, config.auth.token_ttl_s)
-        print(format_links(links), flush=True)
+        print(f"Session {session.id} is live. Its links: scrubin links --server "
+              f"{config.base_url} --session {session.id} --token <an admin token from "
+              "`scrubin admin-token --config FILE`>", flush=True)
     try:
         await _until_signal()
     finally:
         await runner.cleanup()
 
 
-async def demo(config: Config, cameras: list[str], width: int, height: int, fps: float) -> None:
+async def demo(config: Config, cameras: list[str], width: int, height: int, fps: float,
+               state_dir: Path | None = None) -> None:
+    from .demo_state import forget_signing_key
     from .publish.sources import open_source
     from .publish.whip import WhipOptions, WhipPublisher
 
     runner, app = await _start(config)
     session = app[REGISTRY].get(config.sessions[0].id)
     tokens = app[TOKENS]
+    stopping = False
+
+    def on_event(event: dict[str, object]) -> None:
+        # Ended by its expert or an admin (not by this process stopping): its
+        # links must not work again after a restart.
+        if event.get("type") == "session_ended" and not stopping and state_dir is not None:
+            forget_signing_key(state_dir)
+
+    session.listen(on_event)
     publishers = []
     for index, slot in enumerate(cameras):
         source = open_source("synthetic", label=slot, width=width, height=height, fps=fps,
@@ -100,6 +117,7 @@ async def demo(config: Config, cameras: list[str], width: int, height: int, fps:
     try:
         await _until_signal()
     finally:
+        stopping = True
         for publisher, task in publishers:
             publisher.stop()
             with contextlib.suppress(Exception):
@@ -124,7 +142,7 @@ async def publish(args: argparse.Namespace) -> int:
         host_addresses=args.host_address, video_codec=source.video_codec,
         takeover=args.takeover)
     publisher = WhipPublisher(args.url, args.token, source.tracks, options)
-    publisher.on_state = lambda state: print(f"publish: {state}", flush=True)
+    publisher.on_state = lambda _: print(f"publish: {publisher.describe_state()}", flush=True)
     task = asyncio.ensure_future(publisher.run())
     stopper = asyncio.ensure_future(_until_signal())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -167,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated demo slots to fill (room,endoscope,…)")
     p_demo.add_argument("--size", default="1280x720")
     p_demo.add_argument("--fps", type=float, default=30)
+    p_demo.add_argument("--state-dir", type=Path, default=Path("var"),
+                        help="audit trail, recordings and the demo's signing key (default: var)")
 
     p_pub = sub.add_parser("publish", help="publish a source to a Session slot over WHIP")
     p_pub.add_argument("url", help="WHIP URL, e.g. http://host:8080/whip/SESSION/SLOT")
@@ -181,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="decode and re-encode even H.264 sources")
     p_pub.add_argument("--ice-server", action="append", default=[])
     p_pub.add_argument("--host-address", action="append", default=[],
-                       help="advertise this address (e.g. 127.0.0.1 on one machine)")
+                       help="advertise this address instead of the interfaces' (default: "
+                            "loopback when the URL is loopback or localhost)")
     p_pub.add_argument("--takeover", action="store_true",
                        help="replace another encoder publishing the slot (never the expert's "
                             "own camera)")
@@ -214,18 +235,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             asyncio.run(serve(load_config(args.config)))
         elif args.command == "demo":
-            overrides = {"port": args.port} if args.port else {}
-            config = load_config(DEMO_CONFIG, server=overrides)
+            from .demo_state import signing_key
+
+            state: Path = args.state_dir
+            overrides: dict[str, dict[str, Any]] = {
+                "server": {"port": args.port} if args.port else {},
+                "audit": {"path": str(state / "audit" / "audit.jsonl")},
+                "recording": {"root": str(state / "recordings")},
+            }
+            # SCRUBIN_AUTH_SIGNING_KEYS, when set, wins as for any Node.
+            if "SCRUBIN_AUTH_SIGNING_KEYS" not in os.environ:
+                overrides["auth"] = {"signing_keys": [signing_key(state)]}
+            config = load_config(DEMO_CONFIG, **overrides)
             width, height = (int(v) for v in args.size.lower().split("x"))
             asyncio.run(demo(config, [c.strip() for c in args.cameras.split(",") if c.strip()],
-                             width, height, args.fps))
+                             width, height, args.fps, state))
         elif args.command == "publish":
             args.width, args.height = (int(v) for v in args.size.lower().split("x"))
             return asyncio.run(publish(args))
         elif args.command == "links":
             return asyncio.run(fetch_links(args.server, args.session, args.token))
         elif args.command in ("token", "admin-token"):
-            from .tokens import NODE_WIDE, TokenAuthority
+            from .tokens import MAX_LIFETIME_S, NODE_WIDE, TokenAuthority
 
             config = load_config(args.config)
             if not config.auth.signing_keys:
@@ -238,9 +269,17 @@ def main(argv: list[str] | None = None) -> int:
             if session == NODE_WIDE and role is not Role.ADMIN:
                 print("only admin tokens may be node-wide (--session '*')", file=sys.stderr)
                 return 2
-            token = TokenAuthority(config.auth.signing_keys).issue(
-                session, role, name=args.name, ttl_s=ttl)
+            if not 0 < ttl <= MAX_LIFETIME_S:
+                print(f"--ttl: 1 to {MAX_LIFETIME_S} seconds", file=sys.stderr)
+                return 2
+            authority = TokenAuthority(config.auth.signing_keys)
+            token = authority.issue(session, role, name=args.name, ttl_s=ttl)
+            grant = authority.verify(token)
+            # The token on stdout (for a pipe), how to revoke it on stderr.
             print(token)
+            print(f"token id {grant.token_id}, expires "
+                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(grant.expires_at))}; "
+                  f"revoke it with: scrubin revoke {grant.token_id}", file=sys.stderr)
         elif args.command in admin_cli.COMMANDS:
             return admin_cli.run(args)
         elif args.command in recording_cli.COMMANDS:

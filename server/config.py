@@ -15,6 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from .roles import Role
 
 
 class ConfigError(ValueError):
@@ -41,6 +44,12 @@ class ServerConfig:
     metrics_token: str = ""
     # Origins allowed to call WHIP/WHEP from a browser ("*" for any).
     cors_origins: list[str] = field(default_factory=list)
+    # Public URLs of the other Nodes of this deployment: pages may open
+    # websockets to them (CSP connect-src lists every Node's origin).
+    node_urls: list[str] = field(default_factory=list)
+    # Reverse proxies (networks) whose X-Forwarded-For / X-Forwarded-Proto are
+    # believed; from anyone else those headers are ignored.
+    trusted_proxies: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,13 @@ class AuthConfig:
     # HS256 keys; the first signs, all verify (rotation). Format "kid:secret".
     signing_keys: list[str] = field(default_factory=list)
     token_ttl_s: int = 12 * 3600
+    # Longest life of a device (redeemed) or derived (links) token per Role,
+    # seconds; a Role not listed gets token_ttl_s. Never beyond the parent's.
+    role_max_ttl_s: dict[str, float] = field(default_factory=dict)
+    # Live connections (websockets, WHIP, WHEP) re-check their grant against
+    # the store this often, so a revocation whose event was lost still closes
+    # them (within 5 s: at most 4).
+    recheck_interval_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,17 @@ class MediaConfig:
     # Packetize each frame once per Feed and only rewrite RTP headers per viewer
     # (server/media/fastpath.py); off = aiortc's RTCRtpSender per viewer.
     fast_path: bool = True
+    # Make a low layer (320x180, 15 fps, 250 kbit/s, same codec) for cameras
+    # published with one layer (encoders): decoded once and encoded once per Feed
+    # on this Node, ~0.1-0.2 of a core each (docs/performance.md). Browser
+    # publishers send their own low layer.
+    server_low_layer: bool = False
+    # The low layer's bitrate ceiling, whoever makes it (REMB and answer hints
+    # hold a publisher to it).
+    low_layer_max_kbps: int = 250
+    # Per viewer, move between a camera's layers from its own feedback (loss,
+    # REMB); off: every viewer gets what it asked for (full unless pinned low).
+    adaptive_layers: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,14 +149,27 @@ class LimitsConfig:
     max_media_sections: int = 4
     ws_max_message_bytes: int = 64 * 1024
     max_feeds_per_session: int = 16
+    # Per person: an invite with all its devices, or a root token with what was
+    # derived from it (docs/security.md); the name is older than the model.
     max_subscriptions_per_participant: int = 16
     # Failed authentications (401) per client address per minute, counted
-    # across Nodes; past it the address gets 429 before its tokens are read.
+    # across Nodes; past it the address's failures get 429 for a minute
+    # (tokens that verify still get in: many people behind one NAT).
     auth_failures_per_minute: int = 20
     # Websocket messages per Participant: a burst, refilled at this rate.
     # Past it requests get 429; a client that keeps going is disconnected.
     ws_messages_per_second: float = 20.0
     ws_message_burst: int = 50
+    # Devices that may redeem one invite (an invite is one person); an
+    # invite's max_uses may be lower, never higher.
+    devices_per_invite: int = 3
+    # Open websockets per person (an invite, or a root token) on this Node.
+    websockets_per_person: int = 8
+    # A request's headers must be complete this long after the connection
+    # opened or the previous response went out (also the idle keep-alive);
+    # its body must be read within body_timeout_s.
+    header_timeout_s: float = 5.0
+    body_timeout_s: float = 7.0
 
 
 @dataclass(frozen=True)
@@ -169,8 +209,9 @@ class RecordingConfig:
     retention_check_s: float = 86400.0
     # A Feed's part is cut at the first key frame after this many seconds.
     part_max_s: float = 300.0
-    # Lifetime of the signed media and thumbnail URLs the review API mints.
-    media_url_ttl_s: float = 3600.0
+    # Lifetime of the signed media and thumbnail URLs the review API mints
+    # (60 to 300 s; the player renews them).
+    media_url_ttl_s: float = 300.0
     # Let reviewers of other Sessions open Recordings consented for
     # deidentified_reuse (off: only the Session's own reviewers and admins).
     share_deidentified: bool = False
@@ -207,6 +248,11 @@ class Config:
     theatres: list[TheatreConfig] = field(default_factory=list)
     sessions: list[SessionConfig] = field(default_factory=list)
 
+    def role_caps(self) -> dict[Role, float]:
+        """Longest life of a device or derived token, per Role."""
+        return {role: float(self.auth.role_max_ttl_s.get(role.value, self.auth.token_ttl_s))
+                for role in Role}
+
     @property
     def base_url(self) -> str:
         if self.server.public_url:
@@ -238,6 +284,15 @@ def _coerce(value: Any, annotation: str, where: str) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise TypeError
             return list(value)
+        if annotation == "dict[str, float]":
+            if isinstance(value, str):
+                pairs = [item.partition(":") for item in value.split(",") if item.strip()]
+                if any(not sep for _, sep, _ in pairs):
+                    raise ValueError
+                return {k.strip(): float(v) for k, _, v in pairs}
+            if not isinstance(value, dict):
+                raise TypeError
+            return {str(k): float(v) for k, v in value.items()}
         if annotation == "list[IceServer]":
             if isinstance(value, str):
                 return [IceServer(urls=[u.strip()]) for u in value.split(",") if u.strip()]
@@ -283,6 +338,21 @@ def _validate(config: Config) -> None:
             ipaddress.ip_address(addr)
         except ValueError as exc:
             raise ConfigError(f"[ice].host_addresses: {addr!r} is not an IP address") from exc
+    for net in config.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"[server].trusted_proxies: {net!r} is not a network") from exc
+    for url in [config.server.public_url, *config.server.node_urls]:
+        if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
+            raise ConfigError(f"[server]: {url!r} is not an http(s) URL")
+    for role, seconds in config.auth.role_max_ttl_s.items():
+        if role not in {r.value for r in Role} or not 60 <= seconds <= 30 * 24 * 3600:
+            raise ConfigError("[auth].role_max_ttl_s: a Role (expert, trainee, reviewer, "
+                              "recorder, admin) and 60 s to 30 days")
+    if not 0.1 <= config.auth.recheck_interval_s <= 4.0:
+        raise ConfigError("[auth].recheck_interval_s: 0.1 to 4 s (revoked connections close "
+                          "within 5 s)")
     for key in config.auth.signing_keys:
         kid, sep, secret = key.partition(":")
         if not sep or not kid or len(secret) < 32:
@@ -291,9 +361,13 @@ def _validate(config: Config) -> None:
             )
     limits = config.limits
     if limits.auth_failures_per_minute < 1 or limits.ws_message_burst < 1 or not (
-            limits.ws_messages_per_second > 0):
-        raise ConfigError("[limits]: auth_failures_per_minute, ws_messages_per_second and "
-                          "ws_message_burst must be positive")
+            limits.ws_messages_per_second > 0) or limits.devices_per_invite < 1 or (
+            limits.websockets_per_person < 1):
+        raise ConfigError("[limits]: auth_failures_per_minute, ws_messages_per_second, "
+                          "ws_message_burst, devices_per_invite and websockets_per_person "
+                          "must be positive")
+    if not (0.5 <= limits.header_timeout_s <= 60 and 0.5 <= limits.body_timeout_s <= 300):
+        raise ConfigError("[limits]: header_timeout_s 0.5 to 60 s, body_timeout_s 0.5 to 300 s")
     if bool(config.server.tls_cert) != bool(config.server.tls_key):
         raise ConfigError("[server]: tls_cert and tls_key go together")
     recording = config.recording
@@ -304,9 +378,9 @@ def _validate(config: Config) -> None:
                           "auto_consent_scope (internal_review or deidentified_reuse) and "
                           "auto_consent_by")
     if recording.retention_days < 0 or recording.retention_check_s <= 0 or (
-            recording.part_max_s <= 0 or recording.media_url_ttl_s < 60):
+            recording.part_max_s <= 0 or not 60 <= recording.media_url_ttl_s <= 300):
         raise ConfigError("[recording]: retention_days ≥ 0, retention_check_s and part_max_s "
-                          "> 0, media_url_ttl_s ≥ 60")
+                          "> 0, media_url_ttl_s from 60 to 300")
     liveness = config.liveness
     if not (0 < liveness.probe_after_s < liveness.peer_timeout_s) or (
             liveness.check_interval_s <= 0 or liveness.stall_video_s < 0

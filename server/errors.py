@@ -48,6 +48,14 @@ class NotFound(ScrubinError):
     code = "not_found"
 
 
+class RequestTimeout(ScrubinError):
+    """The request (its body) did not arrive in time; the connection closes."""
+
+    status = 408
+    code = "request_timeout"
+    fault = "protocol"
+
+
 class Conflict(ScrubinError):
     status = 409
     code = "conflict"

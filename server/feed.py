@@ -60,7 +60,7 @@ _REATTACH_STEP = {"video": 3000, "audio": 960}
 
 #: Per viewer, at most one keyframe request (PLI, join, switch) per this many
 #: seconds reaches the policy; the Feed-wide interval still applies on top.
-PER_REQUESTER_S = 2.0
+PER_REQUESTER_S = 1.0
 
 
 @dataclass(eq=False)
@@ -97,11 +97,21 @@ class Feed:
         on_state: Callable[[Feed], None],
         on_closed: Callable[[Feed], None],
         on_dropped: Callable[[Feed, DropReason], None] | None = None,
+        layer: str = "full",
     ) -> None:
         self.id = feed_id
         self.slot = slot
         self.kind = kind
         self.codec = codec
+        #: "full", or "low" for the lower-quality layer of a camera (its own Feed).
+        self.layer = layer
+        #: This camera's low layer, when there is one (docs/architecture.md).
+        self.low: Feed | None = None
+        #: Received bits per second, smoothed (a viewer's layer choice compares
+        #: its link against it).
+        self.bitrate_bps = 0.0
+        self._rate_bytes = 0
+        self._rate_since: float | None = None
         self.state: FeedState = "down"
         self.frames_received = 0
         self.bytes_received = 0
@@ -243,6 +253,7 @@ class Feed:
             frame.payloads, _ = self._packetizer.pack(packet)
         self.frames_received += 1
         self.bytes_received += len(data)
+        self._rate_bytes += len(data)
         if self.kind == "video":
             self._cache(frame)
         for attachment in self._fanout:
@@ -423,7 +434,14 @@ class Feed:
 
     # -- liveness ---------------------------------------------------------
     def check_stall(self, now: float) -> None:
-        """Liveness tick: a connected publisher that sends no frames is stalled."""
+        """Liveness tick: a connected publisher that sends no frames is stalled.
+        Also where the bitrate is measured (every tick, not every frame)."""
+        if self._rate_since is None:
+            self._rate_since = now
+        elif now - self._rate_since >= 1.0:
+            rate = self._rate_bytes * 8 / (now - self._rate_since)
+            self.bitrate_bps = rate if not self.bitrate_bps else 0.7 * self.bitrate_bps + 0.3 * rate
+            self._rate_bytes, self._rate_since = 0, now
         if self.state != "live" or not self._stall_after or self.last_frame_at is None:
             return
         quiet = now - self.last_frame_at
@@ -440,6 +458,8 @@ class Feed:
         self._grace = None
         self.keyframes.connect(None)
         self._gop.clear()
+        if self.low is not None:
+            self.low.close(reason)
         self._set_state("closed", reason)
         attachments, self._attachments, self._fanout = list(self._fanout), {}, ()
         for attachment in attachments:
@@ -464,4 +484,6 @@ class Feed:
             "kind": self.kind,
             "codec": self.codec.mimeType,
             "state": self.state,
+            **({"layers": ["full", "low"] if self.low is not None and self.low.state == "live"
+                else ["full"]} if self.kind == "video" else {}),
         }

@@ -98,6 +98,9 @@ class Limits:
     steps: int = 100
     annotations: int = 200
     questions: int = 500
+    #: Questions of one person (an invite and all its devices): no one invite
+    #: fills the Session's ``questions``.
+    questions_per_person: int = 50
     chat_history: int = 200
     marks: int = 1000
     fade_default_s: float = 8.0
@@ -106,7 +109,8 @@ class Limits:
     width_max: float = 24.0
 
 
-#: Per Participant and kind of action: (tokens per second, burst).
+#: Per person (an invite and all its devices, or a token and what was derived
+#: from it) and kind of action: (tokens per second, burst).
 RATES: Mapping[str, tuple[float, float]] = {
     "draw": (10.0, 20.0),
     "mark": (2.0, 6.0),
@@ -119,7 +123,7 @@ RATES: Mapping[str, tuple[float, float]] = {
 
 
 class TokenBuckets:
-    """A token bucket per (participant, action): refill at ``rate`` per second
+    """A token bucket per (person, action): refill at ``rate`` per second
     up to ``burst``; each allowed action takes one token."""
 
     def __init__(self, rates: Mapping[str, tuple[float, float]],
@@ -128,17 +132,17 @@ class TokenBuckets:
         self._clock = clock
         self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
 
-    def take(self, participant_id: str, action: str) -> bool:
+    def take(self, who: str, action: str) -> bool:
         rate, burst = self._rates[action]
         now = self._clock()
         if len(self._buckets) > 4096:
             self._sweep(now)
-        tokens, at = self._buckets.get((participant_id, action), (burst, now))
+        tokens, at = self._buckets.get((who, action), (burst, now))
         tokens = min(burst, tokens + (now - at) * rate)
         if tokens < 1.0:
-            self._buckets[(participant_id, action)] = (tokens, now)
+            self._buckets[(who, action)] = (tokens, now)
             return False
-        self._buckets[(participant_id, action)] = (tokens - 1.0, now)
+        self._buckets[(who, action)] = (tokens - 1.0, now)
         return True
 
     def _sweep(self, now: float) -> None:
@@ -175,7 +179,10 @@ class Question:
     t: float
     held: bool
     status: str = "open"
+    #: Persons (``Grant.person_id``) who voted: one vote per invite, however
+    #: many devices or copies of a token it has.
     voters: set[str] = field(default_factory=set)
+    author_person: str = ""
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "text": self.text,
@@ -303,7 +310,7 @@ class Interaction:
             raise Forbidden(f"role {grant.role.value} may not {action}", code="wrong_role")
 
     def _rate(self, grant: Grant, action: str) -> None:
-        if not self._buckets.take(grant.participant_id, action):
+        if not self._buckets.take(grant.person_id, action):
             raise TooManyRequests(f"too many {action} requests; slow down", code="rate_limited")
 
     def _not_sterile(self, what: str) -> None:
@@ -360,7 +367,7 @@ class Interaction:
             "annotations": [self._annotation_view(a) for a in self.annotations.values()],
             "questions": questions,
             "voted": [q.id for q in self.questions.values()
-                      if grant.participant_id in q.voters],
+                      if grant.person_id in q.voters],
             "chat": list(self.chat),
             "hands": hands,
             "mic": self.mic_holder,
@@ -529,9 +536,14 @@ class Interaction:
         if len(self.questions) >= self.limits.questions:
             raise Conflict("this session has its maximum of questions",
                            code="too_many_questions")
+        if sum(1 for q in self.questions.values()
+               if q.author_person == grant.person_id) >= self.limits.questions_per_person:
+            raise Conflict(f"at most {self.limits.questions_per_person} questions per person",
+                           code="too_many_questions")
         who = self._who(grant)
         question = Question(id=self._new_id("q"), text=text, author_id=who["id"],
-                            author_name=who["name"], t=self.now(), held=self.sterile)
+                            author_name=who["name"], t=self.now(), held=self.sterile,
+                            author_person=grant.person_id)
         self.questions[question.id] = question
         self._announce(question, grant)
         return {"type": "ok", "question": question.describe()}
@@ -557,16 +569,17 @@ class Interaction:
         self._require(grant, ASKERS, "vote")
         question = self._question(grant, message)
         up = self._flag(message, "up", True)
-        if question.author_id == grant.participant_id:
+        if question.author_id == grant.participant_id or (
+                question.author_person == grant.person_id):
             raise Forbidden("you cannot vote for your own question", code="own_question")
         if question.status != "open":
             raise Conflict(f"this question is {question.status}", code="question_closed")
         self._rate(grant, "vote")
         before = len(question.voters)
         if up:
-            question.voters.add(grant.participant_id)
+            question.voters.add(grant.person_id)
         else:
-            question.voters.discard(grant.participant_id)
+            question.voters.discard(grant.person_id)
         if len(question.voters) != before:
             self._announce(question, grant)
         return {"type": "ok", "question": question.describe(), "voted": up}

@@ -1,14 +1,16 @@
-"""Invites: signed tokens an admin hands out for one Session and Role.
+"""Invites: one person, invited by an admin to one Session in one Role.
 
-An invite is a token (``server.tokens``) whose ``jti`` is the invite id, with
-an optional ``max_uses``; its record in the store lets admins list it, copy
-its link again and revoke it. People open the invite's *join link*
+An invite is a token (``server.tokens``, kind ``invite``) whose ``jti`` is the
+invite id, with ``max_uses``: how many devices may redeem it (at most
+``limits.devices_per_invite``); its record in the store lets admins list it,
+copy its link again and revoke it. People open the invite's *join link*
 (``/join.html#token=…``): the page asks for a display name if the invite
-carries none, and redeems the invite for a personal token (its own
-Participant id, the invite's Role, Session, expiry and id) which the watch or
-broadcast page then uses. Each device that redeems an invite is one use; the
-same device redeeming again, or reloading the page, is not another.
-Revoking the invite revokes every token redeemed from it.
+carries none, and redeems the invite for a personal device token (its own
+Participant id, the invite's Role and Session, parent and person the invite,
+expiry min(the invite's, the Role's cap)) which the watch or broadcast page
+then uses. Each device that redeems an invite is one use; the same device
+redeeming again, or reloading the page, is not another. Only invites are
+redeemed. Revoking the invite revokes every token redeemed or derived from it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from .errors import BadRequest, Forbidden
 from .roles import Role
 from .store import InviteRecord, Store
-from .tokens import Grant, TokenAuthority
+from .tokens import MAX_LIFETIME_S, Grant, TokenAuthority
 
 #: The page each Role's people use; reviewers see recordings, not the live Session.
 PAGES: dict[Role, str] = {
@@ -33,8 +35,7 @@ PAGES: dict[Role, str] = {
     Role.REVIEWER: "library.html",
 }
 MIN_TTL_S = 60
-MAX_TTL_S = 30 * 24 * 3600
-MAX_USES = 10_000
+MAX_TTL_S = MAX_LIFETIME_S
 NAME_MAX = 64
 
 
@@ -65,7 +66,7 @@ def sign(tokens: TokenAuthority, record: InviteRecord) -> str:
     return tokens.issue(record.session_id, record.role, name=record.name,
                         participant_id=record.participant_id, now=record.issued_at,
                         token_id=record.id, max_uses=record.max_uses,
-                        expires_at=record.expires_at)
+                        expires_at=record.expires_at, kind="invite")
 
 
 async def create(store: Store, tokens: TokenAuthority, *, session_id: str, role: Role,
@@ -104,21 +105,27 @@ def participant_for(invite_id: str, device: str) -> str:
     return hashlib.sha256(f"{invite_id}\x00{device}".encode()).hexdigest()[:12]
 
 
-async def redeem(store: Store, tokens: TokenAuthority, grant: Grant, *, device: str,
-                 name: str) -> tuple[str, str, str]:
-    """A personal token for one device: (token, participant id, display name)."""
+def check_redeemable(grant: Grant) -> None:
     if grant.node_wide:
         raise Forbidden("a node-wide admin token is not an invite", code="wrong_session")
+    if grant.kind != "invite":
+        # Any other token redeemed would be a new Participant per "device":
+        # copies of one token past every per-person limit.
+        raise Forbidden("only an invite can be redeemed; open the invite's join link",
+                        code="not_an_invite")
+
+
+async def redeem(store: Store, tokens: TokenAuthority, grant: Grant, *, device: str,
+                 name: str, devices: int) -> tuple[str, Grant]:
+    """A personal token for one device, from an invite (``grant``) that at most
+    ``devices`` devices may redeem: (token, its Grant)."""
+    check_redeemable(grant)
     if not (16 <= len(device) <= 128) or not device.isascii() or not device.isprintable():
         raise BadRequest("device must be 16–128 printable ASCII characters", code="bad_request")
     participant_id = participant_for(grant.token_id, device)
-    if grant.max_uses is not None and not await store.invites.use_invite(
-            grant.token_id, max_uses=grant.max_uses, expires_at=grant.expires_at,
-            redeemer=participant_id):
-        raise Forbidden("this invite has been used by as many people as it allows",
+    if not await store.invites.use_invite(grant.token_id, max_uses=devices,
+                                          expires_at=grant.expires_at, redeemer=participant_id):
+        raise Forbidden("this invite has been used on as many devices as it allows",
                         code="invite_used_up")
-    display = grant.name or clean_name(name)
-    token = tokens.issue(grant.session_id, grant.role, name=display,
-                         participant_id=participant_id, token_id=grant.token_id,
-                         expires_at=grant.expires_at)
-    return token, participant_id, display
+    return tokens.personal(grant, participant_id=participant_id,
+                           name=grant.name or clean_name(name))

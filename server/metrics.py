@@ -43,6 +43,9 @@ class Metrics:
         self.downstream_drops = Counter(
             "scrubin_downstream_drops_total", "Downstreams a Feed let go because they failed, "
             "blocked, fell behind or lost their transport", ["reason"], registry=self.registry)
+        self.layer_switches = Counter(
+            "scrubin_layer_switches_total", "Viewers moved to a camera's layer", ["layer"],
+            registry=self.registry)
         self.peers_gone = Counter(
             "scrubin_peers_gone_total", "Peer connections that failed or went quiet",
             ["role"], registry=self.registry)
@@ -50,7 +53,8 @@ class Metrics:
     def count_media(self, what: str, label: str) -> None:
         """The Registry's ``on_media_count``: one media-plane event."""
         counter = {"feed": self.feed_transitions, "subscription": self.subscription_transitions,
-                   "drop": self.downstream_drops, "peer_gone": self.peers_gone}.get(what)
+                   "drop": self.downstream_drops, "peer_gone": self.peers_gone,
+                   "layer": self.layer_switches}.get(what)
         if counter is not None:
             counter.labels(label).inc()
 
@@ -69,6 +73,7 @@ class _LiveCollector(Collector):
         sessions: Tally[str] = Tally()
         feeds: Tally[str] = Tally()
         subscriptions: Tally[str] = Tally()
+        layers: Tally[str] = Tally()
         totals = self._registry.totals.copy()
         for session in self._registry.sessions.values():
             sessions[session.state] += 1
@@ -79,6 +84,8 @@ class _LiveCollector(Collector):
                 totals["keyframe_requests"] += feed.keyframe_requests_sent
             for sub in session.subscriptions.values():
                 subscriptions[sub.state] += 1
+                if sub.kind == "video" and sub.state in ("waiting", "flowing"):
+                    layers[sub.layer] += 1
                 totals["frames_forwarded"] += sub.frames_forwarded
                 totals["bytes_forwarded"] += sub.bytes_forwarded
         yield _gauge("scrubin_sessions", "Sessions on this Node by state", sessions,
@@ -86,6 +93,21 @@ class _LiveCollector(Collector):
         yield _gauge("scrubin_feeds", "Feeds by state", feeds, ("live", "stalled", "down"))
         yield _gauge("scrubin_subscriptions", "Subscriptions by state", subscriptions,
                      ("waiting", "flowing", "paused"))
+        rates = GaugeMetricFamily("scrubin_feed_bitrate_bps", "Bits per second each Feed (and "
+                                  "each layer of a camera) receives: what a viewer of that "
+                                  "layer is sent", labels=["session", "feed"])
+        for session in self._registry.sessions.values():
+            for feed in session.feeds.values():
+                for one in (feed, feed.low):
+                    if one is not None and one.state != "closed":
+                        rates.add_metric([session.id, one.id], one.bitrate_bps)
+        yield rates
+        layer_family = GaugeMetricFamily("scrubin_video_subscriptions_by_layer",
+                                         "Video Subscriptions receiving each layer",
+                                         labels=["layer"])
+        for layer in ("full", "low"):
+            layer_family.add_metric([layer], layers[layer])
+        yield layer_family
         for name, help_text in (
             ("frames_received", "Encoded frames received from publishers"),
             ("bytes_received", "Encoded bytes received from publishers"),

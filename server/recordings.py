@@ -34,7 +34,8 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +63,8 @@ INDEX = "index.json"
 #: Websocket requests handled here.
 MESSAGE_TYPES = frozenset({"start_recording", "stop_recording"})
 CONSENT_FIELDS = {"recorded_by": 200, "recorded_at": 64, "scope": 32, "note": 1000}
+#: (playback, recording, part) already in the audit trail, remembered at most.
+MEDIA_AUDIT_MEMORY = 20_000
 #: Events sent to the player at most (the rest is in events.jsonl).
 MAX_EVENTS = 50_000
 CONTENT_TYPES = {".webm": "video/webm", ".mp4": "video/mp4", ".mkv": "video/x-matroska"}
@@ -139,9 +142,31 @@ def summarize(manifest: dict[str, Any], *, thumbnail: bool) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class MediaTicket:
+    """What a signed media URL carries: the grant it was issued to (enough to
+    check its revocation on every request) and the playback it belongs to."""
+
+    playback: str
+    token_ids: tuple[str, ...]
+    scope: str
+    issued_at: float
+    participant: str
+    role: str
+
+
+_EXP = re.compile(r"[0-9]{1,12}", re.ASCII)
+_SIG = re.compile(r"[A-Za-z0-9_-]{32}", re.ASCII)
+_PLAY = re.compile(r"[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{1,64}", re.ASCII)
+_GRANT = re.compile(r"[A-Za-z0-9_-]{1,2048}", re.ASCII)
+
+
 class MediaSigner:
     """Short-lived signed URLs for media elements, which cannot send a bearer
-    token: HMAC-SHA256 of (recording, file, expiry)."""
+    token. A URL is bound to the viewer's grant (``g``: its lineage, scope and
+    ``iat``, checked against revocation on every request) and to one playback
+    (``play``); ``sig`` is an HMAC-SHA256 of (recording, file, exp, play, g).
+    Parameters are parsed strictly (ASCII digits only, bounded lengths)."""
 
     def __init__(self, key: bytes) -> None:
         self._key = key
@@ -153,31 +178,66 @@ class MediaSigner:
             return cls(secrets.token_bytes(32))
         secret = keys[0].partition(":")[2].encode()
         # A key of its own, derived: a media signature is never a token signature.
-        return cls(hmac.new(secret, b"scrubin media url v1", hashlib.sha256).digest())
+        return cls(hmac.new(secret, b"scrubin media url v2", hashlib.sha256).digest())
 
-    def signature(self, recording_id: str, name: str, expires: int) -> str:
-        message = f"{recording_id}\n{name}\n{expires}".encode()
-        digest = hmac.new(self._key, message, hashlib.sha256).digest()[:24]
+    def _mac(self, *parts: str) -> str:
+        digest = hmac.new(self._key, "\n".join(parts).encode(), hashlib.sha256).digest()[:24]
         return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
-    def url(self, recording_id: str, name: str, expires: int) -> str:
-        sig = self.signature(recording_id, name, expires)
-        path = "thumbnail" if name == THUMBNAIL_NAME else f"media/{quote(name, safe='')}"
-        return f"/api/recordings/{recording_id}/{path}?exp={expires}&sig={sig}"
+    def playback(self, recording_id: str, grant: Grant, nonce: str | None = None) -> str:
+        """An id for one playback of a Recording by one token (renewing the URLs
+        keeps it: one audit entry per playback and part)."""
+        nonce = nonce or secrets.token_urlsafe(9)
+        return f"{nonce}.{self._mac('playback', recording_id, grant.token_id, nonce)[:16]}"
 
-    def check(self, recording_id: str, name: str, exp: str | None, sig: str | None,
-              now: float | None = None) -> None:
-        if not exp or not sig:
-            raise Unauthorized("media URLs carry exp and sig; get them from "
+    def is_playback(self, value: str, recording_id: str, grant: Grant) -> bool:
+        if not _PLAY.fullmatch(value):
+            return False
+        nonce = value.partition(".")[0]
+        return hmac.compare_digest(value, self.playback(recording_id, grant, nonce))
+
+    @staticmethod
+    def _grant_ref(grant: Grant) -> str:
+        ref = [grant.token_scope, grant.issued_at, list(grant.lineage), grant.participant_id,
+               grant.role.value]
+        raw = json.dumps(ref, separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    def url(self, recording_id: str, name: str, expires: int, grant: Grant,
+            playback: str) -> str:
+        ref = self._grant_ref(grant)
+        sig = self._mac(recording_id, name, str(expires), playback, ref)
+        path = "thumbnail" if name == THUMBNAIL_NAME else f"media/{quote(name, safe='')}"
+        return (f"/api/recordings/{recording_id}/{path}?exp={expires}&play={playback}"
+                f"&g={ref}&sig={sig}")
+
+    def check(self, recording_id: str, name: str, query: Mapping[str, str],
+              now: float | None = None) -> MediaTicket:
+        """The ticket of a media URL: 401 ``token_missing``, ``token_invalid``
+        (malformed, or signed for another file, recording, expiry, playback or
+        grant) or ``token_expired``. Revocation is the caller's next check."""
+        exp, sig, play, ref = (query.get(k) for k in ("exp", "sig", "play", "g"))
+        if not exp or not sig or not play or not ref:
+            raise Unauthorized("media URLs carry exp, play, g and sig; get them from "
                                "GET /api/recordings/{recording}", code="token_missing")
-        if not exp.isdigit() or len(exp) > 12 or len(sig) > 64:
+        if not (_EXP.fullmatch(exp) and _SIG.fullmatch(sig) and _PLAY.fullmatch(play)
+                and _GRANT.fullmatch(ref)):
             raise Unauthorized("malformed media signature", code="token_invalid")
-        expected = self.signature(recording_id, name, int(exp))
+        expected = self._mac(recording_id, name, exp, play, ref)
         if not hmac.compare_digest(expected.encode(), sig.encode()):
             raise Unauthorized("bad media signature", code="token_invalid")
         if int(exp) < (time.time() if now is None else now):
-            raise Unauthorized("this media URL has expired; reload the recording",
+            raise Unauthorized("this media URL has expired; the player fetches new ones",
                                code="token_expired")
+        try:
+            scope, issued_at, lineage, participant, role = json.loads(
+                base64.urlsafe_b64decode(ref + "=" * (-len(ref) % 4)))
+            ticket = MediaTicket(play, tuple(str(t) for t in lineage), str(scope),
+                                 float(issued_at), str(participant), str(role))
+        except (ValueError, TypeError):
+            # Signed by us, so only a bug gets here; still the client's 401.
+            raise Unauthorized("malformed media signature", code="token_invalid") from None
+        return ticket
 
 
 #: The signed name of a Recording's thumbnail.
@@ -207,6 +267,7 @@ class Recordings:
         self._live: dict[str, _Live] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._manifests: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+        self._audited: OrderedDict[tuple[str, str, str], None] = OrderedDict()
 
     # -- lifecycle ------------------------------------------------------------
     def open(self) -> None:
@@ -444,14 +505,33 @@ class Recordings:
             return
         raise Forbidden("this recording belongs to another session", code="wrong_session")
 
-    def expiry(self) -> int:
-        return int(time.time() + self.config.media_url_ttl_s)
+    def expiry(self, grant: Grant) -> int:
+        """When the media URLs minted now for ``grant`` expire: ``media_url_ttl_s``
+        (at most 5 min), never after the grant itself."""
+        return int(min(time.time() + self.config.media_url_ttl_s, grant.expires_at))
 
-    def listed(self, entry: dict[str, Any], expires: int) -> dict[str, Any]:
+    def listed(self, entry: dict[str, Any], expires: int, grant: Grant,
+               playback: str) -> dict[str, Any]:
         out = {k: v for k, v in entry.items() if k not in ("started_unix", "ended_unix")}
-        out["thumbnail"] = (self.signer.url(entry["id"], THUMBNAIL_NAME, expires)
+        out["thumbnail"] = (self.signer.url(entry["id"], THUMBNAIL_NAME, expires, grant,
+                                            playback)
                             if entry.get("thumbnail") else None)
         return out
+
+    def audit_media(self, ticket: MediaTicket, session: Any, recording_id: str, name: str,
+                    address: str | None) -> None:
+        """One audit entry per playback and part, however many Range requests
+        the media element makes (bounded memory: the oldest are forgotten)."""
+        key = (ticket.playback, recording_id, name)
+        if key in self._audited:
+            self._audited.move_to_end(key)
+            return
+        self._audited[key] = None
+        while len(self._audited) > MEDIA_AUDIT_MEMORY:
+            self._audited.popitem(last=False)
+        self.audit.record("recording_media", session=session, recording=recording_id,
+                          part=name, playback=ticket.playback, participant=ticket.participant,
+                          role=ticket.role, token=ticket.token_ids[0], address=address)
 
     def manifest(self, recording_id: str) -> dict[str, Any]:
         """The manifest on disk (cached while unchanged)."""
@@ -473,9 +553,11 @@ class Recordings:
         self._manifests[recording_id] = (key, manifest)
         return dict(manifest)
 
-    def detail(self, recording_id: str, expires: int) -> dict[str, Any]:
+    def detail(self, recording_id: str, expires: int, grant: Grant,
+               playback: str) -> dict[str, Any]:
         """What the player needs: the manifest's Feeds and parts with signed
-        URLs, the consent, and the events (flattened, recorder.replay)."""
+        URLs (for ``grant``, in ``playback``), the consent, and the events
+        (flattened, recorder.replay)."""
         entry = self.entry(recording_id)
         manifest = self.manifest(recording_id)
         feeds = []
@@ -487,18 +569,20 @@ class Recordings:
                     continue
                 parts.append({k: part.get(k) for k in (
                     "index", "file", "start", "duration", "frames", "complete", "width",
-                    "height")} | {"url": self.signer.url(recording_id, name, expires)})
+                    "height")} | {"url": self.signer.url(recording_id, name, expires, grant,
+                                                          playback)})
             feeds.append({"id": feed.get("id"), "kind": feed.get("kind"),
                           "codec": feed.get("codec"), "parts": parts})
         raw = read_events(self._directory(recording_id) / EVENTS, limit=MAX_EVENTS)
         return {
-            "recording": {**self.listed(entry, expires), "feeds": feeds,
+            "recording": {**self.listed(entry, expires, grant, playback), "feeds": feeds,
                           "consent": manifest.get("consent"),
                           "clock_zero_unix": manifest.get("clock_zero_unix"),
                           "started_t": manifest.get("started_t"),
                           "errors": manifest.get("errors") or []},
             "events": player_events(raw),
             "expires_at": expires,
+            "playback": playback,
         }
 
     def media_path(self, recording_id: str, name: str) -> tuple[Path, str]:

@@ -9,7 +9,8 @@ Sessions exist, and each Session's state) lives in the shared store:
 - ``Session.end()`` records "ended" in the store; an admin ending a Session
   live on another Node asks that Node, through the store's events, to end it.
 - Theatres and Sessions from the configuration are live at start, and written
-  to the store like the others.
+  to the store like the others; a configured Session the store says has ended
+  stays ended (a Session id names one Session forever, docs/security.md).
 - Node shutdown ends the local Sessions (the close cascade) but leaves them
   "live" in the store: the same Node (same ``server.node_id``) resumes one
   when its participants reconnect.
@@ -121,6 +122,10 @@ class Registry:
         """A Session live on this Node at once (configuration, the demo, tests);
         recorded as live in the store in the background."""
         check_name("session", session_id)
+        if session_id in self.ended:
+            # A Session id names one Session forever (docs/security.md).
+            raise Gone(f"session {session_id} has ended; its id is not used again",
+                       code="session_ended")
         theatre = self.theatres.get(theatre_id)
         if theatre is None:
             raise NotFound(f"no theatre {theatre_id!r}", code="unknown_theatre")
@@ -279,7 +284,7 @@ class Registry:
         theatre = await self.get_theatre(record.theatre_id)
         return {
             "id": record.id, "title": record.title, "procedure": record.procedure,
-            "state": record.state,
+            "state": record.state, "starts_at": record.starts_at,
             "theatre": theatre.describe() if theatre is not None else
             {"id": record.theatre_id, "name": record.theatre_id, "slots": []},
             "feeds": [],
@@ -299,7 +304,14 @@ class Registry:
             await store.sessions.create_session(record)
         except Conflict:
             existing = await store.sessions.get_session(session.id)
-            if existing is not None and existing.state == "scheduled":
+            if existing is not None and existing.state == "ended":
+                # A configured Session keeps its identity until it ends; after
+                # that its id is never a new Session (old tokens, invites and
+                # recordings name it).
+                logger.warning("session %s ended before this Node started; it stays ended "
+                               "(give the configuration a new id)", session.id)
+                await session.end("this Session has ended")
+            elif existing is not None and existing.state == "scheduled":
                 await store.sessions.set_session_state(session.id, "live")
             elif existing is not None and existing.node_id != self._node_id:
                 logger.warning("session %s is live here and, says the store, on node %s",

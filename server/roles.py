@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 
 
 class Role(enum.StrEnum):
@@ -21,3 +22,15 @@ VIEWERS = frozenset({Role.EXPERT, Role.TRAINEE, Role.RECORDER, Role.ADMIN})
 MODERATORS = frozenset({Role.EXPERT, Role.ADMIN})
 #: May see the list of who is watching, with names.
 ROSTER_READERS = frozenset({Role.EXPERT, Role.ADMIN})
+
+#: The derivation table (docs/security.md): which Roles a token of each Role
+#: may mint tokens of (``GET /api/sessions/{session}/links``). An expert hands
+#: out its own page, encoder (WHIP) and player (WHEP) tokens, never a
+#: reviewer's (recordings) or an admin's.
+MAY_DERIVE: Mapping[Role, frozenset[Role]] = {
+    Role.ADMIN: frozenset(Role),
+    Role.EXPERT: frozenset({Role.EXPERT, Role.TRAINEE}),
+    Role.TRAINEE: frozenset(),
+    Role.REVIEWER: frozenset(),
+    Role.RECORDER: frozenset(),
+}

@@ -9,6 +9,7 @@ Subscriptions; a Subscription closing closes its viewer peer connection.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -27,6 +28,7 @@ from .media import hooks
 from .media.codecs import capabilities_for
 from .media.h264 import H264Stream, fit_h264_publisher, inspect_frame
 from .media.hooks import FrameSink
+from .media.layers import LowLayerMaker
 from .media.peers import GONE_CLOSED, PeerFactory, negotiated_codecs
 from .media.plane import DropReason
 from .media.sdp import add_bitrate_hints, check_offer
@@ -50,6 +52,14 @@ ENDED_RESOURCE_MEMORY_S = 60.0
 
 #: The slot whose audio is the Session's narration (docs/protocol.md).
 NARRATION_SLOT = "narration"
+
+
+def _no_remb(bitrate: int) -> int | None:
+    return None
+
+
+def _plus(extra: int, bitrate: int) -> int | None:
+    return bitrate + extra
 
 
 def _new_id() -> str:
@@ -171,6 +181,8 @@ class Session:
         self._count = count or (lambda what, label: None)
         self._watch_stream = watch_stream
         self._unwatch_feeds: dict[int, Callable[[], None]] = {}
+        #: Low layers this Node makes (decode once, encode once), by full Feed id.
+        self._makers: dict[str, LowLayerMaker] = {}
         #: Awaited by end() after the close cascade (the recorder stopping).
         self.end_hooks: list[Callable[[], Awaitable[None]]] = []
         #: Drawings, steps, questions, chat, hands, the trainee microphone.
@@ -280,13 +292,18 @@ class Session:
                               max_media=limits.max_media_sections,
                               allowed_networks=self._peers.allowed_networks,
                               want_direction="send")
-        if len(set(summary.kinds)) != len(summary.kinds):
-            raise Unprocessable("a slot carries at most one video and one audio track",
+        if summary.kinds.count("audio") > 1 or summary.kinds.count("video") > 2:
+            raise Unprocessable("a slot carries one audio track and one video track, "
+                                "optionally with a low layer (a second video section)",
                                 code="sdp_duplicate_kind")
+        with_low = summary.kinds.count("video") == 2
+        if with_low and slot == MIC_SLOT:
+            raise Unprocessable("the trainee microphone carries audio only",
+                                code="sdp_kind_mismatch")
         if slot == MIC_SLOT and summary.kinds != ["audio"]:
             raise Unprocessable("the trainee microphone carries audio only",
                                 code="sdp_kind_mismatch")
-        new_feeds = [k for k in summary.kinds if f"{slot}.{k}" not in self.feeds]
+        new_feeds = [k for k in set(summary.kinds) if f"{slot}.{k}" not in self.feeds]
         live = sum(1 for f in self.feeds.values() if f.state != "closed")
         if live + len(new_feeds) > limits.max_feeds_per_session:
             raise Conflict(f"session has its maximum of {limits.max_feeds_per_session} feeds",
@@ -294,8 +311,9 @@ class Session:
 
         pc = self._peers.create()
         offer = summary.text
-        relabel: Callable[[str], str] = lambda text: text  # noqa: E731
+        relabels: list[Callable[[str], str]] = []
         labelled: H264Stream | None = None
+        videos = 0
         try:
             for kind in summary.kinds:
                 transceiver = pc.addTransceiver(kind, direction="recvonly")
@@ -315,9 +333,15 @@ class Session:
                     transceiver.setCodecPreferences(preferred)
                 codec_cap = next(c for c in preferred if not c.mimeType.lower().endswith("/rtx"))
                 if codec_cap.mimeType.lower() == "video/h264":
-                    offer, relabel, labelled = fit_h264_publisher(
-                        offer, str(codec_cap.parameters.get("profile-level-id", "42e01f")))
-            answer = relabel(await self._peers.answer(pc, offer))
+                    offer, relabel, stream = fit_h264_publisher(
+                        offer, str(codec_cap.parameters.get("profile-level-id", "42e01f")),
+                        nth=videos)
+                    relabels.append(relabel)
+                    labelled = labelled if videos else stream  # the full layer's label
+                videos += kind == "video"
+            answer = await self._peers.answer(pc, offer)
+            for relabel in relabels:
+                answer = relabel(answer)
             codecs = negotiated_codecs(answer)
             # The microphone may have been taken back, or someone else taken the
             # slot, while we answered.
@@ -345,11 +369,30 @@ class Session:
 
             ingest = Ingest(_new_id(), slot, grant.participant_id, pc, via=via, name=name)
             ingest.grant = grant
+            full: Feed | None = None
+            full_receiver: RTCRtpReceiver | None = None
+            low_mids: set[str] = set()
             for transceiver in pc.getTransceivers():
                 codec = codecs.get(transceiver.mid or "")
                 if codec is None or transceiver.kind not in ("audio", "video"):
                     continue
-                feed = self._feed_for(slot, transceiver.kind, codec)
+                if transceiver.kind == "video" and full is not None:
+                    # The second video section: this camera's low layer. A browser
+                    # page holds it to its bitrate itself (sendEncodings) and reads
+                    # any REMB as the whole connection's: this receiver sends none.
+                    # Other publishers are held to it by a REMB naming its SSRC.
+                    feed = self._low_feed_for(full, codec, published=True)
+                    low_bps = self._config.media.low_layer_max_kbps * 1000
+                    if via == "page" and full_receiver is not None:
+                        hooks.adjust_remb(transceiver.receiver, _no_remb)
+                        hooks.adjust_remb(full_receiver, functools.partial(_plus, low_bps))
+                    else:
+                        hooks.adjust_remb(transceiver.receiver, functools.partial(min, low_bps))
+                        low_mids.add(transceiver.mid or "")
+                else:
+                    feed = self._feed_for(slot, transceiver.kind, codec)
+                    if transceiver.kind == "video":
+                        full, full_receiver = feed, transceiver.receiver
                 receiver = transceiver.receiver
                 sink = feed.connect_publisher(ingest.keyframe_requester(receiver))
                 if codec.mimeType.lower() == "video/h264":
@@ -361,6 +404,8 @@ class Session:
                 ingest.feeds.append(feed)
             if not ingest.feeds:
                 raise Unprocessable("no usable media in the offer", code="sdp_no_codec")
+            if full is not None and not with_low:
+                self._without_published_low(full)
             await pc.setLocalDescription(RTCSessionDescription(answer, "answer"))
         except BaseException:
             await pc.close()
@@ -371,8 +416,13 @@ class Session:
         logger.info("session %s: %s publishes slot %s (%s)", self.id, grant.participant_id, slot,
                     ", ".join(f"{f.id} {f.codec.mimeType}" for f in ingest.feeds))
         media = self._config.media
-        return add_bitrate_hints(answer, media.min_bitrate_kbps, media.start_bitrate_kbps,
-                                 media.max_bitrate_kbps), ingest
+        # A browser's hints count for its whole connection: with a low layer in
+        # it, the full layer keeps its range only if the low layer's is added.
+        extra = media.low_layer_max_kbps if with_low and via == "page" else 0
+        return add_bitrate_hints(answer, media.min_bitrate_kbps + extra,
+                                 media.start_bitrate_kbps + extra,
+                                 media.max_bitrate_kbps + extra, frozenset(low_mids),
+                                 media.low_layer_max_kbps), ingest
 
     def _inspect_h264(self, ingest: Ingest, feed: Feed, sink: FrameSink) -> FrameSink:
         """Learn what the publisher's H.264 really is (viewers are matched against its
@@ -439,6 +489,58 @@ class Session:
             self._unwatch_feeds[id(feed)] = self._watch_stream(feed.check_stall)
         return feed
 
+    def _low_feed_for(self, full: Feed, codec: RTCRtpCodecParameters, *,
+                      published: bool) -> Feed:
+        """The low layer of ``full``: its own Feed, linked, never in ``self.feeds``
+        (pages, the recorder and links see cameras, not layers)."""
+        maker = self._makers.pop(full.id, None)
+        if maker is not None and published:
+            maker.stop()  # the publisher sends its own low layer now
+            if full.low is not None:
+                full.low.publisher_gone(final=False, reason="the publisher sends its own")
+        low = full.low
+        if low is None or low.state == "closed":
+            low = Feed(feed_id=f"{full.id}.low", slot=full.slot, kind="video", codec=codec,
+                       media=self._config.media, liveness=self._config.liveness,
+                       on_state=self._low_changed, on_closed=self._feed_closed,
+                       on_dropped=self._downstream_dropped, layer="low")
+            full.low = low
+            if self._watch_stream is not None:
+                self._unwatch_feeds[id(low)] = self._watch_stream(low.check_stall)
+        elif low.codec.mimeType.lower() != codec.mimeType.lower():
+            raise Unprocessable(f"the low layer must use the full layer's codec "
+                                f"({full.codec.mimeType})", code="codec_mismatch")
+        return low
+
+    def _without_published_low(self, full: Feed) -> None:
+        """A camera published without a low layer: close a published one it had;
+        the server makes one instead when configured to."""
+        low = full.low
+        if full.id in self._makers:
+            return
+        if low is not None and low.state != "closed" and not self._config.media.server_low_layer:
+            low.close("the publisher no longer sends a low layer")
+            full.low = None
+            self._feed_changed(full)
+            return
+        if not self._config.media.server_low_layer:
+            return
+        low = self._low_feed_for(full, full.codec, published=False)
+        maker = LowLayerMaker(feed_id=full.id, mime_type=full.mime_type,
+                              request_full_keyframe=lambda: full.request_keyframe(
+                                  f"low-layer:{full.id}"),
+                              bitrate=self._config.media.low_layer_max_kbps * 1000)
+        self._makers[full.id] = maker
+        maker.start(low.connect_publisher(maker.request_keyframe))
+        full.attach(maker, start="keyframe")
+        logger.info("session %s: making a low layer of %s on this Node", self.id, full.id)
+
+    def _low_changed(self, low: Feed) -> None:
+        self._count("feed", low.state)
+        full = self.feeds.get(low.slot + ".video")
+        if full is not None and full.low is low and full.state != "closed":
+            self._emit({"type": "feed", "feed": self.describe_feed(full)})
+
     def _feed_changed(self, feed: Feed) -> None:
         self._count("feed", feed.state)
         self._emit({"type": "feed", "feed": self.describe_feed(feed)})
@@ -450,6 +552,11 @@ class Session:
         unwatch = self._unwatch_feeds.pop(id(feed), None)
         if unwatch is not None:
             unwatch()
+        maker = self._makers.pop(feed.id, None)
+        if maker is not None:
+            maker.stop()
+        if feed.layer == "low":
+            return
         if self.feeds.get(feed.id) is feed:
             del self.feeds[feed.id]
         self._totals["frames_received"] += feed.frames_received
@@ -499,24 +606,25 @@ class Session:
         feed = self.feeds.get(feed_id)
         return feed is not None and feed.kind == "video" and feed.state != "closed"
 
-    def close_revoked(self, *, invite: str | None, before: float | None) -> int:
-        """A revocation: close the media of tokens it covers (WHIP and WHEP
-        included, not only websockets). Returns how many were closed."""
-        def revoked(grant: Grant | None) -> bool:
-            return grant is not None and (
-                (invite is not None and grant.token_id == invite)
-                or (before is not None and grant.issued_at < before))
-
+    def close_revoked(self, revoked: Callable[[Grant], bool]) -> int:
+        """A revocation: close the media of the grants ``revoked`` matches (WHIP
+        and WHEP included, not only websockets). Returns how many were closed."""
         closed = 0
         for subscription in list(self.subscriptions.values()):
-            if revoked(subscription.grant):
+            if subscription.grant is not None and revoked(subscription.grant):
                 self._track(subscription.close("revoked"))
                 closed += 1
         for ingest in list(self.ingests.values()):
-            if revoked(ingest.grant):
+            if ingest.grant is not None and revoked(ingest.grant):
                 self._track(self._close_ingest(ingest, final=True, reason="access revoked"))
                 closed += 1
         return closed
+
+    def live_grants(self) -> set[Grant]:
+        """The grants behind this Session's open media (the periodic revocation
+        re-check looks them up)."""
+        grants = {s.grant for s in self.subscriptions.values() if s.grant is not None}
+        return grants | {i.grant for i in self.ingests.values() if i.grant is not None}
 
     async def _close_ingest(self, ingest: Ingest, *, final: bool, reason: str) -> None:
         if self.ingests.pop(ingest.id, None) is not None:
@@ -602,7 +710,9 @@ class Session:
             max_queue=self._config.media.keyframe_cache_max_frames
             + self._config.media.viewer_queue_frames,
             fast_path=self._config.media.fast_path,
-            on_closed=self._subscription_closed, on_first_frame=self._on_first_frame)
+            on_closed=self._subscription_closed, on_first_frame=self._on_first_frame,
+            on_layer=self._layer_changed, on_state=self._subscription_changed,
+            adaptive=self._config.media.adaptive_layers)
             for feed in feeds]
         try:
             answer = await peer.negotiate(subscriptions, summary.text, self._peers.answer)
@@ -627,6 +737,17 @@ class Session:
     def _peer_gone(self, subscriptions: list[Subscription], reason: str) -> None:
         for subscription in subscriptions:
             self._viewer_gone(subscription, reason)
+
+    def _subscription_changed(self, subscription: Subscription) -> None:
+        self._count("subscription", subscription.state)
+        logger.info("session %s: subscription %s of %s %s", self.id, subscription.id,
+                    subscription.feed_id, subscription.state)
+
+    def _layer_changed(self, subscription: Subscription, layer: str, reason: str) -> None:
+        self._count("layer", layer)
+        self._emit({"type": "layer", "subscription": subscription.id,
+                    "feed": subscription.feed_id, "layer": layer, "reason": reason,
+                    "participant_id": subscription.participant_id})
 
     def _viewer_gone(self, subscription: Subscription, reason: str) -> None:
         """The viewer's connection failed, went quiet, or closed under us."""

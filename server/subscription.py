@@ -36,15 +36,16 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from .errors import Unprocessable
 from .media import hooks
 from .media.codecs import capabilities_for
-from .media.fastpath import FastSender, negotiated_from
+from .media.fastpath import FastSender, negotiated_from, vp8_picture_id
 from .media.h264 import (
     DEFAULT_PROFILE_LEVEL_ID,
     H264Refusal,
     H264Stream,
     choose_viewer_codec,
 )
+from .media.layers import Layer, LayerController, Preference
 from .media.peers import negotiated_codecs
-from .media.plane import DropReason, EncodedFrame, FrameQueue
+from .media.plane import DropReason, EncodedFrame, FrameQueue, Start
 from .media.sdp import h264_payloads, keep_one_h264, relabel_h264, section_index
 
 if TYPE_CHECKING:
@@ -142,8 +143,38 @@ class ViewerPeer:
             await self.pc.close()
 
 
+#: A gap left in a viewer's outgoing timeline when it moves to another layer
+#: (about one frame), so its decoder sees time go on, never back.
+_SWITCH_STEP = {"video": 3000, "audio": 960}
+
+
+class _Port:
+    """One Subscription's attachment to one layer's Feed (a seam downstream)."""
+
+    __slots__ = ("feed", "layer", "picture_id_offset", "pts_offset", "sub")
+
+    def __init__(self, sub: Subscription, feed: Feed, layer: Layer) -> None:
+        self.sub = sub
+        self.feed = feed
+        self.layer: Layer = layer
+        self.pts_offset = 0
+        self.picture_id_offset = 0
+
+    @property
+    def downstream_id(self) -> str:
+        base = f"viewer:{self.sub.id}"
+        return base if self.layer == "full" else f"{base}:{self.layer}"
+
+    def deliver(self, frame: EncodedFrame) -> None:
+        self.sub._from_port(self, frame)
+
+    def dropped(self, reason: DropReason) -> None:
+        self.sub._port_dropped(self, reason)
+
+
 class Subscription:
-    """See the module docstring."""
+    """See the module docstring. One camera (or audio) Feed to one viewer, on
+    one outgoing stream, from whichever layer suits the viewer's link."""
 
     def __init__(
         self,
@@ -156,6 +187,10 @@ class Subscription:
         fast_path: bool,
         on_closed: Callable[[Subscription], None],
         on_first_frame: Callable[[float], None] | None = None,
+        on_layer: Callable[[Subscription, Layer, str], None] | None = None,
+        on_state: Callable[[Subscription], None] | None = None,
+        adaptive: bool = True,
+        preference: Preference = "auto",
     ) -> None:
         self.id = subscription_id
         self.feed_id = feed.id
@@ -175,39 +210,162 @@ class Subscription:
         self.first_frame_at: float | None = None
         #: The token it was made with (revocation closes it); set by the Session.
         self.grant: Any = None
+        #: What the viewer asked for ("auto": follow its link) and what it gets.
+        self.preference: Preference = preference
+        self.layer: Layer = "full"
+        self.layer_switches = 0
+        #: The viewer's last feedback: loss (0-1), REMB (bit/s), RTT (s).
+        self.loss = 0.0
+        self.remb_bps: float | None = None
+        self.rtt_s: float | None = None
         self._feed = feed
         self._fast_path = fast_path
         self._on_closed = on_closed
         self._on_first_frame = on_first_frame
+        self._on_layer = on_layer
+        self._on_state = on_state
+        self._adaptive = adaptive and feed.kind == "video"
+        self.controller = LayerController()
         self._queue = FrameQueue(max_frames=max_queue, video=feed.kind == "video")
         self.track = ForwardTrack(feed.kind, self._queue, on_sent=self._count)
         self._fast: FastSender | None = None
         self._connected = False
-        self._attached = False
+        #: The port frames go out from, and the one waiting for its first keyframe.
+        self._current: _Port | None = None
+        self._target: _Port | None = None
+        self._last_pts = 0
+        self._last_picture_id: int | None = None
         self._closing: asyncio.Task[None] | None = None
-
-    # -- the seam's Downstream ----------------------------------------------
-    @property
-    def downstream_id(self) -> str:
-        return f"viewer:{self.id}"
 
     @property
     def path(self) -> str:
         """How frames leave: "fast" (shared packetization) or "sender" (aiortc's)."""
         return "fast" if self._fast is not None else "sender"
 
-    def deliver(self, frame: EncodedFrame) -> None:
+    # -- frames from the seam ---------------------------------------------------
+    def _from_port(self, port: _Port, frame: EncodedFrame) -> None:
+        if port is not self._current:
+            if port is not self._target:
+                return
+            self._switch(port, frame)  # the target layer's first keyframe
+        pts = frame.pts + port.pts_offset
         fast = self._fast
         if fast is not None:
-            fast.send_frame(frame.payloads, frame.pts)  # raises DownstreamGone
+            fast.send_frame(frame.payloads, pts, port.picture_id_offset)  # may raise Gone
+            if self._vp8:
+                self._last_picture_id = _first_picture_id(frame, port.picture_id_offset)
+            self._last_pts = pts
             self._count(frame)
             return
+        if port.pts_offset:
+            frame = _shifted(frame, pts)
+        self._last_pts = pts
         self._queue.put(frame)  # raises DownstreamBehind when it had to skip
         self.track.wake()
 
-    def dropped(self, reason: DropReason) -> None:
-        self._attached = False
+    def _switch(self, port: _Port, frame: EncodedFrame) -> None:
+        """Continue the outgoing stream from ``port``'s layer at ``frame`` (a keyframe)."""
+        old, self._current, self._target = self._current, port, None
+        if old is not None:
+            port.pts_offset = self._last_pts + _SWITCH_STEP[self.kind] - frame.pts
+            if self._vp8 and self._last_picture_id is not None:
+                first = _first_picture_id(frame, 0)
+                if first is not None:
+                    port.picture_id_offset = (self._last_picture_id + 1 - first) & 0x7FFF
+            old.feed.detach(old, "closed")
+            if self._fast is not None:
+                self._fast.new_epoch()
+        self.layer = port.layer
+        self.layer_switches += 1
+        self.controller.start(port.layer)
+        if self._on_layer is not None:
+            self._on_layer(self, port.layer, "switched")
+
+    @property
+    def _vp8(self) -> bool:
+        return self._feed.mime_type.lower() == "video/vp8"
+
+    def _port_dropped(self, port: _Port, reason: DropReason) -> None:
+        if port is self._target:
+            self._target = None
+            if self._current is not None and self.state != "paused":
+                self._current.feed.resume(self._current)  # it was held for the switch
+            return
+        if port is not self._current:
+            return
+        self._current = None
+        if port.layer == "low" and reason == "feed_closed" and self.state != "closed":
+            # The low layer went away (the publisher stopped sending it): back
+            # to the full one, from its next keyframe.
+            self._attach_layer("full", start="keyframe")
+            return
         self.close(reason)
+
+    # -- layers -------------------------------------------------------------------
+    def _layer_feed(self, layer: Layer) -> Feed | None:
+        if layer == "full":
+            return self._feed
+        low = self._feed.low
+        return low if low is not None and low.state != "closed" else None
+
+    def _attach_layer(self, layer: Layer, *, start: Start) -> None:
+        feed = self._layer_feed(layer)
+        if feed is None:
+            feed, layer = self._feed, "full"
+        port = _Port(self, feed, layer)
+        if self._current is None:
+            self._current = port
+            self.layer = layer
+            self.controller.start(layer)
+        else:
+            self._target = port
+        feed.attach(port, start=start)
+
+    def set_preference(self, preference: Preference) -> None:
+        """The viewer pins a layer ("full", "low") or lets its link decide ("auto")."""
+        if self.kind != "video":
+            return
+        self.preference = preference
+        wanted: Layer = self.controller.layer if preference == "auto" else preference
+        self._move(wanted, f"asked for {preference}")
+
+    def _move(self, layer: Layer, reason: str) -> None:
+        """Start moving to ``layer`` at its next keyframe (asked for through its policy)."""
+        if self._current is None or self.state in ("closed", "paused"):
+            self.layer = layer if self._layer_feed(layer) is not None else "full"
+            return
+        target = self._target.layer if self._target is not None else self._current.layer
+        if layer == target or self._layer_feed(layer) is None:
+            return
+        if self._target is not None:
+            self._target.feed.detach(self._target, "closed")
+            self._target = None
+            self._current.feed.resume(self._current)
+        if layer == self._current.layer:
+            return
+        logger.info("subscription %s: %s -> %s layer (%s)", self.id, self._current.layer, layer,
+                    reason)
+        if layer == "low" and self.preference == "auto":
+            # The link is overloaded: stop filling it with the full layer now, so
+            # the low layer's keyframe (and its retransmissions) get through.
+            self._current.feed.pause(self._current)
+        self._attach_layer(layer, start="keyframe")
+
+    def on_feedback(self, loss: float, jitter: int, rtt: float | None) -> None:
+        """A receiver report from the viewer: maybe move between layers."""
+        self.loss = loss
+        if rtt is not None:
+            self.rtt_s = rtt
+        if not self._adaptive or self.preference != "auto" or self._feed.low is None:
+            return
+        full_bps = self._feed.bitrate_bps or None
+        wanted = self.controller.on_report(loss, self.remb_bps, full_bps)
+        if wanted is not None:
+            self._move(wanted, f"loss {loss:.0%}, REMB "
+                       f"{'-' if self.remb_bps is None else f'{self.remb_bps / 1000:.0f}'} kbit/s")
+
+    def on_remb(self, bitrate: float) -> None:
+        self.remb_bps = bitrate
 
     # -- negotiation ----------------------------------------------------------
     def add_to(self, pc: RTCPeerConnection) -> Any:
@@ -236,18 +394,26 @@ class Subscription:
                                                    choice.profile_level_id)
 
     def bind(self, transceiver: Any, answer: aiortc_sdp.SessionDescription) -> None:
-        """What our answer fixed for this transceiver: codec, fast path, PLI route."""
+        """What our answer fixed for this transceiver: codec, fast path, feedback."""
         feed = self._feed
         negotiated = negotiated_codecs(answer).get(transceiver.mid or "")
         if negotiated is None or negotiated.mimeType.lower() != feed.mime_type.lower():
             raise Unprocessable(f"viewer cannot receive {feed.mime_type}, which "
                                 f"{feed.id} is published in", code="codec_mismatch")
         hooks.redirect_keyframe_requests(transceiver.sender, self.on_keyframe_request)
+        if self.kind == "video":
+            hooks.observe_viewer_feedback(transceiver.sender, self.on_feedback, self.on_remb)
         if self._fast_path:
             media = next(m for m in answer.media if m.rtp.muxId == transceiver.mid)
             self._fast = FastSender(transceiver.sender,
                                     negotiated_from(media, transceiver.mid or ""),
-                                    ntp_clock=feed.ntp_at)
+                                    ntp_clock=self._ntp_at)
+
+    def _ntp_at(self, pts: int) -> int | None:
+        port = self._current
+        if port is None:
+            return None
+        return port.feed.ntp_at(pts - port.pts_offset)
 
     async def negotiate(self, offer: str, answer: Answerer) -> str:
         """Answer the viewer's offer for this Subscription's Feed alone."""
@@ -264,41 +430,52 @@ class Subscription:
             logger.info("subscription %s: fast path unavailable, using aiortc's sender",
                         self.id)
             self._fast = None
-        self._attach()
+        self._start()
 
-    def _attach(self) -> None:
-        if self._connected and not self._attached and self.state not in ("closed", "paused"):
-            self._attached = True
-            self._feed.attach(self, start="cache")
+    def _start(self) -> None:
+        if self._connected and self._current is None and self.state not in ("closed", "paused"):
+            layer: Layer = "low" if self.preference == "low" else "full"
+            self._attach_layer(layer, start="cache")
 
     # -- viewer feedback ------------------------------------------------------
     def on_keyframe_request(self) -> None:
         """The viewer lost a picture (PLI/FIR): through the Feed's policy."""
-        self._feed.request_keyframe(self.downstream_id)
+        port = self._current
+        if port is not None:
+            port.feed.request_keyframe(port.downstream_id)
 
     def pause(self) -> None:
         """Stop sending (a hidden video); the connection stays up."""
         if self.state in ("closed", "paused"):
             return
-        self.state = "paused"
-        if self._attached:
-            self._feed.pause(self)
+        self._set_state("paused")
+        if self._target is not None:
+            self._target.feed.detach(self._target, "closed")
+            self._target = None
+        if self._current is not None:
+            self._current.feed.pause(self._current)
         self._queue.clear()
 
     def resume(self) -> None:
         if self.state != "paused":
             return
-        self.state = "flowing" if self.first_frame_at is not None else "waiting"
-        if self._attached:
-            self._feed.resume(self)
+        self._set_state("flowing" if self.first_frame_at is not None else "waiting")
+        if self._current is not None:
+            self._current.feed.resume(self._current)
         else:
-            self._attach()  # paused before its connection came up: start from the cache
+            self._start()  # paused before its connection came up: start from the cache
+
+    def _set_state(self, state: SubscriptionState) -> None:
+        if state != self.state:
+            self.state = state
+            if self._on_state is not None:
+                self._on_state(self)
 
     def _count(self, frame: EncodedFrame) -> None:
         if self.first_frame_at is None:
             self.first_frame_at = time.monotonic()
             if self.state == "waiting":
-                self.state = "flowing"
+                self._set_state("flowing")
             if self._on_first_frame is not None:
                 self._on_first_frame(self.first_frame_at - self.created_at)
         self.frames_forwarded += 1
@@ -311,9 +488,10 @@ class Subscription:
         if self._closing is None:
             self.state = "closed"
             self.close_reason = reason
-            if self._attached:
-                self._attached = False
-                self._feed.detach(self, reason)
+            for port in (self._current, self._target):
+                if port is not None:
+                    port.feed.detach(port, reason)
+            self._current = self._target = None
             self.track.stop()
             self._closing = asyncio.ensure_future(self._close())
         return self._closing
@@ -326,4 +504,22 @@ class Subscription:
         self._on_closed(self)
 
     def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "feed": self.feed_id, "state": self.state, "path": self.path}
+        return {"id": self.id, "feed": self.feed_id, "state": self.state, "path": self.path,
+                "layer": self.layer, "preference": self.preference}
+
+
+def _first_picture_id(frame: EncodedFrame, offset: int) -> int | None:
+    if not frame.payloads:
+        return None
+    picture_id = vp8_picture_id(frame.payloads[0])
+    return None if picture_id is None else (picture_id + offset) & 0x7FFF
+
+
+def _shifted(frame: EncodedFrame, pts: int) -> EncodedFrame:
+    """The same frame at another pts, for aiortc's sender (which reads the packet's)."""
+    packet = av.Packet(frame.data)
+    packet.pts = pts
+    if frame.packet is not None:
+        packet.time_base = frame.packet.time_base
+    return EncodedFrame(data=frame.data, pts=pts, keyframe=frame.keyframe,
+                        received_at=frame.received_at, wall=frame.wall, packet=packet)

@@ -8,9 +8,10 @@ microphone, loopback ICE, no mDNS candidates, no network chatter.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,47 @@ async def wait_js(page: Page, expression: str, arg: Any = None, timeout_s: float
     handle = await page.wait_for_function(expression, arg=arg, polling=100,
                                           timeout=timeout_s * 1000)
     return await handle.json_value()
+
+
+#: True once the element's box was the same at two polls in a row and no CSS
+#: transition or animation moves it: layout has settled (a card grew, a viewport changed).
+SETTLED_BOX_JS = """
+(selector) => {
+  const el = document.querySelector(selector);
+  if (!el) return false;
+  const r = el.getBoundingClientRect();
+  const box = [r.x, r.y, r.width, r.height].join();
+  const seen = (window.__settledBoxes = window.__settledBoxes || {});
+  const same = seen[selector] === box;
+  seen[selector] = box;
+  // Transitions or animations of the element, its ancestors or its children move it.
+  const moving = document.getAnimations().some((a) => {
+    const target = a.effect && a.effect.target;
+    return a.playState === 'running' && target instanceof Element
+      && (target.contains(el) || el.contains(target));
+  });
+  return same && r.width > 0 && r.height > 0 && !moving;
+}
+"""
+
+
+async def wait_settled(page: Page, selector: str, timeout_s: float = 10.0) -> None:
+    """Until ``selector``'s layout has settled (no fixed pause: it waits for the fact)."""
+    await page.evaluate("(s) => { if (window.__settledBoxes) delete window.__settledBoxes[s]; }",
+                        selector)
+    await wait_js(page, SETTLED_BOX_JS, selector, timeout_s=timeout_s)
+
+
+async def wait_until(check: Callable[[], Awaitable[str]], timeout_s: float = 15.0) -> None:
+    """Poll an async ``check`` (returns '' when done, else why it is not)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        reason = await check()
+        if not reason:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s: {reason}")
+        await asyncio.sleep(0.1)
 
 
 #: framesDecoded (and friends) of the inbound stream of a subscribed Feed.

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import gc
+import logging
+import secrets
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,15 +24,65 @@ from aiortc.mediastreams import MediaStreamTrack
 from server.app import create_app
 from server.config import Config, load_config
 from server.http.common import REGISTRY, TOKENS
+from server.http.guard import NodeRunner
 from server.media.hooks import advertise_host_addresses
 from server.registry import Registry
 from server.roles import Role
 from server.session import Session
 from server.theatre import Theatre
-from server.tokens import TokenAuthority
+from server.tokens import NODE_WIDE, TokenAuthority
 
 LOOPBACK = ["127.0.0.1"]
 _RECORDINGS_PARENT: list[str] = []
+
+# -- the canary (docs/security.md, "Logs") -----------------------------------------------
+#: Every test server also verifies with this key, so the canary token works on
+#: each; ``admin_token(server)`` hands it out, so it travels through most of the
+#: suite, and an autouse check fails any test whose logs show it.
+CANARY_KEY = "canary:" + "c4n4ry-k3y-" * 4
+#: A node-wide admin token (named like the suite's other admin tokens).
+CANARY_TOKEN = TokenAuthority([CANARY_KEY]).issue(
+    NODE_WIDE, Role.ADMIN, name="Ada Admin", token_id="canary-admin", ttl_s=12 * 3600)
+#: A media URL signature (32 URL-safe characters: well-formed, never valid).
+CANARY_SIGNATURE = "CaNaRy-sIg-0123456789abcdefABCDE"
+#: What must never appear in a log line: any segment of the token (its header
+#: names the canary key, so even an echo cut short after it shows), the signature.
+CANARY_SECRETS = (*CANARY_TOKEN.split("."), CANARY_SIGNATURE)
+
+
+@dataclass(frozen=True)
+class Canary:
+    token: str
+    signature: str
+    secrets: tuple[str, ...]
+
+    def leaks(self, text: str) -> list[str]:
+        return [secret for secret in self.secrets if secret in text]
+
+
+@pytest.fixture(scope="session")
+def canary() -> Canary:
+    return Canary(CANARY_TOKEN, CANARY_SIGNATURE, CANARY_SECRETS)
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_reaches_a_log(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every test: the access log and the server's own lines are captured (INFO),
+    and none may carry the canary."""
+    for name in ("aiohttp.access", "aiohttp.server", "aiohttp.web", "server", "recorder"):
+        caplog.set_level(logging.INFO, logger=name)
+    # `scrubin …` run in-process (logs.configure) gives the root logger a
+    # handler on this test's captured stderr, closed after it: drop it.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers[:]:
+        if type(handler) is logging.StreamHandler and handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    leaked = [line for line in caplog.text.splitlines()
+              if any(secret in line for secret in CANARY_SECRETS)]
+    assert not leaked, f"a secret reached the logs: {leaked[:3]}"
 
 
 def _recordings_parent() -> str:
@@ -52,6 +104,9 @@ def make_config(**sections: dict[str, Any]) -> Config:
     sections.setdefault("recording", {}).setdefault(
         "root", tempfile.mkdtemp(prefix="recordings-", dir=_recordings_parent()))
     sections["server"].setdefault("host", "127.0.0.1")
+    # A key of the server's own signs (as in production); the canary's verifies.
+    sections.setdefault("auth", {}).setdefault(
+        "signing_keys", [f"test:{secrets.token_urlsafe(33)}", CANARY_KEY])
     return load_config(None, env={}, **sections)
 
 
@@ -78,7 +133,7 @@ class Server:
 
 async def start_server(config: Config) -> tuple[Server, web.AppRunner]:
     app = create_app(config)
-    runner = web.AppRunner(app, shutdown_timeout=2)
+    runner = NodeRunner(app, shutdown_timeout=2)
     await runner.setup()
     await web.TCPSite(runner, config.server.host, config.server.port).start()
     server = Server(app, config, f"http://127.0.0.1:{config.server.port}")

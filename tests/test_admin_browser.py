@@ -79,7 +79,7 @@ async def test_admin_creates_a_session_and_an_invite_whose_link_opens_the_watch_
     # Scheduled: the page waits and retries; the admin starts the Session.
     await admin.click('tr[data-session="or7-am"] button[data-action="start"]')
     await wait_js(admin, "() => document.querySelector('tr[data-session=\"or7-am\"] .pill')"
-                         ".textContent === 'live'")
+                         ".textContent === 'Live'")
     await wait_js(trainee, "() => window.scrubin && window.scrubin.client.state === 'open'",
                   timeout_s=30)
     session = live_server.registry.sessions["or7-am"]

@@ -7,8 +7,6 @@ what the server receives, and what Chromium says it sends.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -16,7 +14,7 @@ from playwright.async_api import Browser
 
 from server.roles import Role
 
-from .browser_helpers import chromium, chromium_available, open_page, wait_js
+from .browser_helpers import chromium, chromium_available, open_page, wait_js, wait_until
 from .conftest import Server, wait_for
 
 pytestmark = [
@@ -30,10 +28,13 @@ async () => {
   const pub = [...window.scrubin.client.publications.values()].find((p) => p.slot === 'room');
   if (!pub || !pub.pc) return null;
   let out = null;
+  // The camera's full layer: the larger of its two video streams (the other is its low layer).
   (await pub.pc.getStats()).forEach((r) => {
-    if (r.type === 'outbound-rtp' && r.kind === 'video') {
+    if (r.type === 'outbound-rtp' && r.kind === 'video'
+        && (!out || (r.frameHeight || 0) > out.height)) {
       out = {width: r.frameWidth || 0, height: r.frameHeight || 0, fps: r.framesPerSecond || 0,
-             limitation: r.qualityLimitationReason || '', target: r.targetBitrate || 0};
+             limitation: r.qualityLimitationReason || '', target: r.targetBitrate || 0,
+             framesSent: r.framesSent || 0, bytesSent: r.bytesSent || 0, at: r.timestamp};
     }
   });
   return out;
@@ -61,23 +62,37 @@ async def test_720p_camera_reaches_camera_bitrate_and_frame_rate(
     await wait_for(lambda: "" if "room.video" in session.feeds else "no feed")
     feed = session.feeds["room.video"]
 
-    # Let the encoder ramp up, then measure a window on the server's side.
-    await asyncio.sleep(6)
-    bytes0, frames0, t0 = feed.bytes_received, feed.frames_received, time.monotonic()
-    await asyncio.sleep(5)
-    seconds = time.monotonic() - t0
-    kbps = (feed.bytes_received - bytes0) * 8 / seconds / 1000
-    fps = (feed.frames_received - frames0) / seconds
-    sent = await page.evaluate(OUTBOUND_JS)
-    print(f"publisher: {kbps:.0f} kbit/s, {fps:.1f} fps received; browser reports {sent}")
+    # The encoder ramps up to what the answer's hints allow (it never would
+    # without them), then a window of 150 frames: rates on the browser's own
+    # clock (its stats' timestamps, not this test's scheduling on a busy
+    # machine), and the server must have received what the browser sent.
+    async def ramped() -> str:
+        sent = await page.evaluate(OUTBOUND_JS)
+        return "" if sent and sent["target"] >= 1_500_000 and sent["width"] == 1280 else (
+            f"encoder at {sent}")
 
-    assert sent is not None and (sent["width"], sent["height"]) == (1280, 720), sent
+    await wait_until(ramped, timeout_s=30)
+    frames0 = feed.frames_received
+    first = await page.evaluate(OUTBOUND_JS)
+    await wait_for(lambda: "" if feed.frames_received >= frames0 + 150
+                   else f"{feed.frames_received - frames0} frames", timeout=20)
+    sent = await page.evaluate(OUTBOUND_JS)
+    received = feed.frames_received - frames0
+    seconds = (sent["at"] - first["at"]) / 1000
+    fps = (sent["framesSent"] - first["framesSent"]) / seconds
+    kbps = (sent["bytesSent"] - first["bytesSent"]) * 8 / seconds / 1000
+    print(f"publisher: {kbps:.0f} kbit/s, {fps:.1f} fps sent; server received {received} of "
+          f"{sent['framesSent'] - first['framesSent']} frames; browser reports {sent}")
+
+    assert (sent["width"], sent["height"]) == (1280, 720), sent
     assert fps >= 27, f"{fps:.1f} fps"
+    assert received >= 0.9 * (sent["framesSent"] - first["framesSent"]), received
     assert sent["limitation"] == "none", sent
     # What the server's feedback lets the encoder use. Chromium's fake camera
     # is a simple picture, so VP8 needs less than its target to encode it
-    # (~1.1 Mbit/s against a 1.67 Mbit/s target, measured here); without the
-    # hints the target stays at 200-400 kbit/s.
-    assert sent["target"] >= 1_500_000, sent
+    # (~1.1 Mbit/s against a 1.4-1.7 Mbit/s target, measured here); without the
+    # hints the target stays at 200-400 kbit/s. It reached 1.5 Mbit/s above and,
+    # moving with the feedback since, stays over the answer's minimum hint.
+    assert sent["target"] >= live_server.config.media.min_bitrate_kbps * 1000, sent
     assert kbps >= 800, f"{kbps:.0f} kbit/s"
     assert not log.errors, log.errors

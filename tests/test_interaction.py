@@ -296,7 +296,10 @@ async def test_questions_reach_the_expert_queue_votes_and_moderation(server, htt
 
 
 async def test_questions_are_rate_limited_even_across_rejoins(server, http, sockets):
-    trainee, _ = await join(http, server, sockets, Role.TRAINEE, participant_id="tr-1")
+    # Limits count per person: the same token (or another device of its invite)
+    # coming back finds its bucket as it left it.
+    token = server.token(Role.TRAINEE, participant_id="tr-1")
+    trainee, _ = await join(http, server, sockets, Role.TRAINEE, token=token)
     codes = []
     for i in range(4):
         reply = await request(trainee, {"type": "ask", "text": f"question {i}"}, f"q{i}")
@@ -304,7 +307,7 @@ async def test_questions_are_rate_limited_even_across_rejoins(server, http, sock
     assert codes == ["ok", "ok", "ok", "rate_limited"]
     await trainee.close()
     await wait_for(lambda: "" if "tr-1" not in server.session().participants else "still in")
-    again, _ = await join(http, server, sockets, Role.TRAINEE, participant_id="tr-1")
+    again, _ = await join(http, server, sockets, Role.TRAINEE, token=token)
     await refused(again, {"type": "ask", "text": "once more"}, 429, "rate_limited")
 
 

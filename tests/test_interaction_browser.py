@@ -21,7 +21,14 @@ from playwright.async_api import Browser, Page
 from server.interaction import MIC_SLOT
 from server.roles import Role
 
-from .browser_helpers import chromium_available, open_page, screenshot, wait_js
+from .browser_helpers import (
+    chromium_available,
+    open_page,
+    screenshot,
+    wait_js,
+    wait_settled,
+    wait_until,
+)
 from .conftest import Server, wait_for, whip_publish
 from .test_browser_e2e import wait_decoding
 
@@ -122,18 +129,27 @@ def red(pixel: list[int]) -> bool:
 
 async def check_circle_on_trainee(trainee: Page, circle: dict[str, Any]) -> None:
     """The ring passes through its edge point and the opposite one; its centre
-    and a point outside stay clear, in the trainee's own picture geometry."""
+    and a point outside stay clear, in the trainee's own picture geometry
+    (once layout has settled and the overlay has been redrawn for it)."""
     (cx, cy), (ex, ey) = circle["shape"]["points"]
-    picture = await trainee.evaluate(PICTURE_JS, "#main-video")
-    aspect = picture["width"] / picture["height"]
-    radius_x = ex - cx  # the edge point is to the right of the centre
-    above = (cx, cy - radius_x * aspect)  # same pixel radius, upwards
-    for point in ((ex, ey), (2 * cx - ex, cy), above):
-        pixel = await overlay_pixel(trainee, point)
-        assert red(pixel), f"no red ring at {point}: {pixel} (picture {picture})"
-    for point in ((cx, cy), (cx + radius_x * 1.5, cy)):
-        pixel = await overlay_pixel(trainee, point)
-        assert pixel[3] == 0, f"overlay not clear at {point}: {pixel}"
+
+    async def drawn() -> str:
+        picture = await trainee.evaluate(PICTURE_JS, "#main-video")
+        aspect = picture["width"] / picture["height"]
+        radius_x = ex - cx  # the edge point is to the right of the centre
+        above = (cx, cy - radius_x * aspect)  # same pixel radius, upwards
+        for point in ((ex, ey), (2 * cx - ex, cy), above):
+            pixel = await overlay_pixel(trainee, point)
+            if not red(pixel):
+                return f"no red ring at {point}: {pixel} (picture {picture})"
+        for point in ((cx, cy), (cx + radius_x * 1.5, cy)):
+            pixel = await overlay_pixel(trainee, point)
+            if pixel[3] != 0:
+                return f"overlay not clear at {point}: {pixel}"
+        return ""
+
+    await wait_settled(trainee, "#main-video")
+    await wait_until(drawn, timeout_s=5)
 
 
 @pytest.mark.timeout(90)
@@ -163,7 +179,7 @@ async def test_drawing_question_step_and_microphone_between_expert_and_trainee(
     await expert.click("#draw-toolbar [data-tool=circle]")
     await wait_js(expert, "() => document.querySelector('[data-slot=room]')"
                           ".classList.contains('drawing')")
-    await asyncio.sleep(0.3)  # the card grew: let layout settle
+    await wait_settled(expert, "[data-slot=room] .preview-video")  # the card grew
     box = await expert.evaluate(PICTURE_JS, "[data-slot=room] .preview-video")
     assert box["width"] / box["height"] == pytest.approx(
         box["videoWidth"] / box["videoHeight"], rel=0.01)
@@ -191,7 +207,6 @@ async def test_drawing_question_step_and_microphone_between_expert_and_trainee(
     await screenshot(trainee, "interaction-circle-760")
     # Another window shape: the circle follows the picture.
     await trainee.set_viewport_size({"width": 1280, "height": 600})
-    await asyncio.sleep(0.3)
     await check_circle_on_trainee(trainee, annotation)
     await screenshot(trainee, "interaction-circle-1280x600")
     await screenshot(expert, "interaction-expert-drawing")
@@ -298,7 +313,7 @@ async def test_expert_draws_on_a_feed_from_an_external_encoder(
         await expert.click("#draw-toolbar [data-color='#ff3b30']")
         await wait_js(expert, "() => document.querySelector('[data-slot=endoscope] video')"
                               ".videoWidth > 0")
-        await asyncio.sleep(0.3)
+        await wait_settled(expert, "[data-slot=endoscope] .preview-video")
         box = await expert.evaluate(PICTURE_JS, "[data-slot=endoscope] .preview-video")
         assert (box["videoWidth"], box["videoHeight"]) == (640, 480)
         await drag(expert, box, (0.2, 0.8), (0.6, 0.3))

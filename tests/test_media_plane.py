@@ -325,3 +325,66 @@ async def test_sender_reports_map_the_timeline_to_the_publishers_clock() -> None
     assert feed.ntp_at(0) == ntp - (1 << 32)
     assert feed.ntp_at(45_000) == ntp - (1 << 31)
     feed.close()
+
+
+# -- layers -----------------------------------------------------------------------------
+
+
+def test_a_viewer_moves_down_on_sustained_loss_and_back_up_after_a_quiet_spell() -> None:
+    from server.media.layers import LayerController
+
+    now = [0.0]
+    control = LayerController(clock=lambda: now[0])
+    control.start("full")
+    assert control.on_report(0.20) is None          # one bad report is noise
+    assert control.on_report(0.01) is None
+    assert control.on_report(0.20) is None
+    assert control.on_report(0.25) == "low"         # two in a row: down
+    for _ in range(5):                               # clean, but not long enough yet
+        now[0] += 1
+        assert control.on_report(0.0) is None
+    now[0] += 1.5
+    assert control.on_report(0.0) == "full"         # 6 s clean: try the full layer again
+    now[0] += 1
+    assert control.on_report(0.3) is None
+    assert control.on_report(0.3) == "low"          # failed within probation: wait doubles
+    for _ in range(10):
+        now[0] += 1
+        assert control.on_report(0.0) is None
+    now[0] += 2.5
+    assert control.on_report(0.0) == "full"         # after 12 s
+    now[0] += 11                                    # it held through probation
+    assert control.on_report(0.0) is None
+    assert control.on_report(0.2) is None
+    assert control.on_report(0.2) == "low"
+    now[0] += 5.5
+    assert control.on_report(0.0) is None
+    now[0] += 1.0                                   # the short wait again: the last try held
+    assert control.on_report(0.0) == "full"
+
+
+def test_remb_below_the_full_layers_bitrate_moves_a_viewer_down_without_loss() -> None:
+    from server.media.layers import LayerController
+
+    now = [0.0]
+    control = LayerController(clock=lambda: now[0])
+    control.start("full")
+    assert control.on_report(0.0, remb_bps=2_000_000, full_bps=1_500_000) is None
+    assert control.on_report(0.0, remb_bps=900_000, full_bps=1_500_000) is None
+    assert control.on_report(0.0, remb_bps=900_000, full_bps=1_500_000) == "low"
+    now[0] += 5
+    # On the low layer REMB is bounded by what the viewer receives, so it does
+    # not hold it down: a clean link is tried on the full layer after the wait.
+    assert control.on_report(0.0, remb_bps=375_000, full_bps=1_500_000) is None
+    now[0] += 1.5
+    assert control.on_report(0.0, remb_bps=375_000, full_bps=1_500_000) == "full"
+
+
+def test_vp8_picture_ids_are_rewritten_in_place_of_the_descriptor() -> None:
+    from server.media.fastpath import vp8_picture_id, vp8_with_picture_id_offset
+
+    payload = bytes((0x90, 0x80, 0x80 | 0x7F, 0xFE)) + b"frame"  # X, I, M: 15-bit id 0x7FFE
+    assert vp8_picture_id(payload) == 0x7FFE
+    moved = vp8_with_picture_id_offset(payload, 5)
+    assert vp8_picture_id(moved) == 3 and moved[4:] == b"frame" and moved[:2] == payload[:2]
+    assert vp8_with_picture_id_offset(b"\x10\x00abc", 5) == b"\x10\x00abc"  # no picture id

@@ -92,6 +92,9 @@ async def test_audit_trail_records_joins_publishing_and_denials(
         server: Server, http: aiohttp.ClientSession) -> None:
     publisher, resource = await whip_publish(http, server, "room", [VideoStreamTrack()])
     try:
+        # publish_start is written when the publication's media first flows.
+        await wait_for(lambda: "" if any(e["event"] == "publish_start" for e in server.app[
+            AUDIT].read()) else "no media yet")
         expert = server.token(Role.EXPERT)
         async with http.delete(resource, headers={"Authorization": f"Bearer {expert}"}) as r:
             assert r.status == 200
@@ -131,6 +134,8 @@ async def test_audit_cli_prints_the_trail(server: Server, http: aiohttp.ClientSe
 
     publisher, _ = await whip_publish(http, server, "room", [VideoStreamTrack()])
     try:
+        await wait_for(lambda: "" if any(e["event"] == "publish_start" for e in server.app[
+            AUDIT].read()) else "no media yet")
         admin = server.tokens.issue(NODE_WIDE, Role.ADMIN, name="Auditor")
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server.cli", "audit", "--server", server.base_url,

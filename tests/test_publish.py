@@ -15,9 +15,17 @@ import numpy as np
 import pytest
 
 from server import framecode
+from server.http.common import AUDIT
 from server.publish.passthrough import EncodedVideoTrack, SourceError
 from server.publish.synthetic import TheatreRenderer
-from server.publish.whip import WhipError, WhipOptions, WhipPublisher
+from server.publish.whip import (
+    WhipError,
+    WhipOptions,
+    WhipPublisher,
+    candidate_hosts,
+    explain_ice_failure,
+    loopback_host_addresses,
+)
 from server.roles import Role
 
 from .conftest import Server, make_config, start_server, wait_for, whep_subscribe
@@ -142,8 +150,10 @@ async def test_cli_publish_synthetic_reaches_a_viewer(
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "server.cli", "--log-level", "WARNING", "publish",
         f"{server.base_url}/whip/or1-live/narration", "--token", server.token(Role.EXPERT),
+        # No --host-address: a loopback URL makes the publisher advertise loopback,
+        # which is all a server like the demo (127.0.0.1, loopback only) accepts.
         "--source", "synthetic", "--size", "320x180", "--fps", "15", "--no-audio",
-        "--host-address", "127.0.0.1", stdout=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE)
     viewer = None
     try:
         session = server.session()
@@ -213,3 +223,107 @@ def test_transcoding_an_h264_source_keeps_h264(tmp_path: Path) -> None:
         assert source.video_codec == "video/H264"
     finally:
         source.close()
+
+
+def test_a_loopback_or_localhost_url_advertises_loopback() -> None:
+    assert loopback_host_addresses("http://127.0.0.1:8080/whip/s/room") == ["127.0.0.1"]
+    assert loopback_host_addresses("http://127.0.0.9:8080/whip/s/room") == ["127.0.0.9"]
+    assert loopback_host_addresses("http://localhost:8080/whip/s/room") == ["127.0.0.1"]
+    assert loopback_host_addresses("https://[::1]:8443/whip/s/room") == ["::1"]
+    assert loopback_host_addresses("https://or.example.org/whip/s/room") == []
+    assert loopback_host_addresses("http://10.0.0.5:8080/whip/s/room") == []
+    publisher = WhipPublisher("http://localhost:1/whip/s/room", "t", [])
+    assert publisher.host_addresses == ["127.0.0.1"]
+    chosen = WhipPublisher("http://localhost:1/whip/s/room", "t", [],
+                           WhipOptions(host_addresses=["127.0.0.5"]))
+    assert chosen.host_addresses == ["127.0.0.5"]
+
+
+def test_ice_failures_are_explained_in_terms_an_operator_can_act_on() -> None:
+    sdp = ("v=0\r\na=candidate:a 1 udp 2130706431 10.0.0.7 5000 typ host\r\n"
+           "a=candidate:b 1 udp 2130706431 10.0.0.7 5002 typ host\r\n"
+           "a=candidate:c 1 udp 1694498815 198.51.100.4 5000 typ srflx raddr 0.0.0.0 rport 0\r\n")
+    assert candidate_hosts(sdp) == ["10.0.0.7", "198.51.100.4"]
+    no_answer = explain_ice_failure(["10.0.0.7"], [])
+    assert "answered without candidates" in no_answer and "10.0.0.7" in no_answer
+    assert "allowed_remote_networks" in no_answer
+    remote_loopback = explain_ice_failure(["10.0.0.7"], ["127.0.0.1"])
+    assert "advertises only loopback" in remote_loopback
+    assert "--host-address 127.0.0.1" in remote_loopback
+    local_loopback = explain_ice_failure(["127.0.0.1"], ["10.0.0.1"])
+    assert "drop --host-address" in local_loopback
+    plain = explain_ice_failure(["10.0.0.7"], ["10.0.0.1"])
+    assert plain == ("ICE failed: none of this machine's addresses (10.0.0.7) reached the "
+                     "server's (10.0.0.1)")
+
+
+async def test_a_publication_ice_cannot_connect_says_why_backs_off_and_is_not_a_start(
+        ) -> None:
+    """The server accepts only 127.0.0.1; the publisher advertises 127.0.0.2 (all
+    traffic stays on loopback). Every offer is answered 201, ICE never connects:
+    the publisher says why, waits longer each time, and the audit trail has no
+    publish_start, only publish_no_media entries."""
+    from server.publish.synthetic import SyntheticTheatreCamera
+
+    config = make_config(ice={"allowed_remote_networks": ["127.0.0.1/32"]})
+    server, runner = await start_server(config)
+    states: list[tuple[str, str, float]] = []
+    publisher = WhipPublisher(
+        f"{server.base_url}/whip/or1-live/room", server.token(Role.EXPERT),
+        [SyntheticTheatreCamera(160, 120, 5)],
+        WhipOptions(host_addresses=["127.0.0.2"], min_backoff_s=0.1, max_backoff_s=0.4))
+    publisher.on_state = lambda state: states.append(
+        (state, publisher.reason, publisher.retry_in))
+    task = asyncio.ensure_future(publisher.run())
+    try:
+        def retries() -> list[tuple[str, str, float]]:
+            return [s for s in states if s[0] == "reconnecting"]
+
+        await wait_for(lambda: "" if len(retries()) >= 4 else f"{states}", timeout=30)
+        waits = [retry_in for _, _, retry_in in retries()[:4]]
+        assert waits == [0.1, 0.2, 0.4, 0.4], waits
+        assert all("answered without candidates" in reason and "127.0.0.2" in reason
+                   for _, reason, _ in retries())
+        assert "live" not in [s for s, _, _ in states]
+        assert publisher.describe_state().startswith("reconnecting in 0.4 s: ICE failed")
+        audit = server.app[AUDIT]
+
+        def no_media_entries() -> list[dict[str, object]]:
+            return [e for e in audit.read() if e["event"] == "publish_no_media"]
+
+        await wait_for(lambda: "" if len(no_media_entries()) >= 3 else f"{audit.read()}")
+        events = [e["event"] for e in audit.read()]
+        assert "publish_start" not in events
+        assert no_media_entries()[0]["slot"] == "room"
+        assert no_media_entries()[0]["via"] == "whip"
+    finally:
+        publisher.stop()
+        with contextlib.suppress(Exception):
+            await task
+        await runner.cleanup()
+
+
+async def test_publish_start_is_audited_when_media_first_flows(server: Server) -> None:
+    from server.publish.synthetic import SyntheticTheatreCamera
+
+    publisher = WhipPublisher(f"{server.base_url}/whip/or1-live/room",
+                              server.token(Role.EXPERT), [SyntheticTheatreCamera(160, 120, 10)])
+    task = asyncio.ensure_future(publisher.run())
+    audit = server.app[AUDIT]
+    try:
+        await wait_for(lambda: "" if any(e["event"] == "publish_start" for e in audit.read())
+                       else f"{publisher.state}: {audit.read()}", timeout=20)
+        start = next(e for e in audit.read() if e["event"] == "publish_start")
+        assert start["slot"] == "room" and start["via"] == "whip"
+        assert start["feeds"] == ["room.video"]
+        assert start["role"] == "expert" and start["after_s"] >= 0
+        assert server.session().feeds["room.video"].frames_received >= 1
+        # Exactly one, however many frames followed.
+        feed = server.session().feeds["room.video"]
+        seen = feed.frames_received
+        await wait_for(lambda: "" if feed.frames_received > seen + 5 else "no more frames")
+        assert [e["event"] for e in audit.read()].count("publish_start") == 1
+        assert "publish_no_media" not in [e["event"] for e in audit.read()]
+    finally:
+        publisher.stop()
+        await task

@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -24,7 +23,7 @@ from server.http.common import AUDIT
 from server.http.review import RECORDINGS
 from server.recordings import Recordings
 from server.roles import Role
-from server.tokens import NODE_WIDE
+from server.tokens import NODE_WIDE, Grant
 
 from .conftest import Server, make_config, start_server, wait_for
 from .recording_helpers import CONSENT, PART, age_recording, build_recording, circle, mark
@@ -178,22 +177,30 @@ async def test_deidentified_recordings_can_be_shared_with_other_sessions_reviewe
         await runner.cleanup()
 
 
+def viewer(server: Server, role: Role = Role.REVIEWER, **kwargs: Any) -> tuple[str, Grant]:
+    token = server.token(role, **kwargs)
+    return token, server.tokens.verify(token)
+
+
 async def test_media_urls_never_leave_the_recording(server: Server,
                                                     http: aiohttp.ClientSession) -> None:
     recording_id = await plant(server)
     root = Path(server.config.recording.root)
     directory = root / recording_id
     signer = manager(server).signer
-    expires = int(time.time()) + 600
+    _, reviewer = viewer(server)
+    play = signer.playback(recording_id, reviewer)
+    expires = int(time.time()) + 200
     secret = root.parent / f"secret-{recording_id}.txt"
     secret.write_text("outside the recordings")
     (root / "outside.webm").write_text("in the root, not in the recording")
 
     def signed(name: str, raw: str | None = None) -> str:
         """A correctly signed URL for ``name`` (so only the path checks refuse it)."""
-        return (f"{server.base_url}/api/recordings/{recording_id}/media/"
-                f"{raw if raw is not None else quote(name, safe='')}"
-                f"?exp={expires}&sig={signer.signature(recording_id, name, expires)}")
+        url = signer.url(recording_id, name, expires, reviewer, play)
+        if raw is not None:
+            url = f"/api/recordings/{recording_id}/media/{raw}?{url.partition('?')[2]}"
+        return server.base_url + url
 
     async with http.get(signed(PART)) as response:
         assert response.status == 200
@@ -209,9 +216,7 @@ async def test_media_urls_never_leave_the_recording(server: Server,
     # Raw path forms the router sees (dot segments, encoded dots and slashes).
     for raw in ("..", "%2e%2e", "%2E%2E%2Fmanifest.json", "..%2F..%2Fsecret",
                 "%2Fetc%2Fpasswd", "x/../../manifest.json"):
-        url = (f"{server.base_url}/api/recordings/{recording_id}/media/{raw}"
-               f"?exp={expires}&sig={signer.signature(recording_id, raw, expires)}")
-        async with http.get(url) as response:
+        async with http.get(signed(raw, raw)) as response:
             assert response.status in (400, 401, 404), (raw, response.status)
             assert "root:" not in await response.text()
 
@@ -242,36 +247,121 @@ async def test_media_urls_never_leave_the_recording(server: Server,
     assert body["code"] == "unknown_recording"
 
 
-async def test_media_signatures(server: Server, http: aiohttp.ClientSession) -> None:
+@pytest.fixture
+async def lenient() -> AsyncIterator[Server]:
+    """A server that lets one address fail authentication many times."""
+    srv, runner = await start_server(make_config(limits={"auth_failures_per_minute": 1000}))
+    try:
+        yield srv
+    finally:
+        await runner.cleanup()
+
+
+async def test_media_signatures(lenient: Server, http: aiohttp.ClientSession) -> None:
+    server = lenient
     recording_id = await plant(server)
     signer = manager(server).signer
-    base = f"{server.base_url}/api/recordings/{recording_id}"
+    _, reviewer = viewer(server)
+    _, other_viewer = viewer(server)
+    play = signer.playback(recording_id, reviewer)
     now = int(time.time())
 
     async def status(url: str) -> tuple[int, str]:
-        async with http.get(url) as response:
+        async with http.get(server.base_url + url) as response:
             if response.content_type == "application/json":
                 return response.status, (await response.json())["code"]
             return response.status, ""
 
-    good = signer.signature(recording_id, PART, now + 60)
-    assert await status(f"{base}/media/{PART}?exp={now + 60}&sig={good}") == (200, "")
-    thumb = signer.signature(recording_id, "thumbnail", now + 60)
-    assert await status(f"{base}/thumbnail?exp={now + 60}&sig={thumb}") == (200, "")
-    assert await status(f"{base}/media/{PART}") == (401, "token_missing")
-    assert await status(f"{base}/media/{PART}?exp={now + 60}") == (401, "token_missing")
-    assert await status(f"{base}/media/{PART}?exp={now + 61}&sig={good}") == (
-        401, "token_invalid")
-    assert await status(f"{base}/media/{PART}?exp=abc&sig={good}") == (401, "token_invalid")
-    # A signature for the thumbnail does not open a part, nor another recording's.
-    assert await status(f"{base}/media/{PART}?exp={now + 60}&sig={thumb}") == (
-        401, "token_invalid")
+    def parts(url: str) -> tuple[str, dict[str, str]]:
+        path, _, query = url.partition("?")
+        return path, dict(item.split("=", 1) for item in query.split("&"))
+
+    def rebuilt(path: str, query: dict[str, str]) -> str:
+        return path + "?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+    good = signer.url(recording_id, PART, now + 60, reviewer, play)
+    path, query = parts(good)
+    assert await status(good) == (200, "")
+    thumb = signer.url(recording_id, "thumbnail", now + 60, reviewer, play)
+    assert await status(thumb) == (200, "")
+    assert await status(path) == (401, "token_missing")
+    for key in ("exp", "sig", "play", "g"):
+        assert await status(rebuilt(path, {k: v for k, v in query.items() if k != key})) == (
+            401, "token_missing"), key
+    # Anything altered: the expiry, the playback, the grant (another viewer's).
+    _, theirs = parts(signer.url(recording_id, PART, now + 60, other_viewer, play))
+    for key, value in (("exp", str(now + 61)), ("play", "x" + query["play"]),
+                       ("g", theirs["g"]), ("sig", query["sig"][::-1])):
+        assert await status(rebuilt(path, {**query, key: value})) == (401, "token_invalid"), key
+    # Strict ASCII parsing (finding 6: "²" passed str.isdigit, then int() failed: 500).
+    for exp in ("abc", "%C2%B2", "%D9%A3", "1e9", "-5", " 5", "9" * 13, "", "%00"):
+        got = await status(rebuilt(path, {**query, "exp": exp}))
+        assert got[0] == 401 and got[1] in ("token_invalid", "token_missing"), (exp, got)
+    for bad in ({"sig": "%C2%B2" * 6}, {"play": "%C2%B2.x"}, {"g": "%FF" * 4},
+                {"sig": "A" * 500}, {"g": "A" * 5000}):
+        assert await status(rebuilt(path, {**query, **bad})) == (401, "token_invalid"), bad
+    # A thumbnail's signature does not open a part, nor another recording's.
+    _, thumb_query = parts(thumb)
+    assert await status(rebuilt(path, thumb_query)) == (401, "token_invalid")
     other = await plant(server)
-    assert await status(f"{server.base_url}/api/recordings/{other}/media/{PART}"
-                        f"?exp={now + 60}&sig={good}") == (401, "token_invalid")
-    old = signer.signature(recording_id, PART, now - 5)
-    assert await status(f"{base}/media/{PART}?exp={now - 5}&sig={old}") == (
+    assert await status(rebuilt(f"/api/recordings/{other}/media/{PART}", query)) == (
+        401, "token_invalid")
+    assert await status(signer.url(recording_id, PART, now - 5, reviewer, play)) == (
         401, "token_expired")
+
+
+async def test_media_urls_are_bound_to_the_viewers_grant_and_audited_per_playback(
+        server: Server, http: aiohttp.ClientSession) -> None:
+    """Finding 5: signed media URLs worked for anyone, survived revocation, were
+    not audited and were cached for an hour."""
+    from .admin_helpers import admin_token, api
+
+    recording_id = await plant(server)
+    _, created = await api(http, server, "POST", "/api/admin/sessions/or1-live/invites",
+                           admin_token(server), {"role": "reviewer", "name": "Prof R"},
+                           expect=201)
+    token = created["token"]
+    url = f"{server.base_url}/api/recordings/{recording_id}"
+    detail = await get_json(http, url, token)
+    playback = detail["playback"]
+    assert time.time() < detail["expires_at"] <= time.time() + 300
+    part_url = server.base_url + detail["recording"]["feeds"][0]["parts"][0]["url"]
+    async with http.get(part_url) as response:
+        assert response.status == 200 and response.headers["Cache-Control"] == "no-store"
+    for start in range(0, 500, 100):  # a media element's Range requests
+        async with http.get(part_url, headers={"Range": f"bytes={start}-{start + 99}"}) as r:
+            assert r.status == 206 and r.headers["Cache-Control"] == "no-store"
+
+    def entries(event: str) -> list[dict[str, Any]]:
+        return [e for e in server.app[AUDIT].read(session="or1-live") if e["event"] == event]
+
+    [media] = entries("recording_media")
+    assert (media["recording"], media["part"], media["playback"]) == (recording_id, PART,
+                                                                      playback)
+    assert media["role"] == "reviewer" and media["address"] == "127.0.0.1"
+    # The player renews its URLs within the same playback: no new entries.
+    renewed = await get_json(http, f"{url}?playback={playback}", token)
+    assert renewed["playback"] == playback
+    new_url = server.base_url + renewed["recording"]["feeds"][0]["parts"][0]["url"]
+    async with http.get(new_url) as response:
+        assert response.status == 200
+    assert len(entries("recording_media")) == 1 and len(entries("recording_viewed")) == 1
+    # Another token cannot continue this playback: it gets its own.
+    other = await get_json(http, f"{url}?playback={playback}", server.token(Role.REVIEWER))
+    assert other["playback"] != playback and len(entries("recording_viewed")) == 2
+
+    # Revoked: the URLs handed out a moment ago stop, Range requests included.
+    await api(http, server, "DELETE",
+              f"/api/admin/sessions/or1-live/invites/{created['invite']['id']}",
+              admin_token(server), expect=200)
+    for target, headers in ((part_url, {}), (new_url, {"Range": "bytes=0-99"})):
+        async with http.get(target, headers=headers) as response:
+            assert response.status == 401
+            assert (await response.json())["code"] == "token_revoked"
+    await get_json(http, url, token, 401)
+    # The URLs never outlive the grant they were issued to.
+    short, _ = viewer(server, ttl_s=100)
+    assert (await get_json(http, url, short))["expires_at"] <= time.time() + 100
 
 
 async def test_delete_by_admin_api_and_cli(server: Server, http: aiohttp.ClientSession,

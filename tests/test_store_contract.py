@@ -27,6 +27,7 @@ from server.store import (
     MemoryState,
     Presence,
     PresenceEntry,
+    RevocationCheck,
     SessionRecord,
     SessionState,
     Store,
@@ -42,13 +43,28 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 redis_proc = factories.redis_proc(executable=REDIS_SERVER, port=None)  # type: ignore[arg-type]
 
 
+class FakeClock:
+    """The stores' clock here: deadlines pass when a test says so, never by
+    waiting, so a loaded machine cannot shift them."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @dataclass
 class Nodes:
-    """A factory of stores ("Nodes") sharing one backend."""
+    """A factory of stores ("Nodes") sharing one backend and one clock."""
 
     kind: str
     prefix: str
     make: Callable[[str], Store]
+    clock: FakeClock
     raw: Redis | None = None
     opened: list[Store] = field(default_factory=list)
 
@@ -61,17 +77,18 @@ class Nodes:
 @pytest.fixture(params=["memory", "redis"])
 async def nodes(request: pytest.FixtureRequest) -> AsyncIterator[Nodes]:
     prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    clock = FakeClock()
     if request.param == "memory":
-        state = MemoryState()
+        state = MemoryState(wall=clock, monotonic=clock)
         result = Nodes("memory", prefix,
-                       lambda node: open_store(None, node_id=node, memory=state))
+                       lambda node: open_store(None, node_id=node, memory=state), clock)
     else:
         proc = request.getfixturevalue("redis_proc")
         assert proc.port != 6379
         url = f"redis://{proc.host}:{proc.port}/0"
         result = Nodes("redis", prefix,
-                       lambda node: open_store(url, node_id=node, prefix=prefix),
-                       raw=Redis(host=proc.host, port=proc.port, decode_responses=True))
+                       lambda node: open_store(url, node_id=node, prefix=prefix, clock=clock),
+                       clock, raw=Redis(host=proc.host, port=proc.port, decode_responses=True))
     try:
         yield result
     finally:
@@ -156,6 +173,22 @@ async def test_closed_store_is_unhealthy_and_refuses_calls(store: Store) -> None
 # -- theatres ------------------------------------------------------------------
 
 
+async def test_a_cancelled_call_is_cancelled(store: Store) -> None:
+    """A task cancelled while a store call is in flight stops there: redis-py
+    swallows some such cancellations, which left a Session's watcher waiting
+    forever after its Session ended."""
+    for i in range(60):
+        async def call() -> None:
+            await store.sessions.get_session("s1")
+            await asyncio.sleep(30)
+
+        task = asyncio.ensure_future(call())
+        await asyncio.sleep(0.0003 * (i % 12))
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=3)
+        assert done and task.cancelled(), f"attempt {i}: the cancellation was lost"
+
+
 async def test_theatres(nodes: Nodes, store: Store) -> None:
     other = nodes.open("node-b")
     assert await store.theatres.get_theatre("or1") is None
@@ -193,10 +226,10 @@ async def test_session_lifecycle(nodes: Nodes, store: Store) -> None:
     assert updated.starts_at == 1_900_000_000.0
     assert await store.sessions.get_session("s1") == updated
 
-    before = time.time()
+    nodes.clock.advance(5)
     live = await store.sessions.set_session_state("s1", "live")
     assert live.state == "live" and live.node_id == "node-a"
-    assert live.started_at is not None and live.started_at >= before - 1
+    assert live.started_at == nodes.clock()
     assert live.title == "Lap chole"
 
     ended = await other.sessions.set_session_state("s1", "ended")
@@ -237,10 +270,15 @@ async def test_session_refusals(store: Store) -> None:
     for bad in SESSION_STATES:
         with pytest.raises(Conflict):
             await store.sessions.set_session_state("s1", bad)
-    # An ended Session's id may be used again, as Registry allows.
-    again = await store.sessions.create_session(
-        SessionRecord(id="s1", theatre_id="or1", title="second", state="live"))
-    assert again.state == "live" and again.node_id == "node-a" and again.ended_at is None
+    # An ended Session's id names that Session forever: never a second one
+    # (old tokens, invites and recordings name it), scheduled or live.
+    for state in ("scheduled", "live"):
+        with pytest.raises(Conflict) as reused:
+            await store.sessions.create_session(
+                SessionRecord(id="s1", theatre_id="or1", title="second", state=state))
+        assert reused.value.code == "session_exists"
+    record = await store.sessions.get_session("s1")
+    assert record is not None and record.state == "ended" and record.title == "x"
 
 
 async def test_scheduled_session_can_be_cancelled(store: Store) -> None:
@@ -306,13 +344,15 @@ async def test_presence_announce_roster_withdraw(nodes: Nodes, store: Store) -> 
 
 async def test_presence_expires_unless_refreshed(nodes: Nodes, store: Store) -> None:
     other = nodes.open("node-b")
-    await store.presence.announce([entry("s1", "dead")], ttl_s=0.3)
-    await other.presence.announce([entry("s1", "alive", node="node-b")], ttl_s=0.3)
+    await store.presence.announce([entry("s1", "dead")], ttl_s=15)
+    await other.presence.announce([entry("s1", "alive", node="node-b")], ttl_s=15)
+    nodes.clock.advance(14.999)
+    assert len(await store.presence.roster("s1")) == 2, "alive until its deadline"
     for _ in range(3):
-        await asyncio.sleep(0.15)
-        await other.presence.announce([entry("s1", "alive", node="node-b")], ttl_s=0.3)
+        await other.presence.announce([entry("s1", "alive", node="node-b")], ttl_s=15)
+        nodes.clock.advance(10)
     assert [e.participant_id for e in await store.presence.roster("s1")] == ["alive"]
-    await asyncio.sleep(0.45)
+    nodes.clock.advance(5)  # exactly at the deadline: gone, as a hit leaves its window
     assert await store.presence.roster("s1") == []
 
 
@@ -323,9 +363,7 @@ async def test_presence_rejects_a_bad_ttl(store: Store) -> None:
 
 async def test_presence_helper_refcounts_and_refreshes(nodes: Nodes, store: Store) -> None:
     other = nodes.open("node-b")
-    # A TTL well above the refresh interval: a loaded CI machine may delay the
-    # refresh loop by a few hundred milliseconds.
-    presence = Presence(store.presence, node_id="node-a", ttl_s=2.0, interval_s=0.1)
+    presence = Presence(store.presence, node_id="node-a", ttl_s=30.0, interval_s=0.05)
     with pytest.raises(ValueError):
         Presence(store.presence, node_id="node-a", ttl_s=1, interval_s=1)
     async with presence:
@@ -345,7 +383,12 @@ async def test_presence_helper_refcounts_and_refreshes(nodes: Nodes, store: Stor
         # writes it back; and it outlives its TTL because it is refreshed.
         await other.presence.withdraw("s1", "p2", "node-a")
         await eventually(lambda: other.presence.roster("s1"))
-        await asyncio.sleep(2.5)
+        # Three TTLs pass on the stores' clock, a refresh after each third of one.
+        await other.presence.announce([entry("s1", "once", node="node-b")], ttl_s=30)
+        for _ in range(9):
+            nodes.clock.advance(10)
+            done = presence.refreshes
+            await eventually(lambda done=done: presence.refreshes > done)
         assert [e.name for e in await other.presence.roster("s1")] == ["Ada"]
         assert [e.participant_id for e in presence.entries()] == ["p2"]
     # Closing withdraws this Node's entries at once rather than by TTL.
@@ -379,14 +422,52 @@ async def test_invite_revocation(nodes: Nodes, store: Store) -> None:
     assert not await store.invites.is_revoked("jti-old", session_id="s1", issued_at=now)
 
 
-async def test_invite_revocation_is_forgotten_when_the_token_expires(store: Store) -> None:
-    now = time.time()
-    await store.invites.revoke_invite("jti-1", expires_at=now + 0.3)
+async def test_revoking_an_ancestor_revokes_the_lineage(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    now = nodes.clock()
+    device = ("dev-1", "invite-1")  # a device token, then the invite it came from
+    derived = ("links-1", "dev-1", "invite-1")
+    assert not await store.invites.is_revoked(derived, session_id="s1", issued_at=now)
+    await store.invites.revoke_invite("dev-1", expires_at=now + 60)
+    # The device and what was derived from it, on every Node; not the invite.
+    assert await other.invites.is_revoked(device, session_id="s1", issued_at=now)
+    assert await other.invites.is_revoked(derived, session_id="s1", issued_at=now)
+    assert not await other.invites.is_revoked(("invite-1",), session_id="s1", issued_at=now)
+    assert not await other.invites.is_revoked(("dev-2", "invite-1"), session_id="s1",
+                                              issued_at=now)
+    await store.invites.revoke_invite("invite-1", expires_at=now + 60)
+    assert await other.invites.is_revoked(("dev-2", "invite-1"), session_id="s1",
+                                          issued_at=now)
+
+
+async def test_which_revoked_answers_many_grants_at_once(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    now = nodes.clock()
+    assert await store.invites.which_revoked([]) == []
+    await store.invites.revoke_invite("gone", expires_at=now + 60)
+    await store.invites.revoke_session("s2", before=now)
+    checks = [RevocationCheck(("a", "gone"), "s1", now),     # an ancestor revoked
+              RevocationCheck(("b", "kept"), "s1", now),     # nothing revoked
+              RevocationCheck(("c",), "s2", now - 1),        # its Session's tokens before now
+              RevocationCheck(("d",), "s2", now + 1),        # issued after that
+              RevocationCheck(("gone",), "*", now)]          # a node-wide token by id
+    assert await other.invites.which_revoked(checks) == [True, False, True, False, True]
+    for check, expected in zip(checks, [True, False, True, False, True], strict=True):
+        assert await store.invites.is_revoked(check.token_ids, session_id=check.session_id,
+                                              issued_at=check.issued_at) == expected
+
+
+async def test_invite_revocation_is_forgotten_when_the_token_expires(
+        nodes: Nodes, store: Store) -> None:
+    now = nodes.clock()
+    await store.invites.revoke_invite("jti-1", expires_at=now + 30)
     # Revoking again with an earlier expiry does not shorten it.
-    await store.invites.revoke_invite("jti-1", expires_at=now + 0.1)
-    await asyncio.sleep(0.15)
+    await store.invites.revoke_invite("jti-1", expires_at=now + 10)
+    nodes.clock.advance(20)
     assert await store.invites.is_revoked("jti-1", session_id="s1", issued_at=now)
-    await asyncio.sleep(0.3)
+    nodes.clock.advance(9.999)
+    assert await store.invites.is_revoked("jti-1", session_id="s1", issued_at=now)
+    nodes.clock.advance(0.002)
     assert not await store.invites.is_revoked("jti-1", session_id="s1", issued_at=now)
 
 
@@ -453,7 +534,7 @@ async def test_single_use_with_redeemers_under_concurrency(store: Store) -> None
 async def test_invite_records_are_listed_per_session_until_they_expire(
         nodes: Nodes, store: Store) -> None:
     other = nodes.open("node-b")
-    now = time.time()
+    now = nodes.clock()
 
     def record(invite_id: str, session: str = "s1", *, at: float = now,
                lasts: float = 60.0) -> InviteRecord:
@@ -465,7 +546,7 @@ async def test_invite_records_are_listed_per_session_until_they_expire(
     await store.invites.put_invite(record("i2", at=now + 1))
     await store.invites.put_invite(record("i1"))
     await store.invites.put_invite(record("i3", "s2"))
-    await store.invites.put_invite(record("short", lasts=0.3))
+    await store.invites.put_invite(record("short", lasts=30))
     await store.invites.put_invite(record("past", lasts=-1))  # stores nothing
     listed = await other.invites.list_invites("s1")
     assert [r.id for r in listed] == ["i1", "short", "i2"]  # oldest first, then by id
@@ -476,7 +557,7 @@ async def test_invite_records_are_listed_per_session_until_they_expire(
     revoked = dataclasses.replace(record("i1"), revoked_at=now + 2)
     await other.invites.put_invite(revoked)
     assert await store.invites.get_invite("s1", "i1") == revoked
-    await asyncio.sleep(0.4)
+    nodes.clock.advance(30)
     assert [r.id for r in await store.invites.list_invites("s1")] == ["i1", "i2"]
     assert await store.invites.get_invite("s1", "short") is None
     assert [r.id for r in await store.invites.list_invites("s2")] == ["i3"]
@@ -487,35 +568,37 @@ async def test_invite_records_are_listed_per_session_until_they_expire(
 
 async def test_rate_limit_boundaries(nodes: Nodes, store: Store) -> None:
     other = nodes.open("node-b")
-    window = 0.5
+    window = 60.0
     assert [await store.rates.hit("ip:1", 3, window) for _ in range(3)] == [True] * 3
     # The limit is shared by every Node.
     assert await other.rates.hit("ip:1", 3, window) is False
     assert await store.rates.hit("ip:1", 3, window) is False
     assert await store.rates.hit("ip:2", 3, window) is True  # keys are independent
-    await asyncio.sleep(window + 0.1)
+    nodes.clock.advance(59.999)
+    assert await store.rates.hit("ip:1", 3, window) is False
+    nodes.clock.advance(0.001)  # a hit counts for [t, t + window)
     assert [await other.rates.hit("ip:1", 3, window) for _ in range(4)] == [True] * 3 + [False]
 
 
-async def test_rate_limit_window_slides(store: Store) -> None:
-    window = 0.6
+async def test_rate_limit_window_slides(nodes: Nodes, store: Store) -> None:
+    window = 60.0
     assert await store.rates.hit("k", 2, window)
-    await asyncio.sleep(0.35)
+    nodes.clock.advance(35)
     assert await store.rates.hit("k", 2, window)
     assert not await store.rates.hit("k", 2, window)
     # The first hit leaves the window; the second still counts: one slot.
-    await asyncio.sleep(0.35)
+    nodes.clock.advance(25)
     assert await store.rates.hit("k", 2, window)
     assert not await store.rates.hit("k", 2, window)
 
 
-async def test_rate_limit_refused_hits_do_not_count(store: Store) -> None:
-    window = 0.4
+async def test_rate_limit_refused_hits_do_not_count(nodes: Nodes, store: Store) -> None:
+    window = 60.0
     assert await store.rates.hit("k", 1, window)
     for _ in range(5):
         assert not await store.rates.hit("k", 1, window)
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(window - 0.2)
+        nodes.clock.advance(10)
+    nodes.clock.advance(10)  # 60 s after the only allowed hit
     assert await store.rates.hit("k", 1, window)
 
 

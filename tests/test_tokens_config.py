@@ -284,7 +284,27 @@ BAD_CONFIGS = {
     "session-without-theatre": ('[[sessions]]\nid = "s"\n', {}),
     "ice-server-without-urls": ('[ice]\nservers = [{ username = "u" }]\n', {}),
     "not-toml": ("[server\nport = 1\n", {}),
+    "media-urls-longer-than-5-min": ("[recording]\nmedia_url_ttl_s = 3600\n", {}),
+    "trusted-proxy-not-a-network": ('[server]\ntrusted_proxies = ["proxy.local"]\n', {}),
+    "node-url-not-a-url": ('[server]\nnode_urls = ["node-b:8443"]\n', {}),
+    "public-url-not-a-url": ('[server]\npublic_url = "javascript:alert(1)"\n', {}),
+    "role-cap-unknown-role": ("[auth]\nrole_max_ttl_s = { surgeon = 600 }\n", {}),
+    "role-cap-too-long": ("[auth]\nrole_max_ttl_s = { trainee = 9e9 }\n", {}),
+    "role-cap-env-malformed": ("", {"SCRUBIN_AUTH_ROLE_MAX_TTL_S": "trainee=600"}),
+    "recheck-too-slow": ("[auth]\nrecheck_interval_s = 10\n", {}),
+    "no-devices-per-invite": ("[limits]\ndevices_per_invite = 0\n", {}),
+    "no-header-timeout": ("[limits]\nheader_timeout_s = 0\n", {}),
 }
+
+
+def test_role_caps_from_the_file_and_the_environment(tmp_path):
+    config = load_config(write(tmp_path, "[auth]\ntoken_ttl_s = 7200\n"
+                                         "role_max_ttl_s = { reviewer = 900 }\n"), env={})
+    caps = config.role_caps()
+    assert caps[Role.REVIEWER] == 900 and caps[Role.TRAINEE] == 7200
+    env = {"SCRUBIN_AUTH_ROLE_MAX_TTL_S": "trainee:600, expert:3600"}
+    caps = load_config(None, env=env).role_caps()
+    assert (caps[Role.TRAINEE], caps[Role.EXPERT], caps[Role.ADMIN]) == (600, 3600, 12 * 3600)
 
 
 @pytest.mark.parametrize(("text", "env"), list(BAD_CONFIGS.values()), ids=list(BAD_CONFIGS))

@@ -17,6 +17,7 @@ import pytest
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 
+from server.media.hooks import advertise_host_addresses
 from server.roles import Role
 from server.session import Session
 from server.tokens import TokenAuthority
@@ -579,7 +580,10 @@ async def test_unusable_offers_are_422(server, http):
     limit = server.config.limits.max_media_sections
     too_many = await make_offer(*(["video", "audio"] * limit)[: limit + 1])
     await refused(http, server, WHIP_ROOM, too_many, token, 422, "sdp_too_many_media")
-    await refused(http, server, WHIP_ROOM, await make_offer("video", "video"), token, 422,
+    # Two video sections are a camera and its low layer; a third is one too many.
+    await refused(http, server, WHIP_ROOM, await make_offer("video", "video", "video"), token,
+                  422, "sdp_duplicate_kind")
+    await refused(http, server, WHIP_ROOM, await make_offer("audio", "audio"), token, 422,
                   "sdp_duplicate_kind")
 
 
@@ -701,4 +705,28 @@ async def test_subscription_limit_is_409(http):
     finally:
         for pc in created:
             await pc.close()
+        await runner.cleanup()
+
+
+async def test_a_publisher_whose_every_candidate_is_refused_still_connects(http):
+    """Its candidates are all outside the allowed networks and its offer says it
+    has no more (a=end-of-candidates): the server must still answer in a way its
+    checks (peer-reflexive candidates) can connect through."""
+    srv, runner = await start_server(make_config(ice={"allowed_remote_networks":
+                                                      ["127.0.0.1/32"]}))
+    pc = client_pc()
+    try:
+        pc.addTransceiver(VideoStreamTrack(), direction="sendonly")
+        advertise_host_addresses(pc, ["127.0.0.2"])
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = pc.localDescription.sdp
+        assert "a=end-of-candidates" in offer and candidate_hosts(offer) == ["127.0.0.2"]
+        status, _, answer = await post_sdp(http, srv, WHIP_ROOM, offer, srv.token(Role.EXPERT))
+        assert status == 201, answer
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await wait_for(lambda: "" if pc.connectionState == "connected" else pc.connectionState)
+        feed = srv.session().feeds["room.video"]
+        await wait_for(lambda: "" if feed.frames_received else "no frames")
+    finally:
+        await pc.close()
         await runner.cleanup()

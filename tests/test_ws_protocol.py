@@ -93,10 +93,10 @@ async def closed_with(ws: WS, timeout: float = 5.0) -> tuple[int | None, list[di
 
 
 async def join(http: aiohttp.ClientSession, server: Server, sockets: list[WS], role: Role,
-               name: str = "", participant_id: str | None = None,
+               name: str = "", participant_id: str | None = None, token: str | None = None,
                ) -> tuple[WS, dict[str, Any]]:
     ws = await connect(http, server, sockets)
-    token = server.token(role, name=name, participant_id=participant_id)
+    token = token or server.token(role, name=name, participant_id=participant_id)
     await ws.send_json({"type": "hello", "token": token, "id": "hello-1"})
     welcome = await receive(ws)
     assert welcome["type"] == "welcome", welcome
@@ -144,7 +144,7 @@ async def test_hello_gets_welcome_with_session_roster_and_ice_servers(server, ht
     (feed,) = session["feeds"]
     assert feed.pop("publisher")["via"] == "whip"
     assert feed == {"id": "room.video", "slot": "room", "kind": "video",
-                    "codec": "video/VP8", "state": "live", "viewers": 0}
+                    "codec": "video/VP8", "state": "live", "viewers": 0, "layers": ["full"]}
     assert welcome["participants"] == [{"id": "exp-1", "role": "expert", "name": "Dr Grey"}]
     assert welcome["viewers"] == 0
     assert welcome["ice_servers"] == []

@@ -8,7 +8,7 @@
  * (titles, names) goes into the page as text, never markup.
  */
 
-import { $, Banner, confirmDialog, describeError, el } from './ui.js';
+import { $, Banner, confirmDialog, describeError, el, pageStateFor, withReconnect } from './ui.js';
 import { forgetToken, takeToken } from './token.js';
 
 const STORAGE_KEY = 'scrubin.token:/admin.html';
@@ -64,7 +64,8 @@ function report(err) {
   if (err instanceof ApiError) {
     const status = err.error.status;
     if (status === 401) {
-      showTokenForm('The token was refused (expired, revoked or not valid). Paste a new one.');
+      const state = pageStateFor(err.error); // the same words as every other page
+      showTokenForm(`${state.title}: ${state.text} Paste a new admin token.`);
       return;
     }
     banner.show(describeError(err.error));
@@ -172,9 +173,12 @@ function decodeClaims(jwt) {
 
 async function refresh() {
   try {
-    await loadTheatres();
-    await loadSessions();
-    if (selected) await loadInvites();
+    // The network (or a restarting Node) failing is retried with the strip up.
+    await withReconnect(async () => {
+      await loadTheatres();
+      await loadSessions();
+      if (selected) await loadInvites();
+    });
     banner.hide();
   } catch (err) {
     report(err);
@@ -200,6 +204,9 @@ async function loadSessions() {
   rows.replaceChildren(...sessions.map((/** @type {any} */ s) => sessionRow(s)));
   $('#sessions-empty').hidden = sessions.length > 0;
 }
+
+/** @type {Record<string, string>} */
+const SESSION_STATE_LABELS = { scheduled: 'Not started', live: 'Live', ended: 'Ended' };
 
 /** @param {any} s */
 function sessionRow(s) {
@@ -227,7 +234,7 @@ function sessionRow(s) {
   return el('tr', { 'data-session': s.id, 'data-selected': s.id === selected ? 'true' : null },
     title, el('td', {}, s.theatre), el('td', {}, when(s.starts_at)),
     el('td', {}, el('span', { class: 'pill', 'data-state': s.state === 'live' ? 'live' : s.state },
-      s.state)),
+      SESSION_STATE_LABELS[s.state] || s.state)),
     el('td', {}, actions));
 }
 

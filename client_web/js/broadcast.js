@@ -13,8 +13,8 @@ import {
 import { mountRecording } from './recording.js';
 import { forgetToken, takeToken } from './token.js';
 import {
-  $, Banner, attachStream, joinFailure, confirmDialog, describeError, el, fromTemplate, showConnection,
-  slotTitle,
+  $, Banner, StatePanel, attachStream, confirmDialog, describeError, el, endedState, fromTemplate,
+  pageStateFor, showConnection, slotTitle,
 } from './ui.js';
 
 /** Slots that carry a microphone rather than a camera, by naming convention. */
@@ -48,6 +48,7 @@ const VIDEO_CONSTRAINTS = { width: { ideal: 1280 }, height: { ideal: 720 }, fram
  */
 
 const banner = new Banner($('#banner'));
+const panel = new StatePanel($('#ended'));
 const connPill = /** @type {HTMLElement} */ ($('#conn-state'));
 const goLiveButton = /** @type {HTMLButtonElement} */ ($('#go-live'));
 const stopAllButton = /** @type {HTMLButtonElement} */ ($('#stop-all'));
@@ -81,9 +82,9 @@ const token = takeToken();
 let client = null;
 
 if (!token) {
-  showEnded('This page needs your broadcast link',
-    'Open the link you were given for this session (it ends with #token=…).');
   showConnection(connPill, 'idle');
+  showState({ kind: 'failed', title: 'This page needs your broadcast link',
+    text: 'Open the link you were given for this session (it ends with #token=…).' });
 } else {
   client = new ScrubinClient({ token });
   start(client);
@@ -93,11 +94,22 @@ if (!token) {
 function start(c) {
   mountRecording(c); // REC indicator; Record button for the expert
   c.addEventListener('state', (e) => {
-    showConnection(connPill, /** @type {CustomEvent} */ (e).detail.state);
+    const { state } = /** @type {CustomEvent} */ (e).detail;
+    if (!panel.kind) showConnection(connPill, state);
+    // Revoked (or refused) after joining: the client stops; say why, once.
+    if (state === 'failed' && c.fatalError) {
+      stopCapture();
+      forgetToken();
+      showState(pageStateFor(c.fatalError));
+    }
     renderAll();
   });
   c.addEventListener('welcome', (e) => {
     const { reconnected } = /** @type {CustomEvent} */ (e).detail;
+    if (panel.kind === 'not_started') {
+      panel.hide();
+      showConnection(connPill, c.state);
+    }
     if (!reconnected) setUp(c);
     renderAll();
   });
@@ -132,8 +144,12 @@ function start(c) {
     renderAll();
   });
   c.addEventListener('error', (e) => {
-    const { error } = /** @type {CustomEvent} */ (e).detail;
-    if (c.state === 'failed') return; // the "cannot join" panel says it
+    const { error, request } = /** @type {CustomEvent} */ (e).detail;
+    if (c.state === 'failed' || panel.final) return; // the state panel says it
+    if (request === 'hello' && error.code === 'session_not_started') {
+      panel.showNotStarted(c.token, () => c.state !== 'open'); // joins when it starts
+      return;
+    }
     banner.show(describeError(error));
   });
   c.addEventListener('going_away', () => {
@@ -143,13 +159,14 @@ function start(c) {
     const { reason } = /** @type {CustomEvent} */ (e).detail;
     stopCapture();
     forgetToken();
-    showEnded('The session has ended', reason ? `Reason: ${reason}` : '');
+    showState(endedState(reason === 'ended' ? '' : reason));
   });
   c.connect().catch((err) => {
     const error = toScrubinError(err);
-    if (error.code === 'session_ended') return; // shown by the session_ended handler
+    if (error.code === 'session_ended' || panel.final) return; // already shown
+    stopCapture();
     forgetToken();
-    showEnded('Cannot join this session', joinFailure(error));
+    showState(pageStateFor(error));
   });
 
   goLiveButton.addEventListener('click', () => goLive(c));
@@ -578,6 +595,7 @@ const PUBLICATION_LABELS = {
 
 function renderAll() {
   if (!client) return;
+  $('#conn-strip').hidden = !(client.state === 'reconnecting' && !panel.kind);
   syncPreviews(client);
   syncMic(client);
   for (const view of slots.values()) renderSlot(client, view);
@@ -612,7 +630,10 @@ function renderSlot(c, view) {
   const remote = remoteFeed(c, view);
   const stalled = [...c.feeds.values()].some((f) => f.slot === view.slot && f.kind === 'video'
     && f.state === 'stalled');
-  if (pub && pub.state === 'live' && stalled) {
+  if (panel.final) {
+    state = 'off';
+    label = 'Off';
+  } else if (pub && pub.state === 'live' && stalled) {
     // Connected, but the server gets no pictures: the camera stopped or froze.
     state = 'reconnecting';
     label = 'Camera stalled';
@@ -650,9 +671,12 @@ function renderSlot(c, view) {
     ? `${watching} ${watching === 1 ? 'viewer' : 'viewers'} · ${
       feeds.map((f) => f.kind).sort().reverse().join(' + ') || '…'}`
     : '';
-  view.stop.hidden = !pub;
+  view.stop.hidden = !pub || panel.final;
   view.stop.disabled = view.busy;
-  const drawable = c.feeds.has(`${view.slot}.video`) && c.participant?.role === 'expert';
+  view.camera.disabled = panel.final;
+  view.mic.disabled = panel.final;
+  const drawable = c.feeds.has(`${view.slot}.video`) && c.participant?.role === 'expert'
+    && !panel.final;
   view.draw.hidden = !drawable;
   view.draw.setAttribute('aria-pressed', String(drawing === view));
   view.draw.textContent = drawing === view ? 'Drawing…' : 'Draw';
@@ -690,21 +714,30 @@ function renderRoster(c) {
   $('#roster-empty').hidden = people.some((p) => p.id !== c.participant?.id);
 }
 
-/** @param {string} title @param {string} reason */
-function showEnded(title, reason) {
-  $('#ended-title').textContent = title;
-  $('#ended-reason').textContent = reason;
-  $('#ended').hidden = false;
+/**
+ * Revoked, ended or cannot join: the page-wide panel, and nothing behind it
+ * left looking busy or clickable (cards say Off, controls are disabled).
+ * @param {import('./ui.js').PageState} state
+ */
+function showState(state) {
+  panel.show(state);
+  if (drawing && client) setDrawing(client, null);
+  for (const view of slots.values()) view.busy = false;
+  renderAll();
   goLiveButton.disabled = true;
   stopAllButton.disabled = true;
   endButton.disabled = true;
+  sterileButton.disabled = true;
+  $('#conn-strip').hidden = true;
 }
 
 // -- live interaction ----------------------------------------------------------
 
 /** Report a failed request in the banner. @param {Promise<unknown>} promise */
 function act(promise) {
-  promise.catch((err) => banner.show(describeError(toScrubinError(err))));
+  promise.catch((err) => {
+    if (!panel.final) banner.show(describeError(toScrubinError(err)));
+  });
 }
 
 /** @param {ScrubinClient} c @param {SlotView|null} view */
@@ -954,7 +987,7 @@ function renderInteraction(c) {
   sterileButton.disabled = c.state !== 'open';
   sterileButton.setAttribute('aria-pressed', String(live.sterile));
   sterileButton.textContent = live.sterile ? 'Sterile focus: ON' : 'Sterile focus';
-  $('#sterile-strip').hidden = !live.sterile;
+  $('#sterile-strip').hidden = !live.sterile || c.state !== 'open';
   document.body.dataset.sterile = String(live.sterile);
   renderRoster(c);
 }

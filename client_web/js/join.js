@@ -9,8 +9,8 @@
  * opening the same link again on it is not another use.
  */
 
-import { $, joinFailure } from './ui.js';
-import { forgetToken, takeToken } from './token.js';
+import { $, pageStateFor, withReconnect } from './ui.js';
+import { forgetToken, takeToken, tokenClaims } from './token.js';
 
 const DEVICE_KEY = 'scrubin.device';
 const NAME_KEY = 'scrubin.name';
@@ -53,54 +53,39 @@ function deviceId() {
   return id;
 }
 
-/** Claims of the invite, for display only (the server verifies). @param {string} jwt */
-function claims(jwt) {
-  try {
-    const part = jwt.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
-    const json = decodeURIComponent(Array.from(atob(part),
-      (c) => `%${c.charCodeAt(0).toString(16).padStart(2, '0')}`).join(''));
-    const value = JSON.parse(json);
-    return value && typeof value === 'object' ? value : {};
-  } catch {
-    return {};
-  }
-}
-
-/** @param {string} title @param {string} text */
-function status(title, text = '') {
+/** @param {string} title @param {string} text @param {string} [kind] */
+function status(title, text = '', kind = '') {
   $('#join-card').hidden = true;
-  $('#join-status').hidden = false;
+  const card = $('#join-status');
+  card.hidden = false;
+  card.dataset.kind = kind;
   $('#status-title').textContent = title;
   $('#status-text').textContent = text;
 }
 
-/** @param {{code?: string, message?: string, fault?: string}} error */
-function failed(error) {
-  const text = error.code === 'invite_used_up'
-    ? 'This invite has already been used by as many people as it allows. Ask the organiser for '
-      + 'a link of your own.'
-    : error.code === 'token_revoked'
-      ? 'This invite has been withdrawn. Ask the organiser for a new one.'
-      : joinFailure(error);
-  status('Cannot join', text);
+/** Revoked, ended or refused: the same words as every other page. */
+function failed(/** @type {{code?: string, message?: string, fault?: string}} */ error) {
+  const state = pageStateFor(error);
+  status(state.title, state.text, state.kind);
 }
 
 /** @param {string} token @param {string} name */
 async function redeem(token, name) {
   status('Joining…');
-  let response;
-  try {
-    response = await fetch('/api/invites/redeem', {
+  // The network (or a restarting server) failing is retried; a refusal is not.
+  const response = await withReconnect(async () => {
+    const answer = await fetch('/api/invites/redeem', {
       method: 'POST',
       headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
       body: JSON.stringify({ device: deviceId(), name }),
       cache: 'no-store',
       credentials: 'omit',
     });
-  } catch (err) {
-    status('Cannot reach the server', 'Check the network and open the link again.');
-    return;
-  }
+    if (answer.status >= 500) {
+      throw Object.assign(new Error(`HTTP ${answer.status}`), { status: answer.status });
+    }
+    return answer;
+  });
   let body = null;
   try {
     body = await response.json();
@@ -126,7 +111,7 @@ function main() {
     status('No invite', 'Open the whole invite link you were given (it ends with #token=…).');
     return;
   }
-  const invite = claims(token);
+  const invite = tokenClaims(token);
   const role = String(invite.role || '');
   $('#join-role').textContent = ROLE_WORDS[/** @type {keyof typeof ROLE_WORDS} */ (role)] || '';
   if (invite.name) {

@@ -5,12 +5,17 @@
  * A node-wide admin token names the Session in the fragment (`&session=`).
  */
 
-import { $, Banner, describeError, fromTemplate } from './ui.js';
 import {
-  SCOPE_LABELS, STATE_LABELS, api, formatDuration, formatWhen, pageParams, tokenSession,
+  $, Banner, StatePanel, describeError, fromTemplate, notStartedState, pageStateFor,
+  sessionSchedule, withReconnect,
+} from './ui.js';
+import {
+  FINAL_CODES, SCOPE_LABELS, STATE_LABELS, api, formatDuration, formatWhen, pageParams,
+  tokenSession,
 } from './review.js';
 
 const banner = new Banner($('#banner'));
+const panel = new StatePanel($('#ended'));
 const list = $('#recording-list');
 const empty = $('#library-empty');
 const subtitle = $('#library-sub');
@@ -32,12 +37,24 @@ async function load() {
     return;
   }
   try {
-    const body = await api(`/api/sessions/${encodeURIComponent(session)}/recordings`, token);
+    const body = await withReconnect(
+      () => api(`/api/sessions/${encodeURIComponent(session)}/recordings`, token));
     recordings = body.recordings;
     render();
   } catch (err) {
+    const error = /** @type {any} */ (err);
     subtitle.textContent = 'The recordings could not be loaded.';
-    banner.show(describeError(/** @type {any} */ (err)), { sticky: true });
+    if (FINAL_CODES.has(error.code)) panel.show(pageStateFor(error));
+    else banner.show(describeError(error), { sticky: true });
+    return;
+  }
+  if (!recordings.length) {
+    // Before the Session: say when it starts, rather than only "nothing yet".
+    const schedule = await sessionSchedule(session, token);
+    if (schedule?.state === 'scheduled') {
+      empty.textContent = `${notStartedState(schedule.startsAt).title.replace(
+        'The session', 'This session')}. Its recordings appear here once it has been recorded.`;
+    }
   }
 }
 

@@ -16,18 +16,20 @@
  * until `annotations_cleared`; the current step is the last `mark`'s.
  */
 
-import { $, Banner, describeError, el, fromTemplate, slotTitle } from './ui.js';
+import {
+  $, Banner, StatePanel, describeError, el, fromTemplate, pageStateFor, slotTitle, withReconnect,
+} from './ui.js';
 import { FADE_TAIL_MS, contentRect, drawShape } from './telestration.js';
 import {
-  SCOPE_LABELS, api, formatDuration, formatWhen, pageParams,
+  FINAL_CODES, SCOPE_LABELS, api, formatDuration, formatWhen, pageParams,
 } from './review.js';
 
 /** A follower further than this from the clock seeks. */
 const DRIFT_S = 0.3;
 /** How often the clock, the followers and the drawings are brought up to date. */
 const TICK_MS = 50;
-/** Refresh the signed URLs this long before they expire. */
-const REFRESH_MARGIN_S = 120;
+/** Refresh the signed URLs (they live at most 5 minutes) this long before they expire. */
+const REFRESH_MARGIN_S = 90;
 const FADE_TAIL_S = FADE_TAIL_MS / 1000;
 
 /** @typedef {{index: number, file: string, start: number, duration: number, url: string,
@@ -107,7 +109,15 @@ class FeedPlayer {
   /** @param {RecordedFeed|null} feed */
   setFeed(feed) {
     if (feed && this.feed && feed.id === this.feed.id) {
-      this.feed = feed; // refreshed URLs: keep what is loaded
+      this.feed = feed;
+      // Renewed URLs: the loaded part's old URL dies within minutes (they live
+      // at most 5), so load the new one now; loadedmetadata seeks back to the clock.
+      const renewed = this.part && feed.parts.find((p) => p.file === this.part?.file);
+      if (renewed && renewed.url !== this.part?.url) {
+        this.part = renewed;
+        this.ready = false;
+        this.media.src = renewed.url;
+      }
       return;
     }
     this.feed = feed;
@@ -501,6 +511,7 @@ function build() {
 /** @param {any} body */
 function useDetail(body) {
   recording = body.recording;
+  playback = String(body.playback || '');
   feeds.clear();
   for (const feed of recording.feeds) feeds.set(feed.id, feed);
   main.setFeed(feeds.get(mainFeedId) || main.feed);
@@ -510,8 +521,12 @@ function useDetail(body) {
   refreshTimer = setTimeout(() => refresh().catch(() => {}), Math.max(10_000, inMs));
 }
 
+/** The playback the signed URLs belong to: renewing keeps it (one audit entry per part). */
+let playback = '';
+
 async function refresh() {
-  useDetail(await api(`/api/recordings/${encodeURIComponent(recordingId)}`, token));
+  const query = playback ? `?${new URLSearchParams({ playback })}` : '';
+  useDetail(await api(`/api/recordings/${encodeURIComponent(recordingId)}${query}`, token));
 }
 
 async function load() {
@@ -521,10 +536,13 @@ async function load() {
   }
   let body;
   try {
-    body = await api(`/api/recordings/${encodeURIComponent(recordingId)}`, token);
+    body = await withReconnect(
+      () => api(`/api/recordings/${encodeURIComponent(recordingId)}`, token));
   } catch (err) {
+    const error = /** @type {any} */ (err);
     $('#player-sub').textContent = 'This recording could not be opened.';
-    banner.show(describeError(/** @type {any} */ (err)), { sticky: true });
+    if (FINAL_CODES.has(error.code)) new StatePanel($('#ended')).show(pageStateFor(error));
+    else banner.show(describeError(error), { sticky: true });
     return;
   }
   useDetail(body);

@@ -238,17 +238,41 @@ const FATAL_CLOSE = new Map([
   [4400, 'protocol_error'],
   [4401, 'token_invalid'],
   [4403, 'not_allowed'],
+  [4409, 'too_many_connections'],
   [1009, 'too_large'],
 ]);
 
 /** Hello failures that a retry will not fix. */
 const FATAL_HELLO_CODES = new Set([
-  'token_missing', 'token_invalid', 'token_expired', 'wrong_session', 'wrong_role',
-  'unknown_session',
+  'token_missing', 'token_invalid', 'token_expired', 'token_revoked', 'wrong_session',
+  'wrong_role', 'unknown_session', 'too_many_connections', 'invite_used_up',
 ]);
+
+/** Errors the server sends on its own (then it closes the socket) that end this client. */
+const FATAL_LATER_CODES = new Set(['token_revoked', 'token_expired', 'token_invalid']);
 
 /** Subscribe failures meaning the Feed is gone: stop trying. */
 const FEED_GONE_CODES = new Set(['unknown_feed', 'feed_closed']);
+
+/** The low layer's bitrate ceiling (the server holds publishers to it too). */
+const LOW_LAYER_BPS = 250_000;
+
+/**
+ * The camera for the low layer: a clone at 15 fps. Not `maxFramerate` on the
+ * encoding: libwebrtc then lowers the camera itself, full layer included, to
+ * the smallest frame rate any of its encoders asked for.
+ * @param {MediaStreamTrack} video
+ * @returns {Promise<MediaStreamTrack>}
+ */
+async function lowLayerTrack(video) {
+  const low = video.clone();
+  try {
+    await low.applyConstraints({ frameRate: { max: 15 } });
+  } catch {
+    // A browser that cannot: the low layer keeps the camera's rate, still small.
+  }
+  return low;
+}
 
 /** How long a peer connection may stay `disconnected` before it is replaced. */
 const DISCONNECTED_GRACE_MS = 5000;
@@ -344,6 +368,10 @@ export class Publication {
     this.retryTimer = undefined;
     /** @type {ReturnType<typeof setTimeout>|undefined} */
     this.disconnectTimer = undefined;
+    /** Also send the camera as a low layer (a second video section). */
+    this.lowLayer = true;
+    /** @type {MediaStreamTrack|null} the camera at 15 fps for the low layer (ours to stop) */
+    this.lowTrack = null;
   }
 }
 
@@ -377,6 +405,16 @@ export class Subscription {
     this.retryTimer = undefined;
     /** @type {ReturnType<typeof setTimeout>|undefined} */
     this.disconnectTimer = undefined;
+    /**
+     * Which layer of the camera to receive (docs/protocol.md, `set_layer`):
+     * `auto` follows the link; thumbnails ask for `low`.
+     * @type {'auto'|'full'|'low'}
+     */
+    this.wantLayer = 'auto';
+    /** @type {'full'|'low'} the layer the server sends now */
+    this.layer = 'full';
+    /** Sent nothing by the server while hidden (`pause`). */
+    this.paused = false;
     /** Packets received when last checked, and when that count last grew. */
     this.packets = 0;
     this.progressAt = 0;
@@ -683,6 +721,14 @@ export class ScrubinClient extends EventTarget {
       case 'subscription_closed':
         this._onSubscriptionClosed(msg);
         break;
+      case 'layer': {
+        const sub = [...this.subscriptions.values()].find((x) => x.id === msg.subscription);
+        if (sub && (msg.layer === 'full' || msg.layer === 'low')) {
+          sub.layer = msg.layer;
+          this._emit('subscription', { subscription: sub });
+        }
+        break;
+      }
       case 'publication_ended':
         // Someone took this slot over: stop, and do not publish it again by ourselves.
         this._dropPublication(msg.slot, 'stopped', clientError('taken_over',
@@ -703,7 +749,12 @@ export class ScrubinClient extends EventTarget {
         this._emit('going_away', { reason: msg.reason || '' });
         break;
       case 'error':
-        if (msg.error) this._emit('error', { error: new ScrubinError(msg.error), request: null });
+        if (msg.error) {
+          const error = new ScrubinError(msg.error);
+          // Revoked (or expired) while connected: reconnecting cannot help.
+          if (FATAL_LATER_CODES.has(error.code)) this._fail(error);
+          else this._emit('error', { error, request: null });
+        }
         break;
       default:
         break; // pong for a timed-out ping, or a newer message type: ignore
@@ -855,7 +906,9 @@ export class ScrubinClient extends EventTarget {
    * page may take a slot from an encoder; an encoder never from the page).
    * @param {string} slot
    * @param {MediaStream|MediaStreamTrack[]} media  at most one video and one audio track
-   * @param {{takeover?: boolean}} [options]
+   * A camera goes out as two layers, the full one and a low one (≈ 320×180,
+   * 15 fps, ≤ 250 kbit/s) for thumbnails and weak links, unless `lowLayer` is false.
+   * @param {{takeover?: boolean, lowLayer?: boolean}} [options]
    * @returns {Promise<Publication>}
    */
   async publish(slot, media, options = {}) {
@@ -863,6 +916,7 @@ export class ScrubinClient extends EventTarget {
     if (!tracks.length) throw new TypeError('publish() needs at least one track');
     const previous = this.publications.get(slot);
     const pub = new Publication(slot, tracks);
+    pub.lowLayer = options.lowLayer !== false;
     this.publications.set(slot, pub);
     try {
       await this._negotiatePublication(pub, previous?.pc || null, Boolean(options.takeover));
@@ -897,7 +951,8 @@ export class ScrubinClient extends EventTarget {
     if (!pub || !pub.pc || pub.negotiating) return this.publish(slot, tracks);
     const senders = pub.pc.getTransceivers().map((t) => t.sender);
     const kinds = (/** @type {MediaStreamTrack[]} */ list) => list.map((t) => t.kind).sort().join();
-    const senderKinds = senders.map((s) => s.track?.kind).filter(Boolean).sort().join();
+    const senderKinds = [...new Set(senders.map((s) => s.track?.kind).filter(Boolean))]
+      .sort().join();
     if (kinds(tracks) !== kinds(pub.tracks) || senderKinds !== kinds(pub.tracks)) {
       const wanted = new Set(tracks.map((t) => t.kind));
       if (pub.tracks.some((t) => !wanted.has(t.kind))) {
@@ -909,8 +964,17 @@ export class ScrubinClient extends EventTarget {
       return this.publish(slot, tracks);
     }
     for (const track of tracks) {
-      const sender = senders.find((s) => s.track && s.track.kind === track.kind);
-      if (sender) await sender.replaceTrack(track);
+      for (const sender of senders.filter((s) => s.track && s.track.kind === track.kind)) {
+        if (pub.lowTrack && sender.track === pub.lowTrack) {
+          // The low layer follows the new camera at its own frame rate.
+          const low = await lowLayerTrack(track);
+          await sender.replaceTrack(low);
+          pub.lowTrack.stop();
+          pub.lowTrack = low;
+        } else {
+          await sender.replaceTrack(track);
+        }
+      }
     }
     pub.tracks = tracks;
     pub.stream = new MediaStream(tracks);
@@ -929,6 +993,20 @@ export class ScrubinClient extends EventTarget {
       try {
         for (const track of pub.tracks) {
           pc.addTransceiver(track, { direction: 'sendonly', streams: [pub.stream] });
+        }
+        const video = pub.tracks.find((t) => t.kind === 'video');
+        if (video && pub.lowLayer) {
+          // The same camera again, smaller: aiortc cannot receive simulcast, so
+          // the low layer is its own section (docs/protocol.md, "Layers").
+          const low = await lowLayerTrack(video);
+          pub.lowTrack?.stop();
+          pub.lowTrack = low;
+          const height = video.getSettings().height || 720;
+          pc.addTransceiver(low, {
+            direction: 'sendonly', streams: [pub.stream],
+            sendEncodings: [{ scaleResolutionDownBy: Math.max(1, height / 180),
+              maxBitrate: LOW_LAYER_BPS }],
+          });
         }
         await pc.setLocalDescription(await pc.createOffer());
         await iceGatheringComplete(pc);
@@ -1036,6 +1114,7 @@ export class ScrubinClient extends EventTarget {
       if (this.ready) await this.request({ type: 'unpublish', slot });
     } finally {
       pub.pc?.close();
+      pub.lowTrack?.stop();
       this._setPublicationState(pub, 'stopped');
     }
   }
@@ -1052,6 +1131,7 @@ export class ScrubinClient extends EventTarget {
     clearTimeout(pub.retryTimer);
     clearTimeout(pub.disconnectTimer);
     pub.pc?.close();
+    pub.lowTrack?.stop();
     this._setPublicationState(pub, state, error);
   }
 
@@ -1131,6 +1211,14 @@ export class ScrubinClient extends EventTarget {
       if (oldPc) oldPc.close();
       if (oldId && oldId !== sub.id) this._unsubscribeQuietly(oldId);
       this._watchSubscription(sub, pc);
+      sub.layer = sub.wantLayer === 'low' ? 'low' : 'full';
+      queueMicrotask(() => {
+        if (sub.pc !== pc) return;
+        this._sendLayer(sub);
+        if (sub.paused && this.ready) {
+          this.request({ type: 'pause', subscription: sub.id }).catch(() => {});
+        }
+      });
       sub.packets = 0;
       sub.progressAt = Date.now();
       if (sub.kind === 'video' && !this._stallTimer) {
@@ -1189,8 +1277,8 @@ export class ScrubinClient extends EventTarget {
     for (const sub of videos) {
       const pc = sub.pc;
       const feed = this.feeds.get(sub.feedId);
-      if (!pc || sub.negotiating || sub.state !== 'connected' || !feed || feed.state !== 'live'
-          || !this.ready) {
+      if (!pc || sub.negotiating || sub.paused || sub.state !== 'connected' || !feed
+          || feed.state !== 'live' || !this.ready) {
         // Nothing is expected to arrive (a `down` Feed waits for its publisher,
         // a `stalled` one for its camera).
         sub.progressAt = now;
@@ -1261,6 +1349,44 @@ export class ScrubinClient extends EventTarget {
         this._dropSubscription(sub.feedId, 'failed', error);
       }
     });
+  }
+
+  /**
+   * Which layer of a camera to receive: `auto` (follow the link), `full` or
+   * `low` (thumbnails). Remembered across reconnections.
+   * @param {string} id  the Feed id
+   * @param {'auto'|'full'|'low'} layer
+   */
+  setLayer(id, layer) {
+    const sub = this.subscriptions.get(id);
+    if (!sub || sub.kind !== 'video' || sub.wantLayer === layer) return;
+    sub.wantLayer = layer;
+    if (!sub.negotiating) this._sendLayer(sub);
+  }
+
+  /** @param {Subscription} sub */
+  _sendLayer(sub) {
+    // While negotiating, sub.id is the old Subscription's: the new one sends it.
+    if (!sub.id || !this.ready) return;
+    if (sub.wantLayer !== 'auto' || sub.layer !== 'full') {
+      this.request({ type: 'set_layer', subscription: sub.id, layer: sub.wantLayer })
+        .catch(() => { /* gone meanwhile: the next negotiation sends it again */ });
+    }
+  }
+
+  /**
+   * Stop (or restart) receiving a video the page does not show; the connection
+   * stays up, so showing it again is quick.
+   * @param {string} id  the Feed id
+   * @param {boolean} paused
+   */
+  setPaused(id, paused) {
+    const sub = this.subscriptions.get(id);
+    if (!sub || sub.paused === paused) return;
+    sub.paused = paused;
+    if (sub.id && this.ready && !sub.negotiating) {
+      this.request({ type: paused ? 'pause' : 'resume', subscription: sub.id }).catch(() => {});
+    }
   }
 
   /**

@@ -7,7 +7,10 @@
 import { ScrubinError } from './protocol.js';
 import { takeToken } from './token.js';
 
-/** The page's token (URL fragment, then this tab's storage) and other fragment values. */
+/**
+ * The page's token (URL fragment, then this tab's storage) and other fragment values.
+ * @returns {{token: string} & Record<string, string | undefined>}
+ */
 export function pageParams() {
   const hash = new URLSearchParams(location.hash.replace(/^#/, ''));
   const extra = Object.fromEntries([...hash.entries()].filter(([k]) => k !== 'token'));
@@ -27,6 +30,10 @@ export function tokenSession(token) {
     return { session: '', role: '' };
   }
 }
+
+/** Refusals after which this page cannot go on with its token: the state panel says why. */
+export const FINAL_CODES = new Set(['token_revoked', 'token_expired', 'token_invalid',
+  'token_missing', 'wrong_session', 'wrong_role', 'unknown_session']);
 
 /**
  * GET (or another method) a review API path with the bearer token.

@@ -54,3 +54,21 @@ export function forgetToken(/** @type {Window} */ win = window) {
     /* nothing stored */
   }
 }
+
+/**
+ * The claims of a token, for display only (the server verifies it): `sid` (the
+ * Session), `role`, `name`… An unreadable token gives `{}`.
+ * @param {string} jwt
+ * @returns {Record<string, unknown>}
+ */
+export function tokenClaims(jwt) {
+  try {
+    const part = jwt.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const bytes = Uint8Array.from(atob(part + '='.repeat((4 - (part.length % 4)) % 4)),
+      (c) => c.charCodeAt(0));
+    const value = JSON.parse(new TextDecoder().decode(bytes));
+    return value && typeof value === 'object' ? value : {};
+  } catch {
+    return {};
+  }
+}

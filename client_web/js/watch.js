@@ -15,7 +15,8 @@ import { Toasts, button, clock, questionItem, renderChat, sortQuestions } from '
 import { mountRecording } from './recording.js';
 import { forgetToken, takeToken } from './token.js';
 import {
-  $, Banner, attachStream, joinFailure, describeError, el, fromTemplate, showConnection, slotTitle,
+  $, Banner, StatePanel, attachStream, describeError, el, endedState, fromTemplate, pageStateFor,
+  showConnection, slotTitle,
 } from './ui.js';
 
 /** @typedef {import('./protocol.js').Feed} Feed */
@@ -25,6 +26,7 @@ import {
 const QUIET_ERRORS = new Set(['unknown_feed', 'feed_closed', 'cancelled']);
 
 const banner = new Banner($('#banner'));
+const panel = new StatePanel($('#ended'));
 const connPill = /** @type {HTMLElement} */ ($('#conn-state'));
 const mainView = $('#main-view');
 const mainVideo = /** @type {HTMLVideoElement} */ ($('#main-video'));
@@ -53,6 +55,10 @@ let mainHasFrames = false;
 let audioWanted = true;
 /** The browser refused to start sound without a click. */
 let audioBlocked = false;
+/** @type {'auto'|'full'|'low'} what the trainee chose for the main view */
+let pinnedQuality = 'auto';
+/** Bytes the main view had received at the last look, and when. */
+let lastBytes = { id: '', bytes: 0, at: 0 };
 /** @type {Map<string, {button: HTMLButtonElement, video: HTMLVideoElement}>} */
 const thumbs = new Map();
 /** @type {Map<string, HTMLAudioElement>} */
@@ -70,8 +76,8 @@ let client = null;
 
 if (!token) {
   showConnection(connPill, 'idle');
-  showEnded('This page needs your watch link',
-    'Open the link you were given for this session (it ends with #token=…).');
+  showState({ kind: 'failed', title: 'This page needs your watch link',
+    text: 'Open the link you were given for this session (it ends with #token=…).' });
 } else {
   client = new ScrubinClient({ token });
   start(client);
@@ -81,12 +87,22 @@ if (!token) {
 function start(c) {
   mountRecording(c); // REC indicator; Record button for the expert
   c.addEventListener('state', (e) => {
-    showConnection(connPill, /** @type {CustomEvent} */ (e).detail.state);
+    const { state } = /** @type {CustomEvent} */ (e).detail;
+    if (!panel.kind) showConnection(connPill, state);
+    // Revoked (or refused) after joining: the client stops; say why, once.
+    if (state === 'failed' && c.fatalError) {
+      forgetToken();
+      showState(pageStateFor(c.fatalError));
+    }
     render(c);
     renderLive(c);
   });
   c.addEventListener('welcome', (e) => {
     const { reconnected } = /** @type {CustomEvent} */ (e).detail;
+    if (panel.kind === 'not_started') { // it started: join as promised
+      panel.hide();
+      showConnection(connPill, c.state);
+    }
     if (!reconnected) describeSession(c);
     syncSubscriptions(c);
     render(c);
@@ -111,7 +127,12 @@ function start(c) {
   });
   c.addEventListener('error', (e) => {
     const { error, request } = /** @type {CustomEvent} */ (e).detail;
-    if (c.state === 'failed') return; // the "cannot join" panel says it
+    if (c.state === 'failed' || panel.final) return; // the state panel says it
+    if (request === 'hello' && error.code === 'session_not_started') {
+      // The client keeps trying and joins when it starts.
+      panel.showNotStarted(c.token, () => c.state !== 'open');
+      return;
+    }
     if (request === 'subscribe' && QUIET_ERRORS.has(error.code)) return;
     banner.show(describeError(error));
   });
@@ -121,25 +142,13 @@ function start(c) {
   c.addEventListener('session_ended', (e) => {
     const { reason } = /** @type {CustomEvent} */ (e).detail;
     forgetToken();
-    for (const media of document.querySelectorAll('video, audio')) {
-      /** @type {HTMLMediaElement} */ (media).srcObject = null;
-    }
-    // Nothing is live any more: leave no stale "connecting" badges behind.
-    thumbs.clear();
-    audioElements.clear();
-    thumbList.replaceChildren();
-    audioSinks.replaceChildren();
-    $('#audio-list').replaceChildren();
-    $('#main-name').textContent = '';
-    $('#main-state').hidden = true;
-    mainView.dataset.state = 'ended';
-    showEnded('The session has ended', reason ? `Reason: ${reason}` : 'Thank you for watching.');
+    showState(endedState(reason === 'ended' ? '' : reason));
   });
   c.connect().catch((err) => {
     const error = toScrubinError(err);
-    if (error.code === 'session_ended') return; // shown by the session_ended handler
+    if (error.code === 'session_ended' || panel.final) return; // already shown
     forgetToken();
-    showEnded('Cannot join this session', joinFailure(error));
+    showState(pageStateFor(error));
   });
 
   for (const type of ['loadeddata', 'playing', 'resize']) {
@@ -166,7 +175,14 @@ function start(c) {
   document.addEventListener('visibilitychange', () => {
     // A tablet waking up: its socket may have died while it slept.
     if (document.visibilityState === 'visible') c.checkConnection();
+    render(c);
   });
+  const quality = /** @type {HTMLSelectElement} */ ($('#quality'));
+  quality.addEventListener('change', () => {
+    pinnedQuality = /** @type {'auto'|'full'|'low'} */ (quality.value);
+    render(c);
+  });
+  setInterval(() => showQuality(c), 2000);
 
   // Full screen for the main view (with its overlays), where the browser allows it.
   const fullscreenButton = /** @type {HTMLButtonElement} */ ($('#fullscreen'));
@@ -279,11 +295,63 @@ function pickMain(/** @type {ScrubinClient} */ c) {
 
 /** @param {ScrubinClient} c */
 function render(c) {
-  if (c.state === 'ended') return;
+  if (c.state === 'ended' || panel.kind) return;
   pickMain(c);
+  applyLayers(c);
   renderMain(c);
   renderThumbs(c);
   renderAudio(c);
+}
+
+/**
+ * The main view's connection details: which layer arrives and at what rate.
+ * @param {ScrubinClient} c
+ */
+async function showQuality(c) {
+  const note = $('#main-quality');
+  const sub = mainFeedId ? c.subscriptions.get(mainFeedId) : undefined;
+  if (!sub || !sub.pc || sub.state !== 'connected') {
+    note.textContent = '';
+    return;
+  }
+  let bytes = 0;
+  let height = 0;
+  try {
+    (await sub.pc.getStats()).forEach((/** @type {any} */ r) => {
+      if (r.type === 'inbound-rtp' && r.kind === 'video') {
+        bytes += r.bytesReceived || 0;
+        height = r.frameHeight || height;
+      }
+    });
+  } catch {
+    return; // closed meanwhile
+  }
+  const now = performance.now();
+  const kbps = lastBytes.id === sub.id && now > lastBytes.at
+    ? ((bytes - lastBytes.bytes) * 8) / (now - lastBytes.at) : null;
+  lastBytes = { id: sub.id || '', bytes, at: now };
+  const layer = sub.layer === 'low'
+    ? (sub.wantLayer === 'low' ? 'Low quality' : 'Low quality (weak connection)')
+    : 'High quality';
+  note.dataset.layer = sub.layer;
+  note.textContent = [layer, height ? `${height}p` : '',
+    kbps === null ? '' : `${kbps >= 1000 ? (kbps / 1000).toFixed(1) + ' Mbit/s'
+      : Math.round(kbps) + ' kbit/s'}`].filter(Boolean).join(' · ');
+}
+
+/**
+ * Thumbnails cost little: they get a camera's low layer, the main view the
+ * best the link carries (or what the trainee pinned); while the page is
+ * hidden, thumbnails are paused and the main view drops to the low layer.
+ * @param {ScrubinClient} c
+ */
+function applyLayers(c) {
+  const hidden = document.visibilityState === 'hidden';
+  for (const feed of videoFeeds(c)) {
+    const main = feed.id === mainFeedId;
+    c.setLayer(feed.id, main ? (hidden ? 'low' : pinnedQuality) : 'low');
+    c.setPaused(feed.id, hidden && !main);
+  }
 }
 
 /** @param {ScrubinClient} c */
@@ -461,26 +529,42 @@ function applyAudio(/** @type {boolean} */ fromGesture) {
   }
 }
 
-/** @param {string} title @param {string} reason */
-function showEnded(title, reason) {
-  $('#ended-title').textContent = title;
-  $('#ended-reason').textContent = reason;
-  // The panel lives outside the main view: leave full screen to show it.
-  if (document.fullscreenElement) document.exitFullscreen().catch(() => {});
+/**
+ * Revoked, ended or cannot join: the page-wide panel, and nothing behind it
+ * left looking busy or clickable.
+ * @param {import('./ui.js').PageState} state
+ */
+function showState(state) {
+  panel.show(state);
+  for (const media of document.querySelectorAll('video, audio')) {
+    /** @type {HTMLMediaElement} */ (media).srcObject = null;
+  }
+  // Nothing is live any more: leave no stale "connecting" badges behind.
+  thumbs.clear();
+  audioElements.clear();
+  thumbList.replaceChildren();
+  audioSinks.replaceChildren();
+  $('#audio-list').replaceChildren();
+  $('#main-name').textContent = '';
+  $('#main-state').hidden = true;
   $('#fullscreen').hidden = true;
-  $('#ended').hidden = false;
   overlay.hidden = true;
+  mainView.dataset.state = state.kind;
   audioToggle.disabled = true;
   enableAudioButton.hidden = true;
   handButton.disabled = true;
+  $('#mic-strip').hidden = true;
+  $('#conn-strip').hidden = true;
   stopMic();
 }
 
 // -- live interaction ----------------------------------------------------------
 
-/** Report a failed request in the banner. @param {Promise<unknown>} promise */
+/** Report a failed request in the banner (not behind a state panel). @param {Promise<unknown>} promise */
 function act(promise) {
-  promise.catch((err) => banner.show(describeError(toScrubinError(err))));
+  promise.catch((err) => {
+    if (!panel.final) banner.show(describeError(toScrubinError(err)));
+  });
 }
 
 /** @param {ScrubinClient} c */
@@ -552,6 +636,8 @@ function syncMic(c) {
       })
       .catch((err) => {
         stopMic();
+        // Ended or cut off meanwhile: the state panel or strip says so already.
+        if (c.state !== 'open' || panel.kind) return;
         banner.show(`Cannot use your microphone: ${describeError(toScrubinError(err))}`);
       })
       .finally(() => {
@@ -574,6 +660,8 @@ function renderLive(c) {
   const live = c.interaction;
   const me = c.participant?.id;
   const open = c.state === 'open';
+  // Lost and coming back (not the first connection, not a final state).
+  $('#conn-strip').hidden = !(c.state === 'reconnecting' && !panel.kind);
 
   // Steps: the list, the current one highlighted and on the picture.
   const done = new Set(live.marks.filter((m) => m.kind === 'step').map((m) => m.name));
@@ -603,6 +691,10 @@ function renderLive(c) {
     }));
   }));
   $('#ask-note').hidden = !live.sterile;
+  for (const control of document.querySelectorAll('#ask-form input, #ask-form button')) {
+    /** @type {HTMLInputElement|HTMLButtonElement} */ (control).disabled = !open;
+  }
+  $('#chat-form button').toggleAttribute('disabled', live.sterile || !open);
 
   renderChat($('#chat-log'), live.chat, me);
   const chatInput = /** @type {HTMLInputElement} */ ($('#chat-input'));
@@ -618,10 +710,11 @@ function renderLive(c) {
   handButton.setAttribute('aria-pressed', String(raised));
   handButton.textContent = raised ? 'Lower hand' : 'Raise hand';
 
-  const mine = Boolean(me && live.mic?.id === me);
+  // While not connected the microphone is not live either: no strip claims so.
+  const mine = Boolean(me && live.mic?.id === me) && open;
   $('#mic-strip').hidden = !mine;
   $('#mic-strip-text').textContent = micTrack
     ? 'Your microphone is live: everyone hears you.' : 'Starting your microphone…';
-  $('#sterile-strip').hidden = !live.sterile;
+  $('#sterile-strip').hidden = !live.sterile || !open;
   document.body.dataset.sterile = String(live.sterile);
 }

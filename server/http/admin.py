@@ -13,8 +13,6 @@ import json
 import math
 import secrets
 import time
-import weakref
-from pathlib import Path
 from typing import Any, cast
 
 import yaml
@@ -27,31 +25,25 @@ from ..errors import (
     Forbidden,
     Gone,
     NotFound,
-    ScrubinError,
-    Unauthorized,
 )
+from ..resources import OPENAPI_PATH
 from ..roles import Role
 from ..store import SESSION_STATES, InviteRecord, SessionRecord, SessionState
 from ..theatre import Theatre, check_name
-from ..tokens import Grant
+from ..tokens import MAX_LIFETIME_S, NODE_WIDE, Grant, is_grant_id
+from . import revocation
 from .common import (
     AUDIT,
     CONFIG,
     REGISTRY,
-    SOCKET_GRANTS,
     STORE,
     TOKENS,
     authenticate,
-    close_socket,
+    device_limit,
     read_json,
 )
 
 routes = web.RouteTableDef()
-
-OPENAPI_PATH = Path(__file__).resolve().parent.parent.parent / "docs" / "openapi.yaml"
-#: Event (on the store's event bus) telling every Node to close the sockets
-#: of revoked tokens.
-REVOKED_EVENT = "tokens_revoked"
 
 TITLE_MAX = 200
 NAME_MAX = 100
@@ -406,11 +398,14 @@ async def create_invite(request: web.Request) -> web.Response:
                          code="bad_role") from None
     config = request.app[CONFIG]
     ttl = _number(body, "ttl_s", low=invites.MIN_TTL_S, high=invites.MAX_TTL_S)
+    devices = config.limits.devices_per_invite
+    max_uses = _integer(body, "max_uses", low=1, high=devices)
     invite, token = await invites.create(
         request.app[STORE], request.app[TOKENS], session_id=record.id, role=role,
         name=_text(body, "name", limit=invites.NAME_MAX) or "",
         ttl_s=ttl if ttl is not None else config.auth.token_ttl_s,
-        max_uses=_integer(body, "max_uses", low=1, high=invites.MAX_USES),
+        # An invite is one person: a few devices, never a class.
+        max_uses=max_uses if max_uses is not None else devices,
         created_by=grant.name or grant.participant_id)
     _audit(request, "invite_created", grant, session=record.id, invite=invite.id,
            role=role.value, name=invite.name, max_uses=invite.max_uses,
@@ -433,7 +428,7 @@ async def revoke_invite(request: web.Request) -> web.Response:
         invite = _revoked(invite)
         await store.invites.put_invite(invite)
         _audit(request, "invite_revoked", grant, session=record.id, invite=invite.id)
-    await _announce_revocation(request, record.id, {"invite": invite.id})
+    await revocation.announce(request.app, [record.id], {"token": invite.id})
     return web.json_response({"invite": (await _invite_views(request, [invite]))[0]})
 
 
@@ -444,47 +439,50 @@ async def revoke_all_invites(request: web.Request) -> web.Response:
     before = time.time()
     await request.app[STORE].invites.revoke_session(record.id, before=before)
     _audit(request, "invites_revoked", grant, session=record.id, before=before)
-    await _announce_revocation(request, record.id, {"before": before})
+    await revocation.announce(request.app, [record.id], {"before": before})
     return web.json_response({"session": record.id, "revoked_before": before})
+
+
+# -- any token, one by one ----------------------------------------------------------
+
+@routes.delete("/api/admin/tokens/{token}")
+async def revoke_token(request: web.Request) -> web.Response:
+    """Revoke one grant by its id (``jti``): a node-wide admin token, a token
+    minted with ``scrubin token``, a device or derived token, and everything
+    derived from it. The id alone is enough (no token lives longer than
+    ``MAX_LIFETIME_S``, so the revocation is kept that long)."""
+    grant = await node_admin(request)
+    token_id = request.match_info["token"]
+    if not is_grant_id(token_id):
+        raise BadRequest("a token id is 1–64 printable ASCII characters (the token's jti)",
+                         code="bad_request")
+    until = time.time() + MAX_LIFETIME_S
+    store = request.app[STORE]
+    await store.invites.revoke_invite(token_id, expires_at=until)
+    _audit(request, "token_revoked", grant, token=token_id)
+    live = [r.id for r in await store.sessions.list_sessions("live")]
+    await revocation.announce(request.app, [*live, *request.app[REGISTRY].sessions],
+                              {"token": token_id})
+    return web.json_response({"revoked": token_id, "until": until})
+
+
+@routes.delete("/api/admin/tokens")
+async def revoke_admin_tokens(request: web.Request) -> web.Response:
+    """Revoke every node-wide admin token issued until now (the caller's too);
+    Session tokens are untouched."""
+    grant = await node_admin(request)
+    before = time.time()
+    store = request.app[STORE]
+    await store.invites.revoke_session(NODE_WIDE, before=before)
+    _audit(request, "admin_tokens_revoked", grant, before=before)
+    live = [r.id for r in await store.sessions.list_sessions("live")]
+    await revocation.announce(request.app, [*live, *request.app[REGISTRY].sessions],
+                              {"before": before, "scope": NODE_WIDE})
+    return web.json_response({"revoked_before": before})
 
 
 def _revoked(invite: InviteRecord) -> InviteRecord:
     return dataclasses.replace(invite, revoked_at=time.time())
-
-
-async def _announce_revocation(request: web.Request, session_id: str,
-                               what: dict[str, Any]) -> None:
-    """Close the sockets of revoked tokens: here at once, on other Nodes
-    through the store's events (best effort; their next request is refused
-    in any case)."""
-    close_revoked_sockets(request.app, session_id, {"type": REVOKED_EVENT, **what})
-    try:
-        await request.app[STORE].events.publish(session_id, {"type": REVOKED_EVENT, **what})
-    except ScrubinError:
-        pass
-
-
-def close_revoked_sockets(app: web.Application, session_id: str, event: dict[str, Any]) -> None:
-    """Registry hook for Session events: a ``tokens_revoked`` event closes
-    the matching websockets of this Node with 4401 token_revoked."""
-    if event.get("type") != REVOKED_EVENT:
-        return
-    sockets: weakref.WeakKeyDictionary[Any, Grant] = app[SOCKET_GRANTS]
-    invite = event.get("invite")
-    before = event.get("before")
-    session = app[REGISTRY].sessions.get(session_id)
-    if session is not None:
-        # WHIP/WHEP media of a revoked token stops too, not only its websockets.
-        session.close_revoked(invite=invite if isinstance(invite, str) else None,
-                              before=float(before) if isinstance(before, (int, float)) else None)
-    for ws, grant in list(sockets.items()):
-        if grant.session_id != session_id or ws.closed:
-            continue
-        if (invite is not None and grant.token_id == invite) or (
-                isinstance(before, (int, float)) and grant.issued_at < before):
-            sockets.pop(ws, None)
-            close_socket(app, ws, Unauthorized("this token or its invite has been revoked",
-                                               code="token_revoked"), 4401)
 
 
 # -- redeeming an invite -------------------------------------------------------------
@@ -493,22 +491,29 @@ def close_revoked_sockets(app: web.Application, session_id: str, event: dict[str
 async def redeem_invite(request: web.Request) -> web.Response:
     """The join page: an invite (bearer) becomes a personal token for this device."""
     grant = await authenticate(request, redeem=False)
-    if grant.node_wide:
-        raise Forbidden("a node-wide admin token is not an invite", code="wrong_session")
+    invites.check_redeemable(grant)
+    registry = request.app[REGISTRY]
+    record = await registry.record(grant.session_id)
+    if grant.session_id in registry.ended or (record is not None and record.state == "ended"):
+        raise Gone(f"session {grant.session_id} has ended", code="session_ended")
     body = await _body(request, {"device", "name"})
     device = body.get("device")
     if not isinstance(device, str):
         raise BadRequest("device is required", code="bad_request")
     name = _text(body, "name", limit=invites.NAME_MAX) or ""
-    token, participant_id, display = await invites.redeem(
-        request.app[STORE], request.app[TOKENS], grant, device=device, name=name)
+    token, personal = await invites.redeem(
+        request.app[STORE], request.app[TOKENS], grant, device=device, name=name,
+        devices=device_limit(request.app, grant))
     request.app[AUDIT].record("invite_redeemed", session=grant.session_id,
-                              invite=grant.token_id, participant=participant_id,
-                              role=grant.role.value, name=display, address=request.remote)
+                              invite=grant.token_id, token=personal.token_id,
+                              participant=personal.participant_id, role=grant.role.value,
+                              name=personal.name, expires_at=personal.expires_at,
+                              address=request.remote)
     return web.json_response({
         "token": token, "session": grant.session_id,
-        "participant": {"id": participant_id, "role": grant.role.value, "name": display},
-        "expires_at": grant.expires_at,
+        "participant": {"id": personal.participant_id, "role": grant.role.value,
+                        "name": personal.name},
+        "expires_at": personal.expires_at,
         # Relative: the join page continues on the origin it was opened from.
         "page": invites.page_link("", grant.role, token),
     })

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..errors import BadRequest, Forbidden, Unauthorized
 from ..links import session_links
-from ..roles import Role
+from ..roles import MAY_DERIVE, Role
 from .common import (
     ACCEPTING,
     AUDIT,
@@ -55,12 +55,27 @@ async def end_session(request: web.Request) -> web.Response:
 
 @routes.get("/api/sessions/{session}/links")
 async def links(request: web.Request) -> web.Response:
+    """Tokens derived from the caller's (docs/security.md): only Roles the
+    derivation table lets it mint, expiring with it, revoked with it."""
     grant = await authenticate(request)
     session = await session_for(request, grant)
     session.check_moderator(grant)
     config = request.app[CONFIG]
-    return web.json_response(session_links(session, request.app[TOKENS], config.base_url,
-                                           config.auth.token_ttl_s))
+    tokens = request.app[TOKENS]
+
+    def mint(role: Role, name: str) -> str | None:
+        if role not in MAY_DERIVE[grant.role]:
+            return None
+        token, derived = tokens.derive(grant, role, session_id=session.id, name=name,
+                                       ttl_s=config.auth.token_ttl_s)
+        request.app[AUDIT].record(
+            "token_derived", session=session.id, token=derived.token_id, role=role.value,
+            name=name, parent=grant.token_id, person=derived.person_id,
+            expires_at=derived.expires_at, by=grant.participant_id, address=request.remote)
+        return token
+
+    return web.json_response(session_links(session, tokens, config.base_url,
+                                           config.auth.token_ttl_s, mint=mint))
 
 
 @routes.get("/api/sessions/{session}/audit")

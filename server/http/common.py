@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import time
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .. import logs
 from ..audit import JsonlAuditTrail
 from ..config import Config
 from ..errors import (
     BadRequest,
+    Conflict,
     Forbidden,
+    RequestTimeout,
     ScrubinError,
     TooManyRequests,
     Unauthorized,
@@ -28,8 +35,9 @@ from ..media.liveness import Liveness
 from ..media.peers import PeerFactory
 from ..metrics import Metrics
 from ..registry import Registry
-from ..session import Session
+from ..session import Ingest, Session, SlotView
 from ..store import Presence, RateLimiter, Store, StoreUnavailable
+from ..subscription import Subscription
 from ..tokens import Grant, TokenAuthority
 
 logger = logging.getLogger(__name__)
@@ -46,16 +54,20 @@ METRICS = web.AppKey("metrics", Metrics)
 AUDIT = web.AppKey("audit", JsonlAuditTrail)
 STORE = web.AppKey("store", Store)
 PRESENCE = web.AppKey("presence", Presence)
+#: The pages' Content-Security-Policy, from the configuration.
+CSP = web.AppKey("csp", str)
 
 
 class AuthGuard:
     """Failed authentications per client address (docs/protocol.md, "Limits").
 
     Failures are counted in the shared store, so every Node sees them. Once
-    an address is over the limit, this Node refuses it with 429 for the rest
-    of the window before reading its token at all. Successful requests are
-    never counted: many trainees behind one hospital NAT are not a problem
-    unless that address keeps presenting bad tokens.
+    an address is over the limit, this Node answers its failures with 429 for
+    the rest of the window without going further (no store lookups for
+    forgeries). A token that verifies still gets in: one client presenting bad
+    tokens behind a hospital NAT must not lock out everyone else behind it
+    (behind a reverse proxy, ``server.trusted_proxies`` gives each client its
+    own address). Successful requests are never counted.
     """
 
     WINDOW_S = 60.0
@@ -69,15 +81,19 @@ class AuthGuard:
         self._clock = clock
         self._blocked: dict[str, float] = {}
 
-    def check(self, address: str | None) -> None:
+    def blocked(self, address: str | None) -> bool:
         key = address or "unknown"
         until = self._blocked.get(key)
         if until is None:
-            return
+            return False
         if until > self._clock():
-            raise TooManyRequests("too many failed authentications from this address; "
-                                  "try again in a minute", code="rate_limited")
+            return True
         del self._blocked[key]
+        return False
+
+    def check(self, address: str | None) -> None:
+        if self.blocked(address):
+            raise rate_limited()
 
     async def failed(self, address: str | None) -> bool:
         """Count one failure; True when it puts the address over the limit."""
@@ -156,6 +172,10 @@ class MessageRates:
 
 
 MESSAGE_RATES = web.AppKey("message_rates", MessageRates)
+#: Subscriptions being negotiated, per (Session, person): counted against the
+#: cap while their answer is computed, so concurrent requests cannot pass it.
+PENDING_SUBSCRIPTIONS: web.AppKey[Counter[tuple[str, str]]] = web.AppKey(
+    "pending_subscriptions")
 #: The Grant behind each open websocket, so revocations close them.
 SOCKET_GRANTS: web.AppKey[weakref.WeakKeyDictionary[Any, Grant]] = web.AppKey("socket_grants")
 
@@ -178,9 +198,23 @@ def close_socket(app: web.Application, ws: web.WebSocketResponse, error: Scrubin
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-CSP = ("default-src 'self'; connect-src 'self' ws: wss:; media-src 'self' blob: mediastream:; "
-       "img-src 'self' data: blob:; style-src 'self'; script-src 'self'; object-src 'none'; "
-       "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+def content_security_policy(config: Config) -> str:
+    """The pages' policy. ``connect-src``: this deployment's own origins only
+    (this Node's and every Node's in ``server.node_urls``, with their ws/wss
+    equivalents), never ``ws:`` or ``wss:`` to any host."""
+    origins: list[str] = []
+    for url in (config.base_url, *config.server.node_urls):
+        parts = urlsplit(url)
+        if not parts.hostname or parts.hostname in ("0.0.0.0", "::"):
+            continue  # a listening address, not an origin: 'self' covers it
+        socket = "wss" if parts.scheme == "https" else "ws"
+        for origin in (f"{parts.scheme}://{parts.netloc}", f"{socket}://{parts.netloc}"):
+            if origin not in origins:
+                origins.append(origin)
+    return ("default-src 'self'; connect-src " + " ".join(["'self'", *origins])
+            + "; media-src 'self' blob: mediastream:; img-src 'self' data: blob:; "
+              "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; "
+              "frame-ancestors 'none'; form-action 'self'")
 
 
 def error_response(error: ScrubinError, headers: dict[str, str] | None = None) -> web.Response:
@@ -226,7 +260,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         headers = cors_headers(request)
         if exc.status == 429:
             headers["Retry-After"] = str(int(AuthGuard.WINDOW_S))
-        return error_response(exc, headers=headers)
+        response = error_response(exc, headers=headers)
+        if exc.status == 408:
+            response.force_close()  # what is left of a slow body is not waited for
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -242,6 +279,49 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         body = {"code": "internal", "message": "internal server error", "fault": "server",
                 "status": 500}
         return web.json_response(body, status=500)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _address_in(address: str | None, networks: list[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def forwarded_middleware(trusted: list[str]) -> Middleware:
+    """The client's address and scheme behind reverse proxies: X-Forwarded-For
+    and X-Forwarded-Proto count only when the connection comes from one of
+    ``server.trusted_proxies``; the client is the rightmost address in
+    X-Forwarded-For that is not itself a trusted proxy. Everything downstream
+    (the failed-auth limit, the audit trail, HSTS, the /metrics loopback rule)
+    then sees the real client and scheme."""
+    networks: list[Network] = [ipaddress.ip_network(n, strict=False) for n in trusted]
+
+    @web.middleware
+    async def forwarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not networks or not _address_in(request.remote, networks):
+            return await handler(request)
+        client = request.remote
+        hops = [hop.strip() for line in request.headers.getall("X-Forwarded-For", [])
+                for hop in line.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            try:
+                client = str(ipaddress.ip_address(hop))
+            except ValueError:
+                break  # garbage from further out: the last good hop stands
+            if not _address_in(client, networks):
+                break
+        changes: dict[str, Any] = {"remote": client}
+        proto = request.headers.get("X-Forwarded-Proto", "").split(",")[-1].strip().lower()
+        if proto in ("http", "https"):
+            changes["scheme"] = proto
+        return await handler(request.clone(**changes))
+
+    return forwarded
 
 
 @web.middleware
@@ -260,7 +340,7 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
         response.headers.setdefault("Cache-Control", "no-cache")
     ctype = response.headers.get("Content-Type", "")
     if ctype.startswith("text/html"):
-        response.headers["Content-Security-Policy"] = CSP
+        response.headers["Content-Security-Policy"] = request.app[CSP]
         response.headers.setdefault("Cache-Control", "no-store")
     return response
 
@@ -279,6 +359,46 @@ def audit_grant(app: web.Application, event: str, grant: Grant, address: str | N
                       role=grant.role.value, name=grant.name, address=address, **fields)
 
 
+#: Background checks for a publication's first media (audit_publication).
+PUBLICATION_WATCHES: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("publication_watches")
+
+#: How often a new publication is checked for media until some arrives.
+MEDIA_CHECK_S = 0.1
+
+
+def audit_publication(app: web.Application, ingest: Ingest, grant: Grant,
+                      address: str | None, *, via: str) -> None:
+    """Audit a publication when its media first flows (``publish_start``), or as
+    ``publish_no_media`` if its connection ends before any arrived.
+
+    An answered offer only means the offer was acceptable: a publisher whose ICE
+    never connects would otherwise leave one "publish start" per retry
+    (docs/protocol.md, "Audit trail"). Media is seen at the peer connection
+    (an RTP source heard by a receiver), not in the Feed, so this stays apart
+    from the media plane.
+    """
+    watches = app[PUBLICATION_WATCHES]
+    task = asyncio.ensure_future(_audit_when_media_flows(app, ingest, grant, address, via))
+    watches.add(task)
+    task.add_done_callback(watches.discard)
+
+
+async def _audit_when_media_flows(app: web.Application, ingest: Ingest, grant: Grant,
+                                  address: str | None, via: str) -> None:
+    loop = asyncio.get_running_loop()
+    answered = loop.time()
+    pc = ingest.pc
+    while pc.connectionState not in ("failed", "closed"):
+        if any(receiver.getSynchronizationSources() for receiver in pc.getReceivers()):
+            audit_grant(app, "publish_start", grant, address, slot=ingest.slot,
+                        feeds=[f.id for f in ingest.feeds], via=via,
+                        after_s=round(loop.time() - answered, 3))
+            return
+        await asyncio.sleep(MEDIA_CHECK_S)
+    audit_grant(app, "publish_no_media", grant, address, slot=ingest.slot, via=via,
+                connection=pc.connectionState, ice=pc.iceConnectionState)
+
+
 async def require_store(app: web.Application) -> None:
     """New joins wait for shared state; media already flowing does not."""
     if not await app[STORE].healthy():
@@ -290,9 +410,13 @@ async def refused_auth(app: web.Application, error: ScrubinError,
     """Count a 401 against the caller's address; the failure that crosses the
     limit is answered 429 instead."""
     if error.status == 401 and await app[AUTH_GUARD].failed(address):
-        return TooManyRequests("too many failed authentications from this address; "
-                               "try again in a minute", code="rate_limited")
+        return rate_limited()
     return error
+
+
+def rate_limited() -> TooManyRequests:
+    return TooManyRequests("too many failed authentications from this address; "
+                           "try again in a minute", code="rate_limited")
 
 
 def bearer_token(request: web.Request) -> str:
@@ -306,30 +430,44 @@ def bearer_token(request: web.Request) -> str:
 async def authenticate(request: web.Request, token: str | None = None, *,
                        redeem: bool = True) -> Grant:
     """The one place a token becomes a Grant, for every bearer route and the
-    websocket hello (``token`` given): the failed-auth limit of the address
-    (429), signature and expiry (401), revocation of the token, its invite or
-    its Session (401 token_revoked), and, for an invite with ``max_uses``, one
-    use per Participant (403 invite_used_up; ``redeem=False`` leaves that to
-    the caller). A node-wide admin token on a route with ``{session}`` comes
-    back scoped to that Session. The store being unreachable is a 503: a
-    revocation is never skipped."""
+    websocket hello (``token`` given): signature and expiry (401; 429 once the
+    address is over the failed-auth limit), revocation of the token or of any
+    grant it comes from (its invite, its parents), or of its Session's tokens
+    (401 token_revoked), and, for an invite used directly, one of its device
+    uses (403 invite_used_up; ``redeem=False`` leaves that to the caller). A
+    node-wide admin token on a route with ``{session}`` comes back scoped to
+    that Session (``Grant.scope`` keeps "*"). The store being unreachable is a
+    503: a revocation is never skipped."""
     app = request.app
-    app[AUTH_GUARD].check(request.remote)
-    grant = app[TOKENS].verify(bearer_token(request) if token is None else token)
+    blocked = app[AUTH_GUARD].blocked(request.remote)
+    try:
+        grant = app[TOKENS].verify(bearer_token(request) if token is None else token)
+    except Unauthorized:
+        if blocked:
+            raise rate_limited() from None
+        raise
     invites = app[STORE].invites
-    if await invites.is_revoked(grant.token_id, session_id=grant.session_id,
+    if await invites.is_revoked(grant.lineage, session_id=grant.session_id,
                                 issued_at=grant.issued_at):
-        raise Unauthorized("this token or its invite has been revoked", code="token_revoked")
-    if redeem and grant.max_uses is not None and not await invites.use_invite(
-            grant.token_id, max_uses=grant.max_uses, expires_at=grant.expires_at,
+        raise Unauthorized("this token, or the invite or token it comes from, has been revoked",
+                           code="token_revoked")
+    if redeem and grant.kind == "invite" and not await invites.use_invite(
+            grant.token_id, max_uses=device_limit(app, grant), expires_at=grant.expires_at,
             redeemer=grant.participant_id):
-        raise Forbidden("this invite has been used by as many people as it allows",
+        raise Forbidden("this invite has been used on as many devices as it allows",
                         code="invite_used_up")
     path_session = request.match_info.get("session")
     if grant.node_wide and path_session:
-        grant = dataclasses.replace(grant, session_id=path_session)
+        grant = dataclasses.replace(grant, session_id=path_session, scope=grant.session_id)
     logs.bind(grant.session_id, grant.participant_id)
     return grant
+
+
+def device_limit(app: web.Application, invite: Grant) -> int:
+    """Devices that may use an invite: its ``max_uses``, never more than
+    ``limits.devices_per_invite`` (an invite is one person)."""
+    cap = app[CONFIG].limits.devices_per_invite
+    return min(invite.max_uses or cap, cap)
 
 
 async def session_for(request: web.Request, grant: Grant, *, start: bool = False) -> Session:
@@ -341,11 +479,62 @@ async def session_for(request: web.Request, grant: Grant, *, start: bool = False
     return await request.app[REGISTRY].resolve(session_id, start=start)
 
 
+_T = TypeVar("_T")
+
+
+async def subscribe(app: web.Application, session: Session, grant: Grant, feed_id: str,
+                    offer: str) -> tuple[str, Subscription]:
+    """``Session.subscribe`` within the per-person cap
+    (``limits.max_subscriptions_per_participant`` counts every device of an
+    invite and everything derived from one token together)."""
+    return await _within_cap(app, session, grant, 1,
+                             lambda: session.subscribe(grant, feed_id, offer))
+
+
+async def subscribe_slot(app: web.Application, session: Session, grant: Grant, slot: str,
+                         offer: str) -> tuple[str, SlotView]:
+    """``Session.subscribe_slot`` (a camera and its narration: two Subscriptions)
+    within the same per-person cap."""
+    return await _within_cap(app, session, grant, 2,
+                             lambda: session.subscribe_slot(grant, slot, offer))
+
+
+async def _within_cap(app: web.Application, session: Session, grant: Grant, count: int,
+                      make: Callable[[], Awaitable[_T]]) -> _T:
+    cap = app[CONFIG].limits.max_subscriptions_per_participant
+    pending = app[PENDING_SUBSCRIPTIONS]
+    key = (session.id, grant.person_id)
+    live = sum(1 for s in session.subscriptions.values()
+               if s.grant is not None and s.grant.person_id == grant.person_id)
+    if live + pending[key] + count > cap:
+        raise Conflict(f"at most {cap} subscriptions per person (an invite's devices "
+                       "together)", code="too_many_subscriptions")
+    pending[key] += count
+    try:
+        return await make()
+    finally:
+        pending[key] -= count
+        if pending[key] <= 0:
+            del pending[key]
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within ``limits.body_timeout_s`` (aiohttp has no read
+    timeout: a client trickling its body would hold the connection); a slow
+    one is a 408 and the connection closes."""
+    try:
+        async with asyncio.timeout(request.app[CONFIG].limits.body_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout("the request body did not arrive in time",
+                             code="request_timeout") from None
+
+
 async def read_sdp(request: web.Request) -> str:
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
     if ctype != "application/sdp":
         raise UnsupportedMediaType("send the offer as Content-Type: application/sdp")
-    raw = await request.read()
+    raw = await read_body(request)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -353,7 +542,7 @@ async def read_sdp(request: web.Request) -> str:
 
 
 async def read_json(request: web.Request) -> Any:
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw:
         return {}
     try:

@@ -1,6 +1,7 @@
 """Review API: the library of Recordings, one Recording for the player, its
-media (HTTP Range) and thumbnail through signed URLs, deletion
-(docs/protocol.md, "Recording"; server/recordings.py does the work).
+media (HTTP Range) and thumbnail through signed URLs bound to the viewer's
+grant, deletion (docs/protocol.md, "Recording"; docs/security.md, "Recordings";
+server/recordings.py does the work).
 
 ``setup(app)`` is the one call in ``create_app``: it adds the routes, the
 Node's ``Recordings`` (``app[RECORDINGS]``), recording control for every
@@ -15,11 +16,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from ..errors import Forbidden
+from ..errors import Forbidden, Unauthorized
 from ..recordings import REVIEWERS, Recordings
 from ..roles import Role
 from ..session import Session
-from .common import AUDIT, CONFIG, REGISTRY, authenticate
+from .common import AUDIT, CONFIG, REGISTRY, STORE, authenticate
 
 RECORDINGS = web.AppKey("recordings", Recordings)
 routes = web.RouteTableDef()
@@ -71,9 +72,12 @@ async def list_recordings(request: web.Request) -> web.Response:
     if grant.role not in REVIEWERS:
         raise Forbidden("recordings are for reviewers and admins", code="wrong_role")
     recordings = request.app[RECORDINGS]
-    expires = recordings.expiry()
+    expires = recordings.expiry(grant)
+    # The library's thumbnails are one "playback" per listing.
+    browse = recordings.signer.playback(session_id, grant)
     return web.json_response({
-        "recordings": [recordings.listed(e, expires) for e in recordings.for_session(session_id)],
+        "recordings": [recordings.listed(e, expires, grant, browse)
+                       for e in recordings.for_session(session_id)],
         "expires_at": expires,
     })
 
@@ -86,10 +90,20 @@ async def get_recording(request: web.Request) -> web.Response:
         raise Forbidden("recordings are for reviewers and admins", code="wrong_role")
     recording_id = request.match_info["recording"]
     recordings.check_access(grant, recordings.entry(recording_id))
-    detail = await asyncio.to_thread(recordings.detail, recording_id, recordings.expiry())
-    request.app[AUDIT].record("recording_viewed", session=detail["recording"]["session"],
-                              recording=recording_id, participant=grant.participant_id,
-                              role=grant.role.value, name=grant.name, address=request.remote)
+    # The player renews its URLs with ?playback=: the same playback, not a
+    # new viewing (one audit entry per playback and part). Anything else is
+    # a new playback.
+    playback = request.query.get("playback", "")
+    renewing = recordings.signer.is_playback(playback, recording_id, grant)
+    if not renewing:
+        playback = recordings.signer.playback(recording_id, grant)
+    detail = await asyncio.to_thread(recordings.detail, recording_id,
+                                     recordings.expiry(grant), grant, playback)
+    if not renewing:
+        request.app[AUDIT].record("recording_viewed", session=detail["recording"]["session"],
+                                  recording=recording_id, participant=grant.participant_id,
+                                  role=grant.role.value, name=grant.name, playback=playback,
+                                  address=request.remote)
     return web.json_response(detail)
 
 
@@ -107,15 +121,23 @@ async def delete_recording(request: web.Request) -> web.Response:
 
 
 async def _serve(request: web.Request, name: str) -> web.StreamResponse:
+    """A part or thumbnail by signed URL: the signature, then the viewer's
+    grant against revocation (every request, Range requests included: a
+    revoked reviewer's player stops at its next request), then the file."""
     recordings = request.app[RECORDINGS]
     recording_id = request.match_info["recording"]
-    recordings.signer.check(recording_id, name, request.query.get("exp"),
-                            request.query.get("sig"))
+    ticket = recordings.signer.check(recording_id, name, request.query)
+    if await request.app[STORE].invites.is_revoked(ticket.token_ids, session_id=ticket.scope,
+                                                   issued_at=ticket.issued_at):
+        raise Unauthorized("the token these media URLs were issued to has been revoked",
+                           code="token_revoked")
     path, content_type = await asyncio.to_thread(recordings.media_path, recording_id, name)
-    # FileResponse answers Range requests with 206 and Content-Range.
+    recordings.audit_media(ticket, recordings.entry(recording_id).get("session"), recording_id,
+                           name, request.remote)
+    # FileResponse answers Range requests with 206 and Content-Range. Never
+    # kept by a browser or proxy cache: health data, and access is per request.
     return web.FileResponse(path, headers={
-        "Content-Type": content_type, "Cache-Control": "private, max-age=3600",
-        "Accept-Ranges": "bytes"})
+        "Content-Type": content_type, "Cache-Control": "no-store", "Accept-Ranges": "bytes"})
 
 
 @routes.get("/api/recordings/{recording}/media/{part}")

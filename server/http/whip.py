@@ -15,11 +15,14 @@ from ..errors import Forbidden, NotFound
 from ..roles import MODERATORS, PUBLISHERS
 from .common import (
     audit_grant,
+    audit_publication,
     authenticate,
     cors_headers,
     read_sdp,
     require_store,
     session_for,
+    subscribe,
+    subscribe_slot,
 )
 
 routes = web.RouteTableDef()
@@ -60,8 +63,7 @@ async def whip_publish(request: web.Request) -> web.Response:
     takeover = request.query.get("takeover", "") in ("1", "true")
     answer, ingest = await session.publish(grant, request.match_info["slot"], offer,
                                            via="whip", takeover=takeover)
-    audit_grant(request.app, "publish_start", grant, request.remote, slot=ingest.slot,
-                feeds=[f.id for f in ingest.feeds], via="whip")
+    audit_publication(request.app, ingest, grant, request.remote, via="whip")
     return _created(request, answer, ingest.id)
 
 
@@ -88,11 +90,11 @@ async def whep_subscribe(request: web.Request) -> web.Response:
     await require_store(request.app)
     target = request.match_info["feed"]
     if "." not in target:  # a slot name (Feed ids are <slot>.<kind>)
-        answer, view = await session.subscribe_slot(grant, target, offer)
+        answer, view = await subscribe_slot(request.app, session, grant, target, offer)
         audit_grant(request.app, "subscribe", grant, request.remote, slot=view.slot,
                     feeds=[s.feed_id for s in view.subscriptions], via="whep")
         return _created(request, answer, view.id)
-    answer, subscription = await session.subscribe(grant, target, offer)
+    answer, subscription = await subscribe(request.app, session, grant, target, offer)
     audit_grant(request.app, "subscribe", grant, request.remote, feed=subscription.feed_id,
                 via="whep")
     return _created(request, answer, subscription.id)

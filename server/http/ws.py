@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import logs
-from ..errors import BadRequest, Forbidden, ScrubinError, TooManyRequests
+from ..errors import BadRequest, Conflict, Forbidden, ScrubinError, TooManyRequests
 from ..interaction import visible_to
 from ..recordings import MESSAGE_TYPES as RECORDING_MESSAGES
 from ..roles import PUBLISHERS, ROSTER_READERS, VIEWERS, Role
@@ -29,10 +29,12 @@ from .common import (
     SOCKET_GRANTS,
     WEBSOCKETS,
     audit_grant,
+    audit_publication,
     authenticate,
     count_refusal,
     refused_auth,
     require_store,
+    subscribe,
 )
 from .review import RECORDINGS
 
@@ -48,6 +50,8 @@ CLOSE_TIMEOUT = 4408
 CLOSE_TRY_AGAIN = 1013
 #: RFC 6455 policy violation: kept sending far over the message rate.
 CLOSE_POLICY = 1008
+#: The person already has ``limits.websockets_per_person`` sockets open.
+CLOSE_TOO_MANY = 4409
 
 
 class Connection:
@@ -117,6 +121,10 @@ class Connection:
                     self.grant.role in ROSTER_READERS):
                 self.send({"type": "publication_refused", "slot": event["slot"],
                            "code": event["code"], "message": event["message"]})
+        elif kind == "layer":
+            if event["subscription"] in self.subscriptions:
+                self.send({"type": "layer", "subscription": event["subscription"],
+                           "feed": event["feed"], "layer": event["layer"]})
         elif kind == "subscription_closed":
             # Only the socket that made it; closed by its owner it needs no notice.
             if self.subscriptions.pop(event["subscription"], None) is not None and (
@@ -151,7 +159,7 @@ class Connection:
             for old in [i for i in self.ingests.values() if i.slot == slot]:
                 self.ingests.pop(old.id, None)
             self.ingests[ingest.id] = ingest
-            self.audit("publish_start", slot=slot, feeds=[f.id for f in ingest.feeds])
+            audit_publication(self.app, ingest, grant, self.address, via="websocket")
             return {"type": "answer", "slot": slot, "sdp": answer,
                     "feeds": [f.id for f in ingest.feeds]}
         if kind == "unpublish":
@@ -163,7 +171,8 @@ class Connection:
             return {"type": "ok"}
         if kind == "subscribe":
             feed_id = _field(message, "feed")
-            answer, subscription = await session.subscribe(grant, feed_id, _field(message, "sdp"))
+            answer, subscription = await subscribe(self.app, session, grant, feed_id,
+                                                   _field(message, "sdp"))
             self.subscriptions[subscription.id] = subscription
             self.audit("subscribe", feed=feed_id)
             return {"type": "answer", "feed": feed_id, "subscription": subscription.id,
@@ -173,6 +182,16 @@ class Connection:
             self.subscriptions.pop(subscription_id, None)
             await session.unsubscribe(grant, subscription_id)
             return {"type": "ok"}
+        if kind == "set_layer":
+            target = self.subscriptions.get(_field(message, "subscription"))
+            if target is None:
+                raise BadRequest("no such subscription on this connection",
+                                 code="unknown_resource")
+            layer = message.get("layer")
+            if layer not in ("auto", "full", "low"):
+                raise BadRequest("layer must be auto, full or low", code="bad_message")
+            target.set_preference(layer)
+            return {"type": "ok", "layer": target.layer}
         if kind in ("pause", "resume"):
             # A hidden video: stop sending it without tearing its connection down.
             target = self.subscriptions.get(_field(message, "subscription"))
@@ -243,7 +262,23 @@ async def _hello(ws: web.WebSocketResponse, request: web.Request) -> tuple[Grant
 def _refusal_close_code(exc: ScrubinError) -> int:
     if exc.status >= 500 or exc.status == 429 or exc.code == "session_not_started":
         return CLOSE_TRY_AGAIN
+    if exc.code == "too_many_connections":
+        return CLOSE_TOO_MANY
     return CLOSE_UNAUTHORIZED if exc.status == 401 else CLOSE_FORBIDDEN
+
+
+def _claim_socket(app: web.Application, ws: web.WebSocketResponse, grant: Grant) -> None:
+    """Count the socket against its person (an invite and all its devices, or
+    a root token and what was derived from it), then register it, with no
+    await between: 300 copies of one token get ``websockets_per_person``."""
+    sockets = app[SOCKET_GRANTS]
+    cap = app[CONFIG].limits.websockets_per_person
+    mine = sum(1 for other, g in list(sockets.items()) if not other.closed
+               and g.session_id == grant.session_id and g.person_id == grant.person_id)
+    if mine >= cap:
+        raise Conflict(f"at most {cap} open connections per person; close another tab or "
+                       "device first", code="too_many_connections")
+    sockets[ws] = grant
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -271,8 +306,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         session = await request.app[REGISTRY].resolve(grant.session_id,
                                                        start=grant.role in PUBLISHERS)
         await require_store(request.app)
+        _claim_socket(request.app, ws, grant)
         participant = session.join(grant)
     except ScrubinError as exc:
+        request.app[SOCKET_GRANTS].pop(ws, None)
         count_refusal(request.app, exc, joining=True)
         if exc.status < 500:
             audit_grant(request.app, "denied", grant, request.remote, code=exc.code, path="/ws")
@@ -286,7 +323,6 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     presence = request.app[PRESENCE]
     await presence.join(session.id, participant.id, grant.role, participant.name)
     request.app[WEBSOCKETS].add(ws)
-    request.app[SOCKET_GRANTS][ws] = grant
     rate = request.app[MESSAGE_RATES].acquire(session.id, participant.id)
     stop_listening = session.listen(connection.on_event)
     welcome = connection.roster_message()
@@ -314,6 +350,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             if writer.done():
                 break
     finally:
+        request.app[SOCKET_GRANTS].pop(ws, None)
         stop_listening()
         request.app[MESSAGE_RATES].release(session.id, participant.id)
         connection.send(None)

@@ -18,6 +18,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from struct import pack
+from time import monotonic
 from typing import Any
 
 from aiortc import RTCRtpSender
@@ -33,6 +34,16 @@ logger = logging.getLogger(__name__)
 # beyond a LAN round trip; each is a full packet, so this is most of a
 # viewer's memory (docs/performance.md).
 HISTORY = 256
+
+# Retransmission limits. On a congested link every lost packet is NACKed again
+# and again; answering them all fills the link further and nothing gets through
+# (congestion collapse). So a packet is resent at most once per RESEND_GAP_S,
+# never once it is older than MAX_AGE_S (the viewer has moved on), and
+# retransmissions may use at most RESEND_SHARE of what the stream itself sends.
+RESEND_GAP_S = 0.1
+MAX_AGE_S = 1.0
+RESEND_SHARE = 0.5
+RESEND_BURST_BYTES = 48 * 1200
 
 #: Maps a frame's pts on the Feed's timeline to the publisher's NTP time, or
 #: None while the publisher has sent no sender report.
@@ -83,11 +94,18 @@ class FastSender:
         self._rtx_seq = random.randint(0, 0x7FFF)
         self._ts_origin = random.getrandbits(32)
         self._history: list[bytes | None] = [None] * HISTORY
+        self._sent_at = [0.0] * HISTORY
+        self._resent_at = [0.0] * HISTORY
+        self._resend_tokens = float(RESEND_BURST_BYTES)
+        #: Packets sent before this moment (a layer switch) are not resent: the
+        #: keyframe that started the new layer supersedes them.
+        self._epoch = 0.0
         self._send: Any = None
         self._protect: Any = None
         self.packets = 0
         self.octets = 0
         self.retransmitted = 0
+        self.resend_refused = 0
         # Until activated (or if it never can be), aiortc's own history answers.
         self._fallback_retransmit = hooks.sender_retransmit(sender)
         hooks.redirect_retransmissions(sender, self._retransmit)
@@ -104,14 +122,23 @@ class FastSender:
     def active(self) -> bool:
         return self._send is not None
 
-    def send_frame(self, payloads: Any, pts: int) -> None:
+    def new_epoch(self) -> None:
+        """The stream continues from another layer's keyframe: what was sent
+        before is no longer worth resending (and must not take the budget)."""
+        self._epoch = monotonic()
+
+    def send_frame(self, payloads: Any, pts: int, picture_id_offset: int = 0) -> None:
         """One encoded frame (payloads from the Feed's packetizer), now.
 
+        ``picture_id_offset`` keeps VP8 picture ids continuous for a viewer that
+        moved between layers (each layer's Feed numbers its own frames).
         Raises :class:`DownstreamGone` when the viewer's transport is gone.
         """
         send = self._send
         if send is None:
             raise DownstreamGone("fast sender is not bound to a transport")
+        if picture_id_offset:
+            payloads = [vp8_with_picture_id_offset(p, picture_id_offset) for p in payloads]
         timestamp = (self._ts_origin + pts) & 0xFFFFFFFF
         now_ntp = current_ntp_time()
         profile, ext = self._negotiated.extensions.set(HeaderExtensions(
@@ -120,20 +147,25 @@ class FastSender:
         first = 0x90 if ext else 0x80
         payload_type = self._negotiated.payload_type
         last = len(payloads) - 1
-        protect, history = self._protect, self._history
+        protect, history, sent_at = self._protect, self._history, self._sent_at
+        now = monotonic()
+        size = 0
         try:
             for i, payload in enumerate(payloads):
                 seq = self._seq
                 data = pack("!BBHII", first, payload_type | (0x80 if i == last else 0), seq,
                             timestamp, self._ssrc) + ext_header + payload
                 history[seq % HISTORY] = data
+                sent_at[seq % HISTORY] = now
                 send(protect(data))
                 self._seq = (seq + 1) & 0xFFFF
                 self.octets += len(payload)
+                size += len(data)
         except (ConnectionError, OSError, RuntimeError, AttributeError) as exc:
             self._send = None
             raise DownstreamGone(f"viewer transport failed: {exc}") from exc
         self.packets += len(payloads)
+        self._resend_tokens = min(self._resend_tokens + size * RESEND_SHARE, RESEND_BURST_BYTES)
         # RTCP sender reports are built by the RTCRtpSender from these. With
         # the publisher's own mapping (its sender reports), every Feed of one
         # publisher shares its clock, so a viewer can keep them in lip sync.
@@ -146,9 +178,19 @@ class FastSender:
         if self._send is None:
             await self._fallback_retransmit(sequence_number)
             return
-        data = self._history[sequence_number % HISTORY]
+        index = sequence_number % HISTORY
+        data = self._history[index]
         if data is None or int.from_bytes(data[2:4], "big") != sequence_number:
             return
+        now = monotonic()
+        sent_at = self._sent_at[index]
+        if (now - sent_at > MAX_AGE_S or sent_at < self._epoch
+                or now - self._resent_at[index] < RESEND_GAP_S
+                or self._resend_tokens < len(data)):
+            self.resend_refused += 1
+            return
+        self._resent_at[index] = now
+        self._resend_tokens -= len(data)
         rtx_payload_type = self._negotiated.rtx_payload_type
         if rtx_payload_type is not None:
             # RFC 4588: own SSRC and sequence, the original sequence number
@@ -163,6 +205,21 @@ class FastSender:
             self.retransmitted += 1
         except (ConnectionError, OSError, RuntimeError, AttributeError):
             self._send = None
+
+
+def vp8_picture_id(payload: bytes) -> int | None:
+    """The 15-bit picture id of a VP8 payload descriptor (RFC 7741), if it has one."""
+    if len(payload) >= 4 and payload[0] & 0x80 and payload[1] & 0x80 and payload[2] & 0x80:
+        return ((payload[2] & 0x7F) << 8) | payload[3]
+    return None
+
+
+def vp8_with_picture_id_offset(payload: bytes, offset: int) -> bytes:
+    picture_id = vp8_picture_id(payload)
+    if picture_id is None:
+        return payload
+    rewritten = (picture_id + offset) & 0x7FFF
+    return payload[:2] + bytes((0x80 | (rewritten >> 8), rewritten & 0xFF)) + payload[4:]
 
 
 def shared_packetizer(codec: Any) -> Any:

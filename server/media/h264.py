@@ -202,15 +202,16 @@ def choose_viewer_codec(stream: H264Stream, offered: Sequence[tuple[int, Mapping
         f"it needs {required}")
 
 
-def fit_h264_publisher(offer: str, as_profile: str
+def fit_h264_publisher(offer: str, as_profile: str, nth: int = 0
                        ) -> tuple[str, Callable[[str], str], H264Stream | None]:
     """A publisher offering H.264 only in profiles aiortc does not list (Main, High:
     hardware encoders) is still received: aiortc forwards, never decodes, so only the
-    label stands in the way. Returns the offer as aiortc should see it (one payload
-    type, labelled ``as_profile``), how to put the publisher's label back on the
-    answer, and what that label says the stream is (None: nothing changed)."""
+    label stands in the way. ``nth``: which video section (a camera's low layer is
+    the second). Returns the offer as aiortc should see it (one payload type,
+    labelled ``as_profile``), how to put the publisher's label back on the answer,
+    and what that label says the stream is (None: nothing changed)."""
     unchanged: tuple[str, Callable[[str], str], None] = (offer, lambda text: text, None)
-    section = section_index(offer, "video", 0)
+    section = section_index(offer, "video", nth)
     if section is None:
         return unchanged
     candidates: list[tuple[int, str, aiortc_sdp.H264Profile]] = []

@@ -26,7 +26,14 @@ from aiortc import (
     RTCRtpSender,
 )
 from aiortc.jitterbuffer import JitterBuffer
-from aiortc.rtp import RtcpSrPacket, RtpPacket
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpSrPacket,
+    RtpPacket,
+    unpack_remb_fci,
+)
 from aiortc.utils import uint16_add
 
 logger = logging.getLogger(__name__)
@@ -425,3 +432,76 @@ def observe_sender_reports(receiver: RTCRtpReceiver,
         await original(packet)
 
     setattr(receiver, RECEIVER_HANDLE_RTCP, handle)
+
+
+SENDER_HANDLE_RTCP = "_handle_rtcp_packet"
+SENDER_RTT = "_RTCRtpSender__rtt"
+
+
+def observe_viewer_feedback(sender: RTCRtpSender,
+                            on_report: Callable[[float, int, float | None], None],
+                            on_remb: Callable[[float], None]) -> None:
+    """What a viewer tells us about its link: for each receiver report block
+    about this sender, ``on_report(fraction lost 0-1, jitter, RTT s or None)``;
+    for each REMB naming it, ``on_remb(bits per second)``. aiortc's own handling
+    (RTT, NACK, PLI) runs first and is unchanged."""
+    original = getattr(sender, SENDER_HANDLE_RTCP, None)
+    if not callable(original):
+        raise RuntimeError("aiortc changed: RTCRtpSender has no _handle_rtcp_packet")
+    ssrc = getattr(sender, SENDER_SSRC)
+
+    async def handle(packet: Any) -> None:
+        await original(packet)
+        try:
+            if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+                for report in packet.reports:
+                    if report.ssrc == ssrc:
+                        on_report(report.fraction_lost / 256, report.jitter,
+                                  getattr(sender, SENDER_RTT, None))
+            elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+                try:
+                    bitrate, ssrcs = unpack_remb_fci(packet.fci)
+                except ValueError:
+                    return
+                if ssrc in ssrcs:
+                    on_remb(float(bitrate))
+        except Exception:
+            logger.exception("viewer feedback observer failed")
+
+    setattr(sender, SENDER_HANDLE_RTCP, handle)
+
+
+RECEIVER_SEND_RTCP = "_send_rtcp"
+
+
+def adjust_remb(receiver: RTCRtpReceiver, adjust: Callable[[int], int | None]) -> None:
+    """Every REMB this receiver sends its publisher goes through ``adjust``:
+    the bitrate it says, or None to send none.
+
+    Publishers read REMB differently. aiortc applies it to the senders whose
+    SSRCs it names, so one receiver's REMB can hold one layer to its bitrate.
+    libwebrtc (browsers) takes any REMB as the estimate for its whole
+    connection: there the low layer's receiver must send none, and the full
+    layer's must leave room for both.
+    """
+    from aiortc.rtp import pack_remb_fci
+
+    original = getattr(receiver, RECEIVER_SEND_RTCP, None)
+    if not callable(original):
+        raise RuntimeError("aiortc changed: RTCRtpReceiver has no _send_rtcp")
+
+    async def send(packet: Any) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                pass
+            else:
+                adjusted = adjust(bitrate)
+                if adjusted is None:
+                    return
+                if adjusted != bitrate:
+                    packet.fci = pack_remb_fci(adjusted, ssrcs)
+        await original(packet)
+
+    setattr(receiver, RECEIVER_SEND_RTCP, send)

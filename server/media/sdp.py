@@ -47,6 +47,7 @@ def check_offer(
     if not stripped.startswith("v=0"):
         raise BadRequest("body is not an SDP offer (must start with v=0)", code="sdp_malformed")
     kept = []
+    dropped = False
     for line in stripped.splitlines():
         if line.startswith("a=candidate:"):
             try:
@@ -55,8 +56,14 @@ def check_offer(
                 raise BadRequest(f"malformed ICE candidate: {line[:80]}", code="sdp_malformed") \
                     from None
             if not remote_candidate_allowed(candidate, allowed_networks):
+                dropped = True
                 continue
         kept.append(line)
+    if dropped:
+        # With candidates taken out, "that was all of them" would leave ICE with
+        # nothing to try and no hope of more: let the remote's checks (peer-
+        # reflexive candidates) connect instead.
+        kept = [line for line in kept if line.strip() != "a=end-of-candidates"]
     clean = "\r\n".join(kept) + "\r\n"
     try:
         parsed = aiortc_sdp.SessionDescription.parse(clean)
@@ -100,21 +107,25 @@ def check_offer(
                         codecs=codecs)
 
 
-def add_bitrate_hints(answer: str, min_kbps: int, start_kbps: int, max_kbps: int) -> str:
+def add_bitrate_hints(answer: str, min_kbps: int, start_kbps: int, max_kbps: int,
+                      low_mids: frozenset[str] = frozenset(), low_max_kbps: int = 250) -> str:
     """Tell a browser publisher the bitrate range it may use.
 
     aiortc only sends REMB; without these hints Chrome stays at 200–400 kbit/s.
+    A camera's low layer (the sections in ``low_mids``) is held at ``low_max_kbps``.
     """
     parsed = aiortc_sdp.SessionDescription.parse(answer)
     for media in parsed.media:
         if media.kind != "video":
             continue
+        low = media.rtp.muxId in low_mids
         for codec in media.rtp.codecs:
             if codec.mimeType.lower().endswith("/rtx"):
                 continue
-            codec.parameters["x-google-min-bitrate"] = min_kbps
-            codec.parameters["x-google-start-bitrate"] = start_kbps
-            codec.parameters["x-google-max-bitrate"] = max_kbps
+            codec.parameters["x-google-min-bitrate"] = min(min_kbps, low_max_kbps // 2) \
+                if low else min_kbps
+            codec.parameters["x-google-start-bitrate"] = low_max_kbps if low else start_kbps
+            codec.parameters["x-google-max-bitrate"] = low_max_kbps if low else max_kbps
     return str(parsed)
 
 

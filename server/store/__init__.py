@@ -8,6 +8,9 @@ Callers see only the small Protocols in ``base``.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from .base import (
     DEFAULT_PREFIX,
     SESSION_STATES,
@@ -21,6 +24,7 @@ from .base import (
     PresenceEntry,
     PresenceStore,
     RateLimiter,
+    RevocationCheck,
     SessionRecord,
     SessionState,
     SessionStore,
@@ -46,6 +50,7 @@ __all__ = [
     "PresenceEntry",
     "PresenceStore",
     "RateLimiter",
+    "RevocationCheck",
     "SessionRecord",
     "SessionState",
     "SessionStore",
@@ -63,6 +68,7 @@ def open_store(
     prefix: str = DEFAULT_PREFIX,
     timeout_s: float = 1.0,
     memory: MemoryState | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> Store:
     """The Node's store. Nothing is contacted here: a Redis that is down at
     start-up makes calls raise StoreUnavailable (and ``healthy()`` False)
@@ -71,17 +77,20 @@ def open_store(
     ``redis_url`` None or "" selects memory (``memory`` lets several stores in
     one process share state, e.g. two Nodes in a test). ``prefix`` namespaces
     every Redis key and channel; ``timeout_s`` bounds every Redis call.
+    ``clock`` (epoch seconds) is where every deadline is read, the wall clock by
+    default; tests pass one they advance (a given ``memory`` keeps its own).
     Close the store (``await store.close()`` or ``async with``) at shutdown.
     ValueError for a malformed URL.
     """
     if not redis_url:
         if memory is None:
-            memory = MemoryState()
+            memory = MemoryState() if clock is None else MemoryState(wall=clock, monotonic=clock)
         backend: MemoryStore | RedisStore = MemoryStore(node_id, memory)
     else:
         # Imported here so a memory-only Node never loads redis-py.
         from .redis_store import RedisStore
 
-        backend = RedisStore(redis_url, node_id=node_id, prefix=prefix, timeout_s=timeout_s)
+        backend = RedisStore(redis_url, node_id=node_id, prefix=prefix, timeout_s=timeout_s,
+                             clock=clock or time.time)
     return Store(theatres=backend, sessions=backend, presence=backend, invites=backend,
                  rates=backend, events=backend, backend=backend)

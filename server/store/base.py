@@ -141,6 +141,22 @@ class InviteRecord:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class RevocationCheck:
+    """Is this grant revoked? Its lineage (its id, then its ancestors'), the
+    Session its token was issued for ("*" for node-wide admin tokens) and its
+    ``iat``."""
+
+    token_ids: tuple[str, ...]
+    session_id: str
+    issued_at: float
+
+
+def lineage_ids(token_ids: str | Sequence[str]) -> tuple[str, ...]:
+    # A bare string is one id, not a sequence of one-character ids.
+    return (token_ids,) if isinstance(token_ids, str) else tuple(token_ids)
+
+
 def theatre_to_json(theatre: Theatre) -> str:
     return json.dumps({"id": theatre.id, "name": theatre.name, "slots": list(theatre.slots)},
                       separators=(",", ":"))
@@ -198,8 +214,9 @@ class SessionStore(Protocol):
     async def create_session(self, record: SessionRecord) -> SessionRecord:
         """Store a new "scheduled" or "live" Session (a live one is stamped with
         this Node and the start time). Raises NotFound (unknown_theatre) and
-        Conflict (session_exists) if a scheduled or live one has this id; an
-        ended one is replaced."""
+        Conflict (session_exists) if any Session ever had this id: an ended
+        one included, since tokens, invites and recordings name a Session by
+        its id (docs/security.md)."""
 
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
 
@@ -241,7 +258,8 @@ class PresenceStore(Protocol):
 
 class InviteStore(Protocol):
     async def revoke_invite(self, invite_id: str, *, expires_at: float) -> None:
-        """Refuse this invite (token jti) from now on. Remembered until
+        """Refuse this grant (an invite, or any token by its ``jti``) and
+        everything derived from it, from now on. Remembered until
         ``expires_at`` (the token's own expiry, epoch seconds), after which the
         token is refused anyway; a past ``expires_at`` stores nothing."""
 
@@ -251,9 +269,15 @@ class InviteStore(Protocol):
 
     async def revoked_before(self, session_id: str) -> float | None: ...
 
-    async def is_revoked(self, invite_id: str, *, session_id: str, issued_at: float) -> bool:
-        """Both checks in one round trip: the invite itself, or its Session's
-        "revoked before" (``issued_at < before``)."""
+    async def is_revoked(self, token_ids: str | Sequence[str], *, session_id: str,
+                         issued_at: float) -> bool:
+        """Both checks in one round trip: any id of the grant's lineage (its
+        own, its invite's, its parents'), or its Session's "revoked before"
+        (``issued_at < before``)."""
+
+    async def which_revoked(self, checks: Sequence[RevocationCheck]) -> list[bool]:
+        """``is_revoked`` for many grants in one round trip (the periodic
+        re-check of live connections), in order."""
 
     async def use_invite(
         self, invite_id: str, *, max_uses: int, expires_at: float, redeemer: str | None = None

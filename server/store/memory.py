@@ -24,12 +24,14 @@ from .base import (
     Fanout,
     InviteRecord,
     PresenceEntry,
+    RevocationCheck,
     SessionRecord,
     SessionState,
     StoreUnavailable,
     check_rate_args,
     check_ttl,
     encode_event,
+    lineage_ids,
 )
 from .rules import apply_transition, apply_update, sort_roster, stamp_new_session
 
@@ -136,9 +138,9 @@ class MemoryStore:
         if record.theatre_id not in self.state.theatres:
             raise NotFound(f"no theatre {record.theatre_id!r}", code="unknown_theatre")
         existing = self.state.sessions.get(record.id)
-        if existing is not None and existing.state != "ended":
-            raise Conflict(f"session {record.id} exists ({existing.state})",
-                           code="session_exists")
+        if existing is not None:
+            raise Conflict(f"session {record.id} exists ({existing.state}); a Session id is "
+                           "never used again", code="session_exists")
         self.state.sessions[record.id] = record
         return record
 
@@ -229,13 +231,23 @@ class MemoryStore:
         self._check_open()
         return self.state.revoked_before.get(session_id)
 
-    async def is_revoked(self, invite_id: str, *, session_id: str, issued_at: float) -> bool:
+    async def is_revoked(self, token_ids: str | Sequence[str], *, session_id: str,
+                         issued_at: float) -> bool:
         self._check_open()
-        expiry = self.state.revoked.get(invite_id)
-        if expiry is not None and expiry > self.state.wall():
-            return True
-        before = self.state.revoked_before.get(session_id)
-        return before is not None and issued_at < before
+        return self._revoked(RevocationCheck(lineage_ids(token_ids), session_id, issued_at))
+
+    async def which_revoked(self, checks: Sequence[RevocationCheck]) -> list[bool]:
+        self._check_open()
+        return [self._revoked(check) for check in checks]
+
+    def _revoked(self, check: RevocationCheck) -> bool:
+        now = self.state.wall()
+        for token_id in check.token_ids:
+            expiry = self.state.revoked.get(token_id)
+            if expiry is not None and expiry > now:
+                return True
+        before = self.state.revoked_before.get(check.session_id)
+        return before is not None and check.issued_at < before
 
     async def use_invite(
         self, invite_id: str, *, max_uses: int, expires_at: float, redeemer: str | None = None

@@ -47,6 +47,8 @@ class Presence:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._in_sync = True
+        #: Passes of the refresh loop that reached the store.
+        self.refreshes = 0
 
     def entries(self) -> list[PresenceEntry]:
         return [entry for entry, _ in self._entries.values()]
@@ -109,6 +111,7 @@ class Presence:
         while True:
             was_in_sync = self._in_sync
             if await self.refresh():
+                self.refreshes += 1
                 if not was_in_sync:
                     logger.info("presence: %d entries re-registered", len(self._entries))
                 self._in_sync = True

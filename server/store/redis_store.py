@@ -18,18 +18,24 @@ Layout (all under the configurable prefix, default "scrubin:"):
 
     theatres                      hash   theatre id -> JSON
     sessions                      hash   session id -> JSON
-    presence:<sid>                set    members ["participant", "node"] (index)
+    roster:<sid>                  zset   members ["participant", "node"] by deadline (index)
     presence:<sid>:<member>       string entry JSON, PX ttl
-    revoked:<invite id>           string "1", PX until the token expires
+    revoked:<invite id>           string the token's expiry (µs), PX until then
     revoked-before:<sid>          string epoch seconds (only grows)
     invite-uses:<invite id>       set    redeemers, PX until the token expires
     invites:<sid>                 hash   invite id -> record JSON, PX until its last invite expires
-    rate:<key>                    zset   allowed hits (µs, Redis clock), PX window
+    rate:<key>                    zset   allowed hits (µs), PX window
     channel events:<sid>          pub/sub, JSON events
     channel bus                   pub/sub, keeps the connection subscribed for heartbeats
 
 Single-instance Redis (or a primary with replicas): the Lua scripts touch
 keys of several Sessions at once, which Redis Cluster would refuse.
+
+Time: deadlines (presence, revocations, invites, rate windows) are read from
+the store's clock (``clock``, the Node's wall clock by default; Nodes keep
+their clocks synchronised, as token expiry already requires), so tests drive
+them with a clock of their own. Redis key expiry (PX) only collects garbage
+behind them.
 """
 
 from __future__ import annotations
@@ -62,12 +68,14 @@ from .base import (
     Fanout,
     InviteRecord,
     PresenceEntry,
+    RevocationCheck,
     SessionRecord,
     SessionState,
     StoreUnavailable,
     check_rate_args,
     check_ttl,
     encode_event,
+    lineage_ids,
     theatre_from_json,
     theatre_to_json,
 )
@@ -80,26 +88,31 @@ T = TypeVar("T")
 #: Optimistic (WATCH/MULTI) transactions retry this often under contention.
 MAX_WATCH_ATTEMPTS = 50
 
-# Entries and the Session's index in one round trip; the index lives as long
-# as its longest-lived entry (PEXPIRE only ever extends it).
+# Entries and the Session's index (members by deadline on the store's clock)
+# in one round trip; the index lives as long as its longest-lived entry
+# (PEXPIRE only ever extends it).
 ANNOUNCE_LUA = """
 local ttl = tonumber(ARGV[1])
 for i = 1, #KEYS, 2 do
-  redis.call('SET', KEYS[i + 1], ARGV[i + 2], 'PX', ttl)
-  redis.call('SADD', KEYS[i], ARGV[i + 1])
+  redis.call('SET', KEYS[i + 1], ARGV[i + 3], 'PX', ttl)
+  redis.call('ZADD', KEYS[i], ARGV[2], ARGV[i + 2])
   if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 return #KEYS / 2
 """
 
-# Live entries of a Session; members whose entry expired (their Node stopped
-# refreshing) leave the index. Atomic, so an entry re-announced meanwhile is
-# never dropped from the index. Entry keys are derived from the index name.
+# Live entries of a Session: members past their deadline (their Node stopped
+# refreshing) leave the index and lose their entry. Atomic, so an entry
+# re-announced meanwhile is never dropped. ARGV[1] prefixes entry keys.
 ROSTER_LUA = """
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])) do
+  redis.call('DEL', ARGV[1] .. member)
+  redis.call('ZREM', KEYS[1], member)
+end
 local out = {}
-for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local value = redis.call('GET', KEYS[1] .. ':' .. member)
-  if value then table.insert(out, value) else redis.call('SREM', KEYS[1], member) end
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local value = redis.call('GET', ARGV[1] .. member)
+  if value then table.insert(out, value) else redis.call('ZREM', KEYS[1], member) end
 end
 return out
 """
@@ -119,8 +132,9 @@ return 1
 
 # Revocations only ever get stronger: a later expiry, a later "before".
 REVOKE_INVITE_LUA = """
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
 end
 return 1
 """
@@ -144,14 +158,12 @@ end
 return 1
 """
 
-# Sliding-window log on Redis's own clock (one clock for every Node). A hit
-# counts for [t, t + window); refused hits are not recorded. Writing after
-# TIME is allowed with effect replication (default since Redis 5).
+# Sliding-window log (µs on the store's clock, ARGV[4]). A hit counts for
+# [t, t + window); refused hits are not recorded.
 RATE_LUA = """
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = tonumber(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 if redis.call('ZCARD', KEYS[1]) >= limit then return 0 end
 redis.call('ZADD', KEYS[1], now, ARGV[3])
@@ -162,6 +174,14 @@ return 1
 
 def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+#: What a revocation held before deadlines were stored (it then lived by PX alone).
+_LEGACY_REVOKED = "1"
 
 
 class RedisStore:
@@ -178,10 +198,13 @@ class RedisStore:
         timeout_s: float = 1.0,
         subscription_buffer: int = DEFAULT_SUBSCRIPTION_BUFFER,
         heartbeat_s: float = 1.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not (timeout_s > 0 and math.isfinite(timeout_s)):
             raise ValueError("timeout_s must be a positive number of seconds")
         self.node_id = node_id
+        #: Epoch seconds; every deadline is read from it.
+        self.clock = clock
         self.prefix = prefix
         self.timeout_s = timeout_s
         # Two socket attempts (the retry) must fit in the overall deadline.
@@ -222,18 +245,24 @@ class RedisStore:
     async def _op(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         if self._closed:
             raise StoreUnavailable("the store is closed")
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
         try:
             async with asyncio.timeout(self.timeout_s):
                 result = await call()
         except TimeoutError as exc:
+            _cancelled_meanwhile(task, cancelling)
             raise self._unavailable(what, f"no answer within {self.timeout_s:g} s") from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            _cancelled_meanwhile(task, cancelling)
             raise self._unavailable(what, str(exc) or type(exc).__name__) from exc
         except RedisError as exc:
+            _cancelled_meanwhile(task, cancelling)
             # Not a lost connection (OOM, READONLY replica, a script error):
             # still not the caller's fault, but worth a traceback.
             logger.error("store: redis refused %s", what, exc_info=True)
             raise self._unavailable(what, str(exc)) from exc
+        _cancelled_meanwhile(task, cancelling)
         if not self._available:
             self._available = True
             logger.info("store: redis reachable again")
@@ -286,12 +315,12 @@ class RedisStore:
 
     # -- sessions ---------------------------------------------------------
     async def create_session(self, record: SessionRecord) -> SessionRecord:
-        record = stamp_new_session(record, self.node_id, time.time())
+        record = stamp_new_session(record, self.node_id, self.clock())
 
         def make(current: SessionRecord | None) -> SessionRecord:
-            if current is not None and current.state != "ended":
-                raise Conflict(f"session {record.id} exists ({current.state})",
-                               code="session_exists")
+            if current is not None:
+                raise Conflict(f"session {record.id} exists ({current.state}); a Session id "
+                               "is never used again", code="session_exists")
             return record
 
         return await self._modify_session("create_session", record.id, make,
@@ -325,7 +354,7 @@ class RedisStore:
     async def set_session_state(self, session_id: str, state: SessionState) -> SessionRecord:
         def make(current: SessionRecord | None) -> SessionRecord:
             return apply_transition(_existing(session_id, current), state, self.node_id,
-                                    time.time())
+                                    self.clock())
 
         return await self._modify_session("set_session_state", session_id, make)
 
@@ -373,10 +402,10 @@ class RedisStore:
         if not entries:
             return
         keys: list[str] = []
-        args: list[str | int] = [_ms(ttl_s)]
+        args: list[str | int] = [_ms(ttl_s), _us(self.clock() + ttl_s)]
         for entry in entries:
             member = self._member(entry.participant_id, entry.node_id)
-            keys += [self._key("presence", entry.session_id),
+            keys += [self._key("roster", entry.session_id),
                      self._key("presence", entry.session_id, member)]
             args += [member, entry.to_json()]
         await self._op("announce", lambda: self._announce(keys=keys, args=args))
@@ -387,14 +416,16 @@ class RedisStore:
         async def run() -> None:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._key("presence", session_id, member))
-                pipe.srem(self._key("presence", session_id), member)
+                pipe.zrem(self._key("roster", session_id), member)
                 await pipe.execute()
 
         await self._op("withdraw", run)
 
     async def roster(self, session_id: str) -> list[PresenceEntry]:
-        index = self._key("presence", session_id)
-        raw = await self._op("roster", lambda: self._roster(keys=[index]))
+        index = self._key("roster", session_id)
+        entry_prefix = self._key("presence", session_id, "")
+        raw = await self._op("roster", lambda: self._roster(
+            keys=[index], args=[entry_prefix, _us(self.clock())]))
         entries = []
         for value in raw:
             try:
@@ -405,12 +436,12 @@ class RedisStore:
 
     # -- invites ----------------------------------------------------------
     async def revoke_invite(self, invite_id: str, *, expires_at: float) -> None:
-        remaining = expires_at - time.time()
+        remaining = expires_at - self.clock()
         if remaining <= 0:
             return  # the token is already refused as expired
         key = self._key("revoked", invite_id)
-        await self._op("revoke_invite",
-                       lambda: self._revoke_invite(keys=[key], args=[_ms(remaining)]))
+        await self._op("revoke_invite", lambda: self._revoke_invite(
+            keys=[key], args=[_ms(remaining), _us(expires_at)]))
 
     async def revoke_session(self, session_id: str, *, before: float) -> None:
         key = self._key("revoked-before", session_id)
@@ -422,10 +453,39 @@ class RedisStore:
                              lambda: self._redis.get(self._key("revoked-before", session_id)))
         return float(raw) if raw is not None else None
 
-    async def is_revoked(self, invite_id: str, *, session_id: str, issued_at: float) -> bool:
-        keys = [self._key("revoked", invite_id), self._key("revoked-before", session_id)]
-        revoked, before = await self._op("is_revoked", lambda: self._redis.mget(keys))
-        return revoked is not None or (before is not None and issued_at < float(before))
+    async def is_revoked(self, token_ids: str | Sequence[str], *, session_id: str,
+                         issued_at: float) -> bool:
+        check = RevocationCheck(lineage_ids(token_ids), session_id, issued_at)
+        return (await self._which_revoked("is_revoked", [check]))[0]
+
+    async def which_revoked(self, checks: Sequence[RevocationCheck]) -> list[bool]:
+        return await self._which_revoked("which_revoked", checks)
+
+    async def _which_revoked(self, what: str, checks: Sequence[RevocationCheck]) -> list[bool]:
+        """Every grant's ids and Session in one MGET."""
+        if not checks:
+            return []
+        keys: dict[str, int] = {}
+        for check in checks:
+            for token_id in check.token_ids:
+                keys.setdefault(self._key("revoked", token_id), len(keys))
+            keys.setdefault(self._key("revoked-before", check.session_id), len(keys))
+        names = list(keys)
+        values = await self._op(what, lambda: self._redis.mget(names))
+        out = []
+        now_us = _us(self.clock())
+
+        def live(value: bytes | str | None) -> bool:
+            # A revocation lasts until the token would have expired anyway.
+            if isinstance(value, bytes):
+                value = value.decode()
+            return value is not None and (value == _LEGACY_REVOKED or int(value) > now_us)
+
+        for check in checks:
+            revoked = any(live(values[keys[self._key("revoked", t)]]) for t in check.token_ids)
+            before = values[keys[self._key("revoked-before", check.session_id)]]
+            out.append(revoked or (before is not None and check.issued_at < float(before)))
+        return out
 
     async def use_invite(
         self, invite_id: str, *, max_uses: int, expires_at: float, redeemer: str | None = None
@@ -434,7 +494,7 @@ class RedisStore:
             raise ValueError("max_uses must be ≥ 1")
         # Anonymous uses are distinct members, so each one counts.
         who = redeemer if redeemer is not None else f"~{secrets.token_hex(8)}"
-        ttl = _ms(max(expires_at - time.time(), 1.0))
+        ttl = _ms(max(expires_at - self.clock(), 1.0))
         key = self._key("invite-uses", invite_id)
         allowed = await self._op("use_invite", lambda: self._use_invite(
             keys=[key], args=[who, max_uses, ttl]))
@@ -446,7 +506,7 @@ class RedisStore:
         return int(n)
 
     async def put_invite(self, record: InviteRecord) -> None:
-        remaining = record.expires_at - time.time()
+        remaining = record.expires_at - self.clock()
         if remaining <= 0:
             return
         key = self._key("invites", record.session_id)
@@ -460,12 +520,12 @@ class RedisStore:
         if not raw:
             return None
         record = InviteRecord.from_json(raw)
-        return record if record.expires_at > time.time() else None
+        return record if record.expires_at > self.clock() else None
 
     async def list_invites(self, session_id: str) -> list[InviteRecord]:
         raw = await self._op("list_invites", lambda: self._redis.hvals(
             self._key("invites", session_id)))
-        now = time.time()
+        now = self.clock()
         records = []
         for value in raw:
             try:
@@ -484,8 +544,9 @@ class RedisStore:
             return False
         rkey = self._key("rate", key)
         window_us = max(1, round(window_s * 1_000_000))
+        now_us = _us(self.clock())
         allowed = await self._op("hit", lambda: self._rate(
-            keys=[rkey], args=[limit, window_us, secrets.token_hex(8)]))
+            keys=[rkey], args=[limit, window_us, secrets.token_hex(8), now_us]))
         return bool(allowed)
 
     # -- events -----------------------------------------------------------
@@ -501,6 +562,14 @@ class RedisStore:
         if self._closed:
             raise StoreUnavailable("the store is closed")
         return await self._bus.subscribe(session_id)
+
+
+def _cancelled_meanwhile(task: asyncio.Task[Any] | None, cancelling: int) -> None:
+    """redis-py sometimes swallows a cancellation that arrives while a command
+    is in flight; the caller asked to stop (e.g. the watcher of a Session that
+    ended), so it stops rather than carry on waiting forever."""
+    if task is not None and task.cancelling() > cancelling:
+        raise asyncio.CancelledError
 
 
 def _existing(session_id: str, record: SessionRecord | None) -> SessionRecord:
