@@ -433,7 +433,11 @@ class Session:
             nonlocal refused
             if refused:
                 return
-            sps, b_frames = inspect_frame(data)
+            try:
+                sps, b_frames = inspect_frame(data)
+            except Exception:  # runs in aiortc's receive loop: never raise into it
+                logger.exception("session %s: inspecting %s failed", self.id, feed.id)
+                sps, b_frames = None, False
             if b_frames:
                 refused = True
                 self._refuse_publication(
