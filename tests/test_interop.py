@@ -517,3 +517,20 @@ async def test_scrubin_publish_refuses_h264_with_b_frames(workdir: Path) -> None
     assert result.returncode == 2
     message = stderr.decode()
     assert "B-frames" in message and "--transcode" in message, message
+
+
+async def test_ffmpeg_whip_muxer_with_its_own_certificate_cannot_connect(node: Server) -> None:
+    """Documented in docs/interop.md: without cert_file/key_file FFmpeg generates an ECDSA
+    certificate on P-224, a curve the OpenSSL under aiortc no longer offers in TLS, so the
+    handshake fails. If this starts passing, FFmpeg or OpenSSL changed: update the doc."""
+    from OpenSSL import SSL
+
+    context = SSL.Context(SSL.DTLS_METHOD)
+    assert SSL._lib.SSL_CTX_set1_curves_list(context._context, b"P-224") == 0, (
+        "this OpenSSL offers P-224 again: FFmpeg's defaults may work now")
+    process = await ffmpeg_whip(f"{node.base_url}/whip/{SESSION}/room",
+                                node.token(Role.EXPERT), 2)
+    _, stderr = await asyncio.wait_for(process.communicate(), 40)
+    assert process.returncode != 0
+    assert "DTLS" in stderr.decode(), stderr.decode()[-600:]
+    assert not node.session().ingests

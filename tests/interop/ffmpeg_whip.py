@@ -10,11 +10,13 @@ uses its defaults. Exit status 0 when the whole clip was sent.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from fractions import Fraction
 
 import av
+import av.logging
 import numpy as np
 
 from server.publish.synthetic import TheatreRenderer
@@ -23,6 +25,9 @@ WIDTH, HEIGHT, FPS = 320, 240, 30
 
 
 def main() -> int:
+    # FFmpeg's own errors (e.g. "DTLS session failed") on stderr, for the test to read.
+    logging.basicConfig(level=logging.ERROR)
+    av.logging.set_level(av.logging.ERROR)
     url, token, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
     options = dict(arg.split("=", 1) for arg in sys.argv[4:])
     out = av.open(url, "w", format="whip", options={"authorization": token, **options})
