@@ -198,15 +198,17 @@ async def test_gstreamer_publishes_and_plays(codec: str, node: Server, gst_env: 
             await viewer.close()
         increasing(reader.counters)
 
-        # webrtcbin as a WHEP player.
+        # webrtcbin as a WHEP player of the camera slot: picture and sound on one connection.
         out = workdir / f"played-{codec}.gray"
-        player = await gst(gst_env, "play", f"{base}/whep/{SESSION}/room.video",
+        player = await gst(gst_env, "play", f"{base}/whep/{SESSION}/room",
                            node.token(Role.TRAINEE), "--codec", codec, "--profile", "42e01f",
-                           "--seconds", "3", "--out", str(out))
+                           "--audio", "--seconds", "3", "--out", str(out))
         started.append(player)
         assert await player.finish() == 0, player.events
         assert (player.event("status") or {}).get("status") == 201, player.events
-        assert (player.event("done") or {}).get("delete") == 200, player.events
+        done = player.event("done") or {}
+        assert done.get("delete") == 200, player.events
+        assert done.get("audio", 0) >= 50, f"{done.get('audio')} Opus frames decoded"
         played = increasing(gray_counters(out))
         assert len(played) >= 30, f"{len(played)} frames decoded by GStreamer"
 

@@ -5,8 +5,8 @@ tests. Runs under Debian's /usr/bin/python3 with python3-gst-1.0, never the proj
 and under the lo_only.so shim so libnice offers 127.0.0.1 only.
 
     gst_client.py publish URL TOKEN --codec vp8|h264 --y4m FILE
-    gst_client.py play URL TOKEN --codec vp8|h264 [--profile 42e01f] [--mode 0|1]
-                  --seconds S --out FILE.gray
+    gst_client.py play URL TOKEN --codec vp8|h264 [--profile 42e01f]
+                  [--packetization-mode 1|0|none] [--audio] --seconds S --out FILE.gray
 
 Prints one JSON line per event ("status", "connected", "done", "error") on stdout; the
 test reads them. A refused POST exits 3 after printing its status and body.
@@ -90,10 +90,17 @@ class Client:
             self.webrtc.emit("add-transceiver",
                              GstWebRTC.WebRTCRTPTransceiverDirection.RECVONLY,
                              Gst.Caps.from_string(caps))
+            if args.audio:
+                self.webrtc.emit("add-transceiver",
+                                 GstWebRTC.WebRTCRTPTransceiverDirection.RECVONLY,
+                                 Gst.Caps.from_string(
+                                     "application/x-rtp,media=audio,encoding-name=OPUS,"
+                                     "payload=111,clock-rate=48000"))
         bus = self.pipeline.get_bus()
         bus.add_signal_watch()
         bus.connect("message", self.on_message)
         self.frames = 0
+        self.audio_buffers = 0
         self.offered = False
 
     # -- signalling ------------------------------------------------------------
@@ -166,10 +173,13 @@ class Client:
             return
         caps = pad.get_current_caps().to_string()
         if "media=(string)video" not in caps:
-            sink = Gst.ElementFactory.make("fakesink")
-            self.pipeline.add(sink)
-            sink.sync_state_with_parent()
-            pad.link(sink.get_static_pad("sink"))
+            # Sound is decoded too: a player that cannot decode it would notice.
+            branch = Gst.parse_bin_from_description(
+                "queue ! rtpopusdepay ! opusdec ! identity name=count ! fakesink", True)
+            self.pipeline.add(branch)
+            branch.sync_state_with_parent()
+            pad.link(branch.get_static_pad("sink"))
+            branch.get_by_name("count").connect("handoff", self.on_audio)
             return
         branch = Gst.parse_bin_from_description(
             # Plain GRAY8 rows at a fixed size (decoders' buffers may carry padded strides,
@@ -184,6 +194,9 @@ class Client:
 
     def on_frame(self, *_: Any) -> None:
         self.frames += 1
+
+    def on_audio(self, *_: Any) -> None:
+        self.audio_buffers += 1
 
     # -- ending ----------------------------------------------------------------
     def on_message(self, bus: Gst.Bus, message: Gst.Message) -> None:
@@ -206,7 +219,7 @@ class Client:
             except urllib.error.HTTPError as exc:
                 deleted = exc.code
             self.resource = None
-            say("done", frames=self.frames, delete=deleted)
+            say("done", frames=self.frames, audio=self.audio_buffers, delete=deleted)
         self.loop.quit()
         return False
 
@@ -236,6 +249,8 @@ def main() -> int:
                         help="publish: x264's profile (high: as hardware encoders send)")
     parser.add_argument("--packetization-mode", dest="mode_h264", default="1",
                         help="play: H.264 packetization-mode ('none' leaves it out)")
+    parser.add_argument("--audio", action="store_true",
+                        help="play: receive sound too (WHEP per camera slot)")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--out", default="/dev/null",
                         help="play: decoded frames, raw GRAY8 at --width x --height")
