@@ -161,6 +161,20 @@ def feed_state(server: Server, feed_id: str) -> str:
     return "" if feed.frames_received >= 10 else f"{feed_id}: {feed.frames_received} frames"
 
 
+async def published_counters(http: aiohttp.ClientSession, node: Server,
+                             minimum: int = 20) -> list[int]:
+    """The frame counters an aiortc WHEP viewer decodes from ``room.video``."""
+    viewer, _, remote = await whep_subscribe(http, node, "room.video", "video")
+    reader = CounterReader(await asyncio.wait_for(remote, 10))
+    try:
+        await wait_for(lambda: "" if len(reader.counters) >= minimum
+                       else f"{len(reader.counters)} counters", timeout=15)
+    finally:
+        await reader.stop()
+        await viewer.close()
+    return reader.counters
+
+
 def increasing(counters: list[int | None]) -> list[int]:
     readable = [c for c in counters if c is not None]
     assert readable, "no readable frame counter"
@@ -187,16 +201,8 @@ async def test_gstreamer_publishes_and_plays(codec: str, node: Server, gst_env: 
         assert feed.codec.mimeType.lower() == f"video/{codec}"
         assert "room.audio" in node.session().feeds
 
-        # What it published decodes, in order (an aiortc viewer reads the counters).
-        viewer, _, remote = await whep_subscribe(http, node, "room.video", "video")
-        reader = CounterReader(await asyncio.wait_for(remote, 10))
-        try:
-            await wait_for(lambda: "" if len(reader.counters) >= 20
-                           else f"{len(reader.counters)} counters", timeout=15)
-        finally:
-            await reader.stop()
-            await viewer.close()
-        increasing(reader.counters)
+        # What it published decodes, in order.
+        increasing(await published_counters(http, node))
 
         # webrtcbin as a WHEP player of the camera slot: picture and sound on one connection.
         out = workdir / f"played-{codec}.gray"

@@ -24,9 +24,9 @@ from server.framecode import JS_READER
 from server.roles import Role
 
 from .browser_helpers import CHROMIUM, CHROMIUM_ARGS, PageLog
-from .conftest import Server, make_config, start_server, wait_for, whep_subscribe
+from .conftest import Server, make_config, start_server, wait_for
 from .interop.media import write_y4m
-from .test_live_path import CounterReader
+from .test_interop import published_counters
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -172,16 +172,8 @@ async def test_whip_whep_in_chromium_publishes_and_plays(
                        and f.frames_received >= 10 else "no frames from Chromium", timeout=20)
         assert node.session().feeds["room.video"].codec.mimeType == mime
 
-        # What Chromium published decodes in order (an aiortc viewer reads the counters).
-        viewer, _, remote = await whep_subscribe(http, node, "room.video", "video")
-        reader = CounterReader(await asyncio.wait_for(remote, 10))
-        try:
-            await wait_for(lambda: "" if len(reader.counters) >= 20
-                           else f"{len(reader.counters)} counters", timeout=15)
-        finally:
-            await reader.stop()
-            await viewer.close()
-        readable = reader.counters
+        # What Chromium published decodes in order.
+        readable = await published_counters(http, node)
         assert sorted(readable) == readable or _wrapped(readable), readable
 
         # whip-whep plays the slot (camera + the slot's sound) over WHEP per slot.
