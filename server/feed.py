@@ -33,6 +33,7 @@ from aiortc import RTCRtpCodecParameters
 from .config import LivenessConfig, MediaConfig
 from .media.codecs import h264_nal_types, h264_parameter_sets, is_keyframe
 from .media.fastpath import shared_packetizer
+from .media.h264 import H264Stream
 from .media.plane import (
     Downstream,
     DownstreamBehind,
@@ -115,6 +116,9 @@ class Feed:
         self.frames_received = 0
         self.bytes_received = 0
         self.stats = FeedStats()
+        #: What an H.264 publisher really sends (its SPS), once seen; viewers are
+        #: matched against it (server/media/h264.py). Set by the Session.
+        self.h264: H264Stream | None = None
         #: ``time.monotonic()`` of the last frame (stall detection).
         self.last_frame_at: float | None = None
         self._media = media

@@ -41,7 +41,8 @@ def write_h264_file(path: Path, seconds: float = 3, fps: int = 15) -> None:
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = 320, 180, "yuv420p"
-        stream.options = {"g": str(fps), "bf": "0", "tune": "zerolatency"}
+        # Constrained Baseline, as WebRTC players (aiortc's included) say they decode.
+        stream.options = {"g": str(fps), "bf": "0", "tune": "zerolatency", "profile": "baseline"}
         for i in range(int(seconds * fps)):
             frame = av.VideoFrame.from_ndarray(renderer.render(i), format="bgr24")
             frame.pts = i
@@ -172,6 +173,57 @@ async def test_cli_publish_synthetic_reaches_a_viewer(
             await viewer.close()
     assert process.returncode == 0
     assert b"publish: live" in out
+
+
+def _mid_gop_copy(source: Path, target: Path, skip: int) -> None:
+    """``source``'s H.264 remuxed into MPEG-TS from its ``skip``-th frame: a camera
+    joined between keyframes."""
+    with av.open(str(source)) as container, av.open(str(target), "w") as out:
+        stream = container.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        for index, packet in enumerate(container.demux(stream)):
+            if index >= skip and packet.size:
+                packet.stream = copy
+                out.mux(packet)
+
+
+async def test_passthrough_forwards_nothing_before_the_first_keyframe(tmp_path: Path) -> None:
+    from server.media.codecs import is_keyframe
+
+    from .interop.media import write_h264
+
+    source = write_h264(tmp_path / "camera.mp4", 90, gop=30)
+    _mid_gop_copy(source, tmp_path / "joined.ts", skip=10)
+    track = EncodedVideoTrack(str(tmp_path / "joined.ts"), loop=False, reopen=False)
+    try:
+        first = await track.recv()
+        assert is_keyframe("video/h264", bytes(first))
+        assert track.packets_skipped == 20  # frames 10..29, before the keyframe at 30
+    finally:
+        track.stop()
+
+
+def test_passthrough_refuses_h264_with_b_frames(tmp_path: Path) -> None:
+    from server.publish.passthrough import BFramesError
+
+    from .interop.media import write_h264
+
+    source = write_h264(tmp_path / "high.mp4", 30, bframes=2, profile="high")
+    with pytest.raises(BFramesError, match=r"B-frames.*--transcode"):
+        EncodedVideoTrack(str(source))
+
+
+def test_transcoding_an_h264_source_keeps_h264(tmp_path: Path) -> None:
+    from server.publish.sources import open_source
+
+    path = tmp_path / "camera.mp4"
+    write_h264_file(path, seconds=1)
+    source = open_source(str(path), label="x", passthrough=False, audio=False)
+    try:
+        assert source.player is not None  # decoded and re-encoded
+        assert source.video_codec == "video/H264"
+    finally:
+        source.close()
 
 
 def test_a_loopback_or_localhost_url_advertises_loopback() -> None:

@@ -120,6 +120,12 @@ class Connection:
             elif self.grant.role in ROSTER_READERS:
                 self.send({"type": "slot_taken_over", "slot": event["slot"],
                            "from": event["from"], "by": event["by"]})
+        elif kind == "publication_refused":
+            # Its publisher (a page) and the experts learn why a slot's media was refused.
+            if self.ingests.pop(event["ingest"], None) is not None or (
+                    self.grant.role in ROSTER_READERS):
+                self.send({"type": "publication_refused", "slot": event["slot"],
+                           "code": event["code"], "message": event["message"]})
         elif kind == "layer":
             if event["subscription"] in self.subscriptions:
                 self.send({"type": "layer", "subscription": event["subscription"],
