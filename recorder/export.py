@@ -1,11 +1,14 @@
 """From a Recording's directory to things people open: a thumbnail, one MP4 of a
-Feed with the drawings and step titles burned in, a contact sheet of the steps.
+Feed with its sound (the drawings and step titles burned in), a contact sheet
+of the steps.
 
-Decoding is PyAV, drawing OpenCV, encoding H.264 (libx264) with PyAV. The
-Session clock places everything (recorder.recording): a frame at file time
+Decoding is PyAV, drawing OpenCV, encoding H.264 (libx264) and AAC with PyAV.
+The Session clock places everything (recorder.recording): a frame at file time
 ``x`` of a part starting at ``start`` happened at ``start + x``; drawings and
 steps come from events.jsonl through recorder.replay, by the same rules as the
-player page.
+player page. What people read is the time since the recording started
+(``t - started_t``, :func:`recording_span`): the MP4's own clock, the contact
+sheet's captions and the player's times all agree.
 
 Nothing here runs on the event loop: the server calls :func:`make_thumbnail`
 in a thread; ``scrubin export`` calls the rest.
@@ -13,11 +16,12 @@ in a thread; ``scrubin export`` calls the rest.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -255,24 +259,74 @@ def make_thumbnail(directory: str | os.PathLike[str], slots: tuple[str, ...] = (
     return None
 
 
-# -- one Feed as an MP4 -----------------------------------------------------------------
+# -- the recording's own clock ----------------------------------------------------------
+
+def recording_span(files: RecordingFiles) -> tuple[float, float]:
+    """(started_t, ended_t) on the Session clock: what the recording covers,
+    from consent to its end. Times shown to people are ``t - started_t``."""
+    manifest = files.manifest
+    ends = [float(p.get("start", 0)) + float(p.get("duration") or 0)
+            for f in manifest.get("feeds", []) for p in f.get("parts", []) if p.get("frames")]
+    starts = [float(p.get("start", 0)) for f in manifest.get("feeds", [])
+              for p in f.get("parts", []) if p.get("frames")]
+    started = manifest.get("started_t")
+    t0 = float(started) if isinstance(started, (int, float)) else min(starts, default=0.0)
+    duration = manifest.get("duration")
+    if isinstance(duration, (int, float)):
+        return t0, t0 + float(duration)
+    return t0, max([t0, *ends])
+
+
+def clock_label(seconds: float) -> str:
+    """``m:ss`` or ``h:mm:ss``, as every page shows a time (review.js formatDuration)."""
+    s = max(0, math.floor(seconds))
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+# -- one Feed as an MP4, with the sound -----------------------------------------------------
+
+#: A hook on every picture of an export, in place: (BGR image, recording time).
+PictureHook = Callable[[Image, float], None]
+AUDIO_RATE = 48000
+_VIDEO_TB = Fraction(1, 90000)
+_AUDIO_TB = Fraction(1, AUDIO_RATE)
+
 
 @dataclass
 class ExportResult:
     path: Path
     frames: int
-    duration: float  # seconds of video
-    start: float  # Session clock of the first frame
+    duration: float  # seconds: the recording's, from consent to its end
+    start: float  # Session clock of the export's 0 (the recording's started_t)
     width: int
     height: int
+    first_frame: float = 0.0  # export time of the Feed's first picture
+    audio: tuple[str, ...] = ()  # the audio Feeds mixed into its sound
+    video_copied: bool = False  # the H.264 as recorded (no re-encoding)
 
 
 def export_feed(directory: str | os.PathLike[str], feed_id: str, out: str | os.PathLike[str],
                 *, progress: Progress | None = None, burn: bool = True,
+                audio: bool | Sequence[str] = True, picture: PictureHook | None = None,
                 crf: int = 23, preset: str = "veryfast") -> ExportResult:
-    """One MP4 (H.264) of ``feed_id``: its parts one after the other on the
-    Session clock (a gap between parts holds the last picture), with drawings
-    and step titles burned in. ``progress(done_s, total_s)`` as it goes."""
+    """One MP4 of ``feed_id`` and the recording's sound, on the recording's own
+    clock: time 0 is when the recording started (consent), so every moment is
+    where the player and the contact sheet put it.
+
+    Video: an H.264 Feed without burn-in is copied as recorded; otherwise (VP8,
+    which MP4 cannot carry, or drawings and step titles burned in, or a
+    ``picture`` hook, e.g. de-identification) every recorded frame is decoded
+    and encoded again (H.264) at its recorded time. Before the Feed's first
+    picture the MP4 shows a black "no picture yet" frame; between parts the
+    last picture holds.
+
+    Sound: the audio Feeds (``True``: all of them, e.g. the narration and the
+    trainee microphone; or the ids given; ``False``: none) decoded, placed on
+    the same clock, mixed and encoded as AAC (what MP4 players play).
+
+    ``progress(done_s, total_s)`` as it goes. A failure leaves no file."""
     files = RecordingFiles.load(directory)
     feed = files.feed(feed_id)
     if feed.get("kind") != "video":
@@ -280,46 +334,31 @@ def export_feed(directory: str | os.PathLike[str], feed_id: str, out: str | os.P
     parts = files.parts(feed)
     if not parts:
         raise ExportError(f"{feed_id} has no recorded frames")
-    first, last = parts[0][0], parts[-1][0]
-    t0 = float(first["start"])
-    total = float(last["start"]) + float(last.get("duration", 0)) - t0
-    width = int(first.get("width") or 0)
-    height = int(first.get("height") or 0)
+    t0, t1 = recording_span(files)
+    total = max(t1 - t0, 0.001)
+    audio_feeds = _audio_feeds(files, audio)
+    copy = (not burn and picture is None and str(feed.get("codec", "")).lower() == "video/h264"
+            and len({(p.get("width"), p.get("height")) for p, _ in parts}) == 1)
     out_path = Path(out)
-    time_base = Fraction(1, 90000)
     container = av.open(str(out_path), "w", format="mp4", options={"movflags": "+faststart"})
-    frames = 0
-    last_pts = -1
-    last_t = t0
+    stats = _VideoStats()
     try:
-        stream: Any = None
-        for part, path in parts:
-            for file_t, image in _frames(path):
-                if stream is None:
-                    if not (width and height):
-                        height, width = image.shape[:2]
-                    width, height = width - width % 2, height - height % 2
-                    stream = container.add_stream("libx264", rate=30)
-                    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-                    stream.codec_context.time_base = time_base
-                    stream.options = {"preset": preset, "crf": str(crf)}
-                t = float(part["start"]) + file_t
-                picture = np.ascontiguousarray(_fit(image, width, height))
-                if burn:
-                    burn_in(picture, files, feed_id, t)
-                frame = av.VideoFrame.from_ndarray(picture, format="bgr24")
-                pts = max(round((t - t0) / time_base), last_pts + 1)
-                frame.pts, frame.time_base = pts, time_base
-                last_pts, last_t = pts, t
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-                frames += 1
-                if progress is not None and frames % 15 == 0:
-                    progress(min(t - t0, total), total)
-        if stream is None:
-            raise ExportError(f"{feed_id}: no frame could be decoded")
-        for packet in stream.encode():
+        if copy:
+            video = _copied_video(container, parts, t0, stats)
+        else:
+            video = _encoded_video(container, files, feed_id, parts, t0, t1, stats, burn=burn,
+                                   picture=picture, crf=crf, preset=preset)
+        streams: list[Iterator[tuple[float, Any]]] = [video]
+        if audio_feeds:
+            streams.append(_mixed_audio(container, files, audio_feeds, t0, t1))
+        muxed = 0
+        for at, packet in heapq.merge(*streams, key=lambda item: item[0]):
             container.mux(packet)
+            muxed += 1
+            if progress is not None and muxed % 30 == 0:
+                progress(min(max(at, 0.0), total), total)
+        if not stats.frames:
+            raise ExportError(f"{feed_id}: no frame could be decoded")
     except BaseException:
         container.close()
         out_path.unlink(missing_ok=True)
@@ -327,17 +366,203 @@ def export_feed(directory: str | os.PathLike[str], feed_id: str, out: str | os.P
     container.close()
     if progress is not None:
         progress(total, total)
-    return ExportResult(out_path, frames, last_t - t0, t0, width, height)
+    return ExportResult(out_path, stats.frames, round(t1 - t0, 3), t0, stats.width,
+                        stats.height, first_frame=stats.first,
+                        audio=tuple(str(f["id"]) for f in audio_feeds), video_copied=copy)
+
+
+def _audio_feeds(files: RecordingFiles, audio: bool | Sequence[str]) -> list[dict[str, Any]]:
+    if audio is False:
+        return []
+    feeds = [f for f in files.manifest.get("feeds", []) if f.get("kind") == "audio"
+             and files.parts(f)]
+    if audio is True:
+        return feeds
+    wanted = list(audio)
+    for feed_id in wanted:
+        if files.feed(feed_id).get("kind") != "audio":
+            raise ExportError(f"{feed_id} is not an audio Feed")
+    return [f for f in feeds if f["id"] in wanted]
+
+
+@dataclass
+class _VideoStats:
+    frames: int = 0
+    width: int = 0
+    height: int = 0
+    first: float = 0.0
+
+
+def _copied_video(container: Any, parts: list[tuple[dict[str, Any], Path]], t0: float,
+                  stats: _VideoStats) -> Iterator[tuple[float, Any]]:
+    """The H.264 packets as recorded, each part placed at its start."""
+    stream: Any = None
+    last_dts = -1
+    for part, path in parts:
+        try:
+            source = av.open(str(path))
+        except (av.error.FFmpegError, OSError):
+            continue
+        with source:
+            src = source.streams.video[0]
+            if stream is None:
+                stream = container.add_stream_from_template(src)
+                stream.time_base = _VIDEO_TB
+                stats.width, stats.height = src.codec_context.width, src.codec_context.height
+            base = round((float(part["start"]) - t0) / _VIDEO_TB)
+            scale = (src.time_base or _VIDEO_TB) / _VIDEO_TB
+            try:
+                for packet in source.demux(src):
+                    if packet.pts is None or packet.dts is None or packet.is_corrupt:
+                        continue
+                    pts = base + round(packet.pts * scale)
+                    dts = max(base + round(packet.dts * scale), last_dts + 1)
+                    packet.pts, packet.dts = max(pts, dts), dts
+                    packet.time_base, packet.stream = _VIDEO_TB, stream
+                    last_dts = dts
+                    if not stats.frames:
+                        stats.first = float(packet.pts * _VIDEO_TB)
+                    stats.frames += 1
+                    yield float(dts * _VIDEO_TB), packet
+            except av.error.InvalidDataError:
+                continue  # the torn end of a part
+
+
+def _encoded_video(container: Any, files: RecordingFiles, feed_id: str,
+                   parts: list[tuple[dict[str, Any], Path]], t0: float, t1: float,
+                   stats: _VideoStats, *, burn: bool, picture: PictureHook | None, crf: int,
+                   preset: str) -> Iterator[tuple[float, Any]]:
+    """Every recorded frame decoded, drawn on, encoded (H.264) at its recorded time."""
+    first = parts[0][0]
+    width, height = int(first.get("width") or 0), int(first.get("height") or 0)
+    stream: Any = None
+    last_pts = -1
+
+    def encode(image: Image | None, t: float) -> Iterator[tuple[float, Any]]:
+        nonlocal last_pts
+        frame = None
+        if image is not None:
+            frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+            pts = max(round((t - t0) / _VIDEO_TB), last_pts + 1)
+            frame.pts, frame.time_base = pts, _VIDEO_TB
+            last_pts = pts
+        for packet in stream.encode(frame):
+            yield float(packet.dts * _VIDEO_TB) if packet.dts is not None else t - t0, packet
+
+    for part, path in parts:
+        for file_t, image in _frames(path):
+            t = float(part["start"]) + file_t
+            if stream is None:
+                if not (width and height):
+                    height, width = image.shape[:2]
+                width, height = width - width % 2, height - height % 2
+                stats.width, stats.height = width, height
+                stream = container.add_stream("libx264", rate=30)
+                stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+                stream.codec_context.time_base = _VIDEO_TB
+                stream.options = {"preset": preset, "crf": str(crf)}
+                if t - t0 >= 0.001:
+                    # Nothing from this camera yet: say so rather than start late.
+                    blank = np.zeros((height, width, 3), np.uint8)
+                    draw_caption(blank, "No picture from this camera yet", top=False)
+                    yield from encode(blank, t0)
+                stats.first = t - t0
+            shown = np.ascontiguousarray(_fit(image, width, height))
+            if picture is not None:
+                picture(shown, t - t0)
+            if burn:
+                burn_in(shown, files, feed_id, t)
+            stats.frames += 1
+            yield from encode(shown, t)
+    if stream is not None:
+        yield from encode(None, t1)
+
+
+class _AudioTrack:
+    """One audio Feed as samples on the export's clock, read forwards in windows."""
+
+    def __init__(self, parts: list[tuple[dict[str, Any], Path]], t0: float) -> None:
+        self._frames = self._decode(parts, t0)
+        self._pending: tuple[int, npt.NDArray[np.float32]] | None = None
+
+    @staticmethod
+    def _decode(parts: list[tuple[dict[str, Any], Path]], t0: float
+                ) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
+        for part, path in parts:
+            base = (float(part["start"]) - t0) * AUDIO_RATE
+            expected: int | None = None
+            try:
+                with av.open(str(path)) as source:
+                    for frame in source.decode(audio=0):
+                        at = round(base + float(frame.time or 0.0) * AUDIO_RATE)
+                        if expected is not None and abs(at - expected) <= 2:
+                            at = expected  # contiguous: no rounding clicks
+                        for out in resampler.resample(frame):
+                            samples = out.to_ndarray().reshape(-1).astype(np.float32)
+                            yield at, samples
+                            at += samples.size
+                        expected = at
+            except (av.error.InvalidDataError, av.error.FileNotFoundError, IndexError):
+                continue
+
+    def add_to(self, mix: npt.NDArray[np.float32], start: int) -> None:
+        """Add this track's samples in [start, start + len(mix)) to ``mix``."""
+        end = start + mix.size
+        while True:
+            if self._pending is None:
+                self._pending = next(self._frames, None)
+                if self._pending is None:
+                    return
+            at, samples = self._pending
+            if at >= end:
+                return
+            lo, hi = max(at, start), min(at + samples.size, end)
+            if hi > lo:
+                mix[lo - start:hi - start] += samples[lo - at:hi - at]
+            if at + samples.size > end:
+                return
+            self._pending = None
+
+
+def _mixed_audio(container: Any, files: RecordingFiles, feeds: list[dict[str, Any]],
+                 t0: float, t1: float, block_s: float = 0.5) -> Iterator[tuple[float, Any]]:
+    """The audio Feeds mixed (summed, clipped) into one AAC track from 0 to the end."""
+    stream = container.add_stream("aac", rate=AUDIO_RATE, layout="mono")
+    stream.codec_context.time_base = _AUDIO_TB
+    stream.bit_rate = 128_000
+    tracks = [_AudioTrack(files.parts(f), t0) for f in feeds]
+    total = max(1, round((t1 - t0) * AUDIO_RATE))
+    block = round(block_s * AUDIO_RATE)
+    for start in range(0, total, block):
+        mix = np.zeros(min(block, total - start), np.float32)
+        for track in tracks:
+            track.add_to(mix, start)
+        np.clip(mix, -1.0, 1.0, out=mix)
+        frame = av.AudioFrame.from_ndarray(mix.reshape(1, -1), format="flt", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = AUDIO_RATE, start, _AUDIO_TB
+        for packet in stream.encode(frame):
+            yield float(packet.pts * _AUDIO_TB), packet
+    for packet in stream.encode(None):
+        yield float(packet.pts * _AUDIO_TB), packet
 
 
 # -- contact sheet ----------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class SheetTile:
+    t: float  # Session clock
+    at: float  # time since the recording started
+    label: str  # the caption under the picture: "m:ss name"
+
+
 def contact_sheet(directory: str | os.PathLike[str], out: str | os.PathLike[str], *,
                   feed_id: str | None = None, columns: int = 4, tile_width: int = 320,
-                  slots: tuple[str, ...] = ()) -> int:
+                  slots: tuple[str, ...] = ()) -> list[SheetTile]:
     """A JPEG grid: the picture at each procedure step (else each bookmark, else
-    eight moments evenly spread), with drawings, and its time and name under
-    it. Returns the number of tiles."""
+    eight moments evenly spread), with drawings, and under it the time since the
+    recording started (as the player shows it) and the step's name. Returns
+    the tiles."""
     files = RecordingFiles.load(directory)
     feed = files.feed(feed_id) if feed_id else files.main_video_feed(slots)
     if feed is None:
@@ -345,14 +570,13 @@ def contact_sheet(directory: str | os.PathLike[str], out: str | os.PathLike[str]
     parts = files.parts(feed)
     if not parts:
         raise ExportError(f"{feed['id']} has no recorded frames")
+    started, ended = recording_span(files)
     moments = [(float(m["t"]), str(m.get("name", ""))) for m in marks(files.events, "step")]
     if not moments:
         moments = [(float(m["t"]), str(m.get("name", ""))) for m in
                    marks(files.events, "bookmark")]
-    t0 = float(parts[0][0]["start"])
-    t1 = float(parts[-1][0]["start"]) + float(parts[-1][0].get("duration", 0))
     if not moments:
-        moments = [(t0 + (t1 - t0) * (i + 0.5) / 8, "") for i in range(8)]
+        moments = [(started + (ended - started) * (i + 0.5) / 8, "") for i in range(8)]
     moments.sort()
     # One pass over the parts: the last frame at or before each moment (or the
     # first frame of the Feed, for a moment before it).
@@ -371,6 +595,7 @@ def contact_sheet(directory: str | os.PathLike[str], out: str | os.PathLike[str]
     for rest in range(index, len(moments)):
         pictures[rest] = previous
     tiles = []
+    shown: list[SheetTile] = []
     feed_name = str(feed["id"])
     for (t, name), picture in zip(moments, pictures, strict=True):
         if picture is None:
@@ -384,10 +609,11 @@ def contact_sheet(directory: str | os.PathLike[str], out: str | os.PathLike[str]
         tile = np.asarray(cv2.resize(tile, (tile_width, tile_height),
                                      interpolation=cv2.INTER_AREA), dtype=np.uint8)
         caption = np.zeros((28, tile_width, 3), np.uint8)
-        minutes, seconds = divmod(max(0, int(t)), 60)
-        cv2.putText(caption, _ascii(f"{minutes:02d}:{seconds:02d} {name}")[:48], (6, 19),
+        label = f"{clock_label(t - started)} {name}".strip()
+        cv2.putText(caption, _ascii(label)[:48], (6, 19),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
         tiles.append(np.vstack([tile, caption]))
+        shown.append(SheetTile(t, round(t - started, 3), label))
     if not tiles:
         raise ExportError("no picture for any moment")
     tile_h = max(t.shape[0] for t in tiles)
@@ -401,4 +627,4 @@ def contact_sheet(directory: str | os.PathLike[str], out: str | os.PathLike[str]
         y, x = gap + r * (tile_h + gap), gap + c * (tile_width + gap)
         sheet[y:y + tile.shape[0], x:x + tile_width] = tile
     _write_atomic(Path(out), _encode_jpeg(sheet, 88))
-    return len(tiles)
+    return shown

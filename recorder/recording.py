@@ -9,15 +9,22 @@ Layout, under ``<root>/<recording id>/`` (the id is unguessable)::
 
 One clock, the *Session clock*: seconds since ``origin`` (a
 ``time.monotonic()`` value; by default the moment :meth:`Recording.start` runs;
-pass the Session's own clock zero to share the clock of its interaction
-events). ``clock_zero_unix`` in the manifest is its wall time, ``started_t`` the
-Session time the recording started. Part ``start`` offsets and event ``t`` are
-on it, so a review page plays every Feed and event in sync.
+pass the Session's own clock zero, ``origin`` and ``origin_unix``, to share the
+clock of its interaction events). ``clock_zero_unix`` in the manifest is its
+wall time. ``started_t`` is the Session time consent was given (``consent_t``;
+by default when :meth:`Recording.start` runs): nothing of any Feed is kept from
+before it, and every part starts at or after it. ``ended_t`` is when the
+recording stopped; ``duration`` is ``ended_t - started_t``, what every page
+shows as the recording's length. Part ``start`` offsets and event ``t`` are on
+the Session clock, so a review page plays every Feed and event in sync, and
+shows times since ``started_t``.
 
 ``manifest.json`` is replaced atomically (temporary file, fsync, rename)
-whenever a part opens or closes: after a crash it lists every finished part
-with its sha256, and the part that was being written (``complete: false``),
-which plays up to its last flushed cluster.
+whenever a part is about to be created (the file exists only once the
+manifest lists it), closes, or its start moves: after a crash it lists every
+finished part with its sha256, and the part that was being written
+(``complete: false``), which plays up to its last flushed cluster;
+``recorder.repair`` finishes such a recording when the Node starts again.
 
 Errors: a Feed's writer that fails reports a :class:`RecordingError` through
 ``on_error`` (on the event loop). ``disk_full`` and ``not_writable`` stop the
@@ -30,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import fcntl
 import functools
 import itertools
 import json
@@ -115,8 +123,30 @@ def _iso(ts: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Replace ``path`` with ``data``: a temporary file beside it, fsync, rename,
+    fsync of the directory (``sync=False``: no fsync, for files rebuilt from
+    others). A failure (a full disk) leaves ``path`` as it was and no temporary
+    file behind."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if not sync:
+        return
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -143,6 +173,8 @@ class Recording:
         options: WriterOptions | None = None,
         recording_id: str | None = None,
         origin: float | None = None,
+        origin_unix: float | None = None,
+        consent_t: float | None = None,
     ) -> None:
         if recording_id is None:
             recording_id = secrets.token_urlsafe(18)
@@ -159,10 +191,14 @@ class Recording:
         self.state: RecordingState = "new"
         self.errors: list[RecordingError] = []
         self.origin: float | None = origin  # time.monotonic() of Session clock 0
-        self.clock_zero: float | None = None  # time.time() of Session clock 0
-        self.started_at: float | None = None  # time.time() when the recording started
+        self.clock_zero: float | None = origin_unix  # time.time() of Session clock 0
+        self.started_t: float | None = consent_t  # Session clock: consent, the start
+        self.started_at: float | None = None  # time.time() of started_t
+        self.ended_t: float | None = None
         self.ended_at: float | None = None
         self.duration: float | None = None
+        #: Did the last write of manifest.json succeed (False: a full disk)?
+        self.manifest_saved = False
         self._on_error = on_error
         self._options = options or WriterOptions()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,7 +216,6 @@ class Recording:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recording-io")
         self._events_fd: int | None = None
         self._stopped: asyncio.Future[None] | None = None
-        self._started_mono: float | None = None
 
     # -- clock --------------------------------------------------------------
     def session_time(self, monotonic: float | None = None) -> float:
@@ -190,7 +225,10 @@ class Recording:
         return (time.monotonic() if monotonic is None else monotonic) - self.origin
 
     def _elapsed(self) -> float:
-        return 0.0 if self._started_mono is None else time.monotonic() - self._started_mono
+        if self.started_t is None:
+            return 0.0
+        end = self.ended_t if self.ended_t is not None else self.session_time()
+        return max(0.0, end - self.started_t)
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -200,11 +238,15 @@ class Recording:
             return
         self._loop = asyncio.get_running_loop()
         self._stopped = self._loop.create_future()
-        now_mono, self.started_at = time.monotonic(), time.time()
-        self._started_mono = now_mono
+        now_mono, now_unix = time.monotonic(), time.time()
         if self.origin is None:
             self.origin = now_mono
-        self.clock_zero = self.started_at - (now_mono - self.origin)
+        if self.clock_zero is None:
+            self.clock_zero = now_unix - (now_mono - self.origin)
+        consent_given = self.started_t is not None
+        if self.started_t is None:
+            self.started_t = round(now_mono - self.origin, 3)  # for now: see below
+        self.started_at = self.clock_zero + self.started_t
         try:
             await self._loop.run_in_executor(self._io, self._prepare)
         except Exception as exc:
@@ -212,6 +254,13 @@ class Recording:
             return
         self._prepared = True
         self.state = "recording"
+        if not consent_given:
+            # The recording starts now, when the Feeds can be attached (the caller
+            # attaches them before it awaits anything): a disk slow to create the
+            # directory must not leave a gap between started_t and the media.
+            self.started_t = round(self.session_time(), 3)
+            self.started_at = self.clock_zero + self.started_t
+            self._schedule_manifest()
         self.add_event({"type": "recording_started", "recording": self.id,
                         "session": self.session.session_id})
 
@@ -219,6 +268,9 @@ class Recording:
         self.directory.mkdir(mode=0o750, parents=True)
         self._events_fd = os.open(self.directory / EVENTS,
                                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        # Held while the recording runs (the kernel lets go if the process dies):
+        # recorder.repair never touches a recording someone is writing.
+        fcntl.flock(self._events_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._write_manifest()
 
     async def stop(self, timeout: float = 10.0) -> dict[str, Any]:
@@ -237,7 +289,9 @@ class Recording:
                                for feed_id in list(self._attached)))
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
-        self.ended_at = time.time()
+        self.ended_t = round(self.session_time(), 3)
+        assert self.clock_zero is not None
+        self.ended_at = self.clock_zero + self.ended_t
         self.duration = self._elapsed()
         if not failed:
             self.add_event({"type": "recording_stopped"})
@@ -286,7 +340,9 @@ class Recording:
             on_error=functools.partial(self._writer_failed, feed.id),
             request_keyframe=functools.partial(feed.request_keyframe, requester),
             options=self._options,
-            allocate_index=functools.partial(self._next_index, counter))
+            allocate_index=functools.partial(self._next_index, counter),
+            not_before=self.started_t if self.started_t is not None else float("-inf"),
+            list_part=functools.partial(self._list_part, feed.id))
         writer.start()
         tap = _Tap(feed.id, writer, functools.partial(self._tap_dropped, feed))
         # From the next keyframe: nothing cached from before the recording started.
@@ -369,8 +425,15 @@ class Recording:
                     self._add_session_event({"type": "feed_state", "feed": feed_id,
                                              "state": state})
                 feed_states[feed_id] = state
-            elif events and kind in ("interaction", "participant_joined",
-                                     "participant_left", "session_ended"):
+            elif events and kind == "interaction":
+                # Stored once, with the Session clock stamp it was made with: the
+                # time the live pages showed is the time the recording keeps.
+                message = event.get("message")
+                stamp = message.get("t") if isinstance(message, Mapping) else None
+                self._add_session_event(event if not isinstance(stamp, (int, float))
+                                        else {**event, "t": stamp})
+            elif events and kind in ("participant_joined", "participant_left",
+                                     "session_ended"):
                 self._add_session_event(event)
 
         return session.listen(on_event)
@@ -427,6 +490,22 @@ class Recording:
             view = view[os.write(self._events_fd, view):]
 
     # -- manifest -------------------------------------------------------------
+    def _list_part(self, feed_id: str, info: PartInfo, timeout: float = 10.0) -> None:
+        """From a writer thread: a part is about to be created. Returns once the
+        manifest on disk lists it (raises what writing it raised)."""
+        with self._lock:
+            self._parts[feed_id][info.index] = info.describe()
+        try:
+            future = self._io.submit(self._write_manifest)
+        except RuntimeError:  # shut down: the recording is over
+            raise RecordingError("stalled", "the recording has stopped", feed_id=feed_id
+                                 ) from None
+        try:
+            future.result(timeout)
+        except TimeoutError:
+            raise RecordingError("stalled", f"the manifest was not written within "
+                                 f"{timeout:g} s", feed_id=feed_id) from None
+
     def _part_changed(self, feed_id: str, info: PartInfo) -> None:
         """From a writer thread: a part opened or closed."""
         with self._lock:
@@ -444,13 +523,12 @@ class Recording:
         with self._lock:
             self._manifest_pending = False
             text = json.dumps(self._manifest_locked(), indent=2, ensure_ascii=False)
-        tmp = self.directory / f".{MANIFEST}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.directory / MANIFEST)
-        _fsync_dir(self.directory)
+        try:
+            write_atomic(self.directory / MANIFEST, (text + "\n").encode())
+        except BaseException:
+            self.manifest_saved = False
+            raise
+        self.manifest_saved = True
 
     def manifest(self) -> dict[str, Any]:
         """The manifest as it stands (what manifest.json will say)."""
@@ -469,12 +547,12 @@ class Recording:
             "consent": self.consent,
             "state": self.state,
             "clock": "Session clock: seconds since clock_zero_unix; part 'start' and "
-                     "event 't' are on it",
+                     "event 't' are on it; the recording covers started_t to ended_t",
             "clock_zero_unix": self.clock_zero,
             "started": _iso(self.started_at),
-            "started_t": None if self.started_at is None or self.clock_zero is None
-            else round(self.started_at - self.clock_zero, 3),
+            "started_t": self.started_t,
             "ended": _iso(self.ended_at),
+            "ended_t": self.ended_t,
             "duration": None if self.duration is None else round(self.duration, 3),
             "feeds": feeds,
             "events": EVENTS,
@@ -489,8 +567,7 @@ class Recording:
             "id": self.id,
             "state": self.state,
             "started": _iso(self.started_at),
-            "duration": round(self.duration if self.duration is not None
-                              else self._elapsed(), 1),
+            "duration": round(self._elapsed(), 1),
             "feeds": [{"id": f, "parts": n,
                        "recording": f in self._attached
                        and self._attached[f].writer.state == "running"}

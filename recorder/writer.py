@@ -17,7 +17,22 @@ Session clock: a part's frames keep the Feed's own timestamp spacing (no
 arrival jitter in the file); the part is placed on the Session clock at
 ``start`` seconds, the smallest ``received_at - origin - (pts - first_pts) /
 clock_rate`` over its frames, i.e. the least-delayed arrival. The file's first
-frame is at 0, so a frame at file time ``x`` happened at ``start + x``.
+frame is at 0, so a frame at file time ``x`` happened at ``start + x``. The
+open part's ``start`` is reported again whenever it moves by
+``start_update_s``, so a manifest left by a crash places it as well as a
+finished one.
+
+Consent-exact start: nothing of a Feed is kept from before ``not_before``
+(the Session time consent was given). The frames of a Feed's first part are
+held for ``settle_s`` before anything is written, which is long enough to
+know where they sit on the Session clock; frames from before ``not_before``
+are then dropped (video up to the next key frame: a key frame that was on
+its way when consent was given is not kept, the one asked for is), and no
+part's ``start`` ever moves before ``not_before``.
+
+A part is listed (``list_part``, which returns once the manifest says so on
+disk) before its file is created: a crash never leaves a file the manifest
+does not know.
 
 Threads: :meth:`FeedWriter.push` is the Feed's frame listener and runs on the
 event loop; it only enqueues (bounded: when the disk cannot keep up, frames are
@@ -31,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import io
 import itertools
@@ -89,6 +105,12 @@ class WriterOptions:
     h264_container: Literal["mp4", "mkv"] = "mp4"
     #: While waiting for a key frame, ask the Feed again this often.
     keyframe_retry_s: float = 1.0
+    #: A Feed's first frames are held this long before its first part is
+    #: written, to place them on the Session clock (see the module docstring).
+    settle_s: float = 0.5
+    #: The open part's start is reported again when it moves this much: what a
+    #: crash can misplace a part by.
+    start_update_s: float = 0.0005
 
 
 @dataclass(frozen=True)
@@ -157,6 +179,7 @@ class WriterStats:
     dropped_queue_full: int = 0
     skipped_before_keyframe: int = 0
     dropped_out_of_order: int = 0
+    skipped_before_consent: int = 0
     parts: int = 0
 
     def describe(self) -> dict[str, int]:
@@ -174,10 +197,20 @@ class _Entry:
 
 
 @dataclass
+class _Held:
+    """A frame held while a Feed's first part settles."""
+
+    data: bytes
+    pts: int
+    now: float  # Session clock of its arrival
+    entry: _Entry | None
+
+
+@dataclass
 class _OpenPart:
     info: PartInfo
     path: Path
-    fh: io.FileIO
+    fh: _PartFile
     container: Any  # av OutputContainer
     stream: Any
     first_pts: int
@@ -192,16 +225,41 @@ class _OpenPart:
 _STOP = object()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _private_opener(path: str, flags: int) -> int:
     return os.open(path, flags, 0o640)
+
+
+class _PartFile(io.FileIO):
+    """A part's file that remembers a failed write: FFmpeg's I/O layer ignores
+    short writes and some errors (a trailer written to a full disk), which
+    would leave a part that looks finished but lacks its last frames."""
+
+    error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        try:
+            while view:
+                written = super().write(view)
+                if not written:
+                    raise OSError(errno.EIO, "short write")
+                view = view[written:]
+        except OSError as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+        return total
+
+    def check(self) -> None:
+        """Raise the first write error, if any."""
+        if self.error is not None:
+            raise self.error
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -229,6 +287,8 @@ class FeedWriter:
         request_keyframe: Callable[[], object] | None = None,
         options: WriterOptions | None = None,
         allocate_index: Callable[[], int] | None = None,
+        not_before: float = float("-inf"),
+        list_part: Callable[[PartInfo], None] | None = None,
     ) -> None:
         if mime_type.lower() not in RECORDABLE:
             raise ValueError(f"cannot record {mime_type}")
@@ -244,6 +304,8 @@ class FeedWriter:
         self._directory = Path(directory)
         self._origin = origin
         self._on_part = on_part
+        self._list_part = list_part
+        self._not_before = not_before
         self._on_error = on_error
         self._request_keyframe = request_keyframe
         self._options = options or WriterOptions()
@@ -265,6 +327,8 @@ class FeedWriter:
         self._sps_sizes: dict[bytes, tuple[int, int]] = {}
         self._last_keyframe_ask = -1e9
         self._next_reason = "start"
+        # Frames of the first part, held until they are placed (None: placed).
+        self._lead: list[_Held] | None = []
 
     # -- event loop side ----------------------------------------------------
     def start(self) -> None:
@@ -366,16 +430,21 @@ class FeedWriter:
     def _run(self) -> None:
         try:
             while True:
-                timeout = self._options.idle_close_s if self._part is not None else None
+                waiting = self._part is not None or bool(self._lead)
+                timeout = self._options.idle_close_s if waiting else None
                 try:
                     item = self._queue.get(timeout=timeout)
                 except queue.Empty:
+                    if self._lead:  # the Feed went quiet while its first part settled
+                        self._release_lead()
+                        continue
                     self._close_part("idle")
                     self._next_reason = "resume"
                     continue
                 if item is _STOP:
                     break
                 self._handle(*item)
+            self._release_lead(final=True)
             self._close_part("stop")
         except Exception as exc:
             path = str(self._part.path) if self._part is not None else str(self._directory)
@@ -390,6 +459,12 @@ class FeedWriter:
         data = bytes(packet)
         now = received_at - self._origin
         entry = self._entry_point(data) if keyframe or self.kind == "audio" else None
+        if self._lead is not None:
+            self._hold(_Held(data, pts, now, entry))
+            return
+        self._take(data, pts, now, entry)
+
+    def _take(self, data: bytes, pts: int, now: float, entry: _Entry | None) -> None:
         part = self._part
         if part is not None:
             if pts <= part.last_pts:
@@ -409,6 +484,53 @@ class FeedWriter:
             part = self._open_part(entry, pts, now)
             data = entry.data
         self._write(part, data, pts, now, entry is not None)
+
+    # -- the first part: consent-exact --------------------------------------------
+    def _hold(self, held: _Held) -> None:
+        lead = self._lead
+        assert lead is not None
+        if not lead:
+            if held.entry is None:
+                self.stats.skipped_before_keyframe += 1
+                self._want_keyframe()
+                return
+        elif held.pts <= lead[-1].pts:
+            self.stats.dropped_out_of_order += 1
+            return
+        lead.append(held)
+        if held.now - lead[0].now >= self._options.settle_s:
+            self._release_lead()
+
+    def _release_lead(self, *, final: bool = False) -> None:
+        """Place the held frames, drop those from before ``not_before``, write the rest."""
+        lead = self._lead
+        if lead is None:
+            return
+        self._lead = None
+        if not lead:
+            return
+        base = lead[0]
+        # Least-delayed arrival: where the first held frame was captured, at the latest.
+        offset = min(h.now - (h.pts - base.pts) / self._rate for h in lead)
+        first = next((i for i, h in enumerate(lead) if h.entry is not None
+                      and offset + (h.pts - base.pts) / self._rate >= self._not_before), None)
+        if first is None:
+            # Everything held was captured before consent (a key frame on its way
+            # then): wait for the next key frame, the one asked for at the start.
+            self.stats.skipped_before_consent += len(lead)
+            if not final:
+                self._lead = []
+                self._want_keyframe(force=True)
+            return
+        self.stats.skipped_before_consent += first
+        kept = lead[first:]
+        entry = kept[0].entry
+        assert entry is not None
+        part = self._open_part(entry, kept[0].pts,
+                               offset + (kept[0].pts - base.pts) / self._rate)
+        self._write(part, entry.data, kept[0].pts, kept[0].now, True)
+        for held in kept[1:]:
+            self._take(held.data, held.pts, held.now, held.entry)
 
     def _entry_point(self, data: bytes) -> _Entry | None:
         """How ``data`` can start a part, or None if it cannot."""
@@ -465,11 +587,17 @@ class FeedWriter:
             self._last_keyframe_ask = now
             self._to_loop(self._ask_keyframe)
 
-    def _open_part(self, entry: _Entry, pts: int, now: float) -> _OpenPart:
+    def _open_part(self, entry: _Entry, pts: int, start: float) -> _OpenPart:
         index = self._allocate_index()
         name = f"{self._stem}-{index:03d}.{self._format.extension}"
         path = self._directory / name
-        fh = open(path, "wb", buffering=0, opener=_private_opener)
+        start = max(start, self._not_before)
+        info = PartInfo(index=index, file=name, codec=self.mime_type, reason=self._next_reason,
+                        start=start, width=entry.width, height=entry.height)
+        self._next_reason = "start"
+        if self._list_part is not None:
+            self._list_part(replace(info))  # in the manifest on disk before the file exists
+        fh = _PartFile(path, "wb", opener=_private_opener)
         try:
             container = av.open(fh, "w", format=self._format.container,
                                 options=self._format.options)
@@ -479,13 +607,11 @@ class FeedWriter:
             raise
         if self._options.fsync_s > 0:
             _fsync_dir(self._directory)
-        info = PartInfo(index=index, file=name, codec=self.mime_type, reason=self._next_reason,
-                        start=now, width=entry.width, height=entry.height)
-        self._next_reason = "start"
         part = _OpenPart(info=info, path=path, fh=fh, container=container, stream=stream,
-                         first_pts=pts, key=entry.key, offset=now, last_pts=pts - 1)
+                         first_pts=pts, key=entry.key, offset=start, last_pts=pts - 1)
         self._part = part
-        self._notify(part.info)
+        if self._list_part is None:
+            self._notify(part.info)
         return part
 
     def _add_stream(self, container: Any, entry: _Entry) -> Any:
@@ -505,7 +631,11 @@ class FeedWriter:
         elapsed = (pts - part.first_pts) / self._rate
         offset = now - elapsed
         if part.offset - self._options.gap_s < offset < part.offset:
-            part.offset = offset  # arrived with less delay than any frame before it
+            # Arrived with less delay than any frame before it (never before consent).
+            part.offset = max(offset, self._not_before)
+            if part.info.start - part.offset >= self._options.start_update_s:
+                part.info.start = part.offset
+                self._notify(part.info)
         packet = av.Packet(data)
         packet.pts = packet.dts = pts - part.first_pts
         packet.time_base = self._time_base
@@ -516,6 +646,7 @@ class FeedWriter:
         elif entry:
             packet.is_keyframe = True
         part.container.mux(packet)
+        part.fh.check()
         if self.kind == "audio":
             part.last_step = opus_packet_samples(data) or part.last_step
         elif part.info.frames:
@@ -534,19 +665,19 @@ class FeedWriter:
         part = self._part
         if part is None:
             return
+        # On failure the part stays open for _abort_part: listed, not complete.
+        part.container.close()
+        part.fh.check()
+        if self._options.fsync_s > 0:
+            os.fsync(part.fh.fileno())
+        size = os.fstat(part.fh.fileno()).st_size
         self._part = None
-        try:
-            part.container.close()
-            if self._options.fsync_s > 0:
-                os.fsync(part.fh.fileno())
-            size = os.fstat(part.fh.fileno()).st_size
-        finally:
-            part.fh.close()
+        part.fh.close()
         info = part.info
         info.start = part.offset
         info.duration = (part.last_pts - part.first_pts + max(part.last_step, 0)) / self._rate
         info.bytes = size
-        info.sha256 = _sha256(part.path)
+        info.sha256 = sha256_file(part.path)
         info.complete = True
         info.ended_by = ended_by
         self.stats.file_bytes += size

@@ -126,12 +126,17 @@ async def demo(config: Config, cameras: list[str], width: int, height: int, fps:
 
 
 async def publish(args: argparse.Namespace) -> int:
+    from .publish.passthrough import SourceError
     from .publish.sources import open_source
     from .publish.whip import WhipError, WhipOptions, WhipPublisher
 
-    source = open_source(args.source, label=args.label or args.url.rstrip("/").split("/")[-1],
-                         width=args.width, height=args.height, fps=args.fps,
-                         audio=not args.no_audio, passthrough=not args.transcode)
+    try:
+        source = open_source(args.source, label=args.label or args.url.rstrip("/").split("/")[-1],
+                             width=args.width, height=args.height, fps=args.fps,
+                             audio=not args.no_audio, passthrough=not args.transcode)
+    except SourceError as exc:
+        print(f"publish refused: {exc}", file=sys.stderr)
+        return 2
     options = WhipOptions(
         ice_servers=[RTCIceServer(urls=u) for u in args.ice_server],
         host_addresses=args.host_address, video_codec=source.video_codec,

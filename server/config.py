@@ -240,6 +240,9 @@ class RecordingConfig:
     # Lifetime of the signed media and thumbnail URLs the review API mints
     # (60 to 300 s; the player renews them).
     media_url_ttl_s: float = 300.0
+    # After a full disk, try this often to write what could not be written
+    # (index, final manifests) and to finish the recordings it cut short.
+    repair_retry_s: float = 10.0
     # Let reviewers of other Sessions open Recordings consented for
     # deidentified_reuse (off: only the Session's own reviewers and admins).
     share_deidentified: bool = False
@@ -413,9 +416,10 @@ def _validate(config: Config) -> None:
                           "auto_consent_scope (internal_review or deidentified_reuse) and "
                           "auto_consent_by")
     if recording.retention_days < 0 or recording.retention_check_s <= 0 or (
-            recording.part_max_s <= 0 or not 60 <= recording.media_url_ttl_s <= 300):
-        raise ConfigError("[recording]: retention_days ≥ 0, retention_check_s and part_max_s "
-                          "> 0, media_url_ttl_s from 60 to 300")
+            recording.part_max_s <= 0 or not 60 <= recording.media_url_ttl_s <= 300
+            or recording.repair_retry_s <= 0):
+        raise ConfigError("[recording]: retention_days ≥ 0, retention_check_s, part_max_s and "
+                          "repair_retry_s > 0, media_url_ttl_s from 60 to 300")
     liveness = config.liveness
     if not (0 < liveness.probe_after_s < liveness.peer_timeout_s) or (
             liveness.check_interval_s <= 0 or liveness.stall_video_s < 0

@@ -31,8 +31,9 @@ import av
 from aiortc import RTCRtpCodecParameters
 
 from .config import LivenessConfig, MediaConfig
-from .media.codecs import is_keyframe
+from .media.codecs import h264_nal_types, h264_parameter_sets, is_keyframe
 from .media.fastpath import shared_packetizer
+from .media.h264 import H264Stream
 from .media.plane import (
     Downstream,
     DownstreamBehind,
@@ -115,6 +116,9 @@ class Feed:
         self.frames_received = 0
         self.bytes_received = 0
         self.stats = FeedStats()
+        #: What an H.264 publisher really sends (its SPS), once seen; viewers are
+        #: matched against it (server/media/h264.py). Set by the Session.
+        self.h264: H264Stream | None = None
         #: ``time.monotonic()`` of the last frame (stall detection).
         self.last_frame_at: float | None = None
         self._media = media
@@ -142,6 +146,8 @@ class Feed:
             None, interval_s=media.keyframe_request_interval_ms / 1000,
             per_requester_s=PER_REQUESTER_S, call_later=self._call_later)
         self._packetizer = shared_packetizer(codec) if media.fast_path else None
+        self._h264 = codec.mimeType.lower() == "video/h264"
+        self._parameter_sets: bytes | None = None
 
     # -- the seam's Upstream ------------------------------------------------
     @property
@@ -238,6 +244,8 @@ class Feed:
         now = time.monotonic()
         self.last_frame_at = now
         keyframe = is_keyframe(self.codec.mimeType, data)
+        if keyframe and self._h264:
+            data = self._with_parameter_sets(data)
         packet = av.Packet(data)
         packet.pts = out
         packet.time_base = self._time_base
@@ -304,6 +312,18 @@ class Feed:
             self.keyframes.request(attachment.requester)
             return
         attachment.pending.append(frame)
+
+    def _with_parameter_sets(self, data: bytes) -> bytes:
+        """Every H.264 keyframe carries its SPS and PPS: a joiner, or a viewer
+        moved here from another layer, can decode it whatever the encoder sent
+        before (some send the parameter sets only once, at the start)."""
+        sets = h264_parameter_sets(data)
+        if sets is not None:
+            self._parameter_sets = sets
+            return data
+        if self._parameter_sets is not None and 5 in h264_nal_types(data):
+            return self._parameter_sets + data
+        return data
 
     def _cache(self, frame: EncodedFrame) -> None:
         if frame.keyframe:

@@ -253,6 +253,12 @@ class Interaction:
         """The Session clock: seconds since the Session started."""
         return round(self._clock() - self._t0, 3)
 
+    @property
+    def clock_zero(self) -> float:
+        """The Session clock's zero on ``clock`` (``time.monotonic()``); its wall
+        time is ``started_at``. A recording shares this clock."""
+        return self._t0
+
     def handle(self, grant: Grant, message: dict[str, Any]) -> dict[str, Any]:
         """Apply one websocket request; returns the reply (raises ScrubinError)."""
         return self._handlers[str(message.get("type"))](grant, message)

@@ -1,5 +1,5 @@
 """`scrubin export` (a Recording's directory → MP4 or contact sheet, offline) and
-`scrubin recording list|delete` (the review API of a running Node)."""
+`scrubin recording list|delete|hold|release` (the review API of a running Node)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from recorder.export import ExportError, contact_sheet, export_feed
 
 from .admin_cli import ApiError, call
@@ -20,8 +22,9 @@ COMMANDS = ("export", "recording")
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     export = sub.add_parser(
-        "export", help="one Feed of a Recording as an MP4 with drawings and steps burned in, "
-                       "or a contact sheet of its steps")
+        "export", help="one Feed of a Recording as an MP4 with its sound (narration, trainee "
+                       "microphone) and drawings and steps burned in, or a contact sheet of "
+                       "its steps")
     export.add_argument("directory", type=Path, help="the Recording's directory "
                         "(<recording.root>/<id>, with manifest.json)")
     export.add_argument("--feed", default="", help="video Feed id, e.g. room.video "
@@ -29,13 +32,21 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     export.add_argument("--out", type=Path, help="the MP4 to write")
     export.add_argument("--contact-sheet", type=Path, help="a JPEG of the steps to write")
     export.add_argument("--no-burn-in", action="store_true",
-                        help="the pictures only, without drawings and step titles")
-    export.add_argument("--quiet", action="store_true", help="no progress")
+                        help="the pictures only, without drawings and step titles (H.264 "
+                             "is then copied as recorded)")
+    export.add_argument("--no-audio", action="store_true", help="the picture only")
+    export.add_argument("--audio", action="append", default=[], metavar="FEED",
+                        help="mix only this audio Feed (repeat for more); default all")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    recording = sub.add_parser("recording", help="list or delete Recordings (review API)")
+    recording = sub.add_parser("recording", help="list, delete or hold Recordings (review API)")
     rsub = recording.add_subparsers(dest="action", required=True)
     for name, helptext in (("list", "a Session's Recordings"),
-                           ("delete", "delete a Recording: parts, events, thumbnail, index")):
+                           ("delete", "delete a Recording: parts, events, thumbnail, index "
+                                      "(prints each file removed and its sha256)"),
+                           ("hold", "put a Recording on legal hold: never deleted, by hand "
+                                    "or by retention, until released"),
+                           ("release", "release a Recording's legal hold")):
         p = rsub.add_parser(name, help=helptext)
         p.add_argument("--server", default=os.environ.get("SCRUBIN_SERVER",
                                                           "http://127.0.0.1:8080"),
@@ -46,18 +57,27 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             p.add_argument("--session", required=True)
         else:
             p.add_argument("recording", help="the Recording's id")
+        if name == "hold":
+            p.add_argument("--reason", required=True,
+                           help="why it is held (a claim, an inquiry...), for the audit trail")
 
 
-def _progress(quiet: bool) -> Any:
-    if quiet:
-        return None
+class _ProgressBar:
+    """A terminal progress bar (stderr) in seconds of the recording."""
 
-    def show(done: float, total: float) -> None:
-        percent = 100.0 * done / total if total > 0 else 100.0
-        print(f"\rexport: {percent:5.1f}%  {done:7.1f} / {total:.1f} s", end="",
-              file=sys.stderr, flush=True)
+    def __init__(self) -> None:
+        self._bar: Any = None
 
-    return show
+    def __call__(self, done: float, total: float) -> None:
+        if self._bar is None:
+            self._bar = tqdm(total=round(total, 1), unit="s", desc="export", file=sys.stderr,
+                             dynamic_ncols=True, bar_format="{desc}: {percentage:5.1f}%|{bar}| "
+                             "{n:.1f}/{total:.1f} s [{elapsed}<{remaining}]")
+        self._bar.update(round(done, 1) - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def export(args: argparse.Namespace) -> int:
@@ -65,20 +85,28 @@ def export(args: argparse.Namespace) -> int:
         print("export: give --out FILE.mp4 (with --feed) and/or --contact-sheet FILE.jpg",
               file=sys.stderr)
         return 2
+    bar = None if args.quiet else _ProgressBar()
     try:
         if args.out:
             if not args.feed:
                 print("export: --out needs --feed (e.g. room.video)", file=sys.stderr)
                 return 2
-            result = export_feed(args.directory, args.feed, args.out,
-                                 progress=_progress(args.quiet), burn=not args.no_burn_in)
-            if not args.quiet:
-                print(file=sys.stderr)
+            audio: bool | list[str] = False if args.no_audio else (args.audio or True)
+            try:
+                result = export_feed(args.directory, args.feed, args.out, progress=bar,
+                                     burn=not args.no_burn_in, audio=audio)
+            finally:
+                if bar is not None:
+                    bar.close()
+            sound = ", ".join(result.audio) if result.audio else "no sound"
             print(f"wrote {result.path}: {result.frames} frames, {result.duration:.1f} s, "
-                  f"{result.width}x{result.height}")
+                  f"{result.width}x{result.height}, "
+                  f"{'video as recorded' if result.video_copied else 'H.264'}, sound: {sound}")
         if args.contact_sheet:
             tiles = contact_sheet(args.directory, args.contact_sheet, feed_id=args.feed or None)
-            print(f"wrote {args.contact_sheet}: {tiles} pictures")
+            print(f"wrote {args.contact_sheet}: {len(tiles)} pictures")
+            for tile in tiles:
+                print(f"  {tile.label}")
     except ExportError as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 2
@@ -104,14 +132,29 @@ async def _remote(args: argparse.Namespace) -> int:
                               f"/api/sessions/{args.session}/recordings")
             for entry in body["recordings"]:
                 duration = entry.get("duration")
+                held = "  HOLD" if entry.get("hold") else ""
                 print(f"{entry['id']}  {_when(entry.get('started'))}  "
                       f"{'-' if duration is None else f'{duration:.0f} s':>7}  "
-                      f"{entry.get('state')}  {entry.get('consent_scope')}  {entry.get('title')}")
+                      f"{entry.get('state')}  {entry.get('consent_scope')}  {entry.get('title')}"
+                      f"{held}")
             if not body["recordings"]:
                 print("(no recordings)")
+        elif args.action == "delete":
+            body = await call(args.server, args.token, "DELETE",
+                              f"/api/recordings/{args.recording}")
+            for item in body.get("files", []):
+                print(f"  {item.get('sha256', '-'):64}  {item.get('bytes', 0):>10}  "
+                      f"{item['file']}")
+            print(f"deleted recording {args.recording}: {len(body.get('files', []))} files"
+                  f"{', checked' if body.get('verified') else ''}")
+        elif args.action == "hold":
+            await call(args.server, args.token, "PUT", f"/api/recordings/{args.recording}/hold",
+                       {"reason": args.reason})
+            print(f"recording {args.recording} is on legal hold")
         else:
-            await call(args.server, args.token, "DELETE", f"/api/recordings/{args.recording}")
-            print(f"deleted recording {args.recording}")
+            await call(args.server, args.token, "DELETE",
+                       f"/api/recordings/{args.recording}/hold")
+            print(f"recording {args.recording}: legal hold released")
     except ApiError as exc:
         print(f"recording: {exc}", file=sys.stderr)
         return 2

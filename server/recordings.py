@@ -13,9 +13,21 @@ has it.
 
 On disk, under ``[recording] root``: one directory per Recording (its random
 id; recorder.recording describes the layout, plus ``thumbnail.jpg`` made when
-it stops) and ``index.json``, a summary of each, rebuilt from the manifests at
-start. Files are served only by id and by names listed in the manifest, never
-by joining a path from a request, and never through a symlink.
+it stops and ``hold.json`` while it is on legal hold) and ``index.json``, a
+summary of each, rebuilt from the manifests at start. Files are served only by
+id and by names listed in the manifest, never by joining a path from a
+request, and never through a symlink.
+
+Repair: when the Node starts, recordings a crash left unfinished are finished
+(recorder.repair: parts remuxed into properly closed copies with their true
+durations, state ``interrupted``) before the index is rebuilt. A full disk
+that kept the index or a final manifest from being written is retried every
+``repair_retry_s`` until space returns.
+
+Deletion, by an admin or by retention, is audited with every file it removed
+and its sha256 (computed just before), and checked: the directory must be
+gone. A recording on legal hold (admins; ``hold.json``) is never deleted:
+retention skips it, a deletion is ``409 legal_hold``.
 """
 
 from __future__ import annotations
@@ -43,8 +55,10 @@ from urllib.parse import quote
 
 from recorder import Recording, RecordingError, SessionInfo, WriterOptions
 from recorder.export import THUMBNAIL, make_thumbnail
-from recorder.recording import EVENTS, MANIFEST
+from recorder.recording import EVENTS, MANIFEST, write_atomic
+from recorder.repair import RecordingBusy, needs_repair, remove_temporary, repair
 from recorder.replay import player_events, read_events
+from recorder.writer import sha256_file
 
 from .audit import AuditTrail
 from .config import Config
@@ -60,6 +74,8 @@ SCOPES = ("live_only", "internal_review", "deidentified_reuse")
 REVIEWERS = frozenset({Role.REVIEWER, Role.ADMIN})
 RECORDING_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 INDEX = "index.json"
+HOLD = "hold.json"
+HOLD_REASON_CHARS = 500
 #: Websocket requests handled here.
 MESSAGE_TYPES = frozenset({"start_recording", "stop_recording"})
 CONSENT_FIELDS = {"recorded_by": 200, "recorded_at": 64, "scope": 32, "note": 1000}
@@ -116,7 +132,8 @@ def _iso_to_unix(value: Any) -> float | None:
         return None
 
 
-def summarize(manifest: dict[str, Any], *, thumbnail: bool) -> dict[str, Any]:
+def summarize(manifest: dict[str, Any], *, thumbnail: bool,
+              hold: dict[str, Any] | None = None) -> dict[str, Any]:
     """An index entry: what the library lists, from a manifest."""
     session = manifest.get("session") or {}
     consent = manifest.get("consent") or {}
@@ -134,11 +151,13 @@ def summarize(manifest: dict[str, Any], *, thumbnail: bool) -> dict[str, Any]:
         "ended": manifest.get("ended"),
         "started_unix": _iso_to_unix(manifest.get("started")),
         "ended_unix": _iso_to_unix(manifest.get("ended")),
+        "started_t": manifest.get("started_t"),
         "duration": manifest.get("duration"),
         "consent_scope": consent.get("scope"),
         "feeds": feeds,
         "thumbnail": thumbnail,
         "errors": len(manifest.get("errors") or []),
+        "hold": hold,
     }
 
 
@@ -268,11 +287,20 @@ class Recordings:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._manifests: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
         self._audited: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        #: The index on disk is out of date (its last write failed: a full disk).
+        self.index_dirty = False
+        #: Recordings to finish once the disk lets us: id -> final manifest (or
+        #: None: the one on disk).
+        self._unfinished: dict[str, dict[str, Any] | None] = {}
+        #: Recordings another process is writing (their lock is held).
+        self._elsewhere: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------
     def open(self) -> None:
-        """Create the root; rebuild the index from the recordings on disk."""
+        """Create the root; finish what a crash left unfinished; rebuild the index
+        from the recordings on disk. (In a thread: it reads and writes files.)"""
         self.root.mkdir(mode=0o750, parents=True, exist_ok=True)
+        remove_temporary(self.root)
         active = self._active_ids()
         self.index = {}
         for child in sorted(self.root.iterdir()):
@@ -285,11 +313,48 @@ class Recordings:
                 continue
             if manifest.get("id") != child.name:
                 continue
-            entry = summarize(manifest, thumbnail=(child / THUMBNAIL).is_file())
-            if entry["state"] in ("new", "recording", "stopping") and child.name not in active:
-                entry["state"] = "interrupted"  # the Node stopped while it recorded
-            self.index[child.name] = entry
+            if child.name not in active:
+                manifest = self._finish(child, manifest) or manifest
+            self.index[child.name] = self._summary(child, manifest)
         self._save_index()
+
+    def _summary(self, directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        entry = summarize(manifest, thumbnail=(directory / THUMBNAIL).is_file(),
+                          hold=_read_hold(directory))
+        if entry["state"] in ("new", "recording", "stopping") and \
+                directory.name not in self._active_ids() | self._elsewhere:
+            entry["state"] = "interrupted"  # not finished yet (the disk refused)
+        return entry
+
+    def _finish(self, directory: Path, manifest: dict[str, Any] | None = None
+                ) -> dict[str, Any] | None:
+        """Repair a recording nothing writes any more (recorder.repair); returns
+        its new manifest, or None when it needed nothing or the disk refused (it
+        is then tried again every ``repair_retry_s``)."""
+        try:
+            report = repair(directory, manifest)
+        except RecordingBusy:
+            # Another process (another Node on the same disk) is recording it.
+            logger.info("recording %s: being recorded elsewhere; left alone", directory.name)
+            self._elsewhere.add(directory.name)
+            return None
+        except (OSError, ValueError) as exc:
+            logger.error("recording %s: could not be finished yet: %s", directory.name, exc)
+            self._unfinished[directory.name] = manifest
+            return None
+        self._unfinished.pop(directory.name, None)
+        self._elsewhere.discard(directory.name)
+        if report is None:
+            return None
+        with contextlib.suppress(Exception):
+            if not (directory / THUMBNAIL).is_file():
+                make_thumbnail(directory)
+        fixed: dict[str, Any] = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+        session = (fixed.get("session") or {}).get("session_id")
+        self.audit.record("recording_repaired", session=session, recording=directory.name,
+                          state=report.state, parts=report.parts, dropped=report.dropped,
+                          duration=fixed.get("duration"))
+        return fixed
 
     async def close(self, timeout: float = 15.0) -> None:
         """Let background starts and stops finish (they are bounded), then cancel."""
@@ -306,14 +371,53 @@ class Recordings:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _save_index(self) -> None:
-        tmp = self.root / f".{INDEX}.tmp"
+    def _save_index(self) -> bool:
+        data = json.dumps({"recordings": list(self.index.values())}, indent=1,
+                          ensure_ascii=False).encode()
         try:
-            tmp.write_text(json.dumps({"recordings": list(self.index.values())}, indent=1,
-                                      ensure_ascii=False), encoding="utf-8")
-            os.replace(tmp, self.root / INDEX)
+            # Rebuilt from the manifests at start: no fsync needed.
+            write_atomic(self.root / INDEX, data, sync=False)
         except OSError as exc:
-            logger.warning("recordings: index not written: %s", exc)
+            if not self.index_dirty:
+                logger.warning("recordings: index not written (tried again every %g s): %s",
+                               self.config.repair_retry_s, exc)
+            self.index_dirty = True
+            return False
+        if self.index_dirty:
+            logger.info("recordings: index written again")
+        self.index_dirty = False
+        return True
+
+    async def maintain(self) -> None:
+        """Finish the recordings a full disk cut short and write the index, if
+        the disk lets us now."""
+        for recording_id, manifest in list(self._unfinished.items()):
+            directory = self.root / recording_id
+            if recording_id in self._active_ids():
+                continue
+            if directory.is_symlink() or not directory.is_dir():
+                logger.warning("recording %s: its directory is gone; not finished",
+                               recording_id)
+                self._unfinished.pop(recording_id, None)
+                continue
+            fixed = await asyncio.to_thread(self._finish, directory, manifest)
+            if recording_id in self._unfinished:
+                continue  # still refused
+            if fixed is not None and recording_id in self.index:
+                self.index[recording_id] = await asyncio.to_thread(self._summary, directory,
+                                                                   fixed)
+                self._manifests.pop(recording_id, None)
+                self.index_dirty = True
+        if self.index_dirty:
+            self._save_index()
+
+    async def maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.repair_retry_s)
+            try:
+                await self.maintain()
+            except Exception:
+                logger.exception("recordings: maintenance pass failed")
 
     # -- live Sessions --------------------------------------------------------
     def attach_session(self, session: Session) -> None:
@@ -334,7 +438,8 @@ class Recordings:
 
     async def _auto_start(self, session: Session, consent: dict[str, str]) -> None:
         try:
-            await self.start(session, check_consent(consent), by=None)
+            # The standing consent applies from the moment the Session went live.
+            await self.start(session, check_consent(consent), by=None, consent_t=0.0)
         except Exception as exc:
             logger.error("session %s: automatic recording did not start: %s", session.id, exc)
 
@@ -380,7 +485,10 @@ class Recordings:
         return {"type": "ok", "recording": self.status(session)}
 
     async def start(self, session: Session, consent: dict[str, str], *,
-                    by: dict[str, str] | None, grant: Grant | None = None) -> Recording:
+                    by: dict[str, str] | None, grant: Grant | None = None,
+                    consent_t: float | None = None) -> Recording:
+        """Start recording now: consent was confirmed at ``consent_t`` (Session
+        clock; default now) and nothing from before it is kept."""
         if session.state != "live":
             raise Gone(f"session {session.id} has ended", code="session_ended")
         live = self._live.get(session.id)
@@ -403,7 +511,8 @@ class Recordings:
                 self.root, info, record,
                 on_error=lambda error: self._failed(session, recording, error),
                 options=WriterOptions(part_max_s=self.config.part_max_s),
-                origin=time.monotonic() - session.interaction.now())
+                origin=session.interaction.clock_zero,
+                origin_unix=session.interaction.started_at, consent_t=consent_t)
             live.recording, live.error = recording, None
             await recording.start()
             if recording.state != "recording":
@@ -450,8 +559,13 @@ class Recordings:
             with contextlib.suppress(Exception):
                 thumbnail = await asyncio.to_thread(
                     make_thumbnail, recording.directory, tuple(session.theatre.slots)) is not None
-            self.index[recording.id] = summarize(manifest, thumbnail=thumbnail)
+            self.index[recording.id] = summarize(manifest, thumbnail=thumbnail,
+                                                 hold=self.index.get(recording.id, {}).get("hold"))
             self._save_index()
+            if not recording.manifest_saved or needs_repair(manifest):
+                # A full disk: the final manifest, or a part, is not on disk.
+                self._unfinished[recording.id] = manifest
+                self._spawn(self.maintain())
             failed = recording.state == "failed" or live.state == "failed"
             if not failed:
                 live.state, live.error = "off", None
@@ -579,6 +693,7 @@ class Recordings:
                           "consent": manifest.get("consent"),
                           "clock_zero_unix": manifest.get("clock_zero_unix"),
                           "started_t": manifest.get("started_t"),
+                          "ended_t": manifest.get("ended_t"),
                           "errors": manifest.get("errors") or []},
             "events": player_events(raw),
             "expires_at": expires,
@@ -634,11 +749,16 @@ class Recordings:
     async def delete(self, recording_id: str, *, by: dict[str, str] | None,
                      reason: str) -> dict[str, Any]:
         """Remove every part, the events, thumbnail and manifest, and the index
-        entry. A Recording still running is a 409."""
+        entry; audited with each file removed and its sha256, and checked. A
+        Recording still running is a 409, one on legal hold too."""
         entry = self.entry(recording_id)
-        if recording_id in self._active_ids():
+        if recording_id in self._active_ids() | self._elsewhere:
             raise Conflict("this recording is running; stop it first", code="recording_active")
+        if entry.get("hold"):
+            raise Conflict("this recording is on legal hold; an admin must release it first",
+                           code="legal_hold")
         directory = self.root / recording_id
+        files = await asyncio.to_thread(self._inventory, recording_id)
         try:
             st = os.lstat(directory)
         except FileNotFoundError:
@@ -646,16 +766,100 @@ class Recordings:
         if st is not None:
             if stat.S_ISDIR(st.st_mode):
                 # rmtree unlinks symlinks inside, it never follows them.
-                await asyncio.to_thread(shutil.rmtree, directory)
+                await asyncio.to_thread(shutil.rmtree, directory, True)
             else:
                 directory.unlink()
+        gone = not await asyncio.to_thread(os.path.lexists, directory)
+        session = entry.get("session")
+        if not gone:
+            self.audit.record("recording_delete_failed", session=session,
+                              recording=recording_id, reason=reason, by=by, files=files)
+            logger.error("recording %s: deletion left files behind", recording_id)
+            raise Unavailable("the recording could not be deleted completely",
+                              code="delete_failed")
         self.index.pop(recording_id, None)
         self._manifests.pop(recording_id, None)
+        self._unfinished.pop(recording_id, None)
         self._save_index()
-        self.audit.record("recording_deleted", session=entry.get("session"),
-                          recording=recording_id, reason=reason, by=by)
-        logger.info("recording %s deleted (%s)", recording_id, reason)
-        return entry
+        self.audit.record("recording_deleted", session=session, recording=recording_id,
+                          reason=reason, by=by, files=files, verified=True,
+                          title=entry.get("title"), started=entry.get("started"))
+        logger.info("recording %s deleted (%s): %d files", recording_id, reason, len(files))
+        return {"deleted": recording_id, "files": files, "verified": True}
+
+    def _inventory(self, recording_id: str) -> list[dict[str, Any]]:
+        """Every file of a recording as it is now: name, kind, size, sha256 (and
+        whether it is the one the manifest lists)."""
+        directory = self.root / recording_id
+        listed: dict[str, dict[str, Any]] = {}
+        with contextlib.suppress(OSError, ValueError):
+            manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+            listed = {str(p.get("file")): p for f in manifest.get("feeds", [])
+                      for p in f.get("parts", [])}
+        out: list[dict[str, Any]] = []
+        try:
+            children = sorted(directory.iterdir())
+        except OSError:
+            return out
+        for child in children:
+            try:
+                st = os.lstat(child)
+            except OSError:
+                continue
+            item: dict[str, Any] = {"file": child.name}
+            if not stat.S_ISREG(st.st_mode):
+                item["kind"] = "symlink" if stat.S_ISLNK(st.st_mode) else "other"
+                out.append(item)
+                continue
+            part = listed.get(child.name)
+            kind = "part" if part is not None else {
+                MANIFEST: "manifest", EVENTS: "events", THUMBNAIL: "thumbnail",
+                HOLD: "hold"}.get(child.name, "other")
+            item.update(kind=kind, bytes=st.st_size)
+            try:
+                item["sha256"] = sha256_file(child)
+            except OSError as exc:
+                item["error"] = exc.strerror or str(exc)
+            if part is not None and part.get("sha256"):
+                item["matches_manifest"] = item.get("sha256") == part["sha256"]
+            out.append(item)
+        return out
+
+    # -- legal hold ---------------------------------------------------------------------
+    async def set_hold(self, recording_id: str, *, reason: str | None,
+                       by: dict[str, str]) -> dict[str, Any] | None:
+        """Put a recording on legal hold (``reason``) or release it (None);
+        returns the hold. Audited."""
+        entry = self.entry(recording_id)
+        directory = self._directory(recording_id)
+        if reason is None:
+            if not entry.get("hold"):
+                return None
+            await asyncio.to_thread(_remove_hold, directory)
+            entry["hold"] = None
+            self._save_index()
+            self.audit.record("legal_hold_released", session=entry.get("session"),
+                              recording=recording_id, by=by)
+            return None
+        reason = _CONTROL.sub("", reason).strip() if isinstance(reason, str) else ""
+        if not reason:
+            raise BadRequest("a legal hold needs a reason", code="bad_hold")
+        if len(reason) > HOLD_REASON_CHARS:
+            raise BadRequest(f"the reason is longer than {HOLD_REASON_CHARS} characters",
+                             code="bad_hold")
+        hold = {"reason": reason, "by": by,
+                "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+        try:
+            await asyncio.to_thread(write_atomic, directory / HOLD,
+                                    json.dumps(hold, ensure_ascii=False).encode())
+        except OSError as exc:
+            raise Unavailable(f"the hold could not be written: {exc.strerror or exc}",
+                              code="hold_failed") from None
+        entry["hold"] = hold
+        self._save_index()
+        self.audit.record("legal_hold_set", session=entry.get("session"),
+                          recording=recording_id, by=by, reason=reason)
+        return hold
 
     async def expire(self, now: float | None = None) -> list[str]:
         """Delete the Recordings older than ``retention_days`` (by their end, or
@@ -669,6 +873,9 @@ class Recordings:
         for recording_id, entry in list(self.index.items()):
             when = entry.get("ended_unix") or entry.get("started_unix")
             if recording_id in active or when is None or when >= cutoff:
+                continue
+            if entry.get("hold"):
+                logger.info("recording %s: past retention, kept on legal hold", recording_id)
                 continue
             try:
                 await self.delete(recording_id, by=None, reason="retention")
@@ -684,6 +891,22 @@ class Recordings:
             except Exception:
                 logger.exception("recordings: retention pass failed")
             await asyncio.sleep(self.config.retention_check_s)
+
+
+def _read_hold(directory: Path) -> dict[str, Any] | None:
+    try:
+        hold = json.loads((directory / HOLD).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        # Unreadable but present: held all the same (never delete on a doubt).
+        return {"reason": "(hold.json unreadable)", "by": None, "at": None}
+    return hold if isinstance(hold, dict) else {"reason": str(hold), "by": None, "at": None}
+
+
+def _remove_hold(directory: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (directory / HOLD).unlink()
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -15,6 +15,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiortc import RTCPeerConnection, RTCRtpCodecParameters, RTCRtpReceiver, RTCSessionDescription
@@ -25,6 +26,8 @@ from .feed import Feed
 from .interaction import MIC_SLOT, Interaction
 from .media import hooks
 from .media.codecs import capabilities_for
+from .media.h264 import H264Stream, fit_h264_publisher, inspect_frame
+from .media.hooks import FrameSink
 from .media.layers import LowLayerMaker
 from .media.peers import GONE_CLOSED, PeerFactory, negotiated_codecs
 from .media.plane import DropReason
@@ -42,6 +45,13 @@ Event = dict[str, Any]
 
 #: Codecs a new Feed may be published in, most preferred first.
 PUBLISH_PREFERENCE = ["video/VP8", "video/H264", "audio/opus"]
+
+
+#: A DELETE of a WHIP/WHEP resource that ended this recently (same token) is a 200.
+ENDED_RESOURCE_MEMORY_S = 60.0
+
+#: The slot whose audio is the Session's narration (docs/protocol.md).
+NARRATION_SLOT = "narration"
 
 
 def _no_remb(bitrate: int) -> int | None:
@@ -114,6 +124,19 @@ class Ingest:
         await self.pc.close()
 
 
+@dataclass
+class SlotView:
+    """One WHEP-per-slot player: the Subscriptions its one peer connection carries."""
+
+    id: str
+    slot: str
+    subscriptions: list[Subscription]
+
+    @property
+    def participant_id(self) -> str:
+        return self.subscriptions[0].participant_id if self.subscriptions else ""
+
+
 class Session:
     def __init__(
         self,
@@ -141,6 +164,10 @@ class Session:
         self.feeds: dict[str, Feed] = {}
         self.ingests: dict[str, Ingest] = {}
         self.subscriptions: dict[str, Subscription] = {}
+        #: WHEP-per-slot resources: a camera and its narration on one connection.
+        self.slot_views: dict[str, SlotView] = {}
+        #: Resource id -> (where, token id, when it ended): see recently_ended().
+        self._ended: dict[str, tuple[str, str, float]] = {}
         self.participants: dict[str, Participant] = {}
         self._config = config
         self._peers = peers
@@ -283,22 +310,38 @@ class Session:
                            code="too_many_feeds")
 
         pc = self._peers.create()
+        offer = summary.text
+        relabels: list[Callable[[str], str]] = []
+        labelled: H264Stream | None = None
+        videos = 0
         try:
             for kind in summary.kinds:
                 transceiver = pc.addTransceiver(kind, direction="recvonly")
                 existing = self.feeds.get(f"{slot}.{kind}")
                 if existing is not None and existing.state != "closed":
                     # A returning publisher must keep the codec viewers negotiated.
-                    transceiver.setCodecPreferences(capabilities_for(existing.codec))
+                    preferred = capabilities_for(existing.codec)
+                    transceiver.setCodecPreferences(preferred)
                 else:
                     # Exactly one codec: a publisher switching codecs mid-stream
                     # would push frames viewers negotiated differently.
                     offered = summary.codecs.get(kind, set())
                     mime = next(m for m in PUBLISH_PREFERENCE if m.lower() in offered)
                     caps = RTCRtpReceiver.getCapabilities(kind).codecs  # type: ignore[union-attr]
-                    transceiver.setCodecPreferences(
-                        [c for c in caps if c.mimeType.lower() in (mime.lower(), f"{kind}/rtx")])
-            answer = await self._peers.answer(pc, summary.text)
+                    preferred = [c for c in caps
+                                 if c.mimeType.lower() in (mime.lower(), f"{kind}/rtx")]
+                    transceiver.setCodecPreferences(preferred)
+                codec_cap = next(c for c in preferred if not c.mimeType.lower().endswith("/rtx"))
+                if codec_cap.mimeType.lower() == "video/h264":
+                    offer, relabel, stream = fit_h264_publisher(
+                        offer, str(codec_cap.parameters.get("profile-level-id", "42e01f")),
+                        nth=videos)
+                    relabels.append(relabel)
+                    labelled = labelled if videos else stream  # the full layer's label
+                videos += kind == "video"
+            answer = await self._peers.answer(pc, offer)
+            for relabel in relabels:
+                answer = relabel(answer)
             codecs = negotiated_codecs(answer)
             # The microphone may have been taken back, or someone else taken the
             # slot, while we answered.
@@ -352,6 +395,10 @@ class Session:
                         full, full_receiver = feed, transceiver.receiver
                 receiver = transceiver.receiver
                 sink = feed.connect_publisher(ingest.keyframe_requester(receiver))
+                if codec.mimeType.lower() == "video/h264":
+                    if labelled is not None and feed.h264 is None:
+                        feed.h264 = labelled  # until its first SPS says more
+                    sink = self._inspect_h264(ingest, feed, sink)
                 hooks.tap_receiver(receiver, transceiver.kind, sink)
                 hooks.observe_sender_reports(receiver, feed.on_sender_report)
                 ingest.feeds.append(feed)
@@ -376,6 +423,43 @@ class Session:
                                  media.start_bitrate_kbps + extra,
                                  media.max_bitrate_kbps + extra, frozenset(low_mids),
                                  media.low_layer_max_kbps), ingest
+
+    def _inspect_h264(self, ingest: Ingest, feed: Feed, sink: FrameSink) -> FrameSink:
+        """Learn what the publisher's H.264 really is (viewers are matched against its
+        SPS) and refuse B-frames, which WebRTC players cannot show."""
+        refused = False
+
+        def inspect(data: bytes, rtp_timestamp: int) -> None:
+            nonlocal refused
+            if refused:
+                return
+            try:
+                sps, b_frames = inspect_frame(data)
+            except Exception:  # runs in aiortc's receive loop: never raise into it
+                logger.exception("session %s: inspecting %s failed", self.id, feed.id)
+                sps, b_frames = None, False
+            if b_frames:
+                refused = True
+                self._refuse_publication(
+                    ingest, "h264_b_frames",
+                    f"{feed.id}: the encoder sends H.264 with B-frames, which WebRTC players "
+                    "cannot show; turn B-frames off (Constrained Baseline, or Main/High "
+                    "with bframes=0) and publish again")
+                return
+            if sps is not None and sps != feed.h264:
+                feed.h264 = sps
+            sink(data, rtp_timestamp)
+
+        return inspect
+
+    def _refuse_publication(self, ingest: Ingest, code: str, message: str) -> None:
+        """The publication's media cannot be forwarded: end it, and say why."""
+        logger.warning("session %s: refused the publication of slot %s: %s", self.id,
+                       ingest.slot, message)
+        self._emit({"type": "publication_refused", "slot": ingest.slot, "ingest": ingest.id,
+                    "participant_id": ingest.participant_id, "code": code,
+                    "message": message})
+        self._track(self._close_ingest(ingest, final=True, reason=message))
 
     def _publisher_gone(self, ingest: Ingest, reason: str) -> None:
         """The publisher's connection failed, closed, or went quiet."""
@@ -547,59 +631,116 @@ class Session:
         return grants | {i.grant for i in self.ingests.values() if i.grant is not None}
 
     async def _close_ingest(self, ingest: Ingest, *, final: bool, reason: str) -> None:
-        self.ingests.pop(ingest.id, None)
+        if self.ingests.pop(ingest.id, None) is not None:
+            self._remember_ended(ingest.id, f"whip:{ingest.slot}", ingest.grant)
         await ingest.close(final=final, reason=reason)
 
     # -- viewing ----------------------------------------------------------
     async def subscribe(self, grant: Grant, feed_id: str, offer: str) -> tuple[str, Subscription]:
+        """One Feed to one viewer (a websocket subscribe, or WHEP per Feed)."""
         self._check_grant(grant, VIEWERS, "watch")
         self._require_live()
+        feed = self._live_feed(feed_id)
+        answer, subscriptions = await self._subscribe(grant, [feed], offer,
+                                                      f"viewer ({feed.id})")
+        return answer, subscriptions[0]
+
+    async def subscribe_slot(self, grant: Grant, slot: str, offer: str
+                             ) -> tuple[str, SlotView]:
+        """A camera slot for a WHEP player that wants picture and sound from one
+        endpoint: the slot's video and the Session's narration in one peer
+        connection (one media stream, so the player keeps them in lip sync from
+        the publishers' sender reports). Without narration the audio section is
+        answered inactive."""
+        self._check_grant(grant, VIEWERS, "watch")
+        self._require_live()
+        video = self._live_feed(f"{slot}.video")
+        feeds = [video]
+        narration = self.narration_for(slot)
+        if narration is not None and "audio/opus" in check_offer(
+                offer, max_bytes=self._config.limits.max_sdp_bytes,
+                max_media=self._config.limits.max_media_sections,
+                allowed_networks=self._peers.allowed_networks,
+                want_direction="recv").codecs.get("audio", set()):
+            feeds.append(narration)
+        answer, subscriptions = await self._subscribe(grant, feeds, offer,
+                                                      f"slot viewer ({slot})")
+        view = SlotView(_new_id(), slot, subscriptions)
+        self.slot_views[view.id] = view
+        return answer, view
+
+    def narration_for(self, slot: str) -> Feed | None:
+        """The sound that goes with a camera: the Session's narration slot, else the
+        camera slot's own audio."""
+        for feed_id in (f"{NARRATION_SLOT}.audio", f"{slot}.audio"):
+            feed = self.feeds.get(feed_id)
+            if feed is not None and feed.state != "closed":
+                return feed
+        return None
+
+    def _live_feed(self, feed_id: str) -> Feed:
         feed = self.feeds.get(feed_id)
         if feed is None or feed.state == "closed":
             raise NotFound(f"no feed {feed_id!r} in session {self.id}", code="unknown_feed")
+        return feed
+
+    async def _subscribe(self, grant: Grant, feeds: list[Feed], offer: str, name: str
+                         ) -> tuple[str, list[Subscription]]:
+        """Answer one viewer's offer for ``feeds`` (a Subscription each) on one peer."""
         limits = self._config.limits
         mine = sum(1 for s in self.subscriptions.values()
                    if s.participant_id == grant.participant_id)
-        if mine >= limits.max_subscriptions_per_participant:
+        if mine + len(feeds) > limits.max_subscriptions_per_participant:
             raise Conflict(f"at most {limits.max_subscriptions_per_participant} subscriptions "
                            "per participant", code="too_many_subscriptions")
         summary = check_offer(offer, max_bytes=limits.max_sdp_bytes,
                               max_media=limits.max_media_sections,
                               allowed_networks=self._peers.allowed_networks,
                               want_direction="recv")
-        if feed.kind not in summary.kinds:
-            raise Unprocessable(f"feed {feed_id} is {feed.kind}; the offer has no {feed.kind} "
-                                "section", code="sdp_kind_mismatch")
-        if feed.codec.mimeType.lower() not in summary.codecs.get(feed.kind, set()):
-            raise Unprocessable(f"viewer cannot receive {feed.codec.mimeType}, which "
-                                f"{feed.id} is published in (no transcoding)",
-                                code="codec_mismatch")
+        for feed in feeds:
+            if feed.kind not in summary.kinds:
+                raise Unprocessable(f"feed {feed.id} is {feed.kind}; the offer has no "
+                                    f"{feed.kind} section", code="sdp_kind_mismatch")
+            if feed.codec.mimeType.lower() not in summary.codecs.get(feed.kind, set()):
+                raise Unprocessable(f"viewer cannot receive {feed.codec.mimeType}, which "
+                                    f"{feed.id} is published in (no transcoding)",
+                                    code="codec_mismatch")
 
         pc = self._peers.create()
-        subscription = Subscription(
+        peer = ViewerPeer(pc)
+        subscriptions = [Subscription(
             subscription_id=_new_id(), feed=feed, participant_id=grant.participant_id,
-            peer=ViewerPeer(pc),
+            peer=peer,
             max_queue=self._config.media.keyframe_cache_max_frames
             + self._config.media.viewer_queue_frames,
             fast_path=self._config.media.fast_path,
             on_closed=self._subscription_closed, on_first_frame=self._on_first_frame,
             on_layer=self._layer_changed, on_state=self._subscription_changed,
             adaptive=self._config.media.adaptive_layers)
+            for feed in feeds]
         try:
-            answer = await subscription.negotiate(summary.text, self._peers.answer)
+            answer = await peer.negotiate(subscriptions, summary.text, self._peers.answer)
         except BaseException:
             await pc.close()
             raise
-        if feed.state == "closed" or self.state != "live":
+        closed = next((f for f in feeds if f.state == "closed"), None)
+        if closed is not None or self.state != "live":
             await pc.close()
-            raise Gone(f"feed {feed_id} closed while subscribing", code="feed_closed")
-        subscription.grant = grant
-        self.subscriptions[subscription.id] = subscription
-        self._peers.watch(pc, f"viewer {subscription.id} ({feed.id})",
-                          lambda reason: self._viewer_gone(subscription, reason))
-        self._count("subscription", "waiting")
-        self._feed_changed(feed)
-        return answer, subscription
+            raise Gone(f"feed {(closed or feeds[0]).id} closed while subscribing",
+                       code="feed_closed")
+        for subscription in subscriptions:
+            subscription.grant = grant
+            self.subscriptions[subscription.id] = subscription
+        self._peers.watch(pc, f"{name} {subscriptions[0].id}",
+                          lambda reason: self._peer_gone(subscriptions, reason))
+        for feed in feeds:
+            self._count("subscription", "waiting")
+            self._feed_changed(feed)
+        return answer, subscriptions
+
+    def _peer_gone(self, subscriptions: list[Subscription], reason: str) -> None:
+        for subscription in subscriptions:
+            self._viewer_gone(subscription, reason)
 
     def _subscription_changed(self, subscription: Subscription) -> None:
         self._count("subscription", subscription.state)
@@ -622,6 +763,33 @@ class Session:
         self._track(subscription.close("transport_gone" if reason == GONE_CLOSED
                                        else "peer_gone"))
 
+    async def unsubscribe_slot(self, grant: Grant, view_id: str) -> None:
+        view = self.slot_views.get(view_id)
+        if view is None:
+            raise NotFound("no such subscription", code="unknown_resource")
+        if view.participant_id != grant.participant_id and grant.role not in MODERATORS:
+            raise Forbidden("this subscription belongs to someone else", code="not_owner")
+        await asyncio.gather(*[s.close() for s in view.subscriptions])
+
+    def recently_ended(self, resource_id: str, where: str, grant: Grant) -> bool:
+        """A WHIP/WHEP resource at ``where`` that ended within the last
+        ``ENDED_RESOURCE_MEMORY_S`` and was made with this token: its DELETE is
+        answered 200 (clients often close their peer connection first)."""
+        self._forget_ended()
+        ended = self._ended.get(resource_id)
+        return ended is not None and ended[0] == where and ended[1] == grant.token_id
+
+    def _remember_ended(self, resource_id: str, where: str, grant: Grant | None) -> None:
+        if grant is None:
+            return
+        self._forget_ended()
+        self._ended[resource_id] = (where, grant.token_id, time.monotonic())
+
+    def _forget_ended(self) -> None:
+        horizon = time.monotonic() - ENDED_RESOURCE_MEMORY_S
+        for key in [k for k, (_, _, at) in self._ended.items() if at < horizon]:
+            del self._ended[key]
+
     async def unsubscribe(self, grant: Grant, subscription_id: str) -> None:
         subscription = self.subscriptions.get(subscription_id)
         if subscription is None:
@@ -633,6 +801,13 @@ class Session:
     def _subscription_closed(self, subscription: Subscription) -> None:
         if self.subscriptions.pop(subscription.id, None) is None:
             return
+        self._remember_ended(subscription.id, f"whep:{subscription.feed_id}",
+                             subscription.grant)
+        for view in [v for v in self.slot_views.values() if subscription in v.subscriptions]:
+            view.subscriptions.remove(subscription)
+            if not view.subscriptions:
+                del self.slot_views[view.id]
+                self._remember_ended(view.id, f"whep:{view.slot}", subscription.grant)
         self._totals["frames_forwarded"] += subscription.frames_forwarded
         self._totals["bytes_forwarded"] += subscription.bytes_forwarded
         reason = subscription.close_reason or "closed"

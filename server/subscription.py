@@ -37,9 +37,16 @@ from .errors import Unprocessable
 from .media import hooks
 from .media.codecs import capabilities_for
 from .media.fastpath import FastSender, negotiated_from, vp8_picture_id
+from .media.h264 import (
+    DEFAULT_PROFILE_LEVEL_ID,
+    H264Refusal,
+    H264Stream,
+    choose_viewer_codec,
+)
 from .media.layers import Layer, LayerController, Preference
 from .media.peers import negotiated_codecs
 from .media.plane import DropReason, EncodedFrame, FrameQueue, Start
+from .media.sdp import h264_payloads, keep_one_h264, relabel_h264, section_index
 
 if TYPE_CHECKING:
     from .feed import Feed
@@ -95,7 +102,17 @@ class ViewerPeer:
         pc = self.pc
         self.subscriptions = list(subscriptions)
         transceivers = [sub.add_to(pc) for sub in subscriptions]
+        relabels = []
+        seen: dict[str, int] = {}
+        for sub in subscriptions:
+            nth = seen[sub.kind] = seen.get(sub.kind, -1) + 1
+            section = section_index(offer, sub.kind, nth)
+            if section is not None:
+                offer, relabel = sub.fit_offer(offer, section)
+                relabels.append(relabel)
         text = await answer(pc, offer)
+        for relabel in relabels:
+            text = relabel(text)
         # Parsed once here: joins come in bursts and SDP parsing is a good part of each.
         parsed = aiortc_sdp.SessionDescription.parse(text)
         for sub, transceiver in zip(subscriptions, transceivers, strict=True):
@@ -356,6 +373,25 @@ class Subscription:
         transceiver = pc.addTransceiver(self.track, direction="sendonly")
         transceiver.setCodecPreferences(capabilities_for(self._feed.codec))
         return transceiver
+
+    def fit_offer(self, offer: str, section: int) -> tuple[str, Callable[[str], str]]:
+        """H.264: pick the player's payload type that decodes what the Feed really
+        sends (its SPS, not its label), and show aiortc only that one. Returns the
+        offer for aiortc and how to put the player's label back on our answer."""
+        if self._feed.mime_type.lower() != "video/h264":
+            return offer, lambda answer: answer
+        feed = self._feed
+        stream = feed.h264 or H264Stream.from_label(str(
+            feed.codec.parameters.get("profile-level-id", DEFAULT_PROFILE_LEVEL_ID)))
+        try:
+            choice = choose_viewer_codec(stream, h264_payloads(offer, section), feed.id)
+        except H264Refusal as refusal:
+            raise Unprocessable(refusal.message, code=refusal.code) from None
+        preferred = capabilities_for(feed.codec)[0]
+        as_profile = str(preferred.parameters.get("profile-level-id", "42e01f"))
+        fitted = keep_one_h264(offer, section, choice.payload_type, as_profile)
+        return fitted, lambda answer: relabel_h264(answer, section, choice.payload_type,
+                                                   choice.profile_level_id)
 
     def bind(self, transceiver: Any, answer: aiortc_sdp.SessionDescription) -> None:
         """What our answer fixed for this transceiver: codec, fast path, feedback."""

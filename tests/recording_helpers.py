@@ -1,6 +1,7 @@
 """Recordings made without a network: the real ``recorder.Recording`` fed with
-synthetic-camera frames (VP8, with the frame counter) at chosen Session-clock
-times, plus chosen events. Shared by the review, export and access tests."""
+synthetic-camera frames (VP8, with the frame counter) and Opus tones (beeps at
+chosen moments) at chosen Session-clock times, plus chosen events. Shared by
+the review, export and access tests."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import av
-from av import VideoFrame
+import numpy as np
+from av import AudioFrame, VideoFrame
 
 from recorder import Recording, SessionInfo
 from recorder.export import make_thumbnail
@@ -77,9 +79,12 @@ def encode_vp8(count: int, first_counter: int = 0, gop: int = 15,
     context.width, context.height, context.pix_fmt = W, H, "yuv420p"
     context.time_base = fractions.Fraction(1, 90000)
     context.gop_size = gop
-    context.bit_rate = 600_000
-    context.options = ({"tune": "zerolatency", "preset": "ultrafast", "profile": "baseline"}
-                       if h264 else {"deadline": "realtime", "cpu-used": "8"})
+    if not h264:
+        context.bit_rate = 600_000
+    # x264 at a constant quality: with a bit rate its first frames are too coarse
+    # for the frame counter to be read.
+    context.options = ({"tune": "zerolatency", "preset": "ultrafast", "profile": "baseline",
+                        "crf": "20"} if h264 else {"deadline": "realtime", "cpu-used": "8"})
     out = []
     for i in range(count):
         frame = VideoFrame.from_ndarray(renderer.render(first_counter + i, 0.0),
@@ -92,6 +97,30 @@ def encode_vp8(count: int, first_counter: int = 0, gop: int = 15,
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def encode_opus(seconds: float, beeps: tuple[float, ...] = (), frequency: float = 1000.0,
+                beep_s: float = 0.1) -> list[bytes]:
+    """20 ms Opus packets (48 kHz, stereo) of a quiet tone with loud beeps of
+    ``frequency`` starting at ``beeps`` (seconds from the first sample)."""
+    context = av.CodecContext.create("libopus", "w")
+    context.sample_rate, context.layout, context.format = 48000, "stereo", "s16"
+    context.bit_rate = 64000
+    n = np.arange(round(seconds * 48000))
+    pcm = 0.02 * np.sin(2 * np.pi * 300 * n / 48000)
+    for beep in beeps:
+        inside = (n >= beep * 48000) & (n < (beep + beep_s) * 48000)
+        pcm = np.where(inside, 0.6 * np.sin(2 * np.pi * frequency * n / 48000), pcm)
+    samples = np.round(pcm * 32767).astype(np.int16)
+    out = []
+    for i in range(0, samples.size - 959, 960):
+        block = np.repeat(samples[i:i + 960], 2).reshape(1, -1)
+        frame = AudioFrame.from_ndarray(block, format="s16", layout="stereo")
+        frame.sample_rate, frame.pts = 48000, i
+        out += [bytes(p) for p in context.encode(frame)]
+    out += [bytes(p) for p in context.encode(None)]
+    return out
+
+
 async def build_recording(root: str | Path, session_id: str = "or1-live", *,
                           seconds: float = 4.0, start_t: float = 1.0,
                           events: list[dict[str, Any]] = (),  # type: ignore[assignment]
@@ -99,15 +128,23 @@ async def build_recording(root: str | Path, session_id: str = "or1-live", *,
                           consent: dict[str, str] | None = None,
                           thumbnail: bool = True,
                           feeds: tuple[tuple[str, int], ...] = (("room.video", 0),),
-                          h264: tuple[str, ...] = ()) -> Recording:
+                          h264: tuple[str, ...] = (),
+                          audio: tuple[tuple[str, tuple[float, ...], float], ...] = (),
+                          consent_t: float = 0.0) -> Recording:
     """A stopped Recording: for each of ``feeds`` (id, first counter), VP8
     frames (H.264 for the Feeds in ``h264``) captured from Session time
-    ``start_t`` at 15 fps for ``seconds`` (frame i shows counter first + i),
-    and ``events`` (each with its ``t``)."""
+    ``start_t`` at 15 fps for ``seconds`` (frame i shows counter first + i);
+    for each of ``audio`` (id, beep times on the Session clock, frequency),
+    Opus from ``start_t`` for ``seconds``; and ``events`` (each with its
+    ``t``). Consent (``started_t``) at ``consent_t``; the recording stops a
+    quarter of a second after the media ends."""
+    # The Session clock started long enough ago that the media is in the past.
+    span = start_t + seconds + 0.25
     recording = Recording(root, SessionInfo(session_id, "or1", "Cholecystectomy", "Dr Expert",
                                             "Laparoscopic cholecystectomy"),
                           {**(consent or CONSENT), "started_by": {"name": "test"}},
-                          recording_id=recording_id, origin=time.monotonic())
+                          recording_id=recording_id, origin=time.monotonic() - span,
+                          consent_t=consent_t)
     await recording.start()
     origin = recording.origin
     assert origin is not None
@@ -119,6 +156,12 @@ async def build_recording(root: str | Path, session_id: str = "or1-live", *,
                             codec=codec)
         for i, (data, key) in enumerate(frames):
             feed.emit(data, 1000 + i * (90000 // FPS), key, origin + start_t + i / FPS)
+    for feed_id, beeps, frequency in audio:
+        feed = FakeFeed(feed_id, kind="audio", mime="audio/opus", rate=48000)
+        recording.attach(feed)
+        packets = encode_opus(seconds, tuple(b - start_t for b in beeps), frequency)
+        for i, data in enumerate(packets):
+            feed.emit(data, 5000 + i * 960, True, origin + start_t + i * 0.02)
     for event in events:
         recording.add_event(event)
     await recording.stop()

@@ -170,3 +170,90 @@ async def test_seam_and_liveness_internals() -> None:
     assert "self.remote_password" in consent
     # bind_rtp_output refuses a transport that is closing.
     assert "def is_closing" in inspect.getsource(__import__("asyncio").BaseTransport)
+
+
+async def test_dtls_role_and_certificate_internals() -> None:
+    """set_dtls_roles and accept_rsa_dtls_servers: the role setter, the certificate slot
+    and the ECDSA-only cipher list they extend."""
+    from aiortc import RTCCertificate
+
+    pc = RTCPeerConnection()
+    try:
+        transport = pc.addTransceiver("video").receiver.transport
+        certificate = getattr(transport, hooks.DTLS_LOCAL_CERTIFICATE)
+        assert isinstance(certificate, RTCCertificate)
+        fingerprints = transport.getLocalParameters().fingerprints
+        hooks.accept_rsa_dtls_servers(pc)
+        # Same key and certificate: the fingerprint in our answer is unchanged.
+        assert transport.getLocalParameters().fingerprints == fingerprints
+        hooks.set_dtls_roles(pc, "passive")
+        assert transport._role == "client"
+    finally:
+        await pc.close()
+    source = inspect.getsource(RTCCertificate._create_ssl_context)
+    assert "ECDHE-ECDSA-AES128-GCM-SHA256" in source and "ECDHE-RSA" not in source
+    assert "self.__local_certificate._create_ssl_context(" in inspect.getsource(
+        RTCDtlsTransport.start)
+
+
+def _dtls_handshake(client: object, server: object) -> str:
+    """Run a DTLS handshake between two pyOpenSSL connections in memory; returns the cipher."""
+    from OpenSSL import SSL
+
+    client.set_connect_state()  # type: ignore[attr-defined]
+    server.set_accept_state()  # type: ignore[attr-defined]
+    for _ in range(20):
+        done = 0
+        for me, peer in ((client, server), (server, client)):
+            try:
+                me.do_handshake()  # type: ignore[attr-defined]
+                done += 1
+            except SSL.WantReadError:
+                pass
+            while True:
+                try:
+                    data = me.bio_read(65536)  # type: ignore[attr-defined]
+                except SSL.WantReadError:
+                    break
+                peer.bio_write(data)  # type: ignore[attr-defined]
+        if done == 2:
+            return str(client.get_cipher_name())  # type: ignore[attr-defined]
+    raise AssertionError("handshake did not finish")
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_aiortc_as_dtls_client_needs_the_hook_for_rsa_servers(hooked: bool) -> None:
+    """FFmpeg's WHIP muxer with an RSA certificate is the DTLS server; aiortc's own
+    client context offers only ECDSA suites."""
+    import datetime
+
+    from aiortc import RTCCertificate
+    from aiortc.rtcdtlstransport import SRTP_AEAD_AES_128_GCM
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+    from OpenSSL import SSL
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rsa-peer")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    server_ctx = SSL.Context(SSL.DTLS_METHOD)
+    server_ctx.use_certificate(cert)
+    server_ctx.use_privatekey(key)
+    server_ctx.set_tlsext_use_srtp(SRTP_AEAD_AES_128_GCM.openssl_profile)
+    ours = RTCCertificate.generateCertificate()
+    if hooked:
+        ours = hooks._RsaAcceptingCertificate(key=ours._key, cert=ours._cert)
+    client = SSL.Connection(ours._create_ssl_context(srtp_profiles=[SRTP_AEAD_AES_128_GCM]))
+    server = SSL.Connection(server_ctx)
+    if hooked:
+        assert _dtls_handshake(client, server).startswith("ECDHE-RSA-")
+    else:
+        with pytest.raises(SSL.Error):
+            _dtls_handshake(client, server)

@@ -30,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from server.http.review import RECORDINGS
+from server.http.ws import SOCKET_MESSAGES
 from server.recordings import MESSAGE_TYPES as RECORDING_MESSAGES
 from server.roles import Role
 from server.tokens import NODE_WIDE
@@ -174,7 +175,7 @@ PROTOCOL = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 ROLES = ("expert", "trainee", "admin", "recorder")
 #: Handled by the websocket itself (server/http/ws.py); the rest by the Session's
 #: interaction and the recorder, which name their own types.
-SOCKET_TYPES = {"ping", "publish", "unpublish", "subscribe", "unsubscribe", "end_session"}
+SOCKET_TYPES = set(SOCKET_MESSAGES)
 
 
 def documented_client_messages() -> dict[str, tuple[list[str], str]]:

@@ -388,3 +388,27 @@ def test_vp8_picture_ids_are_rewritten_in_place_of_the_descriptor() -> None:
     moved = vp8_with_picture_id_offset(payload, 5)
     assert vp8_picture_id(moved) == 3 and moved[4:] == b"frame" and moved[:2] == payload[:2]
     assert vp8_with_picture_id_offset(b"\x10\x00abc", 5) == b"\x10\x00abc"  # no picture id
+
+
+async def test_every_h264_keyframe_carries_its_parameter_sets() -> None:
+    """A viewer that joins, or moves here from another layer, at a keyframe the
+    encoder sent without SPS/PPS can still decode it."""
+    h264 = RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=102,
+                                 parameters={"packetization-mode": "1",
+                                             "profile-level-id": "42e01f"})
+    feed = Feed(feed_id="endoscope.video", slot="endoscope", kind="video", codec=h264,
+                media=MediaConfig(fast_path=False), liveness=LivenessConfig(),
+                on_state=lambda f: None, on_closed=lambda f: None)
+    sink = feed.connect_publisher(Upstream())
+    viewer = Collect()
+    feed.attach(viewer, start="now")
+    sps, pps = b"\x00\x00\x00\x01\x67\x42\xe0\x1f\xaa", b"\x00\x00\x00\x01\x68\xce\x06"
+    idr, delta = b"\x00\x00\x00\x01\x65\x88\x84", b"\x00\x00\x00\x01\x41\x9a\x02"
+    sink(sps + pps + idr, 0)
+    sink(delta, 3000)
+    sink(idr, 6000)            # an encoder that sent the parameter sets only at the start
+    first, second, third = (f.data for f in viewer.frames)
+    assert first == sps + pps + idr and second == delta
+    assert third.startswith(b"\x00\x00\x01\x67") and b"\x00\x00\x01\x68" in third
+    assert third.endswith(idr) and viewer.frames[2].keyframe
+    feed.close()

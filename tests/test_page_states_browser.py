@@ -369,7 +369,9 @@ async def test_watch_and_broadcast_pages_work_on_a_phone(
         "() => { const r = document.querySelector('#mic-take-back').getBoundingClientRect();"
         " return [r.left, r.right, innerWidth]; }")
     assert 0 <= take_back[0] and take_back[1] <= take_back[2], take_back
-    await expert.evaluate("() => window.scrollTo(0, 0)")
+    # The slot may be below the fold (the camera goes to the first slot no
+    # encoder holds): bring its picture into view, as the expert would.
+    await expert.locator(f"[data-slot={slot}] .preview-video").scroll_into_view_if_needed()
     await wait_settled(expert, f"[data-slot={slot}] .preview-video")
     await check_phone_layout(expert, f"[data-slot={slot}] .preview-video",
                              f"broadcast {width}x{height}")

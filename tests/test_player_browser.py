@@ -8,25 +8,35 @@ cameras switch, and playback at 2x keeps the cameras in sync.
 
 Live: the expert records from the broadcast page (consent dialog), the
 trainee's page shows REC.
+
+One clock: a step marked live shows on the trainee's page as time since the
+Session started, and in the player, on the contact sheet and in the library
+as time since the recording started, all from the one stamp stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiortc import RTCPeerConnection
 from playwright.async_api import Page
 
+from recorder.export import clock_label, contact_sheet
+from recorder.replay import marks, player_events, read_events
 from server import framecode
 from server.http.review import RECORDINGS
 from server.roles import Role
 
 from .browser_helpers import chromium, chromium_available, open_page, screenshot, wait_js
-from .conftest import Server
-from .recording_helpers import FPS, build_recording, circle, interaction, mark
+from .conftest import Server, wait_for
+from .recording_helpers import CONSENT, FPS, build_recording, circle, interaction, mark
+from .test_recording_control import Client, join, publish_camera
 
 pytestmark = [
     pytest.mark.slow,
@@ -149,8 +159,15 @@ async def test_player_jumps_to_the_moment_with_drawings_and_cameras_in_sync(
         assert await page.text_content(".recording-title") == "Cholecystectomy"
         assert "#token=" not in page.url  # scrubbed from the address bar
         await page.click(".recording-link")
-        await wait_js(page, "() => window.scrubinPlayer && "
-                            "window.scrubinPlayer.mainVideo().readyState >= 2")
+        await wait_js(page, "() => window.scrubinPlayer && window.scrubinPlayer.range()[1] > 0")
+        # 0:00 is when the recording started (consent); the camera's first picture
+        # came at 1 s: until then the player says so.
+        assert await page.evaluate("() => window.scrubinPlayer.range()[0]") == 0.0
+        await wait_js(page, "() => !document.querySelector('#player-gap').hidden")
+        assert (await page.text_content("#player-gap") or "").strip() == (
+            "No picture from this camera yet.")
+        await page.evaluate(f"() => window.scrubinPlayer.seek({START_T})")
+        await wait_js(page, "() => window.scrubinPlayer.mainVideo().readyState >= 2")
         assert recording.id in await page.evaluate("() => location.hash")
         assert await page.evaluate("() => window.scrubinPlayer.mainFeed()") == "room.video"
         assert await page.evaluate("() => window.scrubinPlayer.mainPart().file") == (
@@ -299,3 +316,136 @@ async def test_player_renews_its_media_urls_within_one_playback(
         assert media == [(play[0], "room.video-000.webm")]
     finally:
         await runner.cleanup()
+
+
+async def test_one_clock_live_view_player_contact_sheet_and_library(
+        server: Server, http: aiohttp.ClientSession,
+        peers: list[RTCPeerConnection]) -> None:
+    """Record from Session time ~2 s; mark a step ~2.5 s later. The trainee's
+    page shows it at its Session time, the player, the contact sheet and the
+    export at its time since the recording started; the library and the player
+    give the same length."""
+    await publish_camera(http, server, peers)
+    session = server.session()
+    clients: list[Client] = []
+    expert = await join(http, server, clients, Role.EXPERT, "Dr Grey")
+    try:
+        await wait_for(lambda: "" if session.interaction.now() >= 2.0 else "too early")
+        reply = await expert.request({"type": "start_recording", "consent": CONSENT})
+        assert reply["type"] == "ok", reply
+        async with chromium() as browser:
+            trainee_ctx, trainee, trainee_log = await open_page(
+                browser, f"{server.base_url}/watch.html#token={server.token(Role.TRAINEE)}",
+                "trainee")
+            await wait_js(trainee, "() => document.querySelector('#step-list li')")
+            await asyncio.sleep(2.5)
+            reply = await expert.request({"type": "mark", "name": "Port placement"})
+            stamp = reply["mark"]["t"]  # the one stamp, Session clock
+            await wait_js(trainee, "() => !document.querySelector('#step-now').hidden")
+            live_label = await trainee.text_content("#step-now")
+            await asyncio.sleep(1.0)
+            reply = await expert.request({"type": "stop_recording"})
+            assert reply["type"] == "ok", reply
+            [entry] = server.app[RECORDINGS].index.values()
+            directory = Path(server.config.recording.root) / entry["id"]
+            manifest = json.loads((directory / "manifest.json").read_text())
+            started_t = manifest["started_t"]
+            assert 2.0 <= started_t < stamp - 2.0, (started_t, stamp)
+            # Consent-exact: no part starts before the recording did.
+            assert all(p["start"] >= started_t for f in manifest["feeds"] for p in f["parts"])
+            # Stored once: the recording keeps the very stamp the live pages got.
+            [recorded] = marks(player_events(read_events(directory / "events.jsonl")), "step")
+            assert recorded["t"] == stamp
+            assert live_label == f"Port placement · {clock_label(stamp)}"
+
+            # The player: the same event, at its time since the recording started.
+            token = server.token(Role.ADMIN, name="Ms Admin")
+            player_ctx, player, player_log = await open_page(
+                browser, f"{server.base_url}/player.html#token={token}&recording={entry['id']}",
+                "player")
+            await wait_js(player, "() => window.scrubinPlayer && "
+                                  "window.scrubinPlayer.marks().length === 1")
+            [(label, at)] = await player.evaluate("() => window.scrubinPlayer.marks()")
+            since_start = clock_label(stamp - started_t)
+            assert label == f"{since_start} Port placement" and at == stamp
+            assert clock_label(stamp) != since_start  # two clocks would show two numbers
+            t0, t1 = await player.evaluate("() => window.scrubinPlayer.range()")
+            assert t0 == started_t and abs((t1 - t0) - manifest["duration"]) < 1e-6
+            await player.click("button.mark-button[data-kind='step']")
+            await wait_js(player, "(t) => Math.abs(window.scrubinPlayer.time() - t) < 0.01",
+                          stamp)
+            assert (await player.evaluate("() => window.scrubinPlayer.timeLabel()")).startswith(
+                f"{since_start} / ")
+            player_length = (await player.evaluate(
+                "() => window.scrubinPlayer.timeLabel()")).split(" / ")[1]
+
+            # The contact sheet says what the player says.
+            [tile] = contact_sheet(directory, directory.parent / "sheet.jpg")
+            assert tile.label == label and tile.t == stamp
+
+            # The library: the same length as the player.
+            library_ctx, library, library_log = await open_page(
+                browser, f"{server.base_url}/library.html#token={token}", "library")
+            await wait_js(library, "() => document.querySelectorAll('.recording-card').length")
+            when = await library.text_content(".recording-when")
+            assert when is not None and when.endswith(f" · {player_length}"), (when,
+                                                                              player_length)
+            errors: list[Any] = trainee_log.errors + player_log.errors + library_log.errors
+            assert not errors, errors
+            for context in (trainee_ctx, player_ctx, library_ctx):
+                await context.close()
+    finally:
+        for client in clients:
+            await client.ws.close()
+
+
+async def test_library_legal_hold_and_verified_deletion(server: Server) -> None:
+    kept = await build_recording(server.config.recording.root, seconds=1, thumbnail=False)
+    gone = await build_recording(server.config.recording.root, seconds=1, thumbnail=False)
+    server.app[RECORDINGS].open()
+    admin = server.token(Role.ADMIN, name="Ms Admin")
+    async with chromium() as browser:
+        # A reviewer sees no admin actions.
+        context, page, log = await open_page(
+            browser, f"{server.base_url}/library.html#token={server.token(Role.REVIEWER)}",
+            "reviewer")
+        await wait_js(page, "() => document.querySelectorAll('.recording-card').length === 2")
+        assert await page.locator(".recording-actions:visible").count() == 0
+        await context.close()
+
+        context, page, log = await open_page(
+            browser, f"{server.base_url}/library.html#token={admin}&session=or1-live", "admin")
+        await wait_js(page, "() => document.querySelectorAll('.recording-card').length === 2")
+        card = page.locator(f".recording-card[data-recording='{kept.id}']")
+        await card.locator(".hold-toggle").click()
+        await wait_js(page, "() => document.querySelector('#hold-dialog').open")
+        await page.fill("#hold-reason", "Claim 2026-114")
+        await page.click("#hold-ok")
+        await wait_js(page, f"""() => !document.querySelector(
+            ".recording-card[data-recording='{kept.id}'] .recording-hold").hidden""")
+        assert server.app[RECORDINGS].index[kept.id]["hold"]["reason"] == "Claim 2026-114"
+        card = page.locator(f".recording-card[data-recording='{kept.id}']")
+        assert await card.locator(".recording-delete").is_disabled()
+
+        # Deleting the other one: asked first, then every file and checksum.
+        files = {p.name for p in gone.directory.iterdir()}
+        await page.locator(f".recording-card[data-recording='{gone.id}'] "
+                           ".recording-delete").click()
+        await wait_js(page, "() => document.querySelector('#confirm').open")
+        await page.click("#confirm-ok")
+        await wait_js(page, "() => document.querySelectorAll('.recording-card').length === 1")
+        status = await page.text_content("#library-status")
+        assert status is not None and "checked gone" in status, status
+        deleted = await page.evaluate("() => window.scrubinLibrary.lastDeleted")
+        assert {f["file"] for f in deleted["files"]} == files
+        assert all(len(f["sha256"]) == 64 for f in deleted["files"])
+        assert not gone.directory.exists() and kept.directory.is_dir()
+
+        # Release the hold.
+        await page.locator(".hold-toggle").click()
+        await wait_js(page, "() => document.querySelector('#confirm').open")
+        await page.click("#confirm-ok")
+        await wait_js(page, "() => document.querySelector('.recording-hold').hidden")
+        assert server.app[RECORDINGS].index[kept.id]["hold"] is None
+        assert not log.errors, log.errors
+        await context.close()

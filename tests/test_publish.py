@@ -8,6 +8,7 @@ import fractions
 import itertools
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import av
@@ -40,7 +41,8 @@ def write_h264_file(path: Path, seconds: float = 3, fps: int = 15) -> None:
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = 320, 180, "yuv420p"
-        stream.options = {"g": str(fps), "bf": "0", "tune": "zerolatency"}
+        # Constrained Baseline, as WebRTC players (aiortc's included) say they decode.
+        stream.options = {"g": str(fps), "bf": "0", "tune": "zerolatency", "profile": "baseline"}
         for i in range(int(seconds * fps)):
             frame = av.VideoFrame.from_ndarray(renderer.render(i), format="bgr24")
             frame.pts = i
@@ -173,6 +175,57 @@ async def test_cli_publish_synthetic_reaches_a_viewer(
     assert b"publish: live" in out
 
 
+def _mid_gop_copy(source: Path, target: Path, skip: int) -> None:
+    """``source``'s H.264 remuxed into MPEG-TS from its ``skip``-th frame: a camera
+    joined between keyframes."""
+    with av.open(str(source)) as container, av.open(str(target), "w") as out:
+        stream = container.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        for index, packet in enumerate(container.demux(stream)):
+            if index >= skip and packet.size:
+                packet.stream = copy
+                out.mux(packet)
+
+
+async def test_passthrough_forwards_nothing_before_the_first_keyframe(tmp_path: Path) -> None:
+    from server.media.codecs import is_keyframe
+
+    from .interop.media import write_h264
+
+    source = write_h264(tmp_path / "camera.mp4", 90, gop=30)
+    _mid_gop_copy(source, tmp_path / "joined.ts", skip=10)
+    track = EncodedVideoTrack(str(tmp_path / "joined.ts"), loop=False, reopen=False)
+    try:
+        first = await track.recv()
+        assert is_keyframe("video/h264", bytes(first))
+        assert track.packets_skipped == 20  # frames 10..29, before the keyframe at 30
+    finally:
+        track.stop()
+
+
+def test_passthrough_refuses_h264_with_b_frames(tmp_path: Path) -> None:
+    from server.publish.passthrough import BFramesError
+
+    from .interop.media import write_h264
+
+    source = write_h264(tmp_path / "high.mp4", 30, bframes=2, profile="high")
+    with pytest.raises(BFramesError, match=r"B-frames.*--transcode"):
+        EncodedVideoTrack(str(source))
+
+
+def test_transcoding_an_h264_source_keeps_h264(tmp_path: Path) -> None:
+    from server.publish.sources import open_source
+
+    path = tmp_path / "camera.mp4"
+    write_h264_file(path, seconds=1)
+    source = open_source(str(path), label="x", passthrough=False, audio=False)
+    try:
+        assert source.player is not None  # decoded and re-encoded
+        assert source.video_codec == "video/H264"
+    finally:
+        source.close()
+
+
 def test_a_loopback_or_localhost_url_advertises_loopback() -> None:
     assert loopback_host_addresses("http://127.0.0.1:8080/whip/s/room") == ["127.0.0.1"]
     assert loopback_host_addresses("http://127.0.0.9:8080/whip/s/room") == ["127.0.0.9"]
@@ -208,13 +261,25 @@ def test_ice_failures_are_explained_in_terms_an_operator_can_act_on() -> None:
 async def test_a_publication_ice_cannot_connect_says_why_backs_off_and_is_not_a_start(
         ) -> None:
     """The server accepts only 127.0.0.1; the publisher advertises 127.0.0.2 (all
-    traffic stays on loopback). Every offer is answered 201, ICE never connects:
-    the publisher says why, waits longer each time, and the audit trail has no
+    traffic stays on loopback), and this server answers without candidates of its
+    own (as ScrubIn did before it kept end-of-candidates out of such offers; other
+    WHIP servers may). Every offer is answered 201, ICE never connects: the
+    publisher says why, waits longer each time, and the audit trail has no
     publish_start, only publish_no_media entries."""
+    from server.http.common import PEERS
     from server.publish.synthetic import SyntheticTheatreCamera
 
     config = make_config(ice={"allowed_remote_networks": ["127.0.0.1/32"]})
     server, runner = await start_server(config)
+    peers = server.app[PEERS]
+    answer = peers.answer
+
+    async def without_candidates(pc: Any, offer: str) -> str:
+        text = await answer(pc, offer)
+        return "".join(line + "\r\n" for line in text.splitlines()
+                       if not line.startswith("a=candidate:"))
+
+    peers.answer = without_candidates  # type: ignore[method-assign]
     states: list[tuple[str, str, float]] = []
     publisher = WhipPublisher(
         f"{server.base_url}/whip/or1-live/room", server.token(Role.EXPERT),

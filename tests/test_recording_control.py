@@ -1,4 +1,5 @@
-"""Recording control over the websocket: start and stop with a consent record,
+"""Recording control over the websocket and the HTTP API: start and stop with a
+consent record, consent-exact start (stamped media through the server),
 refusals, everyone told, automatic recording, Session end, disk errors."""
 
 from __future__ import annotations
@@ -6,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import statistics
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,11 +20,12 @@ from aiortc import RTCPeerConnection
 from server.config import ConfigError, load_config
 from server.http.common import AUDIT
 from server.http.review import RECORDINGS
-from server.publish.synthetic import SyntheticTheatreCamera
+from server.publish.synthetic import SyntheticTheatreCamera, SyntheticTone
 from server.roles import Role
 
 from .conftest import Server, make_config, start_server, wait_for, whip_publish
 from .recording_helpers import CONSENT
+from .test_recorder import decode_audio, decode_video
 
 WS = aiohttp.ClientWebSocketResponse
 AUTO = {"auto_consent_scope": "internal_review", "auto_consent_by": "Theatre manager"}
@@ -91,6 +95,108 @@ async def publish_camera(http: aiohttp.ClientSession, server: Server,
     session = server.session()
     await wait_for(lambda: "" if "room.video" in session.feeds
                    and session.feeds["room.video"].frames_received > 5 else "no frames yet")
+
+
+async def start_over_http(http: aiohttp.ClientSession, server: Server, token: str,
+                          consent: Any) -> tuple[int, dict[str, Any]]:
+    async with http.post(f"{server.base_url}/api/sessions/or1-live/recording",
+                         json={"consent": consent},
+                         headers={"Authorization": f"Bearer {token}"}) as response:
+        return response.status, await response.json()
+
+
+@pytest.mark.slow  # real media over WebRTC
+@pytest.mark.parametrize("way", ["websocket", "http"])
+async def test_nothing_from_before_consent_and_every_clock_agrees(
+        server: Server, http: aiohttp.ClientSession, clients: list[Client],
+        peers: list[RTCPeerConnection], way: str) -> None:
+    """A camera (frame counter, stamped when made) and a tone (beeps on whole
+    wall-clock seconds) have been live for seconds, so the Feed holds frames
+    from before consent. The first recorded picture is the first keyframe made
+    after consent, the sound starts at consent, and the parts sit on the
+    Session clock where the camera and the tone made them."""
+    camera, tone = SyntheticTheatreCamera(320, 180, 15), SyntheticTone()
+    pc, _ = await whip_publish(http, server, "room", [camera, tone])
+    peers.append(pc)
+    session = server.session()
+    await wait_for(lambda: "" if "room.audio" in session.feeds
+                   and session.feeds["room.video"].frames_received > 30 else "no media yet")
+    assert session.feeds["room.video"].cached_frames()  # a GOP from before consent
+    expert = await join(http, server, clients, Role.EXPERT, "Dr Grey")
+    asked = time.time()
+    if way == "websocket":
+        reply = await expert.request({"type": "start_recording", "consent": CONSENT})
+        assert reply["type"] == "ok", reply
+    else:
+        status, body = await start_over_http(http, server, server.token(Role.EXPERT), CONSENT)
+        assert status == 201 and body["recording"]["state"] == "on", body
+    answered = time.time()
+    await asyncio.sleep(3)
+    assert (await expert.request({"type": "stop_recording"}))["type"] == "ok"
+
+    [directory] = [p for p in root_of(server).iterdir() if p.is_dir()]
+    manifest = json.loads((directory / "manifest.json").read_text())
+    zero, started_t = manifest["clock_zero_unix"], manifest["started_t"]
+    # One clock: the recording's is the Session's.
+    assert zero == session.interaction.started_at
+    consent_wall = zero + started_t
+    assert asked - 0.002 <= consent_wall <= answered + 0.002
+    assert manifest["duration"] == round(manifest["ended_t"] - started_t, 3)
+    [video] = [f for f in manifest["feeds"] if f["id"] == "room.video"]
+    [audio] = [f for f in manifest["feeds"] if f["id"] == "room.audio"]
+    assert all(p["start"] >= started_t for p in video["parts"] + audio["parts"])
+
+    # Video: the first picture was made after consent (a fresh keyframe, asked
+    # for), and is placed where the camera made it.
+    part = video["parts"][0]
+    file_t, first, _ = decode_video(directory / part["file"])[0]
+    assert first is not None and file_t == 0.0
+    made = camera.last_stamp_times[first]
+    assert made >= consent_wall - 0.001, (made - consent_wall)
+    assert made - consent_wall < 1.5, "the keyframe asked for at consent came late"
+    assert abs((zero + part["start"]) - made) < 0.03, (zero + part["start"] - made)
+    # Audio: from consent on, nothing before; beeps where the tone made them.
+    apart = audio["parts"][0]
+    assert apart["start"] - started_t < 0.1
+    first_sample, samples = decode_audio(directory / apart["file"])
+    loud = [i for i in range(1, samples.size) if abs(samples[i]) > 0.3
+            and not (abs(samples[max(0, i - 4800):i]) > 0.3).any()]
+    assert loud, "no beep recorded"
+    offsets = []
+    for onset in loud:
+        at = zero + apart["start"] + first_sample + onset / 48000
+        offsets.append(at - round(at))  # a beep starts on a whole second
+    placement = statistics.median(offsets)
+    assert abs(placement) < 0.03, offsets
+    # The tone's first recorded sample was made at or after consent.
+    assert zero + apart["start"] - placement >= consent_wall - 0.02
+    print(f"{way}: first picture {1000 * (made - consent_wall):.0f} ms after consent, "
+          f"sound {1000 * (zero + apart['start'] - consent_wall):.0f} ms after, "
+          f"video placed {1000 * (zero + part['start'] - made):+.1f} ms, "
+          f"audio {1000 * placement:+.1f} ms")
+
+
+async def test_recording_over_the_http_api(server: Server, http: aiohttp.ClientSession) -> None:
+    url = f"{server.base_url}/api/sessions/or1-live/recording"
+    for role in (Role.TRAINEE, Role.REVIEWER):
+        status, body = await start_over_http(http, server, server.token(role), CONSENT)
+        assert (status, body["code"]) == (403, "wrong_role"), body
+    status, body = await start_over_http(http, server, server.token(Role.EXPERT), None)
+    assert (status, body["code"]) == (400, "consent_missing")
+    status, body = await start_over_http(http, server, server.token(Role.EXPERT),
+                                         {**CONSENT, "scope": "live_only"})
+    assert (status, body["code"]) == (409, "consent_scope")
+    assert not [p for p in root_of(server).iterdir() if p.is_dir()]
+    status, body = await start_over_http(http, server, server.token(Role.ADMIN), CONSENT)
+    assert status == 201 and body["recording"]["state"] == "on"
+    status, body = await start_over_http(http, server, server.token(Role.EXPERT), CONSENT)
+    assert (status, body["code"]) == (409, "recording_active")
+    headers = {"Authorization": f"Bearer {server.token(Role.EXPERT)}"}
+    async with http.delete(url, headers=headers) as response:
+        assert response.status == 200 and (await response.json())["recording"]["state"] == "off"
+    async with http.delete(url, headers=headers) as response:
+        assert response.status == 409 and (await response.json())["code"] == "not_recording"
+    assert [e["by"]["role"] for e in audit_events(server)] == ["admin", "expert"]
 
 
 def root_of(server: Server) -> Path:
@@ -213,6 +319,9 @@ async def test_automatic_recording_and_session_end(http: aiohttp.ClientSession,
         [entry] = server.app[RECORDINGS].index.values()
         assert entry["state"] == "stopped" and entry["consent_scope"] == "internal_review"
         manifest = json.loads((root_of(server) / entry["id"] / "manifest.json").read_text())
+        # The standing consent applies from the Session going live.
+        assert manifest["started_t"] == 0.0
+        assert all(p["start"] >= 0 for f in manifest["feeds"] for p in f["parts"])
         assert manifest["consent"]["recorded_by"] == "Theatre manager"
         assert manifest["consent"]["auto"] is True
         assert manifest["feeds"][0]["parts"][0]["complete"]

@@ -364,44 +364,90 @@ async def test_media_urls_are_bound_to_the_viewers_grant_and_audited_per_playbac
     assert (await get_json(http, url, short))["expires_at"] <= time.time() + 100
 
 
-async def test_delete_by_admin_api_and_cli(server: Server, http: aiohttp.ClientSession,
-                                           clients: list[Client],
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    first = await plant(server)
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def deleted_audit(server: Server) -> list[dict[str, Any]]:
+    return [e for e in server.app[AUDIT].read(session="or1-live")
+            if e["event"] == "recording_deleted"]
+
+
+async def test_delete_is_audited_with_every_file_and_its_checksum(
+        server: Server, http: aiohttp.ClientSession, clients: list[Client],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    first = await plant(server, feeds=(("room.video", 0), ("endoscope.video", 500)))
     second = await plant(server)
     root = Path(server.config.recording.root)
+    # What is on disk before: every file and its checksum, computed here.
+    expected = {p.name: (p.stat().st_size, sha256_of(p)) for p in (root / first).iterdir()}
+    manifest = json.loads((root / first / "manifest.json").read_text())
+    parts = {p["file"]: p["sha256"] for f in manifest["feeds"] for p in f["parts"]}
+    assert len(parts) == 2 and set(parts) < set(expected)
     url = f"{server.base_url}/api/recordings/{first}"
     for role in (Role.REVIEWER, Role.EXPERT):
         async with http.delete(url, headers=bearer(server.token(role))) as response:
             assert response.status == 403
     async with http.delete(url, headers=bearer(server.token(Role.ADMIN, "or2-other"))) as r:
         assert r.status == 403 and (await r.json())["code"] == "wrong_session"
-    async with http.delete(url, headers=bearer(server.token(Role.ADMIN))) as response:
-        assert response.status == 200 and (await response.json()) == {"deleted": first}
+    async with http.delete(url, headers=bearer(server.token(Role.ADMIN, name="Ms Admin"))
+                           ) as response:
+        assert response.status == 200
+        body = await response.json()
+    assert body["deleted"] == first and body["verified"] is True
+    assert {f["file"]: (f["bytes"], f["sha256"]) for f in body["files"]} == expected
+    kinds = {f["file"]: f["kind"] for f in body["files"]}
+    assert kinds["manifest.json"] == "manifest" and kinds["events.jsonl"] == "events"
+    assert kinds["thumbnail.jpg"] == "thumbnail"
+    assert {name for name, kind in kinds.items() if kind == "part"} == set(parts)
+    assert all(f["matches_manifest"] for f in body["files"] if f["kind"] == "part")
     assert not (root / first).exists()
     index = json.loads((root / "index.json").read_text())["recordings"]
     assert [e["id"] for e in index] == [second]
     await get_json(http, url, server.token(Role.ADMIN), 404)
     async with http.delete(url, headers=bearer(server.token(Role.ADMIN))) as response:
         assert response.status == 404
+    # The audit trail says what was deleted, by whom: the same files and checksums.
+    [audited] = deleted_audit(server)
+    assert (audited["recording"], audited["reason"], audited["by"]["name"]) == (
+        first, "deleted", "Ms Admin")
+    assert audited["files"] == body["files"] and audited["verified"] is True
+    assert audited["title"] == "Cholecystectomy"
 
-    # scrubin recording list / delete, with a node-wide admin token.
+    # scrubin recording list / hold / delete / release, with a node-wide admin token.
     admin = server.token(Role.ADMIN, NODE_WIDE)
+    cli = ["--server", server.base_url, "--token", admin]
     capsys.readouterr()
     assert await asyncio.to_thread(scrubin, ["recording", "list", "--session", "or1-live",
-                                             "--server", server.base_url, "--token", admin]) == 0
+                                             *cli]) == 0
     listing = capsys.readouterr().out
     assert second in listing and first not in listing and "Cholecystectomy" in listing
-    code = await asyncio.to_thread(scrubin, ["recording", "delete", second, "--server",
-                                             server.base_url, "--token", admin])
-    assert code == 0
+    assert "HOLD" not in listing
+    assert await asyncio.to_thread(scrubin, ["recording", "hold", second, "--reason",
+                                             "claim 2026-114", *cli]) == 0
+    assert "on legal hold" in capsys.readouterr().out
+    assert (root / second / "hold.json").is_file()
+    assert await asyncio.to_thread(scrubin, ["recording", "list", "--session", "or1-live",
+                                             *cli]) == 0
+    assert "HOLD" in capsys.readouterr().out
+    # Held: the deletion is refused, nothing removed, nothing audited as deleted.
+    assert await asyncio.to_thread(scrubin, ["recording", "delete", second, *cli]) == 2
+    assert "on legal hold" in capsys.readouterr().err
+    assert (root / second / "manifest.json").is_file() and len(deleted_audit(server)) == 1
+    assert await asyncio.to_thread(scrubin, ["recording", "release", second, *cli]) == 0
+    assert not (root / second / "hold.json").exists()
+    on_disk = {p.name: sha256_of(p) for p in (root / second).iterdir()}
+    capsys.readouterr()
+    assert await asyncio.to_thread(scrubin, ["recording", "delete", second, *cli]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"{digest}" in printed for digest in on_disk.values()), printed
+    assert "files, checked" in printed
     assert not (root / second).exists() and not manager(server).index
-    assert await asyncio.to_thread(scrubin, ["recording", "delete", second, "--server",
-                                             server.base_url, "--token", admin]) == 2
-    deleted = [e for e in server.app[AUDIT].read(session="or1-live")
-               if e["event"] == "recording_deleted"]
-    assert [(e["recording"], e["reason"], e["by"]["role"]) for e in deleted] == [
-        (first, "deleted", "admin"), (second, "deleted", "admin")]
+    assert await asyncio.to_thread(scrubin, ["recording", "delete", second, *cli]) == 2
+    events = [e["event"] for e in server.app[AUDIT].read(session="or1-live")
+              if e["event"].startswith(("legal_hold", "recording_deleted"))]
+    assert events == ["recording_deleted", "legal_hold_set", "legal_hold_released",
+                      "recording_deleted"]
 
     # A running recording is not deleted under its writer.
     expert = await join(http, server, clients, Role.EXPERT)
@@ -413,12 +459,55 @@ async def test_delete_by_admin_api_and_cli(server: Server, http: aiohttp.ClientS
     assert (root / running).is_dir()
 
 
+async def test_legal_hold_api(server: Server, http: aiohttp.ClientSession) -> None:
+    recording_id = await plant(server, thumbnail=False)
+    url = f"{server.base_url}/api/recordings/{recording_id}/hold"
+    admin = server.token(Role.ADMIN, name="Ms Admin")
+    for role in (Role.REVIEWER, Role.EXPERT, Role.TRAINEE):
+        async with http.put(url, json={"reason": "x"},
+                            headers=bearer(server.token(role))) as response:
+            assert response.status == 403, role
+    async with http.put(url, json={"reason": "x"},
+                        headers=bearer(server.token(Role.ADMIN, "or2-other"))) as response:
+        assert response.status == 403 and (await response.json())["code"] == "wrong_session"
+    for body in ({}, {"reason": "  "}, {"reason": 5}, {"reason": "x" * 501}):
+        async with http.put(url, json=body, headers=bearer(admin)) as response:
+            assert response.status == 400 and (await response.json())["code"] == "bad_hold"
+    async with http.delete(url, headers=bearer(admin)) as response:
+        assert response.status == 409 and (await response.json())["code"] == "not_on_hold"
+    async with http.put(url, json={"reason": "Inquiry\u202e 12"}, headers=bearer(admin)) as r:
+        assert r.status == 200
+        hold = (await r.json())["hold"]
+    assert hold["reason"] == "Inquiry 12" and hold["by"]["name"] == "Ms Admin"
+    # The library shows it; a reviewer sees it too.
+    library = await get_json(http, f"{server.base_url}/api/sessions/or1-live/recordings",
+                             server.token(Role.REVIEWER))
+    assert library["recordings"][0]["hold"]["reason"] == "Inquiry 12"
+    async with http.delete(f"{server.base_url}/api/recordings/{recording_id}",
+                           headers=bearer(admin)) as response:
+        assert response.status == 409 and (await response.json())["code"] == "legal_hold"
+    # The hold survives a restart of the index (it is on disk, beside the manifest).
+    manager(server).open()
+    assert manager(server).index[recording_id]["hold"]["reason"] == "Inquiry 12"
+    async with http.delete(url, headers=bearer(admin)) as response:
+        assert response.status == 200 and (await response.json())["hold"] is None
+    assert manager(server).index[recording_id]["hold"] is None
+    audit = [(e["event"], e["by"]["name"], e.get("reason")) for e in
+             server.app[AUDIT].read(session="or1-live") if e["event"].startswith("legal_hold")]
+    assert audit == [("legal_hold_set", "Ms Admin", "Inquiry 12"),
+                     ("legal_hold_released", "Ms Admin", None)]
+
+
 async def test_retention_deletes_old_recordings(http: aiohttp.ClientSession,
                                                 tmp_path: Path) -> None:
     config = make_config(recording={"root": str(tmp_path), "retention_days": 30,
                                     "retention_check_s": 0.2})
     old = await build_recording(tmp_path, events=[mark(1.5, "Port placement"), circle(2.0)])
     age_recording(old.directory, days=40)
+    held = await build_recording(tmp_path)
+    age_recording(held.directory, days=400)
+    (held.directory / "hold.json").write_text(json.dumps({"reason": "litigation"}))
+    old_files = {p.name: sha256_of(p) for p in old.directory.iterdir()}
     new = await build_recording(tmp_path)
     server, runner = await start_server(config)
     try:
@@ -426,16 +515,17 @@ async def test_retention_deletes_old_recordings(http: aiohttp.ClientSession,
         await wait_for(lambda: "" if not old.directory.exists()
                        and old.id not in manager(server).index else "not deleted yet",
                        timeout=5)
-        assert new.directory.is_dir()
-        assert list(manager(server).index) == [new.id]
+        assert new.directory.is_dir() and held.directory.is_dir()
+        assert set(manager(server).index) == {new.id, held.id}
         entries = json.loads((tmp_path / "index.json").read_text())["recordings"]
-        assert [e["id"] for e in entries] == [new.id]
-        deleted = [e for e in server.app[AUDIT].read(session="or1-live")
-                   if e["event"] == "recording_deleted"]
+        assert {e["id"] for e in entries} == {new.id, held.id}
+        deleted = deleted_audit(server)
         assert [(e["recording"], e["reason"], e["by"]) for e in deleted] == [
             (old.id, "retention", None)]
-        # Later passes keep the new one.
+        assert {f["file"]: f["sha256"] for f in deleted[0]["files"]} == old_files
+        # Later passes keep the new one, and the one on legal hold.
         await asyncio.sleep(0.5)
-        assert new.directory.is_dir()
+        assert new.directory.is_dir() and held.directory.is_dir()
+        assert len(deleted_audit(server)) == 1
     finally:
         await runner.cleanup()

@@ -266,7 +266,11 @@ async def test_whep_delete_closes_only_that_subscription(server, http, peers):
     assert session.feeds["room.video"].state == "live"
     assert session.describe_feed(session.feeds["room.video"])["viewers"] == 0
     await wait_for(lambda: "" if len(server_peers(*peers)) == 1 else "viewer peer still open")
+    # Within 60 s the same token's repeated DELETE is met (200); any other token is not.
     async with http.delete(viewer_url, headers=auth(viewer_token)) as response:
+        assert response.status == 200
+    other_token = server.token(Role.TRAINEE, participant_id="viewer-1")
+    async with http.delete(viewer_url, headers=auth(other_token)) as response:
         await check_error(response, 404, "unknown_resource")
 
 

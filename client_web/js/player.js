@@ -4,7 +4,11 @@
  * the Session clock.
  *
  * Each Feed is a list of parts (files) placed on the Session clock by their
- * `start` (docs/protocol.md, "Recording"). One clock drives everything: the
+ * `start` (docs/protocol.md, "Recording"). Times shown are since the
+ * recording started (`started_t`, when consent was given): the timeline runs
+ * from 0 to the recording's `duration`, the length the library shows, and a
+ * step at 0:10 here is at 0:10 in the export and on the contact sheet (the
+ * live pages showed it as time since the Session started). One clock drives everything: the
  * main camera's <video> while it is playing a part, else the wall clock (gaps,
  * a Feed without a part at that moment). Every other Feed's <video>/<audio>
  * loads the part covering the clock's time and seeks to `time - part.start`
@@ -185,6 +189,7 @@ const overlay = /** @type {HTMLCanvasElement} */ ($('#player-telestration'));
 const stepLabel = $('#player-step');
 const feedLabel = $('#player-feed');
 const gap = $('#player-gap');
+const gapText = $('p', gap);
 const playButton = /** @type {HTMLButtonElement} */ ($('#play'));
 const timeLabel = $('#player-time');
 const speed = /** @type {HTMLSelectElement} */ ($('#player-speed'));
@@ -306,6 +311,9 @@ function render() {
   const at = (clock.playing && shown !== null ? shown : t) + 0.001;
   view.dataset.state = main.part ? 'live' : 'empty';
   gap.hidden = Boolean(main.part) || !recording;
+  const firstPart = main.feed?.parts[0];
+  gapText.textContent = firstPart && t < firstPart.start
+    ? 'No picture from this camera yet.' : 'No picture from this camera at this moment.';
   const step = stepAt(events, at);
   stepLabel.hidden = !step;
   stepLabel.textContent = step || '';
@@ -561,10 +569,16 @@ async function load() {
   questions = [...latest.values()].map((q) => ({ id: String(q.id), t: Number(q.t) || 0,
     text: String(q.text || ''), author: String(q.author?.name || ''), votes: Number(q.votes) || 0,
     status: String(q.status || 'open') })).sort((a, b) => a.t - b.t);
+  // The recording's own span: from consent (started_t) for its duration, as the
+  // library says; media outside it (none is kept) would not be reachable.
   const ends = recording.feeds.flatMap((/** @type {RecordedFeed} */ f) => f.parts.map((p) => [p.start, p.start + p.duration]));
-  t0 = ends.length ? Math.min(...ends.map((/** @type {number[]} */ e) => e[0])) : Number(recording.started_t) || 0;
-  t1 = ends.length ? Math.max(...ends.map((/** @type {number[]} */ e) => e[1]))
-    : t0 + (Number(recording.duration) || 0);
+  const started = Number(recording.started_t);
+  t0 = Number.isFinite(started) && recording.started_t !== null ? started
+    : Math.min(...ends.map((/** @type {number[]} */ e) => e[0]), Infinity);
+  if (!Number.isFinite(t0)) t0 = 0;
+  const duration = Number(recording.duration);
+  t1 = recording.duration !== null && Number.isFinite(duration) ? t0 + duration
+    : Math.max(t0, ...ends.map((/** @type {number[]} */ e) => e[1]));
   setClock(t0);
   document.title = `ScrubIn · ${recording.title || 'Recording'}`;
   $('#player-title').textContent = recording.title || 'Recording';
@@ -579,7 +593,14 @@ async function load() {
 
 window.scrubinPlayer = {
   time: () => now(),
+  /** Seconds since the recording started (what the page shows). */
+  recordingTime: () => now() - t0,
   range: () => [t0, t1],
+  /** The steps and bookmarks as listed: [label shown, Session time]. */
+  marks: () => [...document.querySelectorAll('#mark-list .mark-button')].map((b) => [
+    `${b.querySelector('.mark-time')?.textContent} ${b.querySelector('.mark-name')?.textContent}`,
+    Number(/** @type {HTMLElement} */ (b).dataset.t)]),
+  timeLabel: () => timeLabel.textContent,
   seek,
   play,
   pause,

@@ -36,23 +36,26 @@ export const FINAL_CODES = new Set(['token_revoked', 'token_expired', 'token_inv
   'token_missing', 'wrong_session', 'wrong_role', 'unknown_session']);
 
 /**
- * GET (or another method) a review API path with the bearer token.
- * @param {string} path @param {string} token @param {string} [method]
+ * GET (or another method, with a JSON body) a review API path with the bearer token.
+ * @param {string} path @param {string} token @param {string} [method] @param {any} [body]
  */
-export async function api(path, token, method = 'GET') {
-  const response = await fetch(path, { method, headers: { Authorization: `Bearer ${token}` },
-    cache: 'no-store' });
-  let body = null;
+export async function api(path, token, method = 'GET', body = undefined) {
+  /** @type {Record<string, string>} */
+  const headers = { Authorization: `Bearer ${token}` };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const response = await fetch(path, { method, headers, cache: 'no-store',
+    body: body === undefined ? undefined : JSON.stringify(body) });
+  let answer = null;
   try {
-    body = await response.json();
+    answer = await response.json();
   } catch {
-    body = null;
+    answer = null;
   }
   if (!response.ok) {
-    throw new ScrubinError(body && body.code ? body : { code: 'http_error',
+    throw new ScrubinError(answer && answer.code ? answer : { code: 'http_error',
       message: `HTTP ${response.status}`, fault: 'server', status: response.status });
   }
-  return body;
+  return answer;
 }
 
 /** `m:ss` or `h:mm:ss`. @param {number} seconds */

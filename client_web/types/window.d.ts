@@ -6,5 +6,5 @@ interface Window {
   /** The recording player's handle for tests. */
   scrubinPlayer?: object;
   /** The recordings library's handle for tests. */
-  scrubinLibrary?: object;
+  scrubinLibrary?: { recordings: () => unknown[]; reload: () => unknown; lastDeleted: unknown };
 }

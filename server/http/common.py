@@ -12,7 +12,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -35,7 +35,7 @@ from ..media.liveness import Liveness
 from ..media.peers import PeerFactory
 from ..metrics import Metrics
 from ..registry import Registry
-from ..session import Ingest, Session
+from ..session import Ingest, Session, SlotView
 from ..store import Presence, RateLimiter, Store, StoreUnavailable
 from ..subscription import Subscription
 from ..tokens import Grant, TokenAuthority
@@ -235,7 +235,7 @@ def cors_headers(request: web.Request) -> dict[str, str]:
     if origin and ("*" in allowed or origin in allowed):
         return {
             "Access-Control-Allow-Origin": origin,
-            "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
+            "Access-Control-Allow-Methods": "POST, DELETE, OPTIONS",
             "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
             "Access-Control-Expose-Headers": "Location, ETag, Link, Accept-Post",
             "Vary": "Origin",
@@ -479,24 +479,41 @@ async def session_for(request: web.Request, grant: Grant, *, start: bool = False
     return await request.app[REGISTRY].resolve(session_id, start=start)
 
 
+_T = TypeVar("_T")
+
+
 async def subscribe(app: web.Application, session: Session, grant: Grant, feed_id: str,
                     offer: str) -> tuple[str, Subscription]:
     """``Session.subscribe`` within the per-person cap
     (``limits.max_subscriptions_per_participant`` counts every device of an
     invite and everything derived from one token together)."""
+    return await _within_cap(app, session, grant, 1,
+                             lambda: session.subscribe(grant, feed_id, offer))
+
+
+async def subscribe_slot(app: web.Application, session: Session, grant: Grant, slot: str,
+                         offer: str) -> tuple[str, SlotView]:
+    """``Session.subscribe_slot`` (a camera and its narration: two Subscriptions)
+    within the same per-person cap."""
+    return await _within_cap(app, session, grant, 2,
+                             lambda: session.subscribe_slot(grant, slot, offer))
+
+
+async def _within_cap(app: web.Application, session: Session, grant: Grant, count: int,
+                      make: Callable[[], Awaitable[_T]]) -> _T:
     cap = app[CONFIG].limits.max_subscriptions_per_participant
     pending = app[PENDING_SUBSCRIPTIONS]
     key = (session.id, grant.person_id)
     live = sum(1 for s in session.subscriptions.values()
                if s.grant is not None and s.grant.person_id == grant.person_id)
-    if live + pending[key] >= cap:
+    if live + pending[key] + count > cap:
         raise Conflict(f"at most {cap} subscriptions per person (an invite's devices "
                        "together)", code="too_many_subscriptions")
-    pending[key] += 1
+    pending[key] += count
     try:
-        return await session.subscribe(grant, feed_id, offer)
+        return await make()
     finally:
-        pending[key] -= 1
+        pending[key] -= count
         if pending[key] <= 0:
             del pending[key]
 

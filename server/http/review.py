@@ -1,11 +1,12 @@
-"""Review API: the library of Recordings, one Recording for the player, its
-media (HTTP Range) and thumbnail through signed URLs bound to the viewer's
-grant, deletion (docs/protocol.md, "Recording"; docs/security.md, "Recordings";
+"""Review API: recording control over HTTP, the library of Recordings, one
+Recording for the player, its media (HTTP Range) and thumbnail through signed
+URLs bound to the viewer's grant, deletion and legal hold (docs/protocol.md,
+"Recording"; docs/security.md, "Recordings";
 server/recordings.py does the work).
 
 ``setup(app)`` is the one call in ``create_app``: it adds the routes, the
 Node's ``Recordings`` (``app[RECORDINGS]``), recording control for every
-Session that goes live, and the retention task (a cleanup_ctx).
+Session that goes live, and the retention and repair tasks (a cleanup_ctx).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from ..errors import Forbidden, Unauthorized
+from ..errors import BadRequest, Conflict, Forbidden, Unauthorized
 from ..recordings import REVIEWERS, Recordings
 from ..roles import Role
 from ..session import Session
-from .common import AUDIT, CONFIG, REGISTRY, STORE, authenticate
+from .common import AUDIT, CONFIG, REGISTRY, STORE, authenticate, read_json, session_for
 
 RECORDINGS = web.AppKey("recordings", Recordings)
 routes = web.RouteTableDef()
@@ -50,17 +51,41 @@ async def _recordings(app: web.Application) -> AsyncIterator[None]:
     # Sessions of the configuration went live before the app had hooks.
     for session in list(app[REGISTRY].sessions.values()):
         recordings.attach_session(session)
-    retention = asyncio.ensure_future(recordings.retention_loop())
+    loops = [asyncio.ensure_future(recordings.retention_loop()),
+             asyncio.ensure_future(recordings.maintenance_loop())]
     yield
-    retention.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await retention
+    for loop in loops:
+        loop.cancel()
+    for loop in loops:
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
     await recordings.close()
     # Running recordings stop with their Sessions (Session.end), after this.
 
 
 def _who(grant_role: Role, participant: str, name: str) -> dict[str, str]:
     return {"id": participant, "name": name or grant_role.value, "role": grant_role.value}
+
+
+@routes.post("/api/sessions/{session}/recording")
+async def start_recording(request: web.Request) -> web.Response:
+    """Start recording a live Session (expert, admin), as ``start_recording``."""
+    grant = await authenticate(request)
+    session = await session_for(request, grant)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise BadRequest("expected {\"consent\": {...}}", code="bad_json")
+    reply = await request.app[RECORDINGS].handle(
+        session, grant, {"type": "start_recording", "consent": body.get("consent")})
+    return web.json_response({"recording": reply["recording"]}, status=201)
+
+
+@routes.delete("/api/sessions/{session}/recording")
+async def stop_recording(request: web.Request) -> web.Response:
+    grant = await authenticate(request)
+    session = await session_for(request, grant)
+    reply = await request.app[RECORDINGS].handle(session, grant, {"type": "stop_recording"})
+    return web.json_response({"recording": reply["recording"]})
 
 
 @routes.get("/api/sessions/{session}/recordings")
@@ -115,9 +140,40 @@ async def delete_recording(request: web.Request) -> web.Response:
         raise Forbidden("only admins delete recordings", code="wrong_role")
     recording_id = request.match_info["recording"]
     recordings.check_access(grant, recordings.entry(recording_id))
-    await recordings.delete(recording_id, reason="deleted",
-                            by=_who(grant.role, grant.participant_id, grant.name))
-    return web.json_response({"deleted": recording_id})
+    deleted = await recordings.delete(recording_id, reason="deleted",
+                                      by=_who(grant.role, grant.participant_id, grant.name))
+    return web.json_response(deleted)
+
+
+async def _admin_of(request: web.Request) -> tuple[Recordings, str, dict[str, str]]:
+    grant = await authenticate(request)
+    recordings = request.app[RECORDINGS]
+    if grant.role is not Role.ADMIN:
+        raise Forbidden("only admins put recordings on legal hold", code="wrong_role")
+    recording_id = request.match_info["recording"]
+    recordings.check_access(grant, recordings.entry(recording_id))
+    return recordings, recording_id, _who(grant.role, grant.participant_id, grant.name)
+
+
+@routes.put("/api/recordings/{recording}/hold")
+async def hold(request: web.Request) -> web.Response:
+    """Legal hold (admin): ``{"reason"}``; retention skips it, deletion refuses."""
+    recordings, recording_id, by = await _admin_of(request)
+    body = await read_json(request)
+    reason = body.get("reason") if isinstance(body, dict) else None
+    if not isinstance(reason, str):
+        raise BadRequest("a legal hold needs {\"reason\": \"...\"}", code="bad_hold")
+    placed = await recordings.set_hold(recording_id, reason=reason, by=by)
+    return web.json_response({"recording": recording_id, "hold": placed})
+
+
+@routes.delete("/api/recordings/{recording}/hold")
+async def release(request: web.Request) -> web.Response:
+    recordings, recording_id, by = await _admin_of(request)
+    if not recordings.entry(recording_id).get("hold"):
+        raise Conflict("this recording is not on legal hold", code="not_on_hold")
+    await recordings.set_hold(recording_id, reason=None, by=by)
+    return web.json_response({"recording": recording_id, "hold": None})
 
 
 async def _serve(request: web.Request, name: str) -> web.StreamResponse:

@@ -1,7 +1,10 @@
-"""WHIP ingest (RFC 9725) per camera slot and WHEP egress per Feed.
+"""WHIP ingest (RFC 9725) per camera slot; WHEP egress per Feed (``/whep/s/room.video``)
+and per camera slot (``/whep/s/room``: the camera and the narration on one connection).
 
 Resources live at ``<endpoint>/<resource id>``; ids are random, and only the
-token's Participant (or a moderator) may DELETE them.
+token's Participant (or a moderator) may DELETE them. A DELETE made with the same
+token soon after the resource ended by itself (clients often close their peer
+connection first) is answered 200: the client's intent is met.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .common import (
     require_store,
     session_for,
     subscribe,
+    subscribe_slot,
 )
 
 routes = web.RouteTableDef()
@@ -75,8 +79,11 @@ async def whip_publish(request: web.Request) -> web.Response:
 async def whip_delete(request: web.Request) -> web.Response:
     grant = await authenticate(request)
     session = await session_for(request, grant)
-    ingest = session.ingests.get(request.match_info["resource"])
-    if ingest is None or ingest.slot != request.match_info["slot"]:
+    resource, slot = request.match_info["resource"], request.match_info["slot"]
+    ingest = session.ingests.get(resource)
+    if ingest is None and session.recently_ended(resource, f"whip:{slot}", grant):
+        return web.Response(status=200, headers=_cors(request))
+    if ingest is None or ingest.slot != slot:
         raise NotFound("no such WHIP resource", code="unknown_resource")
     await session.unpublish(grant, ingest.id)
     audit_grant(request.app, "publish_stop", grant, request.remote, slot=ingest.slot, via="whip")
@@ -89,8 +96,13 @@ async def whep_subscribe(request: web.Request) -> web.Response:
     session = await session_for(request, grant)
     offer = await read_sdp(request)
     await require_store(request.app)
-    answer, subscription = await subscribe(request.app, session, grant,
-                                           request.match_info["feed"], offer)
+    target = request.match_info["feed"]
+    if "." not in target:  # a slot name (Feed ids are <slot>.<kind>)
+        answer, view = await subscribe_slot(request.app, session, grant, target, offer)
+        audit_grant(request.app, "subscribe", grant, request.remote, slot=view.slot,
+                    feeds=[s.feed_id for s in view.subscriptions], via="whep")
+        return _created(request, answer, view.id)
+    answer, subscription = await subscribe(request.app, session, grant, target, offer)
     audit_grant(request.app, "subscribe", grant, request.remote, feed=subscription.feed_id,
                 via="whep")
     return _created(request, grant, answer, subscription.id)
@@ -100,8 +112,17 @@ async def whep_subscribe(request: web.Request) -> web.Response:
 async def whep_delete(request: web.Request) -> web.Response:
     grant = await authenticate(request)
     session = await session_for(request, grant)
-    subscription = session.subscriptions.get(request.match_info["resource"])
-    if subscription is None or subscription.feed_id != request.match_info["feed"]:
+    resource, target = request.match_info["resource"], request.match_info["feed"]
+    view = session.slot_views.get(resource)
+    if view is not None and view.slot == target:
+        await session.unsubscribe_slot(grant, view.id)
+        audit_grant(request.app, "unsubscribe", grant, request.remote, slot=view.slot,
+                    via="whep")
+        return web.Response(status=200, headers=_cors(request))
+    subscription = session.subscriptions.get(resource)
+    if subscription is None and session.recently_ended(resource, f"whep:{target}", grant):
+        return web.Response(status=200, headers=_cors(request))
+    if subscription is None or subscription.feed_id != target:
         raise NotFound("no such WHEP resource", code="unknown_resource")
     if subscription.participant_id != grant.participant_id and grant.role not in MODERATORS:
         raise Forbidden("this subscription belongs to someone else", code="not_owner")

@@ -42,6 +42,11 @@ from .review import RECORDINGS
 
 logger = logging.getLogger(__name__)
 
+#: The socket's own requests (interaction and recording messages are handled by
+#: their modules); docs/protocol.md lists them all, a test holds both together.
+SOCKET_MESSAGES = frozenset({"ping", "publish", "unpublish", "subscribe", "unsubscribe",
+                             "set_layer", "pause", "resume", "end_session"})
+
 HELLO_TIMEOUT_S = 10.0
 CLOSE_PROTOCOL = 4400
 CLOSE_UNAUTHORIZED = 4401
@@ -119,6 +124,12 @@ class Connection:
             elif self.grant.role in ROSTER_READERS:
                 self.send({"type": "slot_taken_over", "slot": event["slot"],
                            "from": event["from"], "by": event["by"]})
+        elif kind == "publication_refused":
+            # Its publisher (a page) and the experts learn why a slot's media was refused.
+            if self.ingests.pop(event["ingest"], None) is not None or (
+                    self.grant.role in ROSTER_READERS):
+                self.send({"type": "publication_refused", "slot": event["slot"],
+                           "code": event["code"], "message": event["message"]})
         elif kind == "layer":
             if event["subscription"] in self.subscriptions:
                 self.send({"type": "layer", "subscription": event["subscription"],

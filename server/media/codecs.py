@@ -32,6 +32,23 @@ def h264_nal_types(data: bytes) -> list[int]:
     return types
 
 
+def h264_parameter_sets(data: bytes) -> bytes | None:
+    """The SPS and PPS NAL units of an Annex-B access unit (with start codes), if
+    it carries both."""
+    units: list[bytes] = []
+    starts = []
+    position = data.find(b"\x00\x00\x01")
+    while position != -1:
+        starts.append(position)
+        position = data.find(b"\x00\x00\x01", position + 3)
+    for index, begin in enumerate(starts):
+        end = starts[index + 1] if index + 1 < len(starts) else len(data)
+        if begin + 3 < len(data) and data[begin + 3] & 0x1F in (7, 8):
+            units.append(b"\x00\x00\x01" + data[begin + 3:end].rstrip(b"\x00"))
+    kinds = {unit[3] & 0x1F for unit in units}
+    return b"".join(units) if kinds >= {7, 8} else None
+
+
 def capabilities_for(codec: RTCRtpCodecParameters) -> list[RTCRtpCodecCapability]:
     """The sender capability equal to ``codec`` (plus RTX), for a viewer's answer.
 

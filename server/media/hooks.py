@@ -18,7 +18,13 @@ from typing import Any
 
 from aioice import Candidate
 from aioice import ice as aioice_ice
-from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc import (
+    RTCCertificate,
+    RTCDtlsTransport,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCRtpSender,
+)
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtp import (
     RTCP_PSFB_APP,
@@ -221,17 +227,63 @@ def remote_candidate_allowed(
     return any(address in net for net in networks)
 
 
-def answer_as_dtls_server(pc: RTCPeerConnection) -> None:
-    """Answer ``a=setup:passive`` so the remote is the DTLS client.
+DTLS_LOCAL_CERTIFICATE = "_RTCDtlsTransport__local_certificate"
 
-    aiortc as DTLS client offers only ECDSA suites; GStreamer's webrtcbin uses
-    an RSA certificate and fails with "no shared cipher" unless aiortc is the
-    server. Browsers work either way. Call after setRemoteDescription(offer).
+#: What aiortc offers as DTLS client (ECDSA only), plus the ECDHE-RSA suites a
+#: DTLS server with an RSA certificate needs (FFmpeg's WHIP muxer, GStreamer).
+DTLS_CIPHERS = (b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:"
+                b"ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:"
+                b"ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-CHACHA20-POLY1305:"
+                b"ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-SHA:ECDHE-RSA-AES256-SHA")
+
+
+class _RsaAcceptingCertificate(RTCCertificate):
+    """The same key and certificate (so the same fingerprint); only the cipher
+    list grows, which matters when we are the DTLS client."""
+
+    def _create_ssl_context(self, srtp_profiles: list[Any]) -> Any:
+        context = super()._create_ssl_context(srtp_profiles)
+        context.set_cipher_list(DTLS_CIPHERS)
+        return context
+
+
+def set_dtls_roles(pc: RTCPeerConnection, remote_setup: str) -> None:
+    """Choose our DTLS role for the answer from the offer's ``a=setup``.
+
+    ``actpass`` (or absent): we answer ``passive`` and are the DTLS server:
+    aiortc's server accepts clients with RSA certificates (GStreamer's
+    webrtcbin) and ECDSA ones (browsers). ``passive`` (FFmpeg's WHIP muxer):
+    RFC 8842 leaves only ``active``, so we are the client, and our client must
+    offer RSA suites too (:func:`accept_rsa_dtls_servers`). ``active``: aiortc
+    has already made us the server. Call after setRemoteDescription(offer).
     """
+    for transport in _dtls_transports(pc):
+        if transport._role != "auto":
+            continue
+        transport._set_role("client" if remote_setup == "passive" else "server")
+
+
+def accept_rsa_dtls_servers(pc: RTCPeerConnection) -> None:
+    """As DTLS client, aiortc offers only ECDSA suites: a server with an RSA
+    certificate finds "no shared cipher". Give every transport a certificate
+    object whose SSL context also offers ECDHE-RSA suites. Call before the
+    connection starts (after setRemoteDescription)."""
+    for transport in _dtls_transports(pc):
+        certificate = getattr(transport, DTLS_LOCAL_CERTIFICATE, None)
+        if not isinstance(certificate, RTCCertificate):
+            raise RuntimeError("aiortc changed: RTCDtlsTransport has no local certificate")
+        if isinstance(certificate, _RsaAcceptingCertificate):
+            continue
+        setattr(transport, DTLS_LOCAL_CERTIFICATE,
+                _RsaAcceptingCertificate(key=certificate._key, cert=certificate._cert))
+
+
+def _dtls_transports(pc: RTCPeerConnection) -> list[RTCDtlsTransport]:
+    seen: dict[int, RTCDtlsTransport] = {}
     for transceiver in pc.getTransceivers():
         transport = transceiver.receiver.transport
-        if transport._role == "auto":
-            transport._set_role("server")
+        seen.setdefault(id(transport), transport)
+    return list(seen.values())
 
 
 SENDER_RETRANSMIT = "_retransmit"

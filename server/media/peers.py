@@ -56,6 +56,14 @@ def negotiated_codecs(answer: str | aiortc_sdp.SessionDescription
     return out
 
 
+def offered_setup(offer: str) -> str:
+    """The offer's DTLS ``a=setup`` value (``actpass`` when absent, RFC 8842)."""
+    for line in offer.splitlines():
+        if line.startswith("a=setup:"):
+            return line[len("a=setup:"):].strip().lower()
+    return "actpass"
+
+
 class PeerFactory:
     def __init__(self, ice: IceConfig, liveness: Liveness | None = None,
                  turn: TurnConfig | None = None, clock: Callable[[], float] = time.time,
@@ -93,8 +101,14 @@ class PeerFactory:
         try:
             await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
         except Exception as exc:  # aiortc raises ValueError/OperationError/etc.
-            raise Unprocessable(f"offer rejected: {exc}", code="sdp_rejected") from None
-        hooks.answer_as_dtls_server(pc)
+            # aiortc's words ("Failed to set remote video description send
+            # parameters") mean nothing to a client: log them, answer ours.
+            logger.info("offer rejected by aiortc: %s", exc)
+            raise Unprocessable("the offer cannot be answered: no codec or transport in it "
+                                "that ScrubIn can use with this stream", code="sdp_rejected"
+                                ) from None
+        hooks.set_dtls_roles(pc, offered_setup(offer))
+        hooks.accept_rsa_dtls_servers(pc)
         self.before_local_description(pc)
         for transceiver in pc.getTransceivers():
             await transceiver.receiver.transport.transport.iceGatherer.gather()

@@ -151,3 +151,97 @@ def add_bitrate_hints(answer: str, min_kbps: int, start_kbps: int, max_kbps: int
             codec.parameters["x-google-start-bitrate"] = low_max_kbps if low else start_kbps
             codec.parameters["x-google-max-bitrate"] = low_max_kbps if low else max_kbps
     return str(parsed)
+
+
+def _sections(text: str) -> tuple[list[str], list[list[str]]]:
+    """(session lines, media sections' lines) of an SDP."""
+    lines = [line for line in text.replace("\r\n", "\n").split("\n") if line]
+    head: list[str] = []
+    sections: list[list[str]] = []
+    for line in lines:
+        if line.startswith("m="):
+            sections.append([line])
+        elif sections:
+            sections[-1].append(line)
+        else:
+            head.append(line)
+    return head, sections
+
+
+def _join(head: list[str], sections: list[list[str]]) -> str:
+    return "\r\n".join(head + [line for section in sections for line in section]) + "\r\n"
+
+
+def section_index(text: str, kind: str, nth: int) -> int | None:
+    """Index among all m= sections of the ``nth`` section of ``kind``."""
+    _, sections = _sections(text)
+    found = [i for i, s in enumerate(sections) if s[0].startswith(f"m={kind} ")]
+    return found[nth] if nth < len(found) else None
+
+
+def h264_payloads(text: str, section: int) -> list[tuple[int, dict[str, object]]]:
+    """``(payload type, fmtp parameters)`` of every H.264 payload type of a section,
+    in the offer's order of preference."""
+    _, sections = _sections(text)
+    lines = sections[section]
+    names = {}
+    fmtp: dict[int, dict[str, object]] = {}
+    for line in lines:
+        if line.startswith("a=rtpmap:"):
+            pt, _, codec = line[len("a=rtpmap:"):].partition(" ")
+            names[int(pt)] = codec.split("/")[0].lower()
+        elif line.startswith("a=fmtp:"):
+            pt, _, params = line[len("a=fmtp:"):].partition(" ")
+            fmtp[int(pt)] = dict(aiortc_sdp.parameters_from_sdp(params))
+    order = [int(x) for x in lines[0].split()[3:] if x.isdigit()]
+    return [(pt, fmtp.get(pt, {})) for pt in order if names.get(pt) == "h264"]
+
+
+def keep_one_h264(text: str, section: int, payload_type: int, as_profile: str) -> str:
+    """The offer as aiortc should see it: in ``section`` only ``payload_type`` (and its
+    RTX) is left of the player's H.264 payload types, labelled ``as_profile`` (the
+    label of the capability the answer prefers: aiortc matches labels, not streams)."""
+    head, sections = _sections(text)
+    lines = sections[section]
+    h264 = {pt for pt, _ in h264_payloads(text, section)}
+    drop = h264 - {payload_type}
+    for line in lines:
+        if line.startswith("a=fmtp:"):
+            pt, _, params = line[len("a=fmtp:"):].partition(" ")
+            if aiortc_sdp.parameters_from_sdp(params).get("apt") in drop:
+                drop.add(int(pt))
+    kept = []
+    for line in lines:
+        attribute = next((p for p in ("a=rtpmap:", "a=fmtp:", "a=rtcp-fb:")
+                          if line.startswith(p)), None)
+        if attribute is not None:
+            pt_text = line[len(attribute):].split(" ", 1)[0]
+            if pt_text.isdigit() and int(pt_text) in drop:
+                continue
+            if attribute == "a=fmtp:" and pt_text == str(payload_type):
+                line = _with_parameter(line, "profile-level-id", as_profile)
+        kept.append(line)
+    fields = kept[0].split()
+    kept[0] = " ".join(fields[:3] + [f for f in fields[3:] if not (f.isdigit() and
+                                                                  int(f) in drop)])
+    if not any(line.startswith(f"a=fmtp:{payload_type} ") for line in kept):
+        kept.append(f"a=fmtp:{payload_type} profile-level-id={as_profile}")
+    sections[section] = kept
+    return _join(head, sections)
+
+
+def relabel_h264(text: str, section: int, payload_type: int, profile_level_id: str) -> str:
+    """Our answer, with the player's own label back on the payload type we send."""
+    head, sections = _sections(text)
+    sections[section] = [
+        _with_parameter(line, "profile-level-id", profile_level_id)
+        if line.startswith(f"a=fmtp:{payload_type} ") else line
+        for line in sections[section]]
+    return _join(head, sections)
+
+
+def _with_parameter(fmtp_line: str, name: str, value: str) -> str:
+    prefix, _, params = fmtp_line.partition(" ")
+    parsed = aiortc_sdp.parameters_from_sdp(params)
+    parsed[name] = value
+    return f"{prefix} {aiortc_sdp.parameters_to_sdp(parsed)}"

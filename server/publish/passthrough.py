@@ -5,6 +5,14 @@ aiortc's MediaPlayer(decode=False) hands MP4/Matroska H.264 on in its stored
 timestamps when it loops. This track converts to Annex-B with FFmpeg's
 ``h264_mp4toannexb`` filter, keeps one increasing timeline across loops and
 reconnects, paces packets in real time, and reopens a dropped RTSP source.
+
+After every open it forwards nothing before the source's first keyframe: a
+camera that comes back mid-GOP would otherwise send seconds of P-frames no
+viewer can decode. A lost camera is retried at least once a second, so its
+picture is back about a keyframe interval after it returns. H.264 with
+B-frames is refused (WebRTC players cannot show them). Only video passes
+through: a camera's audio (AAC, usually) is out of scope; the narration slot
+carries the sound.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av.bitstream import BitStreamFilterContext
 
+from ..media.codecs import is_keyframe
+from ..media.h264 import has_b_slices
+
 logger = logging.getLogger(__name__)
 
 VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
@@ -28,11 +39,21 @@ class SourceError(Exception):
     """The source cannot be opened or holds no forwardable video."""
 
 
+class BFramesError(SourceError):
+    """The source's H.264 has B-frames: forwarding it would reach no player."""
+
+
+def b_frames_message(url: str) -> str:
+    return (f"{url} sends H.264 with B-frames, which WebRTC players cannot show: turn "
+            "B-frames off in the camera (Baseline, or Main/High without B-frames) or "
+            "publish with --transcode")
+
+
 class EncodedVideoTrack(MediaStreamTrack):
     kind = "video"
 
     def __init__(self, url: str, *, options: dict[str, str] | None = None,
-                 loop: bool = True, reopen: bool = True, max_reopen_backoff_s: float = 10.0
+                 loop: bool = True, reopen: bool = True, max_reopen_backoff_s: float = 1.0
                  ) -> None:
         super().__init__()
         self.url = url
@@ -51,6 +72,12 @@ class EncodedVideoTrack(MediaStreamTrack):
         self._last_out = -1
         self._first_in: int | None = None
         self._wall_start: float | None = None
+        #: Set on every open: drop packets until the source's first keyframe.
+        self._await_keyframe = True
+        self.packets_skipped = 0
+        self.reopens = 0
+        #: Why the track stopped by itself, if it did.
+        self.error: str | None = None
         self._open()
 
     def _open(self) -> None:
@@ -65,9 +92,13 @@ class EncodedVideoTrack(MediaStreamTrack):
         self.codec = str(self._stream.codec_context.name)
         if self.codec not in ("h264", "vp8"):
             raise SourceError(f"{self.url} is {self.codec}; only H.264 and VP8 pass through")
+        if self.codec == "h264" and self._stream.codec_context.has_b_frames:
+            self._container.close()
+            raise BFramesError(b_frames_message(self.url))
         self._bsf = (BitStreamFilterContext("h264_mp4toannexb", self._stream)
                      if self.codec == "h264" else None)
         self._first_in = None
+        self._await_keyframe = True
 
     def _read(self) -> av.Packet | None:
         """Blocking: the next Annex-B packet, or None at the end of the source."""
@@ -83,7 +114,19 @@ class EncodedVideoTrack(MediaStreamTrack):
             if packet.pts is None:
                 continue
             self._pending = list(self._bsf.filter(packet)) if self._bsf else [packet]
-        return self._pending.pop(0)
+            if self._await_keyframe:
+                keyframes = [p for p in self._pending
+                             if is_keyframe(f"video/{self.codec}", bytes(p))]
+                if not keyframes:
+                    self.packets_skipped += len(self._pending)
+                    self._pending = []
+                    continue
+                self._await_keyframe = False
+                self._pending = self._pending[self._pending.index(keyframes[0]):]
+        packet = self._pending.pop(0)
+        if self.codec == "h264" and has_b_slices(bytes(packet)):
+            raise BFramesError(b_frames_message(self.url))
+        return packet
 
     def _restart(self) -> bool:
         """End of file or a dropped stream: loop or reopen, keeping the timeline."""
@@ -96,15 +139,19 @@ class EncodedVideoTrack(MediaStreamTrack):
             return True
         if not self.reopen:
             return False
-        backoff = 0.5
+        # A camera is back within a second of returning: retry at most that far apart.
+        backoff = min(0.25, self.max_reopen_backoff_s)
         while self.readyState == "live":
             try:
                 self._container.close()
                 self._open()
                 self._wall_start = None
+                self.reopens += 1
                 return True
+            except BFramesError:
+                raise
             except SourceError as exc:
-                logger.warning("reopening %s in %.1fs: %s", self.url, backoff, exc)
+                logger.warning("reopening %s in %.2fs: %s", self.url, backoff, exc)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, self.max_reopen_backoff_s)
         return False
@@ -112,12 +159,18 @@ class EncodedVideoTrack(MediaStreamTrack):
     async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
-        packet = await asyncio.to_thread(self._read)
-        while packet is None:
-            if not await asyncio.to_thread(self._restart):
-                self.stop()
-                raise MediaStreamError
+        try:
             packet = await asyncio.to_thread(self._read)
+            while packet is None:
+                if not await asyncio.to_thread(self._restart):
+                    self.stop()
+                    raise MediaStreamError
+                packet = await asyncio.to_thread(self._read)
+        except BFramesError as exc:
+            logger.error("%s", exc)
+            self.error = str(exc)
+            self.stop()
+            raise MediaStreamError from None
         tb = packet.time_base or self._stream.time_base
         pts = int(packet.pts or 0)
         if self._first_in is None:

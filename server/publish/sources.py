@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import av
 from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamTrack
 
-from .passthrough import EncodedVideoTrack, SourceError
+from .passthrough import BFramesError, EncodedVideoTrack, SourceError
 from .synthetic import SyntheticTheatreCamera, SyntheticTone
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def open_source(spec: str, *, label: str, width: int = 1280, height: int = 720,
     if passthrough:
         try:
             track = EncodedVideoTrack(spec, options=options, loop=not _is_stream(spec))
+        except BFramesError:
+            raise  # decoding would hide it: the operator chooses --transcode
         except SourceError as exc:
             logger.info("%s; decoding instead", exc)
         else:
@@ -55,7 +58,18 @@ def open_source(spec: str, *, label: str, width: int = 1280, height: int = 720,
             return Source([track], video_codec=codec)
     player = MediaPlayer(spec, options=options, loop=not _is_stream(spec))
     tracks = [t for t in (player.video, player.audio if audio else None) if t is not None]
-    return Source(tracks, player=player)
+    # Re-encoded, an H.264 camera stays H.264 (players and recordings set up for it).
+    keep = "video/H264" if _video_codec(spec, options) == "h264" else None
+    return Source(tracks, video_codec=keep, player=player)
+
+
+def _video_codec(spec: str, options: dict[str, str]) -> str | None:
+    try:
+        with av.open(spec, options=options, timeout=5) as container:
+            videos = [s for s in container.streams if s.type == "video"]
+            return str(videos[0].codec_context.name) if videos else None
+    except (av.FFmpegError, OSError):
+        return None
 
 
 def _is_stream(spec: str) -> bool:
