@@ -101,7 +101,7 @@ async def whep_subscribe(request: web.Request) -> web.Response:
         answer, view = await subscribe_slot(request.app, session, grant, target, offer)
         audit_grant(request.app, "subscribe", grant, request.remote, slot=view.slot,
                     feeds=[s.feed_id for s in view.subscriptions], via="whep")
-        return _created(request, answer, view.id)
+        return _created(request, grant, answer, view.id)
     answer, subscription = await subscribe(request.app, session, grant, target, offer)
     audit_grant(request.app, "subscribe", grant, request.remote, feed=subscription.feed_id,
                 via="whep")
