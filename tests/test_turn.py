@@ -405,3 +405,43 @@ async def test_websocket_sends_fresh_credentials_before_they_expire(
     finally:
         await runner.cleanup()
 
+
+
+@pytest.mark.slow
+async def test_viewers_reached_through_the_nodes_own_relay_get_aiortcs_sender(
+        coturn: Coturn, http: aiohttp.ClientSession, peers: list[RTCPeerConnection],
+        monkeypatch: pytest.MonkeyPatch):
+    """With ``node_servers`` the Node has relay candidates of its own; a viewer
+    whose selected pair starts there cannot take the synchronous fast path (its
+    TURN client sends asynchronously): it is served by aiortc's sender instead,
+    and every viewer decodes whichever pair won."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(coturn.ca_file))
+    username = turn_username(int(time.time()) + 600, "the-node")
+    node = {"urls": [coturn.url("udp")], "username": username,
+            "credential": turn_credential(coturn.secret, username)}
+    server, runner = await start_server(make_config(
+        ice={"node_servers": [node]}, turn={"urls": coturn.urls, "secret": coturn.secret}))
+    try:
+        publisher, _ = await whip_publish(http, server, "room",
+                                          [SyntheticTheatreCamera(320, 180, 15)])
+        peers.append(publisher)
+        session = server.session()
+        await wait_for(lambda: "" if "room.video" in session.feeds else "no feed")
+        readers = []
+        for index in range(4):
+            token = server.token(Role.TRAINEE, participant_id=f"viewer-{index}")
+            entry = turn_of(await ice_servers(http, server, token))
+            _, _, _, remote = await relay_only_viewer(
+                http, server, token, only(entry, coturn.url("udp")), peers)
+            readers.append(CounterReader(await asyncio.wait_for(remote, 10)))
+        for reader in readers:
+            await wait_for(lambda r=reader: "" if len(r.counters) >= 10
+                           else f"{len(r.counters)} counters", timeout=30)
+            await reader.stop()
+        for subscription in session.subscriptions.values():
+            connection = subscription.pc.getTransceivers()[0].sender.transport.transport
+            pair = connection._connection._nominated[1]
+            relayed_here = pair.local_candidate.type == "relay"
+            assert subscription.path == ("sender" if relayed_here else "fast"), pair
+    finally:
+        await runner.cleanup()

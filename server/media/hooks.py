@@ -329,8 +329,12 @@ def bind_rtp_output(sender: RTCRtpSender
     protocol = pair.protocol
     if type(protocol) is not aioice_ice.StunProtocol or protocol.transport is None:
         return None
+    if pair.local_candidate.type == "relay":
+        # The Node's own TURN allocation ([ice] node_servers): aioice's
+        # TurnTransport sends through its TURN client, asynchronously.
+        return None
     transport, addr = protocol.transport, pair.remote_addr
-    if transport.is_closing():
+    if not isinstance(transport, asyncio.DatagramTransport) or transport.is_closing():
         return None
 
     def send(data: bytes) -> None:
