@@ -295,8 +295,11 @@ async def test_player_renews_its_media_urls_within_one_playback(
             context, page, log = await open_page(
                 browser, f"{server.base_url}/player.html#token={token}"
                          f"&recording={recording.id}", "player")
+            # The recording opens before the camera's first picture: go where there is one.
             await wait_js(page, "() => window.scrubinPlayer && "
-                                "window.scrubinPlayer.mainVideo().readyState >= 2")
+                                "document.querySelector(\"button.mark-button[data-mark='m1']\")")
+            await jump(page, "button.mark-button[data-mark='m1']", 4.1)
+            await wait_js(page, "() => window.scrubinPlayer.mainVideo().readyState >= 2")
             first = await page.evaluate("() => window.scrubinPlayer.mainVideo().currentSrc")
             await wait_js(page, "(first) => { const v = window.scrubinPlayer.mainVideo();"
                                 " return v.currentSrc !== first && v.readyState >= 2; }",
