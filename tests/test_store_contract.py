@@ -706,7 +706,7 @@ async def test_slow_subscriber_is_cut_off_not_buffered_forever(nodes: Nodes) -> 
 async def test_redis_keys_and_channels_carry_the_prefix(nodes: Nodes, store: Store) -> None:
     raw = nodes.raw
     assert raw is not None
-    now = time.time()
+    now = nodes.clock()  # the store's clock: expiries are set against it
     await store.theatres.put_theatre(OR1)
     await store.sessions.create_session(SessionRecord(id="s1", theatre_id="or1", title="x"))
     await store.presence.announce([entry("s1", "p1")], ttl_s=30)
