@@ -221,3 +221,32 @@ async def test_nacked_packets_are_resent_as_rtx_when_negotiated_and_as_is_otherw
             assert restored.marker == original.marker == 1
         else:
             assert sent[2] == sent[1]
+
+
+def test_after_heavy_loss_one_stall_skips_every_hole_to_a_whole_frame() -> None:
+    """Many frames lost pieces (a congested link, retransmissions refused): the
+    buffer waits once, then goes straight to the first whole frame, not one
+    stall per hole."""
+    now = [0.0]
+    frames: list[tuple[bytes, int]] = []
+    buffer = MarkerJitterBuffer(lambda d, t: frames.append((d, t)), max_stall_s=1.0,
+                                clock=lambda: now[0])
+    seq = 100
+    buffer.add(rtp(seq, 0, b"k", marker=True))
+    # Ten frames of two packets, each missing its first packet.
+    for i in range(1, 11):
+        seq += 2
+        buffer.add(rtp(seq, 3000 * i, b"tail", marker=True))
+        now[0] += 0.05
+    assert frames == [(b"k", 0)]
+    # Whole frames follow; after the wait, the next packet releases them at once.
+    for i in range(11, 20):
+        seq += 1
+        buffer.add(rtp(seq, 3000 * i, b"A"))
+        seq += 1
+        now[0] += 0.2
+        buffer.add(rtp(seq, 3000 * i, b"B", marker=True))
+    released = [t for _, t in frames[1:]]
+    assert released and released[0] == 3000 * 11, released
+    assert released == [3000 * i for i in range(11, 11 + len(released))]
+    assert len(released) >= 5  # only one wait of ~1 s, then every frame as it completes

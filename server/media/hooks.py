@@ -81,11 +81,46 @@ class MarkerJitterBuffer(JitterBuffer):
         return pli_flag, None
 
     def _skip_incomplete_head(self) -> bool:
+        """Drop what waits for a packet that is not coming: up to the first frame
+        in the buffer that is whole (its first packet follows a marker or a new
+        timestamp, and every packet up to its marker is here). After heavy loss
+        there are many holes; skipping them one stall at a time would freeze the
+        picture for seconds."""
         if self._origin is None:
             return False
+        whole = self._first_whole_frame()
+        if whole:
+            self.remove(whole)
+            return True
+        return self._skip_head_group()
+
+    def _first_whole_frame(self) -> int:
+        """Offset from the origin of the first whole frame after the head, or 0."""
+        packets, capacity, origin = self._packets, self.capacity, self._origin
+        assert origin is not None
+        previous = packets[origin % capacity]
+        for offset in range(1, capacity):
+            packet = packets[(origin + offset) % capacity]
+            starts = (packet is not None and previous is not None
+                      and (previous.marker or previous.timestamp != packet.timestamp))
+            previous = packet
+            if not starts:
+                continue
+            assert packet is not None
+            for end in range(offset, capacity):
+                member = packets[(origin + end) % capacity]
+                if member is None or member.timestamp != packet.timestamp:
+                    break
+                if member.marker:
+                    return offset
+        return 0
+
+    def _skip_head_group(self) -> bool:
+        origin = self._origin
+        assert origin is not None
         head_timestamp: int | None = None
         for count in range(self.capacity):
-            packet = self._packets[(self._origin + count) % self.capacity]
+            packet = self._packets[(origin + count) % self.capacity]
             if packet is None:
                 continue
             if head_timestamp is None:
