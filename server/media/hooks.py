@@ -369,7 +369,8 @@ def bind_rtp_output(sender: RTCRtpSender
         # TurnTransport sends through its TURN client, asynchronously.
         return None
     transport, addr = protocol.transport, pair.remote_addr
-    if not isinstance(transport, asyncio.DatagramTransport) or transport.is_closing():
+    # asyncio's own datagram transport (not an asyncio.DatagramTransport subclass).
+    if not callable(getattr(transport, "is_closing", None)) or transport.is_closing():
         return None
 
     def send(data: bytes) -> None:
