@@ -9,15 +9,21 @@ Callers see only the small Protocols in ``base``.
 from __future__ import annotations
 
 from .base import (
+    AUDIT_MAX_ENTRIES,
     DEFAULT_PREFIX,
     SESSION_STATES,
     TRANSITIONS,
+    AuditStore,
     Backend,
     Event,
     EventBus,
     EventSubscription,
     InviteRecord,
     InviteStore,
+    Lease,
+    LeaseStore,
+    NodeRecord,
+    NodeStore,
     PresenceEntry,
     PresenceStore,
     RateLimiter,
@@ -33,16 +39,22 @@ from .memory import MemoryState, MemoryStore
 from .presence import Presence
 
 __all__ = [
+    "AUDIT_MAX_ENTRIES",
     "DEFAULT_PREFIX",
     "SESSION_STATES",
     "TRANSITIONS",
+    "AuditStore",
     "Backend",
     "Event",
     "EventBus",
     "EventSubscription",
     "InviteRecord",
     "InviteStore",
+    "Lease",
+    "LeaseStore",
     "MemoryState",
+    "NodeRecord",
+    "NodeStore",
     "Presence",
     "PresenceEntry",
     "PresenceStore",
@@ -86,4 +98,5 @@ def open_store(
 
         backend = RedisStore(redis_url, node_id=node_id, prefix=prefix, timeout_s=timeout_s)
     return Store(theatres=backend, sessions=backend, presence=backend, invites=backend,
-                 rates=backend, events=backend, backend=backend)
+                 rates=backend, events=backend, leases=backend, nodes=backend,
+                 audit=backend, backend=backend)
