@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -32,6 +31,7 @@ from .http.common import (
     MESSAGE_RATES,
     METRICS,
     NODE_ID,
+    NODES,
     PEERS,
     PENDING_SUBSCRIPTIONS,
     PRESENCE,
@@ -41,9 +41,9 @@ from .http.common import (
     TOKENS,
     WEBSOCKETS,
     AuthGuard,
+    DeploymentOrigins,
     Handler,
     MessageRates,
-    content_security_policy,
     errors_middleware,
     forwarded_middleware,
     security_headers,
@@ -52,6 +52,7 @@ from .http.ws import websocket
 from .media.liveness import Liveness
 from .media.peers import PeerFactory
 from .metrics import Metrics
+from .nodes import Nodes, default_node_id
 from .registry import Registry
 from .store import Presence, open_store
 from .tokens import TokenAuthority
@@ -69,14 +70,14 @@ def create_app(config: Config) -> web.Application:
         client_max_size=config.limits.max_body_bytes,
         handler_args=guard.handler_args(config),
     )
-    node_id = config.server.node_id or f"node-{secrets.token_hex(3)}"
+    node_id = default_node_id(config)
     live = config.liveness
     liveness = app[LIVENESS] = Liveness(
         peer_timeout_s=live.peer_timeout_s, probe_after_s=live.probe_after_s,
         interval_s=live.check_interval_s)
     peers = PeerFactory(config.ice, liveness)
     app[CONFIG] = config
-    app[CSP] = content_security_policy(config)
+    origins = app[CSP] = DeploymentOrigins(config)
     app[NODE_ID] = node_id
     app[PEERS] = peers
     app[TOKENS] = TokenAuthority(config.auth.signing_keys, config.role_caps())
@@ -91,14 +92,21 @@ def create_app(config: Config) -> web.Application:
     app[AUTH_GUARD] = AuthGuard(store.rates, config.limits.auth_failures_per_minute)
     app[MESSAGE_RATES] = MessageRates(config.limits.ws_messages_per_second,
                                       config.limits.ws_message_burst)
-    registry = app[REGISTRY] = Registry(config, peers, node_id, store)
+    nodes = app[NODES] = Nodes(
+        store.nodes, node_id=node_id, url=config.base_url,
+        media_addresses=tuple(config.ice.host_addresses), udp_ports=config.ice.udp_ports,
+        heartbeat_s=config.cluster.heartbeat_s, ttl_s=config.cluster.node_ttl_s,
+        load=lambda: _load(app))
+    nodes.on_urls.append(lambda: origins.update(nodes.urls()))
+    registry = app[REGISTRY] = Registry(config, peers, node_id, store, node_url=nodes.url_of)
     metrics = app[METRICS] = Metrics()
     metrics.watch(registry)
     audit = app[AUDIT] = JsonlAuditTrail(config.audit.path, node_id=node_id,
                                          max_bytes=config.audit.max_bytes,
                                          backups=config.audit.backups)
     registry.on_session = lambda session, state: audit.record(
-        f"session_{state}", session=session.id, theatre=session.theatre.id, title=session.title)
+        "session_moved" if session.moved else f"session_{state}", session=session.id,
+        theatre=session.theatre.id, title=session.title)
     registry.on_first_frame = metrics.first_frame.observe
     registry.on_media_count = metrics.count_media
     registry.watch_stream = liveness.watch_stream
@@ -121,8 +129,20 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_sessions)
     review.setup(app)  # recording control, review API, retention (after _sessions)
     revocation.setup(app)  # revocations reach live connections
+    # Last: the configured Sessions go live once every hook is in place.
+    app.cleanup_ctx.append(_configured_sessions)
     app.on_shutdown.append(_going_away)
     return app
+
+
+def _load(app: web.Application) -> dict[str, float]:
+    """What this Node carries, for the Node registry."""
+    sessions = list(app[REGISTRY].sessions.values())
+    sockets: weakref.WeakSet[Any] = app[WEBSOCKETS]
+    return {"sessions": len(sessions),
+            "websockets": len([ws for ws in list(sockets) if not ws.closed]),
+            "feeds": sum(len(s.feeds) for s in sessions),
+            "subscriptions": sum(len(s.subscriptions) for s in sessions)}
 
 
 def _page(name: str) -> Handler:
@@ -155,11 +175,21 @@ async def _liveness(app: web.Application) -> AsyncIterator[None]:
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     app[PRESENCE].start()
-    # Theatres and Sessions of the configuration into the shared store.
+    nodes = app[NODES]
+    # Into the Node registry first (a second process under this id stops
+    # here), so Sessions held elsewhere are routed from the start.
+    await nodes.claim()
+    nodes.start()
     await app[REGISTRY].open()
     yield
     await app[PRESENCE].close()
+    await nodes.close()
     await app[STORE].close()
+
+
+async def _configured_sessions(app: web.Application) -> AsyncIterator[None]:
+    await app[REGISTRY].open_configured()
+    yield
 
 
 async def _sessions(app: web.Application) -> AsyncIterator[None]:

@@ -128,6 +128,8 @@ class Session:
         self.title = title
         self.procedure = procedure
         self.state: SessionState = "live"
+        #: Ended here only: it lives on on another Node (``end(moved=True)``).
+        self.moved = False
         self.created_at = time.time()
         self.feeds: dict[str, Feed] = {}
         self.ingests: dict[str, Ingest] = {}
@@ -194,12 +196,15 @@ class Session:
         return [p.describe() for p in self.participants.values()]
 
     # -- participants -----------------------------------------------------
-    def join(self, grant: Grant) -> Participant:
+    def join(self, grant: Grant, node_id: str | None = None) -> Participant:
+        """One more connection of the grant's Participant; ``node_id``: the
+        Node its websocket is on, when not this one."""
         self._require_live()
         participant = self.participants.get(grant.participant_id)
         if participant is None:
             participant = Participant(id=grant.participant_id, role=grant.role,
-                                      name=grant.name or grant.role.value, node_id=self._node_id)
+                                      name=grant.name or grant.role.value,
+                                      node_id=node_id or self._node_id)
             self.participants[participant.id] = participant
         participant.connections += 1
         if participant.connections == 1:
@@ -647,13 +652,17 @@ class Session:
         self._check_grant(grant, MODERATORS, "end the session")
 
     # -- lifecycle --------------------------------------------------------
-    async def end(self, reason: str = "ended") -> None:
-        """The close cascade; returns when every peer connection is closed."""
+    async def end(self, reason: str = "ended", *, moved: bool = False) -> None:
+        """The close cascade; returns when every peer connection is closed.
+        ``moved``: the Session goes on, but not on this Node (it lost the
+        Session's lease, or is shutting down): participants are told to
+        reconnect (``session_moved``), not that it ended."""
         if self.state == "ended":
             await self._drain()
             return
         self.state = "ended"
-        self._emit({"type": "session_ended", "reason": reason})
+        self.moved = moved
+        self._emit({"type": "session_moved" if moved else "session_ended", "reason": reason})
         for ingest in list(self.ingests.values()):
             await self._close_ingest(ingest, final=True, reason="session ended")
         for feed in list(self.feeds.values()):

@@ -34,6 +34,7 @@ from ..errors import (
 from ..media.liveness import Liveness
 from ..media.peers import PeerFactory
 from ..metrics import Metrics
+from ..nodes import Nodes
 from ..registry import Registry
 from ..session import Session
 from ..store import Presence, RateLimiter, Store, StoreUnavailable
@@ -54,8 +55,37 @@ METRICS = web.AppKey("metrics", Metrics)
 AUDIT = web.AppKey("audit", JsonlAuditTrail)
 STORE = web.AppKey("store", Store)
 PRESENCE = web.AppKey("presence", Presence)
-#: The pages' Content-Security-Policy, from the configuration.
-CSP = web.AppKey("csp", str)
+NODES = web.AppKey("nodes", Nodes)
+
+
+class DeploymentOrigins:
+    """The origins of this deployment's Nodes (this one, ``server.node_urls``
+    and every Node in the Node registry): the pages' Content-Security-Policy
+    lets them connect there, and CORS lets their pages call WHIP/WHEP."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self.origins: frozenset[str] = frozenset()
+        self.csp = ""
+        self.update([])
+
+    def update(self, node_urls: list[str]) -> None:
+        """The Node registry's URLs changed."""
+        urls = [self._config.base_url, *self._config.server.node_urls, *node_urls]
+        self.origins = frozenset(o for o in (_origin(u) for u in urls) if o is not None)
+        self.csp = content_security_policy(self._config, node_urls)
+
+
+def _origin(url: str) -> str | None:
+    parts = urlsplit(url)
+    if not parts.hostname or parts.hostname in ("0.0.0.0", "::"):
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+#: The pages' Content-Security-Policy and CORS origins, from the configuration
+#: and the Node registry.
+CSP = web.AppKey("csp", DeploymentOrigins)
 
 
 class AuthGuard:
@@ -198,12 +228,13 @@ def close_socket(app: web.Application, ws: web.WebSocketResponse, error: Scrubin
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-def content_security_policy(config: Config) -> str:
+def content_security_policy(config: Config, node_urls: list[str] | None = None) -> str:
     """The pages' policy. ``connect-src``: this deployment's own origins only
-    (this Node's and every Node's in ``server.node_urls``, with their ws/wss
-    equivalents), never ``ws:`` or ``wss:`` to any host."""
+    (this Node's, every Node's in ``server.node_urls`` and ``node_urls`` (the
+    Node registry's), with their ws/wss equivalents), never ``ws:`` or
+    ``wss:`` to any host."""
     origins: list[str] = []
-    for url in (config.base_url, *config.server.node_urls):
+    for url in (config.base_url, *config.server.node_urls, *(node_urls or [])):
         parts = urlsplit(url)
         if not parts.hostname or parts.hostname in ("0.0.0.0", "::"):
             continue  # a listening address, not an origin: 'self' covers it
@@ -232,7 +263,7 @@ def cors_headers(request: web.Request) -> dict[str, str]:
         return {}
     origin = request.headers.get("Origin")
     allowed = request.app[CONFIG].server.cors_origins
-    if origin and ("*" in allowed or origin in allowed):
+    if origin and ("*" in allowed or origin in allowed or origin in request.app[CSP].origins):
         return {
             "Access-Control-Allow-Origin": origin,
             "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
@@ -340,7 +371,7 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
         response.headers.setdefault("Cache-Control", "no-cache")
     ctype = response.headers.get("Content-Type", "")
     if ctype.startswith("text/html"):
-        response.headers["Content-Security-Policy"] = request.app[CSP]
+        response.headers["Content-Security-Policy"] = request.app[CSP].csp
         response.headers.setdefault("Cache-Control", "no-store")
     return response
 
