@@ -19,12 +19,14 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 
 from .audit import JsonlAuditTrail
+from .cluster import Cluster
 from .config import Config
 from .http import admin, api, guard, review, revocation, whip
 from .http.common import (
     ACCEPTING,
     AUDIT,
     AUTH_GUARD,
+    CLUSTER,
     CONFIG,
     CSP,
     LIVENESS,
@@ -48,14 +50,16 @@ from .http.common import (
     forwarded_middleware,
     security_headers,
 )
-from .http.ws import websocket
+from .http.review import RECORDINGS
+from .http.ws import answer_forwarded, websocket
 from .media.liveness import Liveness
 from .media.peers import PeerFactory
 from .metrics import Metrics
 from .nodes import Nodes, default_node_id
 from .registry import Registry
+from .session import Session
 from .store import Presence, open_store
-from .tokens import TokenAuthority
+from .tokens import Grant, TokenAuthority
 
 logger = logging.getLogger(__name__)
 
@@ -126,13 +130,50 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_liveness)
     # Before _sessions: cleanup runs in reverse, so Sessions end before the store closes.
     app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_cluster)
     app.cleanup_ctx.append(_sessions)
     review.setup(app)  # recording control, review API, retention (after _sessions)
     revocation.setup(app)  # revocations reach live connections
+    _cluster_setup(app)  # the live state of Sessions across Nodes
     # Last: the configured Sessions go live once every hook is in place.
     app.cleanup_ctx.append(_configured_sessions)
     app.on_shutdown.append(_going_away)
     return app
+
+
+def _cluster_setup(app: web.Application) -> None:
+    """Hubs for the Sessions held here, stand-ins for those held elsewhere
+    (server/cluster.py), hooked into the registry after the other hooks."""
+    config, registry, nodes = app[CONFIG], app[REGISTRY], app[NODES]
+
+    async def answer(session: Session, grant: Grant, message: dict[str, Any]
+                     ) -> dict[str, Any]:
+        return await answer_forwarded(app, session, grant, message)
+
+    cluster = app[CLUSTER] = Cluster(
+        app[STORE], node_id=nodes.node_id, answer=answer, fence=registry.fences.get,
+        alive=nodes.alive, recording=lambda session: app[RECORDINGS].status(session),
+        timeout_s=config.cluster.request_timeout_s,
+        reconcile_s=config.store.presence_interval_s)
+    previous = registry.on_session
+
+    def on_session(session: Session, state: str) -> None:
+        if previous is not None:
+            previous(session, state)
+        cluster.session_changed(session, state)
+
+    registry.on_session = on_session
+    if registry.on_event is not None:
+        cluster.on_bus_event = registry.on_event
+    registry.on_event = cluster.on_event
+    nodes.on_gone.append(cluster.nodes_gone)
+
+
+async def _cluster(app: web.Application) -> AsyncIterator[None]:
+    app[CLUSTER].start()
+    yield
+    # After every Session here ended (its hub says so to the other Nodes).
+    await app[CLUSTER].close()
 
 
 def _load(app: web.Application) -> dict[str, float]:

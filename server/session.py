@@ -196,14 +196,17 @@ class Session:
         return [p.describe() for p in self.participants.values()]
 
     # -- participants -----------------------------------------------------
-    def join(self, grant: Grant, node_id: str | None = None) -> Participant:
-        """One more connection of the grant's Participant; ``node_id``: the
-        Node its websocket is on, when not this one."""
+    def join(self, grant: Grant) -> Participant:
+        return self.join_member(grant.participant_id, grant.role, grant.name or grant.role.value)
+
+    def join_member(self, participant_id: str, role: Role, name: str,
+                    node_id: str | None = None) -> Participant:
+        """One more connection of a Participant; ``node_id``: the Node its
+        websocket is on, when not this one (server/cluster.py)."""
         self._require_live()
-        participant = self.participants.get(grant.participant_id)
+        participant = self.participants.get(participant_id)
         if participant is None:
-            participant = Participant(id=grant.participant_id, role=grant.role,
-                                      name=grant.name or grant.role.value,
+            participant = Participant(id=participant_id, role=role, name=name,
                                       node_id=node_id or self._node_id)
             self.participants[participant.id] = participant
         participant.connections += 1

@@ -20,6 +20,7 @@ from aiohttp.typedefs import Middleware
 
 from .. import logs
 from ..audit import JsonlAuditTrail
+from ..cluster import Cluster
 from ..config import Config
 from ..errors import (
     BadRequest,
@@ -35,7 +36,7 @@ from ..media.liveness import Liveness
 from ..media.peers import PeerFactory
 from ..metrics import Metrics
 from ..nodes import Nodes
-from ..registry import Registry
+from ..registry import Registry, SessionElsewhere
 from ..session import Session
 from ..store import Presence, RateLimiter, Store, StoreUnavailable
 from ..subscription import Subscription
@@ -56,6 +57,7 @@ AUDIT = web.AppKey("audit", JsonlAuditTrail)
 STORE = web.AppKey("store", Store)
 PRESENCE = web.AppKey("presence", Presence)
 NODES = web.AppKey("nodes", Nodes)
+CLUSTER = web.AppKey("cluster", Cluster)
 
 
 class DeploymentOrigins:
@@ -280,6 +282,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ScrubinError as exc:
+        if isinstance(exc, SessionElsewhere) and exc.url and _initial_post(request):
+            # RFC 9725: a WHIP (and here WHEP) client is sent to the Node that
+            # holds the Session on its first POST; later requests (DELETE) go
+            # to the resource URL it got there.
+            return web.json_response(exc.to_dict(), status=307, headers={
+                "Location": exc.url.rstrip("/") + request.path_qs, **cors_headers(request)})
         exc = await refused_auth(request.app, exc, request.remote)
         count_refusal(request.app, exc, joining=request.path.startswith(("/whip/", "/whep/")))
         if exc.status in (401, 403):
@@ -310,6 +318,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         body = {"code": "internal", "message": "internal server error", "fault": "server",
                 "status": 500}
         return web.json_response(body, status=500)
+
+
+def _initial_post(request: web.Request) -> bool:
+    """The POST that creates a WHIP or WHEP resource."""
+    return request.method == "POST" and request.path.startswith(("/whip/", "/whep/")) and (
+        "resource" not in request.match_info)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
