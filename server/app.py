@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
-from .audit import JsonlAuditTrail
+from .audit import JsonlAuditTrail, SharedAudit
 from .cluster import Cluster
 from .config import Config
 from .http import admin, api, guard, review, revocation, whip
@@ -38,6 +38,7 @@ from .http.common import (
     PENDING_SUBSCRIPTIONS,
     PRESENCE,
     REGISTRY,
+    SHARED_AUDIT,
     SOCKET_GRANTS,
     STORE,
     TOKENS,
@@ -108,6 +109,10 @@ def create_app(config: Config) -> web.Application:
     audit = app[AUDIT] = JsonlAuditTrail(config.audit.path, node_id=node_id,
                                          max_bytes=config.audit.max_bytes,
                                          backups=config.audit.backups)
+    if store.kind != "memory":
+        shared = app[SHARED_AUDIT] = SharedAudit(
+            store.audit, keep_s=config.audit.shared_keep_days * 86400)
+        audit.forward = shared.add
     registry.on_session = lambda session, state: audit.record(
         "session_moved" if session.moved else f"session_{state}", session=session.id,
         theatre=session.theatre.id, title=session.title)
@@ -199,8 +204,13 @@ def _page(name: str) -> Handler:
 
 async def _audit(app: web.Application) -> AsyncIterator[None]:
     app[AUDIT].record("node_started")
+    shared = app.get(SHARED_AUDIT)
+    if shared is not None:
+        shared.start()
     yield
     app[AUDIT].record("node_stopped")
+    if shared is not None:
+        await shared.close()
     app[AUDIT].close()
 
 

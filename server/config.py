@@ -182,6 +182,9 @@ class AuditConfig:
     path: str = "var/audit/audit.jsonl"
     max_bytes: int = 10 * 1024 * 1024
     backups: int = 20
+    # With Redis, each Session's entries are also kept there (every Node's,
+    # read as one through the API) for this long after its last entry.
+    shared_keep_days: float = 90.0
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,20 @@ def _audit(request: web.Request, event: str, grant: Grant, **fields: Any) -> Non
                               address=request.remote, **fields)
 
 
+# -- the Node registry ---------------------------------------------------------------
+
+@routes.get("/api/admin/nodes")
+async def list_nodes(request: web.Request) -> web.Response:
+    await node_admin(request)
+    registry = request.app[REGISTRY]
+    records = await request.app[STORE].nodes.list_nodes()
+    return web.json_response({
+        "nodes": [r.describe() for r in records],
+        "node": registry.node_id,
+        "holds": {sid: fence for sid, fence in registry.fences.items() if registry.holds(sid)},
+    })
+
+
 # -- theatres ----------------------------------------------------------------------
 
 @routes.get("/api/admin/theatres")

@@ -17,8 +17,11 @@ from .common import (
     AUDIT,
     CONFIG,
     METRICS,
+    NODE_ID,
+    NODES,
     PEERS,
     REGISTRY,
+    SHARED_AUDIT,
     STORE,
     TOKENS,
     authenticate,
@@ -94,7 +97,12 @@ async def audit(request: web.Request) -> web.Response:
         raise BadRequest("since and limit are numbers", code="bad_query") from None
     if not (math.isfinite(since) and since >= 0 and 1 <= limit <= 10000):
         raise BadRequest("since is ≥ 0 and limit from 1 to 10000", code="bad_query")
-    entries = request.app[AUDIT].read(session=session_id, since=since, limit=limit)
+    shared = request.app.get(SHARED_AUDIT)
+    if shared is not None:
+        # Several Nodes: the Session's trail from all of them, as one.
+        entries = await shared.read(session_id, since=since, limit=limit)
+    else:
+        entries = request.app[AUDIT].read(session=session_id, since=since, limit=limit)
     return web.json_response({"entries": entries})
 
 
@@ -107,12 +115,18 @@ async def healthz(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     """Ready: accepting joins (not shutting down)."""
+    node = request.app[NODE_ID]
     if not request.app[ACCEPTING]["joins"]:
-        return web.json_response({"status": "shutting_down"}, status=503)
+        return web.json_response({"status": "shutting_down", "node": node}, status=503)
     store = request.app[STORE]
     if not await store.healthy():
-        return web.json_response({"status": "degraded", "store": store.kind}, status=503)
-    return web.json_response({"status": "ready", "store": store.kind})
+        return web.json_response({"status": "degraded", "store": store.kind, "node": node},
+                                 status=503)
+    if not request.app[NODES].in_registry:
+        # Another process runs under this node id (or the first heartbeat is due).
+        return web.json_response({"status": "not_in_registry", "store": store.kind,
+                                  "node": node}, status=503)
+    return web.json_response({"status": "ready", "store": store.kind, "node": node})
 
 
 @routes.get("/metrics")

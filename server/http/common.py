@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .. import logs
-from ..audit import JsonlAuditTrail
+from ..audit import JsonlAuditTrail, SharedAudit
 from ..cluster import Cluster
 from ..config import Config
 from ..errors import (
@@ -58,6 +58,8 @@ STORE = web.AppKey("store", Store)
 PRESENCE = web.AppKey("presence", Presence)
 NODES = web.AppKey("nodes", Nodes)
 CLUSTER = web.AppKey("cluster", Cluster)
+#: Set when several Nodes share a store: every Session's trail, read as one.
+SHARED_AUDIT = web.AppKey("shared_audit", SharedAudit)
 
 
 class DeploymentOrigins:
