@@ -103,7 +103,7 @@ def create_app(config: Config) -> web.Application:
         heartbeat_s=config.cluster.heartbeat_s, ttl_s=config.cluster.node_ttl_s,
         load=lambda: _load(app))
     nodes.on_urls.append(lambda: origins.update(nodes.urls()))
-    registry = app[REGISTRY] = Registry(config, peers, node_id, store, node_url=nodes.url_of)
+    registry = app[REGISTRY] = Registry(config, peers, node_id, store, node_url=nodes.lookup)
     metrics = app[METRICS] = Metrics()
     metrics.watch(registry)
     audit = app[AUDIT] = JsonlAuditTrail(config.audit.path, node_id=node_id,
@@ -251,6 +251,8 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
 
 async def _going_away(app: web.Application) -> None:
     app[ACCEPTING]["joins"] = False
+    # Out of the Node registry first: no Node sends anyone here any more.
+    await app[NODES].close()
     sockets: weakref.WeakSet[Any] = app[WEBSOCKETS]
     for ws in list(sockets):
         if ws.closed:

@@ -102,6 +102,17 @@ class Nodes:
         record = self.known.get(node_id)
         return record.url if record is not None else None
 
+    async def lookup(self, node_id: str) -> str | None:
+        """A Node's URL, asked of the store now (None: not in the registry);
+        routing must not send anyone to a Node that left a second ago."""
+        if node_id == self.node_id:
+            return self.url
+        try:
+            record = await self._store.get_node(node_id)
+        except StoreUnavailable:
+            return self.url_of(node_id)
+        return record.url if record is not None else None
+
     def alive(self, node_id: str) -> bool:
         return node_id == self.node_id or node_id in self.known
 
@@ -198,6 +209,7 @@ class Nodes:
                 await self._task
             self._task = None
         if self.in_registry:
+            self.in_registry = False
             with contextlib.suppress(StoreUnavailable):
                 await self._store.remove_node(self.node_id, self.instance)
 

@@ -84,13 +84,13 @@ class SessionElsewhere(Conflict):
 class Registry:
     def __init__(self, config: Config, peers: PeerFactory, node_id: str,
                  store: Store | None = None, *,
-                 node_url: Callable[[str], str | None] | None = None) -> None:
+                 node_url: Callable[[str], Awaitable[str | None]] | None = None) -> None:
         self._config = config
         self._peers = peers
         self._node_id = node_id
         self._store = store
-        #: A Node's public URL from the Node registry (None: not known alive).
-        self._node_url = node_url or (lambda node: None)
+        #: A Node's public URL from the Node registry (None: not in it).
+        self._node_url = node_url
         self._lease_ttl_s = config.cluster.lease_ttl_s
         self.theatres: dict[str, Theatre] = {}
         self.sessions: dict[str, Session] = {}
@@ -176,8 +176,8 @@ class Registry:
         self.fences.pop(session_id, None)
         self._held_until.pop(session_id, None)
 
-    def _elsewhere(self, lease: Lease) -> ScrubinError:
-        url = self._node_url(lease.node_id)
+    async def _elsewhere(self, lease: Lease) -> ScrubinError:
+        url = await self._node_url(lease.node_id) if self._node_url is not None else None
         if url is None:
             # Held by a Node that is not (or no longer) in the registry: it is
             # restarting, or its lease expires within lease_ttl_s.
@@ -359,7 +359,7 @@ class Registry:
                            "it does", code="session_not_started")
         lease = await self._store.leases.get_lease(session_id)
         if lease is not None and lease.node_id != self._node_id:
-            raise self._elsewhere(lease)
+            raise await self._elsewhere(lease)
         # Scheduled and started by this caller, live and held by nobody, or
         # held by this Node's previous run: this Node takes it.
         return await self.start(session_id)
@@ -390,7 +390,7 @@ class Registry:
                                "longer exists", code="unknown_theatre")
             lease = await self._acquire(session_id)
             if lease.node_id != self._node_id:
-                raise self._elsewhere(lease)
+                raise await self._elsewhere(lease)
             if record.state == "scheduled":
                 try:
                     record = await self._store.sessions.set_session_state(
