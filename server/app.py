@@ -49,6 +49,7 @@ from .http.common import (
     MessageRates,
     errors_middleware,
     forwarded_middleware,
+    own_resource_urls,
     security_headers,
 )
 from .http.review import RECORDINGS
@@ -71,7 +72,7 @@ PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player")
 def create_app(config: Config) -> web.Application:
     app = web.Application(
         middlewares=[forwarded_middleware(config.server.trusted_proxies), security_headers,
-                     errors_middleware],
+                     errors_middleware, own_resource_urls],
         client_max_size=config.limits.max_body_bytes,
         handler_args=guard.handler_args(config),
     )

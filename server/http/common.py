@@ -372,6 +372,20 @@ def forwarded_middleware(trusted: list[str]) -> Middleware:
 
 
 @web.middleware
+async def own_resource_urls(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With several Nodes, a WHIP/WHEP resource lives on the Node that made it:
+    its ``Location`` names that Node's own URL, so a DELETE reaches it even
+    when the POST came through a shared port or a load balancer."""
+    response = await handler(request)
+    location = response.headers.get("Location", "")
+    if (response.status == 201 and location.startswith("/")
+            and request.path.startswith(("/whip/", "/whep/"))
+            and request.app[STORE].kind != "memory"):
+        response.headers["Location"] = request.app[NODES].url + location
+    return response
+
+
+@web.middleware
 async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")

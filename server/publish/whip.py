@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from aiortc import (
@@ -29,6 +29,32 @@ from aiortc.mediastreams import MediaStreamTrack
 from ..media.hooks import advertise_host_addresses
 
 logger = logging.getLogger(__name__)
+
+
+#: Redirects followed for one offer (RFC 9725 section 4.5: a server may send
+#: a client's first POST to another endpoint, e.g. the Node that holds the Session).
+MAX_REDIRECTS = 3
+
+
+async def post_offer(http: aiohttp.ClientSession, url: str, sdp: str, token: str,
+                     params: dict[str, str] | None = None) -> tuple[int, str, str, str]:
+    """POST an SDP offer; a 307/308 is followed with the same token and body
+    (aiohttp would drop the token on a redirect to another host). Returns the
+    status, the body, the URL that answered and its ``Location``."""
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/sdp"}
+    for _ in range(MAX_REDIRECTS + 1):
+        async with http.post(url, data=sdp, headers=headers, params=params,
+                             allow_redirects=False) as response:
+            body = await response.text()
+            target = response.headers.get("Location", "")
+            if response.status not in (307, 308) or not target:
+                return response.status, body, url, target
+        following = urljoin(url, target)
+        if urlsplit(following).scheme not in ("http", "https"):
+            raise WhipError(response.status, body)
+        logger.info("offer to %s redirected to %s", url, following)
+        url, params = following, None  # the query came along in the Location
+    raise WhipError(response.status, "too many redirects")
 
 
 class WhipError(Exception):
@@ -96,16 +122,12 @@ class WhipPublisher:
                         [c for c in caps if c.mimeType.lower() in (wanted, "video/rtx")])
             advertise_host_addresses(pc, self.options.host_addresses)
             await pc.setLocalDescription(await pc.createOffer())
-            headers = {"Authorization": f"Bearer {self.token}",
-                       "Content-Type": "application/sdp"}
             params = {"takeover": "1"} if self.options.takeover else None
-            async with http.post(self.url, data=pc.localDescription.sdp, headers=headers,
-                                 params=params) as response:
-                body = await response.text()
-                if response.status != 201:
-                    raise WhipError(response.status, body)
-                location = response.headers.get("Location", "")
-            self._resource = urljoin(self.url, location) if location else None
+            status, body, answered, location = await post_offer(
+                http, self.url, pc.localDescription.sdp, self.token, params)
+            if status != 201:
+                raise WhipError(status, body)
+            self._resource = urljoin(answered, location) if location else None
             await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
         except BaseException:
             await pc.close()
