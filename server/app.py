@@ -160,7 +160,8 @@ def _cluster_setup(app: web.Application) -> None:
         app[STORE], node_id=nodes.node_id, answer=answer, fence=registry.fences.get,
         alive=nodes.alive, recording=lambda session: app[RECORDINGS].status(session),
         timeout_s=config.cluster.request_timeout_s,
-        reconcile_s=config.store.presence_interval_s)
+        # A safety net for lost events: the presence TTL is soon enough.
+        reconcile_s=config.store.presence_ttl_s)
     previous = registry.on_session
 
     def on_session(session: Session, state: str) -> None:

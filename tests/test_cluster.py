@@ -144,6 +144,15 @@ async def test_one_config_three_nodes_and_the_teaching_state_crosses_them(
         session = holder.app[REGISTRY].sessions["or1-live"]
         await wait_for(lambda: "" if "room.video" in session.feeds else "no feed yet")
 
+        # Links asked of A: pages on A, WHIP and WHEP on the holder.
+        _, links = await api(http, a, "GET", "/api/sessions/or1-live/links", expert_token,
+                             expect=200)
+        assert links["trainee_page"].startswith(f"{a.base_url}/watch.html#token=")
+        assert [w["url"] for w in links["whip"]] == [
+            f"{holder.base_url}/whip/or1-live/{slot}" for slot in ("room", "endoscope")]
+        assert [w["url"] for w in links["whep"]] == [
+            f"{holder.base_url}/whep/or1-live/room.video"]
+
         # The expert on A, trainees on the holder and on C: one Session.
         expert, welcome = await hello(http, a, expert_token, sockets)
         assert welcome["type"] == "welcome"

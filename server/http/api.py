@@ -10,11 +10,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..errors import BadRequest, Forbidden, Unauthorized
-from ..links import session_links
+from ..links import SessionShape, session_links
+from ..registry import SessionElsewhere
 from ..roles import MAY_DERIVE, Role
+from ..session import Session
 from .common import (
     ACCEPTING,
     AUDIT,
+    CLUSTER,
     CONFIG,
     METRICS,
     NODE_ID,
@@ -61,24 +64,38 @@ async def links(request: web.Request) -> web.Response:
     """Tokens derived from the caller's (docs/security.md): only Roles the
     derivation table lets it mint, expiring with it, revoked with it."""
     grant = await authenticate(request)
-    session = await session_for(request, grant)
-    session.check_moderator(grant)
     config = request.app[CONFIG]
+    shape: Session | SessionShape
+    media_url = config.base_url
+    try:
+        shape = session = await session_for(request, grant)
+        session.check_moderator(grant)
+    except SessionElsewhere as where:
+        # Held by another Node: its Feeds from there, WHIP/WHEP on it.
+        cluster = request.app[CLUSTER]
+        remote = await cluster.attach(where)
+        try:
+            remote.check_moderator(grant)
+            shape = SessionShape.described(remote.describe())
+        finally:
+            cluster.left(remote)
+        media_url = where.url or media_url
     tokens = request.app[TOKENS]
 
     def mint(role: Role, name: str) -> str | None:
         if role not in MAY_DERIVE[grant.role]:
             return None
-        token, derived = tokens.derive(grant, role, session_id=session.id, name=name,
+        token, derived = tokens.derive(grant, role, session_id=shape.id, name=name,
                                        ttl_s=config.auth.token_ttl_s)
         request.app[AUDIT].record(
-            "token_derived", session=session.id, token=derived.token_id, role=role.value,
+            "token_derived", session=shape.id, token=derived.token_id, role=role.value,
             name=name, parent=grant.token_id, person=derived.person_id,
             expires_at=derived.expires_at, by=grant.participant_id, address=request.remote)
         return token
 
-    return web.json_response(session_links(session, tokens, config.base_url,
-                                           config.auth.token_ttl_s, mint=mint))
+    return web.json_response(session_links(shape, tokens, config.base_url,
+                                           config.auth.token_ttl_s, mint=mint,
+                                           media_url=media_url))
 
 
 @routes.get("/api/sessions/{session}/audit")
