@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 from aiohttp.test_utils import unused_port
 from redis.asyncio import Redis
 
@@ -233,6 +234,20 @@ async def delays(expert: Client, trainee: Client, samples: int, rate: float,
     return [(trainee.labels[i] - t) * 1000 for i, t in sent.items() if i in trainee.labels]
 
 
+async def measure_delays(results: dict[str, Any], phase: str, expert_a: Client,
+                         expert_b: Client, same: Client, far: Client, samples: int) -> None:
+    """Drawings at 8/s (under the expert's limit of 10/s), three paths; the
+    machine's CPU use meanwhile (it is shared: tails are pessimistic)."""
+    psutil.cpu_percent()
+    base = {"alone": 0, "crowd": 100_000}[phase]
+    for key, expert, trainee, first in (("same_node", expert_a, same, base),
+                                        ("a_to_c", expert_a, far, base + 10_000),
+                                        ("b_to_c", expert_b, far, base + 20_000)):
+        results[f"delay_{phase}_{key}"] = summary(
+            await delays(expert, trainee, samples, 8, first), samples)
+    results[f"machine_busy_{phase}"] = round(psutil.cpu_percent() / 100 * psutil.cpu_count(), 2)
+
+
 def summary(values: list[float], asked: int) -> dict[str, Any]:
     return {"n": len(values), "lost": asked - len(values),
             "p50_ms": round(percentile(values, 50), 2), "p95_ms": round(percentile(values, 95), 2),
@@ -290,8 +305,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             expert_b, _ = await join(http, b, tokens.issue(SESSION, Role.EXPERT, name="Expert B"))
             clients += [expert_a, expert_b]
             trainees: dict[str, list[Client]] = {"a": [], "b": [], "c": []}
+            for where, node in (("a", a), ("c", c)):
+                client, _ = await join(http, node, tokens.issue(
+                    SESSION, Role.TRAINEE, name=f"Measuring trainee on {where}"))
+                trainees[where].append(client)
+                clients.append(client)
+            # Delays with only the measuring participants (the paths alone).
+            await measure_delays(results, "alone", expert_a, expert_b, trainees["a"][0],
+                                 trainees["c"][0], args.samples)
             before_joins = (await redis_counters(redis))[0]
-            for i in range(args.participants - 2):
+            for i in range(args.participants - 4):
                 where = "abc"[i % 3]
                 node = {"a": a, "b": b, "c": c}[where]
                 client, _ = await join(http, node, tokens.issue(
@@ -299,7 +322,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 trainees[where].append(client)
                 clients.append(client)
             results["redis_ops_per_join"] = round(
-                ((await redis_counters(redis))[0] - before_joins) / (args.participants - 2), 1)
+                ((await redis_counters(redis))[0] - before_joins) / (args.participants - 4), 1)
             await asyncio.sleep(2)
             results["redis_idle"] = await measure_redis(redis, args.window)
 
@@ -337,16 +360,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.gather(*load)
             await asyncio.sleep(1)
 
-            # Delays, with every participant connected (drawings at 8/s, under
-            # the expert's rate limit of 10/s).
-            same = trainees["a"][0]
-            far = trainees["c"][0]
-            results["delay_same_node"] = summary(
-                await delays(expert_a, same, args.samples, 8, 0), args.samples)
-            results["delay_a_to_c"] = summary(
-                await delays(expert_a, far, args.samples, 8, 10_000), args.samples)
-            results["delay_b_to_c"] = summary(
-                await delays(expert_b, far, args.samples, 8, 20_000), args.samples)
+            # And with every participant connected (each drawing goes to all).
+            await measure_delays(results, "crowd", expert_a, expert_b, trainees["a"][0],
+                                 trainees["c"][0], args.samples)
             await camera.close()
     finally:
         for client in clients:
@@ -360,16 +376,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(results: dict[str, Any]) -> str:
     lines = ["Several Nodes: 3 Nodes (one process each) on one Redis, one Session held by A",
-             "", "Interaction delay (expert's annotate sent -> trainee's annotation received), ms:"]
-    for key, label in (("delay_same_node", "same Node (baseline)"),
-                       ("delay_a_to_c", "expert on A -> trainee on C"),
-                       ("delay_b_to_c", "expert on B -> trainee on C")):
-        d = results[key]
-        lines.append(f"  {label:30} p50 {d['p50_ms']:7.2f}  p95 {d['p95_ms']:7.2f}  "
-                     f"p99 {d['p99_ms']:7.2f}  (n={d['n']}, lost {d['lost']})")
-    base = results["delay_same_node"]["p95_ms"]
-    lines.append(f"  p95 ratio A->C / same Node: {results['delay_a_to_c']['p95_ms'] / base:.2f}, "
-                 f"B->C / same Node: {results['delay_b_to_c']['p95_ms'] / base:.2f}")
+             f"load average {os.getloadavg()[0]:.1f} on {psutil.cpu_count()} cores at the end"]
+    for phase, title in (("alone", "4 participants"),
+                         ("crowd", f"{results['participants']} participants")):
+        lines += ["", f"Interaction delay, {title} (annotate sent -> annotation received), ms; "
+                      f"machine busy {results[f'machine_busy_{phase}']} cores:"]
+        for key, label in (("same_node", "same Node (baseline)"),
+                           ("a_to_c", "expert on A -> trainee on C"),
+                           ("b_to_c", "expert on B -> trainee on C")):
+            d = results[f"delay_{phase}_{key}"]
+            lines.append(f"  {label:30} p50 {d['p50_ms']:7.2f}  p95 {d['p95_ms']:7.2f}  "
+                         f"p99 {d['p99_ms']:7.2f}  (n={d['n']}, lost {d['lost']})")
+        base = results[f"delay_{phase}_same_node"]
+        lines.append("  ratio to the same Node, p50 / p95: A->C " + " / ".join(
+            f"{results[f'delay_{phase}_a_to_c'][q] / base[q]:.2f}" for q in ("p50_ms", "p95_ms"))
+            + ", B->C " + " / ".join(
+            f"{results[f'delay_{phase}_b_to_c'][q] / base[q]:.2f}" for q in ("p50_ms", "p95_ms")))
     n = results["participants"]
     empty = results["redis_empty"]["ops_per_s"]
     lines += ["", f"Redis operations per second ({n} participants, a third on each Node):",

@@ -40,7 +40,7 @@ from .errors import Forbidden, ScrubinError, Unavailable
 from .participant import Participant
 from .registry import SessionElsewhere
 from .roles import MODERATORS, Role
-from .session import Event, Session
+from .session import Event, Session, notify
 from .store import EventSubscription, PresenceEntry, Store, StoreUnavailable
 from .tokens import Grant
 
@@ -296,7 +296,6 @@ class RemoteSession:
         self._on_bus_event = on_bus_event
         self._on_closed = on_closed
         self._description: dict[str, Any] = {"id": session_id, "feeds": []}
-        self._viewers = 0
         self._listeners: set[Callable[[Event], None]] = set()
         # Local connections per participant (their websockets on this Node).
         self._connections: dict[str, int] = {}
@@ -319,7 +318,7 @@ class RemoteSession:
     def _apply_snapshot(self, snapshot: dict[str, Any]) -> None:
         if isinstance(snapshot.get("session"), dict):
             self._description = snapshot["session"]
-        self._set_roster(snapshot.get("roster"), snapshot.get("viewers"))
+        self._set_roster(snapshot.get("roster"))
         if isinstance(snapshot.get("t"), (int, float)):
             self.interaction.set(float(snapshot["t"]))
         if isinstance(snapshot.get("recording"), dict):
@@ -368,7 +367,7 @@ class RemoteSession:
     def _apply(self, event: Event) -> None:
         kind = event.get("type")
         if kind in ("participant_joined", "participant_left"):
-            self._set_roster(event.get("roster"), event.get("viewers"))
+            self._set_roster(event.get("roster"))
         elif kind == "feed" and isinstance(event.get("feed"), dict):
             feed = event["feed"]
             feeds = [f for f in self._description.get("feeds", []) if f.get("id") != feed["id"]]
@@ -384,7 +383,7 @@ class RemoteSession:
         if self.state == "ended":
             self._closed()
 
-    def _set_roster(self, roster: Any, viewers: Any) -> None:
+    def _set_roster(self, roster: Any) -> None:
         if not isinstance(roster, list):
             return
         people: dict[str, Participant] = {}
@@ -396,7 +395,6 @@ class RemoteSession:
             except (KeyError, TypeError, ValueError):
                 continue
         self.participants = people
-        self._viewers = int(viewers) if isinstance(viewers, int) else self._viewers
 
     def moved_away(self, reason: str) -> None:
         """The holder changed or went: every member reconnects (and is routed
@@ -439,11 +437,7 @@ class RemoteSession:
         return lambda: self._listeners.discard(listener)
 
     def _emit(self, event: Event) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:
-                logger.exception("session %s: listener failed", self.id)
+        notify(self._listeners, event, self.id)
 
     def describe(self) -> dict[str, Any]:
         return {**self._description, "state": self.state}
@@ -560,6 +554,8 @@ class Cluster:
     # -- the holding side --------------------------------------------------
     def session_changed(self, session: Session, state: str) -> None:
         """Registry hook: a Session went live here, or ended here."""
+        if self._store.kind == "memory":
+            return  # one Node: nobody to relay to
         if state == "live":
             old = self.hubs.pop(session.id, None)
             if old is not None:

@@ -59,6 +59,15 @@ WatchStream = Callable[[Callable[[float], None]], Callable[[], None]]
 Via = Literal["page", "whip"]
 
 
+def notify(listeners: set[Callable[[Event], None]], event: Event, session_id: str) -> None:
+    """Give ``event`` to every listener; one that raises is logged, not the others' problem."""
+    for listener in list(listeners):
+        try:
+            listener(event)
+        except Exception:
+            logger.exception("session %s: listener failed", session_id)
+
+
 class Ingest:
     """The expert's peer connection into one camera slot; it feeds 1–2 Feeds."""
 
@@ -167,11 +176,7 @@ class Session:
         return lambda: self._listeners.discard(listener)
 
     def _emit(self, event: Event) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:
-                logger.exception("session %s: listener failed", self.id)
+        notify(self._listeners, event, self.id)
 
     def describe(self) -> dict[str, Any]:
         return {

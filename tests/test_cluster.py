@@ -12,7 +12,7 @@ import dataclasses
 import shutil
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import pytest
@@ -89,8 +89,14 @@ def holders(servers: list[Server], session: str = "or1-live") -> list[Server]:
             and s.app[REGISTRY].holds(session)]
 
 
-async def hello(http: aiohttp.ClientSession, server: Server, token: str,
+class HasBaseUrl(Protocol):
+    @property
+    def base_url(self) -> str: ...
+
+
+async def hello(http: aiohttp.ClientSession, server: HasBaseUrl, token: str,
                 sockets: list[WS]) -> tuple[WS, dict[str, Any]]:
+    """A websocket to ``server`` and its first answer to ``hello``."""
     ws = await http.ws_connect(f"{server.base_url}/ws")
     sockets.append(ws)
     await ws.send_json({"type": "hello", "token": token, "id": "hello"})

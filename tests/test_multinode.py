@@ -35,8 +35,9 @@ from server.roles import Role
 from server.tokens import NODE_WIDE, TokenAuthority
 
 from .conftest import CANARY_KEY, LOOPBACK, client_pc, free_ports, offer_sdp
+from .test_cluster import hello
 from .test_interaction import CIRCLE, request
-from .test_ws_protocol import WS, closed_with, of_type, receive, receive_until
+from .test_ws_protocol import WS, closed_with, of_type, receive_until
 
 pytestmark = pytest.mark.slow
 
@@ -180,14 +181,6 @@ async def the_holder(http: aiohttp.ClientSession, nodes: list[NodeProcess],
         assert len(holding) < 2, [n.name for n in holding]
         assert time.monotonic() < deadline, "nobody holds or1-live"
         await asyncio.sleep(0.1)
-
-
-async def hello(http: aiohttp.ClientSession, node: NodeProcess, token: str,
-                sockets: list[WS]) -> tuple[WS, dict[str, Any]]:
-    ws = await http.ws_connect(f"{node.base_url}/ws")
-    sockets.append(ws)
-    await ws.send_json({"type": "hello", "token": token, "id": "hello"})
-    return ws, await receive(ws)
 
 
 async def publish(http: aiohttp.ClientSession, entry: NodeProcess,
