@@ -23,7 +23,7 @@ from pytest_redis.executor import RedisExecutor
 
 from server.app import create_app
 from server.config import Config, SessionConfig, TheatreConfig
-from server.http.common import REGISTRY
+from server.http.common import CSP, REGISTRY
 from server.http.guard import NodeRunner
 from server.roles import Role
 
@@ -140,6 +140,20 @@ async def test_one_config_three_nodes_and_the_teaching_state_crosses_them(
         assert [n["id"] for n in listed["nodes"]] == ["node-a", "node-b", "node-c"]
         assert {n["url"] for n in listed["nodes"]} == {s.base_url for s in nodes}
         assert set(listed["holds"]) == ({"or1-live"} if node is holder else set())
+
+    # Pages may connect to every Node of the registry; so may their WHIP/WHEP calls.
+    await wait_for(lambda: "" if all(
+        f"ws://127.0.0.1:{other.config.server.port}" in node.app[CSP].csp
+        for node in nodes for other in nodes) else "registry origins not in the CSP yet")
+    async with http.get(f"{a.base_url}/watch.html") as page:
+        policy = page.headers["Content-Security-Policy"]
+        assert f"{holder.base_url} ws://127.0.0.1:{holder.config.server.port}" in policy
+    async with http.options(f"{a.base_url}/whep/or1-live/room.video",
+                            headers={"Origin": holder.base_url}) as preflight:
+        assert preflight.headers["Access-Control-Allow-Origin"] == holder.base_url
+    async with http.options(f"{a.base_url}/whep/or1-live/room.video",
+                            headers={"Origin": "http://elsewhere.example"}) as preflight:
+        assert "Access-Control-Allow-Origin" not in preflight.headers
 
     # An encoder asking node A is sent to the holder (307), and publishes there.
     expert_token = holder.tokens.issue("or1-live", Role.EXPERT, name="Dr Grey")
