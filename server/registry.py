@@ -164,7 +164,8 @@ class Registry:
     # -- leases -----------------------------------------------------------
     def holds(self, session_id: str) -> bool:
         """This Node holds the Session's lease now (it may act as its owner)."""
-        if self._store is None:
+        if self._store is None or self._store.kind == "memory":
+            # One Node: nobody else could hold it (its lease is kept all the same).
             return session_id in self.sessions
         return self._held_until.get(session_id, 0.0) > time.monotonic()
 
