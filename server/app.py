@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -18,44 +17,52 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
-from .audit import JsonlAuditTrail
+from .audit import JsonlAuditTrail, SharedAudit
+from .cluster import Cluster
 from .config import Config
 from .http import admin, api, guard, preflight, review, revocation, whip
 from .http.common import (
     ACCEPTING,
     AUDIT,
     AUTH_GUARD,
+    CLUSTER,
     CONFIG,
     CSP,
     LIVENESS,
     MESSAGE_RATES,
     METRICS,
     NODE_ID,
+    NODES,
     PEERS,
     PENDING_SUBSCRIPTIONS,
     PRESENCE,
     PUBLICATION_WATCHES,
     REGISTRY,
+    SHARED_AUDIT,
     SOCKET_GRANTS,
     STORE,
     TOKENS,
     WEBSOCKETS,
     AuthGuard,
+    DeploymentOrigins,
     Handler,
     MessageRates,
-    content_security_policy,
     errors_middleware,
     forwarded_middleware,
+    own_resource_urls,
     security_headers,
 )
-from .http.ws import websocket
+from .http.review import RECORDINGS
+from .http.ws import answer_forwarded, websocket
 from .media.liveness import Liveness
 from .media.peers import PeerFactory
 from .metrics import Metrics
+from .nodes import Nodes, default_node_id
 from .registry import Registry
 from .resources import CLIENT_DIR
+from .session import Session
 from .store import Presence, open_store
-from .tokens import TokenAuthority
+from .tokens import Grant, TokenAuthority
 
 logger = logging.getLogger(__name__)
 
@@ -65,18 +72,18 @@ PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player", "p
 def create_app(config: Config) -> web.Application:
     app = web.Application(
         middlewares=[forwarded_middleware(config.server.trusted_proxies), security_headers,
-                     errors_middleware],
+                     errors_middleware, own_resource_urls],
         client_max_size=config.limits.max_body_bytes,
         handler_args=guard.handler_args(config),
     )
-    node_id = config.server.node_id or f"node-{secrets.token_hex(3)}"
+    node_id = default_node_id(config)
     live = config.liveness
     liveness = app[LIVENESS] = Liveness(
         peer_timeout_s=live.peer_timeout_s, probe_after_s=live.probe_after_s,
         interval_s=live.check_interval_s)
     peers = PeerFactory(config.ice, liveness, config.turn)
     app[CONFIG] = config
-    app[CSP] = content_security_policy(config)
+    origins = app[CSP] = DeploymentOrigins(config)
     app[NODE_ID] = node_id
     app[PEERS] = peers
     app[TOKENS] = TokenAuthority(config.auth.signing_keys, config.role_caps())
@@ -93,14 +100,25 @@ def create_app(config: Config) -> web.Application:
     app[AUTH_GUARD] = AuthGuard(store.rates, config.limits.auth_failures_per_minute)
     app[MESSAGE_RATES] = MessageRates(config.limits.ws_messages_per_second,
                                       config.limits.ws_message_burst)
-    registry = app[REGISTRY] = Registry(config, peers, node_id, store)
+    nodes = app[NODES] = Nodes(
+        store.nodes, node_id=node_id, url=config.base_url,
+        media_addresses=tuple(config.ice.host_addresses), udp_ports=config.ice.udp_ports,
+        heartbeat_s=config.cluster.heartbeat_s, ttl_s=config.cluster.node_ttl_s,
+        load=lambda: _load(app))
+    nodes.on_urls.append(lambda: origins.update(nodes.urls()))
+    registry = app[REGISTRY] = Registry(config, peers, node_id, store, node_url=nodes.lookup)
     metrics = app[METRICS] = Metrics()
     metrics.watch(registry)
     audit = app[AUDIT] = JsonlAuditTrail(config.audit.path, node_id=node_id,
                                          max_bytes=config.audit.max_bytes,
                                          backups=config.audit.backups)
+    if store.kind != "memory":
+        shared = app[SHARED_AUDIT] = SharedAudit(
+            store.audit, keep_s=config.audit.shared_keep_days * 86400)
+        audit.forward = shared.add
     registry.on_session = lambda session, state: audit.record(
-        f"session_{state}", session=session.id, theatre=session.theatre.id, title=session.title)
+        "session_moved" if session.moved else f"session_{state}", session=session.id,
+        theatre=session.theatre.id, title=session.title)
     registry.on_first_frame = metrics.first_frame.observe
     registry.on_media_count = metrics.count_media
     registry.watch_stream = liveness.watch_stream
@@ -122,12 +140,62 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_store)
     # Before _sessions: publications closed by Sessions ending are audited first.
     app.cleanup_ctx.append(_publication_watches)
+    app.cleanup_ctx.append(_cluster)
     app.cleanup_ctx.append(_sessions)
     review.setup(app)  # recording control, review API, retention (after _sessions)
     revocation.setup(app)  # revocations reach live connections
     preflight.setup(app)  # connection checks for participants' networks
+    _cluster_setup(app)  # the live state of Sessions across Nodes
+    # Last: the configured Sessions go live once every hook is in place.
+    app.cleanup_ctx.append(_configured_sessions)
     app.on_shutdown.append(_going_away)
     return app
+
+
+def _cluster_setup(app: web.Application) -> None:
+    """Hubs for the Sessions held here, stand-ins for those held elsewhere
+    (server/cluster.py), hooked into the registry after the other hooks."""
+    config, registry, nodes = app[CONFIG], app[REGISTRY], app[NODES]
+
+    async def answer(session: Session, grant: Grant, message: dict[str, Any]
+                     ) -> dict[str, Any]:
+        return await answer_forwarded(app, session, grant, message)
+
+    cluster = app[CLUSTER] = Cluster(
+        app[STORE], node_id=nodes.node_id, answer=answer, fence=registry.fences.get,
+        alive=nodes.alive, recording=lambda session: app[RECORDINGS].status(session),
+        timeout_s=config.cluster.request_timeout_s,
+        # A safety net for lost events: the presence TTL is soon enough.
+        reconcile_s=config.store.presence_ttl_s)
+    previous = registry.on_session
+
+    def on_session(session: Session, state: str) -> None:
+        if previous is not None:
+            previous(session, state)
+        cluster.session_changed(session, state)
+
+    registry.on_session = on_session
+    if registry.on_event is not None:
+        cluster.on_bus_event = registry.on_event
+    registry.on_event = cluster.on_event
+    nodes.on_gone.append(cluster.nodes_gone)
+
+
+async def _cluster(app: web.Application) -> AsyncIterator[None]:
+    app[CLUSTER].start()
+    yield
+    # After every Session here ended (its hub says so to the other Nodes).
+    await app[CLUSTER].close()
+
+
+def _load(app: web.Application) -> dict[str, float]:
+    """What this Node carries, for the Node registry."""
+    sessions = list(app[REGISTRY].sessions.values())
+    sockets: weakref.WeakSet[Any] = app[WEBSOCKETS]
+    return {"sessions": len(sessions),
+            "websockets": len([ws for ws in list(sockets) if not ws.closed]),
+            "feeds": sum(len(s.feeds) for s in sessions),
+            "subscriptions": sum(len(s.subscriptions) for s in sessions)}
 
 
 def _page(name: str) -> Handler:
@@ -143,8 +211,13 @@ def _page(name: str) -> Handler:
 
 async def _audit(app: web.Application) -> AsyncIterator[None]:
     app[AUDIT].record("node_started")
+    shared = app.get(SHARED_AUDIT)
+    if shared is not None:
+        shared.start()
     yield
     app[AUDIT].record("node_stopped")
+    if shared is not None:
+        await shared.close()
     app[AUDIT].close()
 
 
@@ -171,11 +244,21 @@ async def _publication_watches(app: web.Application) -> AsyncIterator[None]:
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     app[PRESENCE].start()
-    # Theatres and Sessions of the configuration into the shared store.
+    nodes = app[NODES]
+    # Into the Node registry first (a second process under this id stops
+    # here), so Sessions held elsewhere are routed from the start.
+    await nodes.claim()
+    nodes.start()
     await app[REGISTRY].open()
     yield
     await app[PRESENCE].close()
+    await nodes.close()
     await app[STORE].close()
+
+
+async def _configured_sessions(app: web.Application) -> AsyncIterator[None]:
+    await app[REGISTRY].open_configured()
+    yield
 
 
 async def _sessions(app: web.Application) -> AsyncIterator[None]:
@@ -186,6 +269,8 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
 
 async def _going_away(app: web.Application) -> None:
     app[ACCEPTING]["joins"] = False
+    # Out of the Node registry first: no Node sends anyone here any more.
+    await app[NODES].close()
     sockets: weakref.WeakSet[Any] = app[WEBSOCKETS]
     for ws in list(sockets):
         if ws.closed:

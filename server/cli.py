@@ -19,12 +19,13 @@ import aiohttp
 from aiohttp import web
 from aiortc import RTCIceServer
 
-from . import admin_cli, logs, recording_cli
+from . import admin_cli, logs, recording_cli, workers
 from .app import create_app
 from .config import Config, ConfigError, load_config
 from .http.common import REGISTRY, TOKENS
 from .http.guard import NodeRunner
 from .links import format_links, session_links
+from .nodes import NodeIdInUse
 from .resources import DEMO_CONFIG
 from .roles import Role
 
@@ -40,13 +41,18 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-async def _start(config: Config) -> tuple[web.AppRunner, web.Application]:
+async def _start(config: Config, shared_port: int | None = None
+                 ) -> tuple[web.AppRunner, web.Application]:
     app = create_app(config)
     runner = NodeRunner(app, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port,
-                       ssl_context=_ssl_context(config))
+    context = _ssl_context(config)
+    site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=context)
     await site.start()
+    if shared_port is not None:
+        # A worker: the port every worker listens on too (server/workers.py).
+        await web.TCPSite(runner, config.server.host, shared_port, ssl_context=context,
+                          reuse_port=True).start()
     return runner, app
 
 
@@ -58,9 +64,13 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
-async def serve(config: Config) -> None:
-    runner, app = await _start(config)
-    print(f"ScrubIn serving on {config.base_url}", flush=True)
+async def serve(config: Config, shared_port: int | None = None) -> None:
+    runner, app = await _start(config, shared_port)
+    if shared_port is not None:
+        print(f"ScrubIn worker {config.server.node_id} serving on {config.base_url} and "
+              f"port {shared_port}", flush=True)
+    else:
+        print(f"ScrubIn serving on {config.base_url}", flush=True)
     # No tokens here: this output ends in service logs (docs/security.md).
     for session in app[REGISTRY].sessions.values():
         print(f"Session {session.id} is live. Its links: scrubin links --server "
@@ -172,6 +182,23 @@ async def fetch_links(server: str, session: str, token: str) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """One Node, a worker of a supervisor (--worker i/N), or the supervisor."""
+    config = load_config(args.config)
+    if args.worker is not None:
+        index, count = workers.parse_worker(args.worker)
+        asyncio.run(serve(workers.worker_config(config, index, count),
+                          shared_port=config.server.port))
+        return 0
+    count = workers.worker_count(config, args.workers)
+    if count == 1:
+        asyncio.run(serve(config))
+        return 0
+    command = workers.worker_command(str(args.config) if args.config else None,
+                                     args.log_level)
+    return asyncio.run(workers.supervise(command, count))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scrubin", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -179,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p_serve = sub.add_parser("serve", help="run a Node")
     p_serve.add_argument("--config", type=Path, help="TOML file (see configs/)")
+    p_serve.add_argument("--workers", type=int, default=None,
+                         help="Node processes on this machine (default: one per core with "
+                              "[store].redis_url, one without; see README, \"Ports\")")
+    p_serve.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
     p_demo = sub.add_parser("demo", help="a Node with a synthetic theatre camera, links printed")
     p_demo.add_argument("--port", type=int, default=None)
@@ -241,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.log_level)
     try:
         if args.command == "serve":
-            asyncio.run(serve(load_config(args.config)))
+            return _serve(args)
         elif args.command == "demo":
             from .demo_state import signing_key
 
@@ -294,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             return recording_cli.run(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except NodeIdInUse as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass

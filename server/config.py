@@ -76,6 +76,10 @@ class IceConfig:
     # Remote candidates outside these networks are ignored; empty = any.
     # mDNS (.local) candidates are always ignored.
     allowed_remote_networks: list[str] = field(default_factory=list)
+    # UDP ports the Node's peer connections bind, "first-last" (one per peer
+    # connection and local address); empty = ephemeral ports. `scrubin serve
+    # --workers N` splits the range into N equal parts, one per worker.
+    udp_ports: str = ""
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,9 @@ class AuditConfig:
     path: str = "var/audit/audit.jsonl"
     max_bytes: int = 10 * 1024 * 1024
     backups: int = 20
+    # With Redis, each Session's entries are also kept there (every Node's,
+    # read as one through the API) for this long after its last entry.
+    shared_keep_days: float = 90.0
 
 
 @dataclass(frozen=True)
@@ -217,6 +224,25 @@ class StoreConfig:
     timeout_s: float = 1.0
     presence_ttl_s: float = 15.0
     presence_interval_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Several Nodes on one Redis (docs/architecture.md, "Sessions across Nodes")."""
+
+    # A Node holds each live Session through a lease it renews every third of
+    # this; a Node that stops renewing (it died, or lost Redis) loses it after.
+    lease_ttl_s: float = 10.0
+    # Each Node writes its record into the Node registry this often; a Node
+    # whose record is older than node_ttl_s is gone.
+    heartbeat_s: float = 1.0
+    node_ttl_s: float = 5.0
+    # `scrubin serve` worker processes; 0 = one per core when [store].redis_url
+    # is set, else one (workers share state through Redis only).
+    workers: int = 0
+    # A forwarded websocket request (a page on one Node, its Session held by
+    # another) that gets no answer in this time fails with 503.
+    request_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -277,6 +303,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     recording: RecordingConfig = field(default_factory=RecordingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     theatres: list[TheatreConfig] = field(default_factory=list)
     sessions: list[SessionConfig] = field(default_factory=list)
 
@@ -291,6 +318,18 @@ class Config:
             return self.server.public_url.rstrip("/")
         scheme = "https" if self.server.tls_cert else "http"
         return f"{scheme}://{self.server.host}:{self.server.port}"
+
+
+def udp_port_range(text: str) -> tuple[int, int]:
+    """"40000-40999" -> (40000, 40999). ValueError if it is not such a range."""
+    first, sep, last = text.partition("-")
+    try:
+        low, high = int(first), int(last)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a range like 40000-40999") from None
+    if not sep or not 1024 <= low <= high <= 65535:
+        raise ValueError(f"{text!r}: first-last, within 1024-65535")
+    return low, high
 
 
 def _coerce(value: Any, annotation: str, where: str) -> Any:
@@ -366,6 +405,16 @@ def _validate(config: Config) -> None:
             ipaddress.ip_network(net, strict=False)
         except ValueError as exc:
             raise ConfigError(f"[ice].allowed_remote_networks: {net!r} is not a network") from exc
+    if config.ice.udp_ports:
+        try:
+            udp_port_range(config.ice.udp_ports)
+        except ValueError as exc:
+            raise ConfigError(f"[ice].udp_ports: {exc}") from exc
+    cluster = config.cluster
+    if not (0 < cluster.heartbeat_s < cluster.node_ttl_s and cluster.lease_ttl_s >= 3
+            and cluster.workers >= 0 and cluster.request_timeout_s > 0):
+        raise ConfigError("[cluster]: 0 < heartbeat_s < node_ttl_s, lease_ttl_s ≥ 3 s, "
+                          "workers ≥ 0, request_timeout_s > 0")
     for addr in config.ice.host_addresses:
         try:
             ipaddress.ip_address(addr)
@@ -476,6 +525,7 @@ def load_config(
         "audit": AuditConfig,
         "store": StoreConfig,
         "recording": RecordingConfig,
+        "cluster": ClusterConfig,
     }
     unknown = set(data) - set(sections) - {"theatres", "sessions"}
     if unknown:

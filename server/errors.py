@@ -6,7 +6,7 @@ client broke the protocol: a bug in the client) or "server" (ours; retry later).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 Fault = Literal["user", "protocol", "server"]
 
@@ -22,7 +22,7 @@ class ScrubinError(Exception):
         if code is not None:
             self.code = code
 
-    def to_dict(self) -> dict[str, str | int]:
+    def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "fault": self.fault,
                 "status": self.status}
 

@@ -3,26 +3,53 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .roles import Role
 from .session import Session
 from .tokens import TokenAuthority
 
+
+@dataclass(frozen=True)
+class SessionShape:
+    """What links are made of: a Session's id, its slots and live Feeds (a
+    Session held by another Node is known by its description)."""
+
+    id: str
+    slots: tuple[str, ...]
+    feeds: tuple[str, ...]
+
+    @classmethod
+    def of(cls, session: Session) -> SessionShape:
+        return cls(session.id, tuple(session.theatre.slots),
+                   tuple(f.id for f in session.feeds.values() if f.state != "closed"))
+
+    @classmethod
+    def described(cls, description: dict[str, Any]) -> SessionShape:
+        return cls(str(description["id"]),
+                   tuple(str(s) for s in description.get("theatre", {}).get("slots", ())),
+                   tuple(str(f["id"]) for f in description.get("feeds", ())
+                         if f.get("state") != "closed"))
+
 #: Mints one token of a Role with a display name; None when the caller may
 #: not mint that Role (the derivation table, docs/security.md).
 Mint = Callable[[Role, str], str | None]
 
 
-def session_links(session: Session, tokens: TokenAuthority, base_url: str,
-                  ttl_s: float, *, mint: Mint | None = None) -> dict[str, Any]:
+def session_links(session: Session | SessionShape, tokens: TokenAuthority, base_url: str,
+                  ttl_s: float, *, mint: Mint | None = None,
+                  media_url: str | None = None) -> dict[str, Any]:
     """Fresh tokens for every entry; the fragment keeps them out of server logs.
     ``mint`` None: root tokens from the signing key (the demo's own links);
-    the API passes tokens derived from the caller's."""
+    the API passes tokens derived from the caller's. ``media_url``: the Node
+    that holds the Session, for WHIP and WHEP (default ``base_url``)."""
+    shape = session if isinstance(session, SessionShape) else SessionShape.of(session)
     base = base_url.rstrip("/")
+    media = (media_url or base_url).rstrip("/")
 
     def root(role: Role, name: str) -> str:
-        return tokens.issue(session.id, role, name=name, ttl_s=ttl_s)
+        return tokens.issue(shape.id, role, name=name, ttl_s=ttl_s)
 
     token: Mint = mint if mint is not None else root
 
@@ -31,20 +58,19 @@ def session_links(session: Session, tokens: TokenAuthority, base_url: str,
         return None if minted is None else f"{base}/{page_name}#token={minted}"
 
     return {
-        "session": session.id,
+        "session": shape.id,
         "expert_page": page(Role.EXPERT, "broadcast.html", "Expert"),
         "trainee_page": page(Role.TRAINEE, "watch.html", "Trainee"),
         "reviewer_page": page(Role.REVIEWER, "library.html", "Reviewer"),
         "whip": [
-            {"slot": slot, "url": f"{base}/whip/{session.id}/{slot}", "bearer_token": bearer}
-            for slot in session.theatre.slots
+            {"slot": slot, "url": f"{media}/whip/{shape.id}/{slot}", "bearer_token": bearer}
+            for slot in shape.slots
             if (bearer := token(Role.EXPERT, f"Encoder {slot}")) is not None
         ],
         "whep": [
-            {"feed": feed.id, "url": f"{base}/whep/{session.id}/{feed.id}",
-             "bearer_token": bearer}
-            for feed in session.feeds.values() if feed.state != "closed"
-            if (bearer := token(Role.TRAINEE, f"Player {feed.id}")) is not None
+            {"feed": feed, "url": f"{media}/whep/{shape.id}/{feed}", "bearer_token": bearer}
+            for feed in shape.feeds
+            if (bearer := token(Role.TRAINEE, f"Player {feed}")) is not None
         ],
     }
 

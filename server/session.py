@@ -78,6 +78,15 @@ WatchStream = Callable[[Callable[[float], None]], Callable[[], None]]
 Via = Literal["page", "whip"]
 
 
+def notify(listeners: set[Callable[[Event], None]], event: Event, session_id: str) -> None:
+    """Give ``event`` to every listener; one that raises is logged, not the others' problem."""
+    for listener in list(listeners):
+        try:
+            listener(event)
+        except Exception:
+            logger.exception("session %s: listener failed", session_id)
+
+
 class Ingest:
     """The expert's peer connection into one camera slot; it feeds 1–2 Feeds."""
 
@@ -160,6 +169,8 @@ class Session:
         self.title = title
         self.procedure = procedure
         self.state: SessionState = "live"
+        #: Ended here only: it lives on on another Node (``end(moved=True)``).
+        self.moved = False
         self.created_at = time.time()
         self.feeds: dict[str, Feed] = {}
         self.ingests: dict[str, Ingest] = {}
@@ -201,11 +212,7 @@ class Session:
         return lambda: self._listeners.discard(listener)
 
     def _emit(self, event: Event) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:
-                logger.exception("session %s: listener failed", self.id)
+        notify(self._listeners, event, self.id)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -231,11 +238,17 @@ class Session:
 
     # -- participants -----------------------------------------------------
     def join(self, grant: Grant) -> Participant:
+        return self.join_member(grant.participant_id, grant.role, grant.name or grant.role.value)
+
+    def join_member(self, participant_id: str, role: Role, name: str,
+                    node_id: str | None = None) -> Participant:
+        """One more connection of a Participant; ``node_id``: the Node its
+        websocket is on, when not this one (server/cluster.py)."""
         self._require_live()
-        participant = self.participants.get(grant.participant_id)
+        participant = self.participants.get(participant_id)
         if participant is None:
-            participant = Participant(id=grant.participant_id, role=grant.role,
-                                      name=grant.name or grant.role.value, node_id=self._node_id)
+            participant = Participant(id=participant_id, role=role, name=name,
+                                      node_id=node_id or self._node_id)
             self.participants[participant.id] = participant
         participant.connections += 1
         if participant.connections == 1:
@@ -848,13 +861,17 @@ class Session:
         self._check_grant(grant, MODERATORS, "end the session")
 
     # -- lifecycle --------------------------------------------------------
-    async def end(self, reason: str = "ended") -> None:
-        """The close cascade; returns when every peer connection is closed."""
+    async def end(self, reason: str = "ended", *, moved: bool = False) -> None:
+        """The close cascade; returns when every peer connection is closed.
+        ``moved``: the Session goes on, but not on this Node (it lost the
+        Session's lease, or is shutting down): participants are told to
+        reconnect (``session_moved``), not that it ended."""
         if self.state == "ended":
             await self._drain()
             return
         self.state = "ended"
-        self._emit({"type": "session_ended", "reason": reason})
+        self.moved = moved
+        self._emit({"type": "session_moved" if moved else "session_ended", "reason": reason})
         for ingest in list(self.ingests.values()):
             await self._close_ingest(ingest, final=True, reason="session ended")
         for feed in list(self.feeds.values()):

@@ -6,8 +6,10 @@ import asyncio
 import atexit
 import gc
 import logging
+import random
 import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -277,6 +279,26 @@ async def wait_for(check: Any, timeout: float = 10.0, interval: float = 0.05) ->
             return
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s: {reason}")
+
+
+def free_ports(count: int, kind: int = socket.SOCK_STREAM) -> int:
+    """The first of ``count`` consecutive ports (TCP, or UDP with
+    ``socket.SOCK_DGRAM``) nobody uses on loopback now."""
+    for _ in range(200):
+        first = random.randrange(20000, 60000)
+        probes = []
+        try:
+            for port in range(first, first + count):
+                probe = socket.socket(socket.AF_INET, kind)
+                probes.append(probe)
+                probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+        return first
+    raise AssertionError(f"no {count} free consecutive ports")
 
 
 def live_peer_connections() -> list[RTCPeerConnection]:

@@ -86,6 +86,59 @@ async def test_advertised_addresses_are_the_only_host_candidates() -> None:
         await pc.close()
 
 
+def test_host_candidates_are_bound_where_the_port_range_hook_reaches() -> None:
+    source = inspect.getsource(aioice.ice.Connection.get_component_candidates)
+    assert "loop = asyncio.get_running_loop()" in source
+    assert "loop.create_datagram_endpoint(" in source
+    assert "local_addr=(address, 0)" in source
+    # Every way aioice gathers host candidates goes through it.
+    assert "self.get_component_candidates(" in inspect.getsource(
+        aioice.ice.Connection.gather_candidates)
+
+
+async def test_host_candidates_take_ports_of_the_configured_range() -> None:
+    import socket
+
+    from .conftest import free_ports
+
+    first = free_ports(3, socket.SOCK_DGRAM)
+    ports = hooks.UdpPortRange(first, first + 2)
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", first + 1))  # someone else's: skipped
+    pcs = [RTCPeerConnection() for _ in range(3)]
+    try:
+        seen = []
+        for pc in pcs[:2]:
+            pc.addTransceiver("video")
+            hooks.advertise_host_addresses(pc, ["127.0.0.1"])
+            hooks.bind_udp_ports(pc, ports)
+            await pc.setLocalDescription(await pc.createOffer())
+            lines = [x for x in pc.localDescription.sdp.splitlines()
+                     if x.startswith("a=candidate")]
+            assert len(lines) == 1, lines
+            seen.append(int(lines[0].split()[5]))
+        assert seen == [first, first + 2]
+        # The range is full: no host candidate (said in the log), nothing elsewhere.
+        pcs[2].addTransceiver("video")
+        hooks.advertise_host_addresses(pcs[2], ["127.0.0.1"])
+        hooks.bind_udp_ports(pcs[2], ports)
+        await pcs[2].setLocalDescription(await pcs[2].createOffer())
+        assert "a=candidate" not in pcs[2].localDescription.sdp
+        # Freed by a closed connection, a port is used again.
+        await pcs[0].close()
+        again = RTCPeerConnection()
+        pcs.append(again)
+        again.addTransceiver("video")
+        hooks.advertise_host_addresses(again, ["127.0.0.1"])
+        hooks.bind_udp_ports(again, ports)
+        await again.setLocalDescription(await again.createOffer())
+        assert f" {first} typ host" in again.localDescription.sdp
+    finally:
+        taken.close()
+        for pc in pcs:
+            await pc.close()
+
+
 @pytest.mark.parametrize("host,networks,allowed", [
     ("abc.local", [], False),
     ("127.0.0.1", [], True),

@@ -25,6 +25,7 @@ from server.store import (
     SESSION_STATES,
     InviteRecord,
     MemoryState,
+    NodeRecord,
     Presence,
     PresenceEntry,
     RevocationCheck,
@@ -697,6 +698,189 @@ async def test_slow_subscriber_is_cut_off_not_buffered_forever(nodes: Nodes) -> 
     assert received == [{"n": 0}, {"n": 1}, {"n": 2}]
     assert sub.overflowed
     await sub.close()
+
+
+# -- leases --------------------------------------------------------------------
+
+
+async def test_one_node_holds_a_lease_however_many_race_for_it(nodes: Nodes,
+                                                                store: Store) -> None:
+    others = [nodes.open(f"node-{i}") for i in range(5)]
+    results = await asyncio.gather(
+        *(s.leases.acquire_lease("s1", ttl_s=10) for s in [store, *others] * 2))
+    holders = {(lease.node_id, lease.fence) for lease in results}
+    assert len({node for node, _ in holders}) == 1
+    held = await store.leases.get_lease("s1")
+    assert held is not None and (held.node_id, held.fence) in holders
+    assert 9 < held.ttl_s <= 10
+    # Whoever holds it, the others are told so and change nothing.
+    again = await others[0].leases.acquire_lease("s1", ttl_s=10)
+    if again.node_id != "node-0":
+        assert (again.node_id, again.fence) == (held.node_id, held.fence)
+    assert await store.leases.get_lease("other") is None
+
+
+async def test_a_lease_expires_unless_renewed_and_fences_only_grow(nodes: Nodes,
+                                                                   store: Store) -> None:
+    other = nodes.open("node-b")
+    mine = await store.leases.acquire_lease("s1", ttl_s=0.6)
+    assert mine.node_id == "node-a" and mine.fence > 0
+    for _ in range(3):
+        await asyncio.sleep(0.3)
+        assert await store.leases.renew_leases({"s1": mine.fence}, ttl_s=0.6) == set()
+        refused = await other.leases.acquire_lease("s1", ttl_s=0.6)
+        assert (refused.node_id, refused.fence) == ("node-a", mine.fence)
+    await asyncio.sleep(0.8)  # no renewal: it expires
+    assert await store.leases.get_lease("s1") is None
+    theirs = await other.leases.acquire_lease("s1", ttl_s=5)
+    assert theirs.node_id == "node-b" and theirs.fence > mine.fence
+    # The old holder learns it lost the lease; it cannot release theirs.
+    assert await store.leases.renew_leases({"s1": mine.fence}, ttl_s=5) == {"s1"}
+    assert not await store.leases.release_lease("s1", mine.fence)
+    held = await store.leases.get_lease("s1")
+    assert held is not None and held.node_id == "node-b"
+    # Released, the next holder's fence is larger still.
+    assert await other.leases.release_lease("s1", theirs.fence)
+    assert await store.leases.get_lease("s1") is None
+    assert (await store.leases.acquire_lease("s1", ttl_s=5)).fence > theirs.fence
+
+
+async def test_an_expired_lease_nobody_took_is_renewed_by_its_holder(nodes: Nodes,
+                                                                     store: Store) -> None:
+    other = nodes.open("node-b")
+    mine = await store.leases.acquire_lease("s1", ttl_s=0.3)
+    theirs = await other.leases.acquire_lease("s2", ttl_s=0.3)
+    await asyncio.sleep(0.5)
+    # One round trip for every lease of a Node; s2 was never this Node's.
+    assert await store.leases.renew_leases({"s1": mine.fence, "s2": theirs.fence - 1},
+                                           ttl_s=5) == {"s2"}
+    held = await store.leases.get_lease("s1")
+    assert held is not None and (held.node_id, held.fence) == ("node-a", mine.fence)
+    assert await store.leases.get_lease("s2") is None
+
+
+async def test_a_node_restarted_under_its_own_id_takes_its_lease_back(nodes: Nodes,
+                                                                       store: Store) -> None:
+    other = nodes.open("node-b")
+    first = await store.leases.acquire_lease("s1", ttl_s=10)
+    restarted = nodes.open("node-a")
+    again = await restarted.leases.acquire_lease("s1", ttl_s=10)
+    assert again.node_id == "node-a" and again.fence > first.fence
+    # The earlier run is fenced off; another Node still cannot take it.
+    assert await store.leases.renew_leases({"s1": first.fence}, ttl_s=10) == {"s1"}
+    assert (await other.leases.acquire_lease("s1", ttl_s=10)).fence == again.fence
+    assert await restarted.leases.renew_leases({"s1": again.fence}, ttl_s=10) == set()
+
+
+async def test_a_deposed_holder_cannot_end_the_session(nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    await store.theatres.put_theatre(OR1)
+    await store.sessions.create_session(SessionRecord(id="s1", theatre_id="or1", title="x",
+                                                      state="live"))
+    mine = await store.leases.acquire_lease("s1", ttl_s=0.3)
+    await asyncio.sleep(0.5)
+    theirs = await other.leases.acquire_lease("s1", ttl_s=10)
+    with pytest.raises(Conflict) as refused:
+        await store.sessions.set_session_state("s1", "ended", fence=mine.fence)
+    assert refused.value.code == "lease_lost"
+    assert (await store.sessions.get_session("s1")).state == "live"  # type: ignore[union-attr]
+    ended = await other.sessions.set_session_state("s1", "ended", fence=theirs.fence)
+    assert ended.state == "ended"
+
+
+@pytest.mark.parametrize("nodes", ["redis"], indirect=True)
+async def test_fences_keep_growing_after_redis_lost_its_keys(nodes: Nodes,
+                                                             store: Store) -> None:
+    raw = nodes.raw
+    assert raw is not None
+    other = nodes.open("node-b")
+    first = await store.leases.acquire_lease("s1", ttl_s=10)
+    # The lease, its counter, everything: as after a restart without persistence.
+    await raw.delete(*[k async for k in raw.scan_iter(match=nodes.prefix + "*")])
+    # Its holder, renewing, gets it back as it was: nobody took it meanwhile.
+    assert await store.leases.renew_leases({"s1": first.fence}, ttl_s=0.3) == set()
+    await asyncio.sleep(0.5)
+    await raw.delete(*[k async for k in raw.scan_iter(match=nodes.prefix + "*")])
+    theirs = await other.leases.acquire_lease("s1", ttl_s=10)
+    assert theirs.node_id == "node-b" and theirs.fence > first.fence
+    assert await store.leases.renew_leases({"s1": first.fence}, ttl_s=10) == {"s1"}
+
+
+# -- the Node registry -------------------------------------------------------------
+
+
+def node_record(node: str, instance: str = "i1", **load: float) -> NodeRecord:
+    return NodeRecord(node_id=node, instance=instance, url=f"http://{node}.example:8080",
+                      media_addresses=("10.0.0.1",), udp_ports="40000-40099",
+                      load=load or {"sessions": 1.0}, started_at=1000.0, heartbeat_at=1001.5)
+
+
+async def test_nodes_heartbeat_into_the_registry_and_leave_it(nodes: Nodes,
+                                                              store: Store) -> None:
+    other = nodes.open("node-b")
+    a = node_record("node-a", sessions=2, cpu=0.25)
+    assert await store.nodes.heartbeat(a, ttl_s=0.6) is None
+    assert await other.nodes.heartbeat(node_record("node-b"), ttl_s=30) is None
+    assert [n.node_id for n in await other.nodes.list_nodes()] == ["node-a", "node-b"]
+    assert await other.nodes.get_node("node-a") == a
+    assert a.describe()["media"] == {"addresses": ["10.0.0.1"], "udp_ports": "40000-40099"}
+    for _ in range(3):  # heartbeats keep it
+        await asyncio.sleep(0.3)
+        assert await store.nodes.heartbeat(a, ttl_s=0.6) is None
+    assert await other.nodes.get_node("node-a") is not None
+    await asyncio.sleep(0.8)  # a Node that stops beating is gone
+    assert [n.node_id for n in await other.nodes.list_nodes()] == ["node-b"]
+    assert await other.nodes.get_node("node-a") is None
+    await other.nodes.remove_node("node-b", "i1")
+    assert await store.nodes.list_nodes() == []
+
+
+async def test_two_processes_never_share_a_node_id(nodes: Nodes, store: Store) -> None:
+    running = node_record("node-a", "first")
+    assert await store.nodes.heartbeat(running, ttl_s=30) is None
+    second = nodes.open("node-a")
+    assert await second.nodes.heartbeat(node_record("node-a", "second"), ttl_s=30) == running
+    await second.nodes.remove_node("node-a", "second")  # not its record: nothing happens
+    assert await store.nodes.get_node("node-a") == running
+    await store.nodes.remove_node("node-a", "first")
+    assert await second.nodes.heartbeat(node_record("node-a", "second"), ttl_s=30) is None
+    found = await store.nodes.get_node("node-a")
+    assert found is not None and found.instance == "second"
+
+
+# -- the shared audit trail --------------------------------------------------------
+
+
+async def test_a_sessions_audit_trail_reads_as_one_from_every_node(nodes: Nodes,
+                                                                   store: Store) -> None:
+    other = nodes.open("node-b")
+    join = {"ts": 1.0, "node": "node-a", "event": "join", "session": "s1", "participant": "p1"}
+    await store.audit.append_audit([join, {**join, "ts": 3.0, "event": "leave"}], keep_s=60)
+    await other.audit.append_audit([
+        {"ts": 2.0, "node": "node-b", "event": "join", "session": "s1", "participant": "p2"},
+        {"ts": 2.5, "node": "node-b", "event": "node_started"},  # no Session: not shared
+        {"ts": 2.0, "node": "node-b", "event": "join", "session": "s2"},
+        join,  # the same entry twice is two entries
+    ], keep_s=60)
+    for reader in (store, other):
+        trail = await reader.audit.read_audit("s1")
+        assert [(e["ts"], e["node"], e["event"]) for e in trail] == [
+            (1.0, "node-a", "join"), (1.0, "node-a", "join"), (2.0, "node-b", "join"),
+            (3.0, "node-a", "leave")]
+        assert trail[0] == join
+    assert [e["ts"] for e in await other.audit.read_audit("s1", since=2.0)] == [2.0, 3.0]
+    assert [e["ts"] for e in await other.audit.read_audit("s1", limit=2)] == [2.0, 3.0]
+    assert await store.audit.read_audit("s1", limit=0) == []
+    assert [e["session"] for e in await store.audit.read_audit("s2")] == ["s2"]
+    assert await store.audit.read_audit("nope") == []
+
+
+async def test_a_sessions_audit_trail_is_kept_for_its_time(store: Store) -> None:
+    await store.audit.append_audit([{"ts": 1.0, "event": "join", "session": "s1"}],
+                                   keep_s=0.3)
+    assert len(await store.audit.read_audit("s1")) == 1
+    await asyncio.sleep(0.5)
+    assert await store.audit.read_audit("s1") == []
 
 
 # -- Redis specifics -----------------------------------------------------------

@@ -27,6 +27,7 @@ from redis import Redis
 from server.roles import Role
 from server.store import (
     EventSubscription,
+    NodeRecord,
     Presence,
     PresenceEntry,
     RevocationCheck,
@@ -118,6 +119,7 @@ def every_call(store: Store) -> dict[str, Callable[[], Awaitable[Any]]]:
     record = SessionRecord(id="s2", theatre_id="or1", title="x")
     entry = PresenceEntry(session_id="s1", participant_id="px", role=Role.TRAINEE, name="x",
                           node_id=store.node_id, connected_since=now)
+    node = NodeRecord(node_id=store.node_id, instance="i", url="http://127.0.0.1:1")
     return {
         "put_theatre": lambda: store.theatres.put_theatre(OR1),
         "get_theatre": lambda: store.theatres.get_theatre("or1"),
@@ -141,6 +143,17 @@ def every_call(store: Store) -> dict[str, Callable[[], Awaitable[Any]]]:
         "use_invite": lambda: store.invites.use_invite("i", max_uses=1, expires_at=now + 60),
         "invite_uses": lambda: store.invites.invite_uses("i"),
         "hit": lambda: store.rates.hit("k", 5, 1.0),
+        "acquire_lease": lambda: store.leases.acquire_lease("s1", ttl_s=5),
+        "renew_leases": lambda: store.leases.renew_leases({"s1": 1}, ttl_s=5),
+        "release_lease": lambda: store.leases.release_lease("s1", 1),
+        "get_lease": lambda: store.leases.get_lease("s1"),
+        "heartbeat": lambda: store.nodes.heartbeat(node, ttl_s=5),
+        "remove_node": lambda: store.nodes.remove_node(store.node_id, "i"),
+        "list_nodes": lambda: store.nodes.list_nodes(),
+        "get_node": lambda: store.nodes.get_node(store.node_id),
+        "append_audit": lambda: store.audit.append_audit(
+            [{"ts": now, "session": "s1", "event": "join"}], keep_s=60),
+        "read_audit": lambda: store.audit.read_audit("s1"),
         "publish": lambda: store.events.publish("s1", {"type": "x"}),
         "subscribe": lambda: store.events.subscribe("s-new"),
     }

@@ -354,3 +354,35 @@ def test_shipped_production_example_loads_and_takes_keys_from_env():
     authority = TokenAuthority(with_keys.auth.signing_keys)
     token = TokenAuthority([OLD_KEY]).issue("s", Role.ADMIN)
     assert authority.verify(token).role == Role.ADMIN
+
+
+def test_node_ids_stay_the_same_across_restarts_and_workers_get_their_own_ports():
+    from server.nodes import default_node_id
+    from server.workers import worker_config, worker_count
+
+    path = ROOT / "configs" / "production.example.toml"
+    env = {"SCRUBIN_STORE_REDIS_URL": "redis://127.0.0.1:1/0"}
+    config = load_config(path, env=env)
+    assert default_node_id(config) == default_node_id(load_config(path, env=env))
+    assert default_node_id(config).endswith("-8443")
+    named = load_config(path, env={**env, "SCRUBIN_SERVER_NODE_ID": "theatres-a"})
+    assert default_node_id(named) == "theatres-a"
+
+    assert worker_count(config, None) >= 1 and worker_count(config, 3) == 3
+    workers = [worker_config(named, i, 3) for i in range(3)]
+    assert [w.server.node_id for w in workers] == [f"theatres-a-w{i}" for i in range(3)]
+    assert [w.server.port for w in workers] == [8444, 8445, 8446]
+    assert [w.base_url for w in workers] == [
+        f"https://scrubin.hospital.example:{p}" for p in (8444, 8445, 8446)]
+    # 40000-40999 in three parts; the remainder is left unused.
+    assert [w.ice.udp_ports for w in workers] == ["40000-40332", "40333-40665", "40666-40998"]
+    assert all(w.store.redis_url == named.store.redis_url for w in workers)
+
+    alone = load_config(path, env={})
+    assert worker_count(alone, None) == 1 and worker_count(alone, 1) == 1
+    with pytest.raises(ConfigError, match="redis_url"):
+        worker_count(alone, 2)
+    with pytest.raises(ConfigError, match="udp_ports"):
+        load_config(path, env={"SCRUBIN_ICE_UDP_PORTS": "40000-39999"})
+    with pytest.raises(ConfigError, match="cluster"):
+        load_config(path, env={"SCRUBIN_CLUSTER_NODE_TTL_S": "0.5"})

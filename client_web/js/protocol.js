@@ -49,7 +49,8 @@
  * @typedef {{id: string, title: string, procedure: string, state: string,
  *            theatre: Theatre, feeds: Feed[]}} Session
  * @typedef {{type: 'welcome', participant: Participant, session: Session,
- *            participants: Participant[], viewers: number, ice_servers: RTCIceServer[]}} Welcome
+ *            participants: Participant[], viewers: number, ice_servers: RTCIceServer[],
+ *            node?: {id: string, url: string}, serving?: {id: string, url: string|null}}} Welcome
  * @typedef {'idle'|'connecting'|'open'|'reconnecting'|'ended'|'failed'|'closed'} ClientState
  * @typedef {'connecting'|'live'|'reconnecting'|'failed'|'stopped'} PublicationState
  * @typedef {'connecting'|'connected'|'reconnecting'|'failed'|'closed'} SubscriptionState
@@ -331,6 +332,21 @@ export function websocketUrl(path = '/ws', loc = globalThis.location) {
   return `${scheme}//${loc.host}${path}`;
 }
 
+/**
+ * The websocket URL of the Node a `welcome` says serves this Session, when it
+ * is not the Node that sent it (docs/protocol.md, "Several Nodes"); else null.
+ * @param {{node?: {id?: string}, serving?: {id?: string, url?: string|null}}} welcome
+ */
+export function servingUrl(welcome) {
+  const serving = welcome.serving;
+  if (!serving || !serving.url || !welcome.node || serving.id === welcome.node.id) return null;
+  try {
+    return websocketUrl('/ws', new URL(serving.url));
+  } catch {
+    return null;
+  }
+}
+
 /** The Feed id of a slot and kind: `<slot>.<kind>`. */
 export function feedId(/** @type {string} */ slot, /** @type {string} */ kind) {
   return `${slot}.${kind}`;
@@ -439,6 +455,9 @@ export class ScrubinClient extends EventTarget {
     if (!options || !options.token) throw new TypeError('ScrubinClient needs a token');
     this.token = options.token;
     this.url = options.url || websocketUrl();
+    /** Where this page first connected: back there if the Node it moved to stops answering. */
+    this.homeUrl = this.url;
+    this._moves = 0;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 15000;
     this.pingIntervalMs = options.pingIntervalMs ?? 15000;
     this.maxReconnectDelayMs = options.maxReconnectDelayMs ?? 10000;
@@ -596,6 +615,11 @@ export class ScrubinClient extends EventTarget {
   /** @param {string} reason */
   _scheduleReconnect(reason) {
     this._detachSocket();
+    if (this.url !== this.homeUrl && this._reconnectAttempt >= 1) {
+      // The Node this page moved to does not answer: the one it came from
+      // knows who serves the Session now.
+      this.url = this.homeUrl;
+    }
     this._setState('reconnecting', reason);
     clearTimeout(this._reconnectTimer);
     const delay = backoffDelay(this._reconnectAttempt++, 500, this.maxReconnectDelayMs);
@@ -669,6 +693,17 @@ export class ScrubinClient extends EventTarget {
 
     if (!this._welcomed) {
       if (msg.type === 'welcome') {
+        const target = servingUrl(msg);
+        if (target && target !== this.url && this._moves < 3) {
+          // Another Node serves this Session: connect there directly (no HTTP
+          // redirect: browsers drop the token on cross-origin redirects).
+          this._moves++;
+          this.url = target;
+          this._detachSocket();
+          this._open();
+          return;
+        }
+        this._moves = 0;
         this._onWelcome(/** @type {Welcome} */ (msg));
       } else if (msg.type === 'error' && msg.error) {
         const error = new ScrubinError(msg.error);

@@ -164,6 +164,20 @@ def _audit(request: web.Request, event: str, grant: Grant, **fields: Any) -> Non
                               address=request.remote, **fields)
 
 
+# -- the Node registry ---------------------------------------------------------------
+
+@routes.get("/api/admin/nodes")
+async def list_nodes(request: web.Request) -> web.Response:
+    await node_admin(request)
+    registry = request.app[REGISTRY]
+    records = await request.app[STORE].nodes.list_nodes()
+    return web.json_response({
+        "nodes": [r.describe() for r in records],
+        "node": registry.node_id,
+        "holds": {sid: fence for sid, fence in registry.fences.items() if registry.holds(sid)},
+    })
+
+
 # -- theatres ----------------------------------------------------------------------
 
 @routes.get("/api/admin/theatres")
@@ -238,13 +252,19 @@ async def _theatre(request: web.Request) -> Theatre:
 # -- sessions ----------------------------------------------------------------------
 
 async def _session_view(request: web.Request, record: SessionRecord) -> dict[str, Any]:
-    live = request.app[REGISTRY].sessions.get(record.id)
+    registry = request.app[REGISTRY]
+    live = registry.sessions.get(record.id)
+    node = record.node_id or None
+    if record.state == "live":
+        # The Node holding its lease now (None: nobody, until a participant asks).
+        lease = await registry.lease(record.id)
+        node = lease.node_id if lease is not None else None
     view: dict[str, Any] = {
         "id": record.id, "theatre": record.theatre_id, "title": record.title,
         "procedure": record.procedure, "expert": record.expert,
         "starts_at": record.starts_at, "state": record.state,
         "started_at": record.started_at, "ended_at": record.ended_at,
-        "node": record.node_id or None, "feeds": [], "participants": 0,
+        "node": node, "feeds": [], "participants": 0,
     }
     if live is not None and live.state == "live":
         view["feeds"] = live.describe()["feeds"]

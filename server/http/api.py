@@ -10,15 +10,21 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..errors import BadRequest, Forbidden, Unauthorized
-from ..links import session_links
+from ..links import SessionShape, session_links
+from ..registry import SessionElsewhere
 from ..roles import MAY_DERIVE, Role
+from ..session import Session
 from .common import (
     ACCEPTING,
     AUDIT,
+    CLUSTER,
     CONFIG,
     METRICS,
+    NODE_ID,
+    NODES,
     PEERS,
     REGISTRY,
+    SHARED_AUDIT,
     STORE,
     TOKENS,
     authenticate,
@@ -58,24 +64,38 @@ async def links(request: web.Request) -> web.Response:
     """Tokens derived from the caller's (docs/security.md): only Roles the
     derivation table lets it mint, expiring with it, revoked with it."""
     grant = await authenticate(request)
-    session = await session_for(request, grant)
-    session.check_moderator(grant)
     config = request.app[CONFIG]
+    shape: Session | SessionShape
+    media_url = config.base_url
+    try:
+        shape = session = await session_for(request, grant)
+        session.check_moderator(grant)
+    except SessionElsewhere as where:
+        # Held by another Node: its Feeds from there, WHIP/WHEP on it.
+        cluster = request.app[CLUSTER]
+        remote = await cluster.attach(where)
+        try:
+            remote.check_moderator(grant)
+            shape = SessionShape.described(remote.describe())
+        finally:
+            cluster.left(remote)
+        media_url = where.url or media_url
     tokens = request.app[TOKENS]
 
     def mint(role: Role, name: str) -> str | None:
         if role not in MAY_DERIVE[grant.role]:
             return None
-        token, derived = tokens.derive(grant, role, session_id=session.id, name=name,
+        token, derived = tokens.derive(grant, role, session_id=shape.id, name=name,
                                        ttl_s=config.auth.token_ttl_s)
         request.app[AUDIT].record(
-            "token_derived", session=session.id, token=derived.token_id, role=role.value,
+            "token_derived", session=shape.id, token=derived.token_id, role=role.value,
             name=name, parent=grant.token_id, person=derived.person_id,
             expires_at=derived.expires_at, by=grant.participant_id, address=request.remote)
         return token
 
-    return web.json_response(session_links(session, tokens, config.base_url,
-                                           config.auth.token_ttl_s, mint=mint))
+    return web.json_response(session_links(shape, tokens, config.base_url,
+                                           config.auth.token_ttl_s, mint=mint,
+                                           media_url=media_url))
 
 
 @routes.get("/api/sessions/{session}/audit")
@@ -94,7 +114,12 @@ async def audit(request: web.Request) -> web.Response:
         raise BadRequest("since and limit are numbers", code="bad_query") from None
     if not (math.isfinite(since) and since >= 0 and 1 <= limit <= 10000):
         raise BadRequest("since is ≥ 0 and limit from 1 to 10000", code="bad_query")
-    entries = request.app[AUDIT].read(session=session_id, since=since, limit=limit)
+    shared = request.app.get(SHARED_AUDIT)
+    if shared is not None:
+        # Several Nodes: the Session's trail from all of them, as one.
+        entries = await shared.read(session_id, since=since, limit=limit)
+    else:
+        entries = request.app[AUDIT].read(session=session_id, since=since, limit=limit)
     return web.json_response({"entries": entries})
 
 
@@ -107,12 +132,18 @@ async def healthz(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     """Ready: accepting joins (not shutting down)."""
+    node = request.app[NODE_ID]
     if not request.app[ACCEPTING]["joins"]:
-        return web.json_response({"status": "shutting_down"}, status=503)
+        return web.json_response({"status": "shutting_down", "node": node}, status=503)
     store = request.app[STORE]
     if not await store.healthy():
-        return web.json_response({"status": "degraded", "store": store.kind}, status=503)
-    return web.json_response({"status": "ready", "store": store.kind})
+        return web.json_response({"status": "degraded", "store": store.kind, "node": node},
+                                 status=503)
+    if not request.app[NODES].in_registry:
+        # Another process runs under this node id (or the first heartbeat is due).
+        return web.json_response({"status": "not_in_registry", "store": store.kind,
+                                  "node": node}, status=503)
+    return web.json_response({"status": "ready", "store": store.kind, "node": node})
 
 
 @routes.get("/metrics")

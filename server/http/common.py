@@ -19,7 +19,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .. import logs
-from ..audit import JsonlAuditTrail
+from ..audit import JsonlAuditTrail, SharedAudit
+from ..cluster import Cluster
 from ..config import Config
 from ..errors import (
     BadRequest,
@@ -34,7 +35,8 @@ from ..errors import (
 from ..media.liveness import Liveness
 from ..media.peers import PeerFactory
 from ..metrics import Metrics
-from ..registry import Registry
+from ..nodes import Nodes
+from ..registry import Registry, SessionElsewhere
 from ..session import Ingest, Session, SlotView
 from ..store import Presence, RateLimiter, Store, StoreUnavailable
 from ..subscription import Subscription
@@ -54,8 +56,40 @@ METRICS = web.AppKey("metrics", Metrics)
 AUDIT = web.AppKey("audit", JsonlAuditTrail)
 STORE = web.AppKey("store", Store)
 PRESENCE = web.AppKey("presence", Presence)
-#: The pages' Content-Security-Policy, from the configuration.
-CSP = web.AppKey("csp", str)
+NODES = web.AppKey("nodes", Nodes)
+CLUSTER = web.AppKey("cluster", Cluster)
+#: Set when several Nodes share a store: every Session's trail, read as one.
+SHARED_AUDIT = web.AppKey("shared_audit", SharedAudit)
+
+
+class DeploymentOrigins:
+    """The origins of this deployment's Nodes (this one, ``server.node_urls``
+    and every Node in the Node registry): the pages' Content-Security-Policy
+    lets them connect there, and CORS lets their pages call WHIP/WHEP."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self.origins: frozenset[str] = frozenset()
+        self.csp = ""
+        self.update([])
+
+    def update(self, node_urls: list[str]) -> None:
+        """The Node registry's URLs changed."""
+        urls = [self._config.base_url, *self._config.server.node_urls, *node_urls]
+        self.origins = frozenset(o for o in (_origin(u) for u in urls) if o is not None)
+        self.csp = content_security_policy(self._config, node_urls)
+
+
+def _origin(url: str) -> str | None:
+    parts = urlsplit(url)
+    if not parts.hostname or parts.hostname in ("0.0.0.0", "::"):
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+#: The pages' Content-Security-Policy and CORS origins, from the configuration
+#: and the Node registry.
+CSP = web.AppKey("csp", DeploymentOrigins)
 
 
 class AuthGuard:
@@ -198,12 +232,13 @@ def close_socket(app: web.Application, ws: web.WebSocketResponse, error: Scrubin
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-def content_security_policy(config: Config) -> str:
+def content_security_policy(config: Config, node_urls: list[str] | None = None) -> str:
     """The pages' policy. ``connect-src``: this deployment's own origins only
-    (this Node's and every Node's in ``server.node_urls``, with their ws/wss
-    equivalents), never ``ws:`` or ``wss:`` to any host."""
+    (this Node's, every Node's in ``server.node_urls`` and ``node_urls`` (the
+    Node registry's), with their ws/wss equivalents), never ``ws:`` or
+    ``wss:`` to any host."""
     origins: list[str] = []
-    for url in (config.base_url, *config.server.node_urls):
+    for url in (config.base_url, *config.server.node_urls, *(node_urls or [])):
         parts = urlsplit(url)
         if not parts.hostname or parts.hostname in ("0.0.0.0", "::"):
             continue  # a listening address, not an origin: 'self' covers it
@@ -232,7 +267,7 @@ def cors_headers(request: web.Request) -> dict[str, str]:
         return {}
     origin = request.headers.get("Origin")
     allowed = request.app[CONFIG].server.cors_origins
-    if origin and ("*" in allowed or origin in allowed):
+    if origin and ("*" in allowed or origin in allowed or origin in request.app[CSP].origins):
         return {
             "Access-Control-Allow-Origin": origin,
             "Access-Control-Allow-Methods": "POST, DELETE, OPTIONS",
@@ -249,6 +284,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ScrubinError as exc:
+        if isinstance(exc, SessionElsewhere) and exc.url and _initial_post(request):
+            # RFC 9725: a WHIP (and here WHEP) client is sent to the Node that
+            # holds the Session on its first POST; later requests (DELETE) go
+            # to the resource URL it got there.
+            return web.json_response(exc.to_dict(), status=307, headers={
+                "Location": exc.url.rstrip("/") + request.path_qs, **cors_headers(request)})
         exc = await refused_auth(request.app, exc, request.remote)
         count_refusal(request.app, exc, joining=request.path.startswith(("/whip/", "/whep/")))
         if exc.status in (401, 403):
@@ -279,6 +320,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         body = {"code": "internal", "message": "internal server error", "fault": "server",
                 "status": 500}
         return web.json_response(body, status=500)
+
+
+def _initial_post(request: web.Request) -> bool:
+    """The POST that creates a WHIP or WHEP resource."""
+    return request.method == "POST" and request.path.startswith(("/whip/", "/whep/")) and (
+        "resource" not in request.match_info)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -325,6 +372,20 @@ def forwarded_middleware(trusted: list[str]) -> Middleware:
 
 
 @web.middleware
+async def own_resource_urls(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With several Nodes, a WHIP/WHEP resource lives on the Node that made it:
+    its ``Location`` names that Node's own URL, so a DELETE reaches it even
+    when the POST came through a shared port or a load balancer."""
+    response = await handler(request)
+    location = response.headers.get("Location", "")
+    if (response.status == 201 and location.startswith("/")
+            and request.path.startswith(("/whip/", "/whep/"))
+            and request.app[STORE].kind != "memory"):
+        response.headers["Location"] = request.app[NODES].url + location
+    return response
+
+
+@web.middleware
 async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
@@ -340,7 +401,7 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
         response.headers.setdefault("Cache-Control", "no-cache")
     ctype = response.headers.get("Content-Type", "")
     if ctype.startswith("text/html"):
-        response.headers["Content-Security-Policy"] = request.app[CSP]
+        response.headers["Content-Security-Policy"] = request.app[CSP].csp
         response.headers.setdefault("Cache-Control", "no-store")
     return response
 

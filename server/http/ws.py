@@ -12,10 +12,12 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import logs
+from ..cluster import RemoteSession
 from ..errors import BadRequest, Conflict, Forbidden, ScrubinError, TooManyRequests
 from ..interaction import visible_to
 from ..media.turn import ClientIce
 from ..recordings import MESSAGE_TYPES as RECORDING_MESSAGES
+from ..registry import SessionElsewhere
 from ..roles import PUBLISHERS, ROSTER_READERS, VIEWERS, Role
 from ..session import Event, Ingest, Session
 from ..subscription import Subscription
@@ -23,8 +25,10 @@ from ..tokens import Grant
 from .common import (
     ACCEPTING,
     AUDIT,
+    CLUSTER,
     CONFIG,
     MESSAGE_RATES,
+    NODES,
     PEERS,
     PRESENCE,
     REGISTRY,
@@ -64,14 +68,18 @@ CLOSE_TOO_MANY = 4409
 
 
 class Connection:
-    """One signalling socket of one Participant, and what it created."""
+    """One signalling socket of one Participant, and what it created. Its
+    Session is held here (``Session``) or by another Node (``RemoteSession``:
+    requests go there, media requests are refused)."""
 
-    def __init__(self, app: web.Application, ws: web.WebSocketResponse, session: Session,
-                 grant: Grant) -> None:
+    def __init__(self, app: web.Application, ws: web.WebSocketResponse,
+                 session: Session | RemoteSession, grant: Grant) -> None:
         self.app = app
         self.ws = ws
         self.session = session
         self.grant = grant
+        #: The Session continues elsewhere: close so that the page reconnects.
+        self.moved = False
         self.ingests: dict[str, Ingest] = {}
         self.subscriptions: dict[str, Subscription] = {}
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -92,7 +100,10 @@ class Connection:
                 await self.ws.send_json(message)
             except (ConnectionError, RuntimeError):
                 return
-        if self.session.state == "ended" and not self.ws.closed:
+        if self.moved and not self.ws.closed:
+            # Reconnecting finds the Node that holds the Session now.
+            await self.ws.close(code=WSCloseCode.SERVICE_RESTART, message=b"session moved")
+        elif self.session.state == "ended" and not self.ws.closed:
             # session_ended was the last message: close with 1000 now, even while
             # the handler waits in receive() (close() wakes it up).
             await self.ws.close(code=WSCloseCode.OK, message=b"session ended")
@@ -152,12 +163,19 @@ class Connection:
         elif kind == "session_ended":
             self.send(event)
             self.send(None)
+        elif kind == "session_moved":
+            self.moved = True
+            self.send({"type": "going_away", "reason": str(event.get("reason") or "")})
+            self.send(None)
 
     async def handle(self, message: dict[str, Any]) -> dict[str, Any]:
         kind = message.get("type")
         session, grant = self.session, self.grant
         if kind == "ping":
             return {"type": "pong"}
+        if isinstance(session, RemoteSession):
+            # Held by another Node: it answers (media: 409 with the Node to use).
+            return await session.forward(grant, message)
         if kind == "publish":
             slot = _field(message, "slot")
             takeover = message.get("takeover", False)
@@ -222,12 +240,32 @@ class Connection:
     async def close_resources(self) -> None:
         """The socket is gone: its viewers' connections go with it; its
         publications wait for the expert's page to come back and re-publish."""
+        if not isinstance(self.session, Session):
+            return
         for subscription in list(self.subscriptions.values()):
             await subscription.close()
         for ingest in list(self.ingests.values()):
             if not ingest.closed and self.session.ingests.get(ingest.id) is ingest:
                 self.session.ingests.pop(ingest.id, None)
                 await ingest.close(final=False)
+
+
+async def answer_forwarded(app: web.Application, session: Session, grant: Grant,
+                           message: dict[str, Any]) -> dict[str, Any]:
+    """A request of a page connected to another Node, for a Session held here
+    (server/cluster.py): what ``Connection.handle`` does for it, but media."""
+    if grant.session_id != session.id:
+        raise Forbidden("token is for another session", code="wrong_session")
+    kind = message.get("type")
+    if kind == "end_session":
+        session.check_moderator(grant)
+        app[REGISTRY].spawn(session.end(f"ended by {grant.name or grant.role.value}"))
+        return {"type": "ok"}
+    if isinstance(kind, str) and kind in RECORDING_MESSAGES:
+        return await app[RECORDINGS].handle(session, grant, message)
+    if isinstance(kind, str) and kind in session.interaction.message_types:
+        return session.interaction.handle(grant, message)
+    raise BadRequest(f"unknown message type {kind!r}", code="unknown_type")
 
 
 def _field(message: dict[str, Any], name: str) -> str:
@@ -312,8 +350,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             raise Forbidden("a node-wide admin token joins no Session; use a Session's token",
                             code="wrong_session")
         # The expert joining brings a scheduled Session live on this Node.
-        session = await request.app[REGISTRY].resolve(grant.session_id,
-                                                       start=grant.role in PUBLISHERS)
+        session: Session | RemoteSession
+        try:
+            session = await request.app[REGISTRY].resolve(grant.session_id,
+                                                           start=grant.role in PUBLISHERS)
+        except SessionElsewhere as where:
+            # Held by another Node: joined through it; the welcome tells the
+            # page where to connect for its media.
+            session = await request.app[CLUSTER].attach(where)
         await require_store(request.app)
         _claim_socket(request.app, ws, grant)
         participant = session.join(grant)
@@ -336,11 +380,20 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     stop_listening = session.listen(connection.on_event)
     welcome = connection.roster_message()
     ice = request.app[PEERS].ice_servers_for(grant)
+    nodes = request.app[NODES]
+    here = {"id": nodes.node_id, "url": nodes.url}
     connection.send({
         "type": "welcome", "id": hello_id, "participant": participant.describe(),
         "session": session.describe(), "participants": welcome["participants"],
         "viewers": welcome["viewers"], "ice_servers": ice.servers,
-        "recording": request.app[RECORDINGS].status(session),  # is it being recorded?
+        # Is it being recorded?
+        "recording": (request.app[RECORDINGS].status(session) if isinstance(session, Session)
+                      else session.recording),
+        # The Node that serves this page's media: a page on another Node
+        # connects there (docs/protocol.md, "Several Nodes").
+        "node": here,
+        "serving": here if isinstance(session, Session) else {
+            "id": session.holder, "url": session.holder_url},
     })
     writer = asyncio.ensure_future(connection.writer())
     refresher = asyncio.ensure_future(_refresh_ice_servers(connection, ice))
@@ -370,6 +423,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             await writer
         await connection.close_resources()
         session.leave(participant.id)
+        if isinstance(session, RemoteSession):
+            request.app[CLUSTER].left(session)
         await presence.leave(session.id, participant.id)
         audit_grant(request.app, "leave", grant, request.remote, via="websocket")
         if session.state == "ended" and not ws.closed:
@@ -423,12 +478,13 @@ async def _dispatch(connection: Connection, data: str) -> None:
         if not isinstance(request_id, (str, int, type(None))) or isinstance(request_id, bool):
             request_id = None
             raise BadRequest("id must be a string or a number", code="bad_message")
-        if message.get("type") == "end_session":
+        session = connection.session
+        if message.get("type") == "end_session" and isinstance(session, Session):
             # Reply first: ending the Session closes this socket's outbox.
-            connection.session.check_moderator(connection.grant)
+            session.check_moderator(connection.grant)
             connection.send({"type": "ok", "id": request_id})
             grant = connection.grant
-            await connection.session.end(f"ended by {grant.name or grant.role.value}")
+            await session.end(f"ended by {grant.name or grant.role.value}")
             return
         reply = await connection.handle(message)
     except ScrubinError as exc:

@@ -9,6 +9,8 @@ when an upgrade moves them. Nothing outside this module may use a private name.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import errno
 import ipaddress
 import logging
 import time
@@ -244,6 +246,93 @@ def advertise_host_addresses(pc: RTCPeerConnection, addresses: list[str]) -> Non
     for connection in _ice_connections(pc):
         connection.gather_candidates = types.MethodType(  # type: ignore[method-assign]
             gather_candidates, connection)
+
+
+class UdpPortRange:
+    """Ports ``low``..``high`` for host candidates, handed out round robin;
+    a port in use (by anyone) is skipped."""
+
+    def __init__(self, low: int, high: int) -> None:
+        if not 0 < low <= high <= 65535:
+            raise ValueError(f"bad UDP port range {low}-{high}")
+        self.low, self.high = low, high
+        self._next = low
+
+    def __str__(self) -> str:
+        return f"{self.low}-{self.high}"
+
+    def ports(self) -> list[int]:
+        """Every port once, starting after the last one bound."""
+        size = self.high - self.low + 1
+        start = self._next - self.low
+        return [self.low + (start + i) % size for i in range(size)]
+
+    async def bind(self, create: Callable[..., Any], protocol_factory: Callable[[], Any],
+                   address: str, **kwargs: Any) -> Any:
+        for port in self.ports():
+            try:
+                result = await create(protocol_factory, local_addr=(address, port), **kwargs)
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    continue
+                raise
+            self._next = self.low + (port + 1 - self.low) % (self.high - self.low + 1)
+            return result
+        logger.error("no free UDP port in %s on %s: a peer connection gets no host candidate "
+                     "there (widen ice.udp_ports)", self, address)
+        raise OSError(errno.EADDRINUSE, f"no free UDP port in {self}")
+
+
+#: The range the host candidates gathered in this task bind (bind_udp_ports).
+_UDP_PORTS: contextvars.ContextVar[UdpPortRange | None] = contextvars.ContextVar(
+    "scrubin_udp_ports", default=None)
+LOOP_PORTS_HOOKED = "_scrubin_udp_ports_hooked"
+
+
+def bind_udp_ports(pc: RTCPeerConnection, ports: UdpPortRange) -> None:
+    """Bind the host candidates of ``pc`` to ports of ``ports``: a hospital
+    firewall opens a range, not all of 1024-65535 (aioice binds port 0 and has
+    no range option). Call after transceivers exist, before gathering.
+
+    aioice's ``get_component_candidates`` binds each host address with
+    ``loop.create_datagram_endpoint(..., local_addr=(address, 0))``; for this
+    connection's gathering only (a context variable), the loop's call picks
+    a port of the range instead of 0.
+    """
+    for connection in _unique_connections(pc):
+        original = connection.get_component_candidates
+
+        async def get_component_candidates(self: aioice_ice.Connection, *args: Any,
+                                           _original: Callable[..., Any] = original,
+                                           **kwargs: Any) -> Any:
+            _hook_datagram_endpoints(asyncio.get_running_loop())
+            token = _UDP_PORTS.set(ports)
+            try:
+                return await _original(*args, **kwargs)
+            finally:
+                _UDP_PORTS.reset(token)
+
+        connection.get_component_candidates = types.MethodType(  # type: ignore[method-assign]
+            get_component_candidates, connection)
+
+
+def _hook_datagram_endpoints(loop: asyncio.AbstractEventLoop) -> None:
+    if getattr(loop, LOOP_PORTS_HOOKED, False):
+        return
+    original = loop.create_datagram_endpoint
+
+    async def create_datagram_endpoint(protocol_factory: Callable[[], Any],
+                                       local_addr: tuple[str, int] | None = None,
+                                       remote_addr: Any = None, **kwargs: Any) -> Any:
+        ports = _UDP_PORTS.get()
+        if (ports is None or local_addr is None or local_addr[1] != 0
+                or remote_addr is not None or kwargs.get("sock") is not None):
+            return await original(protocol_factory, local_addr=local_addr,
+                                  remote_addr=remote_addr, **kwargs)
+        return await ports.bind(original, protocol_factory, local_addr[0], **kwargs)
+
+    setattr(loop, "create_datagram_endpoint", create_datagram_endpoint)  # noqa: B010
+    setattr(loop, LOOP_PORTS_HOOKED, True)
 
 
 def remote_candidate_allowed(

@@ -29,7 +29,7 @@ from aiortc import (
 )
 from aiortc import sdp as aiortc_sdp
 
-from ..config import IceConfig, TurnConfig
+from ..config import IceConfig, TurnConfig, udp_port_range
 from ..errors import Unprocessable
 from ..tokens import Grant
 from . import hooks
@@ -75,6 +75,9 @@ class PeerFactory:
             ipaddress.ip_network(net, strict=False) for net in ice.allowed_remote_networks
         ]
         self._probes: set[asyncio.Task[Any]] = set()
+        #: Host candidates bind ports of this range (None: ephemeral ports).
+        self.udp_ports = (hooks.UdpPortRange(*udp_port_range(ice.udp_ports))
+                          if ice.udp_ports else None)
 
     def ice_servers_for(self, grant: Grant) -> ClientIce:
         """For one client: static servers and its own TURN credentials."""
@@ -90,6 +93,8 @@ class PeerFactory:
 
     def before_local_description(self, pc: RTCPeerConnection) -> None:
         hooks.advertise_host_addresses(pc, self._ice.host_addresses)
+        if self.udp_ports is not None:
+            hooks.bind_udp_ports(pc, self.udp_ports)
 
     async def answer(self, pc: RTCPeerConnection, offer: str) -> str:
         """Apply ``offer`` and return our answer with every candidate in it.

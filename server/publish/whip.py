@@ -44,6 +44,33 @@ logger = logging.getLogger(__name__)
 
 class IceUnreachable(Exception):
     """This attempt's ICE configuration gave no candidate to offer."""
+#: Redirects followed for one offer (RFC 9725 section 4.5: a server may send
+#: a client's first POST to another endpoint, e.g. the Node that holds the Session).
+MAX_REDIRECTS = 3
+
+
+async def post_offer(http: aiohttp.ClientSession, url: str, sdp: str, token: str,
+                     params: dict[str, str] | None = None
+                     ) -> tuple[int, str, str, str, list[str]]:
+    """POST an SDP offer; a 307/308 is followed with the same token and body
+    (aiohttp would drop the token on a redirect to another host). Returns the
+    status, the body, the URL that answered, its ``Location`` and its ``Link``
+    headers."""
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/sdp"}
+    for _ in range(MAX_REDIRECTS + 1):
+        async with http.post(url, data=sdp, headers=headers, params=params,
+                             allow_redirects=False) as response:
+            body = await response.text()
+            target = response.headers.get("Location", "")
+            if response.status not in (307, 308) or not target:
+                return (response.status, body, url, target,
+                        list(response.headers.getall("Link", [])))
+        following = urljoin(url, target)
+        if urlsplit(following).scheme not in ("http", "https"):
+            raise WhipError(response.status, body)
+        logger.info("offer to %s redirected to %s", url, following)
+        url, params = following, None  # the query came along in the Location
+    raise WhipError(response.status, "too many redirects")
 
 
 class WhipError(Exception):
@@ -287,17 +314,13 @@ class WhipPublisher:
             await pc.setLocalDescription(await pc.createOffer())
             if "a=candidate:" not in pc.localDescription.sdp:
                 raise IceUnreachable("no ICE candidate (TURN server unreachable?)")
-            headers = {"Authorization": f"Bearer {self.token}",
-                       "Content-Type": "application/sdp"}
             params = {"takeover": "1"} if self.options.takeover else None
-            async with http.post(self.url, data=pc.localDescription.sdp, headers=headers,
-                                 params=params) as response:
-                body = await response.text()
-                if response.status != 201:
-                    raise WhipError(response.status, body)
-                location = response.headers.get("Location", "")
-                self._linked = _as_rtc(parse_link_headers(response.headers.getall("Link", [])))
-            self._resource = urljoin(self.url, location) if location else None
+            status, body, answered, location, links = await post_offer(
+                http, self.url, pc.localDescription.sdp, self.token, params)
+            if status != 201:
+                raise WhipError(status, body)
+            self._linked = _as_rtc(parse_link_headers(links))
+            self._resource = urljoin(answered, location) if location else None
             self._sdp = (pc.localDescription.sdp, body)
             await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
         except BaseException:

@@ -12,15 +12,21 @@ import time
 from collections.abc import Callable
 
 from .base import (
+    AUDIT_MAX_ENTRIES,
     DEFAULT_PREFIX,
     SESSION_STATES,
     TRANSITIONS,
+    AuditStore,
     Backend,
     Event,
     EventBus,
     EventSubscription,
     InviteRecord,
     InviteStore,
+    Lease,
+    LeaseStore,
+    NodeRecord,
+    NodeStore,
     PresenceEntry,
     PresenceStore,
     RateLimiter,
@@ -36,16 +42,22 @@ from .memory import MemoryState, MemoryStore
 from .presence import Presence
 
 __all__ = [
+    "AUDIT_MAX_ENTRIES",
     "DEFAULT_PREFIX",
     "SESSION_STATES",
     "TRANSITIONS",
+    "AuditStore",
     "Backend",
     "Event",
     "EventBus",
     "EventSubscription",
     "InviteRecord",
     "InviteStore",
+    "Lease",
+    "LeaseStore",
     "MemoryState",
+    "NodeRecord",
+    "NodeStore",
     "Presence",
     "PresenceEntry",
     "PresenceStore",
@@ -93,4 +105,5 @@ def open_store(
         backend = RedisStore(redis_url, node_id=node_id, prefix=prefix, timeout_s=timeout_s,
                              clock=clock or time.time)
     return Store(theatres=backend, sessions=backend, presence=backend, invites=backend,
-                 rates=backend, events=backend, backend=backend)
+                 rates=backend, events=backend, leases=backend, nodes=backend,
+                 audit=backend, backend=backend)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Protocol, get_args
 
-from ..errors import Unavailable
+from ..errors import Conflict, Unavailable
 from ..roles import Role
 from ..theatre import Theatre, check_name
 
@@ -39,6 +39,13 @@ TRANSITIONS: Mapping[SessionState, frozenset[SessionState]] = {
 Event = dict[str, Any]
 
 DEFAULT_PREFIX = "scrubin:"
+
+#: Entries kept per Session in the shared audit trail.
+AUDIT_MAX_ENTRIES = 100_000
+
+
+def lease_lost(session_id: str) -> Conflict:
+    return Conflict(f"session {session_id} is held by another Node now", code="lease_lost")
 
 
 class StoreUnavailable(Unavailable):
@@ -142,6 +149,60 @@ class InviteRecord:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """Which Node holds a live Session now (its peer connections, its state).
+
+    ``fence`` grows with every acquisition, so anything the holder writes or
+    publishes can be told apart from what an earlier holder did."""
+
+    session_id: str
+    node_id: str
+    fence: int
+    #: When this holder acquired it, seconds since the epoch.
+    since: float
+    #: Seconds left before it expires unless renewed (as of the read).
+    ttl_s: float
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """One running Node, as the other Nodes find it in the registry."""
+
+    node_id: str
+    #: Random per process start: two processes never share a ``node_id``.
+    instance: str
+    #: Where pages, the API and WHIP/WHEP reach this Node (its public URL).
+    url: str
+    #: Addresses its peer connections are reached at (ICE host candidates) and
+    #: the UDP ports they use ("" = ephemeral).
+    media_addresses: tuple[str, ...] = ()
+    udp_ports: str = ""
+    #: Sessions held, websockets, Subscriptions, Feeds, CPU share of one core.
+    load: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    started_at: float = 0.0
+    heartbeat_at: float = 0.0
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["media_addresses"] = list(self.media_addresses)
+        data["load"] = dict(self.load)
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> NodeRecord:
+        data = _known_fields(cls, json.loads(raw))
+        data["media_addresses"] = tuple(str(a) for a in data.get("media_addresses", ()))
+        data["load"] = {str(k): float(v) for k, v in dict(data.get("load", {})).items()}
+        return cls(**data)
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.node_id, "url": self.url,
+                "media": {"addresses": list(self.media_addresses), "udp_ports": self.udp_ports},
+                "load": dict(self.load), "started_at": self.started_at,
+                "heartbeat_at": self.heartbeat_at}
+
+
+@dataclass(frozen=True)
 class RevocationCheck:
     """Is this grant revoked? Its lineage (its id, then its ancestors'), the
     Session its token was issued for ("*" for node-wide admin tokens) and its
@@ -187,6 +248,12 @@ def check_rate_args(limit: int, window_s: float) -> None:
         raise ValueError("limit must be ≥ 0")
     if not (window_s > 0 and math.isfinite(window_s)):
         raise ValueError("window_s must be a positive number of seconds")
+
+
+def next_fence(last: int, now_s: float) -> int:
+    """The fence after ``last``: never below the clock in milliseconds, so it
+    still grows when a store lost its counters (a Redis restarted empty)."""
+    return max(last + 1, int(now_s * 1000))
 
 
 def check_ttl(ttl_s: float) -> None:
@@ -235,11 +302,14 @@ class SessionStore(Protocol):
         """Change the descriptive fields (None leaves a field as it is),
         atomically. NotFound if unknown."""
 
-    async def set_session_state(self, session_id: str, state: SessionState) -> SessionRecord:
+    async def set_session_state(self, session_id: str, state: SessionState, *,
+                                fence: int | None = None) -> SessionRecord:
         """Move along scheduled → live → ended (or scheduled → ended),
         atomically: of two Nodes starting the same Session one wins, the other
         gets Conflict (bad_transition). "live" records this Node and
-        ``started_at``, "ended" records ``ended_at``. NotFound if unknown."""
+        ``started_at``, "ended" records ``ended_at``. NotFound if unknown.
+        With ``fence`` (a lease holder's), only if no lease was acquired for
+        the Session after it: Conflict (lease_lost) otherwise."""
 
     async def delete_session(self, session_id: str) -> bool:
         """True if it existed."""
@@ -317,6 +387,63 @@ class EventBus(Protocol):
     async def subscribe(self, session_id: str) -> EventSubscription:
         """Every event published after this returns is delivered. Close it
         (``async with``) when done."""
+
+
+class LeaseStore(Protocol):
+    """One owner per live Session, with a fencing token.
+
+    A lease expires ``ttl_s`` after its last renewal. The fence of every
+    acquisition is larger than any before it for that Session, even after a
+    Redis that lost its data (it is never below the store's clock in
+    milliseconds)."""
+
+    async def acquire_lease(self, session_id: str, *, ttl_s: float) -> Lease:
+        """Take the lease if it is free, or held under this Node's own id (an
+        earlier run of this Node: the new fence fences it off). Otherwise the
+        holder's lease comes back unchanged: check ``lease.node_id``."""
+
+    async def renew_leases(self, fences: Mapping[str, int], *, ttl_s: float) -> set[str]:
+        """Extend every lease this Node holds (Session id -> its fence) in one
+        round trip. A lease that expired meanwhile is taken back if nobody
+        acquired it since. Returns the Sessions whose lease is lost (someone
+        else acquired it after this fence)."""
+
+    async def release_lease(self, session_id: str, fence: int) -> bool:
+        """Give it up now (True) if this fence still holds it."""
+
+    async def get_lease(self, session_id: str) -> Lease | None:
+        """The current holder, None if nobody holds it."""
+
+
+class NodeStore(Protocol):
+    """The registry of running Nodes: each writes its record every heartbeat."""
+
+    async def heartbeat(self, record: NodeRecord, *, ttl_s: float) -> NodeRecord | None:
+        """Write this Node's record; it disappears ``ttl_s`` after the last
+        heartbeat. If another live process (another ``instance``) holds the
+        same ``node_id``, nothing is written and its record comes back."""
+
+    async def remove_node(self, node_id: str, instance: str) -> None:
+        """Leave the registry now (only this instance's record)."""
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        """Live Nodes, sorted by id."""
+
+    async def get_node(self, node_id: str) -> NodeRecord | None: ...
+
+
+class AuditStore(Protocol):
+    """One audit trail per Session, whichever Nodes wrote to it."""
+
+    async def append_audit(self, entries: Sequence[Mapping[str, Any]], *,
+                           keep_s: float) -> None:
+        """Add entries (each with ``ts`` and ``session``; others are ignored).
+        A Session's trail is kept ``keep_s`` after its last entry, at most
+        ``AUDIT_MAX_ENTRIES`` entries (the oldest go first)."""
+
+    async def read_audit(self, session_id: str, *, since: float = 0.0,
+                         limit: int = 1000) -> list[dict[str, Any]]:
+        """The newest ``limit`` entries with ``ts >= since``, oldest first."""
 
 
 class Backend(Protocol):
@@ -457,6 +584,9 @@ class Store:
     invites: InviteStore
     rates: RateLimiter
     events: EventBus
+    leases: LeaseStore
+    nodes: NodeStore
+    audit: AuditStore
     backend: Backend
 
     @property

@@ -8,6 +8,8 @@ several Nodes inside one process (tests, the demo).
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import json
 import secrets
 import time
@@ -19,10 +21,13 @@ from typing import Any
 from ..errors import Conflict, NotFound
 from ..theatre import Theatre
 from .base import (
+    AUDIT_MAX_ENTRIES,
     DEFAULT_SUBSCRIPTION_BUFFER,
     EventSubscription,
     Fanout,
     InviteRecord,
+    Lease,
+    NodeRecord,
     PresenceEntry,
     RevocationCheck,
     SessionRecord,
@@ -31,7 +36,9 @@ from .base import (
     check_rate_args,
     check_ttl,
     encode_event,
+    lease_lost,
     lineage_ids,
+    next_fence,
 )
 from .rules import apply_transition, apply_update, sort_roster, stamp_new_session
 
@@ -61,6 +68,13 @@ class MemoryState:
     # rate key -> monotonic times of allowed hits, oldest first
     hits: dict[str, deque[float]] = field(default_factory=dict)
     fanout: Fanout = field(default_factory=Fanout)
+    # session id -> (holder, monotonic expiry); the last fence of each Session
+    leases: dict[str, tuple[Lease, float]] = field(default_factory=dict)
+    fences: dict[str, int] = field(default_factory=dict)
+    # node id -> (record, monotonic expiry)
+    nodes: dict[str, tuple[NodeRecord, float]] = field(default_factory=dict)
+    # session id -> (entries sorted by ts, wall-clock expiry)
+    audit: dict[str, tuple[list[dict[str, Any]], float]] = field(default_factory=dict)
     last_sweep: float = 0.0
 
 
@@ -169,9 +183,12 @@ class MemoryStore:
         self.state.sessions[session_id] = updated
         return updated
 
-    async def set_session_state(self, session_id: str, state: SessionState) -> SessionRecord:
+    async def set_session_state(self, session_id: str, state: SessionState, *,
+                                fence: int | None = None) -> SessionRecord:
         self._check_open()
         record = self._session(session_id)
+        if fence is not None and self.state.fences.get(session_id, 0) > fence:
+            raise lease_lost(session_id)
         updated = apply_transition(record, state, self.node_id, self.state.wall())
         self.state.sessions[session_id] = updated
         return updated
@@ -322,6 +339,119 @@ class MemoryStore:
         self._check_open()
         return self._fanout.subscribe(session_id, self._buffer)
 
+    # -- leases -----------------------------------------------------------
+    def _live_lease(self, session_id: str) -> Lease | None:
+        held = self.state.leases.get(session_id)
+        if held is None:
+            return None
+        lease, expires = held
+        now = self.state.monotonic()
+        if expires <= now:
+            del self.state.leases[session_id]
+            return None
+        return dataclasses.replace(lease, ttl_s=round(expires - now, 3))
+
+    def _grant_lease(self, session_id: str, fence: int, since: float, ttl_s: float) -> Lease:
+        lease = Lease(session_id=session_id, node_id=self.node_id, fence=fence, since=since,
+                      ttl_s=ttl_s)
+        self.state.leases[session_id] = (lease, self.state.monotonic() + ttl_s)
+        self.state.fences[session_id] = max(fence, self.state.fences.get(session_id, 0))
+        return lease
+
+    async def acquire_lease(self, session_id: str, *, ttl_s: float) -> Lease:
+        self._check_open()
+        check_ttl(ttl_s)
+        current = self._live_lease(session_id)
+        if current is not None and current.node_id != self.node_id:
+            return current
+        now = self.state.wall()
+        fence = next_fence(self.state.fences.get(session_id, 0), now)
+        return self._grant_lease(session_id, fence, now, ttl_s)
+
+    async def renew_leases(self, fences: Mapping[str, int], *, ttl_s: float) -> set[str]:
+        self._check_open()
+        check_ttl(ttl_s)
+        lost = set()
+        for session_id, fence in fences.items():
+            current = self._live_lease(session_id)
+            if current is not None:
+                if current.fence != fence:
+                    lost.add(session_id)
+                    continue
+                self._grant_lease(session_id, fence, current.since, ttl_s)
+            elif self.state.fences.get(session_id, 0) > fence:
+                lost.add(session_id)
+            else:
+                self._grant_lease(session_id, fence, self.state.wall(), ttl_s)
+        return lost
+
+    async def release_lease(self, session_id: str, fence: int) -> bool:
+        self._check_open()
+        current = self._live_lease(session_id)
+        if current is None or current.fence != fence:
+            return False
+        del self.state.leases[session_id]
+        return True
+
+    async def get_lease(self, session_id: str) -> Lease | None:
+        self._check_open()
+        return self._live_lease(session_id)
+
+    # -- the Node registry ---------------------------------------------------
+    async def heartbeat(self, record: NodeRecord, *, ttl_s: float) -> NodeRecord | None:
+        self._check_open()
+        check_ttl(ttl_s)
+        now = self.state.monotonic()
+        held = self.state.nodes.get(record.node_id)
+        if held is not None and held[1] > now and held[0].instance != record.instance:
+            return held[0]
+        self.state.nodes[record.node_id] = (record, now + ttl_s)
+        return None
+
+    async def remove_node(self, node_id: str, instance: str) -> None:
+        self._check_open()
+        held = self.state.nodes.get(node_id)
+        if held is not None and held[0].instance == instance:
+            del self.state.nodes[node_id]
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        self._check_open()
+        now = self.state.monotonic()
+        for node_id in [k for k, (_, exp) in self.state.nodes.items() if exp <= now]:
+            del self.state.nodes[node_id]
+        return [self.state.nodes[k][0] for k in sorted(self.state.nodes)]
+
+    async def get_node(self, node_id: str) -> NodeRecord | None:
+        self._check_open()
+        held = self.state.nodes.get(node_id)
+        return held[0] if held is not None and held[1] > self.state.monotonic() else None
+
+    # -- the shared audit trail ------------------------------------------------
+    async def append_audit(self, entries: Sequence[Mapping[str, Any]], *,
+                           keep_s: float) -> None:
+        self._check_open()
+        check_ttl(keep_s)
+        now = self.state.wall()
+        for entry in entries:
+            session_id = entry.get("session")
+            if not isinstance(session_id, str) or not session_id:
+                continue
+            # Stored as JSON would store it: a fresh dict of JSON types.
+            copy = json.loads(encode_event(entry))
+            trail, _ = self.state.audit.get(session_id, ([], 0.0))
+            bisect.insort(trail, copy, key=lambda e: float(e.get("ts", 0.0)))
+            del trail[:-AUDIT_MAX_ENTRIES]
+            self.state.audit[session_id] = (trail, now + keep_s)
+
+    async def read_audit(self, session_id: str, *, since: float = 0.0,
+                         limit: int = 1000) -> list[dict[str, Any]]:
+        self._check_open()
+        trail, expires = self.state.audit.get(session_id, ([], 0.0))
+        if expires <= self.state.wall():
+            return []
+        start = bisect.bisect_left(trail, since, key=lambda e: float(e.get("ts", 0.0)))
+        return [dict(e) for e in trail[start:][-limit:]] if limit > 0 else []
+
     # -- housekeeping -----------------------------------------------------
     def _sweep(self) -> None:
         now_mono = self.state.monotonic()
@@ -343,6 +473,8 @@ class MemoryStore:
         # holds no hit that still counts.
         for key in [k for k, h in self.state.hits.items() if not h or h[-1] < now_mono - 3600]:
             del self.state.hits[key]
+        for session_id in [k for k, (_, exp) in self.state.audit.items() if exp <= now]:
+            del self.state.audit[session_id]
         for session_id in list(self.state.presence):
             per_session = self.state.presence[session_id]
             for pkey in [k for k, (_, exp) in per_session.items() if exp <= now_mono]:

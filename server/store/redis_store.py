@@ -25,6 +25,11 @@ Layout (all under the configurable prefix, default "scrubin:"):
     invite-uses:<invite id>       set    redeemers, PX until the token expires
     invites:<sid>                 hash   invite id -> record JSON, PX until its last invite expires
     rate:<key>                    zset   allowed hits (µs), PX window
+    lease:<sid>                   string holder JSON {node, fence, since}, PX lease TTL
+    fence:<sid>                   string the Session's last fence, PX 30 days
+    node:<node id>                string NodeRecord JSON, PX heartbeat TTL
+    nodes                         set    node ids (index), PX heartbeat TTL
+    audit:<sid>                   zset   "<nonce> <entry JSON>" by ts, PX audit keep
     channel events:<sid>          pub/sub, JSON events
     channel bus                   pub/sub, keeps the connection subscribed for heartbeats
 
@@ -62,11 +67,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..errors import Conflict, NotFound
 from ..theatre import Theatre
 from .base import (
+    AUDIT_MAX_ENTRIES,
     DEFAULT_PREFIX,
     DEFAULT_SUBSCRIPTION_BUFFER,
     EventSubscription,
     Fanout,
     InviteRecord,
+    Lease,
+    NodeRecord,
     PresenceEntry,
     RevocationCheck,
     SessionRecord,
@@ -75,6 +83,7 @@ from .base import (
     check_rate_args,
     check_ttl,
     encode_event,
+    lease_lost,
     lineage_ids,
     theatre_from_json,
     theatre_to_json,
@@ -87,6 +96,9 @@ T = TypeVar("T")
 
 #: Optimistic (WATCH/MULTI) transactions retry this often under contention.
 MAX_WATCH_ATTEMPTS = 50
+#: A Session's fence counter outlives its lease by far (its clock floor covers
+#: a counter that expired anyway).
+FENCE_KEEP_MS = 30 * 24 * 3600 * 1000
 
 # Entries and the Session's index (members by deadline on the store's clock)
 # in one round trip; the index lives as long as its longest-lived entry
@@ -172,6 +184,95 @@ return 1
 """
 
 
+# Fences are Redis's clock in ms at least, so they keep growing when the
+# counters were lost (a Redis restarted empty). Numbers travel as strings
+# (cjson would print large ones in exponent form).
+_NOW_MS = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# Free, or held under this Node's own id (an earlier run): a new fence.
+# Otherwise the holder, untouched. Returns {holder JSON, PTTL}.
+ACQUIRE_LEASE_LUA = _NOW_MS + """
+local current = redis.call('GET', KEYS[1])
+if current and cjson.decode(current).node ~= ARGV[1] then
+  return {current, redis.call('PTTL', KEYS[1])}
+end
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+local fence = string.format('%.0f', math.max(last + 1, now_ms))
+redis.call('SET', KEYS[2], fence, 'PX', ARGV[3])
+local value = cjson.encode({node = ARGV[1], fence = fence,
+                            since = string.format('%.0f', now_ms)})
+redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+return {value, tonumber(ARGV[2])}
+"""
+
+# KEYS: lease, fence pairs; ARGV: node, ttl ms, counter keep ms, then one
+# fence per pair. Returns the (1-based) pairs whose lease is lost.
+RENEW_LEASES_LUA = _NOW_MS + """
+local lost = {}
+for i = 1, #KEYS, 2 do
+  local n = (i + 1) / 2
+  local fence = tonumber(ARGV[3 + n])
+  local current = redis.call('GET', KEYS[i])
+  if current then
+    if tonumber(cjson.decode(current).fence) == fence then
+      redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    else
+      table.insert(lost, n)
+    end
+  elseif tonumber(redis.call('GET', KEYS[i + 1]) or '0') > fence then
+    table.insert(lost, n)
+  else
+    redis.call('SET', KEYS[i], cjson.encode({node = ARGV[1], fence = ARGV[3 + n],
+               since = string.format('%.0f', now_ms)}), 'PX', ARGV[2])
+    redis.call('SET', KEYS[i + 1], ARGV[3 + n], 'PX', ARGV[3])
+  end
+end
+return lost
+"""
+
+RELEASE_LEASE_LUA = """
+local current = redis.call('GET', KEYS[1])
+if current and tonumber(cjson.decode(current).fence) == tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# Another live instance under the same id wins (its record comes back);
+# otherwise write ours and index it.
+HEARTBEAT_LUA = """
+local current = redis.call('GET', KEYS[1])
+if current and cjson.decode(current).instance ~= ARGV[1] then return current end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[4])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
+return false
+"""
+
+REMOVE_NODE_LUA = """
+local current = redis.call('GET', KEYS[1])
+if current and cjson.decode(current).instance == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], ARGV[2])
+end
+return 1
+"""
+
+# Live records; ids whose record expired (the Node stopped) leave the index.
+LIST_NODES_LUA = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local value = redis.call('GET', ARGV[1] .. id)
+  if value then table.insert(out, value) else redis.call('SREM', KEYS[1], id) end
+end
+return out
+"""
+
+
 def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
@@ -228,6 +329,12 @@ class RedisStore:
         self._revoke_session = self._redis.register_script(REVOKE_SESSION_LUA)
         self._put_invite = self._redis.register_script(PUT_INVITE_LUA)
         self._rate = self._redis.register_script(RATE_LUA)
+        self._acquire_lease = self._redis.register_script(ACQUIRE_LEASE_LUA)
+        self._renew_leases = self._redis.register_script(RENEW_LEASES_LUA)
+        self._release_lease = self._redis.register_script(RELEASE_LEASE_LUA)
+        self._heartbeat = self._redis.register_script(HEARTBEAT_LUA)
+        self._remove_node = self._redis.register_script(REMOVE_NODE_LUA)
+        self._list_nodes = self._redis.register_script(LIST_NODES_LUA)
         self._closed = False
         self._available = True
         self._bus = _Bus(self, subscription_buffer, heartbeat_s)
@@ -351,12 +458,14 @@ class RedisStore:
 
         return await self._modify_session("update_session", session_id, make)
 
-    async def set_session_state(self, session_id: str, state: SessionState) -> SessionRecord:
+    async def set_session_state(self, session_id: str, state: SessionState, *,
+                                fence: int | None = None) -> SessionRecord:
         def make(current: SessionRecord | None) -> SessionRecord:
             return apply_transition(_existing(session_id, current), state, self.node_id,
                                     self.clock())
 
-        return await self._modify_session("set_session_state", session_id, make)
+        return await self._modify_session("set_session_state", session_id, make,
+                                          fence=fence)
 
     async def delete_session(self, session_id: str) -> bool:
         n = await self._op("delete_session",
@@ -370,17 +479,22 @@ class RedisStore:
         make: Callable[[SessionRecord | None], SessionRecord],
         *,
         theatre_id: str | None = None,
+        fence: int | None = None,
     ) -> SessionRecord:
         """Read-modify-write one Session under WATCH: two Nodes racing to start
-        it cannot both win (the loser re-reads and gets Conflict)."""
+        it cannot both win (the loser re-reads and gets Conflict). With
+        ``fence``, a lease acquired meanwhile makes it Conflict too."""
         sessions = self._key("sessions")
         theatres = self._key("theatres")
+        counter = self._key("fence", session_id)
 
         async def attempt() -> SessionRecord:
             for _ in range(MAX_WATCH_ATTEMPTS):
                 async with self._redis.pipeline(transaction=True) as pipe:
                     try:
-                        await pipe.watch(sessions, theatres)
+                        await pipe.watch(sessions, theatres, counter)
+                        if fence is not None and int(await pipe.get(counter) or 0) > fence:
+                            raise lease_lost(session_id)
                         raw = await pipe.hget(sessions, session_id)
                         updated = make(SessionRecord.from_json(raw) if raw else None)
                         if theatre_id is not None and not await pipe.hexists(
@@ -536,6 +650,120 @@ class RedisStore:
             if record.expires_at > now:
                 records.append(record)
         return sorted(records, key=lambda r: (r.issued_at, r.id))
+
+    # -- leases -----------------------------------------------------------
+    def _lease_from(self, session_id: str, raw: str, pttl: int) -> Lease:
+        holder = json.loads(raw)
+        return Lease(session_id=session_id, node_id=str(holder["node"]),
+                     fence=int(holder["fence"]), since=int(holder["since"]) / 1000,
+                     ttl_s=max(0.0, pttl / 1000))
+
+    async def acquire_lease(self, session_id: str, *, ttl_s: float) -> Lease:
+        check_ttl(ttl_s)
+        keys = [self._key("lease", session_id), self._key("fence", session_id)]
+        raw, pttl = await self._op("acquire_lease", lambda: self._acquire_lease(
+            keys=keys, args=[self.node_id, _ms(ttl_s), FENCE_KEEP_MS]))
+        return self._lease_from(session_id, raw, int(pttl))
+
+    async def renew_leases(self, fences: Mapping[str, int], *, ttl_s: float) -> set[str]:
+        check_ttl(ttl_s)
+        if not fences:
+            return set()
+        ids = list(fences)
+        keys = [k for sid in ids for k in (self._key("lease", sid), self._key("fence", sid))]
+        args: list[str | int] = [self.node_id, _ms(ttl_s), FENCE_KEEP_MS,
+                                 *(str(int(fences[sid])) for sid in ids)]
+        lost = await self._op("renew_leases", lambda: self._renew_leases(keys=keys, args=args))
+        return {ids[int(n) - 1] for n in lost}
+
+    async def release_lease(self, session_id: str, fence: int) -> bool:
+        key = self._key("lease", session_id)
+        released = await self._op("release_lease", lambda: self._release_lease(
+            keys=[key], args=[str(int(fence))]))
+        return bool(released)
+
+    async def get_lease(self, session_id: str) -> Lease | None:
+        key = self._key("lease", session_id)
+
+        async def read() -> list[Any]:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.get(key)
+                pipe.pttl(key)
+                return list(await pipe.execute())
+
+        raw, pttl = await self._op("get_lease", read)
+        if raw is None or int(pttl) <= 0:
+            return None
+        return self._lease_from(session_id, raw, int(pttl))
+
+    # -- the Node registry ---------------------------------------------------
+    async def heartbeat(self, record: NodeRecord, *, ttl_s: float) -> NodeRecord | None:
+        check_ttl(ttl_s)
+        keys = [self._key("node", record.node_id), self._key("nodes")]
+        other = await self._op("heartbeat", lambda: self._heartbeat(
+            keys=keys, args=[record.instance, record.to_json(), _ms(ttl_s), record.node_id]))
+        return NodeRecord.from_json(other) if other else None
+
+    async def remove_node(self, node_id: str, instance: str) -> None:
+        keys = [self._key("node", node_id), self._key("nodes")]
+        await self._op("remove_node", lambda: self._remove_node(
+            keys=keys, args=[instance, node_id]))
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        raw = await self._op("list_nodes", lambda: self._list_nodes(
+            keys=[self._key("nodes")], args=[self._key("node", "")]))
+        records = []
+        for value in raw:
+            try:
+                records.append(NodeRecord.from_json(value))
+            except (ValueError, KeyError, TypeError):
+                logger.warning("store: unreadable node record")
+        return sorted(records, key=lambda r: r.node_id)
+
+    async def get_node(self, node_id: str) -> NodeRecord | None:
+        raw = await self._op("get_node", lambda: self._redis.get(self._key("node", node_id)))
+        return NodeRecord.from_json(raw) if raw else None
+
+    # -- the shared audit trail ------------------------------------------------
+    async def append_audit(self, entries: Sequence[Mapping[str, Any]], *,
+                           keep_s: float) -> None:
+        check_ttl(keep_s)
+        by_key: dict[str, dict[str, float]] = {}
+        for entry in entries:
+            session_id = entry.get("session")
+            if not isinstance(session_id, str) or not session_id:
+                continue
+            # A nonce keeps two identical entries (same second, same fields) apart.
+            member = f"{secrets.token_hex(4)} {encode_event(entry)}"
+            by_key.setdefault(self._key("audit", session_id), {})[member] = float(
+                entry.get("ts", 0.0))
+        if not by_key:
+            return
+
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, members in by_key.items():
+                    pipe.zadd(key, members)
+                    pipe.zremrangebyrank(key, 0, -AUDIT_MAX_ENTRIES - 1)
+                    pipe.pexpire(key, _ms(keep_s))
+                await pipe.execute()
+
+        await self._op("append_audit", write)
+
+    async def read_audit(self, session_id: str, *, since: float = 0.0,
+                         limit: int = 1000) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        key = self._key("audit", session_id)
+        raw = await self._op("read_audit", lambda: self._redis.zrevrangebyscore(
+            key, "+inf", since, start=0, num=limit))
+        entries = []
+        for member in reversed(raw):
+            try:
+                entries.append(json.loads(str(member).split(" ", 1)[1]))
+            except (ValueError, IndexError):
+                logger.warning("store: unreadable audit entry of session %s", session_id)
+        return entries
 
     # -- rate limiting ----------------------------------------------------
     async def hit(self, key: str, limit: int, window_s: float) -> bool:
