@@ -116,6 +116,14 @@ def entry(session: str, participant: str, node: str = "node-a", *, role: Role = 
                          name=name or participant, node_id=node, connected_since=since)
 
 
+async def elapse(nodes: Nodes, seconds: float) -> None:
+    """Time passes for the stores: the fake clock moves; Redis expires keys by
+    its own clock, so there the time also really passes."""
+    nodes.clock.advance(seconds)
+    if nodes.kind == "redis":
+        await asyncio.sleep(seconds)
+
+
 async def eventually(check: Callable[[], object], timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -726,11 +734,11 @@ async def test_a_lease_expires_unless_renewed_and_fences_only_grow(nodes: Nodes,
     mine = await store.leases.acquire_lease("s1", ttl_s=0.6)
     assert mine.node_id == "node-a" and mine.fence > 0
     for _ in range(3):
-        await asyncio.sleep(0.3)
+        await elapse(nodes, 0.3)
         assert await store.leases.renew_leases({"s1": mine.fence}, ttl_s=0.6) == set()
         refused = await other.leases.acquire_lease("s1", ttl_s=0.6)
         assert (refused.node_id, refused.fence) == ("node-a", mine.fence)
-    await asyncio.sleep(0.8)  # no renewal: it expires
+    await elapse(nodes, 0.8)  # no renewal: it expires
     assert await store.leases.get_lease("s1") is None
     theirs = await other.leases.acquire_lease("s1", ttl_s=5)
     assert theirs.node_id == "node-b" and theirs.fence > mine.fence
@@ -750,7 +758,7 @@ async def test_an_expired_lease_nobody_took_is_renewed_by_its_holder(nodes: Node
     other = nodes.open("node-b")
     mine = await store.leases.acquire_lease("s1", ttl_s=0.3)
     theirs = await other.leases.acquire_lease("s2", ttl_s=0.3)
-    await asyncio.sleep(0.5)
+    await elapse(nodes, 0.5)
     # One round trip for every lease of a Node; s2 was never this Node's.
     assert await store.leases.renew_leases({"s1": mine.fence, "s2": theirs.fence - 1},
                                            ttl_s=5) == {"s2"}
@@ -778,7 +786,7 @@ async def test_a_deposed_holder_cannot_end_the_session(nodes: Nodes, store: Stor
     await store.sessions.create_session(SessionRecord(id="s1", theatre_id="or1", title="x",
                                                       state="live"))
     mine = await store.leases.acquire_lease("s1", ttl_s=0.3)
-    await asyncio.sleep(0.5)
+    await elapse(nodes, 0.5)
     theirs = await other.leases.acquire_lease("s1", ttl_s=10)
     with pytest.raises(Conflict) as refused:
         await store.sessions.set_session_state("s1", "ended", fence=mine.fence)
@@ -799,7 +807,7 @@ async def test_fences_keep_growing_after_redis_lost_its_keys(nodes: Nodes,
     await raw.delete(*[k async for k in raw.scan_iter(match=nodes.prefix + "*")])
     # Its holder, renewing, gets it back as it was: nobody took it meanwhile.
     assert await store.leases.renew_leases({"s1": first.fence}, ttl_s=0.3) == set()
-    await asyncio.sleep(0.5)
+    await elapse(nodes, 0.5)
     await raw.delete(*[k async for k in raw.scan_iter(match=nodes.prefix + "*")])
     theirs = await other.leases.acquire_lease("s1", ttl_s=10)
     assert theirs.node_id == "node-b" and theirs.fence > first.fence
@@ -825,10 +833,10 @@ async def test_nodes_heartbeat_into_the_registry_and_leave_it(nodes: Nodes,
     assert await other.nodes.get_node("node-a") == a
     assert a.describe()["media"] == {"addresses": ["10.0.0.1"], "udp_ports": "40000-40099"}
     for _ in range(3):  # heartbeats keep it
-        await asyncio.sleep(0.3)
+        await elapse(nodes, 0.3)
         assert await store.nodes.heartbeat(a, ttl_s=0.6) is None
     assert await other.nodes.get_node("node-a") is not None
-    await asyncio.sleep(0.8)  # a Node that stops beating is gone
+    await elapse(nodes, 0.8)  # a Node that stops beating is gone
     assert [n.node_id for n in await other.nodes.list_nodes()] == ["node-b"]
     assert await other.nodes.get_node("node-a") is None
     await other.nodes.remove_node("node-b", "i1")
@@ -875,11 +883,11 @@ async def test_a_sessions_audit_trail_reads_as_one_from_every_node(nodes: Nodes,
     assert await store.audit.read_audit("nope") == []
 
 
-async def test_a_sessions_audit_trail_is_kept_for_its_time(store: Store) -> None:
+async def test_a_sessions_audit_trail_is_kept_for_its_time(nodes: Nodes, store: Store) -> None:
     await store.audit.append_audit([{"ts": 1.0, "event": "join", "session": "s1"}],
                                    keep_s=0.3)
     assert len(await store.audit.read_audit("s1")) == 1
-    await asyncio.sleep(0.5)
+    await elapse(nodes, 0.5)
     assert await store.audit.read_audit("s1") == []
 
 

@@ -361,7 +361,9 @@ def test_node_ids_stay_the_same_across_restarts_and_workers_get_their_own_ports(
     from server.workers import worker_config, worker_count
 
     path = ROOT / "configs" / "production.example.toml"
-    env = {"SCRUBIN_STORE_REDIS_URL": "redis://127.0.0.1:1/0"}
+    # The example's TURN section takes its secret from the environment.
+    turn = {"SCRUBIN_TURN_SECRET": "s" * 32}
+    env = {"SCRUBIN_STORE_REDIS_URL": "redis://127.0.0.1:1/0", **turn}
     config = load_config(path, env=env)
     assert default_node_id(config) == default_node_id(load_config(path, env=env))
     assert default_node_id(config).endswith("-8443")
@@ -378,11 +380,11 @@ def test_node_ids_stay_the_same_across_restarts_and_workers_get_their_own_ports(
     assert [w.ice.udp_ports for w in workers] == ["40000-40332", "40333-40665", "40666-40998"]
     assert all(w.store.redis_url == named.store.redis_url for w in workers)
 
-    alone = load_config(path, env={})
+    alone = load_config(path, env=turn)
     assert worker_count(alone, None) == 1 and worker_count(alone, 1) == 1
     with pytest.raises(ConfigError, match="redis_url"):
         worker_count(alone, 2)
     with pytest.raises(ConfigError, match="udp_ports"):
-        load_config(path, env={"SCRUBIN_ICE_UDP_PORTS": "40000-39999"})
+        load_config(path, env={"SCRUBIN_ICE_UDP_PORTS": "40000-39999", **turn})
     with pytest.raises(ConfigError, match="cluster"):
-        load_config(path, env={"SCRUBIN_CLUSTER_NODE_TTL_S": "0.5"})
+        load_config(path, env={"SCRUBIN_CLUSTER_NODE_TTL_S": "0.5", **turn})
