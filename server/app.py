@@ -20,7 +20,7 @@ from aiohttp import WSCloseCode, web
 
 from .audit import JsonlAuditTrail
 from .config import Config
-from .http import admin, api, guard, review, revocation, whip
+from .http import admin, api, exports, guard, review, revocation, whip
 from .http.common import (
     ACCEPTING,
     AUDIT,
@@ -124,6 +124,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_publication_watches)
     app.cleanup_ctx.append(_sessions)
     review.setup(app)  # recording control, review API, retention (after _sessions)
+    exports.setup(app)  # de-identified exports (after the review API: its Recordings)
     revocation.setup(app)  # revocations reach live connections
     app.on_shutdown.append(_going_away)
     return app

@@ -47,13 +47,14 @@ import shutil
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
-from recorder import Recording, RecordingError, SessionInfo, WriterOptions
+from recorder import Recording, RecordingError, SessionInfo, WriterOptions, deidentified
+from recorder.deidentified import EXPORTS
 from recorder.export import THUMBNAIL, make_thumbnail
 from recorder.recording import EVENTS, MANIFEST, write_atomic
 from recorder.repair import RecordingBusy, needs_repair, remove_temporary, repair
@@ -294,6 +295,9 @@ class Recordings:
         self._unfinished: dict[str, dict[str, Any] | None] = {}
         #: Recordings another process is writing (their lock is held).
         self._elsewhere: set[str] = set()
+        #: Awaited before a Recording is deleted (its id): what else lives in its
+        #: directory stops first (a de-identified export being made).
+        self.before_delete: list[Callable[[str], Awaitable[None]]] = []
 
     # -- lifecycle ------------------------------------------------------------
     def open(self) -> None:
@@ -608,14 +612,12 @@ class Recordings:
 
     def check_access(self, grant: Grant, entry: dict[str, Any]) -> None:
         """Reviewers and admins of the Recording's Session (node-wide admins:
-        any); with ``share_deidentified``, reviewers of other Sessions for
-        Recordings consented for deidentified reuse."""
+        any). A Recording is never shared beyond its Session, whatever its
+        consent: what ``share_deidentified`` shares is its signed-off
+        de-identified exports (server/deidentified.py)."""
         if grant.role not in REVIEWERS:
             raise Forbidden("recordings are for reviewers and admins", code="wrong_role")
         if grant.covers(str(entry.get("session"))):
-            return
-        if (grant.role is Role.REVIEWER and self.config.share_deidentified
-                and entry.get("consent_scope") == "deidentified_reuse"):
             return
         raise Forbidden("this recording belongs to another session", code="wrong_session")
 
@@ -714,6 +716,12 @@ class Recordings:
         return (self._inside(recording_id, name),
                 CONTENT_TYPES.get(Path(name).suffix, "application/octet-stream"))
 
+    def directory(self, recording_id: str) -> Path:
+        """A listed Recording's directory: a real directory under the root (404
+        otherwise)."""
+        self.entry(recording_id)
+        return self._directory(recording_id)
+
     def _directory(self, recording_id: str) -> Path:
         if not RECORDING_ID.match(recording_id):
             raise NotFound("no such recording", code="unknown_recording")
@@ -758,6 +766,8 @@ class Recordings:
             raise Conflict("this recording is on legal hold; an admin must release it first",
                            code="legal_hold")
         directory = self.root / recording_id
+        for hook in list(self.before_delete):
+            await hook(recording_id)
         files = await asyncio.to_thread(self._inventory, recording_id)
         try:
             st = os.lstat(directory)
@@ -805,6 +815,13 @@ class Recordings:
             try:
                 st = os.lstat(child)
             except OSError:
+                continue
+            if child.name == EXPORTS and stat.S_ISDIR(st.st_mode):
+                # The de-identified exports made of it go with it, each file listed.
+                for export in deidentified.directories(directory):
+                    out += [{**item, "file": f"{EXPORTS}/{export.name}/{item['file']}",
+                             "kind": "deidentified"}
+                            for item in deidentified.inventory(export)]
                 continue
             item: dict[str, Any] = {"file": child.name}
             if not stat.S_ISREG(st.st_mode):
