@@ -306,7 +306,7 @@ class DeidentifiedExports:
                 feeds=feeds)
         except (ExportError, OSError) as exc:
             logger.error("recording %s: export not created: %s", recording_id, exc)
-            raise Unavailable("the export could not be created", code="export_failed"
+            raise Unavailable("the export could not be created", code="export_unavailable"
                               ) from None
         job = _Job(recording_id, record["id"], entry.get("session"), claim, options)
         self._jobs[job.export] = job

@@ -523,6 +523,11 @@ function build() {
     questionList.append(el('li', {}, button));
   }
   $('#player-questions-empty').hidden = questions.length > 0;
+  if (exportId) {
+    // Left out of the copy, not missing from the recording.
+    $('#marks-empty').textContent = 'A de-identified copy has no steps: their titles may name people.';
+    $('#player-questions-empty').textContent = 'A de-identified copy has no questions or chat.';
+  }
   const consent = recording.consent || {};
   $('#player-consent').textContent = [SCOPE_LABELS[consent.scope] || consent.scope,
     consent.recorded_by ? `recorded by ${consent.recorded_by}` : '',
