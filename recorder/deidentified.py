@@ -300,6 +300,20 @@ def _make(recording: Path, directory: Path, record: dict[str, Any],
     return record
 
 
+def abandon(claim: Claim, reason: str) -> None:
+    """A ``queued`` export that will not be made (cancelled before it started):
+    ``failed`` with ``reason``; its claim released."""
+    try:
+        record = load(claim.directory)
+        if record.get("state") == "queued":
+            record.update(state="failed", error=reason, finished=now_iso())
+            save(claim.directory, record)
+    except (ExportError, OSError) as exc:
+        logger.warning("export %s not marked failed: %s", claim.directory.name, exc)
+    finally:
+        claim.release()
+
+
 def review(directory: Path, decision: str, *, by: dict[str, Any], note: str = "",
            playback: str | None = None) -> dict[str, Any]:
     """Sign off (``signed_off``) or reject (``rejected``) a ``pending_review`` export."""

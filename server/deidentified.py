@@ -55,7 +55,7 @@ from recorder.export import ExportError, RecordingFiles
 from .audit import AuditTrail
 from .config import Config, DeidentifyConfig
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unavailable
-from .recordings import _CONTROL, REVIEWERS, MediaTicket, Recordings
+from .recordings import _CONTROL, MEDIA_AUDIT_MEMORY, REVIEWERS, MediaTicket, Recordings, SeenOnce
 from .roles import Role
 from .tokens import NODE_WIDE, Grant
 
@@ -64,8 +64,6 @@ logger = logging.getLogger(__name__)
 #: The choices of ``POST /api/recordings/{recording}/exports``.
 CHOICES = frozenset({"feeds", "conservative", "narration", "drawings"})
 NOTE_CHARS = 1000
-#: (playback, export, file) already in the audit trail, remembered at most.
-MEDIA_AUDIT_MEMORY = 20_000
 #: States whose files exist.
 WITH_FILES = frozenset({"pending_review", "signed_off", "rejected"})
 Standing = Literal["own", "shared"]
@@ -134,7 +132,7 @@ class DeidentifiedExports:
         self._jobs: dict[str, _Job] = {}
         self._slots = asyncio.Semaphore(self.config.concurrent)
         self._reviewing = asyncio.Lock()
-        self._audited: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._audited = SeenOnce()
         #: (export, playback) -> the files served in that playback (for sign-off).
         self._served: OrderedDict[tuple[str, str], set[str]] = OrderedDict()
 
@@ -157,8 +155,8 @@ class DeidentifiedExports:
 
     async def close(self, timeout: float = 15.0) -> None:
         """Stop the exports being made (they end as ``failed``: cancelled)."""
-        for job in self._jobs.values():
-            job.cancel.set()
+        for job in list(self._jobs.values()):
+            self._cancel(job)
         tasks = [j.task for j in self._jobs.values() if j.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
@@ -168,7 +166,7 @@ class DeidentifiedExports:
         tasks = []
         for job in list(self._jobs.values()):
             if job.recording == recording_id:
-                job.cancel.set()
+                self._cancel(job)
                 if job.task is not None:
                     tasks.append(job.task)
         if tasks:
@@ -316,16 +314,29 @@ class DeidentifiedExports:
                            feeds=record["feeds"], options=record["options"], via="api")
         return self.summary(record, entry)
 
+    @staticmethod
+    def _cancel(job: _Job) -> None:
+        """Stop a job: the worker sees the event at its next progress report; one
+        still waiting for a worker stops waiting at once."""
+        job.cancel.set()
+        if job.state == "queued" and job.task is not None:
+            job.task.cancel()
+
     async def _run(self, job: _Job, recording_dir: Path) -> None:
         fields = {"session": job.session, "recording": job.recording, "export": job.export}
         try:
-            async with self._slots:
-                if job.cancel.is_set():
-                    raise ExportCancelled(job.export)
-                job.state, job.started = "running", time.monotonic()
-                record = await asyncio.to_thread(
-                    deidentified.make, recording_dir, job.claim, job.options,
-                    progress=job.progress, cancelled=job.cancel.is_set)
+            try:
+                async with self._slots:
+                    job.state, job.started = "running", time.monotonic()
+                    record = await asyncio.to_thread(
+                        deidentified.make, recording_dir, job.claim, job.options,
+                        progress=job.progress, cancelled=job.cancel.is_set)
+            except asyncio.CancelledError:
+                if job.state != "queued":
+                    raise
+                # Cancelled (by _cancel) while waiting for a worker.
+                await asyncio.to_thread(deidentified.abandon, job.claim, "cancelled")
+                raise ExportCancelled(job.export) from None
         except ExportCancelled:
             self._audit.record("deidentified_cancelled", **fields)
         except Exception as exc:
@@ -474,13 +485,8 @@ class DeidentifiedExports:
         self._served.move_to_end((export_id, ticket.playback))
         while len(self._served) > MEDIA_AUDIT_MEMORY:
             self._served.popitem(last=False)
-        key = (ticket.playback, export_id, name)
-        if key in self._audited:
-            self._audited.move_to_end(key)
+        if not self._audited.first((ticket.playback, export_id, name)):
             return
-        self._audited[key] = None
-        while len(self._audited) > MEDIA_AUDIT_MEMORY:
-            self._audited.popitem(last=False)
         entry = self._recordings.index.get(recording_id, {})
         self._audit.record("deidentified_media", session=entry.get("session"),
                            recording=recording_id, export=export_id, file=name,
@@ -563,7 +569,7 @@ class DeidentifiedExports:
                            "release it first", code="legal_hold")
         job = self._jobs.get(export_id)
         if job is not None:
-            job.cancel.set()
+            self._cancel(job)
             if job.task is not None:
                 await asyncio.wait([job.task], timeout=30)
         files, gone = await asyncio.to_thread(deidentified.remove, directory)

@@ -264,6 +264,25 @@ class MediaSigner:
 THUMBNAIL_NAME = "thumbnail"
 
 
+class SeenOnce:
+    """Keys seen, the oldest forgotten past ``limit``: "is this the first
+    time?" in bounded memory (one audit entry per playback and file, however
+    many Range requests a media element makes)."""
+
+    def __init__(self, limit: int = MEDIA_AUDIT_MEMORY) -> None:
+        self._seen: OrderedDict[tuple[str, ...], None] = OrderedDict()
+        self._limit = limit
+
+    def first(self, key: tuple[str, ...]) -> bool:
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return False
+        self._seen[key] = None
+        while len(self._seen) > self._limit:
+            self._seen.popitem(last=False)
+        return True
+
+
 @dataclass
 class _Live:
     """Recording control of one live Session."""
@@ -287,7 +306,7 @@ class Recordings:
         self._live: dict[str, _Live] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._manifests: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
-        self._audited: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._audited = SeenOnce()
         #: The index on disk is out of date (its last write failed: a full disk).
         self.index_dirty = False
         #: Recordings to finish once the disk lets us: id -> final manifest (or
@@ -638,13 +657,8 @@ class Recordings:
                     address: str | None) -> None:
         """One audit entry per playback and part, however many Range requests
         the media element makes (bounded memory: the oldest are forgotten)."""
-        key = (ticket.playback, recording_id, name)
-        if key in self._audited:
-            self._audited.move_to_end(key)
+        if not self._audited.first((ticket.playback, recording_id, name)):
             return
-        self._audited[key] = None
-        while len(self._audited) > MEDIA_AUDIT_MEMORY:
-            self._audited.popitem(last=False)
         self.audit.record("recording_media", session=session, recording=recording_id,
                           part=name, playback=ticket.playback, participant=ticket.participant,
                           role=ticket.role, token=ticket.token_ids[0], address=address)

@@ -153,16 +153,7 @@ async function toggleHold(recording) {
 
 /** Ask for a de-identified copy (admins). @param {any} recording */
 async function deidentify(recording) {
-  deidentifyDialog.returnValue = '';
-  const confirmed = await new Promise((resolve) => {
-    const onClose = () => {
-      deidentifyDialog.removeEventListener('close', onClose);
-      resolve(deidentifyDialog.returnValue === 'confirm');
-    };
-    deidentifyDialog.addEventListener('close', onClose);
-    deidentifyDialog.showModal();
-  });
-  if (!confirmed) return;
+  if (!(await confirmDialog(deidentifyDialog))) return;
   const checked = (/** @type {string} */ id) => /** @type {HTMLInputElement} */ ($(id)).checked;
   try {
     const body = await api(`/api/recordings/${encodeURIComponent(recording.id)}/exports`, token,

@@ -28,7 +28,8 @@
  */
 
 import {
-  $, Banner, StatePanel, describeError, el, fromTemplate, pageStateFor, slotTitle, withReconnect,
+  $, Banner, StatePanel, confirmDialog, describeError, el, fromTemplate, pageStateFor, slotTitle,
+  withReconnect,
 } from './ui.js';
 import { FADE_TAIL_MS, contentRect, drawShape } from './telestration.js';
 import {
@@ -604,16 +605,7 @@ async function decide(decision) {
   $('#review-ok').textContent = reject ? 'Reject' : 'Sign off';
   reviewNote.value = '';
   reviewNote.required = reject;
-  reviewDialog.returnValue = '';
-  const confirmed = await new Promise((resolve) => {
-    const onClose = () => {
-      reviewDialog.removeEventListener('close', onClose);
-      resolve(reviewDialog.returnValue === 'confirm');
-    };
-    reviewDialog.addEventListener('close', onClose);
-    reviewDialog.showModal();
-  });
-  if (!confirmed) return;
+  if (!(await confirmDialog(reviewDialog))) return;
   try {
     const body = await api(`${exportPath(recordingId, exportId)}/review`, token, 'POST',
       { decision, playback, note: reviewNote.value.trim() });
