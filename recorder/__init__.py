@@ -7,7 +7,9 @@ remuxes the encoded frames into short, crash-safe parts (VP8 and Opus in WebM,
 H.264 in fragmented MP4), listed with their place on the Session clock in
 ``manifest.json``, beside ``events.jsonl``. ``recorder.repair`` finishes a
 recording a crash or a full disk left unfinished; ``recorder.export`` makes the
-MP4 (with its sound), the contact sheet and the thumbnail.
+MP4 (with its sound), the contact sheet and the thumbnail; ``recorder.deidentify``
+a camera's de-identified copy for teaching, and ``recorder.deidentified`` keeps
+such copies beside their recording, pending review until signed off.
 """
 
 from .errors import RecordingError

@@ -130,6 +130,21 @@ def _fit(image: Image, width: int, height: int) -> Image:
     return out
 
 
+def feed_pictures(files: RecordingFiles, feed: dict[str, Any]) -> Iterator[tuple[float, Image]]:
+    """Every recorded picture of a video Feed, in time order: (Session clock, BGR
+    picture at the size :func:`export_feed` encodes, its first part's, even)."""
+    parts = files.parts(feed)
+    if not parts:
+        return
+    width, height = int(parts[0][0].get("width") or 0), int(parts[0][0].get("height") or 0)
+    for part, path in parts:
+        for file_t, image in _frames(path):
+            if not (width and height):
+                height, width = image.shape[:2]
+            width, height = width - width % 2, height - height % 2
+            yield float(part["start"]) + file_t, _fit(image, width, height)
+
+
 def _encode_jpeg(image: Image, quality: int = 85) -> bytes:
     ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
@@ -310,7 +325,8 @@ class ExportResult:
 def export_feed(directory: str | os.PathLike[str], feed_id: str, out: str | os.PathLike[str],
                 *, progress: Progress | None = None, burn: bool = True,
                 audio: bool | Sequence[str] = True, picture: PictureHook | None = None,
-                crf: int = 23, preset: str = "veryfast") -> ExportResult:
+                crf: int = 23, preset: str = "veryfast",
+                strip_metadata: bool = False) -> ExportResult:
     """One MP4 of ``feed_id`` and the recording's sound, on the recording's own
     clock: time 0 is when the recording started (consent), so every moment is
     where the player and the contact sheet put it.
@@ -326,6 +342,11 @@ def export_feed(directory: str | os.PathLike[str], feed_id: str, out: str | os.P
     trainee microphone; or the ids given; ``False``: none) decoded, placed on
     the same clock, mixed and encoded as AAC (what MP4 players play).
 
+    ``strip_metadata``: nothing in the file but pictures and sound: no
+    container tags (the muxer's ``encoder``), no encoder idents in the streams
+    (FFmpeg's bit-exact mode; x264's settings SEI filtered out), as a
+    de-identified export needs.
+
     ``progress(done_s, total_s)`` as it goes. A failure leaves no file."""
     files = RecordingFiles.load(directory)
     feed = files.feed(feed_id)
@@ -337,20 +358,26 @@ def export_feed(directory: str | os.PathLike[str], feed_id: str, out: str | os.P
     t0, t1 = recording_span(files)
     total = max(t1 - t0, 0.001)
     audio_feeds = _audio_feeds(files, audio)
-    copy = (not burn and picture is None and str(feed.get("codec", "")).lower() == "video/h264"
+    copy = (not burn and picture is None and not strip_metadata
+            and str(feed.get("codec", "")).lower() == "video/h264"
             and len({(p.get("width"), p.get("height")) for p, _ in parts}) == 1)
     out_path = Path(out)
-    container = av.open(str(out_path), "w", format="mp4", options={"movflags": "+faststart"})
+    options = {"movflags": "+faststart"}
+    if strip_metadata:
+        options["fflags"] = "+bitexact"  # no "encoder" tag
+    container = av.open(str(out_path), "w", format="mp4", options=options)
     stats = _VideoStats()
     try:
         if copy:
             video = _copied_video(container, parts, t0, stats)
         else:
             video = _encoded_video(container, files, feed_id, parts, t0, t1, stats, burn=burn,
-                                   picture=picture, crf=crf, preset=preset)
+                                   picture=picture, crf=crf, preset=preset,
+                                   bare=strip_metadata)
         streams: list[Iterator[tuple[float, Any]]] = [video]
         if audio_feeds:
-            streams.append(_mixed_audio(container, files, audio_feeds, t0, t1))
+            streams.append(_mixed_audio(container, files, audio_feeds, t0, t1,
+                                        bare=strip_metadata))
         muxed = 0
         for at, packet in heapq.merge(*streams, key=lambda item: item[0]):
             container.mux(packet)
@@ -431,12 +458,24 @@ def _copied_video(container: Any, parts: list[tuple[dict[str, Any], Path]], t0: 
 def _encoded_video(container: Any, files: RecordingFiles, feed_id: str,
                    parts: list[tuple[dict[str, Any], Path]], t0: float, t1: float,
                    stats: _VideoStats, *, burn: bool, picture: PictureHook | None, crf: int,
-                   preset: str) -> Iterator[tuple[float, Any]]:
-    """Every recorded frame decoded, drawn on, encoded (H.264) at its recorded time."""
+                   preset: str, bare: bool = False) -> Iterator[tuple[float, Any]]:
+    """Every recorded frame decoded, drawn on, encoded (H.264) at its recorded time
+    (``bare``: without encoder idents, see :func:`export_feed`)."""
     first = parts[0][0]
     width, height = int(first.get("width") or 0), int(first.get("height") or 0)
     stream: Any = None
+    strip: Any = None  # a bitstream filter: x264 writes its version and settings in an SEI
     last_pts = -1
+
+    def packets(encoded: list[Any], final: bool) -> list[Any]:
+        if strip is None:
+            return encoded
+        out = [p for packet in encoded for p in strip.filter(packet)]
+        if final:  # the encoder flushed: the filter too
+            out += strip.filter(None)
+        for packet in out:
+            packet.stream = stream
+        return out
 
     def encode(image: Image | None, t: float) -> Iterator[tuple[float, Any]]:
         nonlocal last_pts
@@ -446,7 +485,7 @@ def _encoded_video(container: Any, files: RecordingFiles, feed_id: str,
             pts = max(round((t - t0) / _VIDEO_TB), last_pts + 1)
             frame.pts, frame.time_base = pts, _VIDEO_TB
             last_pts = pts
-        for packet in stream.encode(frame):
+        for packet in packets(stream.encode(frame), final=frame is None):
             yield float(packet.dts * _VIDEO_TB) if packet.dts is not None else t - t0, packet
 
     for part, path in parts:
@@ -461,6 +500,10 @@ def _encoded_video(container: Any, files: RecordingFiles, feed_id: str,
                 stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
                 stream.codec_context.time_base = _VIDEO_TB
                 stream.options = {"preset": preset, "crf": str(crf)}
+                if bare:
+                    stream.codec_context.flags |= av.codec.context.Flags.bitexact
+                    strip = av.bitstream.BitStreamFilterContext("filter_units=remove_types=6",
+                                                                stream)
                 if t - t0 >= 0.001:
                     # Nothing from this camera yet: say so rather than start late.
                     blank = np.zeros((height, width, 3), np.uint8)
@@ -526,10 +569,14 @@ class _AudioTrack:
 
 
 def _mixed_audio(container: Any, files: RecordingFiles, feeds: list[dict[str, Any]],
-                 t0: float, t1: float, block_s: float = 0.5) -> Iterator[tuple[float, Any]]:
-    """The audio Feeds mixed (summed, clipped) into one AAC track from 0 to the end."""
+                 t0: float, t1: float, block_s: float = 0.5, bare: bool = False
+                 ) -> Iterator[tuple[float, Any]]:
+    """The audio Feeds mixed (summed, clipped) into one AAC track from 0 to the end
+    (``bare``: without the encoder's ident in the first frame)."""
     stream = container.add_stream("aac", rate=AUDIO_RATE, layout="mono")
     stream.codec_context.time_base = _AUDIO_TB
+    if bare:
+        stream.codec_context.flags |= av.codec.context.Flags.bitexact
     stream.bit_rate = 128_000
     tracks = [_AudioTrack(files.parts(f), t0) for f in feeds]
     total = max(1, round((t1 - t0) * AUDIO_RATE))

@@ -20,7 +20,7 @@ from aiohttp import WSCloseCode, web
 from .audit import JsonlAuditTrail, SharedAudit
 from .cluster import Cluster
 from .config import Config
-from .http import admin, api, guard, preflight, review, revocation, whip
+from .http import admin, api, exports, guard, preflight, review, revocation, whip
 from .http.common import (
     ACCEPTING,
     AUDIT,
@@ -143,6 +143,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_cluster)
     app.cleanup_ctx.append(_sessions)
     review.setup(app)  # recording control, review API, retention (after _sessions)
+    exports.setup(app)  # de-identified exports (after the review API: its Recordings)
     revocation.setup(app)  # revocations reach live connections
     preflight.setup(app)  # connection checks for participants' networks
     _cluster_setup(app)  # the live state of Sessions across Nodes

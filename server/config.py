@@ -269,9 +269,44 @@ class RecordingConfig:
     # After a full disk, try this often to write what could not be written
     # (index, final manifests) and to finish the recordings it cut short.
     repair_retry_s: float = 10.0
-    # Let reviewers of other Sessions open Recordings consented for
-    # deidentified_reuse (off: only the Session's own reviewers and admins).
+    # Share the signed-off de-identified exports of Recordings consented for
+    # deidentified_reuse with the reviewers of every Session (off: only the
+    # Session's own reviewers and admins). The Recordings themselves never are.
     share_deidentified: bool = False
+
+
+@dataclass(frozen=True)
+class DeidentifyConfig:
+    """De-identified exports for teaching reuse (recorder/deidentify.py,
+    server/deidentified.py, docs/protocol.md "De-identified exports")."""
+
+    # Painted over on every de-identified export, per camera slot: [x, y, width, height]
+    # as fractions of the picture, e.g. a patient monitor, the endoscope's on-screen text.
+    masks: dict[str, list[list[float]]] = field(default_factory=dict)
+    # The cameras that see people: faces are found and blurred on them.
+    face_slots: list[str] = field(default_factory=lambda: ["room", "overhead"])
+    # Conservative mode (an export's choice; this is its default): on those cameras
+    # everything outside the slot's regions of interest is blurred too, since face
+    # detectors miss masked, capped and turned-away faces. A slot without regions
+    # is blurred whole.
+    conservative: bool = False
+    keep: dict[str, list[list[float]]] = field(default_factory=dict)
+    # The audio Feeds of these slots are the narration, kept when an export asks;
+    # any other sound (room microphones, trainees' questions) never is.
+    narration_slots: list[str] = field(default_factory=lambda: ["narration"])
+    # Who signs an export off after reviewing it in the player: admin and/or reviewer
+    # (of the Recording's Session).
+    sign_off_roles: list[str] = field(default_factory=lambda: ["admin"])
+    # The admin who asked for an export may not sign it off.
+    four_eyes: bool = False
+    # Face search: pictures searched per second of video, at most this many lines high,
+    # profiles too (each a third of the cost: docs/performance.md).
+    detect_hz: float = 4.0
+    detect_height: int = 360
+    profile_faces: bool = True
+    # Exports made at once on this Node (each takes about a core), and waiting at most.
+    concurrent: int = 1
+    queue: int = 8
 
 
 @dataclass(frozen=True)
@@ -304,6 +339,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     recording: RecordingConfig = field(default_factory=RecordingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    deidentify: DeidentifyConfig = field(default_factory=DeidentifyConfig)
     theatres: list[TheatreConfig] = field(default_factory=list)
     sessions: list[SessionConfig] = field(default_factory=list)
 
@@ -364,6 +400,14 @@ def _coerce(value: Any, annotation: str, where: str) -> Any:
             if not isinstance(value, dict):
                 raise TypeError
             return {str(k): float(v) for k, v in value.items()}
+        if annotation == "dict[str, list[list[float]]]":
+            # Regions per camera slot; in the environment as JSON.
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise TypeError
+            return {str(k): [[float(n) for n in region] for region in v]
+                    for k, v in value.items()}
         if annotation == "list[IceServer]":
             if isinstance(value, str) and value.strip().startswith("["):
                 value = json.loads(value)  # with credentials
@@ -469,6 +513,7 @@ def _validate(config: Config) -> None:
             or recording.repair_retry_s <= 0):
         raise ConfigError("[recording]: retention_days ≥ 0, retention_check_s, part_max_s and "
                           "repair_retry_s > 0, media_url_ttl_s from 60 to 300")
+    _validate_deidentify(config.deidentify)
     liveness = config.liveness
     if not (0 < liveness.probe_after_s < liveness.peer_timeout_s) or (
             liveness.check_interval_s <= 0 or liveness.stall_video_s < 0
@@ -500,6 +545,23 @@ def _validate_turn(turn: TurnConfig) -> None:
         raise ConfigError("[turn].credential_ttl_s: between 60 s and 7 days")
 
 
+def _validate_deidentify(deidentify: DeidentifyConfig) -> None:
+    for name in ("masks", "keep"):
+        for slot, items in getattr(deidentify, name).items():
+            for region in items:
+                if len(region) != 4 or min(region) < 0 or min(region[2:]) <= 0 or (
+                        region[0] + region[2] > 1 + 1e-6 or region[1] + region[3] > 1 + 1e-6):
+                    raise ConfigError(f"[deidentify].{name}.{slot}: a region is [x, y, width, "
+                                      f"height] as fractions inside the picture, got {region}")
+    if not deidentify.sign_off_roles or not set(deidentify.sign_off_roles) <= {"admin",
+                                                                                "reviewer"}:
+        raise ConfigError("[deidentify].sign_off_roles: admin and/or reviewer")
+    if not (0.5 <= deidentify.detect_hz <= 30 and 120 <= deidentify.detect_height <= 2160
+            and 1 <= deidentify.concurrent <= 8 and 1 <= deidentify.queue <= 100):
+        raise ConfigError("[deidentify]: detect_hz 0.5 to 30, detect_height 120 to 2160, "
+                          "concurrent 1 to 8, queue 1 to 100")
+
+
 def load_config(
     path: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any
 ) -> Config:
@@ -526,6 +588,7 @@ def load_config(
         "store": StoreConfig,
         "recording": RecordingConfig,
         "cluster": ClusterConfig,
+        "deidentify": DeidentifyConfig,
     }
     unknown = set(data) - set(sections) - {"theatres", "sessions"}
     if unknown:

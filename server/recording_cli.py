@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import os
 import sys
 from datetime import datetime
@@ -13,9 +14,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from recorder import deidentified
 from recorder.export import ExportError, contact_sheet, export_feed
 
 from .admin_cli import ApiError, call
+from .audit import JsonlAuditTrail
+from .config import load_config
+from .deidentified import options_from
 
 COMMANDS = ("export", "recording")
 
@@ -38,6 +43,22 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     export.add_argument("--audio", action="append", default=[], metavar="FEED",
                         help="mix only this audio Feed (repeat for more); default all")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
+    deid = export.add_argument_group(
+        "de-identified export", "a copy for teaching reuse, kept in the recording's directory "
+        "(deidentified/ID/), pending review until an admin signs it off in the player "
+        "(library page); only then may it be shared")
+    deid.add_argument("--deidentify", action="store_true",
+                      help="masks, faces blurred, no names, no metadata: every camera (or "
+                           "--feed), per the [deidentify] section of --config")
+    deid.add_argument("--config", type=Path,
+                      help="the Node's configuration: its [deidentify] regions and settings, "
+                           "and its audit trail (needed with --deidentify)")
+    deid.add_argument("--conservative", action=argparse.BooleanOptionalAction, default=None,
+                      help="also blur everything outside the regions of interest on the "
+                           "cameras that see people (default: [deidentify] conservative)")
+    deid.add_argument("--keep-narration", action="store_true",
+                      help="keep the narration's sound (dropped by default; other sound is "
+                           "never kept)")
 
     recording = sub.add_parser("recording", help="list, delete or hold Recordings (review API)")
     rsub = recording.add_subparsers(dest="action", required=True)
@@ -81,6 +102,8 @@ class _ProgressBar:
 
 
 def export(args: argparse.Namespace) -> int:
+    if args.deidentify:
+        return deidentify(args)
     if not args.out and not args.contact_sheet:
         print("export: give --out FILE.mp4 (with --feed) and/or --contact-sheet FILE.jpg",
               file=sys.stderr)
@@ -110,6 +133,63 @@ def export(args: argparse.Namespace) -> int:
     except ExportError as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def deidentify(args: argparse.Namespace) -> int:
+    """``scrubin export DIR --deidentify``: a new export artefact in the
+    recording, made here, audited in the Node's trail, pending review."""
+    if args.out or args.contact_sheet:
+        print("export: a de-identified export stays in the recording until an admin signs it "
+              "off in the player; fetch it from the library then (no --out, --contact-sheet)",
+              file=sys.stderr)
+        return 2
+    if not args.config:
+        print("export: --deidentify needs --config (the Node's [deidentify] regions and audit "
+              "trail)", file=sys.stderr)
+        return 2
+    config = load_config(args.config)
+    options = options_from(config.deidentify, conservative=args.conservative,
+                           narration=args.keep_narration, drawings=not args.no_burn_in)
+    by = {"id": f"cli:{getpass.getuser()}", "name": getpass.getuser(), "role": "operator"}
+    audit = JsonlAuditTrail(config.audit.path, node_id=config.server.node_id or "cli",
+                            max_bytes=config.audit.max_bytes, backups=config.audit.backups)
+    bar = None if args.quiet else _ProgressBar()
+    try:
+        record, claim = deidentified.create(args.directory, options, requested_by=by,
+                                            via="cli", feeds=[args.feed] if args.feed else None)
+        fields = {"session": record["session"], "recording": record["recording"],
+                  "export": record["id"]}
+        audit.record("deidentified_requested", **fields, by=by, feeds=record["feeds"],
+                     options=record["options"], via="cli")
+        try:
+            record = deidentified.make(args.directory, claim, options, progress=bar)
+        except BaseException as exc:
+            audit.record("deidentified_failed", **fields, error=str(exc) or repr(exc))
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        audit.record("deidentified_finished", **fields, duration=record.get("duration"),
+                     files=[{k: f.get(k) for k in ("file", "bytes", "sha256", "faces")}
+                            for f in record["files"]])
+    except ExportError as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        audit.close()
+    where = Path(args.directory) / deidentified.EXPORTS / record["id"]
+    print(f"de-identified export {record['id']} of recording {record['recording']}: "
+          f"{record['duration']:.1f} s, pending review (an admin signs it off in the player; "
+          f"until then it is not shared)\n  {where}")
+    for item in record["files"]:
+        faces = item["faces"]
+        found = (f"faces in {faces['with_faces']} of {faces['detections']} pictures searched, "
+                 f"blurred in {faces['frames_blurred']} frames" if faces["searched"]
+                 else "not searched for faces")
+        print(f"  {item['file']}: {item['width']}x{item['height']}, {item['frames']} frames, "
+              f"{'narration' if item['audio'] else 'no sound'}, {found}"
+              f"{', conservative' if item['conservative'] else ''}")
     return 0
 
 

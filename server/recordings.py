@@ -47,13 +47,14 @@ import shutil
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
-from recorder import Recording, RecordingError, SessionInfo, WriterOptions
+from recorder import Recording, RecordingError, SessionInfo, WriterOptions, deidentified
+from recorder.deidentified import EXPORTS
 from recorder.export import THUMBNAIL, make_thumbnail
 from recorder.recording import EVENTS, MANIFEST, write_atomic
 from recorder.repair import RecordingBusy, needs_repair, remove_temporary, repair
@@ -263,6 +264,25 @@ class MediaSigner:
 THUMBNAIL_NAME = "thumbnail"
 
 
+class SeenOnce:
+    """Keys seen, the oldest forgotten past ``limit``: "is this the first
+    time?" in bounded memory (one audit entry per playback and file, however
+    many Range requests a media element makes)."""
+
+    def __init__(self, limit: int = MEDIA_AUDIT_MEMORY) -> None:
+        self._seen: OrderedDict[tuple[str, ...], None] = OrderedDict()
+        self._limit = limit
+
+    def first(self, key: tuple[str, ...]) -> bool:
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return False
+        self._seen[key] = None
+        while len(self._seen) > self._limit:
+            self._seen.popitem(last=False)
+        return True
+
+
 @dataclass
 class _Live:
     """Recording control of one live Session."""
@@ -286,7 +306,7 @@ class Recordings:
         self._live: dict[str, _Live] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._manifests: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
-        self._audited: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._audited = SeenOnce()
         #: The index on disk is out of date (its last write failed: a full disk).
         self.index_dirty = False
         #: Recordings to finish once the disk lets us: id -> final manifest (or
@@ -294,6 +314,9 @@ class Recordings:
         self._unfinished: dict[str, dict[str, Any] | None] = {}
         #: Recordings another process is writing (their lock is held).
         self._elsewhere: set[str] = set()
+        #: Awaited before a Recording is deleted (its id): what else lives in its
+        #: directory stops first (a de-identified export being made).
+        self.before_delete: list[Callable[[str], Awaitable[None]]] = []
 
     # -- lifecycle ------------------------------------------------------------
     def open(self) -> None:
@@ -608,14 +631,12 @@ class Recordings:
 
     def check_access(self, grant: Grant, entry: dict[str, Any]) -> None:
         """Reviewers and admins of the Recording's Session (node-wide admins:
-        any); with ``share_deidentified``, reviewers of other Sessions for
-        Recordings consented for deidentified reuse."""
+        any). A Recording is never shared beyond its Session, whatever its
+        consent: what ``share_deidentified`` shares is its signed-off
+        de-identified exports (server/deidentified.py)."""
         if grant.role not in REVIEWERS:
             raise Forbidden("recordings are for reviewers and admins", code="wrong_role")
         if grant.covers(str(entry.get("session"))):
-            return
-        if (grant.role is Role.REVIEWER and self.config.share_deidentified
-                and entry.get("consent_scope") == "deidentified_reuse"):
             return
         raise Forbidden("this recording belongs to another session", code="wrong_session")
 
@@ -636,13 +657,8 @@ class Recordings:
                     address: str | None) -> None:
         """One audit entry per playback and part, however many Range requests
         the media element makes (bounded memory: the oldest are forgotten)."""
-        key = (ticket.playback, recording_id, name)
-        if key in self._audited:
-            self._audited.move_to_end(key)
+        if not self._audited.first((ticket.playback, recording_id, name)):
             return
-        self._audited[key] = None
-        while len(self._audited) > MEDIA_AUDIT_MEMORY:
-            self._audited.popitem(last=False)
         self.audit.record("recording_media", session=session, recording=recording_id,
                           part=name, playback=ticket.playback, participant=ticket.participant,
                           role=ticket.role, token=ticket.token_ids[0], address=address)
@@ -714,6 +730,12 @@ class Recordings:
         return (self._inside(recording_id, name),
                 CONTENT_TYPES.get(Path(name).suffix, "application/octet-stream"))
 
+    def directory(self, recording_id: str) -> Path:
+        """A listed Recording's directory: a real directory under the root (404
+        otherwise)."""
+        self.entry(recording_id)
+        return self._directory(recording_id)
+
     def _directory(self, recording_id: str) -> Path:
         if not RECORDING_ID.match(recording_id):
             raise NotFound("no such recording", code="unknown_recording")
@@ -758,6 +780,8 @@ class Recordings:
             raise Conflict("this recording is on legal hold; an admin must release it first",
                            code="legal_hold")
         directory = self.root / recording_id
+        for hook in list(self.before_delete):
+            await hook(recording_id)
         files = await asyncio.to_thread(self._inventory, recording_id)
         try:
             st = os.lstat(directory)
@@ -805,6 +829,13 @@ class Recordings:
             try:
                 st = os.lstat(child)
             except OSError:
+                continue
+            if child.name == EXPORTS and stat.S_ISDIR(st.st_mode):
+                # The de-identified exports made of it go with it, each file listed.
+                for export in deidentified.directories(directory):
+                    out += [{**item, "file": f"{EXPORTS}/{export.name}/{item['file']}",
+                             "kind": "deidentified"}
+                            for item in deidentified.inventory(export)]
                 continue
             item: dict[str, Any] = {"file": child.name}
             if not stat.S_ISREG(st.st_mode):

@@ -97,6 +97,26 @@ def encode_vp8(count: int, first_counter: int = 0, gop: int = 15,
     return out
 
 
+def encode_picture(image: np.ndarray, count: int, gop: int = 15,
+                   bit_rate: int = 2_500_000) -> list[tuple[bytes, bool]]:
+    """``count`` VP8 frames of one still picture (BGR), at a rate that keeps it
+    close to the original."""
+    h, w = image.shape[:2]
+    context = av.CodecContext.create("libvpx", "w")
+    context.width, context.height, context.pix_fmt = w, h, "yuv420p"
+    context.time_base = fractions.Fraction(1, 90000)
+    context.gop_size = gop
+    context.bit_rate = bit_rate
+    context.options = {"deadline": "realtime", "cpu-used": "8"}
+    out = []
+    for i in range(count):
+        frame = VideoFrame.from_ndarray(image, format="bgr24").reformat(format="yuv420p")
+        frame.pts = i * (90000 // FPS)
+        out += [(bytes(p), bool(p.is_keyframe)) for p in context.encode(frame)]
+    out += [(bytes(p), bool(p.is_keyframe)) for p in context.encode()]
+    return out
+
+
 @functools.lru_cache(maxsize=8)
 def encode_opus(seconds: float, beeps: tuple[float, ...] = (), frequency: float = 1000.0,
                 beep_s: float = 0.1) -> list[bytes]:
@@ -130,14 +150,25 @@ async def build_recording(root: str | Path, session_id: str = "or1-live", *,
                           feeds: tuple[tuple[str, int], ...] = (("room.video", 0),),
                           h264: tuple[str, ...] = (),
                           audio: tuple[tuple[str, tuple[float, ...], float], ...] = (),
-                          consent_t: float = 0.0) -> Recording:
+                          consent_t: float = 0.0,
+                          pictures: dict[str, np.ndarray] | None = None) -> Recording:
     """A stopped Recording: for each of ``feeds`` (id, first counter), VP8
     frames (H.264 for the Feeds in ``h264``) captured from Session time
-    ``start_t`` at 15 fps for ``seconds`` (frame i shows counter first + i);
+    ``start_t`` at 15 fps for ``seconds`` (frame i shows counter first + i;
+    a Feed in ``pictures`` shows that still picture instead, at its size);
     for each of ``audio`` (id, beep times on the Session clock, frequency),
     Opus from ``start_t`` for ``seconds``; and ``events`` (each with its
     ``t``). Consent (``started_t``) at ``consent_t``; the recording stops a
     quarter of a second after the media ends."""
+    # Encoded first: the recording's length is the media's, however slow the encoder.
+    encoded = {}
+    for feed_id, first in feeds:
+        if pictures and feed_id in pictures:
+            encoded[feed_id] = encode_picture(pictures[feed_id], round(seconds * FPS))
+        else:
+            encoded[feed_id] = encode_vp8(round(seconds * FPS), first,
+                                          label=feed_id.split(".")[0],
+                                          codec="h264" if feed_id in h264 else "vp8")
     # The Session clock started long enough ago that the media is in the past.
     span = start_t + seconds + 0.25
     recording = Recording(root, SessionInfo(session_id, "or1", "Cholecystectomy", "Dr Expert",
@@ -148,13 +179,10 @@ async def build_recording(root: str | Path, session_id: str = "or1-live", *,
     await recording.start()
     origin = recording.origin
     assert origin is not None
-    for feed_id, first in feeds:
-        codec = "h264" if feed_id in h264 else "vp8"
-        feed = FakeFeed(feed_id, mime="video/H264" if codec == "h264" else "video/VP8")
+    for feed_id, _first in feeds:
+        feed = FakeFeed(feed_id, mime="video/H264" if feed_id in h264 else "video/VP8")
         recording.attach(feed)
-        frames = encode_vp8(round(seconds * FPS), first, label=feed_id.split(".")[0],
-                            codec=codec)
-        for i, (data, key) in enumerate(frames):
+        for i, (data, key) in enumerate(encoded[feed_id]):
             feed.emit(data, 1000 + i * (90000 // FPS), key, origin + start_t + i / FPS)
     for feed_id, beeps, frequency in audio:
         feed = FakeFeed(feed_id, kind="audio", mime="audio/opus", rate=48000)

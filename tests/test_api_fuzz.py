@@ -161,6 +161,33 @@ def test_review_api_as_a_reviewer_with_a_recording(live_node: LiveNode) -> None:
     assert not failures, "\n\n".join(failures)
 
 
+EXPORT_OPERATIONS = ("listExports", "sharedExports", "getExport", "exportMedia",
+                     "reviewExport", "deleteExport", "requestExport")
+
+
+def test_export_api_as_an_admin_with_a_deidentified_export(live_node: LiveNode) -> None:
+    """The de-identified exports' parameters and bodies, their signed media URLs
+    included, fuzzed against a real export pending review."""
+    from recorder import deidentified
+    from recorder.deidentify import DeidentifyOptions
+
+    from .recording_helpers import build_recording
+
+    server = live_node.server
+    recording = live_node.run(build_recording(server.config.recording.root, "or1-live",
+                                              seconds=1.0, thumbnail=False))
+    live_node.run(asyncio.to_thread(server.app[RECORDINGS].open))
+    options = DeidentifyOptions(face_slots=())
+    record, claim = deidentified.create(recording.directory, options, via="test",
+                                        requested_by={"id": "x", "name": "Fuzz", "role": "admin"})
+    deidentified.make(recording.directory, claim, options)
+    # Not deleting it, not asking for more (each would be a real export).
+    failures = fuzz(live_node, live_node.token(Role.ADMIN), only=EXPORT_OPERATIONS[:5],
+                    path_parameters={"session": "or1-live", "recording": recording.id,
+                                     "export": record["id"], "file": "room.video.mp4"})
+    assert not failures, "\n\n".join(failures)
+
+
 def test_the_node_still_serves_after_the_http_fuzzing(live_node: LiveNode) -> None:
     assert requests.get(f"{live_node.base_url}/healthz", timeout=5).status_code == 200
     assert requests.get(f"{live_node.base_url}/readyz", timeout=5).status_code == 200

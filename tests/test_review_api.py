@@ -157,22 +157,27 @@ async def test_who_may_see_a_recording(server: Server, http: aiohttp.ClientSessi
         assert body["code"] in ("unknown_recording", "not_found"), body
 
 
-async def test_deidentified_recordings_can_be_shared_with_other_sessions_reviewers(
+async def test_a_recording_is_never_shared_beyond_its_session(
         http: aiohttp.ClientSession) -> None:
+    """Whatever its consent: with share_deidentified, what other Sessions'
+    reviewers get is its signed-off de-identified exports
+    (tests/test_deidentified_api.py), never its parts, events and names."""
     server, runner = await start_server(make_config(recording={"share_deidentified": True}))
     try:
         internal = await plant(server, "or2-other", thumbnail=False)
-        shared = await plant(server, "or2-other", thumbnail=False,
-                             consent={**CONSENT, "scope": "deidentified_reuse"})
+        reusable = await plant(server, "or2-other", thumbnail=False,
+                               consent={**CONSENT, "scope": "deidentified_reuse"})
         reviewer = server.token(Role.REVIEWER)  # of or1-live
-        await get_json(http, f"{server.base_url}/api/recordings/{shared}", reviewer)
-        body = await get_json(http, f"{server.base_url}/api/recordings/{internal}", reviewer,
-                              403)
-        assert body["code"] == "wrong_session"
+        for recording in (internal, reusable):
+            body = await get_json(http, f"{server.base_url}/api/recordings/{recording}",
+                                  reviewer, 403)
+            assert body["code"] == "wrong_session"
         # Admins of another Session get no more than its own.
-        body = await get_json(http, f"{server.base_url}/api/recordings/{shared}",
+        body = await get_json(http, f"{server.base_url}/api/recordings/{reusable}",
                               server.token(Role.ADMIN), 403)
         assert body["code"] == "wrong_session"
+        await get_json(http, f"{server.base_url}/api/recordings/{reusable}",
+                       server.token(Role.REVIEWER, "or2-other"))
     finally:
         await runner.cleanup()
 

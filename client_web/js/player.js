@@ -18,15 +18,24 @@
  * recorded events, by the same rules as recorder/replay.py: a drawing shows
  * from its `t` until `expires_t` (null: pinned), fading over its last second,
  * until `annotations_cleared`; the current step is the last `mark`'s.
+ *
+ * A de-identified export (`#token=…&recording=ID&export=EXPORT`) plays the same
+ * way: one part per camera (an MP4 with its sound), no events. A bar above the
+ * picture says its state; whoever may review it (docs/protocol.md,
+ * "De-identified exports") signs it off or rejects it from here, naming this
+ * playback: the server checks that every camera was loaded in it. Once
+ * signed off, its files can be downloaded.
  */
 
 import {
-  $, Banner, StatePanel, describeError, el, fromTemplate, pageStateFor, slotTitle, withReconnect,
+  $, Banner, StatePanel, confirmDialog, describeError, el, fromTemplate, pageStateFor, slotTitle,
+  withReconnect,
 } from './ui.js';
 import { FADE_TAIL_MS, contentRect, drawShape } from './telestration.js';
 import {
   FINAL_CODES, SCOPE_LABELS, api, formatDuration, formatWhen, pageParams,
 } from './review.js';
+import { EXPORT_STATE_LABELS, describeOptions, exportPath } from './exports.js';
 
 /** A follower further than this from the clock seeks. */
 const DRIFT_S = 0.3;
@@ -199,6 +208,10 @@ const timeline = /** @type {HTMLCanvasElement} */ ($('#timeline'));
 const params = pageParams();
 const token = params.token || '';
 const recordingId = params.recording || '';
+/** A de-identified export of the recording, or '' (the recording itself). */
+const exportId = params.export || '';
+const detailPath = exportId ? exportPath(recordingId, exportId)
+  : `/api/recordings/${encodeURIComponent(recordingId)}`;
 if (token) {
   /** @type {HTMLAnchorElement} */ ($('#back-to-library')).href =
     `library.html#${new URLSearchParams({ token }).toString()}`;
@@ -426,6 +439,8 @@ soundButton.addEventListener('click', () => {
   for (const player of followers.values()) {
     if (player.media instanceof HTMLAudioElement) player.media.muted = !soundOn;
   }
+  // An export's sound is in its MP4s: the main camera's plays it.
+  if (exportId) mainVideo.muted = !soundOn;
 });
 mainVideo.addEventListener('seeked', () => render());
 window.addEventListener('resize', () => render());
@@ -509,6 +524,11 @@ function build() {
     questionList.append(el('li', {}, button));
   }
   $('#player-questions-empty').hidden = questions.length > 0;
+  if (exportId) {
+    // Left out of the copy, not missing from the recording.
+    $('#marks-empty').textContent = 'A de-identified copy has no steps: their titles may name people.';
+    $('#player-questions-empty').textContent = 'A de-identified copy has no questions or chat.';
+  }
   const consent = recording.consent || {};
   $('#player-consent').textContent = [SCOPE_LABELS[consent.scope] || consent.scope,
     consent.recorded_by ? `recorded by ${consent.recorded_by}` : '',
@@ -524,6 +544,7 @@ function useDetail(body) {
   for (const feed of recording.feeds) feeds.set(feed.id, feed);
   main.setFeed(feeds.get(mainFeedId) || main.feed);
   for (const [id, player] of followers) player.setFeed(feeds.get(id) || null);
+  if (exportId) showReview(body);
   clearTimeout(refreshTimer);
   const inMs = (Number(body.expires_at) - Date.now() / 1000 - REFRESH_MARGIN_S) * 1000;
   refreshTimer = setTimeout(() => refresh().catch(() => {}), Math.max(10_000, inMs));
@@ -534,8 +555,69 @@ let playback = '';
 
 async function refresh() {
   const query = playback ? `?${new URLSearchParams({ playback })}` : '';
-  useDetail(await api(`/api/recordings/${encodeURIComponent(recordingId)}${query}`, token));
+  useDetail(await api(`${detailPath}${query}`, token));
 }
+
+// -- a de-identified export's review ---------------------------------------------------------
+
+const reviewDialog = /** @type {HTMLDialogElement} */ ($('#review-dialog'));
+const reviewNote = /** @type {HTMLTextAreaElement} */ ($('#review-note'));
+/** @type {any} the export as last described by the server */
+let exported = null;
+let mayReview = false;
+
+/** @param {any} body */
+function showReview(body) {
+  exported = body.export;
+  mayReview = Boolean(body.may_review);
+  const bar = $('#review-bar');
+  bar.hidden = false;
+  bar.dataset.state = exported.state;
+  $('#review-state').textContent = `De-identified copy: ${EXPORT_STATE_LABELS[exported.state] || exported.state}`;
+  const review = exported.review;
+  $('#review-detail').textContent = [
+    describeOptions(exported),
+    exported.state === 'pending_review' && mayReview
+      ? 'Watch every camera through, with the sound on, before signing off: faces, monitors, names said aloud.' : '',
+    exported.state === 'pending_review' && !mayReview ? 'Not shared until it is signed off.' : '',
+    review?.by ? `${review.decision === 'rejected' ? 'Rejected' : 'Signed off'} by ${review.by.name} ${formatWhen(review.at)}` : '',
+    review?.note ? `“${review.note}”` : '',
+    exported.shared ? 'Shared with the reviewers of other sessions.' : '',
+  ].filter(Boolean).join(' · ');
+  $('#review-sign').hidden = !mayReview;
+  $('#review-reject').hidden = !mayReview;
+  const downloads = $('#review-downloads');
+  downloads.hidden = exported.state !== 'signed_off';
+  downloads.replaceChildren(...(exported.state === 'signed_off' ? recording.feeds.flatMap(
+    (/** @type {RecordedFeed} */ f) => f.parts.map((part) => el('a', {
+      class: 'btn small', href: part.url, download: part.file }, `Download ${slotTitle(f.id.split('.')[0])}`))) : []));
+}
+
+/** @param {'sign_off'|'reject'} decision */
+async function decide(decision) {
+  const reject = decision === 'reject';
+  $('#review-dialog-title').textContent = reject ? 'Reject this de-identified copy?'
+    : 'Sign off this de-identified copy?';
+  $('#review-dialog-text').textContent = reject
+    ? 'Say what is still recognisable; an admin can make a new copy with other settings.'
+    : 'Nobody can be recognised and nothing names the patient, in every camera and in the sound. Once signed off it may be shared for teaching.';
+  $('#review-note-label').textContent = reject ? 'Why (required)' : 'Note (optional)';
+  $('#review-ok').textContent = reject ? 'Reject' : 'Sign off';
+  reviewNote.value = '';
+  reviewNote.required = reject;
+  if (!(await confirmDialog(reviewDialog))) return;
+  try {
+    const body = await api(`${exportPath(recordingId, exportId)}/review`, token, 'POST',
+      { decision, playback, note: reviewNote.value.trim() });
+    showReview({ export: body.export, may_review: false });
+    await refresh();
+  } catch (err) {
+    banner.show(describeError(/** @type {any} */ (err)));
+  }
+}
+$('#review-sign').addEventListener('click', () => decide('sign_off'));
+$('#review-reject').addEventListener('click', () => decide('reject'));
+$('#review-cancel').addEventListener('click', () => reviewDialog.close('cancel'));
 
 async function load() {
   if (!token || !recordingId) {
@@ -544,8 +626,7 @@ async function load() {
   }
   let body;
   try {
-    body = await withReconnect(
-      () => api(`/api/recordings/${encodeURIComponent(recordingId)}`, token));
+    body = await withReconnect(() => api(detailPath, token));
   } catch (err) {
     const error = /** @type {any} */ (err);
     $('#player-sub').textContent = 'This recording could not be opened.';
@@ -580,8 +661,10 @@ async function load() {
   t1 = recording.duration !== null && Number.isFinite(duration) ? t0 + duration
     : Math.max(t0, ...ends.map((/** @type {number[]} */ e) => e[1]));
   setClock(t0);
-  document.title = `ScrubIn · ${recording.title || 'Recording'}`;
-  $('#player-title').textContent = recording.title || 'Recording';
+  const name = exportId ? `De-identified: ${recording.title || recording.procedure || 'recording'}`
+    : recording.title || 'Recording';
+  document.title = `ScrubIn · ${name}`;
+  $('#player-title').textContent = name;
   $('#player-sub').textContent = [recording.procedure, recording.expert, formatWhen(recording.started),
     formatDuration(t1 - t0)].filter(Boolean).join(' · ');
   build();
@@ -612,5 +695,9 @@ window.scrubinPlayer = {
   switchMain,
   events: () => events,
   overlay: () => overlay,
+  /** The de-identified export shown (null: a recording) and whether this token may review it. */
+  exported: () => exported,
+  mayReview: () => mayReview,
+  playback: () => playback,
 };
 load();

@@ -6,5 +6,8 @@ interface Window {
   /** The recording player's handle for tests. */
   scrubinPlayer?: object;
   /** The recordings library's handle for tests. */
-  scrubinLibrary?: { recordings: () => unknown[]; reload: () => unknown; lastDeleted: unknown };
+  scrubinLibrary?: {
+    recordings: () => unknown[]; exports: () => unknown[]; shared: () => unknown[];
+    reload: () => unknown; lastDeleted: unknown;
+  };
 }
