@@ -177,7 +177,9 @@ class SyntheticTheatreCamera(VideoStreamTrack):
 
     ``frames_sent`` counts frames returned by :meth:`recv`; frame ``n`` carries
     framecode counter ``n`` (mod 2**24).  ``last_stamp_times[counter]`` is the
-    ``time.time()`` at which that frame was handed out (last 600 frames).
+    ``time.time()`` at which that frame was handed out (last 600 frames), and
+    ``last_due_times[counter]`` the time its timestamp stands for (its slot on
+    the fps grid): later than that when the machine is loaded.
     """
 
     kind = "video"
@@ -198,6 +200,7 @@ class SyntheticTheatreCamera(VideoStreamTrack):
         self.pixel_format: PixelFormat = pixel_format
         self.frames_sent = 0
         self.last_stamp_times: dict[int, float] = {}
+        self.last_due_times: dict[int, float] = {}
         self._t0: float | None = None
         self._slot = 0  # frame slot on the fps grid; runs ahead of frames_sent after stalls
 
@@ -229,7 +232,9 @@ class SyntheticTheatreCamera(VideoStreamTrack):
         frame.time_base = VIDEO_TIME_BASE
 
         self.last_stamp_times[counter] = time.time()
+        self.last_due_times[counter] = self._t0 + self._slot / self.fps
         self.last_stamp_times.pop((counter - STAMP_HISTORY) & framecode.COUNTER_MASK, None)
+        self.last_due_times.pop((counter - STAMP_HISTORY) & framecode.COUNTER_MASK, None)
         self.frames_sent += 1
         return frame
 
