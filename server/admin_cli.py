@@ -19,7 +19,7 @@ from urllib.parse import quote
 import aiohttp
 import jwt
 
-from .roles import Role
+from .roles import PERSON_ROLES, Role
 
 COMMANDS = ("theatre", "session", "invite", "audit", "revoke")
 
@@ -87,7 +87,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     isub = invite.add_subparsers(dest="action", required=True)
     ic = common(isub.add_parser("create", help="a signed invite link"))
     ic.add_argument("--session", required=True)
-    ic.add_argument("--role", required=True, choices=[r.value for r in Role])
+    ic.add_argument("--role", required=True, choices=[r.value for r in Role if r in PERSON_ROLES])
     ic.add_argument("--name", default="", help="display name (else asked on the join page)")
     ic.add_argument("--ttl", type=float, default=None, help="seconds (default: the Node's)")
     ic.add_argument("--max-uses", type=int, default=None,

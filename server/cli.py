@@ -27,7 +27,7 @@ from .http.guard import NodeRunner
 from .links import format_links, session_links
 from .nodes import NodeIdInUse
 from .resources import DEMO_CONFIG
-from .roles import Role
+from .roles import PERSON_ROLES, Role
 
 logger = logging.getLogger("scrubin")
 
@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p_token.add_argument("--config", type=Path, required=True)
     p_token.add_argument("--session", required=True,
                          help="a Session id, or '*' (node-wide; role admin only)")
-    p_token.add_argument("--role", choices=[r.value for r in Role], required=True)
+    p_token.add_argument("--role", choices=[r.value for r in Role if r in PERSON_ROLES],
+                         required=True)
     p_token.add_argument("--name", default="")
     p_token.add_argument("--ttl", type=float, default=None)
 

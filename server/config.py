@@ -243,6 +243,20 @@ class ClusterConfig:
     # A forwarded websocket request (a page on one Node, its Session held by
     # another) that gets no answer in this time fails with 503.
     request_timeout_s: float = 5.0
+    # Edges (docs/architecture.md, "Edges"): a Node serves the trainees whose
+    # pages connect to it the media of a Session held by another Node, pulling
+    # each Feed once from the holder (WHEP, with a relay token it mints) and
+    # fanning it out here. Off: those pages move to the holding Node.
+    edges: bool = False
+    # An edge keeps pulling a Feed nobody here watches this long (a page
+    # reloading, a trainee switching cameras).
+    edge_linger_s: float = 10.0
+    # Life of the relay tokens an edge mints for its pulls; a pull whose token
+    # expires is closed by the holder and made again with a fresh one.
+    relay_token_ttl_s: float = 3600.0
+    # A trainee's page is sent to the least loaded Node (Subscriptions, from
+    # the Node registry) when the Node it reached serves this many more.
+    placement_margin: int = 50
 
 
 @dataclass(frozen=True)
@@ -459,6 +473,10 @@ def _validate(config: Config) -> None:
             and cluster.workers >= 0 and cluster.request_timeout_s > 0):
         raise ConfigError("[cluster]: 0 < heartbeat_s < node_ttl_s, lease_ttl_s ≥ 3 s, "
                           "workers ≥ 0, request_timeout_s > 0")
+    if not (0 <= cluster.edge_linger_s <= 600 and 60 <= cluster.relay_token_ttl_s <= 86400
+            and cluster.placement_margin >= 1):
+        raise ConfigError("[cluster]: 0 ≤ edge_linger_s ≤ 600, 60 ≤ relay_token_ttl_s ≤ "
+                          "86400, placement_margin ≥ 1")
     for addr in config.ice.host_addresses:
         try:
             ipaddress.ip_address(addr)

@@ -27,7 +27,7 @@ from ..errors import (
     NotFound,
 )
 from ..resources import OPENAPI_PATH
-from ..roles import Role
+from ..roles import PERSON_ROLES, Role
 from ..store import SESSION_STATES, InviteRecord, SessionRecord, SessionState
 from ..theatre import Theatre, check_name
 from ..tokens import MAX_LIFETIME_S, NODE_WIDE, Grant, is_grant_id
@@ -413,8 +413,11 @@ async def create_invite(request: web.Request) -> web.Response:
     body = await _body(request, {"role", "name", "ttl_s", "max_uses"})
     try:
         role = Role(str(body.get("role")))
+        if role not in PERSON_ROLES:
+            raise ValueError(role)
     except ValueError:
-        raise BadRequest(f"role is one of {', '.join(r.value for r in Role)}",
+        raise BadRequest("role is one of "
+                         f"{', '.join(r.value for r in Role if r in PERSON_ROLES)}",
                          code="bad_role") from None
     config = request.app[CONFIG]
     ttl = _number(body, "ttl_s", low=invites.MIN_TTL_S, high=invites.MAX_TTL_S)

@@ -37,6 +37,7 @@ from ..media.peers import PeerFactory
 from ..metrics import Metrics
 from ..nodes import Nodes
 from ..registry import Registry, SessionElsewhere
+from ..roles import Role
 from ..session import Ingest, Session, SlotView
 from ..store import Presence, RateLimiter, Store, StoreUnavailable
 from ..subscription import Subscription
@@ -507,6 +508,9 @@ async def authenticate(request: web.Request, token: str | None = None, *,
         if blocked:
             raise rate_limited() from None
         raise
+    if grant.role is Role.RELAY and not request.path.startswith("/whep/"):
+        # A Node's pull credential plays Feeds (WHEP) and nothing else.
+        raise Forbidden("a relay token is for WHEP only", code="wrong_role")
     invites = app[STORE].invites
     if await invites.is_revoked(grant.lineage, session_id=grant.session_id,
                                 issued_at=grant.issued_at):
