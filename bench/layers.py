@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import datetime
 import json
@@ -77,7 +78,9 @@ class Counter:
 
     def __init__(self, decode: bool = False) -> None:
         self.frames = 0
+        self.repeats = 0  # a frame seen again (same RTP timestamp): not delivered twice
         self.bytes = 0
+        self._recent: collections.deque[int] = collections.deque(maxlen=64)
         self.decode_cpu_s = 0.0
         self._queue: list[bytes] = []
         self._wake = threading.Event()
@@ -87,8 +90,12 @@ class Counter:
             self._thread.start()
 
     def __call__(self, data: bytes, rtp_timestamp: int) -> None:
-        self.frames += 1
         self.bytes += len(data)
+        if rtp_timestamp in self._recent:
+            self.repeats += 1
+            return
+        self._recent.append(rtp_timestamp)
+        self.frames += 1
         if self._thread is not None:
             self._queue.append(data)
             self._wake.set()
@@ -181,14 +188,16 @@ class Bench:
         return ws, pcs, counters
 
     async def window(self, pid: int, counters: dict[str, Counter]) -> dict[str, Any]:
-        before = {k: (c.frames, c.bytes, c.decode_cpu_s) for k, c in counters.items()}
+        before = {k: (c.frames, c.bytes, c.decode_cpu_s, c.repeats)
+                  for k, c in counters.items()}
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
         await asyncio.sleep(self.plan.window)
         elapsed = time.monotonic() - t0
         cpu = (cpu_seconds(pid) - cpu0) / elapsed
         per = {k: {"fps": (c.frames - before[k][0]) / elapsed,
                    "kbps": (c.bytes - before[k][1]) * 8 / elapsed / 1000,
-                   "decode_cores": (c.decode_cpu_s - before[k][2]) / elapsed}
+                   "decode_cores": (c.decode_cpu_s - before[k][2]) / elapsed,
+                   "repeats_per_s": (c.repeats - before[k][3]) / elapsed}
                for k, c in counters.items()}
         return {"server_cores": cpu, "viewers": per,
                 "kbps_total": sum(v["kbps"] for v in per.values()),
@@ -253,7 +262,8 @@ class Bench:
                 await asyncio.gather(pc.close(), pub.close())
             v = out[name]["viewers"]["room.video"]
             print(f"  2. 600 kbit/s link, {name}: {v['fps']:.1f} frames/s delivered, "
-                  f"{v['kbps']:.0f} kbit/s; relay dropped {out[name]['relay']['dropped_queue']} "
+                  f"{v['kbps']:.0f} kbit/s, {v['repeats_per_s']:.1f} repeated frames/s; relay "
+                  f"dropped {out[name]['relay']['dropped_queue']} "
                   "packets at its queue", flush=True)
         self.results["weak_link"] = out
 
@@ -340,9 +350,11 @@ class Bench:
         return "\n".join(lines)
 
 
-async def run(bench: Bench) -> None:
+async def run(bench: Bench, only: str | None = None) -> None:
     for phase in (bench.four_cameras, bench.weak_link, bench.server_low_layer,
                   bench.selection_overhead):
+        if only and phase.__name__ != only:
+            continue
         try:
             await phase()
         except Exception as exc:  # one phase failing must not hide the others' figures
@@ -354,6 +366,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
+    parser.add_argument("--only", choices=["four_cameras", "weak_link", "server_low_layer",
+                                           "selection_overhead"], help="run one phase")
     args = parser.parse_args()
     started = time.monotonic()
     full = encode_stream()
@@ -365,7 +379,7 @@ def main() -> None:
         "streams": f"full {full.width}x{full.height} {full.fps:.0f} fps "
                    f"{full.mean_bitrate / 1e6:.2f} Mbit/s, low {low.width}x{low.height} "
                    f"{low.fps:.0f} fps {low.mean_bitrate / 1e3:.0f} kbit/s"}
-    asyncio.run(run(bench))
+    asyncio.run(run(bench, args.only))
     print(bench.report())
     print(f"(total {time.monotonic() - started:.0f} s)")
     if args.json:
