@@ -574,7 +574,14 @@ async def test_a_slow_disk_drops_frames_not_the_loop(tmp_path: Path) -> None:
     stats = feed_entry(manifest, "room.video")["stats"]
     assert stats["frames_in"] == 40
     assert stats["dropped_queue_full"] >= 30
-    assert stats["frames_written"] + stats["dropped_queue_full"] == 40
+    # Every frame is accounted for. Which of the few queued behind the stall are
+    # written depends on where the writer thread was when the disk stalled: a
+    # delta frame after a cut waits for a key frame, and the first part holds
+    # frames to place them against consent.
+    other = (stats["skipped_before_keyframe"] + stats["skipped_before_consent"]
+             + stats["dropped_out_of_order"])
+    assert stats["frames_written"] >= 1 and other <= 4, stats
+    assert stats["frames_written"] + stats["dropped_queue_full"] + other == 40, stats
     # What was written still decodes: drops wait for the next key frame.
     for part in feed_entry(manifest, "room.video")["parts"]:
         decoded = decode_video(recording.directory / part["file"])
