@@ -20,7 +20,7 @@ from aiohttp import web
 from aiortc import RTCIceServer
 
 from . import admin_cli, logs, recording_cli, workers
-from .app import create_app
+from .app import create_app, drain
 from .config import Config, ConfigError, load_config
 from .http.common import REGISTRY, TOKENS
 from .http.guard import NodeRunner
@@ -78,6 +78,9 @@ async def serve(config: Config, shared_port: int | None = None) -> None:
               "`scrubin admin-token --config FILE`>", flush=True)
     try:
         await _until_signal()
+        # Still listening: joins are refused with the Node to use instead,
+        # and every page moves there before the listener closes.
+        await drain(app)
     finally:
         await runner.cleanup()
 
