@@ -154,7 +154,7 @@ async def publish(args: argparse.Namespace) -> int:
         ice_servers=[RTCIceServer(urls=u) for u in args.ice_server],
         host_addresses=args.host_address, video_codec=source.video_codec,
         takeover=args.takeover, relay_only=args.relay_only,
-        connect_timeout_s=args.connect_timeout)
+        connect_timeout_s=args.connect_timeout, fallback_urls=args.fallback)
     publisher = WhipPublisher(args.url, args.token, source.tracks, options)
     publisher.on_state = lambda _: print(f"publish: {publisher.describe_state()}", flush=True)
     task = asyncio.ensure_future(publisher.run())
@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     p_pub.add_argument("--host-address", action="append", default=[],
                        help="advertise this address instead of the interfaces' (default: "
                             "loopback when the URL is loopback or localhost)")
+    p_pub.add_argument("--fallback", action="append", default=[], metavar="URL",
+                       help="another Node of the deployment (its base URL), tried in turn "
+                            "when the current one does not answer; repeat for more")
     p_pub.add_argument("--takeover", action="store_true",
                        help="replace another encoder publishing the slot (never the expert's "
                             "own camera)")
