@@ -56,8 +56,7 @@ pytestmark = pytest.mark.slow
 
 #: The watch page's main video, read like the tests read exports: the counter
 #: the synthetic camera stamped into this frame (null: none readable yet).
-MAIN_COUNTER_JS = framecode.JS_READER + """
-;(() => {
+MAIN_COUNTER_JS = "() => {\n" + framecode.JS_READER + """
   const video = window.scrubin && window.scrubin.mainVideo();
   if (!video || !video.videoWidth) return null;
   const canvas = document.createElement('canvas');
@@ -65,7 +64,7 @@ MAIN_COUNTER_JS = framecode.JS_READER + """
   const ctx = canvas.getContext('2d', {willReadFrequently: true});
   ctx.drawImage(video, 0, 0);
   return framecodeRead(ctx.getImageData(0, 0, canvas.width, canvas.height));
-})()
+}
 """
 
 #: The main Feed's Subscription: its id, frames decoded, and the socket's URL.
