@@ -14,7 +14,6 @@ Bounded: every wait polls a condition against a deadline.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 from pathlib import Path
@@ -26,13 +25,12 @@ from aiohttp.test_utils import unused_port
 from pytest_redis.executor import RedisExecutor
 
 from server import framecode
-from server.publish.synthetic import SyntheticTheatreCamera
-from server.publish.whip import WhipOptions, WhipPublisher
-from server.roles import Role
-
 from server.app import drain
 from server.http.common import NODES, REGISTRY
 from server.http.common import TOKENS as TOKEN_AUTHORITY
+from server.publish.synthetic import SyntheticTheatreCamera
+from server.publish.whip import WhipOptions, WhipPublisher
+from server.roles import Role
 
 from .conftest import LOOPBACK, Server, wait_for
 from .test_cluster import (  # noqa: F401  (fixtures)
@@ -130,16 +128,17 @@ async def wait_registry(http: aiohttp.ClientSession, asked: NodeProcess,
 
 
 async def test_pages_and_the_publisher_survive_nodes_dying_and_draining(
-        multinode_redis: RedisExecutor, tmp_path: Path, http: aiohttp.ClientSession,
-        processes: list[NodeProcess], browser: Any) -> None:
+        multinode_redis: RedisExecutor,  # noqa: F811
+        processes: list[NodeProcess],  # noqa: F811
+        tmp_path: Path, http: aiohttp.ClientSession, browser: Any) -> None:
     from .browser_helpers import open_page
 
     config = write_config(tmp_path, multinode_redis)  # lease_ttl_s 3, node_ttl_s 2.5
-    nodes = [NodeProcess(name, config, unused_port()) for name in ("node-a", "node-b", "node-c")]
-    processes.extend(nodes)
-    await asyncio.gather(*(asyncio.to_thread(node.start) for node in nodes))
-    origin = await the_holder(http, nodes)
-    b, c = (n for n in nodes if n is not origin)
+    three = [NodeProcess(name, config, unused_port()) for name in ("node-a", "node-b", "node-c")]
+    processes.extend(three)
+    await asyncio.gather(*(asyncio.to_thread(node.start) for node in three))
+    origin = await the_holder(http, three)
+    b, c = (n for n in three if n is not origin)
 
     camera = SyntheticTheatreCamera(640, 360, 15, label="room")
     publisher = WhipPublisher(
@@ -206,7 +205,8 @@ async def test_pages_and_the_publisher_survive_nodes_dying_and_draining(
 
 
 async def test_a_draining_node_gives_its_session_up_and_refuses_joins_naming_another(
-        nodes: list[Server], http: aiohttp.ClientSession, sockets: list[WS]) -> None:
+        nodes: list[Server],  # noqa: F811
+        http: aiohttp.ClientSession, sockets: list[WS]) -> None:
     """In one process (tests/test_cluster.py's three Nodes): the holder
     drains; its page is sent to another Node, which takes the Session at once
     (the lease was released, no waiting for it to expire); afterwards, while
@@ -230,7 +230,7 @@ async def test_a_draining_node_gives_its_session_up_and_refuses_joins_naming_ano
     assert not holder.app[REGISTRY].sessions
 
     # The page reconnects where it was told: the Session is live there now.
-    moved, welcome = await hello(http, others[successor["id"]], trainee, sockets)
+    _, welcome = await hello(http, others[successor["id"]], trainee, sockets)
     assert welcome["type"] == "welcome", welcome
     assert welcome["serving"] == successor
     # Once it has read the registry again, it lists the drained Node no more.
