@@ -14,8 +14,10 @@ Bounded: every wait polls a condition against a deadline.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +32,24 @@ from server.http.common import NODES, REGISTRY
 from server.http.common import TOKENS as TOKEN_AUTHORITY
 from server.publish.synthetic import SyntheticTheatreCamera
 from server.publish.whip import WhipOptions, WhipPublisher
+from server.recordings import RESCAN_S
 from server.roles import Role
 
+from .admin_helpers import api
 from .conftest import LOOPBACK, Server, wait_for
 from .test_cluster import (  # noqa: F401  (fixtures)
+    CONSENT,
+    RUNNERS,
     cluster_redis,
     hello,
     holders,
+    node_config,
     nodes,
+    start_node,
+    stop,
+    whip_through,
 )
+from .test_interaction import request
 from .test_multinode import (  # noqa: F401  (fixtures)
     TOKENS,
     NodeProcess,
@@ -253,3 +264,70 @@ async def test_a_draining_node_gives_its_session_up_and_refuses_joins_naming_ano
     assert (await closed_with(late))[0] in (1001, 1006)
     listed = {n.node_id: n for n in await holder.app[NODES]._store.list_nodes()}
     assert listed[holder.config.server.node_id].draining
+
+
+@pytest.fixture
+async def two_nodes_one_root(cluster_redis: RedisExecutor,  # noqa: F811
+                             tmp_path: Path) -> AsyncIterator[list[Server]]:
+    """Two Nodes in one process, one Redis, one recordings root (a shared
+    volume, as docs/deployment.md asks of several Nodes)."""
+    prefix = f"root-{time.monotonic_ns()}:"
+    root = tmp_path / "recordings"
+    started = await asyncio.gather(*(start_node(dataclasses.replace(
+        config, recording=dataclasses.replace(config.recording, root=str(root))))
+        for config in (node_config(cluster_redis, n, prefix) for n in ("node-a", "node-b"))))
+    for server, runner in started:
+        RUNNERS[id(server)] = runner
+    try:
+        yield [server for server, _ in started]
+    finally:
+        for server, _ in started:
+            await stop(server)
+
+
+async def test_a_recording_made_on_one_node_is_listed_and_played_from_another(
+        two_nodes_one_root: list[Server], http: aiohttp.ClientSession,
+        sockets: list[WS]) -> None:
+    nodes_ = two_nodes_one_root
+    await wait_for(lambda: "" if len(holders(nodes_)) == 1 else "no single holder")
+    holder = holders(nodes_)[0]
+    other = next(s for s in nodes_ if s is not holder)
+    tokens = holder.tokens
+    reviewer = tokens.issue("or1-live", Role.REVIEWER, name="Rita Reviewer")
+    # Listed before anything was recorded: the other Node has nothing yet.
+    _, before = await api(http, other, "GET", "/api/sessions/or1-live/recordings", reviewer,
+                          expect=200)
+    assert before["recordings"] == []
+
+    pc, _, _ = await whip_through(http, other, tokens.issue("or1-live", Role.EXPERT), "room")
+    try:
+        expert, _ = await hello(http, holder, tokens.issue("or1-live", Role.EXPERT,
+                                                           name="Dr Grey"), sockets)
+        started = await request(expert, {"type": "start_recording", "consent": CONSENT})
+        assert started["recording"]["state"] == "on", started
+        root = Path(holder.config.recording.root)
+
+        def recorded() -> str:
+            parts = [p for p in root.glob("*/room.video*") if p.stat().st_size > 2000]
+            return "" if parts else "no picture recorded yet"
+
+        await wait_for(recorded, timeout=15)
+        stopped = await request(expert, {"type": "stop_recording"})
+        assert stopped["type"] == "ok", stopped
+    finally:
+        await pc.close()
+
+    # A reviewer who asks the other Node lists it and plays it there.
+    await asyncio.sleep(RESCAN_S)  # its last look at the root was just now
+    _, listed = await api(http, other, "GET", "/api/sessions/or1-live/recordings", reviewer,
+                          expect=200)
+    [entry] = listed["recordings"]
+    assert entry["session"] == "or1-live"
+    _, detail = await api(http, other, "GET", f"/api/recordings/{entry['id']}", reviewer,
+                          expect=200)
+    assert detail["recording"]["consent"]["recorded_by"] == CONSENT["recorded_by"]
+    [feed] = [f for f in detail["recording"]["feeds"] if f["id"] == "room.video"]
+    assert feed["parts"] and feed["parts"][0]["frames"] > 0
+    async with http.get(f"{other.base_url}{feed['parts'][0]['url']}") as response:
+        assert response.status == 200
+        assert len(await response.read()) > 2000
