@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -53,7 +54,7 @@ from .http.common import (
     security_headers,
 )
 from .http.review import RECORDINGS
-from .http.ws import answer_forwarded, websocket
+from .http.ws import answer_forwarded, going_away, websocket
 from .media.liveness import Liveness
 from .media.peers import PeerFactory
 from .metrics import Metrics
@@ -65,6 +66,11 @@ from .store import Presence, open_store
 from .tokens import Grant, TokenAuthority
 
 logger = logging.getLogger(__name__)
+
+#: How long a draining Node waits for its pages to move (docs/architecture.md, "Drain").
+DRAIN_GRACE_S = 3.0
+#: Sockets their Session did not send away by then are told directly.
+DRAIN_NUDGE_S = 0.5
 
 PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player", "preflight")
 
@@ -268,6 +274,50 @@ async def _sessions(app: web.Application) -> AsyncIterator[None]:
     await app[REGISTRY].close()
 
 
+async def drain(app: web.Application, grace_s: float = DRAIN_GRACE_S) -> None:
+    """SIGTERM, while the Node still listens: take no new joins (503
+    ``node_draining`` naming another Node), say so in the Node registry, give
+    every Session held here up at once (leases released; participants told to
+    reconnect to another Node), send the pages of Sessions held elsewhere there
+    too, then wait up to ``grace_s`` for the sockets to go. The shutdown
+    (``runner.cleanup()``) follows."""
+    nodes, registry = app[NODES], app[REGISTRY]
+    if nodes.draining:
+        return
+    app[ACCEPTING]["joins"] = False
+    await nodes.drain()
+    successor = nodes.successor()
+    logger.info("draining: joins refused; Sessions and pages move to %s",
+                successor["id"] if successor else "no other Node (none is live)")
+    app[AUDIT].record("node_draining", successor=successor["id"] if successor else None)
+    await registry.hand_over(nodes.successor)
+    app[CLUSTER].hand_over()
+    started = time.monotonic()
+    sockets: weakref.WeakSet[Any] = app[WEBSOCKETS]
+    told: set[int] = set()
+    while time.monotonic() < started + grace_s:
+        open_sockets = [ws for ws in list(sockets) if not ws.closed]
+        if not open_sockets:
+            break
+        if time.monotonic() > started + DRAIN_NUDGE_S:
+            # Told through their Session already; a socket still open (one
+            # that has not joined yet, say) is told directly.
+            for ws in open_sockets:
+                if id(ws) not in told:
+                    told.add(id(ws))
+                    await _send_going_away(app, ws, "this Node is shutting down")
+        await asyncio.sleep(0.05)
+    logger.info("drained in %.2f s", time.monotonic() - started)
+
+
+async def _send_going_away(app: web.Application, ws: Any, reason: str) -> None:
+    try:
+        await ws.send_json(going_away(app, reason))
+    except (ConnectionError, RuntimeError):
+        pass
+    await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+
+
 async def _going_away(app: web.Application) -> None:
     app[ACCEPTING]["joins"] = False
     # Out of the Node registry first: no Node sends anyone here any more.
@@ -276,8 +326,4 @@ async def _going_away(app: web.Application) -> None:
     for ws in list(sockets):
         if ws.closed:
             continue
-        try:
-            await ws.send_json({"type": "going_away", "reason": "server is shutting down"})
-        except (ConnectionError, RuntimeError):
-            pass
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+        await _send_going_away(app, ws, "server is shutting down")

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiortc import RTCIceServer
 
 from . import admin_cli, logs, recording_cli, workers
-from .app import create_app
+from .app import create_app, drain
 from .config import Config, ConfigError, load_config
 from .http.common import REGISTRY, TOKENS
 from .http.guard import NodeRunner
@@ -78,6 +78,9 @@ async def serve(config: Config, shared_port: int | None = None) -> None:
               "`scrubin admin-token --config FILE`>", flush=True)
     try:
         await _until_signal()
+        # Still listening: joins are refused with the Node to use instead,
+        # and every page moves there before the listener closes.
+        await drain(app)
     finally:
         await runner.cleanup()
 
@@ -151,7 +154,7 @@ async def publish(args: argparse.Namespace) -> int:
         ice_servers=[RTCIceServer(urls=u) for u in args.ice_server],
         host_addresses=args.host_address, video_codec=source.video_codec,
         takeover=args.takeover, relay_only=args.relay_only,
-        connect_timeout_s=args.connect_timeout)
+        connect_timeout_s=args.connect_timeout, fallback_urls=args.fallback)
     publisher = WhipPublisher(args.url, args.token, source.tracks, options)
     publisher.on_state = lambda _: print(f"publish: {publisher.describe_state()}", flush=True)
     task = asyncio.ensure_future(publisher.run())
@@ -242,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     p_pub.add_argument("--host-address", action="append", default=[],
                        help="advertise this address instead of the interfaces' (default: "
                             "loopback when the URL is loopback or localhost)")
+    p_pub.add_argument("--fallback", action="append", default=[], metavar="URL",
+                       help="another Node of the deployment (its base URL), tried in turn "
+                            "when the current one does not answer; repeat for more")
     p_pub.add_argument("--takeover", action="store_true",
                        help="replace another encoder publishing the slot (never the expert's "
                             "own camera)")

@@ -653,6 +653,12 @@ class Cluster:
     def start(self) -> None:
         self._reconciler = asyncio.ensure_future(self._reconcile_loop())
 
+    def hand_over(self) -> None:
+        """This Node drains: its members of Sessions held elsewhere reconnect
+        (to another Node: ``going_away`` names it)."""
+        for remote in list(self.remote.values()):
+            remote.moved_away("this Node is shutting down")
+
     async def close(self) -> None:
         self._closing = True
         for task in list(self._idle):

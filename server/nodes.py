@@ -92,6 +92,8 @@ class Nodes:
         self.on_urls: list[Callable[[], None]] = []
         #: False while another process holds this Node's id.
         self.in_registry = False
+        #: Stopping (SIGTERM): said in the registry, so nobody is sent here.
+        self.draining = False
         self._task: asyncio.Task[None] | None = None
         self._cpu = (time.process_time(), time.monotonic())
 
@@ -116,6 +118,25 @@ class Nodes:
     def alive(self, node_id: str) -> bool:
         return node_id == self.node_id or node_id in self.known
 
+    def serving(self) -> list[dict[str, str]]:
+        """The Nodes a page may fail over to: every live Node that is not
+        draining (this one first, unless it drains), as ``{id, url}``."""
+        others = sorted((r for r in self.known.values() if not r.draining),
+                        key=lambda r: r.node_id)
+        own = [] if self.draining else [{"id": self.node_id, "url": self.url}]
+        return own + [{"id": r.node_id, "url": r.url} for r in others]
+
+    def successor(self) -> dict[str, str] | None:
+        """Another live Node that is not draining, the least loaded (Sessions
+        held, then websockets): where this Node sends its pages and clients
+        when it drains. None when there is none."""
+        others = [r for r in self.known.values() if not r.draining]
+        if not others:
+            return None
+        best = min(others, key=lambda r: (r.load.get("sessions", 0.0),
+                                          r.load.get("websockets", 0.0), r.node_id))
+        return {"id": best.node_id, "url": best.url}
+
     def urls(self) -> list[str]:
         """Every live Node's URL, sorted (this one's included)."""
         return sorted({self.url, *(r.url for r in self.known.values())})
@@ -124,7 +145,7 @@ class Nodes:
         return NodeRecord(node_id=self.node_id, instance=self.instance, url=self.url,
                           media_addresses=self._media, udp_ports=self._udp_ports,
                           load=self._measure(), started_at=self._started_at,
-                          heartbeat_at=self._clock())
+                          heartbeat_at=self._clock(), draining=self.draining)
 
     def _measure(self) -> dict[str, float]:
         load = {k: float(v) for k, v in self._load().items()}
@@ -188,6 +209,13 @@ class Nodes:
         if urls_changed:
             for on_urls in list(self.on_urls):
                 _call(on_urls)
+
+    async def drain(self) -> None:
+        """Say in the registry at once that this Node drains: the other
+        Nodes stop sending anyone here (pages' failover lists, successors)."""
+        self.draining = True
+        with contextlib.suppress(StoreUnavailable):
+            await self.beat()
 
     async def run(self) -> None:
         while True:

@@ -70,6 +70,9 @@ from .tokens import Grant
 
 logger = logging.getLogger(__name__)
 
+#: A Node looks for recordings other Nodes made on the shared root at most this often.
+RESCAN_S = 1.0
+
 SCOPES = ("live_only", "internal_review", "deidentified_reuse")
 #: Who may review a Recording, beside admins.
 REVIEWERS = frozenset({Role.REVIEWER, Role.ADMIN})
@@ -314,6 +317,10 @@ class Recordings:
         self._unfinished: dict[str, dict[str, Any] | None] = {}
         #: Recordings another process is writing (their lock is held).
         self._elsewhere: set[str] = set()
+        #: The manifest (mtime, size) each listed Recording was summarized from,
+        #: and when the root was last looked at (``refresh``).
+        self._scanned: dict[str, tuple[int, int]] = {}
+        self._refreshed_at = 0.0
         #: Awaited before a Recording is deleted (its id): what else lives in its
         #: directory stops first (a de-identified export being made).
         self.before_delete: list[Callable[[str], Awaitable[None]]] = []
@@ -340,6 +347,65 @@ class Recordings:
                 manifest = self._finish(child, manifest) or manifest
             self.index[child.name] = self._summary(child, manifest)
         self._save_index()
+
+    async def refresh(self, *, missing: str | None = None) -> None:
+        """Several Nodes share one recordings root (the same directory on every
+        Node, e.g. a shared volume): what other Nodes recorded, finished or
+        deleted since this Node last looked is listed here too. At most once a
+        second; ``missing``: only if that Recording is not listed here."""
+        if missing is not None and missing in self.index:
+            return
+        now = time.monotonic()
+        if now - self._refreshed_at < RESCAN_S:
+            return
+        self._refreshed_at = now
+        await asyncio.to_thread(self.rescan)
+
+    def rescan(self) -> bool:
+        """The root against the index (in a thread: it reads files). A
+        recording left unfinished by a Node that died is finished here
+        (``interrupted``), one another live Node writes is left alone (its
+        lock). True if the index changed."""
+        active = self._active_ids()
+        seen: set[str] = set()
+        changed = False
+        try:
+            children = sorted(self.root.iterdir())
+        except OSError as exc:
+            logger.warning("recordings: the root could not be read: %s", exc)
+            return False
+        for child in children:
+            if not RECORDING_ID.match(child.name) or child.is_symlink() or not child.is_dir():
+                continue
+            seen.add(child.name)
+            if child.name in active:
+                continue
+            try:
+                st = os.stat(child / MANIFEST)
+                key = (st.st_mtime_ns, st.st_size)
+                if self._scanned.get(child.name) == key and child.name in self.index:
+                    continue
+                manifest = json.loads((child / MANIFEST).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # being created, or not a recording: not listed
+            if manifest.get("id") != child.name:
+                continue
+            if summarize(manifest, thumbnail=False)["state"] in ("new", "recording",
+                                                                  "stopping"):
+                manifest = self._finish(child, manifest) or manifest
+            self.index[child.name] = self._summary(child, manifest)
+            with contextlib.suppress(OSError):
+                st = os.stat(child / MANIFEST)
+                self._scanned[child.name] = (st.st_mtime_ns, st.st_size)
+            changed = True
+        for gone in set(self.index) - seen - active:
+            # Deleted by another Node.
+            del self.index[gone]
+            self._scanned.pop(gone, None)
+            changed = True
+        if changed:
+            self._save_index()
+        return changed
 
     def _summary(self, directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         entry = summarize(manifest, thumbnail=(directory / THUMBNAIL).is_file(),

@@ -81,6 +81,22 @@ class SessionElsewhere(Conflict):
         return {**super().to_dict(), "node": {"id": self.node_id, "url": self.url}}
 
 
+class NodeDraining(Unavailable):
+    """This Node is stopping (SIGTERM): it takes no new joins, publications or
+    viewers (503 ``node_draining``, with ``node``: another live Node to use,
+    when there is one). The caller's fault it is not; retrying there works."""
+
+    code = "node_draining"
+
+    def __init__(self, node: dict[str, str] | None) -> None:
+        super().__init__("this Node is shutting down; connect to another Node"
+                         + (f" ({node['url']})" if node else ""))
+        self.node = node
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "node": self.node}
+
+
 class Registry:
     def __init__(self, config: Config, peers: PeerFactory, node_id: str,
                  store: Store | None = None, *,
@@ -119,6 +135,9 @@ class Registry:
         self._claims: dict[str, asyncio.Task[None]] = {}
         self._keeper: asyncio.Task[None] | None = None
         self._closing = False
+        #: Draining (SIGTERM): every join is refused with ``NodeDraining``
+        #: naming what this callable says (another live Node, or None).
+        self.draining: Callable[[], dict[str, str] | None] | None = None
         for t in config.theatres:
             self.add_theatre(Theatre(t.id, t.name, tuple(t.slots)))
 
@@ -336,7 +355,10 @@ class Registry:
         404 unknown_session, 410 session_ended, 409 session_not_started (a
         scheduled Session, not started by this caller), 409 session_elsewhere
         (``SessionElsewhere``: held by another Node), 503 if the store is
-        unreachable or the Node that holds it does not answer."""
+        unreachable or the Node that holds it does not answer; 503
+        node_draining while this Node drains."""
+        if self.draining is not None:
+            raise NodeDraining(self.draining())
         claim = self._claims.get(session_id)
         if claim is not None:
             await asyncio.shield(claim)
@@ -368,6 +390,8 @@ class Registry:
     async def start(self, session_id: str) -> Session:
         """Bring a scheduled Session live on this Node, or take a live one
         nobody holds (resumed); the live Session if this Node holds it."""
+        if self.draining is not None:
+            raise NodeDraining(self.draining())
         async with self._starting:
             local = self.sessions.get(session_id)
             if local is not None and self.holds(session_id):
@@ -620,6 +644,22 @@ class Registry:
             self.on_event(session_id, event)
         except Exception:
             logger.exception("session %s: event handler failed", session_id)
+
+    async def hand_over(self, successor: Callable[[], dict[str, str] | None]) -> None:
+        """Draining: refuse every join from now on, and give every Session held
+        here up at once: its lease released (fenced), then the Session ended
+        as *moved* (participants are told to reconnect, and ``successor`` is
+        where; the next Node asked takes the lease at once instead of after
+        ``lease_ttl_s``)."""
+        self.draining = successor
+        for session in list(self.sessions.values()):
+            fence = self.fences.get(session.id)
+            if fence is not None:
+                await self._release(session.id, fence)
+            else:
+                self._unhold(session.id)
+            await session.end("this Node is shutting down; the Session continues on "
+                              "another Node", moved=True)
 
     async def close(self) -> None:
         """Node shutdown: end every Session here (the whole close cascade) as

@@ -50,7 +50,8 @@
  *            theatre: Theatre, feeds: Feed[]}} Session
  * @typedef {{type: 'welcome', participant: Participant, session: Session,
  *            participants: Participant[], viewers: number, ice_servers: RTCIceServer[],
- *            node?: {id: string, url: string}, serving?: {id: string, url: string|null}}} Welcome
+ *            node?: {id: string, url: string}, serving?: {id: string, url: string|null},
+ *            nodes?: {id: string, url: string}[]}} Welcome
  * @typedef {'idle'|'connecting'|'open'|'reconnecting'|'ended'|'failed'|'closed'} ClientState
  * @typedef {'connecting'|'live'|'reconnecting'|'failed'|'stopped'} PublicationState
  * @typedef {'connecting'|'connected'|'reconnecting'|'failed'|'closed'} SubscriptionState
@@ -347,6 +348,43 @@ export function servingUrl(welcome) {
   }
 }
 
+/**
+ * The websocket URL of a Node named by the server (`going_away`'s or an
+ * error's `node`, the welcome's `nodes`); null if it has no usable URL.
+ * @param {{url?: string|null}|null|undefined} node
+ */
+export function nodeSocketUrl(node) {
+  if (!node || !node.url) return null;
+  try {
+    return websocketUrl('/ws', new URL(node.url));
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Where to try next after a socket to `failed` was lost (docs/protocol.md,
+ * "Failover"): the Node after it in `candidates` (any live Node routes a page
+ * to whoever serves its Session), skipping those that did not answer lately
+ * unless none is left.
+ * @param {string} failed
+ * @param {string[]} candidates  websocket URLs, in a stable order
+ * @param {(url: string) => boolean} unreachable
+ */
+export function nextNodeUrl(failed, candidates, unreachable) {
+  const list = [...new Set(candidates)];
+  if (!list.length) return failed;
+  const start = list.indexOf(failed);
+  for (let i = 1; i <= list.length; i++) {
+    const url = list[(start + i) % list.length];
+    if (!unreachable(url)) return url;
+  }
+  return list[(start + 1) % list.length];
+}
+
+/** A Node that did not answer is passed over for this long when failing over. */
+const UNREACHABLE_MS = 10000;
+
 /** The Feed id of a slot and kind: `<slot>.<kind>`. */
 export function feedId(/** @type {string} */ slot, /** @type {string} */ kind) {
   return `${slot}.${kind}`;
@@ -444,6 +482,7 @@ export class Subscription {
  * @property {number} [requestTimeoutMs]
  * @property {number} [pingIntervalMs]  heartbeat; a missing pong drops and reconnects the socket
  * @property {number} [maxReconnectDelayMs]
+ * @property {number} [connectTimeoutMs]  a socket not open by then counts as a Node that does not answer
  * @property {typeof WebSocket} [WebSocket]
  * @property {typeof RTCPeerConnection} [RTCPeerConnection]
  */
@@ -458,6 +497,19 @@ export class ScrubinClient extends EventTarget {
     /** Where this page first connected: back there if the Node it moved to stops answering. */
     this.homeUrl = this.url;
     this._moves = 0;
+    /** @type {string[]} websocket URLs of the live Nodes (the last welcome's `nodes`) */
+    this.nodeUrls = [];
+    /** @type {string|null} where the server said to reconnect (a draining Node's `node`) */
+    this._hintUrl = null;
+    /** @type {Map<string, number>} websocket URL -> when it last did not answer */
+    this._unreachable = new Map();
+    /** The current socket opened (a Node answered). */
+    this._opened = false;
+    /** @type {string} the code of the error the last hello got, if any */
+    this._helloError = '';
+    this.connectTimeoutMs = options.connectTimeoutMs ?? 2500;
+    /** @type {ReturnType<typeof setTimeout>|undefined} */
+    this._openTimer = undefined;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 15000;
     this.pingIntervalMs = options.pingIntervalMs ?? 15000;
     this.maxReconnectDelayMs = options.maxReconnectDelayMs ?? 10000;
@@ -557,6 +609,8 @@ export class ScrubinClient extends EventTarget {
   _open() {
     this._welcomed = false;
     this._setState(this._everWelcomed ? 'reconnecting' : 'connecting');
+    this._opened = false;
+    this._helloError = '';
     let ws;
     try {
       ws = new this._WebSocket(this.url);
@@ -565,7 +619,14 @@ export class ScrubinClient extends EventTarget {
       return;
     }
     this._ws = ws;
+    clearTimeout(this._openTimer);
+    // A Node whose machine is gone never refuses: give up on it soon.
+    this._openTimer = setTimeout(() => {
+      if (ws === this._ws && !this._opened) this._scheduleReconnect('the server does not answer');
+    }, this.connectTimeoutMs);
     ws.onopen = () => {
+      this._opened = true;
+      clearTimeout(this._openTimer);
       ws.send(JSON.stringify({ type: 'hello', token: this.token, id: this._newId() }));
     };
     ws.onmessage = (event) => this._onMessage(ws, event);
@@ -590,7 +651,7 @@ export class ScrubinClient extends EventTarget {
       this._emit('error', { error: clientError(fatal, reason || `closed with ${code}`, 'protocol'),
         request: null });
     }
-    this._scheduleReconnect(reason || `socket closed (${code})`);
+    this._scheduleReconnect(reason || `socket closed (${code})`, code);
   }
 
   _detachSocket() {
@@ -599,6 +660,7 @@ export class ScrubinClient extends EventTarget {
     this._welcomed = false;
     clearInterval(this._pingTimer);
     clearTimeout(this._pongTimer);
+    clearTimeout(this._openTimer);
     if (ws) {
       ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
       if (ws.readyState === ws.CONNECTING || ws.readyState === ws.OPEN) {
@@ -612,18 +674,51 @@ export class ScrubinClient extends EventTarget {
     }
   }
 
-  /** @param {string} reason */
-  _scheduleReconnect(reason) {
+  /**
+   * The socket is gone (or never came up): pick the Node and the moment to
+   * try again (docs/protocol.md, "Failover").
+   * @param {string} reason
+   * @param {number} [code] the close code, when the server closed it
+   */
+  _scheduleReconnect(reason, code = 0) {
+    const failed = this.url;
+    const answered = this._opened;
+    const helloError = this._helloError;
     this._detachSocket();
-    if (this.url !== this.homeUrl && this._reconnectAttempt >= 1) {
-      // The Node this page moved to does not answer: the one it came from
-      // knows who serves the Session now.
-      this.url = this.homeUrl;
+    if (!answered) this._unreachable.set(failed, Date.now());
+    let delay;
+    if (this._hintUrl) {
+      // A draining Node named where to go: at once.
+      this.url = this._hintUrl;
+      this._hintUrl = null;
+      this._reconnectAttempt = 0;
+      delay = Math.round(Math.random() * 100);
+    } else if (answered && code === 1012) {
+      // The Session moved: the Node we used routes us to it.
+      delay = 100 + Math.round(Math.random() * 150);
+    } else if (answered && code === 1013 && helloError === 'session_moving') {
+      // The Node that held it went; this one takes it once its lease expires.
+      delay = 400 + Math.round(Math.random() * 300);
+    } else if (answered && code === 1013) {
+      delay = backoffDelay(this._reconnectAttempt++, 500, this.maxReconnectDelayMs);
+    } else {
+      // The Node does not answer, or the connection dropped under us: the
+      // next live Node (any routes us), soon; slower once all were tried.
+      const candidates = [...this.nodeUrls, this.homeUrl];
+      this.url = nextNodeUrl(failed, candidates, (url) => this._isUnreachable(url));
+      const round = Math.floor(this._reconnectAttempt++ / new Set(candidates).size);
+      delay = round === 0 ? 100 + Math.round(Math.random() * 200)
+        : backoffDelay(round - 1, 500, this.maxReconnectDelayMs);
     }
     this._setState('reconnecting', reason);
     clearTimeout(this._reconnectTimer);
-    const delay = backoffDelay(this._reconnectAttempt++, 500, this.maxReconnectDelayMs);
     this._reconnectTimer = setTimeout(() => this._open(), delay);
+  }
+
+  /** @param {string} url */
+  _isUnreachable(url) {
+    const when = this._unreachable.get(url);
+    return when !== undefined && Date.now() - when < UNREACHABLE_MS;
   }
 
   _reconnectNow() {
@@ -694,6 +789,14 @@ export class ScrubinClient extends EventTarget {
     if (!this._welcomed) {
       if (msg.type === 'welcome') {
         const target = servingUrl(msg);
+        this._noteNodes(/** @type {Welcome} */ (msg));
+        if (target && target !== this.url && this._isUnreachable(target)) {
+          // It names a Node that just stopped answering (the registry has not
+          // noticed yet): ask again shortly, by when another Node serves it.
+          this._helloError = 'session_moving';
+          this._scheduleReconnect('the Node serving this Session does not answer', 1013);
+          return;
+        }
         if (target && target !== this.url && this._moves < 3) {
           // Another Node serves this Session: connect there directly (no HTTP
           // redirect: browsers drop the token on cross-origin redirects).
@@ -707,10 +810,13 @@ export class ScrubinClient extends EventTarget {
         this._onWelcome(/** @type {Welcome} */ (msg));
       } else if (msg.type === 'error' && msg.error) {
         const error = new ScrubinError(msg.error);
+        this._helloError = error.code;
+        this._hintUrl = nodeSocketUrl(msg.error.node) || this._hintUrl;
         if (error.code === 'session_ended') this._ended(error.message);
         else if (FATAL_HELLO_CODES.has(error.code)) this._fail(error);
         else this._emit('error', { error, request: 'hello' });
       } else if (msg.type === 'going_away') {
+        this._hintUrl = nodeSocketUrl(msg.node);
         this._emit('going_away', { reason: msg.reason || '' });
       }
       return;
@@ -784,8 +890,9 @@ export class ScrubinClient extends EventTarget {
         this._ended(msg.reason || 'ended');
         break;
       case 'going_away':
-        // The server closes with 1001 next; reconnecting then finds another Node
-        // (or this one after its restart).
+        // The server closes with 1001 or 1012 next; a draining Node names the
+        // Node to reconnect to, otherwise the next one routes us.
+        this._hintUrl = nodeSocketUrl(msg.node);
         this._emit('going_away', { reason: msg.reason || '' });
         break;
       case 'error':
@@ -799,6 +906,13 @@ export class ScrubinClient extends EventTarget {
       default:
         break; // pong for a timed-out ping, or a newer message type: ignore
     }
+  }
+
+  /** @param {Welcome} welcome */
+  _noteNodes(welcome) {
+    if (!Array.isArray(welcome.nodes)) return;
+    const urls = welcome.nodes.map((n) => nodeSocketUrl(n)).filter((u) => u !== null);
+    if (urls.length) this.nodeUrls = /** @type {string[]} */ (urls);
   }
 
   /** @param {Welcome} welcome */

@@ -97,6 +97,7 @@ async def list_recordings(request: web.Request) -> web.Response:
     if grant.role not in REVIEWERS:
         raise Forbidden("recordings are for reviewers and admins", code="wrong_role")
     recordings = request.app[RECORDINGS]
+    await recordings.refresh()  # what other Nodes recorded on the shared root
     expires = recordings.expiry(grant)
     # The library's thumbnails are one "playback" per listing.
     browse = recordings.signer.playback(session_id, grant)
@@ -114,6 +115,7 @@ async def get_recording(request: web.Request) -> web.Response:
     if grant.role not in REVIEWERS:
         raise Forbidden("recordings are for reviewers and admins", code="wrong_role")
     recording_id = request.match_info["recording"]
+    await recordings.refresh()
     recordings.check_access(grant, recordings.entry(recording_id))
     # The player renews its URLs with ?playback=: the same playback, not a
     # new viewing (one audit entry per playback and part). Anything else is
@@ -139,6 +141,7 @@ async def delete_recording(request: web.Request) -> web.Response:
     if grant.role is not Role.ADMIN:
         raise Forbidden("only admins delete recordings", code="wrong_role")
     recording_id = request.match_info["recording"]
+    await recordings.refresh(missing=recording_id)
     recordings.check_access(grant, recordings.entry(recording_id))
     deleted = await recordings.delete(recording_id, reason="deleted",
                                       by=_who(grant.role, grant.participant_id, grant.name))
@@ -151,6 +154,7 @@ async def _admin_of(request: web.Request) -> tuple[Recordings, str, dict[str, st
     if grant.role is not Role.ADMIN:
         raise Forbidden("only admins put recordings on legal hold", code="wrong_role")
     recording_id = request.match_info["recording"]
+    await recordings.refresh(missing=recording_id)
     recordings.check_access(grant, recordings.entry(recording_id))
     return recordings, recording_id, _who(grant.role, grant.participant_id, grant.name)
 
@@ -187,6 +191,7 @@ async def _serve(request: web.Request, name: str) -> web.StreamResponse:
                                                    issued_at=ticket.issued_at):
         raise Unauthorized("the token these media URLs were issued to has been revoked",
                            code="token_revoked")
+    await recordings.refresh(missing=recording_id)
     path, content_type = await asyncio.to_thread(recordings.media_path, recording_id, name)
     recordings.audit_media(ticket, recordings.entry(recording_id).get("session"), recording_id,
                            name, request.remote)

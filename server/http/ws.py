@@ -165,7 +165,7 @@ class Connection:
             self.send(None)
         elif kind == "session_moved":
             self.moved = True
-            self.send({"type": "going_away", "reason": str(event.get("reason") or "")})
+            self.send(going_away(self.app, str(event.get("reason") or "")))
             self.send(None)
 
     async def handle(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -268,6 +268,15 @@ async def answer_forwarded(app: web.Application, session: Session, grant: Grant,
     raise BadRequest(f"unknown message type {kind!r}", code="unknown_type")
 
 
+def going_away(app: web.Application, reason: str) -> dict[str, Any]:
+    """The ``going_away`` message: reconnect. A draining Node names the Node
+    to reconnect to (``node``); otherwise ``node`` is null and the page comes
+    back to the Node it used, which routes it."""
+    nodes = app[NODES]
+    return {"type": "going_away", "reason": reason,
+            "node": nodes.successor() if nodes.draining else None}
+
+
 def _field(message: dict[str, Any], name: str) -> str:
     value = message.get(name)
     if not isinstance(value, str) or not value:
@@ -335,7 +344,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                                heartbeat=config.liveness.ws_heartbeat_s)
     await ws.prepare(request)
     if not request.app[ACCEPTING]["joins"]:
-        await ws.send_json({"type": "going_away", "reason": "server is shutting down"})
+        await ws.send_json(going_away(request.app, "this Node is shutting down"))
         await ws.close(code=WSCloseCode.GOING_AWAY)
         return ws
     hello = await _hello(ws, request)
@@ -394,6 +403,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         "node": here,
         "serving": here if isinstance(session, Session) else {
             "id": session.holder, "url": session.holder_url},
+        # Where to reconnect if this Node stops answering (any of them routes).
+        "nodes": nodes.serving(),
     })
     writer = asyncio.ensure_future(connection.writer())
     refresher = asyncio.ensure_future(_refresh_ice_servers(connection, ice))

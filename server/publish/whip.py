@@ -19,6 +19,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit, urlunsplit
@@ -36,7 +37,7 @@ from aiortc import (
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
 
-from ..media.hooks import advertise_host_addresses
+from ..media.hooks import advertise_host_addresses, watch_datagrams
 from ..media.turn import parse_link_headers, turn_transport
 
 logger = logging.getLogger(__name__)
@@ -80,10 +81,17 @@ class WhipError(Exception):
         super().__init__(f"WHIP {status}: {body[:300]}")
         self.status = status
         self.body = body
+        self.code = ""
+        #: The Node the server named instead (a draining Node's ``node``).
+        self.node_url: str | None = None
         try:
-            self.code = str(json.loads(body).get("code", ""))
+            data = json.loads(body)
+            self.code = str(data.get("code", ""))
+            node = data.get("node")
+            if isinstance(node, dict) and isinstance(node.get("url"), str):
+                self.node_url = node["url"]
         except (ValueError, AttributeError):
-            self.code = ""
+            pass
 
     @property
     def retryable(self) -> bool:
@@ -173,6 +181,14 @@ class WhipOptions:
     server_ice: bool = True
     #: Relayed candidates only: the path a camera behind a firewall would take.
     relay_only: bool = False
+    #: Other Nodes of the deployment (base URLs, or WHIP URLs): tried in turn
+    #: when the current one does not answer (docs/protocol.md, "Failover").
+    fallback_urls: list[str] = field(default_factory=list)
+    #: A connected server that sends nothing for this long (no RTCP, no STUN)
+    #: is gone: its machine or process died without closing the connection.
+    quiet_timeout_s: float = 4.0
+    #: Connecting to a Node that does not answer gives up after this long.
+    http_connect_timeout_s: float = 3.0
 
 
 TRANSPORT_ORDER = ("udp", "tcp", "tls")
@@ -223,6 +239,17 @@ def _as_rtc(servers: list[dict[str, object]]) -> list[RTCIceServer]:
     return out
 
 
+def on_node(node_url: str, whip_url: str) -> str:
+    """``whip_url``'s path on another Node (``node_url``: its base URL, or a
+    full WHIP URL, kept as it is)."""
+    node = urlsplit(node_url)
+    if node.path.rstrip("/").split("/")[-3:-2] == ["whip"]:
+        return node_url
+    path = urlsplit(whip_url)
+    return urlunsplit((node.scheme, node.netloc, node.path.rstrip("/") + path.path,
+                       path.query, ""))
+
+
 def session_api_url(whip_url: str) -> str | None:
     """``…/whip/{session}/{slot}`` → ``…/api/sessions/{session}`` (same prefix)."""
     parts = urlsplit(whip_url)
@@ -239,6 +266,13 @@ class WhipPublisher:
         self.url = url
         self.token = token
         self.options = options or WhipOptions()
+        #: Every Node to try, in order: the first URL, then the fallbacks.
+        self.urls = list(dict.fromkeys(
+            [url, *(on_node(u, url) for u in self.options.fallback_urls)]))
+        #: When the server last sent us anything (monotonic), while connected.
+        self._heard = 0.0
+        #: Nodes tried in a row that did not answer.
+        self._unanswered = 0
         self._relay = MediaRelay()
         self._sources = tracks
         self._pc: RTCPeerConnection | None = None
@@ -312,6 +346,8 @@ class WhipPublisher:
             if not self.options.relay_only:  # host candidates would defeat the point
                 advertise_host_addresses(pc, self.host_addresses)
             await pc.setLocalDescription(await pc.createOffer())
+            self._heard = time.monotonic()
+            watch_datagrams(pc, self._on_datagram)
             if "a=candidate:" not in pc.localDescription.sdp:
                 raise IceUnreachable("no ICE candidate (TURN server unreachable?)")
             params = {"takeover": "1"} if self.options.takeover else None
@@ -329,6 +365,17 @@ class WhipPublisher:
         self.connections += 1
         return pc
 
+    def _on_datagram(self, data: bytes) -> None:
+        self._heard = time.monotonic()
+
+    def _next_url(self) -> bool:
+        """The next Node after one that did not answer; True once every Node
+        was tried since the last one that did."""
+        index = self.urls.index(self.url) if self.url in self.urls else -1
+        self.url = self.urls[(index + 1) % len(self.urls)]
+        self._unanswered += 1
+        return self._unanswered >= len(self.urls)
+
     async def run(self) -> None:
         """Publish until stop(); reconnect with backoff when anything drops.
 
@@ -339,8 +386,11 @@ class WhipPublisher:
         connected and later dropped retries the same."""
         backoff = self.options.min_backoff_s
         rung = 0
-        async with aiohttp.ClientSession() as http:
+        self._unanswered = 0
+        timeout = aiohttp.ClientTimeout(total=30, sock_connect=self.options.http_connect_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
             while not self._stopping.is_set():
+                wait: float | None = None  # None: the backoff
                 servers = [*self.options.ice_servers, *await self.node_ice_servers(http)]
                 attempts = ice_attempts(servers)
                 attempt = attempts[rung % len(attempts)]
@@ -349,9 +399,13 @@ class WhipPublisher:
                 try:
                     self._set_state("connecting")
                     pc = self._pc = await self.connect(http, attempt.servers)
+                    self._unanswered = 0
                     connected = await self._until_dropped(pc)
                     if connected:
                         backoff = self.options.min_backoff_s
+                        # Dropped after being live: at once, the same Node first
+                        # (it refuses fast if it is gone, then the next).
+                        wait = 0.0
                     elif not self._stopping.is_set() and len(attempts) > 1:
                         rung += 1
                         logger.warning("publish to %s: %s with %s; trying %s next", self.url,
@@ -367,23 +421,37 @@ class WhipPublisher:
                     if not exc.retryable:
                         self._set_state("refused")
                         raise
+                    if exc.code == "node_draining":
+                        # That Node stops; it names another (else: the next one).
+                        if exc.node_url:
+                            self.url = on_node(exc.node_url, self.url)
+                        else:
+                            self._next_url()
+                        wait = 0.0
+                    elif exc.code == "session_moving":
+                        # Its holder went; a Node takes it when the lease expires.
+                        wait = min(backoff, 1.0)
                     if exc.code == "slot_taken":
                         # Someone else publishes this slot (the expert took it over):
                         # wait for it to be free instead of fighting for it.
                         self._set_state("waiting")
                         backoff = self.options.max_backoff_s
-                except (aiohttp.ClientError, OSError) as exc:
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     self.reason = f"server unreachable: {exc}"
                     logger.warning("server unreachable at %s: %s", self.url, exc)
+                    if len(self.urls) > 1 and not self._next_url():
+                        wait = 0.1  # another Node, soon; the backoff once all were tried
                 finally:
                     await self._teardown(http, abandon=not connected)
                 if self._stopping.is_set() or not self.options.reconnect:
                     break
-                self.retry_in = backoff
+                self.retry_in = backoff if wait is None else wait
                 self._set_state("reconnecting")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), backoff)
-                backoff = min(backoff * 2, self.options.max_backoff_s)
+                    await asyncio.wait_for(self._stopping.wait(), self.retry_in)
+                if wait is None:
+                    self._unanswered = 0
+                    backoff = min(backoff * 2, self.options.max_backoff_s)
         self._set_state("stopped")
 
     async def _until_dropped(self, pc: RTCPeerConnection) -> bool:
@@ -401,8 +469,20 @@ class WhipPublisher:
             if pc.connectionState in ("failed", "closed"):
                 gone.set()
 
+        async def quiet() -> None:
+            # ICE consent would take ~30 s to notice a server that died.
+            while True:
+                await asyncio.sleep(0.25)
+                if (connected.is_set() and pc.connectionState == "connected"
+                        and time.monotonic() - self._heard > self.options.quiet_timeout_s):
+                    self.reason = (f"nothing from the server for "
+                                   f"{self.options.quiet_timeout_s:g} s")
+                    gone.set()
+                    return
+
         stop = asyncio.ensure_future(self._stopping.wait())
         dropped = asyncio.ensure_future(gone.wait())
+        watcher = asyncio.ensure_future(quiet())
         try:
             done, _ = await asyncio.wait({stop, dropped}, timeout=self.options.connect_timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -415,10 +495,12 @@ class WhipPublisher:
         finally:
             stop.cancel()
             dropped.cancel()
+            watcher.cancel()
         if self._stopping.is_set():
             return connected.is_set()
         if connected.is_set():
-            self.reason = "connection lost"
+            if not self.reason:
+                self.reason = "connection lost"
         elif pc.iceConnectionState == "failed":
             offer, answer = self._sdp
             self.reason = explain_ice_failure(candidate_hosts(offer), candidate_hosts(answer))

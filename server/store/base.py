@@ -181,6 +181,8 @@ class NodeRecord:
     load: Mapping[str, float] = dataclasses.field(default_factory=dict)
     started_at: float = 0.0
     heartbeat_at: float = 0.0
+    #: Stopping (SIGTERM): takes no new joins; nobody is sent there.
+    draining: bool = False
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -199,7 +201,7 @@ class NodeRecord:
         return {"id": self.node_id, "url": self.url,
                 "media": {"addresses": list(self.media_addresses), "udp_ports": self.udp_ports},
                 "load": dict(self.load), "started_at": self.started_at,
-                "heartbeat_at": self.heartbeat_at}
+                "heartbeat_at": self.heartbeat_at, "draining": self.draining}
 
 
 @dataclass(frozen=True)
