@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import WSCloseCode, web
@@ -23,6 +24,7 @@ from .config import Config
 from .http import admin, api, exports, guard, preflight, review, revocation, whip
 from .http.common import (
     ACCEPTING,
+    CLOCK,
     AUDIT,
     AUTH_GUARD,
     CLUSTER,
@@ -61,7 +63,7 @@ from .nodes import Nodes, default_node_id
 from .registry import Registry
 from .resources import CLIENT_DIR
 from .session import Session
-from .store import Presence, open_store
+from .store import MemoryState, Presence, open_store
 from .tokens import Grant, TokenAuthority
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,10 @@ logger = logging.getLogger(__name__)
 PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player", "preflight")
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, *, clock: Callable[[], float] | None = None) -> web.Application:
+    """``clock`` (epoch seconds, the wall clock by default) is where token
+    expiry, invite validity and the store's deadlines read the time: tests
+    move it instead of sleeping."""
     app = web.Application(
         middlewares=[forwarded_middleware(config.server.trusted_proxies), security_headers,
                      errors_middleware, own_resource_urls],
@@ -86,15 +91,21 @@ def create_app(config: Config) -> web.Application:
     origins = app[CSP] = DeploymentOrigins(config)
     app[NODE_ID] = node_id
     app[PEERS] = peers
-    app[TOKENS] = TokenAuthority(config.auth.signing_keys, config.role_caps())
+    app[CLOCK] = clock or time.time
+    app[TOKENS] = TokenAuthority(config.auth.signing_keys, config.role_caps(),
+                                 clock=app[CLOCK])
     app[WEBSOCKETS] = weakref.WeakSet()
     app[SOCKET_GRANTS] = weakref.WeakKeyDictionary()
     app[ACCEPTING] = {"joins": True}
     app[PENDING_SUBSCRIPTIONS] = Counter()
     watches: set[asyncio.Task[None]] = set()
     app[PUBLICATION_WATCHES] = watches
+    # An injected clock moves the memory store's wall clock (invites,
+    # revocations) but not its monotonic one (leases, presence, heartbeats).
+    memory = MemoryState(wall=clock) if clock is not None else None
     store = app[STORE] = open_store(config.store.redis_url or None, node_id=node_id,
-                                    prefix=config.store.prefix, timeout_s=config.store.timeout_s)
+                                    prefix=config.store.prefix, timeout_s=config.store.timeout_s,
+                                    memory=memory, clock=clock)
     app[PRESENCE] = Presence(store.presence, node_id=node_id, ttl_s=config.store.presence_ttl_s,
                              interval_s=config.store.presence_interval_s)
     app[AUTH_GUARD] = AuthGuard(store.rates, config.limits.auth_failures_per_minute)

@@ -46,6 +46,8 @@ from ..tokens import Grant, TokenAuthority
 logger = logging.getLogger(__name__)
 
 CONFIG = web.AppKey("config", Config)
+#: Epoch seconds: token expiry, invite validity, attendance (tests inject one).
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 TOKENS = web.AppKey("tokens", TokenAuthority)
 REGISTRY = web.AppKey("registry", Registry)
 PEERS = web.AppKey("peers", PeerFactory)

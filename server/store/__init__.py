@@ -13,6 +13,9 @@ from collections.abc import Callable
 
 from .base import (
     AUDIT_MAX_ENTRIES,
+    AttendanceRecord,
+    CertificateRecord,
+    TrainingStore,
     DEFAULT_PREFIX,
     SESSION_STATES,
     TRANSITIONS,
@@ -43,6 +46,9 @@ from .presence import Presence
 
 __all__ = [
     "AUDIT_MAX_ENTRIES",
+    "AttendanceRecord",
+    "CertificateRecord",
+    "TrainingStore",
     "DEFAULT_PREFIX",
     "SESSION_STATES",
     "TRANSITIONS",
@@ -106,4 +112,4 @@ def open_store(
                              clock=clock or time.time)
     return Store(theatres=backend, sessions=backend, presence=backend, invites=backend,
                  rates=backend, events=backend, leases=backend, nodes=backend,
-                 audit=backend, backend=backend)
+                 audit=backend, training=backend, backend=backend)
