@@ -29,6 +29,7 @@ class ApiError(Exception):
         message = body.get("message") if isinstance(body, dict) else str(body)
         super().__init__(f"error {status}: {message}")
         self.status = status
+        self.code = body.get("code") if isinstance(body, dict) else None
 
 
 async def call(server: str, token: str, method: str, path: str,
@@ -78,6 +79,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     create.add_argument("--starts-at", default=None,
                         help="ISO 8601 (2026-05-01T08:30, local time unless an offset is "
                              "given) or epoch seconds")
+    _schedule_args(create)
+    update = common(ssub.add_parser(
+        "update", help="reschedule or rename a Session (its invites' validity moves along)"))
+    update.add_argument("session")
+    update.add_argument("--title", default=None)
+    update.add_argument("--procedure", default=None)
+    update.add_argument("--expert", default=None)
+    update.add_argument("--starts-at", default=None, help="ISO 8601 or epoch seconds")
+    _schedule_args(update)
     for action, text in (("start", "bring it live on the Node"),
                          ("end", "end it (or cancel it if scheduled)")):
         p = common(ssub.add_parser(action, help=text))
@@ -89,7 +99,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     ic.add_argument("--session", required=True)
     ic.add_argument("--role", required=True, choices=[r.value for r in Role if r in PERSON_ROLES])
     ic.add_argument("--name", default="", help="display name (else asked on the join page)")
-    ic.add_argument("--ttl", type=float, default=None, help="seconds (default: the Node's)")
+    ic.add_argument("--ttl", type=float, default=None,
+                    help="seconds (default: until the Session's scheduled end plus "
+                         "[training] invite_margin_min; reviewers: the review window)")
+    ic.add_argument("--anyway", action="store_true",
+                    help="make it even if it expires before the Session starts")
     ic.add_argument("--max-uses", type=int, default=None,
                     help="how many people (devices) may use it")
     il = common(isub.add_parser("list", help="a Session's invites"))
@@ -109,6 +123,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     which.add_argument("--invite", help="the invite id")
     which.add_argument("--all", action="store_true",
                        help="every token of the Session issued until now")
+
+
+def _schedule_args(p: argparse.ArgumentParser) -> None:
+    end = p.add_mutually_exclusive_group()
+    end.add_argument("--ends-at", default=None, help="scheduled end, ISO 8601 or epoch seconds")
+    end.add_argument("--duration", type=float, default=None,
+                     help="scheduled length in minutes (default: [training] "
+                          "default_duration_min)")
 
 
 def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -144,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         result = asyncio.run(_run(args))
     except ApiError as exc:
         print(str(exc), file=sys.stderr)
+        if exc.code == "invite_expires_early":
+            print("(--anyway makes it all the same)", file=sys.stderr)
         return 2
     except aiohttp.ClientError as exc:
         print(f"cannot reach {args.server}: {exc}", file=sys.stderr)
@@ -187,7 +211,16 @@ async def _run(args: argparse.Namespace) -> Any:
                 fields["id"] = args.id
             if args.starts_at:
                 fields["starts_at"] = parse_time(args.starts_at)
+            fields.update(_schedule_fields(args))
             return await api("POST", "/api/admin/sessions", fields)
+        if args.action == "update":
+            changes: dict[str, Any] = {k: getattr(args, k) for k in ("title", "procedure",
+                                                                      "expert")
+                                       if getattr(args, k) is not None}
+            if args.starts_at:
+                changes["starts_at"] = parse_time(args.starts_at)
+            changes.update(_schedule_fields(args))
+            return await api("PATCH", f"/api/admin/sessions/{args.session}", changes)
         return await api("POST", f"/api/admin/sessions/{args.session}/{args.action}")
     base = f"/api/admin/sessions/{args.session}/invites"
     if args.action == "create":
@@ -196,12 +229,48 @@ async def _run(args: argparse.Namespace) -> Any:
             invite["ttl_s"] = args.ttl
         if args.max_uses is not None:
             invite["max_uses"] = args.max_uses
+        if args.anyway:
+            invite["allow_expiring"] = True
         return await api("POST", base, invite)
     if args.action == "list":
         return await api("GET", base)
     if args.all:
         return await api("DELETE", base)
     return await api("DELETE", f"{base}/{args.invite}")
+
+
+def _schedule_fields(args: argparse.Namespace) -> dict[str, Any]:
+    if args.ends_at:
+        return {"ends_at": parse_time(args.ends_at)}
+    if args.duration is not None:
+        return {"duration_min": args.duration}
+    return {}
+
+
+def span(seconds: float) -> str:
+    """"2 h 5 min" (negative: "-2 h 5 min")."""
+    sign = "-" if seconds < 0 else ""
+    minutes = int(abs(seconds) // 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = ([f"{days} d"] if days else []) + ([f"{hours} h"] if hours else []) + [
+        f"{minutes} min"]
+    return sign + " ".join(parts)
+
+
+def expiry(invite: dict[str, Any]) -> str:
+    """When an invite expires, relative to its Session's start when it has one."""
+    text = f"expires {_when(invite['expires_at'])}"
+    after = invite.get("expires_after_start_s")
+    if after is not None:
+        text += (f" ({span(after)} after the start)" if after > 0
+                 else f" — WARNING: {span(-after)} BEFORE the Session starts")
+    return text
+
+
+def seats(invite: dict[str, Any]) -> str:
+    taken = invite.get("seats", {}).get("taken", invite["uses"])
+    return f"seats {taken}/{invite['max_uses'] or '∞'} taken"
 
 
 def token_id(token_or_id: str) -> str:
@@ -236,13 +305,14 @@ def _format(args: argparse.Namespace, result: Any) -> str:
         sessions = result["sessions"] if "sessions" in result else [result["session"]]
         return "\n".join(
             f"{s['id']:<24} {s['state']:<10} {s['theatre']:<12} starts {_when(s['starts_at'])}"
+            f" ends {_when(s.get('ends_at'))}"
             f"  {s['title']}" + (f" ({s['expert']})" if s["expert"] else "")
             for s in sessions) or "(no sessions)"
     if args.action == "create":
         invite = result["invite"]
         lines = [f"Invite {invite['id']} for {invite['role']} in {invite['session']}, "
-                 f"expires {_when(invite['expires_at'])}"
-                 + (f", up to {invite['max_uses']} people" if invite["max_uses"] else ""),
+                 f"{expiry(invite)}"
+                 + (f", up to {invite['max_uses']} devices" if invite["max_uses"] else ""),
                  f"  Join link: {result['link']}"]
         if result.get("page"):
             lines.append(f"  Direct page link (one participant, no name asked): {result['page']}")
@@ -251,7 +321,7 @@ def _format(args: argparse.Namespace, result: Any) -> str:
     if args.action == "list":
         return "\n".join(
             f"{i['id']}  {i['role']:<8} {i['name'] or '(name asked)':<20} "
-            f"uses {i['uses']}/{i['max_uses'] or '∞'}  expires {_when(i['expires_at'])}"
+            f"{seats(i)}  {expiry(i)}"
             + ("  REVOKED" if i["revoked"] else f"\n    {i['link']}")
             for i in result["invites"]) or "(no invites)"
     if "revoked_before" in result:

@@ -24,9 +24,9 @@ from .config import Config
 from .http import admin, api, exports, guard, preflight, review, revocation, whip
 from .http.common import (
     ACCEPTING,
-    CLOCK,
     AUDIT,
     AUTH_GUARD,
+    CLOCK,
     CLUSTER,
     CONFIG,
     CSP,

@@ -57,7 +57,14 @@ def valid_until(invite: InviteRecord, session: SessionRecord | None,
     """When ``invite`` stops admitting anyone, from the Session's record now."""
     if not invite.valid_for or session is None:
         return invite.expires_at
-    end = scheduled_end(session, training, invite.issued_at)
+    if session.state == "live":
+        # A Session running over its schedule keeps its people: valid while
+        # it is live (within the ceiling), the margin counted from its end.
+        return invite.expires_at
+    if session.state == "ended" and session.ended_at is not None:
+        end = session.ended_at
+    else:
+        end = scheduled_end(session, training, invite.issued_at)
     if invite.valid_for == "review":
         until = end + review_window_s(training, retention_days)
     else:

@@ -13,14 +13,13 @@ from collections.abc import Callable
 
 from .base import (
     AUDIT_MAX_ENTRIES,
-    AttendanceRecord,
-    CertificateRecord,
-    TrainingStore,
     DEFAULT_PREFIX,
     SESSION_STATES,
     TRANSITIONS,
+    AttendanceRecord,
     AuditStore,
     Backend,
+    CertificateRecord,
     Event,
     EventBus,
     EventSubscription,
@@ -40,20 +39,20 @@ from .base import (
     Store,
     StoreUnavailable,
     TheatreStore,
+    TrainingStore,
 )
 from .memory import MemoryState, MemoryStore
 from .presence import Presence
 
 __all__ = [
     "AUDIT_MAX_ENTRIES",
-    "AttendanceRecord",
-    "CertificateRecord",
-    "TrainingStore",
     "DEFAULT_PREFIX",
     "SESSION_STATES",
     "TRANSITIONS",
+    "AttendanceRecord",
     "AuditStore",
     "Backend",
+    "CertificateRecord",
     "Event",
     "EventBus",
     "EventSubscription",
@@ -75,6 +74,7 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "TheatreStore",
+    "TrainingStore",
     "open_store",
 ]
 

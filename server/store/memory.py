@@ -22,9 +22,9 @@ from ..errors import Conflict, NotFound
 from ..theatre import Theatre
 from .base import (
     AUDIT_MAX_ENTRIES,
+    DEFAULT_SUBSCRIPTION_BUFFER,
     AttendanceRecord,
     CertificateRecord,
-    DEFAULT_SUBSCRIPTION_BUFFER,
     EventSubscription,
     Fanout,
     InviteRecord,

@@ -72,10 +72,10 @@ from ..errors import Conflict, NotFound
 from ..theatre import Theatre
 from .base import (
     AUDIT_MAX_ENTRIES,
-    AttendanceRecord,
-    CertificateRecord,
     DEFAULT_PREFIX,
     DEFAULT_SUBSCRIPTION_BUFFER,
+    AttendanceRecord,
+    CertificateRecord,
     EventSubscription,
     Fanout,
     InviteRecord,
@@ -787,7 +787,7 @@ class RedisStore:
                              keep_s: float | None) -> None:
         if keep_s is not None:
             check_ttl(keep_s)
-        by_key: dict[str, dict[str, str]] = {}
+        by_key: dict[str, dict[Any, Any]] = {}
         for record in records:
             by_key.setdefault(self._key("attendance", record.session_id), {})[
                 record.participant_id] = record.to_json()
@@ -798,7 +798,8 @@ class RedisStore:
         async def write() -> None:
             async with self._redis.pipeline(transaction=True) as pipe:
                 for key, fields in by_key.items():
-                    pipe.hset(key, mapping={**fields, ATTENDANCE_UNTIL: until})
+                    fields[ATTENDANCE_UNTIL] = until
+                    pipe.hset(key, mapping=fields)
                     if keep_s is None:
                         pipe.persist(key)
                     else:
@@ -842,8 +843,9 @@ class RedisStore:
         return CertificateRecord.from_json(raw) if raw else None
 
     async def list_certificates(self, session_id: str) -> list[CertificateRecord]:
-        ids = sorted(await self._op("list_certificates", lambda: self._redis.smembers(
-            self._key("certificates", session_id))))
+        ids = sorted(str(i) for i in await self._op(
+            "list_certificates",
+            lambda: self._redis.smembers(self._key("certificates", session_id))))
         if not ids:
             return []
         raw = await self._op("list_certificates", lambda: self._redis.mget(
