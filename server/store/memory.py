@@ -472,11 +472,14 @@ class MemoryStore:
         if keep_s is not None:
             check_ttl(keep_s)
         self._sweep()
-        expiry = None if keep_s is None else self.state.wall() + keep_s
+        now = self.state.wall()
+        expiry = None if keep_s is None else now + keep_s
         for record in records:
             # Stored as JSON would store it, so both backends give back the same.
             copy = AttendanceRecord.from_json(record.to_json())
-            rows, _ = self.state.attendance.get(record.session_id, ({}, None))
+            rows, old = self.state.attendance.get(record.session_id, ({}, None))
+            if old is not None and old <= now:
+                rows = {}
             rows[record.participant_id] = copy
             self.state.attendance[record.session_id] = (rows, expiry)
 
