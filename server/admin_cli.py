@@ -1,4 +1,5 @@
-"""`scrubin theatre|session|invite|audit …`: the admin API from a terminal.
+"""`scrubin theatre|session|invite|audit|attendance|certificate …`: the admin
+API from a terminal.
 
 Each command calls a running Node's admin API (docs/openapi.yaml) with a
 node-wide admin token (``scrubin admin-token``), given as ``--token`` or in
@@ -13,6 +14,7 @@ import json
 import os
 import sys
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -21,7 +23,7 @@ import jwt
 
 from .roles import PERSON_ROLES, Role
 
-COMMANDS = ("theatre", "session", "invite", "audit", "revoke")
+COMMANDS = ("theatre", "session", "invite", "audit", "revoke", "attendance", "certificate")
 
 
 class ApiError(Exception):
@@ -38,6 +40,9 @@ async def call(server: str, token: str, method: str, path: str,
     async with aiohttp.ClientSession(timeout=timeout) as http, http.request(
             method, f"{server.rstrip('/')}{path}", json=body,
             headers={"Authorization": f"Bearer {token}"}) as response:
+        if response.status < 400 and response.content_type in ("text/csv",
+                                                               "application/pdf"):
+            return await response.read()
         text = await response.text()
         try:
             data = json.loads(text) if text else None
@@ -109,6 +114,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     il = common(isub.add_parser("list", help="a Session's invites"))
     il.add_argument("--session", required=True)
     _add_audit(sub, common)
+    _add_training(sub, common)
     revoke = common(sub.add_parser(
         "revoke", help="revoke one token (and all derived from it), or every node-wide "
                        "admin token"))
@@ -123,6 +129,33 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     which.add_argument("--invite", help="the invite id")
     which.add_argument("--all", action="store_true",
                        help="every token of the Session issued until now")
+
+
+def _add_training(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                  common: Any) -> None:
+    attendance = sub.add_parser(
+        "attendance", help="who attended a Session, how long, receiving the main camera "
+                           "(admins and the Session's expert)")
+    asub = attendance.add_subparsers(dest="action", required=True)
+    for action, text in (("show", "a table"), ("csv", "as CSV, for a spreadsheet")):
+        p = common(asub.add_parser(action, help=text))
+        p.add_argument("session")
+    cert = sub.add_parser("certificate", help="certificates of attendance of a Session")
+    csub = cert.add_subparsers(dest="action", required=True)
+    confirm = common(csub.add_parser(
+        "confirm", help="after the Session: a certificate for each trainee present at least "
+                        "the minimum share (or for those named)"))
+    confirm.add_argument("session")
+    confirm.add_argument("--participant", action="append", default=None,
+                         help="a participant id (repeat); default: every trainee who qualifies")
+    common(csub.add_parser("list", help="a Session's certificates")).add_argument("session")
+    pdf = common(csub.add_parser("pdf", help="download one as PDF"))
+    pdf.add_argument("session")
+    pdf.add_argument("certificate")
+    pdf.add_argument("--out", required=True, help="file to write")
+    rv = common(csub.add_parser("revoke", help="revoke one (verification then says so)"))
+    rv.add_argument("session")
+    rv.add_argument("certificate")
 
 
 def _schedule_args(p: argparse.ArgumentParser) -> None:
@@ -172,8 +205,10 @@ def run(args: argparse.Namespace) -> int:
     except aiohttp.ClientError as exc:
         print(f"cannot reach {args.server}: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(result, indent=2))
+    if isinstance(result, bytes):
+        sys.stdout.write(result.decode("utf-8"))
+    elif args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         print(_format(args, result))
     return 0
@@ -193,6 +228,21 @@ async def _run(args: argparse.Namespace) -> Any:
         since = parse_time(args.since)
         return await api("GET", f"/api/sessions/{args.session}/audit"
                                 f"?since={since}&limit={args.limit}")
+    if args.command == "attendance":
+        path = f"/api/sessions/{quote(args.session)}/attendance"
+        return await api("GET", path + ("?format=csv" if args.action == "csv" else ""))
+    if args.command == "certificate":
+        base = f"/api/sessions/{quote(args.session)}/certificates"
+        if args.action == "confirm":
+            return await api("POST", base, {"participants": args.participant}
+                             if args.participant else {})
+        if args.action == "list":
+            return await api("GET", base)
+        if args.action == "revoke":
+            return await api("DELETE", f"{base}/{quote(args.certificate)}")
+        data = await api("GET", f"{base}/{quote(args.certificate)}/pdf")
+        await asyncio.to_thread(Path(args.out).write_bytes, data)
+        return {"written": args.out, "bytes": len(data)}
     if args.command == "theatre":
         if args.action == "list":
             return await api("GET", "/api/admin/theatres")
@@ -273,6 +323,20 @@ def seats(invite: dict[str, Any]) -> str:
     return f"seats {taken}/{invite['max_uses'] or '∞'} taken"
 
 
+def _attendance_table(view: dict[str, Any]) -> str:
+    lines = [f"{view['session']}  {view['title']}  ({view['state']}, {view['length_min']} min; "
+             f"certificates from {view['min_share']:.0%} present)",
+             f"{'participant':<14} {'role':<8} {'name':<24} {'present':>8} {'camera':>8} "
+             f"{'share':>6}  steps / questions"]
+    for row in view["participants"]:
+        lines.append(f"{row['participant']:<14} {row['role']:<8} {row['name']:<24} "
+                     f"{row['present_min']:>6} m {row['main_camera_min']:>6} m "
+                     f"{row['share']:>6.0%}  {' › '.join(row['steps']) or '-'}"
+                     + (f"  [cert {row['certificate'][:8]}…]" if row["certificate"] else ""))
+        lines.extend(f"{'':<14} asked: {q}" for q in row["questions"])
+    return "\n".join(lines)
+
+
 def token_id(token_or_id: str) -> str:
     """The ``jti`` of a token given whole (read, not verified: the server
     decides), or the id itself."""
@@ -297,6 +361,19 @@ def _format(args: argparse.Namespace, result: Any) -> str:
             rest = {k: v for k, v in entry.items() if k not in ("ts", "event", "node")}
             lines.append(f"{when}  {entry['event']:<16} {json.dumps(rest, ensure_ascii=False)}")
         return "\n".join(lines) or "(no entries)"
+    if args.command == "attendance":
+        return _attendance_table(result)
+    if args.command == "certificate":
+        if "written" in result:
+            return f"Wrote {result['written']} ({result['bytes']} bytes)."
+        if "certificate" in result:
+            return f"Certificate {result['certificate']['id']} revoked."
+        lines = [f"{c['id']}  {c['name']:<24} {c['minutes']} min  {c['date']}"
+                 + ("  REVOKED" if c["revoked"] else f"  {c['verify']}")
+                 for c in result["certificates"]]
+        if "issued" in result:
+            lines.insert(0, f"{len(result['issued'])} certificate(s) issued.")
+        return "\n".join(lines) or "(no certificates)"
     if args.command == "theatre":
         theatres = result["theatres"] if "theatres" in result else [result["theatre"]]
         return "\n".join(f"{t['id']:<16} {t['name']:<24} {', '.join(t['slots'])}"

@@ -18,10 +18,11 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
+from . import attendance
 from .audit import JsonlAuditTrail, SharedAudit
 from .cluster import Cluster
 from .config import Config
-from .http import admin, api, exports, guard, preflight, review, revocation, whip
+from .http import admin, api, exports, guard, preflight, review, revocation, training, whip
 from .http.common import (
     ACCEPTING,
     AUDIT,
@@ -68,7 +69,8 @@ from .tokens import Grant, TokenAuthority
 
 logger = logging.getLogger(__name__)
 
-PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player", "preflight")
+PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player", "preflight",
+         "verify")
 
 
 def create_app(config: Config, *, clock: Callable[[], float] | None = None) -> web.Application:
@@ -137,6 +139,7 @@ def create_app(config: Config, *, clock: Callable[[], float] | None = None) -> w
     app.add_routes(api.routes)
     app.add_routes(admin.routes)
     app.add_routes(whip.routes)
+    app.add_routes(training.routes)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/", _page("index"))
     for page in PAGES:
@@ -158,6 +161,9 @@ def create_app(config: Config, *, clock: Callable[[], float] | None = None) -> w
     revocation.setup(app)  # revocations reach live connections
     preflight.setup(app)  # connection checks for participants' networks
     _cluster_setup(app)  # the live state of Sessions across Nodes
+    # Attendance of the Sessions held here (after the cluster: it sees every
+    # Participant the cluster joins to them).
+    attendance.setup(app, store=lambda: app[STORE], clock=app[CLOCK])
     # Last: the configured Sessions go live once every hook is in place.
     app.cleanup_ctx.append(_configured_sessions)
     app.on_shutdown.append(_going_away)
