@@ -1,4 +1,5 @@
-"""`scrubin theatre|session|invite|audit …`: the admin API from a terminal.
+"""`scrubin theatre|session|invite|audit|attendance|certificate …`: the admin
+API from a terminal.
 
 Each command calls a running Node's admin API (docs/openapi.yaml) with a
 node-wide admin token (``scrubin admin-token``), given as ``--token`` or in
@@ -13,6 +14,7 @@ import json
 import os
 import sys
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -21,7 +23,7 @@ import jwt
 
 from .roles import PERSON_ROLES, Role
 
-COMMANDS = ("theatre", "session", "invite", "audit", "revoke")
+COMMANDS = ("theatre", "session", "invite", "audit", "revoke", "attendance", "certificate")
 
 
 class ApiError(Exception):
@@ -29,6 +31,7 @@ class ApiError(Exception):
         message = body.get("message") if isinstance(body, dict) else str(body)
         super().__init__(f"error {status}: {message}")
         self.status = status
+        self.code = body.get("code") if isinstance(body, dict) else None
 
 
 async def call(server: str, token: str, method: str, path: str,
@@ -37,6 +40,9 @@ async def call(server: str, token: str, method: str, path: str,
     async with aiohttp.ClientSession(timeout=timeout) as http, http.request(
             method, f"{server.rstrip('/')}{path}", json=body,
             headers={"Authorization": f"Bearer {token}"}) as response:
+        if response.status < 400 and response.content_type in ("text/csv",
+                                                               "application/pdf"):
+            return await response.read()
         text = await response.text()
         try:
             data = json.loads(text) if text else None
@@ -78,6 +84,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     create.add_argument("--starts-at", default=None,
                         help="ISO 8601 (2026-05-01T08:30, local time unless an offset is "
                              "given) or epoch seconds")
+    _schedule_args(create)
+    update = common(ssub.add_parser(
+        "update", help="reschedule or rename a Session (its invites' validity moves along)"))
+    update.add_argument("session")
+    update.add_argument("--title", default=None)
+    update.add_argument("--procedure", default=None)
+    update.add_argument("--expert", default=None)
+    update.add_argument("--starts-at", default=None, help="ISO 8601 or epoch seconds")
+    _schedule_args(update)
     for action, text in (("start", "bring it live on the Node"),
                          ("end", "end it (or cancel it if scheduled)")):
         p = common(ssub.add_parser(action, help=text))
@@ -89,12 +104,17 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     ic.add_argument("--session", required=True)
     ic.add_argument("--role", required=True, choices=[r.value for r in Role if r in PERSON_ROLES])
     ic.add_argument("--name", default="", help="display name (else asked on the join page)")
-    ic.add_argument("--ttl", type=float, default=None, help="seconds (default: the Node's)")
+    ic.add_argument("--ttl", type=float, default=None,
+                    help="seconds (default: until the Session's scheduled end plus "
+                         "[training] invite_margin_min; reviewers: the review window)")
+    ic.add_argument("--anyway", action="store_true",
+                    help="make it even if it expires before the Session starts")
     ic.add_argument("--max-uses", type=int, default=None,
                     help="how many people (devices) may use it")
     il = common(isub.add_parser("list", help="a Session's invites"))
     il.add_argument("--session", required=True)
     _add_audit(sub, common)
+    _add_training(sub, common)
     revoke = common(sub.add_parser(
         "revoke", help="revoke one token (and all derived from it), or every node-wide "
                        "admin token"))
@@ -109,6 +129,41 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     which.add_argument("--invite", help="the invite id")
     which.add_argument("--all", action="store_true",
                        help="every token of the Session issued until now")
+
+
+def _add_training(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                  common: Any) -> None:
+    attendance = sub.add_parser(
+        "attendance", help="who attended a Session, how long, receiving the main camera "
+                           "(admins and the Session's expert)")
+    asub = attendance.add_subparsers(dest="action", required=True)
+    for action, text in (("show", "a table"), ("csv", "as CSV, for a spreadsheet")):
+        p = common(asub.add_parser(action, help=text))
+        p.add_argument("session")
+    cert = sub.add_parser("certificate", help="certificates of attendance of a Session")
+    csub = cert.add_subparsers(dest="action", required=True)
+    confirm = common(csub.add_parser(
+        "confirm", help="after the Session: a certificate for each trainee present at least "
+                        "the minimum share (or for those named)"))
+    confirm.add_argument("session")
+    confirm.add_argument("--participant", action="append", default=None,
+                         help="a participant id (repeat); default: every trainee who qualifies")
+    common(csub.add_parser("list", help="a Session's certificates")).add_argument("session")
+    pdf = common(csub.add_parser("pdf", help="download one as PDF"))
+    pdf.add_argument("session")
+    pdf.add_argument("certificate")
+    pdf.add_argument("--out", required=True, help="file to write")
+    rv = common(csub.add_parser("revoke", help="revoke one (verification then says so)"))
+    rv.add_argument("session")
+    rv.add_argument("certificate")
+
+
+def _schedule_args(p: argparse.ArgumentParser) -> None:
+    end = p.add_mutually_exclusive_group()
+    end.add_argument("--ends-at", default=None, help="scheduled end, ISO 8601 or epoch seconds")
+    end.add_argument("--duration", type=float, default=None,
+                     help="scheduled length in minutes (default: [training] "
+                          "default_duration_min)")
 
 
 def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -144,12 +199,16 @@ def run(args: argparse.Namespace) -> int:
         result = asyncio.run(_run(args))
     except ApiError as exc:
         print(str(exc), file=sys.stderr)
+        if exc.code == "invite_expires_early":
+            print("(--anyway makes it all the same)", file=sys.stderr)
         return 2
     except aiohttp.ClientError as exc:
         print(f"cannot reach {args.server}: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(result, indent=2))
+    if isinstance(result, bytes):
+        sys.stdout.write(result.decode("utf-8"))
+    elif args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         print(_format(args, result))
     return 0
@@ -169,6 +228,21 @@ async def _run(args: argparse.Namespace) -> Any:
         since = parse_time(args.since)
         return await api("GET", f"/api/sessions/{args.session}/audit"
                                 f"?since={since}&limit={args.limit}")
+    if args.command == "attendance":
+        path = f"/api/sessions/{quote(args.session)}/attendance"
+        return await api("GET", path + ("?format=csv" if args.action == "csv" else ""))
+    if args.command == "certificate":
+        base = f"/api/sessions/{quote(args.session)}/certificates"
+        if args.action == "confirm":
+            return await api("POST", base, {"participants": args.participant}
+                             if args.participant else {})
+        if args.action == "list":
+            return await api("GET", base)
+        if args.action == "revoke":
+            return await api("DELETE", f"{base}/{quote(args.certificate)}")
+        data = await api("GET", f"{base}/{quote(args.certificate)}/pdf")
+        await asyncio.to_thread(Path(args.out).write_bytes, data)
+        return {"written": args.out, "bytes": len(data)}
     if args.command == "theatre":
         if args.action == "list":
             return await api("GET", "/api/admin/theatres")
@@ -187,7 +261,16 @@ async def _run(args: argparse.Namespace) -> Any:
                 fields["id"] = args.id
             if args.starts_at:
                 fields["starts_at"] = parse_time(args.starts_at)
+            fields.update(_schedule_fields(args))
             return await api("POST", "/api/admin/sessions", fields)
+        if args.action == "update":
+            changes: dict[str, Any] = {k: getattr(args, k) for k in ("title", "procedure",
+                                                                      "expert")
+                                       if getattr(args, k) is not None}
+            if args.starts_at:
+                changes["starts_at"] = parse_time(args.starts_at)
+            changes.update(_schedule_fields(args))
+            return await api("PATCH", f"/api/admin/sessions/{args.session}", changes)
         return await api("POST", f"/api/admin/sessions/{args.session}/{args.action}")
     base = f"/api/admin/sessions/{args.session}/invites"
     if args.action == "create":
@@ -196,12 +279,62 @@ async def _run(args: argparse.Namespace) -> Any:
             invite["ttl_s"] = args.ttl
         if args.max_uses is not None:
             invite["max_uses"] = args.max_uses
+        if args.anyway:
+            invite["allow_expiring"] = True
         return await api("POST", base, invite)
     if args.action == "list":
         return await api("GET", base)
     if args.all:
         return await api("DELETE", base)
     return await api("DELETE", f"{base}/{args.invite}")
+
+
+def _schedule_fields(args: argparse.Namespace) -> dict[str, Any]:
+    if args.ends_at:
+        return {"ends_at": parse_time(args.ends_at)}
+    if args.duration is not None:
+        return {"duration_min": args.duration}
+    return {}
+
+
+def span(seconds: float) -> str:
+    """"2 h 5 min" (negative: "-2 h 5 min")."""
+    sign = "-" if seconds < 0 else ""
+    minutes = int(abs(seconds) // 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = ([f"{days} d"] if days else []) + ([f"{hours} h"] if hours else []) + [
+        f"{minutes} min"]
+    return sign + " ".join(parts)
+
+
+def expiry(invite: dict[str, Any]) -> str:
+    """When an invite expires, relative to its Session's start when it has one."""
+    text = f"expires {_when(invite['expires_at'])}"
+    after = invite.get("expires_after_start_s")
+    if after is not None:
+        text += (f" ({span(after)} after the start)" if after > 0
+                 else f" — WARNING: {span(-after)} BEFORE the Session starts")
+    return text
+
+
+def seats(invite: dict[str, Any]) -> str:
+    taken = invite.get("seats", {}).get("taken", invite["uses"])
+    return f"seats {taken}/{invite['max_uses'] or '∞'} taken"
+
+
+def _attendance_table(view: dict[str, Any]) -> str:
+    lines = [f"{view['session']}  {view['title']}  ({view['state']}, {view['length_min']} min; "
+             f"certificates from {view['min_share']:.0%} present)",
+             f"{'participant':<14} {'role':<8} {'name':<24} {'present':>8} {'camera':>8} "
+             f"{'share':>6}  steps / questions"]
+    for row in view["participants"]:
+        lines.append(f"{row['participant']:<14} {row['role']:<8} {row['name']:<24} "
+                     f"{row['present_min']:>6} m {row['main_camera_min']:>6} m "
+                     f"{row['share']:>6.0%}  {' › '.join(row['steps']) or '-'}"
+                     + (f"  [cert {row['certificate'][:8]}…]" if row["certificate"] else ""))
+        lines.extend(f"{'':<14} asked: {q}" for q in row["questions"])
+    return "\n".join(lines)
 
 
 def token_id(token_or_id: str) -> str:
@@ -228,6 +361,19 @@ def _format(args: argparse.Namespace, result: Any) -> str:
             rest = {k: v for k, v in entry.items() if k not in ("ts", "event", "node")}
             lines.append(f"{when}  {entry['event']:<16} {json.dumps(rest, ensure_ascii=False)}")
         return "\n".join(lines) or "(no entries)"
+    if args.command == "attendance":
+        return _attendance_table(result)
+    if args.command == "certificate":
+        if "written" in result:
+            return f"Wrote {result['written']} ({result['bytes']} bytes)."
+        if "certificate" in result:
+            return f"Certificate {result['certificate']['id']} revoked."
+        lines = [f"{c['id']}  {c['name']:<24} {c['minutes']} min  {c['date']}"
+                 + ("  REVOKED" if c["revoked"] else f"  {c['verify']}")
+                 for c in result["certificates"]]
+        if "issued" in result:
+            lines.insert(0, f"{len(result['issued'])} certificate(s) issued.")
+        return "\n".join(lines) or "(no certificates)"
     if args.command == "theatre":
         theatres = result["theatres"] if "theatres" in result else [result["theatre"]]
         return "\n".join(f"{t['id']:<16} {t['name']:<24} {', '.join(t['slots'])}"
@@ -236,13 +382,14 @@ def _format(args: argparse.Namespace, result: Any) -> str:
         sessions = result["sessions"] if "sessions" in result else [result["session"]]
         return "\n".join(
             f"{s['id']:<24} {s['state']:<10} {s['theatre']:<12} starts {_when(s['starts_at'])}"
+            f" ends {_when(s.get('ends_at'))}"
             f"  {s['title']}" + (f" ({s['expert']})" if s["expert"] else "")
             for s in sessions) or "(no sessions)"
     if args.action == "create":
         invite = result["invite"]
         lines = [f"Invite {invite['id']} for {invite['role']} in {invite['session']}, "
-                 f"expires {_when(invite['expires_at'])}"
-                 + (f", up to {invite['max_uses']} people" if invite["max_uses"] else ""),
+                 f"{expiry(invite)}"
+                 + (f", up to {invite['max_uses']} devices" if invite["max_uses"] else ""),
                  f"  Join link: {result['link']}"]
         if result.get("page"):
             lines.append(f"  Direct page link (one participant, no name asked): {result['page']}")
@@ -251,7 +398,7 @@ def _format(args: argparse.Namespace, result: Any) -> str:
     if args.action == "list":
         return "\n".join(
             f"{i['id']}  {i['role']:<8} {i['name'] or '(name asked)':<20} "
-            f"uses {i['uses']}/{i['max_uses'] or '∞'}  expires {_when(i['expires_at'])}"
+            f"{seats(i)}  {expiry(i)}"
             + ("  REVOKED" if i["revoked"] else f"\n    {i['link']}")
             for i in result["invites"]) or "(no invites)"
     if "revoked_before" in result:

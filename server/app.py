@@ -13,19 +13,21 @@ import logging
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import WSCloseCode, web
 
+from . import attendance
 from .audit import JsonlAuditTrail, SharedAudit
 from .cluster import Cluster
 from .config import Config
-from .http import admin, api, exports, guard, preflight, review, revocation, whip
+from .http import admin, api, exports, guard, preflight, review, revocation, training, whip
 from .http.common import (
     ACCEPTING,
     AUDIT,
     AUTH_GUARD,
+    CLOCK,
     CLUSTER,
     CONFIG,
     CSP,
@@ -62,7 +64,7 @@ from .nodes import Nodes, default_node_id
 from .registry import Registry
 from .resources import CLIENT_DIR
 from .session import Session
-from .store import Presence, open_store
+from .store import MemoryState, Presence, open_store
 from .tokens import Grant, TokenAuthority
 
 logger = logging.getLogger(__name__)
@@ -72,10 +74,14 @@ DRAIN_GRACE_S = 3.0
 #: Sockets their Session did not send away by then are told directly.
 DRAIN_NUDGE_S = 0.5
 
-PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player", "preflight")
+PAGES = ("index", "broadcast", "watch", "admin", "join", "library", "player", "preflight",
+         "verify")
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, *, clock: Callable[[], float] | None = None) -> web.Application:
+    """``clock`` (epoch seconds, the wall clock by default) is where token
+    expiry, invite validity and the store's deadlines read the time: tests
+    move it instead of sleeping."""
     app = web.Application(
         middlewares=[forwarded_middleware(config.server.trusted_proxies), security_headers,
                      errors_middleware, own_resource_urls],
@@ -92,15 +98,21 @@ def create_app(config: Config) -> web.Application:
     origins = app[CSP] = DeploymentOrigins(config)
     app[NODE_ID] = node_id
     app[PEERS] = peers
-    app[TOKENS] = TokenAuthority(config.auth.signing_keys, config.role_caps())
+    app[CLOCK] = clock or time.time
+    app[TOKENS] = TokenAuthority(config.auth.signing_keys, config.role_caps(),
+                                 clock=app[CLOCK])
     app[WEBSOCKETS] = weakref.WeakSet()
     app[SOCKET_GRANTS] = weakref.WeakKeyDictionary()
     app[ACCEPTING] = {"joins": True}
     app[PENDING_SUBSCRIPTIONS] = Counter()
     watches: set[asyncio.Task[None]] = set()
     app[PUBLICATION_WATCHES] = watches
+    # An injected clock moves the memory store's wall clock (invites,
+    # revocations) but not its monotonic one (leases, presence, heartbeats).
+    memory = MemoryState(wall=clock) if clock is not None else None
     store = app[STORE] = open_store(config.store.redis_url or None, node_id=node_id,
-                                    prefix=config.store.prefix, timeout_s=config.store.timeout_s)
+                                    prefix=config.store.prefix, timeout_s=config.store.timeout_s,
+                                    memory=memory, clock=clock)
     app[PRESENCE] = Presence(store.presence, node_id=node_id, ttl_s=config.store.presence_ttl_s,
                              interval_s=config.store.presence_interval_s)
     app[AUTH_GUARD] = AuthGuard(store.rates, config.limits.auth_failures_per_minute)
@@ -132,6 +144,7 @@ def create_app(config: Config) -> web.Application:
     app.add_routes(api.routes)
     app.add_routes(admin.routes)
     app.add_routes(whip.routes)
+    app.add_routes(training.routes)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/", _page("index"))
     for page in PAGES:
@@ -153,6 +166,9 @@ def create_app(config: Config) -> web.Application:
     revocation.setup(app)  # revocations reach live connections
     preflight.setup(app)  # connection checks for participants' networks
     _cluster_setup(app)  # the live state of Sessions across Nodes
+    # Attendance of the Sessions held here (after the cluster: it sees every
+    # Participant the cluster joins to them).
+    attendance.setup(app, store=lambda: app[STORE], clock=app[CLOCK])
     # Last: the configured Sessions go live once every hook is in place.
     app.cleanup_ctx.append(_configured_sessions)
     app.on_shutdown.append(_going_away)

@@ -290,6 +290,30 @@ class RecordingConfig:
 
 
 @dataclass(frozen=True)
+class TrainingConfig:
+    """Schedules, invite validity, attendance and certificates of attendance
+    (server/schedule.py, server/attendance.py, server/certificates.py)."""
+
+    # A Session without a scheduled end lasts this long (from its scheduled
+    # start, its start, or, ad hoc, from when an invite is made).
+    default_duration_min: float = 240.0
+    # Invites made without a validity are valid until the scheduled end plus this.
+    invite_margin_min: float = 120.0
+    # Reviewer invites: this long after the scheduled end, never past the
+    # recordings' retention (recording.retention_days, when set).
+    review_window_days: float = 14.0
+    # How often the Node holding a live Session samples who receives its main camera.
+    attendance_sample_s: float = 5.0
+    # Attendance is kept this long after the Session (days; 0: as long as the
+    # recordings, i.e. recording.retention_days, or for ever when that is 0).
+    attendance_keep_days: float = 0.0
+    # A trainee is confirmed when present for at least this share of the Session.
+    certificate_min_share: float = 0.75
+    # Public certificate verification: lookups per address and minute.
+    verify_per_minute: int = 30
+
+
+@dataclass(frozen=True)
 class DeidentifyConfig:
     """De-identified exports for teaching reuse (recorder/deidentify.py,
     server/deidentified.py, docs/protocol.md "De-identified exports")."""
@@ -354,6 +378,7 @@ class Config:
     recording: RecordingConfig = field(default_factory=RecordingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     deidentify: DeidentifyConfig = field(default_factory=DeidentifyConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     theatres: list[TheatreConfig] = field(default_factory=list)
     sessions: list[SessionConfig] = field(default_factory=list)
 
@@ -532,6 +557,16 @@ def _validate(config: Config) -> None:
         raise ConfigError("[recording]: retention_days ≥ 0, retention_check_s, part_max_s and "
                           "repair_retry_s > 0, media_url_ttl_s from 60 to 300")
     _validate_deidentify(config.deidentify)
+    training = config.training
+    if not (1 <= training.default_duration_min <= 24 * 60
+            and 0 <= training.invite_margin_min <= 7 * 24 * 60
+            and 0 < training.review_window_days <= 30 and 0.1 <= training.attendance_sample_s <= 60
+            and training.attendance_keep_days >= 0 and 0 < training.certificate_min_share <= 1
+            and training.verify_per_minute >= 1):
+        raise ConfigError("[training]: default_duration_min 1 to 1440, invite_margin_min 0 to "
+                          "10080, review_window_days up to 30, attendance_sample_s 0.1 to 60, "
+                          "attendance_keep_days ≥ 0, certificate_min_share in (0, 1], "
+                          "verify_per_minute ≥ 1")
     liveness = config.liveness
     if not (0 < liveness.probe_after_s < liveness.peer_timeout_s) or (
             liveness.check_interval_s <= 0 or liveness.stall_video_s < 0
@@ -607,6 +642,7 @@ def load_config(
         "recording": RecordingConfig,
         "cluster": ClusterConfig,
         "deidentify": DeidentifyConfig,
+        "training": TrainingConfig,
     }
     unknown = set(data) - set(sections) - {"theatres", "sessions"}
     if unknown:

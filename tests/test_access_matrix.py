@@ -30,7 +30,8 @@ METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 #: Path parameters of the matrix's requests.
 PARAMS = {"session": "or1-live", "theatre": "or1", "slot": "room", "feed": "room.video",
           "resource": "nope", "invite": "nope", "recording": "nope", "part": "nope",
-          "token": "nope", "export": "nope", "file": "nope"}
+          "token": "nope", "export": "nope", "file": "nope",
+          "certificate": "nope"}
 OTHER_SESSION = "or2-other"
 #: x-scrubin-auth scopes: who may call an operation (docs/openapi.yaml, info).
 #: "resource": a bearer token, the Session follows from the resource (e.g. a

@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -293,21 +294,33 @@ async def test_cli_manages_theatres_sessions_and_invites(
     assert code == 0 and "or5" in out and "room, endoscope" in out
     code, out, _ = await scrubin("theatre", "list")
     assert code == 0 and "or1" in out and "Theatre 5" in out
+    tomorrow = (datetime.now() + timedelta(days=1)).strftime("%Y-%m-%d")
     code, out, _ = await scrubin("session", "create", "--theatre", "or5", "--id", "or5-am",
                                  "--title", "Hernia repair", "--expert", "Dr Bailey",
-                                 "--starts-at", "2030-05-01T08:30")
-    assert code == 0 and "or5-am" in out and "scheduled" in out and "2030-05-01 08:30" in out
+                                 "--starts-at", f"{tomorrow}T08:30")
+    assert code == 0 and "or5-am" in out and "scheduled" in out
+    assert f"{tomorrow} 08:30" in out and f"ends {tomorrow} 12:30" in out
     code, out, _ = await scrubin("--log-level", "WARNING", "session", "list", "--json")
     assert code == 0
     assert {s["id"] for s in json.loads(out)["sessions"]} == {"or1-live", "or5-am"}
+    # An invite that would expire before the Session starts is refused with a warning...
+    code, _, err = await scrubin("invite", "create", "--session", "or5-am", "--role", "trainee",
+                                 "--max-uses", "3", "--ttl", "3600")
+    assert code == 2 and "before the Session starts" in err and "--anyway" in err
+    # ...by default it lasts until the scheduled end plus the margin.
     code, out, _ = await scrubin("invite", "create", "--session", "or5-am", "--role", "trainee",
-                                 "--max-uses", "3", "--ttl", "3600", "--json")
+                                 "--max-uses", "3")
+    assert code == 0 and "6 h 0 min after the start" in out, out
+    code, out, _ = await scrubin("invite", "create", "--session", "or5-am", "--role", "trainee",
+                                 "--max-uses", "3", "--ttl", "3600", "--anyway", "--json")
     assert code == 0
     created = json.loads(out)
+    assert created["invite"]["expires_before_start"] is True
     assert created["link"].startswith(f"{server.config.base_url}/join.html#token=")
     assert created["invite"]["max_uses"] == 3
     code, out, _ = await scrubin("invite", "list", "--session", "or5-am")
-    assert code == 0 and created["invite"]["id"] in out and "0/3" in out
+    assert code == 0 and created["invite"]["id"] in out and "seats 0/3" in out
+    assert "BEFORE the Session starts" in out
     code, out, _ = await scrubin("invite", "revoke", "--session", "or5-am", "--invite",
                                  created["invite"]["id"])
     assert code == 0 and "revoked" in out

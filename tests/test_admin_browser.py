@@ -4,6 +4,8 @@ joins as soon as the Session is started."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 import pytest
 from playwright.async_api import Browser
 
@@ -44,7 +46,8 @@ async def test_admin_creates_a_session_and_an_invite_whose_link_opens_the_watch_
     await admin.fill("#session-form input[name=title]", "Laparoscopic <b>cholecystectomy</b>")
     await admin.fill("#session-form input[name=expert]", "Dr Grey")
     await admin.fill("#session-form input[name=id]", "or7-am")
-    await admin.fill("#session-form input[name=starts_at]", "2030-05-01T08:30")
+    tomorrow = (datetime.now() + timedelta(days=1)).strftime("%Y-%m-%d")
+    await admin.fill("#session-form input[name=starts_at]", f"{tomorrow}T08:30")
     await admin.click("#session-form button[type=submit]")
     await wait_js(admin, "() => document.querySelector('tr[data-session=\"or7-am\"]')")
     row = admin.locator('tr[data-session="or7-am"]')
@@ -90,7 +93,7 @@ async def test_admin_creates_a_session_and_an_invite_whose_link_opens_the_watch_
     assert await store.invites.invite_uses(invite.id) == 1
     await admin.click("#refresh")
     await wait_js(admin, "() => document.querySelector('#invite-rows td:nth-child(3)')"
-                         ".textContent === '1 / 2'")
+                         ".textContent === '1 / 2 (1 free)'")
     await admin.evaluate("() => window.scrollTo(0, 0)")
     await screenshot(admin, "admin-live-1280")
     await screenshot(trainee, "join-then-watch-1280")

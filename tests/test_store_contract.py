@@ -19,10 +19,12 @@ import pytest
 from pytest_redis import factories
 from redis.asyncio import Redis
 
-from server.errors import Conflict, NotFound, Unavailable
+from server.errors import BadRequest, Conflict, NotFound, Unavailable
 from server.roles import Role
 from server.store import (
     SESSION_STATES,
+    AttendanceRecord,
+    CertificateRecord,
     InviteRecord,
     MemoryState,
     NodeRecord,
@@ -889,6 +891,66 @@ async def test_a_sessions_audit_trail_is_kept_for_its_time(nodes: Nodes, store: 
     assert len(await store.audit.read_audit("s1")) == 1
     await elapse(nodes, 0.5)
     assert await store.audit.read_audit("s1") == []
+
+
+async def test_rescheduling_keeps_the_length_unless_a_new_end_is_given(store: Store) -> None:
+    await store.theatres.put_theatre(OR1)
+    await store.sessions.create_session(SessionRecord(
+        id="s1", theatre_id="or1", title="T", starts_at=1_900_000_000.0,
+        ends_at=1_900_003_600.0))
+    moved = await store.sessions.update_session("s1", starts_at=1_900_086_400.0)
+    assert (moved.starts_at, moved.ends_at) == (1_900_086_400.0, 1_900_090_000.0)
+    longer = await store.sessions.update_session("s1", ends_at=1_900_097_200.0)
+    assert longer.ends_at == 1_900_097_200.0 and longer.starts_at == 1_900_086_400.0
+    with pytest.raises(BadRequest):
+        await store.sessions.update_session("s1", ends_at=1_900_000_000.0)
+    assert await store.sessions.get_session("s1") == longer
+
+
+async def test_attendance_is_shared_replaced_per_participant_and_kept_for_its_time(
+        nodes: Nodes, store: Store) -> None:
+    first = AttendanceRecord(session_id="s1", participant_id="p1", role=Role.TRAINEE,
+                             name="Zoë Ngô", intervals=((10.0, 70.0), (80.0, None)),
+                             main_camera_s=55.5, steps=("Trocars", "Dissection"),
+                             questions=("Why the clip?",))
+    second = AttendanceRecord(session_id="s1", participant_id="p0", role=Role.EXPERT,
+                              name="Dr Grey", intervals=((20.0, None),))
+    await store.training.put_attendance([first, second], keep_s=0.5)
+    other = nodes.open("node-b")
+    assert await other.training.list_attendance("s1") == [first, second]
+    assert await other.training.list_attendance("s2") == []
+    replaced = dataclasses.replace(first, intervals=((10.0, 70.0), (80.0, 95.0)),
+                                   main_camera_s=60.0)
+    await other.training.put_attendance([replaced], keep_s=0.5)
+    assert await store.training.list_attendance("s1") == [replaced, second]
+    await elapse(nodes, 0.7)
+    assert await store.training.list_attendance("s1") == []
+    await store.training.put_attendance([first], keep_s=None)
+    await elapse(nodes, 0.7)
+    assert await store.training.list_attendance("s1") == [first]
+    assert await other.training.delete_attendance("s1") is True
+    assert await store.training.list_attendance("s1") == []
+    assert await store.training.delete_attendance("s1") is False
+
+
+async def test_certificates_are_kept_found_by_id_and_listed_per_session(
+        nodes: Nodes, store: Store) -> None:
+    cert = CertificateRecord(id="a" * 40, session_id="s1", participant_id="p1",
+                             name="Zoë Ngô", title="Lap chole", procedure="cholecystectomy",
+                             expert="Dr Grey", date="2026-05-01", minutes=95,
+                             issued_at=1_900_000_000.0, issued_by="Ada")
+    other_cert = dataclasses.replace(cert, id="b" * 40, name="Alex", participant_id="p2")
+    elsewhere = dataclasses.replace(cert, id="c" * 40, session_id="s2")
+    for record in (cert, other_cert, elsewhere):
+        await store.training.put_certificate(record)
+    other = nodes.open("node-b")
+    assert await other.training.get_certificate("a" * 40) == cert
+    assert await other.training.get_certificate("d" * 40) is None
+    assert await other.training.list_certificates("s1") == [other_cert, cert]
+    revoked = dataclasses.replace(cert, revoked_at=1_900_000_100.0)
+    await other.training.put_certificate(revoked)
+    assert await store.training.get_certificate("a" * 40) == revoked
+    assert await store.training.list_certificates("s1") == [other_cert, revoked]
 
 
 # -- Redis specifics -----------------------------------------------------------

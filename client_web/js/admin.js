@@ -177,7 +177,10 @@ async function refresh() {
     await withReconnect(async () => {
       await loadTheatres();
       await loadSessions();
-      if (selected) await loadInvites();
+      if (selected) {
+        await loadInvites();
+        await loadAttendance();
+      }
     });
     banner.hide();
   } catch (err) {
@@ -231,8 +234,9 @@ function sessionRow(s) {
   const title = el('td', {},
     el('strong', {}, s.title),
     el('div', { class: 'muted small' }, [s.id, s.procedure, s.expert].filter(Boolean).join(' · ')));
+  const scheduled = s.starts_at ? `${when(s.starts_at)} – ${when(s.ends_at)}` : '—';
   return el('tr', { 'data-session': s.id, 'data-selected': s.id === selected ? 'true' : null },
-    title, el('td', {}, s.theatre), el('td', {}, when(s.starts_at)),
+    title, el('td', {}, s.theatre), el('td', {}, scheduled),
     el('td', {}, el('span', { class: 'pill', 'data-state': s.state === 'live' ? 'live' : s.state },
       SESSION_STATE_LABELS[s.state] || s.state)),
     el('td', {}, actions));
@@ -274,8 +278,11 @@ async function selectSession(s) {
     if (tr.dataset.session === selected) tr.dataset.selected = 'true';
     else delete tr.dataset.selected;
   }
+  $('#attendance-card').hidden = false;
+  /** @type {HTMLButtonElement} */ ($('#attendance-confirm')).disabled = s.state !== 'ended';
   try {
     await loadInvites();
+    await loadAttendance();
   } catch (err) {
     report(err);
   }
@@ -313,11 +320,22 @@ function inviteRow(invite) {
         'Revoke']));
     actions.append(copyButton, revoke);
   }
-  const uses = `${invite.uses} / ${invite.max_uses ?? '∞'}`;
+  const seats = invite.seats || { taken: invite.uses, available: null };
+  const uses = `${seats.taken} / ${invite.max_uses ?? '∞'}`;
+  const free = seats.available === null ? '' : ` (${seats.available} free)`;
+  const expires = el('td', {}, when(invite.expires_at));
+  const after = invite.expires_after_start_s;
+  if (invite.expires_before_start) {
+    expires.append(el('div', { class: 'pill', 'data-state': 'failed', 'data-warning': 'expires-early' },
+      `expires ${span(-after)} before the start`));
+  } else if (typeof after === 'number') {
+    expires.append(el('div', { class: 'muted small' }, `${span(after)} after the start`));
+  }
   return el('tr', { 'data-invite': invite.id },
     el('td', {}, el('span', { class: 'badge', 'data-role': invite.role }, invite.role)),
     el('td', {}, invite.name || el('span', { class: 'muted' }, 'asked when joining')),
-    el('td', {}, uses), el('td', {}, when(invite.expires_at)), el('td', {}, actions));
+    el('td', { title: `${seats.taken} of ${invite.max_uses ?? 'any number of'} devices` }, uses + free),
+    expires, el('td', {}, actions));
 }
 
 /** @param {SubmitEvent} event */
@@ -333,13 +351,107 @@ async function createInvite(event) {
   const maxUses = String(data.get('max_uses') || '').trim();
   if (maxUses) body.max_uses = Number(maxUses);
   try {
-    const created = await api('POST', `/api/admin/sessions/${selected}/invites`, body);
+    let created;
+    try {
+      created = await api('POST', `/api/admin/sessions/${selected}/invites`, body);
+    } catch (err) {
+      // Warned before it is made: an invite that dies before the start admits nobody.
+      if (!(err instanceof ApiError) || err.error.code !== 'invite_expires_early') throw err;
+      if (!(await confirmed('This invite expires before the session starts', err.message,
+        'Create it anyway'))) return;
+      created = await api('POST', `/api/admin/sessions/${selected}/invites`,
+        { ...body, allow_expiring: true });
+    }
     const input = /** @type {HTMLInputElement} */ ($('#new-invite-link'));
     input.value = joinLink(created.token);
     $('#new-invite').hidden = false;
     await loadInvites();
     input.focus();
     input.select();
+  } catch (err) {
+    report(err);
+  }
+}
+
+/** "2 h 5 min" from seconds. @param {number} seconds */
+function span(seconds) {
+  let minutes = Math.floor(Math.abs(seconds) / 60);
+  const days = Math.floor(minutes / 1440);
+  minutes -= days * 1440;
+  const hours = Math.floor(minutes / 60);
+  minutes -= hours * 60;
+  return [days ? `${days} d` : '', hours ? `${hours} h` : '', `${minutes} min`]
+    .filter(Boolean).join(' ');
+}
+
+// -- attendance and certificates -----------------------------------------------------------
+
+async function loadAttendance() {
+  if (!selected) return;
+  const view = await api('GET', `/api/sessions/${selected}/attendance`);
+  $('#attendance-summary').textContent = `${view.length_min} min so far · main camera: `
+    + `${view.main_camera} · certificates from ${Math.round(view.min_share * 100)} % present`;
+  /** @type {HTMLButtonElement} */ ($('#attendance-confirm')).disabled = view.state !== 'ended';
+  const rows = $('#attendance-rows');
+  rows.replaceChildren(...view.participants.map((/** @type {any} */ p) => attendanceRow(p)));
+  $('#attendance-empty').hidden = view.participants.length > 0;
+}
+
+/** @param {any} p */
+function attendanceRow(p) {
+  const cert = el('td', {});
+  if (p.certificate) {
+    const pdf = el('button', { class: 'btn', type: 'button', 'data-action': 'pdf' }, 'PDF');
+    pdf.addEventListener('click', () => download(
+      `/api/sessions/${selected}/certificates/${p.certificate}/pdf`, `certificate-${p.name}.pdf`));
+    const revoke = el('button', { class: 'btn danger', type: 'button', 'data-action': 'revoke-certificate' },
+      'Revoke');
+    revoke.addEventListener('click', async () => {
+      await act(`/api/sessions/${selected}/certificates/${p.certificate}`, 'DELETE', [
+        'Revoke this certificate?', `${p.name}: verification will say it was revoked.`, 'Revoke']);
+      await loadAttendance().catch(report);
+    });
+    cert.append(el('div', { class: 'row-actions' }, pdf, revoke));
+  } else {
+    cert.append(el('span', { class: 'muted' }, '—'));
+  }
+  return el('tr', { 'data-participant': p.participant },
+    el('td', {}, p.name), el('td', {}, el('span', { class: 'badge', 'data-role': p.role }, p.role)),
+    el('td', {}, `${p.present_min} min`), el('td', {}, `${p.main_camera_min} min`),
+    el('td', {}, `${Math.round(p.share * 100)} %`), el('td', {}, p.steps.join(' › ') || '—'),
+    el('td', {}, p.questions.join(' | ') || '—'), cert);
+}
+
+/**
+ * Fetch with the token and hand the browser a file.
+ * @param {string} path @param {string} filename
+ */
+async function download(path, filename) {
+  try {
+    const response = await fetch(path, {
+      headers: { Authorization: `Bearer ${token}` }, cache: 'no-store', credentials: 'omit',
+    });
+    if (!response.ok) throw new ApiError(await response.json());
+    const url = URL.createObjectURL(await response.blob());
+    const link = el('a', { href: url, download: filename });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10_000);
+  } catch (err) {
+    report(err);
+  }
+}
+
+async function confirmAttendance() {
+  if (!selected) return;
+  if (!(await confirmed('Confirm attendance?',
+    'Every trainee present for at least the minimum share of the session gets a certificate '
+      + 'of attendance.', 'Confirm'))) return;
+  try {
+    const result = await api('POST', `/api/sessions/${selected}/certificates`, {});
+    banner.show(`${result.issued.length} certificate(s) issued.`);
+    await loadAttendance();
   } catch (err) {
     report(err);
   }
@@ -382,6 +494,8 @@ async function createSession(event) {
   if (id) body.id = id;
   const startsAt = String(data.get('starts_at') || '');
   if (startsAt) body.starts_at = new Date(startsAt).getTime() / 1000;
+  const duration = String(data.get('duration_min') || '').trim();
+  if (duration && startsAt) body.duration_min = Number(duration);
   try {
     const { session } = await api('POST', '/api/admin/sessions', body);
     form.reset();
@@ -406,6 +520,11 @@ function main() {
     showTokenForm();
   });
   $('#refresh').addEventListener('click', () => refresh());
+  $('#attendance-refresh').addEventListener('click', () => loadAttendance().catch(report));
+  $('#attendance-csv').addEventListener('click', () => {
+    if (selected) download(`/api/sessions/${selected}/attendance?format=csv`, `attendance-${selected}.csv`);
+  });
+  $('#attendance-confirm').addEventListener('click', () => confirmAttendance());
   $('#state-filter').addEventListener('change', () => loadSessions().catch(report));
   $('#theatre-form').addEventListener('submit', (e) => createTheatre(/** @type {SubmitEvent} */ (e)));
   $('#session-form').addEventListener('submit', (e) => createSession(/** @type {SubmitEvent} */ (e)));

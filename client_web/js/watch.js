@@ -13,7 +13,7 @@ import { MIC_SLOT, ScrubinClient, toScrubinError } from './protocol.js';
 import { TelestrationOverlay } from './telestration.js';
 import { Toasts, button, clock, questionItem, renderChat, sortQuestions } from './live.js';
 import { mountRecording } from './recording.js';
-import { forgetToken, takeToken } from './token.js';
+import { forgetToken, takeToken, tokenClaims } from './token.js';
 import {
   $, Banner, StatePanel, attachStream, describeError, el, endedState, fromTemplate, pageStateFor,
   showConnection, slotTitle,
@@ -143,6 +143,7 @@ function start(c) {
     const { reason } = /** @type {CustomEvent} */ (e).detail;
     forgetToken();
     showState(endedState(reason === 'ended' ? '' : reason));
+    if (token) watchForCertificate(token);
   });
   c.connect().catch((err) => {
     const error = toScrubinError(err);
@@ -527,6 +528,52 @@ function applyAudio(/** @type {boolean} */ fromGesture) {
     audio.muted = !audioWanted || audioBlocked;
     if (fromGesture && audio.paused) audio.play().catch(() => {});
   }
+}
+
+/**
+ * After the Session: the expert or an admin confirms attendance, and a trainee
+ * who qualified gets a certificate; look for it now and then (while this
+ * page's token lasts) and offer it for download.
+ * @param {string} own
+ */
+function watchForCertificate(own) {
+  const sid = String(tokenClaims(own).sid || '');
+  const headers = { Authorization: `Bearer ${own}` };
+  let tries = 0;
+  const look = async () => {
+    tries += 1;
+    try {
+      const response = await fetch(`/api/sessions/${encodeURIComponent(sid)}/certificate`,
+        { headers, cache: 'no-store', credentials: 'omit' });
+      if (response.ok) {
+        const { certificate } = await response.json();
+        showCertificate(own, certificate.pdf);
+        return;
+      }
+      if (response.status !== 404) return; // expired or revoked: nothing more to find
+    } catch {
+      /* offline for a moment: look again */
+    }
+    if (tries < 240) setTimeout(look, 15_000);
+  };
+  look();
+}
+
+/** @param {string} own @param {string} path */
+function showCertificate(own, path) {
+  $('#certificate-note').hidden = false;
+  $('#certificate-link').onclick = async () => {
+    const response = await fetch(path, {
+      headers: { Authorization: `Bearer ${own}` }, cache: 'no-store', credentials: 'omit',
+    });
+    if (!response.ok) return;
+    const url = URL.createObjectURL(await response.blob());
+    const link = el('a', { href: url, download: 'certificate-of-attendance.pdf' });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10_000);
+  };
 }
 
 /**

@@ -18,7 +18,7 @@ from typing import Any, cast
 import yaml
 from aiohttp import web
 
-from .. import invites
+from .. import invites, schedule
 from ..errors import (
     BadRequest,
     Conflict,
@@ -34,6 +34,7 @@ from ..tokens import MAX_LIFETIME_S, NODE_WIDE, Grant, is_grant_id
 from . import revocation
 from .common import (
     AUDIT,
+    CLOCK,
     CONFIG,
     REGISTRY,
     STORE,
@@ -48,6 +49,8 @@ routes = web.RouteTableDef()
 TITLE_MAX = 200
 NAME_MAX = 100
 MAX_SLOTS = 16
+#: Longest scheduled Session (minutes).
+DURATION_MAX_MIN = 24 * 60
 #: Epoch seconds accepted for starts_at: 2000-01-01 … 2100-01-01.
 STARTS_AT_RANGE = (946_684_800.0, 4_102_444_800.0)
 
@@ -132,6 +135,21 @@ def _slots(body: dict[str, Any]) -> tuple[str, ...]:
     if len(set(slots)) != len(slots):
         raise BadRequest("slots must be distinct", code="bad_slot")
     return tuple(slots)
+
+
+def _ends_at(body: dict[str, Any], starts_at: float | None) -> float | None:
+    """The scheduled end: ``ends_at``, or ``duration_min`` after ``starts_at``."""
+    ends_at = _number(body, "ends_at", low=STARTS_AT_RANGE[0], high=STARTS_AT_RANGE[1])
+    duration = _number(body, "duration_min", low=1, high=DURATION_MAX_MIN)
+    if ends_at is not None and duration is not None:
+        raise BadRequest("give ends_at or duration_min, not both", code="bad_schedule")
+    if duration is not None:
+        if starts_at is None:
+            raise BadRequest("duration_min needs starts_at", code="bad_schedule")
+        return starts_at + duration * 60
+    if ends_at is not None and starts_at is not None and ends_at <= starts_at:
+        raise BadRequest("a Session ends after it starts", code="bad_schedule")
+    return ends_at
 
 
 def _path_name(request: web.Request, kind: str) -> str:
@@ -262,7 +280,11 @@ async def _session_view(request: web.Request, record: SessionRecord) -> dict[str
     view: dict[str, Any] = {
         "id": record.id, "theatre": record.theatre_id, "title": record.title,
         "procedure": record.procedure, "expert": record.expert,
-        "starts_at": record.starts_at, "state": record.state,
+        "starts_at": record.starts_at,
+        # The scheduled end (given, or the start plus [training] default_duration_min).
+        "ends_at": schedule.describe_schedule(record, request.app[CONFIG].training,
+                                              request.app[CLOCK]())["ends_at"],
+        "state": record.state,
         "started_at": record.started_at, "ended_at": record.ended_at,
         "node": node, "feeds": [], "participants": 0,
     }
@@ -298,7 +320,8 @@ async def list_sessions(request: web.Request) -> web.Response:
 @routes.post("/api/admin/sessions")
 async def create_session(request: web.Request) -> web.Response:
     grant = await node_admin(request)
-    body = await _body(request, {"id", "theatre", "title", "procedure", "expert", "starts_at"})
+    body = await _body(request, {"id", "theatre", "title", "procedure", "expert", "starts_at",
+                                 "ends_at", "duration_min"})
     session_id = body.get("id")
     if session_id is None:
         session_id = f"s-{time.strftime('%Y%m%d')}-{secrets.token_hex(3)}"
@@ -319,14 +342,15 @@ async def create_session(request: web.Request) -> web.Response:
     store = request.app[STORE]
     if await store.theatres.get_theatre(theatre_id) is None:
         await store.theatres.put_theatre(theatre)  # a Theatre from this Node's configuration
+    starts_at = _number(body, "starts_at", low=STARTS_AT_RANGE[0], high=STARTS_AT_RANGE[1])
     record = await store.sessions.create_session(SessionRecord(
         id=session_id, theatre_id=theatre_id, title=title,
         procedure=_text(body, "procedure", limit=TITLE_MAX) or "",
         expert=_text(body, "expert", limit=NAME_MAX) or "",
-        starts_at=_number(body, "starts_at", low=STARTS_AT_RANGE[0], high=STARTS_AT_RANGE[1]),
+        starts_at=starts_at, ends_at=_ends_at(body, starts_at),
         state="scheduled"))
     _audit(request, "session_created", grant, session=record.id, theatre=theatre_id,
-           title=record.title, starts_at=record.starts_at)
+           title=record.title, starts_at=record.starts_at, ends_at=record.ends_at)
     return web.json_response({"session": await _session_view(request, record)}, status=201)
 
 
@@ -340,17 +364,22 @@ async def get_session(request: web.Request) -> web.Response:
 async def update_session(request: web.Request) -> web.Response:
     grant = await session_admin(request)
     record = await _record(request)
-    body = await _body(request, {"title", "procedure", "expert", "starts_at"})
+    body = await _body(request, {"title", "procedure", "expert", "starts_at", "ends_at",
+                                 "duration_min"})
     if record.state == "ended":
         raise Gone(f"session {record.id} has ended", code="session_ended")
     title = _text(body, "title", limit=TITLE_MAX, default=None)
     if title == "":
         raise BadRequest("title must not be empty", code="bad_request")
     procedure = _text(body, "procedure", limit=TITLE_MAX, default=None)
+    starts_at = _number(body, "starts_at", low=STARTS_AT_RANGE[0], high=STARTS_AT_RANGE[1])
+    ends_at = _ends_at(body, starts_at if starts_at is not None else record.starts_at)
+    # Invites following the schedule read it from this record at every check:
+    # moving the Session moves their validity.
     record = await request.app[STORE].sessions.update_session(
         record.id, title=title, procedure=procedure,
         expert=_text(body, "expert", limit=NAME_MAX, default=None),
-        starts_at=_number(body, "starts_at", low=STARTS_AT_RANGE[0], high=STARTS_AT_RANGE[1]))
+        starts_at=starts_at, ends_at=ends_at)
     live = request.app[REGISTRY].sessions.get(record.id)
     if live is not None:
         live.title, live.procedure = record.title, record.procedure
@@ -391,8 +420,12 @@ async def _invite_views(request: web.Request,
     if not records:
         return []
     before = await store.invites.revoked_before(records[0].session_id)
-    base = request.app[CONFIG].base_url
-    return [await invites.describe(store, request.app[TOKENS], r, base, revoked_before=before)
+    config = request.app[CONFIG]
+    session = await store.sessions.get_session(records[0].session_id)
+    return [await invites.describe(store, request.app[TOKENS], r, config.base_url,
+                                   revoked_before=before, session=session,
+                                   training=config.training,
+                                   retention_days=config.recording.retention_days)
             for r in records]
 
 
@@ -410,7 +443,7 @@ async def create_invite(request: web.Request) -> web.Response:
     record = await _record(request)
     if record.state == "ended":
         raise Gone(f"session {record.id} has ended", code="session_ended")
-    body = await _body(request, {"role", "name", "ttl_s", "max_uses"})
+    body = await _body(request, {"role", "name", "ttl_s", "max_uses", "allow_expiring"})
     try:
         role = Role(str(body.get("role")))
         if role not in PERSON_ROLES:
@@ -423,16 +456,30 @@ async def create_invite(request: web.Request) -> web.Response:
     ttl = _number(body, "ttl_s", low=invites.MIN_TTL_S, high=invites.MAX_TTL_S)
     devices = config.limits.devices_per_invite
     max_uses = _integer(body, "max_uses", low=1, high=devices)
-    invite, token = await invites.create(
-        request.app[STORE], request.app[TOKENS], session_id=record.id, role=role,
-        name=_text(body, "name", limit=invites.NAME_MAX) or "",
-        ttl_s=ttl if ttl is not None else config.auth.token_ttl_s,
+    invite = invites.new_record(
+        session_id=record.id, role=role, name=_text(body, "name", limit=invites.NAME_MAX) or "",
+        # None: valid as the Session's schedule says (server/schedule.py).
+        ttl_s=ttl,
         # An invite is one person: a few devices, never a class.
         max_uses=max_uses if max_uses is not None else devices,
-        created_by=grant.name or grant.participant_id)
+        created_by=grant.name or grant.participant_id, now=request.app[CLOCK]())
+    until = schedule.valid_until(invite, record, config.training,
+                                 config.recording.retention_days)
+    if (record.starts_at is not None and until <= record.starts_at
+            and body.get("allow_expiring") is not True):
+        # Warned before it is made: an invite that dies before its Session
+        # starts admits nobody (allow_expiring: true makes it anyway).
+        hint = ("leave the validity out (it then lasts until the scheduled end)"
+                if ttl is not None else
+                f"no invite lasts more than {MAX_LIFETIME_S // 86400} days: make it closer "
+                "to the Session")
+        raise Conflict(f"this invite would expire {_span(record.starts_at - until)} before "
+                       f"the Session starts; {hint}, or send allow_expiring",
+                       code="invite_expires_early")
+    token = await invites.create(request.app[STORE], request.app[TOKENS], invite)
     _audit(request, "invite_created", grant, session=record.id, invite=invite.id,
            role=role.value, name=invite.name, max_uses=invite.max_uses,
-           expires_at=invite.expires_at)
+           expires_at=invite.expires_at, valid_for=invite.valid_for or "fixed")
     view = (await _invite_views(request, [invite]))[0]
     return web.json_response({"invite": view, "token": token, "link": view["link"],
                               "page": view["page"]}, status=201)
@@ -508,12 +555,19 @@ def _revoked(invite: InviteRecord) -> InviteRecord:
     return dataclasses.replace(invite, revoked_at=time.time())
 
 
+def _span(seconds: float) -> str:
+    """"3 h 12 min" for messages."""
+    minutes = max(0, int(seconds // 60))
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
+
+
 # -- redeeming an invite -------------------------------------------------------------
 
 @routes.post("/api/invites/redeem")
 async def redeem_invite(request: web.Request) -> web.Response:
     """The join page: an invite (bearer) becomes a personal token for this device."""
-    grant = await authenticate(request, redeem=False)
+    grant = await authenticate(request, redeem=False, capped=True)
     invites.check_redeemable(grant)
     registry = request.app[REGISTRY]
     record = await registry.record(grant.session_id)

@@ -62,8 +62,9 @@ async def end_session(request: web.Request) -> web.Response:
 @routes.get("/api/sessions/{session}/links")
 async def links(request: web.Request) -> web.Response:
     """Tokens derived from the caller's (docs/security.md): only Roles the
-    derivation table lets it mint, expiring with it, revoked with it."""
-    grant = await authenticate(request)
+    derivation table lets it mint, expiring with it (and with the validity
+    of the invite it comes from), revoked with it."""
+    grant = await authenticate(request, capped=True)
     config = request.app[CONFIG]
     shape: Session | SessionShape
     media_url = config.base_url

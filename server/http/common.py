@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from .. import invites as invite_rules
 from .. import logs
 from ..audit import JsonlAuditTrail, SharedAudit
 from ..cluster import Cluster
@@ -46,6 +47,8 @@ from ..tokens import Grant, TokenAuthority
 logger = logging.getLogger(__name__)
 
 CONFIG = web.AppKey("config", Config)
+#: Epoch seconds: token expiry, invite validity, attendance (tests inject one).
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 TOKENS = web.AppKey("tokens", TokenAuthority)
 REGISTRY = web.AppKey("registry", Registry)
 PEERS = web.AppKey("peers", PeerFactory)
@@ -490,7 +493,7 @@ def bearer_token(request: web.Request) -> str:
 
 
 async def authenticate(request: web.Request, token: str | None = None, *,
-                       redeem: bool = True) -> Grant:
+                       redeem: bool = True, capped: bool = False) -> Grant:
     """The one place a token becomes a Grant, for every bearer route and the
     websocket hello (``token`` given): signature and expiry (401; 429 once the
     address is over the failed-auth limit), revocation of the token or of any
@@ -498,8 +501,11 @@ async def authenticate(request: web.Request, token: str | None = None, *,
     (401 token_revoked), and, for an invite used directly, one of its device
     uses (403 invite_used_up; ``redeem=False`` leaves that to the caller). A
     node-wide admin token on a route with ``{session}`` comes back scoped to
-    that Session (``Grant.scope`` keeps "*"). The store being unreachable is a
-    503: a revocation is never skipped."""
+    that Session (``Grant.scope`` keeps "*"). An invite past its validity
+    (the Session's schedule as stored now, server/schedule.py), or a token
+    from one, is 401 token_expired; ``capped`` returns the grant with its
+    ``expires_at`` at most that validity, for minting tokens from it. The
+    store being unreachable is a 503: a revocation is never skipped."""
     app = request.app
     blocked = app[AUTH_GUARD].blocked(request.remote)
     try:
@@ -516,6 +522,11 @@ async def authenticate(request: web.Request, token: str | None = None, *,
                                 issued_at=grant.issued_at):
         raise Unauthorized("this token, or the invite or token it comes from, has been revoked",
                            code="token_revoked")
+    config = app[CONFIG]
+    valid = await invite_rules.check_valid(app[STORE], grant, config.training,
+                                      config.recording.retention_days, app[CLOCK]())
+    if capped:
+        grant = valid
     if redeem and grant.kind == "invite" and not await invites.use_invite(
             grant.token_id, max_uses=device_limit(app, grant), expires_at=grant.expires_at,
             redeemer=grant.participant_id):

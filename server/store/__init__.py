@@ -16,8 +16,10 @@ from .base import (
     DEFAULT_PREFIX,
     SESSION_STATES,
     TRANSITIONS,
+    AttendanceRecord,
     AuditStore,
     Backend,
+    CertificateRecord,
     Event,
     EventBus,
     EventSubscription,
@@ -37,6 +39,7 @@ from .base import (
     Store,
     StoreUnavailable,
     TheatreStore,
+    TrainingStore,
 )
 from .memory import MemoryState, MemoryStore
 from .presence import Presence
@@ -46,8 +49,10 @@ __all__ = [
     "DEFAULT_PREFIX",
     "SESSION_STATES",
     "TRANSITIONS",
+    "AttendanceRecord",
     "AuditStore",
     "Backend",
+    "CertificateRecord",
     "Event",
     "EventBus",
     "EventSubscription",
@@ -69,6 +74,7 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "TheatreStore",
+    "TrainingStore",
     "open_store",
 ]
 
@@ -106,4 +112,4 @@ def open_store(
                              clock=clock or time.time)
     return Store(theatres=backend, sessions=backend, presence=backend, invites=backend,
                  rates=backend, events=backend, leases=backend, nodes=backend,
-                 audit=backend, backend=backend)
+                 audit=backend, training=backend, backend=backend)

@@ -74,6 +74,9 @@ class SessionRecord:
     ended_at: float | None = None
     #: The Node that holds the live Session's peer connections ("" until live).
     node_id: str = ""
+    #: Planned end, seconds since the epoch (None: the start plus
+    #: ``[training] default_duration_min``, server/schedule.py).
+    ends_at: float | None = None
 
     def __post_init__(self) -> None:
         check_name("session", self.id)
@@ -135,6 +138,12 @@ class InviteRecord:
     #: Who created it (the admin's display name or participant id).
     created_by: str = ""
     revoked_at: float | None = None
+    #: "" : valid until ``expires_at``. "schedule": until the Session's
+    #: scheduled end plus a margin; "review": for a review window after it
+    #: (server/schedule.py), read from the Session's record at every check, so
+    #: rescheduling moves it. ``expires_at`` (the token's ``exp``) is then only
+    #: the ceiling.
+    valid_for: str = ""
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -146,6 +155,71 @@ class InviteRecord:
         data = _known_fields(cls, json.loads(raw))
         data["role"] = Role(data["role"])
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class AttendanceRecord:
+    """One Participant's attendance of one Session (server/attendance.py)."""
+
+    session_id: str
+    participant_id: str
+    role: Role
+    name: str
+    #: [joined, left] pairs, epoch seconds; left None while still connected.
+    intervals: tuple[tuple[float, float | None], ...] = ()
+    #: Seconds they were receiving the main camera (frames reaching them).
+    main_camera_s: float = 0.0
+    #: Procedure steps marked while they were present, in order.
+    steps: tuple[str, ...] = ()
+    #: The questions they asked.
+    questions: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["role"] = self.role.value
+        data["intervals"] = [list(i) for i in self.intervals]
+        data["steps"] = list(self.steps)
+        data["questions"] = list(self.questions)
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> AttendanceRecord:
+        data = _known_fields(cls, json.loads(raw))
+        data["role"] = Role(data["role"])
+        data["intervals"] = tuple((float(a), None if b is None else float(b))
+                                  for a, b in data.get("intervals", ()))
+        data["steps"] = tuple(str(x) for x in data.get("steps", ()))
+        data["questions"] = tuple(str(x) for x in data.get("questions", ()))
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    """A certificate of attendance (server/certificates.py): exactly what the
+    PDF says and the public verification answers, plus who issued it and
+    whether it was revoked."""
+
+    #: The verification id: 160 random bits, hex.
+    id: str
+    session_id: str
+    participant_id: str
+    name: str
+    title: str
+    procedure: str
+    expert: str
+    #: The Session's date, YYYY-MM-DD (UTC).
+    date: str
+    minutes: int
+    issued_at: float
+    issued_by: str = ""
+    revoked_at: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> CertificateRecord:
+        return cls(**_known_fields(cls, json.loads(raw)))
 
 
 @dataclass(frozen=True)
@@ -300,9 +374,12 @@ class SessionStore(Protocol):
         procedure: str | None = None,
         expert: str | None = None,
         starts_at: float | None = None,
+        ends_at: float | None = None,
     ) -> SessionRecord:
         """Change the descriptive fields (None leaves a field as it is),
-        atomically. NotFound if unknown."""
+        atomically. A new ``starts_at`` without ``ends_at`` moves a planned
+        end along (the Session keeps its length); an end not after the start
+        is BadRequest (bad_schedule). NotFound if unknown."""
 
     async def set_session_state(self, session_id: str, state: SessionState, *,
                                 fence: int | None = None) -> SessionRecord:
@@ -448,6 +525,29 @@ class AuditStore(Protocol):
         """The newest ``limit`` entries with ``ts >= since``, oldest first."""
 
 
+class TrainingStore(Protocol):
+    """Attendance and certificates of attendance, whichever Node held the Session."""
+
+    async def put_attendance(self, records: Sequence[AttendanceRecord], *,
+                             keep_s: float | None) -> None:
+        """Create or replace these Participants' records; a Session's records
+        are kept ``keep_s`` after the last write (None: until deleted)."""
+
+    async def list_attendance(self, session_id: str) -> list[AttendanceRecord]:
+        """Sorted by first join, then participant id."""
+
+    async def delete_attendance(self, session_id: str) -> bool:
+        """True if there was any."""
+
+    async def put_certificate(self, record: CertificateRecord) -> None:
+        """Create or replace (a revocation is a replacement); kept until deleted."""
+
+    async def get_certificate(self, certificate_id: str) -> CertificateRecord | None: ...
+
+    async def list_certificates(self, session_id: str) -> list[CertificateRecord]:
+        """Sorted by name, then id."""
+
+
 class Backend(Protocol):
     kind: str
     node_id: str
@@ -589,6 +689,7 @@ class Store:
     leases: LeaseStore
     nodes: NodeStore
     audit: AuditStore
+    training: TrainingStore
     backend: Backend
 
     @property

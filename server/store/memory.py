@@ -23,6 +23,8 @@ from ..theatre import Theatre
 from .base import (
     AUDIT_MAX_ENTRIES,
     DEFAULT_SUBSCRIPTION_BUFFER,
+    AttendanceRecord,
+    CertificateRecord,
     EventSubscription,
     Fanout,
     InviteRecord,
@@ -40,7 +42,13 @@ from .base import (
     lineage_ids,
     next_fence,
 )
-from .rules import apply_transition, apply_update, sort_roster, stamp_new_session
+from .rules import (
+    apply_transition,
+    apply_update,
+    sort_attendance,
+    sort_roster,
+    stamp_new_session,
+)
 
 #: How often expired revocations, invite counters and idle rate keys are
 #: swept, so keys that are never read again do not accumulate.
@@ -75,6 +83,10 @@ class MemoryState:
     nodes: dict[str, tuple[NodeRecord, float]] = field(default_factory=dict)
     # session id -> (entries sorted by ts, wall-clock expiry)
     audit: dict[str, tuple[list[dict[str, Any]], float]] = field(default_factory=dict)
+    # session id -> (participant id -> record, wall-clock expiry or None)
+    attendance: dict[str, tuple[dict[str, AttendanceRecord], float | None]] = field(
+        default_factory=dict)
+    certificates: dict[str, CertificateRecord] = field(default_factory=dict)
     last_sweep: float = 0.0
 
 
@@ -175,11 +187,12 @@ class MemoryStore:
         procedure: str | None = None,
         expert: str | None = None,
         starts_at: float | None = None,
+        ends_at: float | None = None,
     ) -> SessionRecord:
         self._check_open()
         record = self._session(session_id)
         updated = apply_update(record, title=title, procedure=procedure, expert=expert,
-                               starts_at=starts_at)
+                               starts_at=starts_at, ends_at=ends_at)
         self.state.sessions[session_id] = updated
         return updated
 
@@ -452,6 +465,49 @@ class MemoryStore:
         start = bisect.bisect_left(trail, since, key=lambda e: float(e.get("ts", 0.0)))
         return [dict(e) for e in trail[start:][-limit:]] if limit > 0 else []
 
+    # -- attendance and certificates -----------------------------------------
+    async def put_attendance(self, records: Sequence[AttendanceRecord], *,
+                             keep_s: float | None) -> None:
+        self._check_open()
+        if keep_s is not None:
+            check_ttl(keep_s)
+        self._sweep()
+        now = self.state.wall()
+        expiry = None if keep_s is None else now + keep_s
+        for record in records:
+            # Stored as JSON would store it, so both backends give back the same.
+            copy = AttendanceRecord.from_json(record.to_json())
+            rows, old = self.state.attendance.get(record.session_id, ({}, None))
+            if old is not None and old <= now:
+                rows = {}
+            rows[record.participant_id] = copy
+            self.state.attendance[record.session_id] = (rows, expiry)
+
+    async def list_attendance(self, session_id: str) -> list[AttendanceRecord]:
+        self._check_open()
+        rows, expiry = self.state.attendance.get(session_id, ({}, None))
+        if expiry is not None and expiry <= self.state.wall():
+            return []
+        return sort_attendance(rows.values())
+
+    async def delete_attendance(self, session_id: str) -> bool:
+        self._check_open()
+        rows, expiry = self.state.attendance.pop(session_id, ({}, None))
+        return bool(rows) and (expiry is None or expiry > self.state.wall())
+
+    async def put_certificate(self, record: CertificateRecord) -> None:
+        self._check_open()
+        self.state.certificates[record.id] = CertificateRecord.from_json(record.to_json())
+
+    async def get_certificate(self, certificate_id: str) -> CertificateRecord | None:
+        self._check_open()
+        return self.state.certificates.get(certificate_id)
+
+    async def list_certificates(self, session_id: str) -> list[CertificateRecord]:
+        self._check_open()
+        return sorted((c for c in self.state.certificates.values()
+                       if c.session_id == session_id), key=lambda c: (c.name, c.id))
+
     # -- housekeeping -----------------------------------------------------
     def _sweep(self) -> None:
         now_mono = self.state.monotonic()
@@ -475,6 +531,9 @@ class MemoryStore:
             del self.state.hits[key]
         for session_id in [k for k, (_, exp) in self.state.audit.items() if exp <= now]:
             del self.state.audit[session_id]
+        for session_id in [k for k, (_, exp) in self.state.attendance.items()
+                           if exp is not None and exp <= now]:
+            del self.state.attendance[session_id]
         for session_id in list(self.state.presence):
             per_session = self.state.presence[session_id]
             for pkey in [k for k, (_, exp) in per_session.items() if exp <= now_mono]:

@@ -30,6 +30,10 @@ Layout (all under the configurable prefix, default "scrubin:"):
     node:<node id>                string NodeRecord JSON, PX heartbeat TTL
     nodes                         set    node ids (index), PX heartbeat TTL
     audit:<sid>                   zset   "<nonce> <entry JSON>" by ts, PX audit keep
+    attendance:<sid>              hash   participant id -> record JSON, "~until" -> deadline
+                                         ("" = kept), PX until the deadline
+    certificate:<id>              string certificate JSON (kept)
+    certificates:<sid>            set    certificate ids of the Session
     channel events:<sid>          pub/sub, JSON events
     channel bus                   pub/sub, keeps the connection subscribed for heartbeats
 
@@ -70,6 +74,8 @@ from .base import (
     AUDIT_MAX_ENTRIES,
     DEFAULT_PREFIX,
     DEFAULT_SUBSCRIPTION_BUFFER,
+    AttendanceRecord,
+    CertificateRecord,
     EventSubscription,
     Fanout,
     InviteRecord,
@@ -88,12 +94,21 @@ from .base import (
     theatre_from_json,
     theatre_to_json,
 )
-from .rules import apply_transition, apply_update, sort_roster, stamp_new_session
+from .rules import (
+    apply_transition,
+    apply_update,
+    sort_attendance,
+    sort_roster,
+    stamp_new_session,
+)
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: The field of an attendance hash holding its deadline (never a participant id:
+#: those have no "~").
+ATTENDANCE_UNTIL = "~until"
 #: Optimistic (WATCH/MULTI) transactions retry this often under contention.
 MAX_WATCH_ATTEMPTS = 50
 #: A Session's fence counter outlives its lease by far (its clock floor covers
@@ -451,10 +466,12 @@ class RedisStore:
         procedure: str | None = None,
         expert: str | None = None,
         starts_at: float | None = None,
+        ends_at: float | None = None,
     ) -> SessionRecord:
         def make(current: SessionRecord | None) -> SessionRecord:
             return apply_update(_existing(session_id, current), title=title,
-                                procedure=procedure, expert=expert, starts_at=starts_at)
+                                procedure=procedure, expert=expert, starts_at=starts_at,
+                                ends_at=ends_at)
 
         return await self._modify_session("update_session", session_id, make)
 
@@ -764,6 +781,77 @@ class RedisStore:
             except (ValueError, IndexError):
                 logger.warning("store: unreadable audit entry of session %s", session_id)
         return entries
+
+    # -- attendance and certificates -----------------------------------------
+    async def put_attendance(self, records: Sequence[AttendanceRecord], *,
+                             keep_s: float | None) -> None:
+        if keep_s is not None:
+            check_ttl(keep_s)
+        by_key: dict[str, dict[Any, Any]] = {}
+        for record in records:
+            by_key.setdefault(self._key("attendance", record.session_id), {})[
+                record.participant_id] = record.to_json()
+        if not by_key:
+            return
+        until = "" if keep_s is None else repr(self.clock() + keep_s)
+
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for key, fields in by_key.items():
+                    fields[ATTENDANCE_UNTIL] = until
+                    pipe.hset(key, mapping=fields)
+                    if keep_s is None:
+                        pipe.persist(key)
+                    else:
+                        pipe.pexpire(key, _ms(keep_s))
+                await pipe.execute()
+
+        await self._op("put_attendance", write)
+
+    async def list_attendance(self, session_id: str) -> list[AttendanceRecord]:
+        raw = await self._op("list_attendance", lambda: self._redis.hgetall(
+            self._key("attendance", session_id)))
+        until = raw.pop(ATTENDANCE_UNTIL, "")
+        if until and float(until) <= self.clock():
+            return []
+        records = []
+        for value in raw.values():
+            try:
+                records.append(AttendanceRecord.from_json(value))
+            except (ValueError, KeyError, TypeError):
+                logger.warning("store: unreadable attendance record of session %s", session_id)
+        return sort_attendance(records)
+
+    async def delete_attendance(self, session_id: str) -> bool:
+        present = bool(await self.list_attendance(session_id))
+        await self._op("delete_attendance", lambda: self._redis.delete(
+            self._key("attendance", session_id)))
+        return present
+
+    async def put_certificate(self, record: CertificateRecord) -> None:
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._key("certificate", record.id), record.to_json())
+                pipe.sadd(self._key("certificates", record.session_id), record.id)
+                await pipe.execute()
+
+        await self._op("put_certificate", write)
+
+    async def get_certificate(self, certificate_id: str) -> CertificateRecord | None:
+        raw = await self._op("get_certificate", lambda: self._redis.get(
+            self._key("certificate", certificate_id)))
+        return CertificateRecord.from_json(raw) if raw else None
+
+    async def list_certificates(self, session_id: str) -> list[CertificateRecord]:
+        ids = sorted(str(i) for i in await self._op(
+            "list_certificates",
+            lambda: self._redis.smembers(self._key("certificates", session_id))))
+        if not ids:
+            return []
+        raw = await self._op("list_certificates", lambda: self._redis.mget(
+            [self._key("certificate", i) for i in ids]))
+        records = [CertificateRecord.from_json(r) for r in raw if r]
+        return sorted(records, key=lambda c: (c.name, c.id))
 
     # -- rate limiting ----------------------------------------------------
     async def hit(self, key: str, limit: int, window_s: float) -> bool:

@@ -6,8 +6,8 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-from ..errors import Conflict
-from .base import TRANSITIONS, PresenceEntry, SessionRecord, SessionState
+from ..errors import BadRequest, Conflict
+from .base import TRANSITIONS, AttendanceRecord, PresenceEntry, SessionRecord, SessionState
 
 
 def stamp_new_session(record: SessionRecord, node_id: str, now: float) -> SessionRecord:
@@ -20,7 +20,8 @@ def stamp_new_session(record: SessionRecord, node_id: str, now: float) -> Sessio
 
 
 def apply_update(record: SessionRecord, *, title: str | None, procedure: str | None,
-                 expert: str | None, starts_at: float | None) -> SessionRecord:
+                 expert: str | None, starts_at: float | None,
+                 ends_at: float | None = None) -> SessionRecord:
     changes: dict[str, Any] = {}
     if title is not None:
         changes["title"] = title
@@ -30,7 +31,16 @@ def apply_update(record: SessionRecord, *, title: str | None, procedure: str | N
         changes["expert"] = expert
     if starts_at is not None:
         changes["starts_at"] = starts_at
-    return dataclasses.replace(record, **changes)
+        if ends_at is None and record.starts_at is not None and record.ends_at is not None:
+            # Rescheduled: it keeps its length unless a new end is given.
+            changes["ends_at"] = record.ends_at + (starts_at - record.starts_at)
+    if ends_at is not None:
+        changes["ends_at"] = ends_at
+    updated = dataclasses.replace(record, **changes)
+    if (updated.ends_at is not None and updated.starts_at is not None
+            and updated.ends_at <= updated.starts_at):
+        raise BadRequest("a Session ends after it starts", code="bad_schedule")
+    return updated
 
 
 def apply_transition(record: SessionRecord, state: SessionState, node_id: str,
@@ -45,3 +55,8 @@ def apply_transition(record: SessionRecord, state: SessionState, node_id: str,
 
 def sort_roster(entries: Iterable[PresenceEntry]) -> list[PresenceEntry]:
     return sorted(entries, key=lambda e: (e.connected_since, e.participant_id, e.node_id))
+
+
+def sort_attendance(records: Iterable[AttendanceRecord]) -> list[AttendanceRecord]:
+    return sorted(records, key=lambda r: (r.intervals[0][0] if r.intervals else 0.0,
+                                          r.participant_id))
