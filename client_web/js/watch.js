@@ -547,10 +547,13 @@ function watchForCertificate(own) {
         { headers, cache: 'no-store', credentials: 'omit' });
       if (response.ok) {
         const { certificate } = await response.json();
-        showCertificate(own, certificate.pdf);
-        return;
+        if (certificate) {
+          showCertificate(own, certificate.pdf);
+          return;
+        }
+      } else {
+        return; // expired or revoked: nothing more to find
       }
-      if (response.status !== 404) return; // expired or revoked: nothing more to find
     } catch {
       /* offline for a moment: look again */
     }

@@ -220,15 +220,16 @@ async def certificate_pdf(request: web.Request) -> web.Response:
 
 @routes.get("/api/sessions/{session}/certificate")
 async def my_certificate(request: web.Request) -> web.Response:
-    """The caller's own certificate of this Session (404 while there is none)."""
+    """The caller's own certificate of this Session (``null`` while there is none:
+    the trainee's page asks now and then after the Session, and "not yet" is
+    an answer, not an error)."""
     grant = await authenticate(request)
     if not grant.covers(request.match_info["session"]):
         raise Forbidden("token is for another session", code="wrong_session")
     for cert in await request.app[STORE].training.list_certificates(grant.session_id):
         if cert.participant_id == grant.participant_id and cert.revoked_at is None:
             return web.json_response({"certificate": _certificate_view(request, cert)})
-    raise NotFound("no certificate of attendance for you in this Session (yet)",
-                   code="unknown_certificate")
+    return web.json_response({"certificate": None}, headers={"Cache-Control": "no-store"})
 
 
 @routes.get("/api/verify/{certificate}")
