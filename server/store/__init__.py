@@ -25,11 +25,13 @@ from .base import (
     InviteStore,
     Lease,
     LeaseStore,
+    LiveRecording,
     NodeRecord,
     NodeStore,
     PresenceEntry,
     PresenceStore,
     RateLimiter,
+    RecordingStateStore,
     RevocationCheck,
     SessionRecord,
     SessionState,
@@ -55,6 +57,7 @@ __all__ = [
     "InviteStore",
     "Lease",
     "LeaseStore",
+    "LiveRecording",
     "MemoryState",
     "NodeRecord",
     "NodeStore",
@@ -62,6 +65,7 @@ __all__ = [
     "PresenceEntry",
     "PresenceStore",
     "RateLimiter",
+    "RecordingStateStore",
     "RevocationCheck",
     "SessionRecord",
     "SessionState",
@@ -106,4 +110,4 @@ def open_store(
                              clock=clock or time.time)
     return Store(theatres=backend, sessions=backend, presence=backend, invites=backend,
                  rates=backend, events=backend, leases=backend, nodes=backend,
-                 audit=backend, backend=backend)
+                 audit=backend, recordings=backend, backend=backend)
