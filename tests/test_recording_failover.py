@@ -39,7 +39,6 @@ from .test_cluster import (  # noqa: F401  (fixtures)
     hello,
     holders,
 )
-
 from .test_failover import two_nodes_one_root  # noqa: F401  (fixture)
 from .test_interaction import request
 from .test_multinode import (  # noqa: F401  (fixtures)
@@ -85,6 +84,10 @@ def manifest_of(root: Path) -> tuple[str, dict[str, Any]]:
     """The one Recording under ``root``: its id and manifest."""
     [directory] = [d for d in root.iterdir() if d.is_dir()]
     return directory.name, json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+
+
+def recording_ids(root: Path) -> list[str]:
+    return [d.name for d in root.iterdir() if d.is_dir()]
 
 
 def recorded_by(root: Path, node: str, min_bytes: int = 4000) -> str:
@@ -191,7 +194,7 @@ async def test_a_recording_continues_on_the_node_a_drained_node_hands_its_sessio
     finally:
         await pc.close()
 
-    assert [d.name for d in root.iterdir() if d.is_dir()] == [recording_id]
+    assert recording_ids(root) == [recording_id]
     manifest = manifest_of(root)[1]
     check_one_recording(root, manifest, before, after, consent, (stopped_at, back_at))
     assert await other.app[STORE].recordings.get_live_recording(SESSION) is None
@@ -214,3 +217,63 @@ async def test_a_recording_continues_on_the_node_a_drained_node_hands_its_sessio
         async with http.get(f"{other.base_url}{part['url']}") as response:
             assert response.status == 200
             assert len(await response.read()) > 1000
+
+
+async def test_a_recording_continues_on_the_node_that_takes_the_session_from_a_dead_one(
+        multinode_redis: RedisExecutor,  # noqa: F811
+        processes: list[NodeProcess],  # noqa: F811
+        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Two `scrubin serve` processes on one Redis and one recordings root;
+    the holder is killed (SIGKILL) mid-part. The publisher falls back to the
+    other Node, which takes the Session once the lease expires and continues
+    the recording: the dead Node's open part finished (repaired), new parts
+    after the gap."""
+    config = write_config(tmp_path, multinode_redis)  # lease_ttl_s 3, node_ttl_s 2.5
+    root = tmp_path / "recordings"
+    two = [NodeProcess(name, config, unused_port(), env={"SCRUBIN_RECORDING_ROOT": str(root)})
+           for name in ("node-a", "node-b")]
+    processes.extend(two)
+    await asyncio.gather(*(asyncio.to_thread(node.start) for node in two))
+    origin = await the_holder(http, two)
+    other = next(n for n in two if n is not origin)
+
+    camera = SyntheticTheatreCamera(320, 180, 15, label="room")
+    publisher = WhipPublisher(
+        f"{origin.base_url}/whip/{SESSION}/room",
+        TOKENS.issue(SESSION, Role.EXPERT, name="Room camera"), [camera],
+        WhipOptions(host_addresses=LOOPBACK, fallback_urls=[other.base_url]))
+    publishing = asyncio.ensure_future(publisher.run())
+    expert = TOKENS.issue(SESSION, Role.EXPERT, name="Dr Grey")
+    try:
+        await api(http, origin, "POST", f"/api/sessions/{SESSION}/recording", expert,
+                  {"consent": CONSENT}, expect=201)
+        await wait_for(lambda: recorded_by(root, origin.name), timeout=20)
+        recording_id, first = manifest_of(root)
+        consent = first["consent"]
+
+        origin.stop(signal.SIGKILL)
+        killed_at = time.time()
+        crashed = manifest_of(root)[1]
+        assert crashed["state"] == "recording"
+        assert any(not p["complete"] for f in crashed["feeds"] for p in f["parts"])
+        await wait_for(lambda: recorded_by(root, other.name), timeout=30)
+        assert publisher.url == f"{other.base_url}/whip/{SESSION}/room"
+        await api(http, other, "DELETE", f"/api/sessions/{SESSION}/recording", expert,
+                  expect=200)
+    finally:
+        publisher.stop()
+        await asyncio.wait_for(publishing, 15)
+
+    assert recording_ids(root) == [recording_id]
+    manifest = manifest_of(root)[1]
+    check_one_recording(root, manifest, origin.name, other.name, consent,
+                        (killed_at, killed_at))
+    [video] = [f for f in manifest["feeds"] if f["id"] == "room.video"]
+    cut = [p for p in video["parts"] if p["node"] == origin.name][-1]
+    assert cut["repaired"] and cut["ended_by"] == "interrupted", cut
+
+    reviewer = TOKENS.issue(SESSION, Role.REVIEWER, name="Rita Reviewer")
+    listed = await get_json(http, f"{other.base_url}/api/sessions/{SESSION}/recordings",
+                            reviewer)
+    assert [(e["id"], e["state"]) for e in listed["recordings"]] == [(recording_id, "stopped")]
+    assert "Traceback" not in other.text(), other.text()[-3000:]
