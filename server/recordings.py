@@ -423,9 +423,14 @@ class Recordings:
             if child.name in self._resumable and child.name in self.index:
                 # Goes on when a Node takes its Session: list what is on disk.
                 with contextlib.suppress(OSError, ValueError):
+                    st = os.stat(child / MANIFEST)
+                    key = (st.st_mtime_ns, st.st_size)
+                    if self._scanned.get(child.name) == key:
+                        continue
                     manifest = json.loads((child / MANIFEST).read_text(encoding="utf-8"))
                     if manifest.get("id") == child.name:
                         self.index[child.name] = self._summary(child, manifest)
+                        self._scanned[child.name] = key
                         changed = True
                 continue
             try:
