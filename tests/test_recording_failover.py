@@ -175,6 +175,15 @@ async def test_a_recording_continues_on_the_node_a_drained_node_hands_its_sessio
     handed = manifest_of(root)[1]
     assert handed["state"] == "recording" and handed["ended_t"] is None
     assert all(p["complete"] for f in handed["feeds"] for p in f["parts"])
+    # Nobody holds the Session yet: a Node that looks at the root lists the
+    # recording as going on and does not finish it (the store says it goes on).
+    reviewer = tokens.issue(SESSION, Role.REVIEWER, name="Rita Reviewer")
+    await asyncio.sleep(RESCAN_S)
+    _, listed = await api(http, other, "GET", f"/api/sessions/{SESSION}/recordings",
+                          reviewer, expect=200)
+    assert [(e["id"], e["state"]) for e in listed["recordings"]] == [(recording_id,
+                                                                       "recording")]
+    assert manifest_of(root)[1] == handed
 
     # The publisher goes to the other Node, which takes the Session.
     back_at = time.time()
@@ -200,7 +209,6 @@ async def test_a_recording_continues_on_the_node_a_drained_node_hands_its_sessio
     assert await other.app[STORE].recordings.get_live_recording(SESSION) is None
 
     # The review API lists one recording, its parts from both Nodes, the gap.
-    reviewer = tokens.issue(SESSION, Role.REVIEWER, name="Rita Reviewer")
     await asyncio.sleep(RESCAN_S)
     for asked in (other, holder):
         _, listed = await api(http, asked, "GET", f"/api/sessions/{SESSION}/recordings",
