@@ -420,7 +420,7 @@ class Recordings:
             seen.add(child.name)
             if child.name in active:
                 continue
-            if child.name in self._resumable and child.name in self.index:
+            if child.name in self._resumable:
                 # Goes on when a Node takes its Session: list what is on disk.
                 with contextlib.suppress(OSError, ValueError):
                     st = os.stat(child / MANIFEST)
