@@ -786,8 +786,11 @@ class Recordings:
             self.index[recording.id] = summarize(manifest, thumbnail=thumbnail,
                                                  hold=self.index.get(recording.id, {}).get("hold"))
             self._save_index()
-            if not recording.manifest_saved or needs_repair(manifest):
-                # A full disk: the final manifest, or a part, is not on disk.
+            if not recording.handed_over and (not recording.manifest_saved
+                                              or needs_repair(manifest)):
+                # A full disk: the final manifest, or a part, is not on disk. (A
+                # Recording handed over is another Node's to finish: never from
+                # this manifest, which the next Node's writes supersede.)
                 self._unfinished[recording.id] = manifest
                 self._spawn(self.maintain())
             failed = recording.state == "failed" or live.state == "failed"

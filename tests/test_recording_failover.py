@@ -26,6 +26,7 @@ from pytest_redis.executor import RedisExecutor
 from recorder.recording import MANIFEST
 from server.app import drain
 from server.http.common import REGISTRY, STORE
+from server.http.review import RECORDINGS
 from server.publish.synthetic import SyntheticTheatreCamera
 from server.publish.whip import WhipOptions, WhipPublisher
 from server.recordings import RESCAN_S
@@ -215,6 +216,10 @@ async def test_a_recording_continues_on_the_node_a_drained_node_hands_its_sessio
                               reviewer, expect=200)
         [entry] = listed["recordings"]
         assert entry["id"] == recording_id and entry["state"] == "stopped"
+    # The drained Node, still up, has nothing of it left to finish: its
+    # maintenance leaves the recording the other Node completed as it is.
+    await holder.app[RECORDINGS].maintain()
+    assert manifest_of(root)[1] == manifest
     _, detail = await api(http, other, "GET", f"/api/recordings/{recording_id}", reviewer,
                           expect=200)
     assert detail["recording"]["gaps"] == manifest["gaps"]
