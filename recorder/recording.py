@@ -26,6 +26,20 @@ finished part with its sha256, and the part that was being written
 (``complete: false``), which plays up to its last flushed cluster;
 ``recorder.repair`` finishes such a recording when the Node starts again.
 
+Moving between Nodes: a Recording whose Session moves to another Node (the
+*origin* drained or died) goes on there as the same Recording. The Node that
+lets go stops with ``hand_over=True``: every part is closed, the manifest
+stays ``recording`` with no end. The Node that takes over constructs it with
+``resume=True`` and the same id, root, clock zero and consent: :meth:`start`
+waits for the lock (the previous writer closing), finishes a dead writer's
+open part (recorder.repair), and continues with new part numbers in the same
+directory and the same manifest. ``gaps`` in the manifest lists each span
+with no media, ``{"start", "end", "reason": "origin_moved", "from_node",
+"to_node"}`` on the Session clock: from the end of the last part written
+before the move to the start of the first part after it (``end`` is null
+until that part exists; if the recording stops first, its end). Each part
+says which ``node`` wrote it.
+
 Errors: a Feed's writer that fails reports a :class:`RecordingError` through
 ``on_error`` (on the event loop). ``disk_full`` and ``not_writable`` stop the
 whole recording (state ``failed``, reported once); other codes stop only that
@@ -175,6 +189,9 @@ class Recording:
         origin: float | None = None,
         origin_unix: float | None = None,
         consent_t: float | None = None,
+        resume: bool = False,
+        node: str | None = None,
+        lock_wait_s: float = 15.0,
     ) -> None:
         if recording_id is None:
             recording_id = secrets.token_urlsafe(18)
@@ -216,6 +233,21 @@ class Recording:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recording-io")
         self._events_fd: int | None = None
         self._stopped: asyncio.Future[None] | None = None
+        #: Continue the Recording already in ``directory`` (see the module docstring).
+        self.resume = resume
+        self.node = node
+        self._lock_wait_s = lock_wait_s
+        #: Spans without media because the Session moved between Nodes.
+        self.gaps: list[dict[str, Any]] = []
+        #: The first part number this Node wrote, per Feed (resumed: the open gap ends
+        #: where the first of them starts).
+        self._first_index: dict[str, int] = {}
+        #: Stopped to be continued on another Node: the manifest stays "recording".
+        self.handed_over = False
+        #: Finished parts of the writer before (resume: a dead Node's open part).
+        self.repaired: list[dict[str, Any]] = []
+        self._carried: dict[str, Any] = {}
+        self._earlier_errors: list[dict[str, Any]] = []
 
     # -- clock --------------------------------------------------------------
     def session_time(self, monotonic: float | None = None) -> float:
@@ -243,6 +275,19 @@ class Recording:
             self.origin = now_mono
         if self.clock_zero is None:
             self.clock_zero = now_unix - (now_mono - self.origin)
+        if self.resume:
+            try:
+                await self._loop.run_in_executor(self._io, self._prepare_resume)
+            except Exception as exc:
+                self._fatal(error_from_exception(exc, path=str(self.directory)))
+                return
+            self._prepared = True
+            self.state = "recording"
+            gap = self.gaps[-1]
+            self.add_event({"type": "recording_resumed", "recording": self.id,
+                            "session": self.session.session_id, "node": self.node,
+                            "gap_start": gap["start"]})
+            return
         consent_given = self.started_t is not None
         if self.started_t is None:
             self.started_t = round(now_mono - self.origin, 3)  # for now: see below
@@ -273,8 +318,63 @@ class Recording:
         fcntl.flock(self._events_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._write_manifest()
 
-    async def stop(self, timeout: float = 10.0) -> dict[str, Any]:
-        """Close every part, write the final manifest; returns it."""
+    def _prepare_resume(self) -> None:
+        """Take the Recording over from the Node that wrote it before."""
+        from .repair import RepairReport, finish_parts, remove_temporary
+
+        self._events_fd = os.open(self.directory / EVENTS, os.O_RDWR | os.O_APPEND)
+        deadline = time.monotonic() + self._lock_wait_s
+        while True:
+            try:
+                fcntl.flock(self._events_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # The Node before is still closing its parts (it let the Session go first).
+                if time.monotonic() > deadline:
+                    os.close(self._events_fd)
+                    self._events_fd = None
+                    raise RecordingError("stalled", "another Node is still writing this "
+                                         "recording") from None
+                time.sleep(0.05)
+        remove_temporary(self.directory)
+        manifest = json.loads((self.directory / MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("id") != self.id:
+            raise RecordingError("not_writable", "the manifest names another recording")
+        report = RepairReport(self.id, "resumed")
+        ends = finish_parts(self.directory, manifest, report)
+        self.repaired = report.parts
+        previous = manifest.get("node")
+        with self._lock:
+            self.consent = dict(manifest.get("consent") or self.consent)
+            if isinstance(manifest.get("clock_zero_unix"), (int, float)):
+                self.clock_zero = float(manifest["clock_zero_unix"])
+            if isinstance(manifest.get("started_t"), (int, float)):
+                self.started_t = float(manifest["started_t"])
+            assert self.clock_zero is not None and self.started_t is not None
+            self.started_at = self.clock_zero + self.started_t
+            self._earlier_errors = [e for e in manifest.get("errors") or []
+                                    if isinstance(e, dict)]
+            for feed in manifest.get("feeds", []):
+                feed_id = str(feed["id"])
+                parts = {int(p["index"]): p for p in feed.get("parts", [])}
+                self._feeds[feed_id] = {k: v for k, v in feed.items() if k != "parts"}
+                self._parts[feed_id] = parts
+                start = max(parts, default=-1) + 1
+                self._counters[feed_id] = itertools.count(start)
+                self._first_index[feed_id] = start
+            self.gaps = [g for g in manifest.get("gaps") or [] if isinstance(g, dict)]
+            # From the last media written before the move (never before consent).
+            self.gaps.append({"start": round(max([self.started_t, *ends]), 3), "end": None,
+                              "reason": "origin_moved", "from_node": previous,
+                              "to_node": self.node})
+        if manifest.get("repaired") is not None:
+            self._carried = {"repaired": manifest["repaired"]}
+        self._write_manifest()
+
+    async def stop(self, timeout: float = 10.0, *, hand_over: bool = False) -> dict[str, Any]:
+        """Close every part, write the final manifest; returns it. ``hand_over``:
+        the Session goes on on another Node, which continues this Recording
+        (the manifest stays ``recording``, with no end)."""
         if self._stopped is None:  # never started
             self.state = "stopped"
             self._io.shutdown(wait=False)
@@ -283,6 +383,7 @@ class Recording:
             await asyncio.shield(self._stopped)
             return self.manifest()
         failed = self.state == "failed"
+        self.handed_over = hand_over and not failed
         if not failed:
             self.state = "stopping"
         await asyncio.gather(*(self.detach(feed_id, timeout=timeout)
@@ -293,7 +394,10 @@ class Recording:
         assert self.clock_zero is not None
         self.ended_at = self.clock_zero + self.ended_t
         self.duration = self._elapsed()
-        if not failed:
+        if self.handed_over:
+            self.ended_t = self.ended_at = self.duration = None
+            self.add_event({"type": "recording_handed_over", "node": self.node})
+        elif not failed:
             self.add_event({"type": "recording_stopped"})
         if self.state == "stopping":
             self.state = "stopped"
@@ -494,7 +598,7 @@ class Recording:
         """From a writer thread: a part is about to be created. Returns once the
         manifest on disk lists it (raises what writing it raised)."""
         with self._lock:
-            self._parts[feed_id][info.index] = info.describe()
+            self._parts[feed_id][info.index] = self._describe_part(feed_id, info)
         try:
             future = self._io.submit(self._write_manifest)
         except RuntimeError:  # shut down: the recording is over
@@ -509,7 +613,7 @@ class Recording:
     def _part_changed(self, feed_id: str, info: PartInfo) -> None:
         """From a writer thread: a part opened or closed."""
         with self._lock:
-            self._parts[feed_id][info.index] = info.describe()
+            self._parts[feed_id][info.index] = self._describe_part(feed_id, info)
         self._schedule_manifest()
 
     def _schedule_manifest(self) -> None:
@@ -535,6 +639,26 @@ class Recording:
         with self._lock:
             return self._manifest_locked()
 
+    def _describe_part(self, feed_id: str, info: PartInfo) -> dict[str, Any]:
+        self._first_index.setdefault(feed_id, info.index)
+        described = info.describe()
+        if self.node is not None:
+            described["node"] = self.node
+        return described
+
+    def _gaps_locked(self) -> list[dict[str, Any]]:
+        """The gaps, the open one ending where this Node's first part starts."""
+        out = [dict(g) for g in self.gaps]
+        if out and out[-1].get("end") is None:
+            starts = [float(p["start"]) for feed_id, parts in self._parts.items()
+                      for index, p in parts.items()
+                      if index >= self._first_index.get(feed_id, 1 << 30)]
+            if starts:
+                out[-1]["end"] = round(max(min(starts), float(out[-1]["start"])), 3)
+            elif self.ended_t is not None and not self.handed_over:
+                out[-1]["end"] = round(max(self.ended_t, float(out[-1]["start"])), 3)
+        return out
+
     def _manifest_locked(self) -> dict[str, Any]:
         feeds = []
         for feed_id, entry in self._feeds.items():
@@ -545,7 +669,8 @@ class Recording:
             "id": self.id,
             "session": self.session.describe(),
             "consent": self.consent,
-            "state": self.state,
+            "state": "recording" if self.handed_over else self.state,
+            "node": self.node,
             "clock": "Session clock: seconds since clock_zero_unix; part 'start' and "
                      "event 't' are on it; the recording covers started_t to ended_t",
             "clock_zero_unix": self.clock_zero,
@@ -555,8 +680,10 @@ class Recording:
             "ended_t": self.ended_t,
             "duration": None if self.duration is None else round(self.duration, 3),
             "feeds": feeds,
+            "gaps": self._gaps_locked(),
             "events": EVENTS,
-            "errors": [e.describe() for e in list(self.errors)],
+            "errors": self._earlier_errors + [e.describe() for e in list(self.errors)],
+            **self._carried,
         }
 
     def describe(self) -> dict[str, Any]:

@@ -160,29 +160,12 @@ def remux_copy(source: Path, target: Path, mime_type: str) -> _Copied:
     return _Copied(len(packets), float((times[-1] + last) * time_base))
 
 
-def repair(directory: str | os.PathLike[str], manifest: dict[str, Any] | None = None,
-           *, now: float | None = None) -> RepairReport | None:
-    """Finish the recording in ``directory`` (see the module docstring); None
-    when it needed nothing but the removal of temporary files. ``manifest``:
-    use this one rather than the file (the final manifest a full disk kept from
-    being written). Raises ``OSError`` when the disk refuses (still full),
-    :class:`RecordingBusy` when someone is still writing it."""
-    path = Path(directory)
-    with _locked(path) as events:
-        return _repair(path, manifest, events, now)
-
-
-def _repair(path: Path, manifest: dict[str, Any] | None, events: int,
-            now: float | None) -> RepairReport | None:
-    removed = remove_temporary(path)
-    if manifest is None:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    if not needs_repair(manifest):
-        if removed:
-            logger.info("recording %s: removed %s", path.name, ", ".join(removed))
-        return None
-    report = RepairReport(str(manifest.get("id") or path.name), "", removed=removed)
-    manifest = json.loads(json.dumps(manifest))  # ours to change
+def finish_parts(path: Path, manifest: dict[str, Any], report: RepairReport) -> list[float]:
+    """Finish every incomplete part ``manifest`` lists (changed in place; see
+    the module docstring), what was done in ``report``; returns where each
+    part kept ends on the Session clock. The caller holds the recording's
+    lock. Also used by a Node that continues a Recording whose previous
+    writer died (recorder.recording, ``resume``)."""
     ends: list[float] = []
     for feed in manifest.get("feeds", []):
         kept = []
@@ -222,6 +205,33 @@ def _repair(path: Path, manifest: dict[str, Any] | None, events: int,
                                  "duration": round(copied.duration, 4),
                                  "sha256": part["sha256"]})
         feed["parts"] = kept
+    return ends
+
+
+def repair(directory: str | os.PathLike[str], manifest: dict[str, Any] | None = None,
+           *, now: float | None = None) -> RepairReport | None:
+    """Finish the recording in ``directory`` (see the module docstring); None
+    when it needed nothing but the removal of temporary files. ``manifest``:
+    use this one rather than the file (the final manifest a full disk kept from
+    being written). Raises ``OSError`` when the disk refuses (still full),
+    :class:`RecordingBusy` when someone is still writing it."""
+    path = Path(directory)
+    with _locked(path) as events:
+        return _repair(path, manifest, events, now)
+
+
+def _repair(path: Path, manifest: dict[str, Any] | None, events: int,
+            now: float | None) -> RepairReport | None:
+    removed = remove_temporary(path)
+    if manifest is None:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    if not needs_repair(manifest):
+        if removed:
+            logger.info("recording %s: removed %s", path.name, ", ".join(removed))
+        return None
+    report = RepairReport(str(manifest.get("id") or path.name), "", removed=removed)
+    manifest = json.loads(json.dumps(manifest))  # ours to change
+    ends = finish_parts(path, manifest, report)
     started_t = float(manifest.get("started_t") or 0.0)
     clock_zero = manifest.get("clock_zero_unix")
     if manifest.get("state") in UNFINISHED:
@@ -233,6 +243,10 @@ def _repair(path: Path, manifest: dict[str, Any] | None, events: int,
         if isinstance(clock_zero, (int, float)):
             manifest["ended"] = _iso(float(clock_zero) + ended_t)
         _append_event(events, {"t": ended_t, "type": "recording_interrupted"})
+    for gap in manifest.get("gaps") or []:
+        # The Node that continued it died before it wrote anything.
+        if isinstance(gap, dict) and gap.get("end") is None:
+            gap["end"] = max(float(gap.get("start") or 0.0), float(manifest["ended_t"]))
     manifest["repaired"] = {
         "at": _iso(now if now is not None else datetime.datetime.now(datetime.UTC).timestamp()),
         "parts": [p["file"] for p in report.parts], "dropped": report.dropped}

@@ -259,6 +259,13 @@ class Interaction:
         time is ``started_at``. A recording shares this clock."""
         return self._t0
 
+    def adopt_clock(self, started_at: float, wall: Callable[[], float] = time.time) -> None:
+        """Run on the Session clock another Node started (wall time of its zero,
+        ``started_at``): a Session taken over goes on on the same clock, so what
+        it records here lines up with what was recorded there."""
+        self._t0 = self._clock() - (wall() - started_at)
+        self.started_at = started_at
+
     def handle(self, grant: Grant, message: dict[str, Any]) -> dict[str, Any]:
         """Apply one websocket request; returns the reply (raises ScrubinError)."""
         return self._handlers[str(message.get("type"))](grant, message)

@@ -18,6 +18,17 @@ summary of each, rebuilt from the manifests at start. Files are served only by
 id and by names listed in the manifest, never by joining a path from a
 request, and never through a symlink.
 
+Several Nodes (a shared store and one recordings root): the recording state
+of a live Session (its Recording id, consent, clock zero, the Node writing
+it) is in the store (``LiveRecording``) while it is on. When the Session
+moves, the Node that lets it go hands the Recording over (its parts closed,
+the manifest left ``recording``) and the Node that takes it continues the
+same Recording on the same Session clock (``recorder.Recording``,
+``resume``), writing the gap in the manifest; a Node that died mid-part
+leaves its open part to the next one, which finishes it first. While the
+store says a Recording goes on, no Node finishes it as interrupted; an entry
+whose Session has ended for good is cleared by the next Node that looks.
+
 Repair: when the Node starts, recordings a crash left unfinished are finished
 (recorder.repair: parts remuxed into properly closed copies with their true
 durations, state ``interrupted``) before the index is rebuilt. A full disk
@@ -66,6 +77,7 @@ from .config import Config
 from .errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unauthorized, Unavailable
 from .roles import MODERATORS, Role
 from .session import Session
+from .store import LiveRecording, Store, StoreUnavailable
 from .tokens import Grant
 
 logger = logging.getLogger(__name__)
@@ -300,8 +312,12 @@ class _Live:
 
 
 class Recordings:
-    def __init__(self, config: Config, audit: AuditTrail) -> None:
+    def __init__(self, config: Config, audit: AuditTrail, *, store: Store | None = None,
+                 node_id: str | None = None) -> None:
         self.config = config.recording
+        #: The shared store when Sessions can move between Nodes (Redis), else None.
+        self._store = store if store is not None and store.kind != "memory" else None
+        self.node_id = node_id or config.server.node_id
         self.root = Path(self.config.root)
         self.audit = audit
         self.signer = MediaSigner.from_config(config)
@@ -317,6 +333,9 @@ class Recordings:
         self._unfinished: dict[str, dict[str, Any] | None] = {}
         #: Recordings another process is writing (their lock is held).
         self._elsewhere: set[str] = set()
+        #: Recordings of live Sessions the store says go on (on whichever Node
+        #: holds the Session next): never finished as interrupted here.
+        self._resumable: set[str] = set()
         #: The manifest (mtime, size) each listed Recording was summarized from,
         #: and when the root was last looked at (``refresh``).
         self._scanned: dict[str, tuple[int, int]] = {}
@@ -343,7 +362,7 @@ class Recordings:
                 continue
             if manifest.get("id") != child.name:
                 continue
-            if child.name not in active:
+            if child.name not in active | self._resumable:
                 manifest = self._finish(child, manifest) or manifest
             self.index[child.name] = self._summary(child, manifest)
         self._save_index()
@@ -359,7 +378,28 @@ class Recordings:
         if now - self._refreshed_at < RESCAN_S:
             return
         self._refreshed_at = now
+        await self.load_resumable()
         await asyncio.to_thread(self.rescan)
+
+    async def load_resumable(self) -> None:
+        """Which Recordings the store says go on; an entry whose Session has
+        ended for good (nobody stopped it: its Node died and no Node took the
+        Session again) is cleared, and its Recording finished as usual."""
+        if self._store is None:
+            return
+        try:
+            records = await self._store.recordings.list_live_recordings()
+            resumable = set()
+            for record in records:
+                session = await self._store.sessions.get_session(record.session_id)
+                if session is None or session.state == "ended":
+                    await self._store.recordings.clear_live_recording(record.session_id,
+                                                                      record.recording_id)
+                    continue
+                resumable.add(record.recording_id)
+        except StoreUnavailable:
+            return  # what we knew stays
+        self._resumable = resumable - self._active_ids()
 
     def rescan(self) -> bool:
         """The root against the index (in a thread: it reads files). A
@@ -379,6 +419,19 @@ class Recordings:
                 continue
             seen.add(child.name)
             if child.name in active:
+                continue
+            if child.name in self._resumable:
+                # Goes on when a Node takes its Session: list what is on disk.
+                with contextlib.suppress(OSError, ValueError):
+                    st = os.stat(child / MANIFEST)
+                    key = (st.st_mtime_ns, st.st_size)
+                    if self._scanned.get(child.name) == key:
+                        continue
+                    manifest = json.loads((child / MANIFEST).read_text(encoding="utf-8"))
+                    if manifest.get("id") == child.name:
+                        self.index[child.name] = self._summary(child, manifest)
+                        self._scanned[child.name] = key
+                        changed = True
                 continue
             try:
                 st = os.stat(child / MANIFEST)
@@ -411,7 +464,7 @@ class Recordings:
         entry = summarize(manifest, thumbnail=(directory / THUMBNAIL).is_file(),
                           hold=_read_hold(directory))
         if entry["state"] in ("new", "recording", "stopping") and \
-                directory.name not in self._active_ids() | self._elsewhere:
+                directory.name not in self._active_ids() | self._elsewhere | self._resumable:
             entry["state"] = "interrupted"  # not finished yet (the disk refused)
         return entry
 
@@ -482,7 +535,7 @@ class Recordings:
         the disk lets us now."""
         for recording_id, manifest in list(self._unfinished.items()):
             directory = self.root / recording_id
-            if recording_id in self._active_ids():
+            if recording_id in self._active_ids() | self._resumable:
                 continue
             if directory.is_symlink() or not directory.is_dir():
                 logger.warning("recording %s: its directory is gone; not finished",
@@ -516,14 +569,42 @@ class Recordings:
             return
         self._live[session.id] = _Live(session)
         session.end_hooks.append(lambda: self._session_ended(session))
+        auto = None
         if self.config.auto or session.id in self.config.auto_sessions:
-            consent = {"recorded_by": self.config.auto_consent_by,
-                       "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(
-                           timespec="seconds"),
-                       "scope": self.config.auto_consent_scope}
+            auto = {"recorded_by": self.config.auto_consent_by,
+                    "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(
+                        timespec="seconds"),
+                    "scope": self.config.auto_consent_scope}
             if self.config.auto_consent_note:
-                consent["note"] = self.config.auto_consent_note
-            self._spawn(self._auto_start(session, consent))
+                auto["note"] = self.config.auto_consent_note
+        if self._store is not None:
+            # Taken over from another Node (or this one's previous run)? Its
+            # recording goes on here; else the automatic one starts.
+            self._spawn(self._take_over(session, auto))
+        elif auto is not None:
+            self._spawn(self._auto_start(session, auto))
+
+    async def _take_over(self, session: Session, auto: dict[str, str] | None) -> None:
+        assert self._store is not None
+        try:
+            record = await self._store.recordings.get_live_recording(session.id)
+        except StoreUnavailable as exc:
+            logger.warning("session %s: could not ask whether it was being recorded: %s",
+                           session.id, exc.message)
+            record = None
+        if record is None:
+            if auto is not None:
+                await self._auto_start(session, auto)
+            return
+        if session.state != "live":
+            return
+        # The Session clock the recording is timed on goes on here.
+        session.interaction.adopt_clock(record.clock_zero_unix)
+        try:
+            await self.start(session, dict(record.consent), by=None, resume=record)
+        except Exception as exc:
+            logger.error("session %s: recording %s did not continue here: %s", session.id,
+                         record.recording_id, exc)
 
     async def _auto_start(self, session: Session, consent: dict[str, str]) -> None:
         try:
@@ -573,11 +654,14 @@ class Recordings:
                 raise Conflict("the Session is not being recorded", code="not_recording")
         return {"type": "ok", "recording": self.status(session)}
 
-    async def start(self, session: Session, consent: dict[str, str], *,
+    async def start(self, session: Session, consent: Mapping[str, Any], *,
                     by: dict[str, str] | None, grant: Grant | None = None,
-                    consent_t: float | None = None) -> Recording:
+                    consent_t: float | None = None,
+                    resume: LiveRecording | None = None) -> Recording:
         """Start recording now: consent was confirmed at ``consent_t`` (Session
-        clock; default now) and nothing from before it is kept."""
+        clock; default now) and nothing from before it is kept. ``resume``:
+        continue that Recording, which another Node (or this one's previous
+        run) recorded until the Session moved here."""
         if session.state != "live":
             raise Gone(f"session {session.id} has ended", code="session_ended")
         live = self._live.get(session.id)
@@ -591,9 +675,10 @@ class Recordings:
                 raise Conflict("the Session is already being recorded", code="recording_active")
             expert = (grant.name if grant is not None and grant.role is Role.EXPERT
                       and grant.name else self._expert_name(session))
-            record = {**consent, "started_by": by or {"id": "", "name": "automatic",
-                                                       "role": "system"},
-                      "auto": by is None}
+            record: dict[str, Any] = (
+                dict(consent) if resume is not None else
+                {**consent, "started_by": by or {"id": "", "name": "automatic",
+                                                 "role": "system"}, "auto": by is None})
             info = SessionInfo(session_id=session.id, theatre=session.theatre.id,
                                title=session.title, expert=expert, procedure=session.procedure)
             recording = Recording(
@@ -601,7 +686,11 @@ class Recordings:
                 on_error=lambda error: self._failed(session, recording, error),
                 options=WriterOptions(part_max_s=self.config.part_max_s),
                 origin=session.interaction.clock_zero,
-                origin_unix=session.interaction.started_at, consent_t=consent_t)
+                origin_unix=(resume.clock_zero_unix if resume is not None
+                             else session.interaction.started_at),
+                consent_t=resume.started_t if resume is not None else consent_t,
+                recording_id=resume.recording_id if resume is not None else None,
+                resume=resume is not None, node=self.node_id)
             live.recording, live.error = recording, None
             await recording.start()
             if recording.state != "recording":
@@ -612,14 +701,53 @@ class Recordings:
                                   code="recording_failed")
             live.unfollow = recording.follow(session)
             live.state, live.since = "on", session.interaction.now()
-            self.index[recording.id] = summarize(recording.manifest(), thumbnail=False)
+            self._resumable.discard(recording.id)
+            self.index[recording.id] = summarize(
+                recording.manifest(), thumbnail=(recording.directory / THUMBNAIL).is_file(),
+                hold=self.index.get(recording.id, {}).get("hold"))
             self._save_index()
-        self.audit.record("recording_started", session=session.id, recording=recording.id,
-                          scope=consent["scope"], by=by, auto=by is None)
-        logger.info("session %s: recording %s started (%s)", session.id, recording.id,
-                    consent["scope"])
+        await self._share(session, recording)
+        scope = recording.consent.get("scope")
+        if resume is not None:
+            gap = recording.gaps[-1]
+            self.audit.record("recording_resumed", session=session.id, recording=recording.id,
+                              scope=scope, from_node=gap.get("from_node"),
+                              gap_start=gap.get("start"), repaired=recording.repaired)
+            logger.info("session %s: recording %s continues here (from node %s)", session.id,
+                        recording.id, gap.get("from_node"))
+        else:
+            self.audit.record("recording_started", session=session.id,
+                              recording=recording.id, scope=scope, by=by, auto=by is None)
+            logger.info("session %s: recording %s started (%s)", session.id, recording.id,
+                        scope)
         self._announce(live)
         return recording
+
+    async def _share(self, session: Session, recording: Recording) -> None:
+        """Tell the store: the Node that takes the Session next continues this."""
+        if self._store is None:
+            return
+        assert recording.clock_zero is not None and recording.started_t is not None
+        try:
+            await self._store.recordings.put_live_recording(LiveRecording(
+                session_id=session.id, recording_id=recording.id, consent=recording.consent,
+                clock_zero_unix=recording.clock_zero, started_t=recording.started_t,
+                node_id=self.node_id, since=time.time()))
+        except StoreUnavailable as exc:
+            # Recording goes on here; only a move would not continue it.
+            logger.warning("session %s: recording %s not written to the store (%s): it "
+                           "would not continue on another Node", session.id, recording.id,
+                           exc.message)
+
+    async def _unshare(self, session: Session, recording: Recording) -> None:
+        if self._store is None:
+            return
+        try:
+            await self._store.recordings.clear_live_recording(session.id, recording.id)
+        except StoreUnavailable as exc:
+            # Cleared by the next Node that looks once the Session has ended.
+            logger.warning("session %s: recording %s still marked on in the store (%s)",
+                           session.id, recording.id, exc.message)
 
     def _expert_name(self, session: Session) -> str:
         for participant in session.participants.values():
@@ -640,10 +768,17 @@ class Recordings:
             if live.unfollow is not None:
                 live.unfollow()
                 live.unfollow = None
+            # The Session goes on on another Node, which continues the recording.
+            hand_over = (self._store is not None and reason == "session_ended"
+                         and session.moved and recording.state == "recording")
             try:
-                manifest = await recording.stop()
+                manifest = await recording.stop(hand_over=hand_over)
             finally:
                 live.recording = None
+            if recording.handed_over:
+                self._resumable.add(recording.id)
+            else:
+                await self._unshare(session, recording)
             thumbnail = False
             with contextlib.suppress(Exception):
                 thumbnail = await asyncio.to_thread(
@@ -651,18 +786,28 @@ class Recordings:
             self.index[recording.id] = summarize(manifest, thumbnail=thumbnail,
                                                  hold=self.index.get(recording.id, {}).get("hold"))
             self._save_index()
-            if not recording.manifest_saved or needs_repair(manifest):
-                # A full disk: the final manifest, or a part, is not on disk.
+            if not recording.handed_over and (not recording.manifest_saved
+                                              or needs_repair(manifest)):
+                # A full disk: the final manifest, or a part, is not on disk. (A
+                # Recording handed over is another Node's to finish: never from
+                # this manifest, which the next Node's writes supersede.)
                 self._unfinished[recording.id] = manifest
                 self._spawn(self.maintain())
             failed = recording.state == "failed" or live.state == "failed"
             if not failed:
                 live.state, live.error = "off", None
             live.since = session.interaction.now()
-        self.audit.record("recording_stopped", session=session.id, recording=recording.id,
-                          reason=reason, by=by, duration=manifest.get("duration"),
-                          state=manifest.get("state"))
-        logger.info("session %s: recording %s stopped (%s)", session.id, recording.id, reason)
+        if recording.handed_over:
+            self.audit.record("recording_handed_over", session=session.id,
+                              recording=recording.id)
+            logger.info("session %s: recording %s handed over (the Session moves)",
+                        session.id, recording.id)
+        else:
+            self.audit.record("recording_stopped", session=session.id,
+                              recording=recording.id, reason=reason, by=by,
+                              duration=manifest.get("duration"), state=manifest.get("state"))
+            logger.info("session %s: recording %s stopped (%s)", session.id, recording.id,
+                        reason)
         if session.state == "live":
             self._announce(live)
         return True
@@ -765,7 +910,7 @@ class Recordings:
                     continue
                 parts.append({k: part.get(k) for k in (
                     "index", "file", "start", "duration", "frames", "complete", "width",
-                    "height")} | {"url": self.signer.url(recording_id, name, expires, grant,
+                    "height", "node")} | {"url": self.signer.url(recording_id, name, expires, grant,
                                                           playback)})
             feeds.append({"id": feed.get("id"), "kind": feed.get("kind"),
                           "codec": feed.get("codec"), "parts": parts})
@@ -776,6 +921,7 @@ class Recordings:
                           "clock_zero_unix": manifest.get("clock_zero_unix"),
                           "started_t": manifest.get("started_t"),
                           "ended_t": manifest.get("ended_t"),
+                          "gaps": manifest.get("gaps") or [],
                           "errors": manifest.get("errors") or []},
             "events": player_events(raw),
             "expires_at": expires,
@@ -840,7 +986,7 @@ class Recordings:
         entry; audited with each file removed and its sha256, and checked. A
         Recording still running is a 409, one on legal hold too."""
         entry = self.entry(recording_id)
-        if recording_id in self._active_ids() | self._elsewhere:
+        if recording_id in self._active_ids() | self._elsewhere | self._resumable:
             raise Conflict("this recording is running; stop it first", code="recording_active")
         if entry.get("hold"):
             raise Conflict("this recording is on legal hold; an admin must release it first",
@@ -966,7 +1112,7 @@ class Recordings:
             return []
         cutoff = (time.time() if now is None else now) - days * 86400
         deleted = []
-        active = self._active_ids()
+        active = self._active_ids() | self._resumable
         for recording_id, entry in list(self.index.items()):
             when = entry.get("ended_unix") or entry.get("started_unix")
             if recording_id in active or when is None or when >= cutoff:

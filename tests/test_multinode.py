@@ -94,6 +94,8 @@ class NodeProcess:
     args: list[str] = field(default_factory=lambda: ["--workers", "1"])
     process: subprocess.Popen[bytes] | None = None
     output: list[str] = field(default_factory=list)
+    #: Environment of its own (over the defaults below: a shared recordings root).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
@@ -108,7 +110,7 @@ class NodeProcess:
         env = {**os.environ, "SCRUBIN_SERVER_PORT": str(self.port),
                "SCRUBIN_SERVER_NODE_ID": self.name,
                "SCRUBIN_AUDIT_PATH": str(folder / "audit.jsonl"),
-               "SCRUBIN_RECORDING_ROOT": str(folder / "recordings")}
+               "SCRUBIN_RECORDING_ROOT": str(folder / "recordings"), **self.env}
         self.output.append(f"--- start {self.name}")
         process = self.process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "--log-level", "INFO", "serve", "--config",

@@ -26,6 +26,7 @@ from server.store import (
     AttendanceRecord,
     CertificateRecord,
     InviteRecord,
+    LiveRecording,
     MemoryState,
     NodeRecord,
     Presence,
@@ -953,6 +954,40 @@ async def test_certificates_are_kept_found_by_id_and_listed_per_session(
     assert await store.training.list_certificates("s1") == [other_cert, revoked]
 
 
+def live_recording(session_id: str, recording_id: str, node_id: str) -> LiveRecording:
+    return LiveRecording(
+        session_id=session_id, recording_id=recording_id,
+        consent={"recorded_by": "Dr Grey", "recorded_at": "2026-12-04T10:00:00+00:00",
+                 "scope": "internal_review", "started_by": {"id": "e1", "role": "expert"}},
+        clock_zero_unix=1_700_000_000.25, started_t=12.5, node_id=node_id, since=1.0)
+
+
+async def test_a_live_recording_is_seen_by_every_node_until_it_is_cleared(
+        nodes: Nodes, store: Store) -> None:
+    other = nodes.open("node-b")
+    assert await other.recordings.get_live_recording("s1") is None
+    assert await other.recordings.list_live_recordings() == []
+    first = live_recording("s1", "r" * 24, "node-a")
+    await store.recordings.put_live_recording(first)
+    await store.recordings.put_live_recording(live_recording("s2", "q" * 24, "node-a"))
+    seen = await other.recordings.get_live_recording("s1")
+    assert seen == first and seen is not first
+    assert seen.consent["started_by"] == {"id": "e1", "role": "expert"}
+    assert [r.session_id for r in await other.recordings.list_live_recordings()] == ["s1", "s2"]
+    # The Node that takes the Session over writes itself in as the recorder.
+    moved = dataclasses.replace(first, node_id="node-b", since=2.0)
+    await other.recordings.put_live_recording(moved)
+    assert await store.recordings.get_live_recording("s1") == moved
+    # Cleared only by naming the Recording it holds.
+    assert not await store.recordings.clear_live_recording("s1", "x" * 24)
+    assert await store.recordings.get_live_recording("s1") == moved
+    assert not await store.recordings.clear_live_recording("nope", "r" * 24)
+    assert await store.recordings.clear_live_recording("s1", "r" * 24)
+    assert await other.recordings.get_live_recording("s1") is None
+    assert not await other.recordings.clear_live_recording("s1", "r" * 24)
+    assert [r.session_id for r in await store.recordings.list_live_recordings()] == ["s2"]
+
+
 # -- Redis specifics -----------------------------------------------------------
 
 
@@ -971,6 +1006,7 @@ async def test_redis_keys_and_channels_carry_the_prefix(nodes: Nodes, store: Sto
         id="i1", session_id="s1", role=Role.TRAINEE, name="", participant_id="p",
         issued_at=now, expires_at=now + 30))
     await store.rates.hit("ip:1", 1, 30)
+    await store.recordings.put_live_recording(live_recording("s1", "r" * 24, "node-a"))
     async with await store.events.subscribe("s1"):
         channels = [str(c) for c in await raw.pubsub_channels()]
         assert channels and all(c.startswith(nodes.prefix) for c in channels)
@@ -979,7 +1015,8 @@ async def test_redis_keys_and_channels_carry_the_prefix(nodes: Nodes, store: Sto
     assert all(k.startswith(nodes.prefix) for k in keys), keys
     # Everything that is not configuration expires by itself.
     for key in keys:
-        if key.split(":", 1)[1].startswith(("theatres", "sessions", "revoked-before")):
+        if key.split(":", 1)[1].startswith(("theatres", "sessions", "revoked-before",
+                                                 "recordings")):
             continue
         assert 0 < await raw.pttl(key) <= 30_000, key
 

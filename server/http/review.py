@@ -21,14 +21,15 @@ from ..errors import BadRequest, Conflict, Forbidden, Unauthorized
 from ..recordings import REVIEWERS, Recordings
 from ..roles import Role
 from ..session import Session
-from .common import AUDIT, CONFIG, REGISTRY, STORE, authenticate, read_json, session_for
+from .common import AUDIT, CONFIG, NODE_ID, REGISTRY, STORE, authenticate, read_json, session_for
 
 RECORDINGS = web.AppKey("recordings", Recordings)
 routes = web.RouteTableDef()
 
 
 def setup(app: web.Application) -> None:
-    recordings = app[RECORDINGS] = Recordings(app[CONFIG], app[AUDIT])
+    recordings = app[RECORDINGS] = Recordings(app[CONFIG], app[AUDIT], store=app[STORE],
+                                              node_id=app[NODE_ID])
     app.add_routes(routes)
     registry = app[REGISTRY]
     previous = registry.on_session
@@ -47,6 +48,8 @@ def setup(app: web.Application) -> None:
 
 async def _recordings(app: web.Application) -> AsyncIterator[None]:
     recordings = app[RECORDINGS]
+    # Recordings of live Sessions that another Node continues are not finished here.
+    await recordings.load_resumable()
     await asyncio.to_thread(recordings.open)
     # Sessions of the configuration went live before the app had hooks.
     for session in list(app[REGISTRY].sessions.values()):

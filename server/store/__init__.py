@@ -27,11 +27,13 @@ from .base import (
     InviteStore,
     Lease,
     LeaseStore,
+    LiveRecording,
     NodeRecord,
     NodeStore,
     PresenceEntry,
     PresenceStore,
     RateLimiter,
+    RecordingStateStore,
     RevocationCheck,
     SessionRecord,
     SessionState,
@@ -60,6 +62,7 @@ __all__ = [
     "InviteStore",
     "Lease",
     "LeaseStore",
+    "LiveRecording",
     "MemoryState",
     "NodeRecord",
     "NodeStore",
@@ -67,6 +70,7 @@ __all__ = [
     "PresenceEntry",
     "PresenceStore",
     "RateLimiter",
+    "RecordingStateStore",
     "RevocationCheck",
     "SessionRecord",
     "SessionState",
@@ -112,4 +116,4 @@ def open_store(
                              clock=clock or time.time)
     return Store(theatres=backend, sessions=backend, presence=backend, invites=backend,
                  rates=backend, events=backend, leases=backend, nodes=backend,
-                 audit=backend, training=backend, backend=backend)
+                 audit=backend, training=backend, recordings=backend, backend=backend)

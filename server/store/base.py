@@ -93,6 +93,41 @@ class SessionRecord:
 
 
 @dataclass(frozen=True)
+class LiveRecording:
+    """A live Session's recording, as every Node sees it: written by the Node
+    that records it when it starts, removed when it stops (by a person, a
+    failure, or the Session ending for good), kept when the Session moves to
+    another Node, which continues the same Recording under the same consent
+    (server/recordings.py)."""
+
+    session_id: str
+    recording_id: str
+    #: The consent record as the manifest has it (who, when, scope, note,
+    #: started_by, auto).
+    consent: Mapping[str, Any]
+    #: Wall time of Session clock 0, which the Recording is timed on.
+    clock_zero_unix: float
+    #: Session clock of consent: nothing before it is recorded.
+    started_t: float
+    #: The Node recording it now.
+    node_id: str
+    #: Wall time it was written.
+    since: float
+
+    def __post_init__(self) -> None:
+        check_name("session", self.session_id)
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["consent"] = dict(self.consent)
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> LiveRecording:
+        return cls(**_known_fields(cls, json.loads(raw)))
+
+
+@dataclass(frozen=True)
 class PresenceEntry:
     """One participant connected to one Node. The same participant on two
     Nodes (two tabs through different Nodes) is two entries."""
@@ -494,6 +529,22 @@ class LeaseStore(Protocol):
         """The current holder, None if nobody holds it."""
 
 
+class RecordingStateStore(Protocol):
+    """The recording state of live Sessions (``LiveRecording``), one per Session."""
+
+    async def put_live_recording(self, record: LiveRecording) -> None:
+        """Write it (replacing what the Session had)."""
+
+    async def get_live_recording(self, session_id: str) -> LiveRecording | None: ...
+
+    async def list_live_recordings(self) -> list[LiveRecording]:
+        """Every live Session's recording, sorted by Session id."""
+
+    async def clear_live_recording(self, session_id: str, recording_id: str) -> bool:
+        """Remove it if it still names ``recording_id`` (True): a Node that
+        stops late never clears a Recording started since."""
+
+
 class NodeStore(Protocol):
     """The registry of running Nodes: each writes its record every heartbeat."""
 
@@ -690,6 +741,7 @@ class Store:
     nodes: NodeStore
     audit: AuditStore
     training: TrainingStore
+    recordings: RecordingStateStore
     backend: Backend
 
     @property

@@ -29,6 +29,7 @@ from .base import (
     Fanout,
     InviteRecord,
     Lease,
+    LiveRecording,
     NodeRecord,
     PresenceEntry,
     RevocationCheck,
@@ -79,6 +80,8 @@ class MemoryState:
     # session id -> (holder, monotonic expiry); the last fence of each Session
     leases: dict[str, tuple[Lease, float]] = field(default_factory=dict)
     fences: dict[str, int] = field(default_factory=dict)
+    # session id -> LiveRecording JSON (a copy: callers never share its consent)
+    recordings: dict[str, str] = field(default_factory=dict)
     # node id -> (record, monotonic expiry)
     nodes: dict[str, tuple[NodeRecord, float]] = field(default_factory=dict)
     # session id -> (entries sorted by ts, wall-clock expiry)
@@ -409,6 +412,29 @@ class MemoryStore:
     async def get_lease(self, session_id: str) -> Lease | None:
         self._check_open()
         return self._live_lease(session_id)
+
+    # -- live recordings ----------------------------------------------------
+    async def put_live_recording(self, record: LiveRecording) -> None:
+        self._check_open()
+        self.state.recordings[record.session_id] = record.to_json()
+
+    async def get_live_recording(self, session_id: str) -> LiveRecording | None:
+        self._check_open()
+        raw = self.state.recordings.get(session_id)
+        return LiveRecording.from_json(raw) if raw is not None else None
+
+    async def list_live_recordings(self) -> list[LiveRecording]:
+        self._check_open()
+        return [LiveRecording.from_json(self.state.recordings[k])
+                for k in sorted(self.state.recordings)]
+
+    async def clear_live_recording(self, session_id: str, recording_id: str) -> bool:
+        self._check_open()
+        raw = self.state.recordings.get(session_id)
+        if raw is None or LiveRecording.from_json(raw).recording_id != recording_id:
+            return False
+        del self.state.recordings[session_id]
+        return True
 
     # -- the Node registry ---------------------------------------------------
     async def heartbeat(self, record: NodeRecord, *, ttl_s: float) -> NodeRecord | None:

@@ -34,6 +34,7 @@ Layout (all under the configurable prefix, default "scrubin:"):
                                          ("" = kept), PX until the deadline
     certificate:<id>              string certificate JSON (kept)
     certificates:<sid>            set    certificate ids of the Session
+    recordings                    hash   session id -> LiveRecording JSON
     channel events:<sid>          pub/sub, JSON events
     channel bus                   pub/sub, keeps the connection subscribed for heartbeats
 
@@ -80,6 +81,7 @@ from .base import (
     Fanout,
     InviteRecord,
     Lease,
+    LiveRecording,
     NodeRecord,
     PresenceEntry,
     RevocationCheck,
@@ -142,6 +144,15 @@ for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if value then table.insert(out, value) else redis.call('ZREM', KEYS[1], member) end
 end
 return out
+"""
+
+# Remove a Session's live recording only if it still names this Recording
+# (a Node stopping late never clears one started since).
+CLEAR_RECORDING_LUA = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+if cjson.decode(raw)['recording_id'] ~= ARGV[2] then return 0 end
+return redis.call('HDEL', KEYS[1], ARGV[1])
 """
 
 # A redeemer already in the set comes back in free; otherwise one more use if
@@ -347,6 +358,7 @@ class RedisStore:
         self._acquire_lease = self._redis.register_script(ACQUIRE_LEASE_LUA)
         self._renew_leases = self._redis.register_script(RENEW_LEASES_LUA)
         self._release_lease = self._redis.register_script(RELEASE_LEASE_LUA)
+        self._clear_recording = self._redis.register_script(CLEAR_RECORDING_LUA)
         self._heartbeat = self._redis.register_script(HEARTBEAT_LUA)
         self._remove_node = self._redis.register_script(REMOVE_NODE_LUA)
         self._list_nodes = self._redis.register_script(LIST_NODES_LUA)
@@ -712,6 +724,34 @@ class RedisStore:
         if raw is None or int(pttl) <= 0:
             return None
         return self._lease_from(session_id, raw, int(pttl))
+
+    # -- live recordings ----------------------------------------------------
+    async def put_live_recording(self, record: LiveRecording) -> None:
+        data = record.to_json()
+        await self._op("put_live_recording", lambda: self._redis.hset(
+            self._key("recordings"), record.session_id, data))
+
+    async def get_live_recording(self, session_id: str) -> LiveRecording | None:
+        raw = await self._op("get_live_recording", lambda: self._redis.hget(
+            self._key("recordings"), session_id))
+        return LiveRecording.from_json(raw) if raw else None
+
+    async def list_live_recordings(self) -> list[LiveRecording]:
+        raw = await self._op("list_live_recordings",
+                             lambda: self._redis.hvals(self._key("recordings")))
+        records = []
+        for value in raw:
+            try:
+                records.append(LiveRecording.from_json(value))
+            except (ValueError, KeyError, TypeError):
+                logger.warning("store: unreadable live recording record")
+        return sorted(records, key=lambda r: r.session_id)
+
+    async def clear_live_recording(self, session_id: str, recording_id: str) -> bool:
+        key = self._key("recordings")
+        cleared = await self._op("clear_live_recording", lambda: self._clear_recording(
+            keys=[key], args=[session_id, recording_id]))
+        return bool(cleared)
 
     # -- the Node registry ---------------------------------------------------
     async def heartbeat(self, record: NodeRecord, *, ttl_s: float) -> NodeRecord | None:
