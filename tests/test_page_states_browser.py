@@ -139,9 +139,14 @@ async def test_an_early_trainee_sees_the_start_time_and_joins_when_it_starts(
         browser, f"{base}/watch.html#token={live_server.token(Role.TRAINEE, 'or1-pm')}",
         "trainee")
     state = await panel(trainee, "not_started")
-    expected = await trainee.evaluate(
-        "(t) => new Date(t * 1000).toLocaleTimeString([], {hour: '2-digit', minute: '2-digit'})",
-        starts_at)
+    # The time alone on the same day; after midnight (a run near it) with the date.
+    expected = await trainee.evaluate("""(t) => {
+        const at = new Date(t * 1000);
+        const time = at.toLocaleTimeString([], {hour: '2-digit', minute: '2-digit'});
+        if (at.toDateString() === new Date().toDateString()) return time;
+        const day = at.toLocaleDateString([], {weekday: 'short', day: 'numeric', month: 'short'});
+        return `${day}, ${time}`;
+    }""", starts_at)
     assert state["title"] == f"The session starts at {expected}"
     assert "in 30 min" in state["text"] or "in 29 min" in state["text"], state
     assert "joins by itself" in state["text"]

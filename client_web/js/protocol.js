@@ -601,7 +601,9 @@ export class ScrubinClient extends EventTarget {
       this._reconnectNow();
     } else if (this.ready) {
       clearTimeout(this._pongTimer);
-      this._pongTimer = setTimeout(() => this._scheduleReconnect('no reply to ping'), 5000);
+      // Asked because something looks wrong: a Node that answers at all answers
+      // a ping in milliseconds.
+      this._pongTimer = setTimeout(() => this._scheduleReconnect('no reply to ping'), 2500);
       this.request({ type: 'ping' }).then(() => clearTimeout(this._pongTimer), () => {});
     }
   }

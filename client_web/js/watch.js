@@ -152,6 +152,28 @@ function start(c) {
     showState(pageStateFor(error));
   });
 
+  // A Node that vanished (a machine off the network, no TCP reset) leaves the
+  // socket open and the picture frozen until the next heartbeat: a live main
+  // camera whose picture stops moving asks the Node at once instead, so the
+  // page moves to another Node within seconds.
+  let lastTime = -1;
+  let stillSince = 0;
+  let lastCheck = 0;
+  setInterval(() => {
+    const feed = mainFeedId ? c.feeds.get(mainFeedId) : undefined;
+    const now = performance.now();
+    const moving = mainVideo.currentTime !== lastTime;
+    lastTime = mainVideo.currentTime;
+    if (moving || !mainHasFrames || feed?.state !== 'live' || document.hidden) {
+      stillSince = now;
+      return;
+    }
+    if (now - stillSince >= 2000 && now - lastCheck >= 5000) {
+      lastCheck = now;
+      c.checkConnection();
+    }
+  }, 500);
+
   for (const type of ['loadeddata', 'playing', 'resize']) {
     mainVideo.addEventListener(type, () => {
       if (mainVideo.videoWidth > 0 && !mainHasFrames) {
