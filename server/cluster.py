@@ -548,6 +548,8 @@ class Cluster:
         self._reconciler: asyncio.Task[None] | None = None
         self._closing = False
         self._idle: set[asyncio.Task[None]] = set()
+        #: Told when a stand-in closes (an edge ends its media copy then).
+        self.on_remote_closed: list[Callable[[RemoteSession], None]] = []
         #: Bus events that are not cluster messages (revocations…).
         self.on_bus_event: Callable[[str, dict[str, Any]], None] = lambda sid, event: None
 
@@ -628,6 +630,11 @@ class Cluster:
     def _forget(self, remote: RemoteSession) -> None:
         if self.remote.get(remote.id) is remote:
             del self.remote[remote.id]
+        for listener in list(self.on_remote_closed):
+            try:
+                listener(remote)
+            except Exception:
+                logger.exception("session %s: a stand-in listener failed", remote.id)
         self._spawn(remote.close())
 
     def left(self, remote: RemoteSession) -> None:

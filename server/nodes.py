@@ -116,6 +116,14 @@ class Nodes:
     def alive(self, node_id: str) -> bool:
         return node_id == self.node_id or node_id in self.known
 
+    def current_load(self, what: str = "subscriptions") -> dict[str, float]:
+        """``what`` of every live Node (this one measured now, the others as
+        of their last heartbeat): placement compares them."""
+        loads = {node_id: float(record.load.get(what, 0.0))
+                 for node_id, record in self.known.items()}
+        loads[self.node_id] = float(self._load().get(what, 0.0))
+        return loads
+
     def urls(self) -> list[str]:
         """Every live Node's URL, sorted (this one's included)."""
         return sorted({self.url, *(r.url for r in self.known.values())})
