@@ -209,15 +209,21 @@ def worker_nodes(node: Node, workers: int) -> list[Node]:
 
 
 async def measure(farms: list[Farm], pid: int, seconds: float) -> dict[str, Any]:
-    frames0 = [await f.call("frames") for f in farms]
+    async def frames() -> tuple[list[list[int]], float]:
+        """Every viewer's frame count, and when (the middle of asking the farms)."""
+        asked = time.monotonic()
+        counts = list(await asyncio.gather(*(f.call("frames") for f in farms)))
+        return counts, (asked + time.monotonic()) / 2
+
+    frames0, at0 = await frames()
     cpu0, farm0, t0 = cpu_seconds(pid), farm_cpu(farms), time.monotonic()
     machine0 = psutil.cpu_times()
     await asyncio.sleep(seconds)
     wall = time.monotonic() - t0
     cpu1, farm1 = cpu_seconds(pid), farm_cpu(farms)
     machine1 = psutil.cpu_times()
-    frames1 = [await f.call("frames") for f in farms]
-    fps = [(b - a) / wall for before, after in zip(frames0, frames1, strict=True)
+    frames1, at1 = await frames()
+    fps = [(b - a) / (at1 - at0) for before, after in zip(frames0, frames1, strict=True)
            for a, b in zip(before, after, strict=False)]
     busy = sum(getattr(machine1, k) - getattr(machine0, k)
                for k in ("user", "nice", "system", "irq", "softirq", "steal"))

@@ -17,9 +17,11 @@ EventBus:
   mirrors what it is told, and forwards every interaction, recording and
   ``end_session`` request, answering the websocket with the holder's reply.
 
-Media never crosses here: publishing and subscribing happen on the holding
-Node, where pages move by themselves (the ``welcome`` names the Node that
-serves them) and WHIP/WHEP clients are redirected. When the holder changes or
+Media never crosses here: publishing happens on the holding Node, and so
+does subscribing, where pages move by themselves (the ``welcome`` names the
+Node that serves them) and WHIP/WHEP clients are redirected; but with edges
+(server/edge.py) a trainee's page may stay, and its Node relays the Feeds it
+watches from the holder over WHEP. When the holder changes or
 its Node goes, members are told to reconnect (``session_moved``) and are
 routed anew.
 """

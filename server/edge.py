@@ -66,6 +66,9 @@ MIN_BACKOFF_S = 0.2
 MAX_BACKOFF_S = 2.0
 #: A pull that is not connected by then is tried again.
 CONNECT_TIMEOUT_S = 10.0
+#: A Feed asked for this recently is kept pulled whatever edge_linger_s says
+#: (its viewer may still be negotiating).
+ASKED_GRACE_S = 5.0
 
 
 class RelayRefused(Exception):
@@ -233,6 +236,9 @@ class RelayPull:
             sink = h264_inspector(feed, sink)
         hooks.tap_receiver(receiver, self.kind, sink)
         hooks.observe_sender_reports(receiver, feed.on_sender_report)
+        if self.ready.done() and self.ready.exception() is not None:
+            # An earlier attempt failed: viewers asking from now on get this Feed.
+            self.ready = asyncio.get_running_loop().create_future()
         if not self.ready.done():
             self.ready.set_result(feed)
         await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
@@ -326,6 +332,9 @@ class EdgeSession:
         #: Pulls by name: "room.video", "room.video.low", "narration.audio".
         self.pulls: dict[str, RelayPull] = {}
         self._unwatched_since: dict[str, float] = {}
+        #: When each Feed was last asked for: a viewer still negotiating is not
+        #: watching yet, but its pull must not linger out meanwhile.
+        self._asked_at: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unlisten = remote.listen(self._on_event)
         self._linger = asyncio.ensure_future(self._linger_loop())
@@ -352,6 +361,7 @@ class EdgeSession:
         if pull is None or pull.done:
             pull = self._start(feed_id, info, "full")
         self._unwatched_since.pop(feed_id, None)
+        self._asked_at[feed_id] = self._clock()
         try:
             async with asyncio.timeout(self._ready_timeout_s):
                 feed = await asyncio.shield(pull.ready)
@@ -429,7 +439,7 @@ class EdgeSession:
         """Stop the pulls nobody here has watched for ``edge_linger_s``."""
         now = self._clock()
         for name in [n for n, p in self.pulls.items() if p.layer == "full"]:
-            if self.watched(name):
+            if self.watched(name) or now - self._asked_at.get(name, now) < ASKED_GRACE_S:
                 self._unwatched_since.pop(name, None)
                 continue
             since = self._unwatched_since.setdefault(name, now)

@@ -34,7 +34,8 @@ from .admin_helpers import admin_token, api
 from .conftest import Server, client_pc, offer_sdp, wait_for
 from .test_cluster import RUNNERS, hello, holders, node_config, start_node, stop
 from .test_interaction import request
-from .test_ws_protocol import WS
+from .test_layers import publish_layers
+from .test_ws_protocol import WS, of_type, receive_until
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +71,7 @@ class Viewer:
         self.pc = pc
         self.subscription = subscription
         self.counters: list[int] = []
+        self.sizes: list[tuple[int, int]] = []
         self.task: asyncio.Task[None] | None = None
 
     def start(self, track: MediaStreamTrack) -> None:
@@ -80,6 +82,7 @@ class Viewer:
             while True:
                 frame = await track.recv()
                 counter = framecode.read(frame.to_ndarray(format="bgr24"))
+                self.sizes.append((frame.width, frame.height))
                 if counter is not None:
                     self.counters.append(counter)
         except MediaStreamError:
@@ -251,3 +254,47 @@ async def test_a_trainee_on_a_loaded_node_is_placed_on_the_least_loaded_one(
     b_nodes._load = lambda: {"subscriptions": 50.0}
     _, near = await hello(http, b, holder.tokens.issue(SESSION, Role.TRAINEE), sockets)
     assert near["serving"]["id"] == b.config.server.node_id
+
+
+async def test_an_edge_relays_the_low_layer_and_lets_go_of_a_feed_the_origin_closes(
+        edge_nodes: list[Server], http: aiohttp.ClientSession, sockets: list[WS]) -> None:
+    await wait_for(lambda: "" if len(holders(edge_nodes)) == 1 else "no holder yet")
+    holder = holders(edge_nodes)[0]
+    edge = next(s for s in edge_nodes if s is not holder)
+    session = holder.app[REGISTRY].sessions[SESSION]
+    publisher, camera = await publish_layers(http, holder, full=(640, 360), fps=15)
+    viewer: Viewer | None = None
+    try:
+        await wait_for(lambda: "" if "room.video" in session.feeds
+                       and session.feeds["room.video"].low is not None else "no layers yet")
+        ws, welcome = await hello(http, edge, holder.tokens.issue(SESSION, Role.TRAINEE),
+                                  sockets)
+        assert welcome["serving"]["id"] == edge.config.server.node_id
+        viewer = await subscribe(ws)
+        await wait_for(lambda: decoding([viewer], 5), timeout=15)
+        copy = edge.app[EDGES].sessions[SESSION]
+        # The camera's low layer is pulled as a second stream: local layer switches.
+        await wait_for(lambda: "" if set(copy.pulls) == {"room.video", "room.video.low"}
+                       else f"pulls: {set(copy.pulls)}")
+        assert len(relays(session)) == 2  # one per layer, both for this edge
+        reply = await request(ws, {"type": "set_layer", "subscription": viewer.subscription,
+                                   "layer": "low"}, "low")
+        assert reply["type"] == "ok", reply
+        seen = len(viewer.sizes)
+        await wait_for(lambda: "" if (320, 180) in viewer.sizes[seen:] else
+                       f"sizes since: {set(viewer.sizes[seen:])}", timeout=10)
+
+        # The expert stops the camera: the edge's viewer is told, the pulls stop.
+        expert, _ = await hello(http, holder, holder.tokens.issue(SESSION, Role.EXPERT),
+                                sockets)
+        stopped = await request(expert, {"type": "unpublish", "slot": "room"}, "stop")
+        assert stopped["type"] == "ok", stopped
+        closed = await receive_until(ws, of_type("subscription_closed"), timeout=15)
+        assert closed["feed"] == "room.video", closed
+        await wait_for(lambda: "" if not copy.pulls else f"pulls: {set(copy.pulls)}")
+        await wait_for(lambda: "" if not relays(session) else "relays left on the origin")
+    finally:
+        if viewer is not None:
+            await viewer.close()
+        camera.stop()
+        await publisher.close()
