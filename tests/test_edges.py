@@ -114,13 +114,13 @@ async def subscribe(ws: WS, feed: str = "room.video", rid: str = "sub") -> Viewe
     return viewer
 
 
-async def publish_camera(http: aiohttp.ClientSession, holder: Server
+async def publish_camera(http: aiohttp.ClientSession, holder: Server, codec: str = "video/VP8"
                          ) -> tuple[RTCPeerConnection, SyntheticTheatreCamera]:
     camera = SyntheticTheatreCamera(640, 360, 15, label="room")
     pc = client_pc()
-    vp8 = [c for c in RTCRtpSender.getCapabilities("video").codecs
-           if c.mimeType in ("video/VP8", "video/rtx")]
-    pc.addTransceiver(camera, direction="sendonly").setCodecPreferences(vp8)
+    chosen = [c for c in RTCRtpSender.getCapabilities("video").codecs
+              if c.mimeType in (codec, "video/rtx")]
+    pc.addTransceiver(camera, direction="sendonly").setCodecPreferences(chosen)
     token = holder.tokens.issue(SESSION, Role.EXPERT, name="Dr Grey")
     async with http.post(f"{holder.base_url}/whip/{SESSION}/room", data=await offer_sdp(pc),
                          headers={"Authorization": f"Bearer {token}",
@@ -293,6 +293,31 @@ async def test_an_edge_relays_the_low_layer_and_lets_go_of_a_feed_the_origin_clo
         assert closed["feed"] == "room.video", closed
         await wait_for(lambda: "" if not copy.pulls else f"pulls: {set(copy.pulls)}")
         await wait_for(lambda: "" if not relays(session) else "relays left on the origin")
+    finally:
+        if viewer is not None:
+            await viewer.close()
+        camera.stop()
+        await publisher.close()
+
+
+async def test_an_edge_relays_h264_as_its_stream_says(
+        edge_nodes: list[Server], http: aiohttp.ClientSession, sockets: list[WS]) -> None:
+    await wait_for(lambda: "" if len(holders(edge_nodes)) == 1 else "no holder yet")
+    holder = holders(edge_nodes)[0]
+    edge = next(s for s in edge_nodes if s is not holder)
+    session = holder.app[REGISTRY].sessions[SESSION]
+    publisher, camera = await publish_camera(http, holder, "video/H264")
+    viewer: Viewer | None = None
+    try:
+        await wait_for(lambda: "" if "room.video" in session.feeds else "no feed yet")
+        ws, _ = await hello(http, edge, holder.tokens.issue(SESSION, Role.TRAINEE), sockets)
+        viewer = await subscribe(ws)
+        await wait_for(lambda: decoding([viewer], 10), timeout=15)
+        assert advancing(viewer), viewer.counters[-5:]
+        relayed = edge.app[EDGES].sessions[SESSION].session.feeds["room.video"]
+        assert relayed.codec.mimeType == "video/H264"
+        # Matched against the SPS it forwards, as the origin's Feed is.
+        assert relayed.h264 is not None and relayed.h264 == session.feeds["room.video"].h264
     finally:
         if viewer is not None:
             await viewer.close()
