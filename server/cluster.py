@@ -493,6 +493,15 @@ class RemoteSession:
             raise _Replied(reply["error"])
         return reply
 
+    async def forward_mic(self, grant: Grant, message: dict[str, Any]) -> dict[str, Any]:
+        """The trainee microphone of a page an edge serves (server/edge.py): its
+        ``publish``/``unpublish`` is answered by the holder (whose answer names the
+        holder's ICE candidates: the browser sends its voice there directly)."""
+        reply = await self._ask(grant, message)
+        if reply.get("type") == "error" and isinstance(reply.get("error"), dict):
+            raise _Replied(reply["error"])
+        return reply
+
     async def _ask(self, grant: Grant | None, message: dict[str, Any]) -> dict[str, Any]:
         if self.state != "live":
             raise Unavailable("the Session moved; reconnecting", code="session_moving")

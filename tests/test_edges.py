@@ -25,6 +25,7 @@ from pytest_redis.executor import RedisExecutor
 
 from server import framecode
 from server.http.common import EDGES, NODES, REGISTRY
+from server.interaction import MIC_SLOT
 from server.publish.synthetic import SyntheticTheatreCamera
 from server.roles import Role
 from server.session import Session
@@ -33,7 +34,7 @@ from server.subscription import Subscription
 from .admin_helpers import admin_token, api
 from .conftest import Server, client_pc, offer_sdp, wait_for
 from .test_cluster import RUNNERS, hello, holders, node_config, start_node, stop
-from .test_interaction import request
+from .test_interaction import mic_offer, request
 from .test_layers import publish_layers
 from .test_ws_protocol import WS, of_type, receive_until
 
@@ -323,3 +324,38 @@ async def test_an_edge_relays_h264_as_its_stream_says(
             await viewer.close()
         camera.stop()
         await publisher.close()
+
+
+async def test_a_trainee_served_by_an_edge_speaks_into_the_holder(
+        edge_nodes: list[Server], http: aiohttp.ClientSession, sockets: list[WS]) -> None:
+    await wait_for(lambda: "" if len(holders(edge_nodes)) == 1 else "no holder yet")
+    holder = holders(edge_nodes)[0]
+    edge = next(s for s in edge_nodes if s is not holder)
+    session = holder.app[REGISTRY].sessions[SESSION]
+    expert, _ = await hello(http, holder, holder.tokens.issue(SESSION, Role.EXPERT), sockets)
+    trainee, welcome = await hello(http, edge, holder.tokens.issue(
+        SESSION, Role.TRAINEE, name="Tess", participant_id="tr-1"), sockets)
+    assert welcome["serving"]["id"] == edge.config.server.node_id
+    pc = client_pc()
+    try:
+        offer = await mic_offer(pc)
+        refused = await request(trainee, {"type": "publish", "slot": MIC_SLOT, "sdp": offer},
+                                "early")
+        assert refused["type"] == "error" and refused["error"]["code"] == "not_granted", refused
+        await wait_for(lambda: "" if "tr-1" in session.participants else "not on the roster")
+        granted = await request(expert, {"type": "mic_grant", "participant": "tr-1"}, "grant")
+        assert granted["type"] == "ok", granted
+        answer = await request(trainee, {"type": "publish", "slot": MIC_SLOT, "sdp": offer},
+                               "mic")
+        assert answer["type"] == "answer" and answer["feeds"] == [f"{MIC_SLOT}.audio"], answer
+        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+        # The voice reaches the holder's Feed straight from the trainee's peer.
+        await wait_for(lambda: "" if (f := session.feeds.get(f"{MIC_SLOT}.audio")) is not None
+                       and f.frames_received > 10 else "no microphone frames on the holder",
+                       timeout=10)
+        stopped = await request(trainee, {"type": "unpublish", "slot": MIC_SLOT}, "stop")
+        assert stopped["type"] == "ok", stopped
+        await wait_for(lambda: "" if f"{MIC_SLOT}.audio" not in session.feeds
+                       else "microphone Feed still open")
+    finally:
+        await pc.close()

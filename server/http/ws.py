@@ -15,7 +15,7 @@ from .. import logs
 from ..cluster import RemoteSession
 from ..edge import EdgeSession
 from ..errors import BadRequest, Conflict, Forbidden, ScrubinError, TooManyRequests
-from ..interaction import visible_to
+from ..interaction import MIC_SLOT, visible_to
 from ..media.turn import ClientIce
 from ..recordings import MESSAGE_TYPES as RECORDING_MESSAGES
 from ..registry import SessionElsewhere
@@ -189,6 +189,10 @@ class Connection:
             if self.edge is not None and kind in VIEWER_MEDIA:
                 # An edge: this Node relays the Feeds and serves the viewer.
                 return await self.viewer_media(self.edge.session, message, self.edge)
+            if self.edge is not None and kind in ("publish", "unpublish") and (
+                    message.get("slot") == MIC_SLOT):
+                # Its voice goes to the holder directly; only the signalling hops.
+                return await session.forward_mic(grant, message)
             # Held by another Node: it answers (media: 409 with the Node to use).
             return await session.forward(grant, message)
         if kind in VIEWER_MEDIA:
@@ -282,6 +286,17 @@ async def answer_forwarded(app: web.Application, session: Session, grant: Grant,
     if grant.session_id != session.id:
         raise Forbidden("token is for another session", code="wrong_session")
     kind = message.get("type")
+    if kind == "publish" and message.get("slot") == MIC_SLOT:
+        # The trainee microphone of a page an edge serves (RemoteSession.forward_mic).
+        answer, ingest = await session.publish(grant, MIC_SLOT, _field(message, "sdp"),
+                                               via="page")
+        audit_publication(app, ingest, grant, None, via="websocket")
+        return {"type": "answer", "slot": MIC_SLOT, "sdp": answer,
+                "feeds": [f.id for f in ingest.feeds]}
+    if kind == "unpublish" and message.get("slot") == MIC_SLOT:
+        await session.close_slot(grant, MIC_SLOT)
+        audit_grant(app, "publish_stop", grant, None, slot=MIC_SLOT, via="websocket")
+        return {"type": "ok"}
     if kind == "end_session":
         session.check_moderator(grant)
         app[REGISTRY].spawn(session.end(f"ended by {grant.name or grant.role.value}"))
