@@ -226,12 +226,18 @@ class Session:
         }
 
     def describe_feed(self, feed: Feed) -> dict[str, Any]:
-        viewers = sum(1 for s in self.subscriptions.values()
-                      if s.feed_id == feed.id and s.state != "closed")
+        viewers = relays = 0
+        for s in self.subscriptions.values():
+            if s.feed_id == feed.id and s.state != "closed":
+                # An edge's relay is a Node, not a viewer (its viewers are on it).
+                if s.grant is not None and s.grant.role is Role.RELAY:
+                    relays += 1
+                else:
+                    viewers += 1
         owner = self.slot_owner(feed.slot)
         publisher = None if owner is None else {"id": owner.participant_id, "name": owner.name,
                                                 "via": owner.via}
-        return {**feed.describe(), "viewers": viewers, "publisher": publisher}
+        return {**feed.describe(), "viewers": viewers, "relays": relays, "publisher": publisher}
 
     def roster(self) -> list[dict[str, object]]:
         return [p.describe() for p in self.participants.values()]

@@ -320,7 +320,8 @@ async def test_edges_as_processes_serve_their_trainees_from_one_relay_each(
         assert all(advancing(v) for v in viewers), [v.counters[-5:] for v in viewers]
         described = await get_json(http, f"{holder.base_url}/api/admin/sessions/or1-live")
         feeds = {f["id"]: f for f in described["session"]["feeds"]}
-        assert feeds["room.video"]["viewers"] == 2  # one relay per edge, not four viewers
+        # One relay per edge, not four viewers: the viewers are on the edges.
+        assert (feeds["room.video"]["relays"], feeds["room.video"]["viewers"]) == (2, 0)
         # B and C both serve (the failover of B's viewers to C is another test's).
         deadline = time.monotonic() + 5
         while True:
