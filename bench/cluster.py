@@ -83,7 +83,8 @@ class Deployment:
     redis: subprocess.Popen[bytes] | None = None
     nodes: list[Node] = field(default_factory=list)
 
-    def start(self, names: list[str]) -> None:
+    def start(self, names: list[str], extra: str = "", workers: int = 1) -> None:
+        """``extra``: more TOML (e.g. a ``[cluster]`` table) for every Node."""
         self.redis = subprocess.Popen(
             [shutil.which("redis-server") or "/usr/bin/redis-server", "--port",
              str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -108,7 +109,7 @@ slots = ["room"]
 id = "{SESSION}"
 theatre = "or1"
 title = "Benchmark"
-""")
+{extra}""")
         for name in names:
             node = Node(name, unused_port())
             env = {**os.environ, "SCRUBIN_SERVER_PORT": str(node.port),
@@ -117,7 +118,7 @@ title = "Benchmark"
                    "SCRUBIN_RECORDING_ROOT": str(self.folder / name / "recordings")}
             node.process = subprocess.Popen(
                 [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve",
-                 "--config", str(config), "--workers", "1"], cwd=ROOT, env=env,
+                 "--config", str(config), "--workers", str(workers)], cwd=ROOT, env=env,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.nodes.append(node)
 

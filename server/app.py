@@ -22,6 +22,7 @@ from . import attendance
 from .audit import JsonlAuditTrail, SharedAudit
 from .cluster import Cluster
 from .config import Config
+from .edge import Edges
 from .http import admin, api, exports, guard, preflight, review, revocation, training, whip
 from .http.common import (
     ACCEPTING,
@@ -31,6 +32,7 @@ from .http.common import (
     CLUSTER,
     CONFIG,
     CSP,
+    EDGES,
     LIVENESS,
     MESSAGE_RATES,
     METRICS,
@@ -159,6 +161,8 @@ def create_app(config: Config, *, clock: Callable[[], float] | None = None) -> w
     app.cleanup_ctx.append(_store)
     # Before _sessions: publications closed by Sessions ending are audited first.
     app.cleanup_ctx.append(_publication_watches)
+    # Before _cluster: its stand-ins closing end the edges' media copies first.
+    app.cleanup_ctx.append(_edges)
     app.cleanup_ctx.append(_cluster)
     app.cleanup_ctx.append(_sessions)
     review.setup(app)  # recording control, review API, retention (after _sessions)
@@ -202,6 +206,15 @@ def _cluster_setup(app: web.Application) -> None:
         cluster.on_bus_event = registry.on_event
     registry.on_event = cluster.on_event
     nodes.on_gone.append(cluster.nodes_gone)
+    edges = app[EDGES] = Edges(config, registry, app[PEERS], app[TOKENS], nodes.node_id)
+    cluster.on_remote_closed.append(edges.remote_closed)
+
+
+async def _edges(app: web.Application) -> AsyncIterator[None]:
+    """Relays of Feeds held elsewhere (server/edge.py), with their HTTP client."""
+    await app[EDGES].start()
+    yield
+    await app[EDGES].close()
 
 
 async def _cluster(app: web.Application) -> AsyncIterator[None]:
@@ -215,10 +228,15 @@ def _load(app: web.Application) -> dict[str, float]:
     """What this Node carries, for the Node registry."""
     sessions = list(app[REGISTRY].sessions.values())
     sockets: weakref.WeakSet[Any] = app[WEBSOCKETS]
+    edges = app.get(EDGES)
+    # Relayed Feeds and their viewers count as much as local ones: placement
+    # (server/http/ws.py) compares Nodes by subscriptions.
     return {"sessions": len(sessions),
             "websockets": len([ws for ws in list(sockets) if not ws.closed]),
-            "feeds": sum(len(s.feeds) for s in sessions),
-            "subscriptions": sum(len(s.subscriptions) for s in sessions)}
+            "feeds": sum(len(s.feeds) for s in sessions)
+            + (edges.feeds() if edges is not None else 0),
+            "subscriptions": sum(len(s.subscriptions) for s in sessions)
+            + (edges.subscriptions() if edges is not None else 0)}
 
 
 def _page(name: str) -> Handler:

@@ -17,9 +17,11 @@ EventBus:
   mirrors what it is told, and forwards every interaction, recording and
   ``end_session`` request, answering the websocket with the holder's reply.
 
-Media never crosses here: publishing and subscribing happen on the holding
-Node, where pages move by themselves (the ``welcome`` names the Node that
-serves them) and WHIP/WHEP clients are redirected. When the holder changes or
+Media never crosses here: publishing happens on the holding Node, and so
+does subscribing, where pages move by themselves (the ``welcome`` names the
+Node that serves them) and WHIP/WHEP clients are redirected; but with edges
+(server/edge.py) a trainee's page may stay, and its Node relays the Feeds it
+watches from the holder over WHEP. When the holder changes or
 its Node goes, members are told to reconnect (``session_moved``) and are
 routed anew.
 """
@@ -491,6 +493,15 @@ class RemoteSession:
             raise _Replied(reply["error"])
         return reply
 
+    async def forward_mic(self, grant: Grant, message: dict[str, Any]) -> dict[str, Any]:
+        """The trainee microphone of a page an edge serves (server/edge.py): its
+        ``publish``/``unpublish`` is answered by the holder (whose answer names the
+        holder's ICE candidates: the browser sends its voice there directly)."""
+        reply = await self._ask(grant, message)
+        if reply.get("type") == "error" and isinstance(reply.get("error"), dict):
+            raise _Replied(reply["error"])
+        return reply
+
     async def _ask(self, grant: Grant | None, message: dict[str, Any]) -> dict[str, Any]:
         if self.state != "live":
             raise Unavailable("the Session moved; reconnecting", code="session_moving")
@@ -548,6 +559,8 @@ class Cluster:
         self._reconciler: asyncio.Task[None] | None = None
         self._closing = False
         self._idle: set[asyncio.Task[None]] = set()
+        #: Told when a stand-in closes (an edge ends its media copy then).
+        self.on_remote_closed: list[Callable[[RemoteSession], None]] = []
         #: Bus events that are not cluster messages (revocations…).
         self.on_bus_event: Callable[[str, dict[str, Any]], None] = lambda sid, event: None
 
@@ -628,6 +641,11 @@ class Cluster:
     def _forget(self, remote: RemoteSession) -> None:
         if self.remote.get(remote.id) is remote:
             del self.remote[remote.id]
+        for listener in list(self.on_remote_closed):
+            try:
+                listener(remote)
+            except Exception:
+                logger.exception("session %s: a stand-in listener failed", remote.id)
         self._spawn(remote.close())
 
     def left(self, remote: RemoteSession) -> None:

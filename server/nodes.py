@@ -137,6 +137,15 @@ class Nodes:
                                           r.load.get("websockets", 0.0), r.node_id))
         return {"id": best.node_id, "url": best.url}
 
+    def current_load(self, what: str = "subscriptions") -> dict[str, float]:
+        """``what`` of every live Node that takes pages (this one measured now,
+        the others as of their last heartbeat; draining ones left out):
+        placement compares them."""
+        loads = {node_id: float(record.load.get(what, 0.0))
+                 for node_id, record in self.known.items() if not record.draining}
+        loads[self.node_id] = float(self._load().get(what, 0.0))
+        return loads
+
     def urls(self) -> list[str]:
         """Every live Node's URL, sorted (this one's included)."""
         return sorted({self.url, *(r.url for r in self.known.values())})

@@ -301,6 +301,18 @@ class Registry:
         logger.info("session %s live in theatre %s", session_id, theatre.id)
         return session
 
+    def detached(self, session_id: str, theatre: Theatre, title: str,
+                 procedure: str = "") -> Session:
+        """A Session object for media only, neither registered here nor leased:
+        an edge Node's local copy of a Session held elsewhere, whose Feeds are
+        relayed from the holder (server/edge.py). Its Feeds and Subscriptions
+        count in this Node's metrics and liveness like any other."""
+        return Session(session_id=session_id, theatre=theatre, title=title,
+                       procedure=procedure, config=self._config, peers=self._peers,
+                       node_id=self._node_id, totals=self.totals,
+                       on_first_frame=self._first_frame, count=self._media_count,
+                       watch_stream=self.watch_stream)
+
     def _media_count(self, what: str, label: str) -> None:
         if self.on_media_count is not None:
             self.on_media_count(what, label)

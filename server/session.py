@@ -33,7 +33,7 @@ from .media.peers import GONE_CLOSED, PeerFactory, negotiated_codecs
 from .media.plane import DropReason
 from .media.sdp import add_bitrate_hints, check_offer
 from .participant import Participant
-from .roles import MODERATORS, PUBLISHERS, VIEWERS, Role
+from .roles import MEDIA_VIEWERS, MODERATORS, PUBLISHERS, VIEWERS, Role
 from .subscription import Subscription, ViewerPeer
 from .theatre import Theatre, check_name
 from .tokens import Grant
@@ -226,12 +226,18 @@ class Session:
         }
 
     def describe_feed(self, feed: Feed) -> dict[str, Any]:
-        viewers = sum(1 for s in self.subscriptions.values()
-                      if s.feed_id == feed.id and s.state != "closed")
+        viewers = relays = 0
+        for s in self.subscriptions.values():
+            if s.feed_id == feed.id and s.state != "closed":
+                # An edge's relay is a Node, not a viewer (its viewers are on it).
+                if s.grant is not None and s.grant.role is Role.RELAY:
+                    relays += 1
+                else:
+                    viewers += 1
         owner = self.slot_owner(feed.slot)
         publisher = None if owner is None else {"id": owner.participant_id, "name": owner.name,
                                                 "via": owner.via}
-        return {**feed.describe(), "viewers": viewers, "publisher": publisher}
+        return {**feed.describe(), "viewers": viewers, "relays": relays, "publisher": publisher}
 
     def roster(self) -> list[dict[str, object]]:
         return [p.describe() for p in self.participants.values()]
@@ -506,6 +512,19 @@ class Session:
             self._unwatch_feeds[id(feed)] = self._watch_stream(feed.check_stall)
         return feed
 
+    def relayed_feed(self, feed_id: str, codec: RTCRtpCodecParameters, *,
+                     low: bool = False) -> Feed:
+        """An edge Node's Feed relayed from the Session's holder (server/edge.py),
+        made like a publisher's: its own cache, keyframe policy and timeline.
+        ``low``: the low layer of the camera ``feed_id``, whose full Feed exists."""
+        if low:
+            full = self.feeds.get(feed_id)
+            if full is None or full.state == "closed":
+                raise Gone(f"feed {feed_id} is not relayed here", code="feed_closed")
+            return self._low_feed_for(full, codec, published=True)
+        slot, kind = feed_id.split(".", 1)
+        return self._feed_for(slot, kind, codec)
+
     def _low_feed_for(self, full: Feed, codec: RTCRtpCodecParameters, *,
                       published: bool) -> Feed:
         """The low layer of ``full``: its own Feed, linked, never in ``self.feeds``
@@ -650,8 +669,9 @@ class Session:
 
     # -- viewing ----------------------------------------------------------
     async def subscribe(self, grant: Grant, feed_id: str, offer: str) -> tuple[str, Subscription]:
-        """One Feed to one viewer (a websocket subscribe, or WHEP per Feed)."""
-        self._check_grant(grant, VIEWERS, "watch")
+        """One Feed to one viewer (a websocket subscribe, WHEP per Feed, or an
+        edge Node's relay pull)."""
+        self._check_grant(grant, MEDIA_VIEWERS, "watch")
         self._require_live()
         feed = self._live_feed(feed_id)
         answer, subscriptions = await self._subscribe(grant, [feed], offer,
@@ -665,7 +685,7 @@ class Session:
         connection (one media stream, so the player keeps them in lip sync from
         the publishers' sender reports). Without narration the audio section is
         answered inactive."""
-        self._check_grant(grant, VIEWERS, "watch")
+        self._check_grant(grant, MEDIA_VIEWERS, "watch")
         self._require_live()
         video = self._live_feed(f"{slot}.video")
         feeds = [video]
@@ -703,7 +723,10 @@ class Session:
         limits = self._config.limits
         mine = sum(1 for s in self.subscriptions.values()
                    if s.participant_id == grant.participant_id)
-        if mine + len(feeds) > limits.max_subscriptions_per_participant:
+        # An edge Node pulls every Feed of a Session once (one relay per Feed),
+        # whatever the per-person cap: it is not a person.
+        if grant.role is not Role.RELAY and (
+                mine + len(feeds) > limits.max_subscriptions_per_participant):
             raise Conflict(f"at most {limits.max_subscriptions_per_participant} subscriptions "
                            "per participant", code="too_many_subscriptions")
         summary = check_offer(offer, max_bytes=limits.max_sdp_bytes,

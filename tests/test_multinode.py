@@ -24,11 +24,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import unused_port
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import VideoStreamTrack
 from pytest_redis import factories
 from pytest_redis.executor import RedisExecutor
 
+from server.publish.synthetic import SyntheticTheatreCamera
 from server.publish.whep import WhepPlayer
 from server.publish.whip import post_offer
 from server.roles import Role
@@ -36,6 +37,8 @@ from server.tokens import NODE_WIDE, TokenAuthority
 
 from .conftest import CANARY_KEY, LOOPBACK, client_pc, free_ports, offer_sdp
 from .test_cluster import hello
+from .test_edges import Viewer, advancing, decoding
+from .test_edges import subscribe as subscribe_to
 from .test_interaction import CIRCLE, request
 from .test_ws_protocol import WS, closed_with, of_type, receive_until
 
@@ -51,7 +54,7 @@ multinode_redis = factories.redis_proc(  # type: ignore[arg-type]
 
 
 def write_config(folder: Path, redis: RedisExecutor, *, redis_url: bool = True,
-                 lease_ttl_s: float = 3.0, udp_ports: str = "") -> Path:
+                 lease_ttl_s: float = 3.0, udp_ports: str = "", edges: bool = False) -> Path:
     store = (f'redis_url = "redis://{redis.host}:{redis.port}/0"\n'
              f'prefix = "mn-{time.monotonic_ns()}:"\npresence_interval_s = 1\n'
              if redis_url else "")
@@ -64,6 +67,7 @@ port = {unused_port()}
 {store}
 [cluster]
 lease_ttl_s = {lease_ttl_s}
+edges = {"true" if edges else "false"}
 heartbeat_s = 0.5
 node_ttl_s = 2.5
 [auth]
@@ -276,6 +280,64 @@ async def test_a_viewer_who_asks_another_node_gets_the_media_of_the_holder(
             await asyncio.sleep(0.1)
     finally:
         assert await player.stop(http) == 200  # the DELETE reached the holder
+
+
+async def test_edges_as_processes_serve_their_trainees_from_one_relay_each(
+        multinode_redis: RedisExecutor, tmp_path: Path, http: aiohttp.ClientSession,
+        sockets: list[WS], processes: list[NodeProcess]) -> None:
+    config = write_config(tmp_path, multinode_redis, edges=True)
+    nodes = [NodeProcess(name, config, unused_port()) for name in ("node-a", "node-b", "node-c")]
+    processes.extend(nodes)
+    await asyncio.gather(*(asyncio.to_thread(node.start) for node in nodes))
+    holder = await the_holder(http, nodes)
+    b, c = (n for n in nodes if n is not holder)
+    camera = SyntheticTheatreCamera(640, 360, 15, label="room")
+    publisher = client_pc()
+    vp8 = [cap for cap in RTCRtpSender.getCapabilities("video").codecs
+           if cap.mimeType in ("video/VP8", "video/rtx")]
+    publisher.addTransceiver(camera, direction="sendonly").setCodecPreferences(vp8)
+    viewers: list[Viewer] = []
+    try:
+        status, answer, _, _, _ = await post_offer(
+            http, f"{b.base_url}/whip/or1-live/room", await offer_sdp(publisher),
+            TOKENS.issue("or1-live", Role.EXPERT, name="Room camera"))
+        assert status == 201, answer
+        await publisher.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        deadline = time.monotonic() + 10
+        while not any(f["id"] == "room.video" and f["state"] == "live" for f in (await get_json(
+                http, f"{holder.base_url}/api/admin/sessions/or1-live"))["session"]["feeds"]):
+            assert time.monotonic() < deadline, "the camera's Feed is not live"
+            await asyncio.sleep(0.1)
+        # Trainees on B and C are served there; each edge pulls the Feed once.
+        for edge in (b, c):
+            for i in range(2):
+                ws, welcome = await hello(http, edge, TOKENS.issue(
+                    "or1-live", Role.TRAINEE, name=f"trainee {i}"), sockets)
+                assert welcome["serving"] == {"id": edge.name, "url": edge.base_url}, welcome
+                viewers.append(await subscribe_to(ws, rid=f"sub-{i}"))
+        deadline = time.monotonic() + 20
+        while decoding(viewers, 10):
+            assert time.monotonic() < deadline, decoding(viewers, 10)
+            await asyncio.sleep(0.1)
+        assert all(advancing(v) for v in viewers), [v.counters[-5:] for v in viewers]
+        described = await get_json(http, f"{holder.base_url}/api/admin/sessions/or1-live")
+        feeds = {f["id"]: f for f in described["session"]["feeds"]}
+        # One relay per edge, not four viewers: the viewers are on the edges.
+        assert (feeds["room.video"]["relays"], feeds["room.video"]["viewers"]) == (2, 0)
+        # B and C both serve (the failover of B's viewers to C is another test's).
+        deadline = time.monotonic() + 5
+        while True:
+            loads = {n["id"]: n["load"].get("subscriptions") for n in (await get_json(
+                http, f"{holder.base_url}/api/admin/nodes"))["nodes"]}
+            if loads == {holder.name: 2, b.name: 2, c.name: 2}:
+                break
+            assert time.monotonic() < deadline, loads
+            await asyncio.sleep(0.2)
+    finally:
+        for viewer in viewers:
+            await viewer.close()
+        camera.stop()
+        await publisher.close()
 
 
 async def test_the_lease_survives_a_node_restart_without_two_holders(

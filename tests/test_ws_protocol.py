@@ -144,7 +144,8 @@ async def test_hello_gets_welcome_with_session_roster_and_ice_servers(server, ht
     (feed,) = session["feeds"]
     assert feed.pop("publisher")["via"] == "whip"
     assert feed == {"id": "room.video", "slot": "room", "kind": "video",
-                    "codec": "video/VP8", "state": "live", "viewers": 0, "layers": ["full"]}
+                    "codec": "video/VP8", "state": "live", "viewers": 0, "relays": 0,
+                    "layers": ["full"]}
     assert welcome["participants"] == [{"id": "exp-1", "role": "expert", "name": "Dr Grey"}]
     assert welcome["viewers"] == 0
     assert welcome["ice_servers"] == []

@@ -667,8 +667,11 @@ function renderSlot(c, view) {
 
   const feeds = [...c.feeds.values()].filter((f) => f.slot === view.slot);
   const watching = feeds.reduce((n, f) => Math.max(n, f.viewers || 0), 0);
+  // Edges (other Nodes relaying this camera to their own viewers): counted apart.
+  const edges = feeds.reduce((n, f) => Math.max(n, f.relays || 0), 0);
   view.viewers.textContent = pub
-    ? `${watching} ${watching === 1 ? 'viewer' : 'viewers'} · ${
+    ? `${watching} ${watching === 1 ? 'viewer' : 'viewers'}${
+      edges ? ` + ${edges} ${edges === 1 ? 'edge' : 'edges'}` : ''} · ${
       feeds.map((f) => f.kind).sort().reverse().join(' + ') || '…'}`
     : '';
   view.stop.hidden = !pub || panel.final;

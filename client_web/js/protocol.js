@@ -42,7 +42,7 @@
  * @typedef {{code: string, message: string, fault: 'user'|'protocol'|'server', status: number}} ErrorObject
  * @typedef {'audio'|'video'} MediaKind
  * @typedef {{id: string, slot: string, kind: MediaKind, codec: string,
- *            state: 'live'|'stalled'|'down'|'closed', viewers: number,
+ *            state: 'live'|'stalled'|'down'|'closed', viewers: number, relays?: number,
  *            publisher?: {id: string, name: string, via: 'page'|'whip'}|null}} Feed
  * @typedef {{id: string, role: string, name: string}} Participant
  * @typedef {{id: string, name: string, slots: string[]}} Theatre

@@ -23,6 +23,7 @@ from .. import logs
 from ..audit import JsonlAuditTrail, SharedAudit
 from ..cluster import Cluster
 from ..config import Config
+from ..edge import Edges
 from ..errors import (
     BadRequest,
     Conflict,
@@ -62,6 +63,8 @@ STORE = web.AppKey("store", Store)
 PRESENCE = web.AppKey("presence", Presence)
 NODES = web.AppKey("nodes", Nodes)
 CLUSTER = web.AppKey("cluster", Cluster)
+#: Sessions held elsewhere whose Feeds this Node relays to its own viewers.
+EDGES = web.AppKey("edges", Edges)
 #: Set when several Nodes share a store: every Session's trail, read as one.
 SHARED_AUDIT = web.AppKey("shared_audit", SharedAudit)
 
@@ -577,6 +580,8 @@ async def subscribe_slot(app: web.Application, session: Session, grant: Grant, s
 
 async def _within_cap(app: web.Application, session: Session, grant: Grant, count: int,
                       make: Callable[[], Awaitable[_T]]) -> _T:
+    if grant.role is Role.RELAY:
+        return await make()  # an edge Node, not a person (docs/security.md)
     cap = app[CONFIG].limits.max_subscriptions_per_participant
     pending = app[PENDING_SUBSCRIPTIONS]
     key = (session.id, grant.person_id)

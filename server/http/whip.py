@@ -12,7 +12,8 @@ from __future__ import annotations
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ..errors import Forbidden, NotFound
+from ..errors import BadRequest, Forbidden, NotFound
+from ..media.layers import Preference
 from ..media.turn import link_headers
 from ..roles import MODERATORS, PUBLISHERS
 from ..tokens import Grant
@@ -90,19 +91,39 @@ async def whip_delete(request: web.Request) -> web.Response:
     return web.Response(status=200, headers=_cors(request))
 
 
+#: ``?layer=`` of a WHEP POST: which layer of a camera the player gets ("auto":
+#: its link decides; an edge Node pulls "full" and "low" as two streams).
+LAYERS = ("auto", "full", "low")
+
+
+def _layer(request: web.Request) -> Preference:
+    layer = request.query.get("layer", "auto")
+    if layer == "auto":
+        return "auto"
+    if layer == "full":
+        return "full"
+    if layer == "low":
+        return "low"
+    raise BadRequest(f"layer must be one of {', '.join(LAYERS)}", code="bad_query")
+
+
 @routes.post("/whep/{session}/{feed}")
 async def whep_subscribe(request: web.Request) -> web.Response:
     grant = await authenticate(request)
+    layer = _layer(request)
     session = await session_for(request, grant)
     offer = await read_sdp(request)
     await require_store(request.app)
     target = request.match_info["feed"]
     if "." not in target:  # a slot name (Feed ids are <slot>.<kind>)
         answer, view = await subscribe_slot(request.app, session, grant, target, offer)
+        for subscription in view.subscriptions:
+            subscription.set_preference(layer)  # audio ignores it
         audit_grant(request.app, "subscribe", grant, request.remote, slot=view.slot,
                     feeds=[s.feed_id for s in view.subscriptions], via="whep")
         return _created(request, grant, answer, view.id)
     answer, subscription = await subscribe(request.app, session, grant, target, offer)
+    subscription.set_preference(layer)
     audit_grant(request.app, "subscribe", grant, request.remote, feed=subscription.feed_id,
                 via="whep")
     return _created(request, grant, answer, subscription.id)

@@ -13,12 +13,13 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import logs
 from ..cluster import RemoteSession
+from ..edge import EdgeSession
 from ..errors import BadRequest, Conflict, Forbidden, ScrubinError, TooManyRequests
-from ..interaction import visible_to
+from ..interaction import MIC_SLOT, visible_to
 from ..media.turn import ClientIce
 from ..recordings import MESSAGE_TYPES as RECORDING_MESSAGES
 from ..registry import SessionElsewhere
-from ..roles import PUBLISHERS, ROSTER_READERS, VIEWERS, Role
+from ..roles import EDGE_ROLES, PUBLISHERS, ROSTER_READERS, VIEWERS, Role
 from ..session import Event, Ingest, Session
 from ..subscription import Subscription
 from ..tokens import Grant
@@ -27,12 +28,14 @@ from .common import (
     AUDIT,
     CLUSTER,
     CONFIG,
+    EDGES,
     MESSAGE_RATES,
     NODES,
     PEERS,
     PRESENCE,
     REGISTRY,
     SOCKET_GRANTS,
+    STORE,
     WEBSOCKETS,
     audit_grant,
     audit_publication,
@@ -65,19 +68,28 @@ CLOSE_POLICY = 1008
 ICE_REFRESH_AT = 0.5
 #: The person already has ``limits.websockets_per_person`` sockets open.
 CLOSE_TOO_MANY = 4409
+#: Requests on a viewer's own Subscriptions: answered by the Node that serves
+#: its media (the holder, or the edge it was placed on).
+VIEWER_MEDIA = frozenset({"subscribe", "unsubscribe", "set_layer", "pause", "resume"})
+#: What an edge's media copy of a Session tells a socket itself (the rest of
+#: the Session's events come from the holder).
+EDGE_EVENTS = frozenset({"layer", "subscription_closed"})
 
 
 class Connection:
     """One signalling socket of one Participant, and what it created. Its
     Session is held here (``Session``) or by another Node (``RemoteSession``:
-    requests go there, media requests are refused)."""
+    requests go there; media requests are refused, but a viewer's own on an
+    edge, where ``edge`` relays the Session's Feeds, server/edge.py)."""
 
     def __init__(self, app: web.Application, ws: web.WebSocketResponse,
-                 session: Session | RemoteSession, grant: Grant) -> None:
+                 session: Session | RemoteSession, grant: Grant,
+                 edge: EdgeSession | None = None) -> None:
         self.app = app
         self.ws = ws
         self.session = session
         self.grant = grant
+        self.edge = edge
         #: The Session continues elsewhere: close so that the page reconnects.
         self.moved = False
         self.ingests: dict[str, Ingest] = {}
@@ -174,8 +186,17 @@ class Connection:
         if kind == "ping":
             return {"type": "pong"}
         if isinstance(session, RemoteSession):
+            if self.edge is not None and kind in VIEWER_MEDIA:
+                # An edge: this Node relays the Feeds and serves the viewer.
+                return await self.viewer_media(self.edge.session, message, self.edge)
+            if self.edge is not None and kind in ("publish", "unpublish") and (
+                    message.get("slot") == MIC_SLOT):
+                # Its voice goes to the holder directly; only the signalling hops.
+                return await session.forward_mic(grant, message)
             # Held by another Node: it answers (media: 409 with the Node to use).
             return await session.forward(grant, message)
+        if kind in VIEWER_MEDIA:
+            return await self.viewer_media(session, message)
         if kind == "publish":
             slot = _field(message, "slot")
             takeover = message.get("takeover", False)
@@ -196,10 +217,23 @@ class Connection:
                 self.ingests.pop(ingest.id, None)
             self.audit("publish_stop", slot=slot)
             return {"type": "ok"}
+        if isinstance(kind, str) and kind in RECORDING_MESSAGES:  # start/stop_recording
+            return await self.app[RECORDINGS].handle(session, grant, message)
+        if isinstance(kind, str) and kind in session.interaction.message_types:
+            # Drawings, steps, questions, chat, hands, microphone, sterile focus.
+            return session.interaction.handle(grant, message)
+        raise BadRequest(f"unknown message type {kind!r}", code="unknown_type")
+
+    async def viewer_media(self, session: Session, message: dict[str, Any],
+                           edge: EdgeSession | None = None) -> dict[str, Any]:
+        """This socket's own Subscriptions: on the holder's Session, or on an
+        edge's media copy of it (the same code: a Session either way)."""
+        kind, grant = message.get("type"), self.grant
         if kind == "subscribe":
-            feed_id = _field(message, "feed")
-            answer, subscription = await subscribe(self.app, session, grant, feed_id,
-                                                   _field(message, "sdp"))
+            feed_id, sdp = _field(message, "feed"), _field(message, "sdp")
+            if edge is not None:
+                await edge.feed(feed_id)  # pulled from the holder once for this Node
+            answer, subscription = await subscribe(self.app, session, grant, feed_id, sdp)
             self.subscriptions[subscription.id] = subscription
             self.audit("subscribe", feed=feed_id)
             return {"type": "answer", "feed": feed_id, "subscription": subscription.id,
@@ -230,20 +264,15 @@ class Connection:
             else:
                 target.resume()
             return {"type": "ok"}
-        if isinstance(kind, str) and kind in RECORDING_MESSAGES:  # start/stop_recording
-            return await self.app[RECORDINGS].handle(session, grant, message)
-        if isinstance(kind, str) and kind in session.interaction.message_types:
-            # Drawings, steps, questions, chat, hands, microphone, sterile focus.
-            return session.interaction.handle(grant, message)
         raise BadRequest(f"unknown message type {kind!r}", code="unknown_type")
 
     async def close_resources(self) -> None:
         """The socket is gone: its viewers' connections go with it; its
         publications wait for the expert's page to come back and re-publish."""
-        if not isinstance(self.session, Session):
-            return
         for subscription in list(self.subscriptions.values()):
             await subscription.close()
+        if not isinstance(self.session, Session):
+            return
         for ingest in list(self.ingests.values()):
             if not ingest.closed and self.session.ingests.get(ingest.id) is ingest:
                 self.session.ingests.pop(ingest.id, None)
@@ -257,6 +286,17 @@ async def answer_forwarded(app: web.Application, session: Session, grant: Grant,
     if grant.session_id != session.id:
         raise Forbidden("token is for another session", code="wrong_session")
     kind = message.get("type")
+    if kind == "publish" and message.get("slot") == MIC_SLOT:
+        # The trainee microphone of a page an edge serves (RemoteSession.forward_mic).
+        answer, ingest = await session.publish(grant, MIC_SLOT, _field(message, "sdp"),
+                                               via="page")
+        audit_publication(app, ingest, grant, None, via="websocket")
+        return {"type": "answer", "slot": MIC_SLOT, "sdp": answer,
+                "feeds": [f.id for f in ingest.feeds]}
+    if kind == "unpublish" and message.get("slot") == MIC_SLOT:
+        await session.close_slot(grant, MIC_SLOT)
+        audit_grant(app, "publish_stop", grant, None, slot=MIC_SLOT, via="websocket")
+        return {"type": "ok"}
     if kind == "end_session":
         session.check_moderator(grant)
         app[REGISTRY].spawn(session.end(f"ended by {grant.name or grant.role.value}"))
@@ -379,7 +419,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         await ws.close(code=_refusal_close_code(exc), message=exc.code.encode())
         return ws
 
-    connection = Connection(request.app, ws, session, grant)
+    serving = _serving(request.app, grant, session)
+    edge: EdgeSession | None = None
+    if isinstance(session, RemoteSession) and serving["id"] == request.app[NODES].node_id:
+        edge = request.app[EDGES].session_for(session)
+    connection = Connection(request.app, ws, session, grant, edge)
     connection.address = request.remote
     audit_grant(request.app, "join", grant, request.remote, via="websocket")
     presence = request.app[PRESENCE]
@@ -387,6 +431,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     request.app[WEBSOCKETS].add(ws)
     rate = request.app[MESSAGE_RATES].acquire(session.id, participant.id)
     stop_listening = session.listen(connection.on_event)
+    stop_edge = (edge.session.listen(lambda event: connection.on_event(event)
+                                     if event.get("type") in EDGE_EVENTS else None)
+                 if edge is not None else (lambda: None))
     welcome = connection.roster_message()
     ice = request.app[PEERS].ice_servers_for(grant)
     nodes = request.app[NODES]
@@ -401,8 +448,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         # The Node that serves this page's media: a page on another Node
         # connects there (docs/protocol.md, "Several Nodes").
         "node": here,
-        "serving": here if isinstance(session, Session) else {
-            "id": session.holder, "url": session.holder_url},
+        "serving": serving,
         # Where to reconnect if this Node stops answering (any of them routes).
         "nodes": nodes.serving(),
     })
@@ -428,6 +474,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         refresher.cancel()
         request.app[SOCKET_GRANTS].pop(ws, None)
         stop_listening()
+        stop_edge()
         request.app[MESSAGE_RATES].release(session.id, participant.id)
         connection.send(None)
         with contextlib.suppress(Exception):
@@ -441,6 +488,27 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         if session.state == "ended" and not ws.closed:
             await ws.close(code=WSCloseCode.OK, message=b"session ended")
     return ws
+
+
+def _serving(app: web.Application, grant: Grant, session: Session | RemoteSession
+             ) -> dict[str, Any]:
+    """The Node that serves this page's media. The holder, but for trainees
+    when edges are on (``cluster.edges``): then the Node they joined, unless its
+    Subscriptions exceed the least-loaded live Node's by
+    ``cluster.placement_margin`` (that Node then; an edge relays the Feeds)."""
+    nodes, cluster = app[NODES], app[CONFIG].cluster
+    here = {"id": nodes.node_id, "url": nodes.url}
+    holder = here if isinstance(session, Session) else {
+        "id": session.holder, "url": session.holder_url}
+    if not cluster.edges or grant.role not in EDGE_ROLES or app[STORE].kind == "memory":
+        return holder
+    loads = nodes.current_load()
+    # Ties stay here: a page is moved only for a real difference.
+    least = min(loads, key=lambda node: (loads[node], node != nodes.node_id, node))
+    url = nodes.url_of(least)
+    if loads[nodes.node_id] - loads[least] <= cluster.placement_margin or url is None:
+        return here
+    return {"id": least, "url": url}
 
 
 async def _refresh_ice_servers(connection: Connection, ice: ClientIce) -> None:
