@@ -334,3 +334,80 @@ async def test_a_recording_made_on_one_node_is_listed_and_played_from_another(
     async with http.get(f"{other.base_url}{feed['parts'][0]['url']}") as response:
         assert response.status == 200
         assert len(await response.read()) > 2000
+
+
+async def test_pages_on_an_edge_that_dies_or_vanishes_play_on_from_another_node(
+        multinode_redis: RedisExecutor,  # noqa: F811
+        processes: list[NodeProcess],  # noqa: F811
+        tmp_path: Path, http: aiohttp.ClientSession, browser: Any) -> None:
+    """Edges on: trainees' pages are served by the Node they opened (B, C),
+    each pulling the camera from the origin. B is killed (its sockets reset):
+    its page plays again from another Node within 5 s. C is frozen (SIGSTOP:
+    a machine gone from the network, no reset, its sockets stay open): its
+    page notices the frozen picture, gets no answer to a ping and plays again
+    elsewhere within seconds, not at the next heartbeat."""
+    from .browser_helpers import open_page
+
+    config = write_config(tmp_path, multinode_redis, edges=True)
+    three = [NodeProcess(name, config, unused_port()) for name in ("node-a", "node-b", "node-c")]
+    processes.extend(three)
+    await asyncio.gather(*(asyncio.to_thread(node.start) for node in three))
+    origin = await the_holder(http, three)
+    b, c = (n for n in three if n is not origin)
+
+    camera = SyntheticTheatreCamera(640, 360, 15, label="room")
+    publisher = WhipPublisher(
+        f"{origin.base_url}/whip/or1-live/room",
+        TOKENS.issue("or1-live", Role.EXPERT, name="Room camera"), [camera],
+        WhipOptions(host_addresses=LOOPBACK))
+    publishing = asyncio.ensure_future(publisher.run())
+    contexts = []
+    frozen = None
+    try:
+        viewers = {}
+        for home in (b, c):
+            token = TOKENS.issue("or1-live", Role.TRAINEE, name=f"Trainee on {home.name}")
+            context, page, _ = await open_page(browser, f"{home.base_url}/watch.html#token={token}",
+                                               home.name)
+            contexts.append(context)
+            viewers[home.name] = Viewer(f"page from {home.name}", page)
+        for name, viewer in viewers.items():
+            await viewer.playing(new_subscription=True, timeout_s=20)
+            home = b if name == b.name else c
+            # Served by the edge it opened, not moved to the origin.
+            assert (await viewer.look())[0]["url"] == ws_url(home), name
+        for viewer in viewers.values():  # and the pictures move on
+            await asyncio.sleep(1.0)
+            await viewer.playing(new_subscription=False, timeout_s=5)
+
+        # B dies: its page plays again from another Node; C's page is untouched.
+        on_c = viewers[c.name].subscription
+        killed = time.monotonic()
+        b.stop(signal.SIGKILL)
+        again = await viewers[b.name].playing(new_subscription=True, timeout_s=15)
+        print(f"edge killed: its page playing again after {again - killed:.2f} s")
+        assert again - killed < 5.0, again - killed
+        assert (await viewers[b.name].look())[0]["url"] in (ws_url(origin), ws_url(c))
+        await viewers[c.name].playing(new_subscription=False, timeout_s=5)
+        assert viewers[c.name].subscription == on_c
+
+        # C vanishes without a reset: its page leaves it within seconds.
+        assert c.process is not None
+        frozen = c.process
+        stopped = time.monotonic()
+        frozen.send_signal(signal.SIGSTOP)
+        again = await viewers[c.name].playing(new_subscription=True, timeout_s=20)
+        print(f"edge frozen: its page playing again after {again - stopped:.2f} s")
+        assert again - stopped < 8.0, again - stopped
+        assert (await viewers[c.name].look())[0]["url"] in (ws_url(origin), ws_url(b))
+    except AssertionError:
+        for node in three:  # what the Nodes saw, for a failure in CI
+            print(f"--- {node.name} (origin: {node is origin})\n{node.text()[-4000:]}")
+        raise
+    finally:
+        if frozen is not None:
+            frozen.send_signal(signal.SIGCONT)
+        publisher.stop()
+        await asyncio.wait_for(publishing, 15)
+        for context in contexts:
+            await context.close()

@@ -603,7 +603,7 @@ export class ScrubinClient extends EventTarget {
       clearTimeout(this._pongTimer);
       // Asked because something looks wrong: a Node that answers at all answers
       // a ping in milliseconds.
-      this._pongTimer = setTimeout(() => this._scheduleReconnect('no reply to ping'), 2500);
+      this._pongTimer = setTimeout(() => this._scheduleReconnect('no reply to ping'), 2000);
       this.request({ type: 'ping' }).then(() => clearTimeout(this._pongTimer), () => {});
     }
   }

@@ -156,19 +156,21 @@ function start(c) {
   // socket open and the picture frozen until the next heartbeat: a live main
   // camera whose picture stops moving asks the Node at once instead, so the
   // page moves to another Node within seconds.
-  let lastTime = -1;
+  // (A live stream's currentTime runs on without frames: count frames instead.)
+  let lastFrames = -1;
   let stillSince = 0;
   let lastCheck = 0;
   setInterval(() => {
     const feed = mainFeedId ? c.feeds.get(mainFeedId) : undefined;
     const now = performance.now();
-    const moving = mainVideo.currentTime !== lastTime;
-    lastTime = mainVideo.currentTime;
+    const frames = mainVideo.getVideoPlaybackQuality().totalVideoFrames;
+    const moving = frames !== lastFrames;
+    lastFrames = frames;
     if (moving || !mainHasFrames || feed?.state !== 'live' || document.hidden) {
       stillSince = now;
       return;
     }
-    if (now - stillSince >= 2000 && now - lastCheck >= 5000) {
+    if (now - stillSince >= 1500 && now - lastCheck >= 5000) {
       lastCheck = now;
       c.checkConnection();
     }
