@@ -182,6 +182,10 @@ class Connection:
 
     async def handle(self, message: dict[str, Any]) -> dict[str, Any]:
         kind = message.get("type")
+        if not isinstance(kind, str):
+            # Before any set lookup: a list or an object as the type is the
+            # client's mistake, not a server error.
+            raise BadRequest("type must be a string", code="unknown_type")
         session, grant = self.session, self.grant
         if kind == "ping":
             return {"type": "pong"}
