@@ -596,11 +596,22 @@ async def test_repair_leaves_alone_a_recording_being_written(tmp_path: Path) -> 
     recording = Recording(tmp_path, SessionInfo("s", "or1", "t", "e"), {})
     await recording.start()
     feed = FakeFeed("room.video", "video", "video/VP8", 90000)
-    recording.attach(feed)
+    writer = recording.attach(feed)
+    assert writer is not None
     t0 = time.monotonic()
     for i, (data, key) in enumerate(_encode("libvpx", [(320, 180)], per_size=20)):
         feed.emit(data, i * 6000, key, t0 + i / 15)
-    await wait_for(lambda: "" if recording.manifest()["feeds"][0]["parts"] else "no part yet")
+    # Every frame written and the manifest on disk saying so: the Recording's
+    # own manifest writes (through the same .tmp file) are over before the
+    # stray .tmp a full disk would leave is put there.
+    def settled() -> str:
+        on_disk = json.loads((recording.directory / "manifest.json").read_text())
+        written = writer.stats.frames_written
+        if written != 20 or not on_disk["feeds"] or not on_disk["feeds"][0]["parts"]:
+            return f"{written} frames written"
+        return "manifest pending" if recording._manifest_pending else ""
+
+    await wait_for(settled)
     (recording.directory / ".manifest.json.tmp").write_bytes(b"")
     with pytest.raises(RecordingBusy):
         await asyncio.to_thread(repair, recording.directory)
