@@ -119,6 +119,13 @@ class Viewer:
                     and counter > self.counter:
                 self.subscription, self.counter = state["subscription"], counter
                 return time.monotonic()
+            if time.monotonic() >= deadline:
+                debug = await self.page.evaluate("""() => { const c = scrubin.client;
+                  return {ws: c._ws ? c._ws.readyState : null, url: c.url,
+                    unreach: [...c._unreachable.entries()].map(([u, t]) => [u, Date.now() - t]),
+                    attempt: c._reconnectAttempt, nodes: c.nodeUrls, home: c.homeUrl,
+                    timer: c._reconnectTimer ?? null}; }""")
+                print("DEBUG", self.name, debug)
             assert time.monotonic() < deadline, (self.name, state, counter, self.counter)
             await asyncio.sleep(0.05)
 
@@ -211,6 +218,10 @@ async def test_pages_and_the_publisher_survive_nodes_dying_and_draining(
         assert await asyncio.to_thread(drained.wait, 15) == 0
         assert "drained in" in c.text(), c.text()[-3000:]
         assert "Traceback" not in c.text(), c.text()[-3000:]
+    except AssertionError:
+        for node in three:  # what the Nodes saw, for a failure in CI
+            print(f"--- {node.name} (origin: {node is origin})\n{node.text()[-4000:]}")
+        raise
     finally:
         publisher.stop()
         await asyncio.wait_for(publishing, 15)

@@ -609,6 +609,8 @@ export class ScrubinClient extends EventTarget {
   }
 
   _open() {
+    // One socket at a time: one still here (an overlapping reconnect) goes.
+    if (this._ws) this._detachSocket();
     this._welcomed = false;
     this._setState(this._everWelcomed ? 'reconnecting' : 'connecting');
     this._opened = false;
@@ -725,7 +727,9 @@ export class ScrubinClient extends EventTarget {
 
   _reconnectNow() {
     clearTimeout(this._reconnectTimer);
-    if (!this._ws) this._open();
+    // A socket that closed without its close being handled here (a reconnect
+    // started from inside a state listener) must not hold the page back.
+    if (!this._ws || this._ws.readyState === this._ws.CLOSED) this._open();
   }
 
   /** @param {ClientState} state @param {string} reason */
