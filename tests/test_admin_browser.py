@@ -4,14 +4,18 @@ joins as soon as the Session is started."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import datetime, timedelta
+from pathlib import Path
 
+import aiohttp
 import pytest
 from playwright.async_api import Browser
 
 from server.http.common import STORE
 
-from .admin_helpers import admin_token
+from .admin_helpers import admin_token, api
 from .browser_helpers import chromium_available, open_page, screenshot, wait_js
 from .conftest import Server
 
@@ -97,4 +101,42 @@ async def test_admin_creates_a_session_and_an_invite_whose_link_opens_the_watch_
     await admin.evaluate("() => window.scrollTo(0, 0)")
     await screenshot(admin, "admin-live-1280")
     await screenshot(trainee, "join-then-watch-1280")
+
+    # Attendance on the admin page while it runs: the trainee, by name (as text).
+    token = admin_token(live_server)
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 30
+        while True:  # present for most of the Session so far: a certificate's worth
+            _, view = await api(http, live_server, "GET", "/api/sessions/or7-am/attendance",
+                                token, expect=200)
+            shares = [p["share"] for p in view["participants"] if p["role"] == "trainee"]
+            if shares and shares[0] >= 0.8:
+                break
+            assert time.monotonic() < deadline, view
+            await asyncio.sleep(0.25)
+    await admin.click("#attendance-refresh")
+    await wait_js(admin, "() => document.querySelectorAll('#attendance-rows tr').length === 1")
+    row_text = await admin.locator("#attendance-rows tr").inner_text()
+    assert HOSTILE_NAME in row_text and "trainee" in row_text, row_text
+    assert await admin.locator("#attendance-rows img, .pwned").count() == 0
+    assert await admin.is_disabled("#attendance-confirm")  # not before the end
+
+    # The Session ends; the admin confirms attendance: a certificate, a PDF to fetch.
+    await admin.click('tr[data-session="or7-am"] button[data-action="end"]')
+    await admin.click("#confirm-ok")
+    await wait_js(admin, "() => !document.querySelector('#attendance-confirm').disabled",
+                  timeout_s=15)
+    await admin.click("#attendance-confirm")
+    await admin.click("#confirm-ok")
+    await wait_js(admin, "() => document.querySelector("
+                         "'#attendance-rows button[data-action=\"pdf\"]')", timeout_s=15)
+    (certificate,) = await store.training.list_certificates("or7-am")
+    assert certificate.name == HOSTILE_NAME
+    async with admin.expect_download() as download_info:
+        await admin.click('#attendance-rows button[data-action="pdf"]')
+    download = await download_info.value
+    path = await download.path()
+    assert path is not None
+    assert (await asyncio.to_thread(Path(path).read_bytes)).startswith(b"%PDF-")
+    await screenshot(admin, "admin-attendance-1280")
     assert admin_log.errors == [], admin_log.errors
