@@ -250,3 +250,40 @@ def test_after_heavy_loss_one_stall_skips_every_hole_to_a_whole_frame() -> None:
     assert released and released[0] == 3000 * 11, released
     assert released == [3000 * i for i in range(11, 11 + len(released))]
     assert len(released) >= 5  # only one wait of ~1 s, then every frame as it completes
+
+
+def test_holes_between_whole_frames_cost_one_wait_not_one_each() -> None:
+    """A backlog where broken frames and whole ones alternate (a link that
+    dropped packets at its queue while a viewer moved to another layer): the
+    holes were all known, and NACKed, when their later packets came, so once
+    the first has waited its time the others have too."""
+    now = [0.0]
+    frames: list[tuple[bytes, int]] = []
+    buffer = MarkerJitterBuffer(lambda d, t: frames.append((d, t)), max_stall_s=1.0,
+                                clock=lambda: now[0])
+    seq = 100
+    buffer.add(rtp(seq, 0, b"k", marker=True))
+    # Five broken frames (first packet lost), each followed by a whole one.
+    for i in range(1, 11):
+        seq += 1
+        if i % 2:
+            seq += 1  # its first packet is lost
+            buffer.add(rtp(seq, 3000 * i, b"tail", marker=True))
+        else:
+            buffer.add(rtp(seq, 3000 * i, b"whole", marker=True))
+        now[0] += 0.033
+    assert frames == [(b"k", 0)]
+    # Live frames keep coming; the first wait ends ~1 s after the first hole.
+    waited = None
+    for i in range(11, 60):
+        seq += 1
+        now[0] += 0.033
+        buffer.add(rtp(seq, 3000 * i, b"live", marker=True))
+        if waited is None and len(frames) > 1:
+            waited = now[0]
+    assert waited is not None and waited <= 1.2, waited
+    released = [t for _, t in frames[1:]]
+    # Every whole frame of the backlog, then every live one, in order, no broken one.
+    assert released[:5] == [3000 * i for i in (2, 4, 6, 8, 10)], released[:8]
+    assert released[5:] == [3000 * i for i in range(11, 11 + len(released) - 5)]
+    assert released[-1] == 3000 * 59

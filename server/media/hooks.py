@@ -49,6 +49,11 @@ SENDER_SEND_KEYFRAME = "_send_keyframe"
 GATHERER_CONNECTION = "_connection"
 
 
+#: A head waiting this long is looked at for holes too old to be filled (a
+#: frame interval at 10 fps: in steady flow the head moves on sooner).
+STUCK_CHECK_S = 0.1
+
+
 class MarkerJitterBuffer(JitterBuffer):
     """Video: hands a frame on as soon as its marker-bit packet completes it.
 
@@ -66,21 +71,55 @@ class MarkerJitterBuffer(JitterBuffer):
         self._clock = clock
         self._head: int | None = None
         self._head_since = 0.0
+        #: When each slot's packet arrived: a hole's age is that of the first
+        #: packet after it (when the hole became known, and was NACKed).
+        self._arrived = [0.0] * capacity
 
     def add(self, packet: RtpPacket) -> tuple[bool, None]:
+        now = self._clock()
+        self._arrived[packet.sequence_number % self.capacity] = now
         pli_flag, _ = super().add(packet)
         # aiortc asks again for a lost packet only when a new gap appears, so a
         # retransmission that never comes would hold every later frame until
         # 512 packets have passed (seconds, for every viewer). Bound the wait:
         # skip to the next frame and ask the publisher for a keyframe.
-        now = self._clock()
         if self._origin != self._head:
             self._head, self._head_since = self._origin, now
-        elif now - self._head_since > self._max_stall_s and self._skip_incomplete_head():
+            return pli_flag, None
+        if now - self._head_since <= min(STUCK_CHECK_S, self._max_stall_s):
+            return pli_flag, None
+        # Stuck: skip while the hole at the head has been known longer than the
+        # wait. After a burst the next holes were known (and NACKed) as long
+        # ago as the first: one wait for them all, not a wait per hole.
+        for _ in range(self.capacity):
+            known = self._hole_known_at()
+            if known is None or now - known <= self._max_stall_s:
+                break
+            if not self._skip_incomplete_head():
+                break
             self._head, self._head_since = self._origin, now
-            self._remove_frame(packet.sequence_number)
             pli_flag = True
+            self._remove_frame(packet.sequence_number)
+            if self._origin is None:
+                break
         return pli_flag, None
+
+    def _hole_known_at(self) -> float | None:
+        """Arrival time of the first packet after the first missing one from
+        the head, or None (no hole, or nothing after it yet)."""
+        origin = self._origin
+        if origin is None:
+            return None
+        packets, capacity = self._packets, self.capacity
+        offset = 0
+        while offset < capacity and packets[(origin + offset) % capacity] is not None:
+            offset += 1
+        while offset < capacity:
+            slot = (origin + offset) % capacity
+            if packets[slot] is not None:
+                return self._arrived[slot]
+            offset += 1
+        return None
 
     def _skip_incomplete_head(self) -> bool:
         """Drop what waits for a packet that is not coming: up to the first frame
