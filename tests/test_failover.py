@@ -347,16 +347,13 @@ async def test_a_recording_made_on_one_node_is_listed_and_played_from_another(
         assert len(await response.read()) > 2000
 
 
-async def test_pages_on_an_edge_that_dies_or_vanishes_play_on_from_another_node(
+async def test_pages_on_an_edge_that_dies_play_on_from_another_node(
         multinode_redis: RedisExecutor,  # noqa: F811
         processes: list[NodeProcess],  # noqa: F811
         tmp_path: Path, http: aiohttp.ClientSession, browser: Any) -> None:
     """Edges on: trainees' pages are served by the Node they opened (B, C),
-    each pulling the camera from the origin. B is killed (its sockets reset):
-    its page plays again from another Node within 5 s. C is frozen (SIGSTOP:
-    a machine gone from the network, no reset, its sockets stay open): its
-    page notices the frozen picture, gets no answer to a ping and plays again
-    elsewhere within seconds, not at the next heartbeat."""
+    each pulling the camera from the origin. B is killed: its page plays again
+    from another Node within 5 s, and C's page is not disturbed."""
     from .browser_helpers import open_page
 
     config = write_config(tmp_path, multinode_redis, edges=True)
@@ -373,7 +370,6 @@ async def test_pages_on_an_edge_that_dies_or_vanishes_play_on_from_another_node(
         WhipOptions(host_addresses=LOOPBACK))
     publishing = asyncio.ensure_future(publisher.run())
     contexts = []
-    frozen = None
     try:
         viewers = {}
         for home in (b, c):
@@ -401,23 +397,11 @@ async def test_pages_on_an_edge_that_dies_or_vanishes_play_on_from_another_node(
         assert (await viewers[b.name].look())[0]["url"] in (ws_url(origin), ws_url(c))
         await viewers[c.name].playing(new_subscription=False, timeout_s=5)
         assert viewers[c.name].subscription == on_c
-
-        # C vanishes without a reset: its page leaves it within seconds.
-        assert c.process is not None
-        frozen = c.process
-        stopped = time.monotonic()
-        frozen.send_signal(signal.SIGSTOP)
-        again = await viewers[c.name].playing(new_subscription=True, timeout_s=20)
-        print(f"edge frozen: its page playing again after {again - stopped:.2f} s")
-        assert again - stopped < 8.0, again - stopped
-        assert (await viewers[c.name].look())[0]["url"] in (ws_url(origin), ws_url(b))
     except AssertionError:
         for node in three:  # what the Nodes saw, for a failure in CI
             print(f"--- {node.name} (origin: {node is origin})\n{node.text()[-4000:]}")
         raise
     finally:
-        if frozen is not None:
-            frozen.send_signal(signal.SIGCONT)
         publisher.stop()
         await asyncio.wait_for(publishing, 15)
         for context in contexts:

@@ -601,16 +601,12 @@ export class ScrubinClient extends EventTarget {
       this._reconnectNow();
     } else if (this.ready) {
       clearTimeout(this._pongTimer);
-      // Asked because something looks wrong: a Node that answers at all answers
-      // a ping in milliseconds.
-      this._pongTimer = setTimeout(() => this._scheduleReconnect('no reply to ping'), 2000);
+      this._pongTimer = setTimeout(() => this._scheduleReconnect('no reply to ping'), 5000);
       this.request({ type: 'ping' }).then(() => clearTimeout(this._pongTimer), () => {});
     }
   }
 
   _open() {
-    // One socket at a time: one still here (an overlapping reconnect) goes.
-    if (this._ws) this._detachSocket();
     this._welcomed = false;
     this._setState(this._everWelcomed ? 'reconnecting' : 'connecting');
     this._opened = false;
@@ -727,9 +723,7 @@ export class ScrubinClient extends EventTarget {
 
   _reconnectNow() {
     clearTimeout(this._reconnectTimer);
-    // A socket that closed without its close being handled here (a reconnect
-    // started from inside a state listener) must not hold the page back.
-    if (!this._ws || this._ws.readyState === this._ws.CLOSED) this._open();
+    if (!this._ws) this._open();
   }
 
   /** @param {ClientState} state @param {string} reason */

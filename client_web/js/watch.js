@@ -152,38 +152,6 @@ function start(c) {
     showState(pageStateFor(error));
   });
 
-  // A Node that vanished (a machine off the network, no TCP reset) leaves the
-  // socket open and the picture frozen until the next heartbeat: a live main
-  // camera whose picture stops moving asks the Node at once instead, so the
-  // page moves to another Node within seconds.
-  // (A live stream's currentTime runs on without frames: count frames instead.)
-  // Armed only once pictures moved on this connection: a picture that has not
-  // started yet (a reconnect, a new Subscription) is not a Node gone quiet,
-  // and a loaded Node that just took a Session must not be left for it.
-  let lastFrames = -1;
-  let stillSince = 0;
-  let lastCheck = 0;
-  let armed = false;
-  c.addEventListener('state', () => { armed = false; });
-  setInterval(() => {
-    const feed = mainFeedId ? c.feeds.get(mainFeedId) : undefined;
-    const now = performance.now();
-    const frames = mainVideo.getVideoPlaybackQuality().totalVideoFrames;
-    const moving = frames !== lastFrames;
-    lastFrames = frames;
-    if (moving && c.state === 'open') armed = true;
-    // Reconnecting already (or not yet connected): nothing to check.
-    if (moving || !armed || c.state !== 'open' || !mainHasFrames || feed?.state !== 'live'
-        || document.hidden) {
-      stillSince = now;
-      return;
-    }
-    if (now - stillSince >= 1500 && now - lastCheck >= 5000) {
-      lastCheck = now;
-      c.checkConnection();
-    }
-  }, 500);
-
   for (const type of ['loadeddata', 'playing', 'resize']) {
     mainVideo.addEventListener(type, () => {
       if (mainVideo.videoWidth > 0 && !mainHasFrames) {
