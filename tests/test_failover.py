@@ -145,34 +145,54 @@ async def wait_registry(http: aiohttp.ClientSession, asked: NodeProcess,
         await asyncio.sleep(0.1)
 
 
+async def three_nodes(tmp_path: Path, redis: RedisExecutor, started: list[NodeProcess],
+                      http: aiohttp.ClientSession, *, edges: bool = False
+                      ) -> tuple[list[NodeProcess], NodeProcess, NodeProcess, NodeProcess]:
+    """Three `scrubin serve` on one Redis (lease_ttl_s 3, node_ttl_s 2.5): all
+    of them, the one holding the Session, and the two others."""
+    config = write_config(tmp_path, redis, edges=edges)
+    three = [NodeProcess(name, config, unused_port()) for name in ("node-a", "node-b", "node-c")]
+    started.extend(three)
+    await asyncio.gather(*(asyncio.to_thread(node.start) for node in three))
+    origin = await the_holder(http, three)
+    b, c = (n for n in three if n is not origin)
+    return three, origin, b, c
+
+
+def camera_publisher(origin: NodeProcess, fallbacks: list[str]) -> WhipPublisher:
+    """The synthetic room camera, published to ``origin`` (then ``fallbacks``)."""
+    return WhipPublisher(
+        f"{origin.base_url}/whip/or1-live/room",
+        TOKENS.issue("or1-live", Role.EXPERT, name="Room camera"),
+        [SyntheticTheatreCamera(640, 360, 15, label="room")],
+        WhipOptions(host_addresses=LOOPBACK, fallback_urls=fallbacks))
+
+
+async def open_watch_pages(browser: Any, homes: tuple[NodeProcess, ...],
+                           contexts: list[Any]) -> dict[str, Viewer]:
+    """A trainee's watch page opened from each Node of ``homes``, by Node name."""
+    from .browser_helpers import open_page
+
+    viewers = {}
+    for home in homes:
+        token = TOKENS.issue("or1-live", Role.TRAINEE, name=f"Trainee on {home.name}")
+        context, page, _ = await open_page(browser, f"{home.base_url}/watch.html#token={token}",
+                                           home.name)
+        contexts.append(context)
+        viewers[home.name] = Viewer(f"page from {home.name}", page)
+    return viewers
+
+
 async def test_pages_and_the_publisher_survive_nodes_dying_and_draining(
         multinode_redis: RedisExecutor,  # noqa: F811
         processes: list[NodeProcess],  # noqa: F811
         tmp_path: Path, http: aiohttp.ClientSession, browser: Any) -> None:
-    from .browser_helpers import open_page
-
-    config = write_config(tmp_path, multinode_redis)  # lease_ttl_s 3, node_ttl_s 2.5
-    three = [NodeProcess(name, config, unused_port()) for name in ("node-a", "node-b", "node-c")]
-    processes.extend(three)
-    await asyncio.gather(*(asyncio.to_thread(node.start) for node in three))
-    origin = await the_holder(http, three)
-    b, c = (n for n in three if n is not origin)
-
-    camera = SyntheticTheatreCamera(640, 360, 15, label="room")
-    publisher = WhipPublisher(
-        f"{origin.base_url}/whip/or1-live/room",
-        TOKENS.issue("or1-live", Role.EXPERT, name="Room camera"), [camera],
-        WhipOptions(host_addresses=LOOPBACK, fallback_urls=[b.base_url, c.base_url]))
+    three, origin, b, c = await three_nodes(tmp_path, multinode_redis, processes, http)
+    publisher = camera_publisher(origin, [b.base_url, c.base_url])
     publishing = asyncio.ensure_future(publisher.run())
-    contexts = []
+    contexts: list[Any] = []
     try:
-        viewers = []
-        for home in (b, c):
-            token = TOKENS.issue("or1-live", Role.TRAINEE, name=f"Trainee on {home.name}")
-            context, page, _ = await open_page(browser, f"{home.base_url}/watch.html#token={token}",
-                                               home.name)
-            contexts.append(context)
-            viewers.append(Viewer(f"page from {home.name}", page))
+        viewers = list((await open_watch_pages(browser, (b, c), contexts)).values())
         for viewer in viewers:
             await viewer.playing(new_subscription=True, timeout_s=20)
             assert (await viewer.look())[0]["url"] == ws_url(origin)
@@ -354,30 +374,13 @@ async def test_pages_on_an_edge_that_dies_play_on_from_another_node(
     """Edges on: trainees' pages are served by the Node they opened (B, C),
     each pulling the camera from the origin. B is killed: its page plays again
     from another Node within 5 s, and C's page is not disturbed."""
-    from .browser_helpers import open_page
-
-    config = write_config(tmp_path, multinode_redis, edges=True)
-    three = [NodeProcess(name, config, unused_port()) for name in ("node-a", "node-b", "node-c")]
-    processes.extend(three)
-    await asyncio.gather(*(asyncio.to_thread(node.start) for node in three))
-    origin = await the_holder(http, three)
-    b, c = (n for n in three if n is not origin)
-
-    camera = SyntheticTheatreCamera(640, 360, 15, label="room")
-    publisher = WhipPublisher(
-        f"{origin.base_url}/whip/or1-live/room",
-        TOKENS.issue("or1-live", Role.EXPERT, name="Room camera"), [camera],
-        WhipOptions(host_addresses=LOOPBACK))
+    three, origin, b, c = await three_nodes(tmp_path, multinode_redis, processes, http,
+                                            edges=True)
+    publisher = camera_publisher(origin, [])
     publishing = asyncio.ensure_future(publisher.run())
-    contexts = []
+    contexts: list[Any] = []
     try:
-        viewers = {}
-        for home in (b, c):
-            token = TOKENS.issue("or1-live", Role.TRAINEE, name=f"Trainee on {home.name}")
-            context, page, _ = await open_page(browser, f"{home.base_url}/watch.html#token={token}",
-                                               home.name)
-            contexts.append(context)
-            viewers[home.name] = Viewer(f"page from {home.name}", page)
+        viewers = await open_watch_pages(browser, (b, c), contexts)
         for name, viewer in viewers.items():
             await viewer.playing(new_subscription=True, timeout_s=20)
             home = b if name == b.name else c
