@@ -248,16 +248,8 @@ class RelayPull:
         """The local Feed's policy asks through this: one PLI to the origin,
         whose own policy coalesces it with its other viewers' requests."""
         pc = self._pc
-
-        def request() -> bool:
-            if self._pc is not pc or pc is None:
-                return False
-            task = asyncio.ensure_future(hooks.send_picture_loss(receiver))
-            self._requests.add(task)
-            task.add_done_callback(self._requests.discard)
-            return True
-
-        return request
+        return hooks.picture_loss_requester(
+            receiver, lambda: pc is not None and self._pc is pc, self._requests)
 
     async def _until_gone(self, pc: RTCPeerConnection) -> bool:
         connected = asyncio.Event()

@@ -107,16 +107,7 @@ class Ingest:
 
     def keyframe_requester(self, receiver: RTCRtpReceiver) -> Callable[[], bool]:
         """A narrow callable for a Feed: send one PLI upstream, now."""
-
-        def request() -> bool:
-            if self._closed:
-                return False
-            task = asyncio.ensure_future(hooks.send_picture_loss(receiver))
-            self._requests.add(task)
-            task.add_done_callback(self._requests.discard)
-            return True
-
-        return request
+        return hooks.picture_loss_requester(receiver, lambda: not self._closed, self._requests)
 
     @property
     def closed(self) -> bool:

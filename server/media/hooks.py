@@ -243,6 +243,23 @@ async def send_picture_loss(receiver: RTCRtpReceiver) -> int:
     return len(sources)
 
 
+def picture_loss_requester(receiver: RTCRtpReceiver, alive: Callable[[], bool],
+                           tasks: set[asyncio.Task[Any]]) -> Callable[[], bool]:
+    """A Feed's keyframe requester for what ``receiver`` receives: one PLI
+    upstream now, while ``alive()``; its task kept in ``tasks`` (the owner
+    cancels them when it closes)."""
+
+    def request() -> bool:
+        if not alive():
+            return False
+        task = asyncio.ensure_future(send_picture_loss(receiver))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return True
+
+    return request
+
+
 def redirect_keyframe_requests(sender: RTCRtpSender, handler: Callable[[], None]) -> None:
     """A viewer's PLI/FIR would make aiortc's sender ask its (absent) encoder for
     a keyframe; hand it to the Feed instead, which rate-limits it upstream."""
