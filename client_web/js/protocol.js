@@ -507,7 +507,9 @@ export class ScrubinClient extends EventTarget {
     this._opened = false;
     /** @type {string} the code of the error the last hello got, if any */
     this._helloError = '';
-    this.connectTimeoutMs = options.connectTimeoutMs ?? 2500;
+    // Long enough for a loaded Node taking over Sessions to answer: one marked
+    // unreachable is passed over for 10 s.
+    this.connectTimeoutMs = options.connectTimeoutMs ?? 6000;
     /** @type {ReturnType<typeof setTimeout>|undefined} */
     this._openTimer = undefined;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 15000;
@@ -707,8 +709,9 @@ export class ScrubinClient extends EventTarget {
       const candidates = [...this.nodeUrls, this.homeUrl];
       this.url = nextNodeUrl(failed, candidates, (url) => this._isUnreachable(url));
       const round = Math.floor(this._reconnectAttempt++ / new Set(candidates).size);
+      // Failing over: keep the waits short (a live Node is among the candidates).
       delay = round === 0 ? 100 + Math.round(Math.random() * 200)
-        : backoffDelay(round - 1, 500, this.maxReconnectDelayMs);
+        : backoffDelay(round - 1, 500, Math.min(4000, this.maxReconnectDelayMs));
     }
     this._setState('reconnecting', reason);
     clearTimeout(this._reconnectTimer);
