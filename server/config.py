@@ -166,8 +166,8 @@ class LivenessConfig:
     stall_audio_s: float = 5.0
     # How often the stamps are looked at.
     check_interval_s: float = 0.25
-    # A downstream whose deliver() takes longer than this (it runs inside the
-    # publisher's receive loop) is dropped.
+    # A downstream whose deliver() takes longer than this twice in a row (it
+    # runs inside the publisher's receive loop) is dropped.
     downstream_block_ms: float = 200.0
     # Websocket ping interval; a page that does not answer within half of it
     # is gone.

@@ -62,6 +62,10 @@ _REATTACH_STEP = {"video": 3000, "audio": 960}
 #: seconds reaches the policy; the Feed-wide interval still applies on top.
 PER_REQUESTER_S = 1.0
 
+#: A downstream is dropped as ``blocked`` after this many deliveries in a row
+#: over ``liveness.downstream_block_ms``.
+BLOCKED_STRIKES = 2
+
 
 @dataclass(eq=False)
 class _Attachment:
@@ -76,6 +80,8 @@ class _Attachment:
     replay: asyncio.Task[None] | None = None
     delivered: int = 0
     behind: int = 0
+    #: Consecutive deliveries over the block budget.
+    slow: int = 0
 
 
 @dataclass
@@ -296,10 +302,19 @@ class Feed:
             self._drop(attachment, "failed", exc)
             return False
         attachment.delivered += 1
-        if time.perf_counter() - started > self._block_budget:
-            self._drop(attachment, "blocked", None)
-            return False
-        return True
+        if time.perf_counter() - started <= self._block_budget:
+            attachment.slow = 0
+            return True
+        # One slow call is as likely the whole process being descheduled on a
+        # loaded machine (seen in CI: a healthy viewer dropped 0.8 s into a
+        # page's life); a downstream that really blocks does it every time.
+        attachment.slow += 1
+        if attachment.slow < BLOCKED_STRIKES:
+            logger.info("feed %s: %s took over %.0f ms once", self.id,
+                        attachment.downstream.downstream_id, self._block_budget * 1000)
+            return True
+        self._drop(attachment, "blocked", None)
+        return False
 
     def _hold(self, attachment: _Attachment, frame: EncodedFrame) -> None:
         assert attachment.pending is not None

@@ -348,7 +348,11 @@ class Subscription:
         if layer == "low" and self.preference == "auto":
             # The link is overloaded: stop filling it with the full layer now, so
             # the low layer's keyframe (and its retransmissions) get through.
+            # Nor resend what the full layer already sent: those packets would
+            # compete with the keyframe for the same link.
             self._current.feed.pause(self._current)
+            if self._fast is not None:
+                self._fast.new_epoch()
         self._attach_layer(layer, start="keyframe")
 
     def on_feedback(self, loss: float, jitter: int, rtt: float | None) -> None:

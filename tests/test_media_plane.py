@@ -236,6 +236,31 @@ async def test_a_misbehaving_downstream_is_dropped_and_nobody_else_notices(
     assert culprit.reasons == [reason]  # told once, not again at close
 
 
+class StallsOnce(Collect):
+    """A healthy downstream whose process was descheduled during one call."""
+
+    def deliver(self, frame: EncodedFrame) -> None:
+        super().deliver(frame)
+        if len(self.frames) == 2:
+            time.sleep(0.05)
+
+
+async def test_one_slow_delivery_is_forgiven_a_second_in_a_row_is_not() -> None:
+    feed, _, drops = make_feed()
+    sink = feed.connect_publisher(Upstream())
+    stalls_once, blocks = StallsOnce("once"), Blocks("always")
+    feed.attach(stalls_once, start="now")
+    feed.attach(blocks, start="now")
+    sink(KEY, 0)
+    assert blocks.reasons == [] and drops == []  # first strike for both
+    for i in range(1, 5):
+        sink(DELTA, i * 3000)
+    assert blocks.reasons == ["blocked"] and drops == ["blocked"]
+    assert stalls_once.reasons == [] and len(stalls_once.frames) == 5
+    assert feed.downstreams == [stalls_once]
+    feed.close()
+
+
 async def test_a_consumer_that_stops_draining_skips_to_keyframes_then_is_dropped() -> None:
     feed, _, drops = make_feed(keyframe_request_interval_ms=0)
     upstream = Upstream()

@@ -3,6 +3,7 @@ RTP headers (the Feed and its downstreams: tests/test_media_plane.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import fractions
 
 import av
@@ -221,6 +222,40 @@ async def test_nacked_packets_are_resent_as_rtx_when_negotiated_and_as_is_otherw
             assert restored.marker == original.marker == 1
         else:
             assert sent[2] == sent[1]
+
+
+async def test_packets_sent_before_a_new_epoch_are_not_resent() -> None:
+    """A viewer moved to another layer: what the old layer sent is not worth
+    resending (it would compete with the new layer's keyframe)."""
+    from aiortc import sdp as aiortc_sdp
+
+    from server.media.fastpath import FastSender, negotiated_from
+
+    class FakeSender:
+        _ssrc = 0x11223344
+        _rtx_ssrc = 0x55667788
+
+        async def _retransmit(self, sequence_number: int) -> None:
+            return None
+
+    media = aiortc_sdp.SessionDescription.parse(
+        "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+        "m=video 9 UDP/TLS/RTP/SAVPF 97\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\n"
+        "a=rtpmap:97 VP8/90000\r\na=sendonly\r\na=rtcp-mux\r\n").media[0]
+    negotiated = negotiated_from(media, "0")
+    sent: list[bytes] = []
+    fast = FastSender(FakeSender(), negotiated)  # type: ignore[arg-type]
+    fast._protect, fast._send = (lambda data: data), sent.append
+    fast.send_frame([b"old layer"], pts=3000)
+    old = RtpPacket.parse(sent[-1], negotiated.extensions).sequence_number
+    await asyncio.sleep(0.002)
+    fast.new_epoch()
+    fast.send_frame([b"new layer keyframe"], pts=9000)
+    new = RtpPacket.parse(sent[-1], negotiated.extensions).sequence_number
+    await fast._retransmit(old)
+    assert len(sent) == 2 and fast.resend_refused == 1
+    await fast._retransmit(new)
+    assert len(sent) == 3 and sent[2] == sent[1] and fast.retransmitted == 1
 
 
 def test_after_heavy_loss_one_stall_skips_every_hole_to_a_whole_frame() -> None:
