@@ -382,6 +382,32 @@ export function nextNodeUrl(failed, candidates, unreachable) {
   return list[(start + 1) % list.length];
 }
 
+/**
+ * The same page on the Node behind a websocket URL, the token in its fragment
+ * (as in an invite link: never sent to a server; the page there keeps it in
+ * its own tab storage): where to go when this page's policy may not connect
+ * there.
+ * @param {string} socketUrl
+ * @param {Location} loc
+ * @param {string} token
+ */
+export function pageUrlOn(socketUrl, loc, token) {
+  const url = new URL(socketUrl);
+  const scheme = url.protocol === 'wss:' ? 'https:' : 'http:';
+  const fragment = new URLSearchParams(loc.hash.replace(/^#/, ''));
+  fragment.set('token', token);
+  return `${scheme}//${url.host}${loc.pathname}${loc.search}#${fragment}`;
+}
+
+/** @param {string} a @param {string} b */
+function sameHost(a, b) {
+  try {
+    return new URL(a).host === new URL(b).host;
+  } catch {
+    return false;
+  }
+}
+
 /** A Node that did not answer is passed over for this long when failing over. */
 const UNREACHABLE_MS = 10000;
 
@@ -516,6 +542,12 @@ export class ScrubinClient extends EventTarget {
     this.pingIntervalMs = options.pingIntervalMs ?? 15000;
     this.maxReconnectDelayMs = options.maxReconnectDelayMs ?? 10000;
     this._WebSocket = options.WebSocket || globalThis.WebSocket;
+    /**
+     * The last connection events (`[ms since epoch, what, url]`), newest last:
+     * what support and hospital IT ask for when a page would not reconnect.
+     * @type {Array<[number, string, string]>}
+     */
+    this.connectionLog = [];
     this._RTCPeerConnection = options.RTCPeerConnection || globalThis.RTCPeerConnection;
 
     /** @type {ClientState} */
@@ -562,6 +594,9 @@ export class ScrubinClient extends EventTarget {
     /** @type {ReturnType<typeof setInterval>|undefined} */
     this._stallTimer = undefined;
     this._onOnline = () => this.checkConnection();
+    /** @param {Event} event */
+    this._onPolicyViolation = (event) => this._policyViolation(
+      /** @type {SecurityPolicyViolationEvent} */ (event));
   }
 
   // -- connection ---------------------------------------------------------
@@ -575,6 +610,7 @@ export class ScrubinClient extends EventTarget {
   connect() {
     if (this.state !== 'idle') throw new Error(`connect() called in state ${this.state}`);
     globalThis.addEventListener?.('online', this._onOnline);
+    globalThis.document?.addEventListener?.('securitypolicyviolation', this._onPolicyViolation);
     const first = new Promise((resolve, reject) => {
       this._firstWelcome = { resolve, reject };
     });
@@ -613,6 +649,7 @@ export class ScrubinClient extends EventTarget {
     this._setState(this._everWelcomed ? 'reconnecting' : 'connecting');
     this._opened = false;
     this._helloError = '';
+    this._log('connect', this.url);
     let ws;
     try {
       ws = new this._WebSocket(this.url);
@@ -627,6 +664,7 @@ export class ScrubinClient extends EventTarget {
       if (ws === this._ws && !this._opened) this._scheduleReconnect('the server does not answer');
     }, this.connectTimeoutMs);
     ws.onopen = () => {
+      this._log('open', this.url);
       this._opened = true;
       clearTimeout(this._openTimer);
       ws.send(JSON.stringify({ type: 'hello', token: this.token, id: this._newId() }));
@@ -641,6 +679,7 @@ export class ScrubinClient extends EventTarget {
   /** @param {WebSocket} ws @param {number} code @param {string} reason */
   _onClose(ws, code, reason) {
     if (ws !== this._ws) return;
+    this._log(`closed ${code} ${reason}`, this.url);
     this._detachSocket();
     if (this.state === 'ended' || this.state === 'closed' || this.state === 'failed') return;
     const fatal = FATAL_CLOSE.get(code);
@@ -713,9 +752,38 @@ export class ScrubinClient extends EventTarget {
       delay = round === 0 ? 100 + Math.round(Math.random() * 200)
         : backoffDelay(round - 1, 500, Math.min(4000, this.maxReconnectDelayMs));
     }
+    this._log(`${reason}; next in ${delay} ms`, this.url);
     this._setState('reconnecting', reason);
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = setTimeout(() => this._open(), delay);
+  }
+
+  /**
+   * The page's Content-Security-Policy lists the Nodes known when it was
+   * served; a Node that joined since is refused by the browser without a
+   * close event (the socket would just time out). Pass it over at once, and
+   * when no other Node is left, load this page from that Node.
+   * @param {SecurityPolicyViolationEvent} event
+   */
+  _policyViolation(event) {
+    if (!this._ws || this._opened || event.effectiveDirective !== 'connect-src'
+        || !sameHost(event.blockedURI, this.url)) return;
+    const blocked = this.url;
+    this._log('refused by this page\'s security policy (a Node that joined after it loaded)', blocked);
+    const others = [...this.nodeUrls, this.homeUrl]
+      .filter((url) => url !== blocked && !this._isUnreachable(url));
+    if (!others.length && globalThis.location) {
+      this._shutdown('reconnecting', 'loading the page from the Node serving this Session');
+      globalThis.location.assign(pageUrlOn(blocked, globalThis.location, this.token));
+      return;
+    }
+    this._scheduleReconnect('this page may not connect to that Node');
+  }
+
+  /** @param {string} what @param {string} url */
+  _log(what, url) {
+    this.connectionLog.push([Date.now(), what, url]);
+    if (this.connectionLog.length > 40) this.connectionLog.shift();
   }
 
   /** @param {string} url */
@@ -735,6 +803,7 @@ export class ScrubinClient extends EventTarget {
     clearInterval(this._stallTimer);
     this._stallTimer = undefined;
     globalThis.removeEventListener?.('online', this._onOnline);
+    globalThis.document?.removeEventListener?.('securitypolicyviolation', this._onPolicyViolation);
     this._detachSocket();
     this._setState(state, reason);
   }
@@ -792,6 +861,7 @@ export class ScrubinClient extends EventTarget {
     if (!this._welcomed) {
       if (msg.type === 'welcome') {
         const target = servingUrl(msg);
+        this._log(`welcome, serving ${target || 'here'}`, this.url);
         this._noteNodes(/** @type {Welcome} */ (msg));
         if (target && target !== this.url && this._isUnreachable(target)) {
           // It names a Node that just stopped answering (the registry has not
