@@ -338,7 +338,8 @@ def _remove_media(directory: Path) -> None:
 
 
 def inventory(directory: Path) -> list[dict[str, Any]]:
-    """Every file of an export as it is now: name, size, sha256."""
+    """Every file of an export as it is now: name, size, sha256. A file removed
+    meanwhile (by another Node sharing the root, or a person) is not listed."""
     out: list[dict[str, Any]] = []
     with contextlib.suppress(OSError):
         for child in sorted(directory.iterdir()):
@@ -350,6 +351,8 @@ def inventory(directory: Path) -> list[dict[str, Any]]:
                 else:
                     item["bytes"] = st.st_size
                     item["sha256"] = sha256_file(child)
+            except FileNotFoundError:
+                continue
             except OSError as exc:
                 item["error"] = exc.strerror or str(exc)
             out.append(item)

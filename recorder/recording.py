@@ -137,12 +137,16 @@ def _iso(ts: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, *, sync: bool = True, shared: bool = False) -> None:
     """Replace ``path`` with ``data``: a temporary file beside it, fsync, rename,
     fsync of the directory (``sync=False``: no fsync, for files rebuilt from
     others). A failure (a full disk) leaves ``path`` as it was and no temporary
-    file behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    file behind. ``shared``: several processes replace this file (the index of
+    a recordings root shared by Nodes), so the temporary name is this write's
+    own; one name for all would let one writer rename another's half-written
+    file, or find its own gone."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp" if shared
+                         else f".{path.name}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:

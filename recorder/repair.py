@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import statistics
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -102,13 +103,19 @@ def needs_repair(manifest: dict[str, Any]) -> bool:
                for part in feed.get("parts", []))
 
 
-def remove_temporary(directory: Path) -> list[str]:
-    """Remove what an interrupted atomic write or repair left in ``directory``."""
+def remove_temporary(directory: Path, *, min_age_s: float = 0.0) -> list[str]:
+    """Remove what an interrupted atomic write or repair left in ``directory``.
+    ``min_age_s``: only what was last written longer ago than this, for a
+    directory other processes write too (the root of recordings shared by
+    Nodes: another Node's write under way is not a leftover)."""
     removed = []
+    now = time.time()
     with contextlib.suppress(FileNotFoundError):
         for child in directory.iterdir():
             if _TEMPORARY.match(child.name) and not child.is_dir():
                 with contextlib.suppress(FileNotFoundError):
+                    if min_age_s and now - child.stat().st_mtime < min_age_s:
+                        continue
                     child.unlink()
                     removed.append(child.name)
     return removed

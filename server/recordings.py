@@ -38,7 +38,17 @@ that kept the index or a final manifest from being written is retried every
 Deletion, by an admin or by retention, is audited with every file it removed
 and its sha256 (computed just before), and checked: the directory must be
 gone. A recording on legal hold (admins; ``hold.json``) is never deleted:
-retention skips it, a deletion is ``409 legal_hold``.
+retention skips it, a deletion is ``409 legal_hold``. Another Node or a person
+may remove files, or the whole recording, while it is being deleted: a file
+gone before it was read is not listed, a recording gone before it was removed
+is forgotten (``404 unknown_recording``), never counted as deleted here.
+
+Retention sweeps, one Node of a deployment at a time: every Node runs the
+loop, but a sweep first takes the retention lease in the store (the Session
+leases' mechanism under a name no Session id can have), renewed while it runs
+and released after; a Node that finds another holding it skips that pass.
+Before sweeping it looks at the root again, so it never deletes what another
+Node's sweep already removed.
 """
 
 from __future__ import annotations
@@ -61,7 +71,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 from urllib.parse import quote
 
 from recorder import Recording, RecordingError, SessionInfo, WriterOptions, deidentified
@@ -77,7 +87,7 @@ from .config import Config
 from .errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unauthorized, Unavailable
 from .roles import MODERATORS, Role
 from .session import Session
-from .store import LiveRecording, Store, StoreUnavailable
+from .store import LeaseStore, LiveRecording, Store, StoreUnavailable
 from .tokens import Grant
 
 logger = logging.getLogger(__name__)
@@ -99,6 +109,17 @@ CONSENT_FIELDS = {"recorded_by": 200, "recorded_at": 64, "scope": 32, "note": 10
 MEDIA_AUDIT_MEMORY = 20_000
 #: Events sent to the player at most (the rest is in events.jsonl).
 MAX_EVENTS = 50_000
+#: A temporary file in the root older than this is a leftover (a Node's index
+#: write takes milliseconds); a younger one may be another Node's write under way.
+ROOT_TEMPORARY_AGE_S = 60.0
+#: The lease a Node holds in the store while it makes a retention sweep. It lives
+#: among the Sessions' leases: the ':' keeps it from ever being a Session id.
+RETENTION_LEASE = "recordings:retention"
+#: Short, so a Node that dies mid-sweep holds up the next sweep briefly; renewed
+#: every third of it while a sweep runs (hashing large parts can take minutes).
+RETENTION_LEASE_S = 30.0
+#: A sweep that could not ask the store for the lease is tried again this soon.
+RETENTION_RETRY_S = 60.0
 CONTENT_TYPES = {".webm": "video/webm", ".mp4": "video/mp4", ".mkv": "video/x-matroska"}
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
 
@@ -317,6 +338,12 @@ class Recordings:
         self.config = config.recording
         #: The shared store when Sessions can move between Nodes (Redis), else None.
         self._store = store if store is not None and store.kind != "memory" else None
+        #: Where the retention lease is taken (any store: one in memory is this Node's own).
+        self._leases: LeaseStore | None = store.leases if store is not None else None
+        self._lease_node = store.node_id if store is not None else None
+        #: Passes of the retention loop so far (made, skipped or put off): when the
+        #: one a Node makes as it starts is over.
+        self.retention_passes = 0
         self.node_id = node_id or config.server.node_id
         self.root = Path(self.config.root)
         self.audit = audit
@@ -349,7 +376,8 @@ class Recordings:
         """Create the root; finish what a crash left unfinished; rebuild the index
         from the recordings on disk. (In a thread: it reads and writes files.)"""
         self.root.mkdir(mode=0o750, parents=True, exist_ok=True)
-        remove_temporary(self.root)
+        # Other Nodes sharing the root may be writing the index this moment.
+        remove_temporary(self.root, min_age_s=ROOT_TEMPORARY_AGE_S)
         active = self._active_ids()
         self.index = {}
         for child in sorted(self.root.iterdir()):
@@ -517,8 +545,9 @@ class Recordings:
         data = json.dumps({"recordings": list(self.index.values())}, indent=1,
                           ensure_ascii=False).encode()
         try:
-            # Rebuilt from the manifests at start: no fsync needed.
-            write_atomic(self.root / INDEX, data, sync=False)
+            # Rebuilt from the manifests at start: no fsync needed. Every Node
+            # sharing the root writes it.
+            write_atomic(self.root / INDEX, data, sync=False, shared=True)
         except OSError as exc:
             if not self.index_dirty:
                 logger.warning("recordings: index not written (tried again every %g s): %s",
@@ -992,18 +1021,22 @@ class Recordings:
             raise Conflict("this recording is on legal hold; an admin must release it first",
                            code="legal_hold")
         directory = self.root / recording_id
+        if not await asyncio.to_thread(os.path.lexists, directory):
+            self._vanished(recording_id)
         for hook in list(self.before_delete):
             await hook(recording_id)
         files = await asyncio.to_thread(self._inventory, recording_id)
         try:
             st = os.lstat(directory)
         except FileNotFoundError:
-            st = None
-        if st is not None:
-            if stat.S_ISDIR(st.st_mode):
-                # rmtree unlinks symlinks inside, it never follows them.
-                await asyncio.to_thread(shutil.rmtree, directory, True)
-            else:
+            # Removed whole while its files were being read: not ours to report.
+            self._vanished(recording_id)
+        if stat.S_ISDIR(st.st_mode):
+            # rmtree unlinks symlinks inside, it never follows them; a file someone
+            # else removes meanwhile is no error (what is left is checked below).
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
                 directory.unlink()
         gone = not await asyncio.to_thread(os.path.lexists, directory)
         session = entry.get("session")
@@ -1023,9 +1056,22 @@ class Recordings:
         logger.info("recording %s deleted (%s): %d files", recording_id, reason, len(files))
         return {"deleted": recording_id, "files": files, "verified": True}
 
+    def _vanished(self, recording_id: str) -> NoReturn:
+        """The recording's directory is gone, removed by another Node sharing the
+        root or by a person: forgotten here, and 404 to whoever asked."""
+        logger.info("recording %s: already gone from the root (another Node, or by hand); "
+                    "forgotten", recording_id)
+        self.index.pop(recording_id, None)
+        self._manifests.pop(recording_id, None)
+        self._unfinished.pop(recording_id, None)
+        self._scanned.pop(recording_id, None)
+        self._save_index()
+        raise NotFound("no such recording", code="unknown_recording")
+
     def _inventory(self, recording_id: str) -> list[dict[str, Any]]:
         """Every file of a recording as it is now: name, kind, size, sha256 (and
-        whether it is the one the manifest lists)."""
+        whether it is the one the manifest lists). A file that vanishes before it
+        is read is not listed: whoever removed it, it was not this deletion."""
         directory = self.root / recording_id
         listed: dict[str, dict[str, Any]] = {}
         with contextlib.suppress(OSError, ValueError):
@@ -1061,6 +1107,8 @@ class Recordings:
             item.update(kind=kind, bytes=st.st_size)
             try:
                 item["sha256"] = sha256_file(child)
+            except FileNotFoundError:
+                continue
             except OSError as exc:
                 item["error"] = exc.strerror or str(exc)
             if part is not None and part.get("sha256"):
@@ -1104,9 +1152,11 @@ class Recordings:
                           recording=recording_id, by=by, reason=reason)
         return hold
 
-    async def expire(self, now: float | None = None) -> list[str]:
+    async def expire(self, now: float | None = None, *,
+                     go_on: Callable[[], bool] | None = None) -> list[str]:
         """Delete the Recordings older than ``retention_days`` (by their end, or
-        start); returns their ids."""
+        start); returns their ids. ``go_on``, asked before each deletion: False
+        stops here (the sweep's lease was lost)."""
         days = self.config.retention_days
         if days <= 0:
             return []
@@ -1120,20 +1170,82 @@ class Recordings:
             if entry.get("hold"):
                 logger.info("recording %s: past retention, kept on legal hold", recording_id)
                 continue
+            if go_on is not None and not go_on():
+                logger.warning("recordings: retention pass stopped, another Node took it over")
+                break
+            if recording_id in self._elsewhere:
+                # Its lock was held when this Node looked, perhaps only for a moment
+                # (another Node starting checks every recording under it): again.
+                directory = self.root / recording_id
+                if await asyncio.to_thread(os.path.isdir, directory):
+                    await asyncio.to_thread(self._finish, directory)
+                if recording_id in self._elsewhere:
+                    logger.info("recording %s: past retention, being written elsewhere; "
+                                "left for a later pass", recording_id)
+                    continue
             try:
                 await self.delete(recording_id, by=None, reason="retention")
                 deleted.append(recording_id)
+            except NotFound:
+                pass  # gone meanwhile (_vanished said so)
             except Exception:
                 logger.exception("recording %s: retention could not delete it", recording_id)
         return deleted
 
+    async def sweep(self, now: float | None = None) -> list[str] | None:
+        """One retention pass, if no other Node of the deployment is making one:
+        under the retention lease (renewed while it runs), after looking at the
+        root again. Returns the ids deleted; None when another Node holds the
+        lease. StoreUnavailable when the lease could not be asked for."""
+        if self.config.retention_days <= 0:
+            return []
+        if self._leases is None:
+            return await self.expire(now)
+        leases = self._leases
+        lease = await leases.acquire_lease(RETENTION_LEASE, ttl_s=RETENTION_LEASE_S)
+        if lease.node_id != self._lease_node:
+            logger.info("recordings: retention pass left to Node %s, which is making one",
+                        lease.node_id)
+            return None
+        lost = asyncio.Event()
+        keeper = asyncio.ensure_future(self._keep_retention_lease(leases, lease.fence, lost))
+        try:
+            # What other Nodes deleted (or recorded) since this Node last looked.
+            await self.load_resumable()
+            await asyncio.to_thread(self.rescan)
+            self._refreshed_at = time.monotonic()
+            return await self.expire(now, go_on=lambda: not lost.is_set())
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            with contextlib.suppress(StoreUnavailable):
+                await leases.release_lease(RETENTION_LEASE, lease.fence)
+
+    @staticmethod
+    async def _keep_retention_lease(leases: LeaseStore, fence: int, lost: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(RETENTION_LEASE_S / 3)
+            try:
+                if await leases.renew_leases({RETENTION_LEASE: fence}, ttl_s=RETENTION_LEASE_S):
+                    lost.set()
+                    return
+            except StoreUnavailable:
+                continue  # the next renewal takes it back if nobody took it meanwhile
+
     async def retention_loop(self) -> None:
         while True:
+            wait = self.config.retention_check_s
             try:
-                await self.expire()
+                await self.sweep()
+            except StoreUnavailable as exc:
+                logger.warning("recordings: retention pass put off, the store is unreachable: "
+                               "%s", exc)
+                wait = min(wait, RETENTION_RETRY_S)
             except Exception:
                 logger.exception("recordings: retention pass failed")
-            await asyncio.sleep(self.config.retention_check_s)
+            self.retention_passes += 1
+            await asyncio.sleep(wait)
 
 
 def _read_hold(directory: Path) -> dict[str, Any] | None:

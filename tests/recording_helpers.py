@@ -198,6 +198,42 @@ async def build_recording(root: str | Path, session_id: str = "or1-live", *,
     return recording
 
 
+async def build_moved_recording(root: str | Path, session_id: str = "or1-live", *,
+                                before: tuple[float, float] = (1.0, 2.0),
+                                after: tuple[float, float] = (6.0, 2.0),
+                                consent_t: float = 0.5,
+                                first_after: int = 1000) -> Recording:
+    """A stopped Recording whose Session moved between Nodes, as the recorder
+    writes it (``Recording.stop(hand_over=True)`` on ``node-a``, then
+    ``Recording(resume=True)`` on ``node-b``): room.video from Session time
+    ``before[0]`` for ``before[1]`` s (counter from 0), then from ``after[0]`` for
+    ``after[1]`` s (counter from ``first_after``), one gap between. Returns the
+    second Node's Recording (its manifest is the final one)."""
+    first_frames = encode_vp8(round(before[1] * FPS), 0)
+    second_frames = encode_vp8(round(after[1] * FPS), first_after)
+    span = after[0] + after[1] + 0.25
+    origin, origin_unix = time.monotonic() - span, time.time() - span
+    info = SessionInfo(session_id, "or1", "Cholecystectomy", "Dr Expert",
+                       "Laparoscopic cholecystectomy")
+    consent = {**CONSENT, "started_by": {"name": "test"}}
+    recording_id = None
+    for node, start_t, frames in (("node-a", before[0], first_frames),
+                                  ("node-b", after[0], second_frames)):
+        recording = Recording(root, info, consent, recording_id=recording_id, origin=origin,
+                              origin_unix=origin_unix, consent_t=consent_t, node=node,
+                              resume=recording_id is not None)
+        await recording.start()
+        assert recording.state == "recording", recording.errors
+        recording_id = recording.id
+        feed = FakeFeed()
+        recording.attach(feed)
+        for i, (data, key) in enumerate(frames):
+            feed.emit(data, 1000 + i * (90000 // FPS), key, origin + start_t + i / FPS)
+        await recording.stop(hand_over=node == "node-a")
+    make_thumbnail(recording.directory, ("room",))
+    return recording
+
+
 def interaction(message: dict[str, Any]) -> dict[str, Any]:
     """An interaction message as the recorder stores it (Recording.follow)."""
     return {"type": "interaction", "to": None, "message": message, "t": message["t"]}

@@ -6,6 +6,11 @@ step shows the frame of that moment (counter read from the picture with the
 JS port of server/framecode.py), the expert's circle is drawn over it,
 cameras switch, and playback at 2x keeps the cameras in sync.
 
+Gaps: a Recording whose Session moved between Nodes (made by the real
+recorder's hand-over and resume) has its gap hatched on the timeline where it
+is, and a notice over the picture while the playhead is inside it, not the
+picture from before it.
+
 Live: the expert records from the broadcast page (consent dialog), the
 trainee's page shows REC.
 
@@ -35,7 +40,15 @@ from server.roles import Role
 
 from .browser_helpers import chromium, chromium_available, open_page, screenshot, wait_js
 from .conftest import Server, wait_for
-from .recording_helpers import CONSENT, FPS, build_recording, circle, interaction, mark
+from .recording_helpers import (
+    CONSENT,
+    FPS,
+    build_moved_recording,
+    build_recording,
+    circle,
+    interaction,
+    mark,
+)
 from .test_recording_control import Client, join, publish_camera
 
 pytestmark = [
@@ -225,6 +238,101 @@ async def test_player_jumps_to_the_moment_with_drawings_and_cameras_in_sync(
                             "!document.querySelector('.thumb video').seeking")
         await shows(page, near(expected_counter(t), 2))
         await shows(page, lambda value: h264_shows(value, t), ".thumb video")
+        assert not log.errors, log.errors
+        await context.close()
+
+
+#: The gap notice over the picture: its text, or null while it is hidden.
+GAP_NOTICE_JS = """
+() => { const g = document.querySelector('#player-gap');
+        return g.hidden ? null : g.textContent.trim(); }
+"""
+
+
+async def test_player_draws_the_gap_of_a_session_that_moved_and_says_so_inside_it(
+        server: Server) -> None:
+    # node-a recorded 1.0-3.0 s, node-b 6.0-10.0 s (counter from 1000); consent at 0.5.
+    after_t, first_after = 6.0, 1000
+    recording = await build_moved_recording(server.config.recording.root,
+                                            before=(1.0, 2.0), after=(after_t, 4.0),
+                                            first_after=first_after)
+    manifest = json.loads((recording.directory / "manifest.json").read_text())
+    [gap] = manifest["gaps"]
+    start, end = gap["start"], gap["end"]
+    assert 2.8 < start < 3.2 and 5.8 < end < 6.2, gap
+    server.app[RECORDINGS].open()
+    token = server.token(Role.REVIEWER, name="Prof Review")
+    said = f"Not recorded: {end - start:.1f} s (the Session moved to another Node)"
+
+    async with chromium() as browser:
+        context, page, log = await open_page(
+            browser, f"{server.base_url}/player.html#token={token}&recording={recording.id}",
+            "player")
+        await wait_js(page, "() => window.scrubinPlayer && window.scrubinPlayer.range()[1] > 0"
+                            " && document.querySelector('.timeline-gap')")
+        t0, t1 = await page.evaluate("() => window.scrubinPlayer.range()")
+        assert t0 == manifest["started_t"] and abs((t1 - t0) - manifest["duration"]) < 1e-6
+
+        # Drawn where it is: its place and length as fractions of the timeline's
+        # track (the canvas inside its 1 px border).
+        assert await page.locator(".timeline-gap").count() == 1
+        track = await page.locator("#timeline").bounding_box()
+        span = await page.locator(".timeline-gap").bounding_box()
+        assert track is not None and span is not None
+        width = track["width"] - 2
+        left_ratio = (span["x"] - track["x"] - 1) / width
+        width_ratio = span["width"] / width
+        want_left, want_width = (start - t0) / (t1 - t0), (end - start) / (t1 - t0)
+        print(f"gap drawn at {left_ratio:.4f} (want {want_left:.4f}), width "
+              f"{width_ratio:.4f} (want {want_width:.4f}) of {width:.0f} px")
+        assert abs(left_ratio - want_left) < 0.005, (left_ratio, want_left)
+        assert abs(width_ratio - want_width) < 0.005, (width_ratio, want_width)
+        assert await page.get_attribute(".timeline-gap", "title") == said
+        assert await page.locator("#legend-gap").is_visible()
+
+        # Before the gap: node-a's picture, no notice.
+        await page.evaluate("() => window.scrubinPlayer.seek(2.0)")
+        await wait_js(page, SETTLED_JS, 2.0)
+        await shows(page, near(expected_counter(2.0)))
+        assert await page.evaluate(GAP_NOTICE_JS) is None
+
+        # Into the gap (a click on its span): the notice, and no picture behind it.
+        await page.click(".timeline-gap")
+        await wait_js(page, "([s, e]) => { const t = window.scrubinPlayer.time();"
+                            " return t > s && t < e; }", [start, end])
+        assert await page.evaluate(GAP_NOTICE_JS) == said
+        assert await page.evaluate("() => window.scrubinPlayer.mainPart()") is None
+        # The element holds nothing to show (not node-a's last frame).
+        assert await page.evaluate("() => { const v = window.scrubinPlayer.mainVideo();"
+                                   " return [v.readyState, v.getAttribute('src')]; }") == [0, None]
+        assert await counter(page) is None
+        assert await page.get_attribute("#player-gap", "data-reason") == "origin_moved"
+        await screenshot(page, "player-gap")
+
+        # After it: node-b's picture, the notice gone.
+        await page.evaluate(f"() => window.scrubinPlayer.seek({end + 0.5})")
+        await wait_js(page, SETTLED_JS, end + 0.5)
+        await shows(page, near(first_after + int((end + 0.5 - after_t) * FPS + 1e-6)))
+        assert await page.evaluate(GAP_NOTICE_JS) is None
+        assert await page.evaluate("() => window.scrubinPlayer.mainPart().node") == "node-b"
+
+        # Playing through it: the notice comes at its start and goes at its end.
+        await page.evaluate(f"() => window.scrubinPlayer.seek({start - 0.5})")
+        await wait_js(page, SETTLED_JS, start - 0.5)
+        await page.click("#play")
+        notice_at = await wait_js(page, """(said) => {
+            const p = window.scrubinPlayer, g = document.querySelector('#player-gap');
+            return !g.hidden && g.textContent.trim() === said && p.time(); }""", said,
+                                  timeout_s=20)
+        assert start - 0.05 <= notice_at < end, (notice_at, gap)
+        picture_at = await wait_js(page, """() => {
+            const p = window.scrubinPlayer, part = p.mainPart();
+            return document.querySelector('#player-gap').hidden && part
+                && part.node === 'node-b' && p.time(); }""", timeout_s=20)
+        assert end <= picture_at < t1, (picture_at, gap)
+        print(f"notice shown at {notice_at:.2f} s, picture back at {picture_at:.2f} s "
+              f"(gap {start:.2f}-{end:.2f})")
+        await page.click("#play")  # pause
         assert not log.errors, log.errors
         await context.close()
 

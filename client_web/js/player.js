@@ -19,6 +19,12 @@
  * from its `t` until `expires_t` (null: pinned), fading over its last second,
  * until `annotations_cleared`; the current step is the last `mark`'s.
  *
+ * Gaps: a Recording whose Session moved between Nodes has spans with no media
+ * at all (`gaps` in the Recording, docs/protocol.md, "A recording that moves
+ * between Nodes"). Each is hatched on the timeline (its title says how long and
+ * why), and while the clock is inside one the picture says so: nothing was
+ * recorded then, on any camera.
+ *
  * A de-identified export (`#token=…&recording=ID&export=EXPORT`) plays the same
  * way: one part per camera (an MP4 with its sound), no events. A bar above the
  * picture says its state; whoever may review it (docs/protocol.md,
@@ -49,6 +55,47 @@ const FADE_TAIL_S = FADE_TAIL_MS / 1000;
  *   width?: number, height?: number}} Part */
 /** @typedef {{id: string, kind: string, codec: string, parts: Part[]}} RecordedFeed */
 /** @typedef {{t: number, type: string, [key: string]: any}} RecordedEvent */
+/** @typedef {{start: number, end: number, reason: string}} Gap */
+
+/** Why a gap has no media, as the player says it (by the manifest's `reason`). */
+const GAP_REASONS = /** @type {Record<string, string>} */ ({
+  origin_moved: 'the Session moved to another Node' });
+
+// -- gaps ------------------------------------------------------------------------------------
+
+/**
+ * The Recording's gaps within [t0, t1], in order. A gap still open (`end`
+ * null: the Session is moving now) runs to `t1`.
+ * @param {any} raw  the Recording's `gaps`
+ * @param {number} t0 @param {number} t1
+ * @returns {Gap[]}
+ */
+export function recordedGaps(raw, t0, t1) {
+  if (!Array.isArray(raw)) return [];
+  /** @type {Gap[]} */
+  const out = [];
+  for (const gap of raw) {
+    const start = Math.max(t0, Number(gap?.start));
+    const end = Math.min(t1, gap?.end === null || gap?.end === undefined ? t1 : Number(gap.end));
+    if (Number.isFinite(start) && Number.isFinite(end) && end > start) {
+      out.push({ start, end, reason: String(gap.reason || '') });
+    }
+  }
+  return out.sort((a, b) => a.start - b.start);
+}
+
+/** @param {Gap[]} list @param {number} t @returns {Gap|null} */
+export function gapAt(list, t) {
+  return list.find((g) => t >= g.start && t < g.end) || null;
+}
+
+/** "Not recorded: 4.1 s (the Session moved to another Node)". @param {Gap} gap */
+export function describeGap(gap) {
+  const length = gap.end - gap.start;
+  const said = length < 60 ? `${length.toFixed(1)} s` : formatDuration(length);
+  const why = GAP_REASONS[gap.reason];
+  return `Not recorded: ${said}${why ? ` (${why})` : ''}`;
+}
 
 // -- replay rules (the same as recorder/replay.py) ------------------------------------
 
@@ -204,6 +251,7 @@ const timeLabel = $('#player-time');
 const speed = /** @type {HTMLSelectElement} */ ($('#player-speed'));
 const soundButton = /** @type {HTMLButtonElement} */ ($('#player-sound'));
 const timeline = /** @type {HTMLCanvasElement} */ ($('#timeline'));
+const timelineGaps = $('#timeline-gaps');
 
 const params = pageParams();
 const token = params.token || '';
@@ -225,6 +273,8 @@ let events = [];
 let markers = [];
 /** @type {{t: number, text: string, author: string, votes: number, status: string, id: string}[]} */
 let questions = [];
+/** @type {Gap[]} spans with no media, within [t0, t1] */
+let gaps = [];
 let t0 = 0;
 let t1 = 0;
 let soundOn = false;
@@ -322,11 +372,16 @@ function render() {
   // What is on screen: the playing picture's time, else the clock's (exact after a
   // jump); a millisecond of slack, as events are stamped to the millisecond.
   const at = (clock.playing && shown !== null ? shown : t) + 0.001;
-  view.dataset.state = main.part ? 'live' : 'empty';
-  gap.hidden = Boolean(main.part) || !recording;
+  const notRecorded = gapAt(gaps, t);
+  view.dataset.state = main.part && !notRecorded ? 'live' : 'empty';
+  // Inside a gap nothing was recorded on any camera: say so rather than leave a
+  // picture from before it (or a black one) looking like the moment.
+  gap.hidden = (Boolean(main.part) && !notRecorded) || !recording;
+  gap.dataset.reason = notRecorded ? notRecorded.reason || 'gap' : '';
   const firstPart = main.feed?.parts[0];
-  gapText.textContent = firstPart && t < firstPart.start
-    ? 'No picture from this camera yet.' : 'No picture from this camera at this moment.';
+  gapText.textContent = notRecorded ? describeGap(notRecorded)
+    : firstPart && t < firstPart.start ? 'No picture from this camera yet.'
+      : 'No picture from this camera at this moment.';
   const step = stepAt(events, at);
   stepLabel.hidden = !step;
   stepLabel.textContent = step || '';
@@ -397,10 +452,27 @@ function drawTimeline(t) {
   ctx.fill();
   timeline.setAttribute('aria-valuemax', String(Math.round(t1 - t0)));
   timeline.setAttribute('aria-valuenow', String(Math.round(t - t0)));
-  timeline.setAttribute('aria-valuetext', formatDuration(t - t0));
+  const inGap = gapAt(gaps, t);
+  timeline.setAttribute('aria-valuetext', `${formatDuration(t - t0)}${inGap ? ' (not recorded)' : ''}`);
 }
 
-timeline.addEventListener('click', (event) => {
+/** One hatched span per gap over the timeline, placed in percent (resizing keeps them right). */
+function drawGaps() {
+  const span = Math.max(0.001, t1 - t0);
+  timelineGaps.replaceChildren(...gaps.map((g) => {
+    const said = describeGap(g);
+    const node = el('div', { class: 'timeline-gap', title: said, 'aria-label': said, role: 'img',
+      'data-start': g.start, 'data-end': g.end, 'data-reason': g.reason });
+    // CSSOM, not a style attribute: the pages' CSP allows no inline styles.
+    node.style.left = `${((g.start - t0) / span) * 100}%`;
+    node.style.width = `${((g.end - g.start) / span) * 100}%`;
+    return node;
+  }));
+  $('#legend-gap').hidden = gaps.length === 0;
+}
+
+// On the wrapper: a click on a gap's span (over the canvas) jumps too.
+$('#timeline-wrap').addEventListener('click', (event) => {
   if (!recording) return;
   const box = timeline.getBoundingClientRect();
   const px = event.clientX - box.left;
@@ -660,6 +732,8 @@ async function load() {
   const duration = Number(recording.duration);
   t1 = recording.duration !== null && Number.isFinite(duration) ? t0 + duration
     : Math.max(t0, ...ends.map((/** @type {number[]} */ e) => e[1]));
+  gaps = recordedGaps(recording.gaps, t0, t1);
+  drawGaps();
   setClock(t0);
   const name = exportId ? `De-identified: ${recording.title || recording.procedure || 'recording'}`
     : recording.title || 'Recording';
@@ -694,6 +768,8 @@ window.scrubinPlayer = {
   shownTime: () => main.shownTime(),
   switchMain,
   events: () => events,
+  /** The gaps drawn on the timeline (Session clock). */
+  gaps: () => gaps,
   overlay: () => overlay,
   /** The de-identified export shown (null: a recording) and whether this token may review it. */
   exported: () => exported,
