@@ -812,7 +812,7 @@ export class ScrubinClient extends EventTarget {
     if (quiet >= this.silenceTimeoutMs) {
       // Passed over like a Node that does not open (also when a welcome names it).
       this._unreachable.set(this.url, now);
-      this._scheduleReconnect(`nothing from the server for ${Math.round(quiet / 1000)} s`);
+      this._scheduleReconnect(`nothing from the server for ${(quiet / 1000).toFixed(1)} s`);
     } else if (quiet >= this.pingIntervalMs && now - this._pingAt >= this.pingIntervalMs) {
       this._ping();
     }
