@@ -172,6 +172,10 @@ class LivenessConfig:
     # Websocket ping interval; a page that does not answer within half of it
     # is gone.
     ws_heartbeat_s: float = 5.0
+    # A socket whose hello asked for it gets a `keepalive` message when nothing
+    # else was sent to it for this long: pages take 7 s of silence for a Node
+    # that vanished, so keep it well below that.
+    ws_keepalive_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -571,9 +575,10 @@ def _validate(config: Config) -> None:
     if not (0 < liveness.probe_after_s < liveness.peer_timeout_s) or (
             liveness.check_interval_s <= 0 or liveness.stall_video_s < 0
             or liveness.stall_audio_s < 0 or liveness.downstream_block_ms <= 0
-            or liveness.ws_heartbeat_s <= 0):
+            or liveness.ws_heartbeat_s <= 0 or not 0 < liveness.ws_keepalive_s <= 5):
         raise ConfigError("[liveness]: 0 < probe_after_s < peer_timeout_s; check_interval_s, "
-                          "downstream_block_ms and ws_heartbeat_s > 0; stall_* ≥ 0")
+                          "downstream_block_ms and ws_heartbeat_s > 0; 0 < ws_keepalive_s ≤ 5; "
+                          "stall_* ≥ 0")
     seen: set[str] = set()
     for theatre in config.theatres:
         if theatre.id in seen:

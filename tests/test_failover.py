@@ -490,3 +490,82 @@ async def test_a_page_fails_over_to_a_node_that_joined_after_it_loaded(
         await asyncio.wait_for(publishing, 15)
         for context in contexts:
             await context.close()
+
+
+#: Every state the page's client goes through from now on, with when (ms since the epoch).
+RECORD_STATES_JS = """() => {
+  window.scrubinStates = [];
+  window.scrubin.client.addEventListener('state', (e) => window.scrubinStates.push(
+    {state: e.detail.state, reason: e.detail.reason, t: Date.now()}));
+}"""
+
+
+async def test_pages_on_an_edge_that_vanishes_play_on_from_another_node(
+        multinode_redis: RedisExecutor,  # noqa: F811
+        processes: list[NodeProcess],  # noqa: F811
+        tmp_path: Path, http: aiohttp.ClientSession, browser: Any) -> None:
+    """As the edge test above, but B vanishes without a reset, as when its
+    machine leaves the network: SIGSTOP, so the kernel keeps its sockets open
+    and nothing answers. Its page notices the silence and plays again from
+    another Node; C's page is not disturbed. Before that, B merely stalls for
+    1.5 s (a loaded machine): its page stays with it."""
+    three, origin, b, c = await three_nodes(tmp_path, multinode_redis, processes, http,
+                                            edges=True)
+    publisher = camera_publisher(origin, [])
+    publishing = asyncio.ensure_future(publisher.run())
+    contexts: list[Any] = []
+    assert b.process is not None
+    frozen = b.process
+    try:
+        viewers = await open_watch_pages(browser, (b, c), contexts)
+        for name, viewer in viewers.items():
+            await viewer.playing(new_subscription=True, timeout_s=20)
+            home = b if name == b.name else c
+            assert (await viewer.look())[0]["url"] == ws_url(home), name
+        on_b, on_c = viewers[b.name], viewers[c.name]
+        for viewer in viewers.values():
+            await viewer.page.evaluate(RECORD_STATES_JS)
+            await asyncio.sleep(1.0)
+            await viewer.playing(new_subscription=False, timeout_s=5)
+
+        # Slow, not gone: B stops for 1.5 s. Watched past the pages' silence
+        # deadline (7 s), its page stays on B and the picture moves on.
+        frozen.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(1.5)
+        frozen.send_signal(signal.SIGCONT)
+        before = on_b.subscription
+        watched_until = time.monotonic() + 12
+        while time.monotonic() < watched_until:
+            await asyncio.sleep(1.0)
+            await on_b.playing(new_subscription=False, timeout_s=10)
+        assert await on_b.page.evaluate("() => window.scrubinStates") == []
+        assert (await on_b.look())[0]["url"] == ws_url(b)
+        print(f"edge stalled 1.5 s: its page stayed (same Subscription: "
+              f"{on_b.subscription == before})")
+
+        # Gone: B stops for good.
+        on_c_subscription = on_c.subscription
+        frozen.send_signal(signal.SIGSTOP)
+        froze, froze_wall = time.monotonic(), time.time()
+        again = await on_b.playing(new_subscription=True, timeout_s=20)
+        states = await on_b.page.evaluate("() => window.scrubinStates")
+        noticed = next(s for s in states if s["state"] == "reconnecting")
+        print(f"edge vanished: its page noticed after {noticed['t'] / 1000 - froze_wall:.2f} s "
+              f"({noticed['reason']}), playing again from another Node after "
+              f"{again - froze:.2f} s")
+        assert (await on_b.look())[0]["url"] in (ws_url(origin), ws_url(c))
+        await on_c.playing(new_subscription=False, timeout_s=5)
+        assert on_c.subscription == on_c_subscription
+        assert await on_c.page.evaluate("() => window.scrubinStates") == []
+    except AssertionError:
+        for node in three:  # what the Nodes saw, for a failure in CI
+            print(f"--- {node.name} (origin: {node is origin})\n{node.text()[-4000:]}")
+        raise
+    finally:
+        # Awake again, so that it stops as the others do.
+        if frozen.poll() is None:
+            frozen.send_signal(signal.SIGCONT)
+        publisher.stop()
+        await asyncio.wait_for(publishing, 15)
+        for context in contexts:
+            await context.close()

@@ -294,6 +294,8 @@ BAD_CONFIGS = {
     "recheck-too-slow": ("[auth]\nrecheck_interval_s = 10\n", {}),
     "no-devices-per-invite": ("[limits]\ndevices_per_invite = 0\n", {}),
     "no-header-timeout": ("[limits]\nheader_timeout_s = 0\n", {}),
+    # Pages take 7 s of silence for a vanished Node.
+    "keepalive-too-slow": ("[liveness]\nws_keepalive_s = 6\n", {}),
 }
 
 

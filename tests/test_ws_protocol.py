@@ -246,6 +246,52 @@ async def test_no_hello_in_time_closes_4408(server, http, sockets, monkeypatch):
     assert 0.4 < time.monotonic() - started < 4
 
 
+async def test_keepalives_go_to_sockets_that_ask_even_while_a_request_takes_long(
+        http, sockets, monkeypatch):
+    """A page takes complete silence for a Node that vanished (docs/protocol.md,
+    "Failover"): a hello with ``keepalive`` gets one whenever the Node said
+    nothing for ``liveness.ws_keepalive_s``, also while one of its requests is
+    being answered slowly (requests are answered one after the other)."""
+    original = ws_module.Connection.handle
+
+    async def slow_sync(self: ws_module.Connection, message: dict[str, Any]) -> dict[str, Any]:
+        if message.get("type") == "interaction_sync":
+            await asyncio.sleep(1.5)  # as a request forwarded to a busy holder may
+        return await original(self, message)
+
+    monkeypatch.setattr(ws_module.Connection, "handle", slow_sync)
+    srv, runner = await start_server(make_config(liveness={"ws_keepalive_s": 0.3}))
+    try:
+        asked = await connect(http, srv, sockets)
+        await asked.send_json({"type": "hello", "token": srv.token(Role.TRAINEE), "id": "h",
+                               "keepalive": True})
+        assert (await receive(asked))["type"] == "welcome"
+        plain, _ = await join(http, srv, sockets, Role.TRAINEE)
+
+        for ws in (asked, plain):
+            await ws.send_json({"type": "interaction_sync", "id": "slow"})
+        before_reply = []
+        while (message := await receive(asked))["type"] != "interaction_state":
+            before_reply.append(message["type"])
+        assert before_reply.count("keepalive") >= 2, before_reply
+        # Quiet afterwards: still one every 0.3 s or so.
+        started = time.monotonic()
+        await receive_until(asked, of_type("keepalive"), timeout=5)
+        await receive_until(asked, of_type("keepalive"), timeout=5)
+        print(f"keepalives while a 1.5 s request was answered: {before_reply.count('keepalive')}"
+              f", then two in {time.monotonic() - started:.2f} s")
+
+        # The socket that did not ask gets the reply and nothing else.
+        got = []
+        while (message := await receive(plain))["type"] != "interaction_state":
+            got.append(message["type"])
+        with pytest.raises(TimeoutError):
+            got.append((await plain.receive(timeout=1.0)).data)
+        assert "keepalive" not in got, got
+    finally:
+        await runner.cleanup()
+
+
 # -- requests after welcome ---------------------------------------------------------
 
 async def test_bad_requests_get_errors_and_the_socket_stays_open(server, http, sockets):

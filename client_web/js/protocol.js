@@ -411,6 +411,14 @@ function sameHost(a, b) {
 /** A Node that did not answer is passed over for this long when failing over. */
 const UNREACHABLE_MS = 10000;
 
+/**
+ * How often the socket's liveness is judged. A tick this much later than due
+ * means this page's own timers were held back (a hidden tab, a sleeping
+ * laptop, a busy main thread): that silence is not the Node's.
+ */
+const LIVENESS_TICK_MS = 1000;
+const LATE_TICK_MS = 3000;
+
 /** The Feed id of a slot and kind: `<slot>.<kind>`. */
 export function feedId(/** @type {string} */ slot, /** @type {string} */ kind) {
   return `${slot}.${kind}`;
@@ -506,7 +514,9 @@ export class Subscription {
  * @property {string} token          the participant's token (from the page's URL fragment)
  * @property {string} [url]          websocket URL; default: `/ws` on this page's host
  * @property {number} [requestTimeoutMs]
- * @property {number} [pingIntervalMs]  heartbeat; a missing pong drops and reconnects the socket
+ * @property {number} [pingIntervalMs]  a socket quiet this long is sent a `ping`
+ * @property {number} [silenceTimeoutMs]  a socket from which nothing at all arrived for this long
+ *   is dropped: its Node froze or its machine left the network (no reset tells us)
  * @property {number} [maxReconnectDelayMs]
  * @property {number} [connectTimeoutMs]  a socket not open by then counts as a Node that does not answer
  * @property {typeof WebSocket} [WebSocket]
@@ -539,7 +549,12 @@ export class ScrubinClient extends EventTarget {
     /** @type {ReturnType<typeof setTimeout>|undefined} */
     this._openTimer = undefined;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 15000;
-    this.pingIntervalMs = options.pingIntervalMs ?? 15000;
+    // The Node sends a `keepalive` every 2 s when it has nothing else to say
+    // (the hello asks for it); a ping covers a Node that does not. A loaded
+    // Node may take a couple of seconds to answer: 7 s of complete silence
+    // leaves it that, and fails over within 8 s of a Node vanishing.
+    this.pingIntervalMs = options.pingIntervalMs ?? 3000;
+    this.silenceTimeoutMs = options.silenceTimeoutMs ?? 7000;
     this.maxReconnectDelayMs = options.maxReconnectDelayMs ?? 10000;
     this._WebSocket = options.WebSocket || globalThis.WebSocket;
     /**
@@ -586,9 +601,15 @@ export class ScrubinClient extends EventTarget {
     /** @type {ReturnType<typeof setTimeout>|undefined} */
     this._reconnectTimer = undefined;
     /** @type {ReturnType<typeof setInterval>|undefined} */
-    this._pingTimer = undefined;
+    this._livenessTimer = undefined;
     /** @type {ReturnType<typeof setTimeout>|undefined} */
     this._pongTimer = undefined;
+    /** When the current socket last sent anything. */
+    this._heardAt = 0;
+    /** Since when its silence counts (the last message, or the last time our own timers were late). */
+    this._quietSince = 0;
+    this._pingAt = 0;
+    this._tickAt = 0;
     /** @type {{resolve: (w: Welcome) => void, reject: (e: Error) => void}|null} */
     this._firstWelcome = null;
     /** @type {ReturnType<typeof setInterval>|undefined} */
@@ -638,9 +659,12 @@ export class ScrubinClient extends EventTarget {
     if (this.state === 'reconnecting') {
       this._reconnectNow();
     } else if (this.ready) {
+      const asked = Date.now();
       clearTimeout(this._pongTimer);
-      this._pongTimer = setTimeout(() => this._scheduleReconnect('no reply to ping'), 5000);
-      this.request({ type: 'ping' }).then(() => clearTimeout(this._pongTimer), () => {});
+      this._pongTimer = setTimeout(() => {
+        if (this.ready && this._heardAt < asked) this._scheduleReconnect('no reply to ping');
+      }, 5000);
+      this._ping();
     }
   }
 
@@ -667,7 +691,9 @@ export class ScrubinClient extends EventTarget {
       this._log('open', this.url);
       this._opened = true;
       clearTimeout(this._openTimer);
-      ws.send(JSON.stringify({ type: 'hello', token: this.token, id: this._newId() }));
+      // keepalive: the Node says something at least every 2 s (see _checkLiveness).
+      ws.send(JSON.stringify({ type: 'hello', token: this.token, id: this._newId(),
+        keepalive: true }));
     };
     ws.onmessage = (event) => this._onMessage(ws, event);
     ws.onerror = () => {
@@ -699,7 +725,7 @@ export class ScrubinClient extends EventTarget {
     const ws = this._ws;
     this._ws = null;
     this._welcomed = false;
-    clearInterval(this._pingTimer);
+    clearInterval(this._livenessTimer);
     clearTimeout(this._pongTimer);
     clearTimeout(this._openTimer);
     if (ws) {
@@ -829,16 +855,42 @@ export class ScrubinClient extends EventTarget {
     this._emit('state', { state, previous, reason });
   }
 
-  _startHeartbeat() {
-    clearInterval(this._pingTimer);
-    this._pingTimer = setInterval(() => {
-      if (!this.ready) return;
-      clearTimeout(this._pongTimer);
-      // A socket that stays silent is dead even if the browser has not noticed.
-      this._pongTimer = setTimeout(() => this._scheduleReconnect('no reply to ping'),
-        Math.min(10000, this.pingIntervalMs));
-      this.request({ type: 'ping' }).then(() => clearTimeout(this._pongTimer), () => {});
-    }, this.pingIntervalMs);
+  _startLiveness() {
+    const now = Date.now();
+    this._heardAt = this._quietSince = this._tickAt = now;
+    this._pingAt = 0;
+    clearInterval(this._livenessTimer);
+    this._livenessTimer = setInterval(() => this._checkLiveness(), LIVENESS_TICK_MS);
+  }
+
+  /**
+   * A socket to a Node that froze, or whose machine left the network, stays
+   * open: no reset comes, the browser notices nothing for minutes. Any message
+   * is proof of life (the Node's `keepalive`, a `pong`, anything), so a slow
+   * answer is not mistaken for a dead Node; only complete silence for
+   * `silenceTimeoutMs` drops the socket and fails over (docs/protocol.md,
+   * "Failover").
+   */
+  _checkLiveness() {
+    const now = Date.now();
+    const late = now - this._tickAt > LATE_TICK_MS;
+    this._tickAt = now;
+    if (!this.ready) return;
+    if (late) this._quietSince = now;
+    const quiet = now - Math.max(this._heardAt, this._quietSince);
+    if (quiet >= this.silenceTimeoutMs) {
+      // Passed over like a Node that does not open (also when a welcome names it).
+      this._unreachable.set(this.url, now);
+      this._scheduleReconnect(`nothing from the server for ${(quiet / 1000).toFixed(1)} s`);
+    } else if (quiet >= this.pingIntervalMs && now - this._pingAt >= this.pingIntervalMs) {
+      this._ping();
+    }
+  }
+
+  _ping() {
+    this._pingAt = Date.now();
+    // Its pong counts as any message does (_onMessage); no timer of its own.
+    this.request({ type: 'ping' }).catch(() => {});
   }
 
   // -- messages -----------------------------------------------------------
@@ -850,6 +902,7 @@ export class ScrubinClient extends EventTarget {
   /** @param {WebSocket} ws @param {MessageEvent} event */
   _onMessage(ws, event) {
     if (ws !== this._ws) return;
+    this._heardAt = Date.now();
     let msg;
     try {
       msg = JSON.parse(event.data);
@@ -976,6 +1029,8 @@ export class ScrubinClient extends EventTarget {
           else this._emit('error', { error, request: null });
         }
         break;
+      case 'keepalive':
+        break; // the Node lives: _heardAt says so
       default:
         break; // pong for a timed-out ping, or a newer message type: ignore
     }
@@ -1001,7 +1056,7 @@ export class ScrubinClient extends EventTarget {
     this.iceServers = Array.isArray(welcome.ice_servers) ? welcome.ice_servers : [];
     this.feeds = new Map((welcome.session?.feeds || []).map((f) => [f.id, f]));
     this._setState('open');
-    this._startHeartbeat();
+    this._startLiveness();
     this._emit('welcome', { welcome, reconnected });
     this._emit('roster', { participants: this.participants, viewers: this.viewers });
     if (this._firstWelcome) {

@@ -95,13 +95,28 @@ class Connection:
         self.ingests: dict[str, Ingest] = {}
         self.subscriptions: dict[str, Subscription] = {}
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        #: When a message was last queued for the page (see keepalive()).
+        self.sent_at = time.monotonic()
         self.address: str | None = None
 
     def audit(self, event: str, **fields: Any) -> None:
         audit_grant(self.app, event, self.grant, self.address, via="websocket", **fields)
 
     def send(self, message: dict[str, Any] | None) -> None:
+        self.sent_at = time.monotonic()
         self.outbox.put_nowait(message)
+
+    async def keepalive(self, every_s: float) -> None:
+        """A ``keepalive`` whenever nothing else was sent for ``every_s``: the
+        page's proof that this Node lives (docs/protocol.md, "Failover"). A task
+        of its own, so that a request that takes long (forwarded to the holder,
+        an edge's first pull) does not silence the socket."""
+        while True:
+            quiet = time.monotonic() - self.sent_at
+            if quiet >= every_s:
+                self.send({"type": "keepalive"})
+                quiet = 0.0
+            await asyncio.sleep(every_s - quiet)
 
     async def writer(self) -> None:
         while True:
@@ -328,7 +343,10 @@ def _field(message: dict[str, Any], name: str) -> str:
     return value
 
 
-async def _hello(ws: web.WebSocketResponse, request: web.Request) -> tuple[Grant, Any] | None:
+async def _hello(ws: web.WebSocketResponse, request: web.Request
+                 ) -> tuple[Grant, Any, bool] | None:
+    """The authenticated grant, the hello's ``id`` and whether it asked for
+    ``keepalive`` messages."""
     try:
         msg = await ws.receive(timeout=HELLO_TIMEOUT_S)
     except TimeoutError:
@@ -356,7 +374,7 @@ async def _hello(ws: web.WebSocketResponse, request: web.Request) -> tuple[Grant
         await ws.send_json({"type": "error", "error": exc.to_dict(), "id": hello.get("id")})
         await ws.close(code=_refusal_close_code(exc), message=exc.code.encode())
         return None
-    return grant, hello.get("id")
+    return grant, hello.get("id"), hello.get("keepalive") is True
 
 
 def _refusal_close_code(exc: ScrubinError) -> int:
@@ -394,7 +412,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     hello = await _hello(ws, request)
     if hello is None:
         return ws
-    grant, hello_id = hello
+    grant, hello_id, wants_keepalive = hello
     logs.bind(grant.session_id, grant.participant_id)
     try:
         if grant.role not in VIEWERS:
@@ -458,6 +476,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     })
     writer = asyncio.ensure_future(connection.writer())
     refresher = asyncio.ensure_future(_refresh_ice_servers(connection, ice))
+    keeper = (asyncio.ensure_future(connection.keepalive(config.liveness.ws_keepalive_s))
+              if wants_keepalive else None)
     try:
         async for msg in ws:
             verdict = rate.take()
@@ -476,6 +496,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 break
     finally:
         refresher.cancel()
+        if keeper is not None:
+            keeper.cancel()
         request.app[SOCKET_GRANTS].pop(ws, None)
         stop_listening()
         stop_edge()
