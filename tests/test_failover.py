@@ -569,3 +569,61 @@ async def test_pages_on_an_edge_that_vanishes_play_on_from_another_node(
         await asyncio.wait_for(publishing, 15)
         for context in contexts:
             await context.close()
+
+
+async def test_a_node_that_accepts_the_socket_but_never_answers_hello_is_left(
+        http: aiohttp.ClientSession, browser: Any) -> None:
+    """A Node that froze between accepting a page's socket and answering its
+    hello (the silence check starts at welcome): the page gives up on it and
+    joins another Node. In one process: the Node that answers, and a mute one
+    the first lists in `server.node_urls` (so the page's policy allows it)."""
+    from aiohttp import web
+
+    from .browser_helpers import open_page
+    from .conftest import make_config, start_server
+
+    async def mute(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:  # reads the hello, never answers
+            pass
+        return ws
+
+    mute_app = web.Application()
+    mute_app.router.add_get("/ws", mute)
+    mute_runner = web.AppRunner(mute_app)
+    await mute_runner.setup()
+    mute_port = unused_port()
+    await web.TCPSite(mute_runner, "127.0.0.1", mute_port).start()
+    mute_url = f"ws://127.0.0.1:{mute_port}/ws"
+    server, runner = await start_server(make_config(
+        server={"node_urls": [f"http://127.0.0.1:{mute_port}"]}))
+    own_url = server.base_url.replace("http://", "ws://") + "/ws"
+    try:
+        token = server.app[TOKEN_AUTHORITY].issue("or1-live", Role.TRAINEE, name="Trainee")
+        context, page, _ = await open_page(browser, f"{server.base_url}/watch.html#token={token}",
+                                           "mute")
+        try:
+            await wait_for_js(page, "() => window.scrubin && scrubin.client.state === 'open'")
+            moved = time.monotonic()
+            await page.evaluate("""(url) => { const c = scrubin.client;
+              c._detachSocket(); c.url = url; c._open(); }""", mute_url)
+            await wait_for_js(page, "(url) => scrubin.client._opened && scrubin.client.url === url",
+                              mute_url)
+            await wait_for_js(page, "(url) => scrubin.client.state === 'open' "
+                                    "&& scrubin.client.url === url", own_url, timeout_s=20)
+            log = await page.evaluate("() => scrubin.client.connectionLog.map((e) => e[1])")
+            print(f"mute Node left after {time.monotonic() - moved:.1f} s: {log[-6:]}")
+            assert any(what.startswith("no answer to hello") for what in log), log
+        finally:
+            await context.close()
+    finally:
+        await runner.cleanup()
+        await mute_runner.cleanup()
+
+
+async def wait_for_js(page: Any, check: str, arg: Any = None, *, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await page.evaluate(check, arg):
+        assert time.monotonic() < deadline, check
+        await asyncio.sleep(0.1)

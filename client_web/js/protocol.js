@@ -408,6 +408,9 @@ function sameHost(a, b) {
   }
 }
 
+/** An open socket whose hello got no answer by then goes to another Node. */
+const WELCOME_TIMEOUT_MS = 10000;
+
 /** A Node that did not answer is passed over for this long when failing over. */
 const UNREACHABLE_MS = 10000;
 
@@ -691,6 +694,14 @@ export class ScrubinClient extends EventTarget {
       this._log('open', this.url);
       this._opened = true;
       clearTimeout(this._openTimer);
+      // A Node that froze between accepting the socket and answering hello
+      // would otherwise hold the page here for good (the silence check starts
+      // at welcome). A hello may wait ~2 s for a Session that is moving.
+      this._openTimer = setTimeout(() => {
+        if (ws !== this._ws || this._welcomed) return;
+        this._unreachable.set(this.url, Date.now());
+        this._scheduleReconnect('no answer to hello');
+      }, WELCOME_TIMEOUT_MS);
       // keepalive: the Node says something at least every 2 s (see _checkLiveness).
       ws.send(JSON.stringify({ type: 'hello', token: this.token, id: this._newId(),
         keepalive: true }));
@@ -1045,6 +1056,7 @@ export class ScrubinClient extends EventTarget {
 
   /** @param {Welcome} welcome */
   _onWelcome(welcome) {
+    clearTimeout(this._openTimer);
     const reconnected = this._everWelcomed;
     this._welcomed = true;
     this._everWelcomed = true;
