@@ -103,6 +103,8 @@ class Plan:
     joiner_processes: int = 4
     #: "joins": only the server's share and the join scenarios (no sweep, no baselines).
     only: str | None = None
+    #: During the join scenarios, the server and the clients on separate CPUs.
+    pin: bool = False
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
@@ -489,7 +491,14 @@ class Bench:
 
             # 3. Joins.
             if self.left() > 40:
-                await self.run_joins(http, base, whep, stamps, server.pid)
+                clients = [self.me, *(c.pid for c in [self.farm, *self.joiners] if c)]
+                try:
+                    if plan.pin:
+                        self.pin(server.pid, clients)
+                    await self.run_joins(http, base, whep, stamps, server.pid)
+                finally:
+                    if plan.pin:
+                        self.pin(server.pid, clients, undo=True)
                 await asyncio.sleep(2)
                 after = await self.stats(http, base, deep=True)
                 self.results["scrubin"]["after_joins"] = self.leftovers(after, server.pid)
@@ -502,6 +511,23 @@ class Bench:
                     await asyncio.wait_for(publisher.close(), 5)
             await http.close()
             server.stop()
+
+    def pin(self, server: int, clients: list[int], undo: bool = False) -> None:
+        """The server on the first half of the CPUs, the client processes on the
+        rest, every thread (threads started later inherit it): the clients' work
+        no longer takes the server's CPUs, as with viewers on other machines.
+        The rest of the machine's load still lands anywhere."""
+        cpus = sorted(range(os.cpu_count() or 1))
+        half = max(1, len(cpus) // 2)
+        server_cpus, client_cpus = (cpus, cpus) if undo else (cpus[:half], cpus[half:] or cpus)
+        for pids, mine in (([server], server_cpus), (clients, client_cpus)):
+            for pid in pids:
+                for thread in psutil.Process(pid).threads():
+                    with contextlib.suppress(OSError):  # a thread that just ended
+                        os.sched_setaffinity(thread.id, mine)
+        if not undo:
+            self.note(f"join scenarios pinned: server on CPUs {server_cpus}, the client "
+                      f"processes on {client_cpus}")
 
     def worse(self, row: dict[str, Any], other: dict[str, Any]) -> bool:
         return (self.disturbed(row), row["other_cores"]) >= (self.disturbed(other),
@@ -1287,6 +1313,9 @@ def main() -> None:
                              "(default 4; 0: only in this process)")
     parser.add_argument("--only", choices=["joins"],
                         help="joins: only the server's share of a join and the join scenarios")
+    parser.add_argument("--pin", action="store_true",
+                        help="during the join scenarios, the server on half the CPUs and the "
+                             "client processes on the other half")
     parser.add_argument("--baseline", metavar="REV",
                         help="also measure the server at git revision REV (e.g. the commit "
                              "before a change) at N=0 and 32, in the same run")
@@ -1294,6 +1323,7 @@ def main() -> None:
     plan = Plan.make(args.quick)
     plan.joiner_processes = max(0, args.joiner_processes)
     plan.only = args.only
+    plan.pin = args.pin
     started = time.monotonic()
     stream = encode_stream(seconds=plan.stream_seconds)
     snapshot_dir = None

@@ -278,8 +278,12 @@ class Viewer:
             return False
         return (self.t_first_frame if self.decoder is None else self.first_decoded_at()) is None
 
-    async def packets_lost(self) -> int:
+    def lost(self) -> int:
+        """Packets lost on first transmission so far."""
         return self.reported_lost if self.pc is None else receive_losses(self.pc)[1]
+
+    async def packets_lost(self) -> int:
+        return self.lost()
 
     def report(self) -> dict[str, Any]:
         """This viewer's timings, picklable, for a process that rebuilds it with
@@ -289,7 +293,7 @@ class Viewer:
                 "t_first_frame": self.t_first_frame, "first_frame_key": self.first_frame_key,
                 "frames": self.frames, "bytes": self.bytes, "error": self.error,
                 "arrivals": list(self.arrivals), "first": self.first_decoded(),
-                "lost": 0 if self.pc is None else receive_losses(self.pc)[1]}
+                "lost": self.lost()}
 
     @classmethod
     def from_report(cls, report: dict[str, Any], stamps: StampBook) -> Viewer:
