@@ -1,7 +1,9 @@
 """A process of count-only viewers ("load viewers"), driven over a Pipe.
 
 Keeping them out of the process that measures latency means the latency
-viewer's event loop is not also serving thirty other peer connections.
+viewer's event loop is not also serving thirty other peer connections. Asked
+to, its viewers decode until their first frame instead (a share of a burst of
+joiners spread over several such processes, as separate browsers would be).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from .peers import Viewer, receive_losses
+from .stream import StampBook
 
 FIRST_FRAME_TIMEOUT = 10.0
 
@@ -51,21 +54,30 @@ async def _farm(conn: Connection) -> None:
             except EOFError:
                 break
             if cmd == "join":
-                # (url, tokens) or (url, tokens, ices): per viewer {"servers", "relay_only"}.
+                # (url, tokens[, ices[, options]]): ices per viewer {"servers", "relay_only"};
+                # options {"decode": "first", "start_at": wall-clock time} for decoding
+                # joiners that start together with other processes' (one clock for all).
                 url, tokens, *more = args
-                ices = more[0] if more else [{}] * len(tokens)
+                ices = (more[0] if more else None) or [{}] * len(tokens)
+                options: dict[str, Any] = more[1] if len(more) > 1 else {}
+                decode = options.get("decode")
                 new = [Viewer(f"farm{len(viewers) + i}", ice_servers=ice.get("servers"),
-                              relay_only=bool(ice.get("relay_only")))
+                              relay_only=bool(ice.get("relay_only")), decode=decode,
+                              stamps=StampBook() if decode else None)
                        for i, ice in enumerate(ices)]
                 viewers.extend(new)
+                start_at = options.get("start_at")
+                if start_at is not None:
+                    await asyncio.sleep(max(0.0, start_at - time.time()))
                 await asyncio.gather(*(v.join(http, url, t)
                                        for v, t in zip(new, tokens, strict=True)))
                 deadline = time.time() + FIRST_FRAME_TIMEOUT
                 while time.time() < deadline and any(  # noqa: ASYNC110 - bounded poll
-                        v.t_first_frame is None and v.error is None for v in new):
-                    await asyncio.sleep(0.05)
-                conn.send([{"t_join": v.t_join, "t_ice": v.t_ice, "resource": v.resource,
-                            "t_first_frame": v.t_first_frame, "error": v.error} for v in new])
+                        v.awaiting_first() for v in new):
+                    await asyncio.sleep(0.01 if decode else 0.05)
+                conn.send([v.report() for v in new])
+            elif cmd == "reports":
+                conn.send([v.report() for v in viewers])
             elif cmd == "counts":
                 conn.send([(v.frames, v.bytes) for v in viewers])
             elif cmd == "inbound":

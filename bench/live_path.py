@@ -1,6 +1,7 @@
 """Live-path benchmark: prints figures, with baselines measured in the same run.
 
     .venv/bin/python -m bench.live_path [--quick] [--json PATH] [--profile PREFIX]
+        [--joiner-processes K] [--only joins]
 
 ``--quick`` takes under 2 minutes, the full run under 5 (budget 10). The server
 code measured is whatever ``server`` imports from the current directory; to
@@ -17,7 +18,11 @@ Processes (all on 127.0.0.1):
   ``av.Packet``s, see ``bench.stream``), one latency viewer that decodes every
   frame and reads the frame counter, the direct (no server) baseline, and the
   join tests' viewers (they decode until their first frame);
-* a viewer farm (``bench.farm``): count-only viewers that make up the rest of N.
+* a viewer farm (``bench.farm``): count-only viewers that make up the rest of N;
+* ``--joiner-processes`` more farm processes (default 4), idle until the
+  simultaneous burst is run again with its joiners spread over them (each
+  decodes until its first frame, all starting at one wall-clock moment), as
+  separate browsers would decode; the in-process burst is its baseline.
 
 Figures:
 
@@ -26,7 +31,8 @@ Figures:
 * stamp-to-decode latency (publisher's send time of a frame to the viewer's
   decode of it) through the server vs a direct publisher→viewer connection;
 * time from join and from ICE connected to the first decoded frame, for single,
-  simultaneous and staggered joins;
+  simultaneous (decoding in this process, and spread over worker processes) and
+  staggered joins, with the cores each process used until all had decoded;
 * server RSS per viewer.
 """
 
@@ -59,7 +65,7 @@ import psutil
 from server.roles import Role
 from server.tokens import TokenAuthority
 
-from .farm import farm_main
+from .farm import FIRST_FRAME_TIMEOUT, farm_main
 from .peers import Viewer, publish, publish_direct
 from .servers import FEED, SESSION, SLOT, relay_main, scrubin_main
 from .stream import EncodedStream, PacketReplayTrack, StampBook, encode_stream
@@ -93,14 +99,20 @@ class Plan:
     stagger_interval: float
     budget: float
     sender_ns: list[int]
+    #: Worker processes the spread simultaneous burst decodes in (0: no spread burst).
+    joiner_processes: int = 4
+    #: "joins": only the server's share and the join scenarios (no sweep, no baselines).
+    only: str | None = None
+    #: During the join scenarios, the server and the clients on separate CPUs.
+    pin: bool = False
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
             return cls(quick, 10.0, 4.0, 2.0, [0, 1, 8, 32], [1, 2], 4.0, 5.0,
-                       3, 32, 16, 0.2, 115.0, [0, 32])
+                       3, 32, 16, 0.2, 135.0, [0, 32])
         return cls(quick, 10.0, 12.0, 3.0, [0, 1, 2, 4, 8, 16, 32], [1, 2, 4, 8], 10.0, 12.0,
-                   6, 32, 32, 0.25, 570.0, [0, 1, 8, 32])
+                   6, 32, 32, 0.25, 590.0, [0, 1, 8, 32])
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -216,6 +228,67 @@ class Child:
             self.proc.join(5)
 
 
+class JoinGroup:
+    """The joiners of one join scenario, decoding in this process."""
+
+    def __init__(self, viewers: list[Viewer]) -> None:
+        self.viewers = viewers
+        #: The processes the joiners decode in, when not this one (their CPU is theirs).
+        self.pids: list[int] = []
+
+    async def until_decoded(self) -> None:
+        end = time.monotonic() + FIRST_FRAME_TIMEOUT
+        while any(v.awaiting_first() for v in self.viewers) and (  # noqa: ASYNC110 - bounded
+                time.monotonic() < end):
+            await asyncio.sleep(0.05)
+
+    async def refresh(self) -> list[Viewer]:
+        """The viewers with their latest arrivals."""
+        return self.viewers
+
+    async def close(self) -> None:
+        await asyncio.gather(*(v.close() for v in self.viewers))
+
+
+class SpreadJoinGroup(JoinGroup):
+    """Decoding joiners spread round-robin over worker processes (``bench.farm``),
+    so that, as in separate browsers, no joiner's decode waits for another's.
+    Their figures come back as reports and are rebuilt into :class:`Viewer` s here."""
+
+    def __init__(self, workers: list[Child], stamps: StampBook) -> None:
+        super().__init__([])
+        self.workers = workers
+        self.pids = [w.pid for w in workers]
+        self.stamps = stamps
+        self.calls: list[asyncio.Future[Any]] = []
+
+    def start(self, url: str, tokens: list[str], start_at: float) -> None:
+        """Every worker starts its share of the joins at ``start_at`` (wall clock)."""
+        options = {"decode": "first", "start_at": start_at}
+        k = len(self.workers)
+        timeout = start_at - time.time() + FIRST_FRAME_TIMEOUT + 30
+        self.calls = [asyncio.ensure_future(w.call("join", (url, tokens[i::k], None, options),
+                                                   timeout=timeout))
+                      for i, w in enumerate(self.workers)]
+
+    def rebuild(self, reports: list[list[dict[str, Any]]]) -> list[Viewer]:
+        self.viewers = [Viewer.from_report(r, self.stamps) for share in reports for r in share]
+        return self.viewers
+
+    async def until_decoded(self) -> None:
+        # Each worker answers once all its joiners decoded (or FIRST_FRAME_TIMEOUT).
+        self.rebuild(list(await asyncio.gather(*self.calls)))
+
+    async def refresh(self) -> list[Viewer]:
+        return self.rebuild(list(await asyncio.gather(*(w.call("reports")
+                                                        for w in self.workers))))
+
+    async def close(self) -> None:
+        # A worker answers one call at a time: let the join calls end (they are bounded).
+        await asyncio.gather(*self.calls, return_exceptions=True)
+        await asyncio.gather(*(w.call("close") for w in self.workers))
+
+
 class Bench:
     def __init__(self, plan: Plan, stream: EncodedStream, profile: str | None = None) -> None:
         self.plan = plan
@@ -227,6 +300,9 @@ class Bench:
         self.deadline = time.monotonic() + plan.budget
         self.results: dict[str, Any] = {"notes": []}
         self.farm: Child | None = None
+        #: Worker processes for the spread burst, started before any stream runs
+        #: (spawning one blocks this loop for seconds and loads the machine).
+        self.joiners: list[Child] = []
         self.me = os.getpid()
         #: A snapshot of an older revision to measure in the same run (--baseline).
         self.baseline: str | None = None
@@ -410,11 +486,19 @@ class Bench:
                 await self.run_farm_burst(http, base, whep)
 
             # 2. Direct publisher -> viewer baseline (no server), same run.
-            await self.run_direct()
+            if plan.only != "joins":
+                await self.run_direct()
 
             # 3. Joins.
             if self.left() > 40:
-                await self.run_joins(http, base, whep, stamps, server.pid)
+                clients = [self.me, *(c.pid for c in [self.farm, *self.joiners] if c)]
+                try:
+                    if plan.pin:
+                        self.pin(server.pid, clients)
+                    await self.run_joins(http, base, whep, stamps, server.pid)
+                finally:
+                    if plan.pin:
+                        self.pin(server.pid, clients, undo=True)
                 await asyncio.sleep(2)
                 after = await self.stats(http, base, deep=True)
                 self.results["scrubin"]["after_joins"] = self.leftovers(after, server.pid)
@@ -427,6 +511,23 @@ class Bench:
                     await asyncio.wait_for(publisher.close(), 5)
             await http.close()
             server.stop()
+
+    def pin(self, server: int, clients: list[int], undo: bool = False) -> None:
+        """The server on the first half of the CPUs, the client processes on the
+        rest, every thread (threads started later inherit it): the clients' work
+        no longer takes the server's CPUs, as with viewers on other machines.
+        The rest of the machine's load still lands anywhere."""
+        cpus = sorted(range(os.cpu_count() or 1))
+        half = max(1, len(cpus) // 2)
+        server_cpus, client_cpus = (cpus, cpus) if undo else (cpus[:half], cpus[half:] or cpus)
+        for pids, mine in (([server], server_cpus), (clients, client_cpus)):
+            for pid in pids:
+                for thread in psutil.Process(pid).threads():
+                    with contextlib.suppress(OSError):  # a thread that just ended
+                        os.sched_setaffinity(thread.id, mine)
+        if not undo:
+            self.note(f"join scenarios pinned: server on CPUs {server_cpus}, the client "
+                      f"processes on {client_cpus}")
 
     def worse(self, row: dict[str, Any], other: dict[str, Any]) -> bool:
         return (self.disturbed(row), row["other_cores"]) >= (self.disturbed(other),
@@ -590,37 +691,44 @@ class Bench:
                         s["pending"] for s in stats["subscriptions"]), len(stats["subscriptions"])))
                     await asyncio.sleep(0.1)
 
-        def cpu_mark() -> tuple[float, float, float, float]:
+        def cpu_mark(workers: list[int]) -> tuple[float, float, float, float, float]:
             return (time.monotonic(), cpu_seconds(server_pid), cpu_seconds(self.me),
-                    machine_busy())
+                    sum(cpu_seconds(pid) for pid in workers), machine_busy())
 
-        async def finish(name: str, group: list[Viewer], sampler: asyncio.Task[None],
-                         mark: tuple[float, float, float, float]) -> None:
-            await self.wait(lambda: done(group), 10)
-            now = cpu_mark()
+        async def finish(name: str, group: JoinGroup, sampler: asyncio.Task[None],
+                         mark: tuple[float, float, float, float, float]) -> None:
+            await group.until_decoded()
+            now = cpu_mark(group.pids)
             span = now[0] - mark[0]
-            busy = ((now[1] - mark[1]) / span, (now[2] - mark[2]) / span,
-                    max(0.0, now[3] - mark[3] - (now[1] - mark[1]) - (now[2] - mark[2])) / span)
+            used = [now[i] - mark[i] for i in range(1, 5)]
             # Let the catch-up (replayed cache) finish before judging "live".
-            await self.wait(lambda: live(group), 8, interval=0.2)
+            end = time.monotonic() + 8
+            while not live(await group.refresh()) and (  # noqa: ASYNC110 - bounded poll
+                    time.monotonic() < end):
+                await asyncio.sleep(0.2)
+            viewers = group.viewers
             sampler.cancel()
             stats = await self.stats(http, base)
-            out[name] = self.join_figures(group, stats)
+            out[name] = self.join_figures(viewers, stats)
+            out[name]["processes"] = len(group.pids)
             out[name]["max_pending_during"] = sampled["pending"]
-            out[name]["cores_until_decoded"] = {"server": busy[0], "client": busy[1],
-                                               "others": busy[2]}
+            out[name]["cores_until_decoded"] = {
+                "server": used[0] / span, "client": used[1] / span, "joiners": used[2] / span,
+                "others": max(0.0, used[3] - used[0] - used[1] - used[2]) / span}
             out[name]["packets_lost"] = sum(await asyncio.gather(
-                *(v.packets_lost() for v in group)))
+                *(v.packets_lost() for v in viewers)))
             # When the server's queues were back to live size (<= 2 frames per viewer).
-            start = min(v.t_join for v in group if v.t_join)
+            joined = [v.t_join for v in viewers if v.t_join]
+            start = min(joined)
+            out[name]["join_spread"] = max(joined) - start
             series = sampled["series"]
             peak = max(range(len(series)), key=lambda i: series[i][1]) if series else 0
             drained = next((t for t, total, count in series[peak:]
-                            if count >= len(group) and total <= 2 * count), None)
+                            if count >= len(viewers) and total <= 2 * count), None)
             out[name]["server_drained_after"] = None if drained is None else drained - start
             sampled.update(pending=0, series=[])
             self.print_join_row(name, out[name])
-            await asyncio.gather(*(v.close() for v in group))
+            await group.close()
             await asyncio.sleep(1.0)
 
         # Single joins, one after another.
@@ -641,26 +749,46 @@ class Bench:
         out["single"] = self.join_figures(singles, single_stats)
         self.print_join_row("single", out["single"])
 
-        # Simultaneous joins.
+        # Simultaneous joins, all decoding in this process (on the cores the server
+        # and the publisher use): the baseline for the spread burst below.
         burst = [Viewer(f"burst{i}", decode="first", stamps=stamps)
                  for i in range(plan.burst_joins)]
         sampler = asyncio.ensure_future(sample())
-        mark = cpu_mark()
+        mark = cpu_mark([])
         await asyncio.gather(*(one(v) for v in burst))
-        await finish(f"{plan.burst_joins} simultaneous", burst, sampler, mark)
+        await finish(f"{plan.burst_joins} simultaneous", JoinGroup(burst), sampler, mark)
+
+        # The same burst spread over worker processes, as separate browsers would
+        # decode: every process starts its joins at one wall-clock moment.
+        if self.joiners:
+            spread = SpreadJoinGroup(self.joiners, stamps)
+            tokens = [self.tokens.issue(SESSION, Role.TRAINEE) for _ in range(plan.burst_joins)]
+            start_at = time.time() + 0.5
+            spread.start(whep, tokens, start_at)
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            sampler = asyncio.ensure_future(sample())
+            mark = cpu_mark(spread.pids)
+            try:
+                await finish(f"{plan.burst_joins} simultaneous, {len(self.joiners)} procs",
+                             spread, sampler, mark)
+            except Exception as exc:
+                sampler.cancel()
+                self.note(f"spread joins not measured: {type(exc).__name__}: {str(exc)[:160]}")
+                with contextlib.suppress(Exception):
+                    await spread.close()
 
         # Staggered joins.
         staggered = [Viewer(f"stagger{i}", decode="first", stamps=stamps)
                      for i in range(plan.staggered_joins)]
         tasks = []
         sampler = asyncio.ensure_future(sample())
-        mark = cpu_mark()
+        mark = cpu_mark([])
         for viewer in staggered:
             tasks.append(asyncio.ensure_future(one(viewer)))
             await asyncio.sleep(plan.stagger_interval)
         await asyncio.gather(*tasks)
         await finish(f"{plan.staggered_joins} staggered {plan.stagger_interval * 1000:.0f} ms",
-                     staggered, sampler, mark)
+                     JoinGroup(staggered), sampler, mark)
 
     def join_figures(self, group: list[Viewer], stats: dict[str, Any] | None) -> dict[str, Any]:
         ok = [v for v in group if v.first_decoded_at() is not None]
@@ -676,8 +804,8 @@ class Bench:
                   if v.t_first_frame]
         ice_rx = [v.t_first_frame - v.t_ice for v in ok  # type: ignore[operator]
                   if v.t_ice and v.t_first_frame]
-        stale = [v.decoder.first.latency for v in ok  # type: ignore[union-attr]
-                 if v.decoder.first.latency is not None]  # type: ignore[union-attr]
+        stale = [first.latency for v in ok
+                 if (first := v.first_decoded()) is not None and first.latency is not None]
         live = [(t - v.t_join) for v in ok  # type: ignore[operator]
                 if (t := v.caught_up_at(LIVE_THRESHOLD)) is not None]
         skipped = sum(1 for v in ok if v.caught_up_by_skipping(LIVE_THRESHOLD))
@@ -910,10 +1038,10 @@ class Bench:
         if joins:
             add("3. ScrubIn joins: time to first decoded frame, ms (target: ICE->first p95 <= "
                 f"{TARGET_FIRST_FRAME * 1000:.0f} with 30+ joins)")
-            add("   scenario              ok/n | join->first p50  p95 | ICE->first p50  p95 "
+            add(f"   {'scenario':26} ok/n | join->first p50  p95 | ICE->first p50  p95 "
                 "| join->ICE p50 | 1st frame age p50 | join->live p50  p95")
             for name, f in joins.items():
-                add(f"   {name:20} {f['decoded']:2d}/{f['n']:<2d}| {ms(f['join_first_p50']):>15} "
+                add(f"   {name:26} {f['decoded']:2d}/{f['n']:<2d}| {ms(f['join_first_p50']):>15} "
                     f"{ms(f['join_first_p95']):>4} | {ms(f['ice_first_p50']):>14} "
                     f"{ms(f['ice_first_p95']):>4} | {ms(f['join_ice_p50']):>13} "
                     f"| {ms(f['stale_p50']):>17} | {ms(f['join_live_p50']):>14} "
@@ -924,18 +1052,35 @@ class Bench:
                 "(server dropped the backlog at a keyframe); server queues back to <= 2 "
                 "frames/viewer after; packets the joiners counted lost")
             for name, f in joins.items():
-                add(f"   {name:20}  {f['live']} live: {f['live']- f['live_by_skipping']} "
+                add(f"   {name:26}  {f['live']} live: {f['live']- f['live_by_skipping']} "
                     f"drained, {f['live_by_skipping']} skipped | queues drained after "
-                    f"{ms(f.get('server_drained_after'))} ms | {f.get('packets_lost', '-')} lost"
-                    + ("" if "cores_until_decoded" not in f else
-                       " | cores busy until all decoded: server "
-                       f"{f['cores_until_decoded']['server']:.2f}, joiners' process "
-                       f"{f['cores_until_decoded']['client']:.2f}, rest of the machine "
-                       f"{f['cores_until_decoded']['others']:.2f}"))
+                    f"{ms(f.get('server_drained_after'))} ms | {f.get('packets_lost', '-')} lost")
+            add("   cores busy from the joins' start until all decoded: server | this process "
+                "(publisher, and the joiners when not spread) | joiner worker processes | rest "
+                "of the machine; spread of the joins' start times")
+            for name, f in joins.items():
+                if "cores_until_decoded" not in f:
+                    continue
+                c = f["cores_until_decoded"]
+                add(f"   {name:26}  {c['server']:.2f} | {c['client']:.2f} | "
+                    + (f"{c['joiners']:.2f} ({f['processes']} processes)" if f["processes"]
+                       else "-") + f" | {c['others']:.2f} | {ms(f['join_spread'], 1)} ms")
+            spread = next((f for f in joins.values() if f.get("processes")), None)
+            local = next((f for name, f in joins.items()
+                          if "simultaneous" in name and not f.get("processes")), None)
+            if spread and local:
+                add(f"   decoding spread over {spread['processes']} processes vs all in this "
+                    "process, same run, p50/p95 ms (ratio of p95s):")
+                for label, key in (("ICE->first", "ice_first"), ("join->first", "join_first"),
+                                   ("received->decoded", "rx_decode")):
+                    a, b = spread[f"{key}_p95"], local[f"{key}_p95"]
+                    ratio = _f(a / b if a and b else None, 4, 2)
+                    add(f"     {label:17} {ms(spread[f'{key}_p50'])}/{ms(a)} vs "
+                        f"{ms(local[f'{key}_p50'])}/{ms(b)}  ({ratio})")
             add("   breakdown p50/p95, ms: join->answer | ICE->DTLS connected | DTLS->1st frame "
                 "received | received->decoded (client) | largest server queue while joining")
             for name, f in joins.items():
-                add(f"   {name:20}  {ms(f['join_answer_p50'])}/{ms(f['join_answer_p95'])} | "
+                add(f"   {name:26}  {ms(f['join_answer_p50'])}/{ms(f['join_answer_p95'])} | "
                     f"{ms(f['ice_dtls_p50'])}/{ms(f['ice_dtls_p95'])} | "
                     f"{ms(f['dtls_rx_p50'])}/{ms(f['dtls_rx_p95'])} | "
                     f"{ms(f['rx_decode_p50'])}/{ms(f['rx_decode_p95'])} | "
@@ -945,7 +1090,7 @@ class Bench:
             for name, f in joins.items():
                 if "ice_sent_p50" not in f:
                     continue
-                add(f"   {name:20}  {ms(f['server_answer_p50'])}/{ms(f['server_answer_p95'])} | "
+                add(f"   {name:26}  {ms(f['server_answer_p50'])}/{ms(f['server_answer_p95'])} | "
                     f"{ms(f['ice_sent_p50'])}/{ms(f['ice_sent_p95'])} | "
                     f"{ms(f['sent_decoded_p50'])}/{ms(f['sent_decoded_p95'])}")
             add("")
@@ -1049,7 +1194,9 @@ class Bench:
                            f"{'met' if added <= target else 'MISSED'}")
         for name, f in r.get("joins", {}).items():
             if f["n"] >= 30 and f["ice_first_p95"] is not None:
-                out.append(f"first decoded frame p95 after ICE, {name}: "
+                where = (f"decoding in {f['processes']} worker processes" if f.get("processes")
+                         else "all decoding in this one process")
+                out.append(f"first decoded frame p95 after ICE, {name} ({where}): "
                            f"{f['ice_first_p95'] * 1000:.0f} ms vs <= "
                            f"{TARGET_FIRST_FRAME * 1000:.0f} ms: "
                            f"{'met' if f['ice_first_p95'] <= TARGET_FIRST_FRAME else 'MISSED'}")
@@ -1076,10 +1223,15 @@ class Bench:
     async def run(self) -> None:
         self.farm = Child(self.ctx, farm_main)
         try:
+            for _ in range(self.plan.joiner_processes):
+                self.joiners.append(Child(self.ctx, farm_main))
+            print(f"joiner processes (spread burst): {[w.pid for w in self.joiners]}", flush=True)
             try:
-                await self.run_scrubin()
+                await self.run_scrubin(ns=[] if self.plan.only == "joins" else None)
             except Exception as exc:
                 self.note(f"ScrubIn phase failed: {type(exc).__name__}: {exc}")
+            if self.plan.only == "joins":
+                return
             if self.left() > 30:
                 try:
                     await self.run_relay()
@@ -1111,7 +1263,8 @@ class Bench:
                                   f"{str(exc)[:160]}")
 
         finally:
-            self.farm.stop(("exit", None))
+            for worker in [self.farm, *self.joiners]:
+                worker.stop(("exit", None))
 
 
 def summarize_profile(path: str, n: int) -> dict[str, Any]:
@@ -1155,11 +1308,22 @@ def main() -> None:
     parser.add_argument("--profile", metavar="PREFIX",
                         help="py-spy the server for one extra window at the largest N "
                              "(needs py-spy in the venv); raw output to PREFIX.raw.txt")
+    parser.add_argument("--joiner-processes", type=int, default=4, metavar="K",
+                        help="also run the simultaneous joins spread over K worker processes "
+                             "(default 4; 0: only in this process)")
+    parser.add_argument("--only", choices=["joins"],
+                        help="joins: only the server's share of a join and the join scenarios")
+    parser.add_argument("--pin", action="store_true",
+                        help="during the join scenarios, the server on half the CPUs and the "
+                             "client processes on the other half")
     parser.add_argument("--baseline", metavar="REV",
                         help="also measure the server at git revision REV (e.g. the commit "
                              "before a change) at N=0 and 32, in the same run")
     args = parser.parse_args()
     plan = Plan.make(args.quick)
+    plan.joiner_processes = max(0, args.joiner_processes)
+    plan.only = args.only
+    plan.pin = args.pin
     started = time.monotonic()
     stream = encode_stream(seconds=plan.stream_seconds)
     snapshot_dir = None

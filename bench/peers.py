@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import queue
 import threading
 import time
@@ -192,6 +193,10 @@ class Viewer:
     ice_servers: list[dict[str, Any]] | None = None
     #: Relayed candidates only: everything this viewer gets comes through TURN.
     relay_only: bool = False
+    #: A viewer rebuilt from another process's :meth:`report` has no decoder or
+    #: peer connection here: its first decoded frame and its losses as reported.
+    reported_first: Decoded | None = None
+    reported_lost: int = 0
 
     def _on_frame(self, data: bytes, rtp_timestamp: int) -> None:
         now = time.time()
@@ -260,13 +265,52 @@ class Viewer:
                 await asyncio.wait_for(self.pc.close(), 5)
 
     # -- figures -----------------------------------------------------------
+    def first_decoded(self) -> Decoded | None:
+        return self.reported_first if self.decoder is None else self.decoder.first
+
     def first_decoded_at(self) -> float | None:
-        if self.decoder is None or self.decoder.first is None:
-            return None
-        return self.decoder.first.decoded_at
+        first = self.first_decoded()
+        return None if first is None else first.decoded_at
+
+    def awaiting_first(self) -> bool:
+        """No error yet, and no first frame (decoded, for a decoding viewer)."""
+        if self.error is not None:
+            return False
+        return (self.t_first_frame if self.decoder is None else self.first_decoded_at()) is None
+
+    def lost(self) -> int:
+        """Packets lost on first transmission so far."""
+        return self.reported_lost if self.pc is None else receive_losses(self.pc)[1]
 
     async def packets_lost(self) -> int:
-        return 0 if self.pc is None else receive_losses(self.pc)[1]
+        return self.lost()
+
+    def report(self) -> dict[str, Any]:
+        """This viewer's timings, picklable, for a process that rebuilds it with
+        :meth:`from_report` (joiners spread over worker processes)."""
+        return {"name": self.name, "resource": self.resource, "t_join": self.t_join,
+                "t_answer": self.t_answer, "t_ice": self.t_ice, "t_connected": self.t_connected,
+                "t_first_frame": self.t_first_frame, "first_frame_key": self.first_frame_key,
+                "frames": self.frames, "bytes": self.bytes, "error": self.error,
+                "arrivals": list(self.arrivals), "first": self.first_decoded(),
+                "lost": self.lost()}
+
+    @classmethod
+    def from_report(cls, report: dict[str, Any], stamps: StampBook) -> Viewer:
+        """A viewer of another process, for figures only. That process has no
+        publisher, so its first decoded frame's age is looked up here, in the
+        publisher's ``stamps`` (one wall clock for every process on the machine)."""
+        first: Decoded | None = report["first"]
+        if first is not None:
+            sent = stamps.lookup(first.counter, first.decoded_at)
+            first = dataclasses.replace(
+                first, latency=None if sent is None else first.decoded_at - sent)
+        return cls(report["name"], stamps=stamps, resource=report["resource"],
+                   t_join=report["t_join"], t_answer=report["t_answer"], t_ice=report["t_ice"],
+                   t_connected=report["t_connected"], t_first_frame=report["t_first_frame"],
+                   first_frame_key=report["first_frame_key"], frames=report["frames"],
+                   bytes=report["bytes"], error=report["error"], arrivals=report["arrivals"],
+                   reported_first=first, reported_lost=report["lost"])
 
     def caught_up_by_skipping(self, threshold: float = 0.1) -> bool | None:
         """True if the viewer reached live by jumping ahead (frames skipped, e.g. the
@@ -289,10 +333,8 @@ class Viewer:
         """When frames started arriving live (< ``threshold`` s after they were
         sent), estimated from RTP timestamps relative to the first decoded frame
         whose send time is known. Replayed cached frames arrive stale."""
-        if self.decoder is None or self.decoder.first is None:
-            return None
-        first = self.decoder.first
-        if first.latency is None:
+        first = self.first_decoded()
+        if first is None or first.latency is None:
             return None
         sent0 = first.decoded_at - first.latency
         for rtp_timestamp, received_at in self.arrivals:
