@@ -139,4 +139,10 @@ async def test_admin_creates_a_session_and_an_invite_whose_link_opens_the_watch_
     assert path is not None
     assert (await asyncio.to_thread(Path(path).read_bytes)).startswith(b"%PDF-")
     await screenshot(admin, "admin-attendance-1280")
+    # The trainee's page offers it too (it looks every 15 s), with the link to
+    # its public page, which outlives the trainee's token.
+    await wait_js(trainee, "() => !document.querySelector('#certificate-note').hidden",
+                  timeout_s=30)
+    keep = await trainee.get_attribute("#certificate-keep", "href")
+    assert keep == f"{base}/verify.html#id={certificate.id}", keep
     assert admin_log.errors == [], admin_log.errors

@@ -332,6 +332,15 @@ async def test_certificates_confirmed_read_back_and_verified(
         "id": cert_id, "name": "Zoë Ngô-Łukasiewicz", "title": "Cholecystectomy",
         "procedure": "Laparoscopic cholecystectomy", "expert": "Dr Miranda Bailey",
         "date": time.strftime("%Y-%m-%d", time.gmtime(record.started_at)), "minutes": 60}}
+    # The same PDF from the verification id alone, no token: Zoë keeps her
+    # certificate after her token has expired.
+    async with http.get(f"{server.base_url}/api/verify/{cert_id}/pdf") as response:
+        assert response.status == 200 and response.content_type == "application/pdf"
+        (tmp_path / "public.pdf").write_bytes(await response.read())
+    public_text = (await asyncio.to_thread(
+        subprocess.run, [PDFTOTEXT, "-enc", "UTF-8", str(tmp_path / "public.pdf"), "-"],
+        check=True, capture_output=True, text=True)).stdout
+    assert " ".join(public_text.split()) == flat
     forged = secrets.token_hex(20)
     async with http.get(f"{server.base_url}/api/verify/{forged}") as response:
         assert response.status == 404 and (await response.json())["code"] == \
@@ -341,13 +350,15 @@ async def test_certificates_confirmed_read_back_and_verified(
     async with http.get(f"{server.base_url}/api/verify/{cert_id}") as response:
         assert response.status == 410 and (await response.json())["code"] == \
             "certificate_revoked"
+    async with http.get(f"{server.base_url}/api/verify/{cert_id}/pdf") as response:
+        assert response.status == 410
     await api(http, server, "GET", pdf_path, zoe, expect=410)
-    # Rate-limited per address (8 a minute here; 3 used above).
+    # Rate-limited per address (8 a minute here; 5 used above, the PDFs included).
     statuses = []
-    for _ in range(6):
+    for _ in range(4):
         async with http.get(f"{server.base_url}/api/verify/{forged}") as response:
             statuses.append(response.status)
-    assert statuses == [404] * 5 + [429]
+    assert statuses == [404] * 3 + [429]
     page = await http.get(f"{server.base_url}/verify.html")
     assert page.status == 200 and "verify.js" in await page.text()
 
@@ -399,3 +410,36 @@ async def test_a_relay_participant_never_counts(sampled: Server, http: aiohttp.C
     await ws.close()
     await wait_for(lambda: "" if tracker.records()[0].intervals[-1][1] is not None
                    else "still in")
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+async def test_the_verification_page_offers_the_pdf_without_a_token(
+        timed: Server, http: aiohttp.ClientSession, browser: Any) -> None:
+    """The link printed on a certificate opens the public page; it shows the
+    fields and a download of the same certificate, no token needed."""
+    from server.store import CertificateRecord
+
+    from .browser_helpers import open_page
+
+    cert_id = secrets.token_hex(20)
+    await timed.app[STORE].training.put_certificate(CertificateRecord(
+        id=cert_id, session_id="or1-live", participant_id="p-zoe", name="Zoë Ngô",
+        title="Cholecystectomy", procedure="Laparoscopic cholecystectomy",
+        expert="Dr Miranda Bailey", date="2026-12-05", minutes=42, issued_at=time.time()))
+    context, page, _ = await open_page(browser, f"{timed.base_url}/verify.html#id={cert_id}",
+                                       "verify")
+    try:
+        link = page.locator("#verify-pdf")
+        await link.wait_for(state="visible")
+        assert "Zoë Ngô" in await page.locator("#verify-fields").inner_text()
+        assert await link.get_attribute("href") == f"/api/verify/{cert_id}/pdf"
+        async with page.expect_download() as waiting:
+            await link.click()
+        download = await waiting.value
+        path = await download.path()
+        assert path is not None
+        assert (await asyncio.to_thread(path.read_bytes))[:5] == b"%PDF-"
+        assert download.suggested_filename == "certificate-or1-live.pdf"
+    finally:
+        await context.close()

@@ -25,7 +25,13 @@ function show(verdict, certificate) {
   $('#verify-verdict').textContent = verdict;
   const fields = $('#verify-fields');
   fields.replaceChildren();
-  if (!certificate) return;
+  const pdf = /** @type {HTMLAnchorElement} */ ($('#verify-pdf'));
+  pdf.hidden = !certificate;
+  if (!certificate) {
+    pdf.removeAttribute('href');
+    return;
+  }
+  pdf.href = `/api/verify/${certificate.id}/pdf`;
   for (const [key, label] of LABELS) {
     const dt = document.createElement('dt');
     dt.textContent = label;

@@ -548,7 +548,7 @@ function watchForCertificate(own) {
       if (response.ok) {
         const { certificate } = await response.json();
         if (certificate) {
-          showCertificate(own, certificate.pdf);
+          showCertificate(own, certificate.pdf, certificate.verify);
           return;
         }
       } else {
@@ -562,9 +562,13 @@ function watchForCertificate(own) {
   look();
 }
 
-/** @param {string} own @param {string} path */
-function showCertificate(own, path) {
+/**
+ * @param {string} own @param {string} path
+ * @param {string} verify  the certificate's public page (its PDF too, no token needed)
+ */
+function showCertificate(own, path, verify) {
   $('#certificate-note').hidden = false;
+  /** @type {HTMLAnchorElement} */ ($('#certificate-keep')).href = verify;
   $('#certificate-link').onclick = async () => {
     const response = await fetch(path, {
       headers: { Authorization: `Bearer ${own}` }, cache: 'no-store', credentials: 'omit',

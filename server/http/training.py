@@ -232,9 +232,8 @@ async def my_certificate(request: web.Request) -> web.Response:
     return web.json_response({"certificate": None}, headers={"Cache-Control": "no-store"})
 
 
-@routes.get("/api/verify/{certificate}")
-async def verify(request: web.Request) -> web.Response:
-    """Public: a certificate's own fields for a valid id, nothing else."""
+async def _verified(request: web.Request) -> CertificateRecord:
+    """The certificate a public verification id names, rate-limited per address."""
     app = request.app
     if not await app[STORE].rates.hit(f"{VERIFY_RATE_KEY}{request.remote}",
                                       app[CONFIG].training.verify_per_minute, 60.0):
@@ -247,5 +246,25 @@ async def verify(request: web.Request) -> web.Response:
         raise NotFound("no certificate has this verification id", code="unknown_certificate")
     if cert.revoked_at is not None:
         raise Gone("this certificate has been revoked", code="certificate_revoked")
+    return cert
+
+
+@routes.get("/api/verify/{certificate}")
+async def verify(request: web.Request) -> web.Response:
+    """Public: a certificate's own fields for a valid id, nothing else."""
+    cert = await _verified(request)
     return web.json_response({"valid": True, "certificate": certificates.public_fields(cert)},
                              headers={"Cache-Control": "no-store"})
+
+
+@routes.get("/api/verify/{certificate}/pdf")
+async def verified_pdf(request: web.Request) -> web.Response:
+    """Public: the PDF of a valid certificate. It says exactly what the
+    verification shows, so anyone holding the id learns nothing more; and the
+    trainee keeps their certificate after their token has expired (the id is
+    printed on it, and the page that issued it links here)."""
+    cert = await _verified(request)
+    body = certificates.render_pdf(cert, _verify_url(request, cert.id))
+    return web.Response(body=body, content_type="application/pdf", headers={
+        "Content-Disposition": f'attachment; filename="certificate-{cert.session_id}.pdf"',
+        "Cache-Control": "no-store"})
