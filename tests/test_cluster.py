@@ -8,6 +8,7 @@ servers, websockets and aiortc peers on loopback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -63,12 +64,11 @@ async def start_node(config: Config) -> tuple[Server, web.AppRunner]:
 RUNNERS: dict[int, web.AppRunner] = {}
 
 
-@pytest.fixture
-async def nodes(cluster_redis: RedisExecutor) -> AsyncIterator[list[Server]]:
-    assert cluster_redis.port != 6379
-    prefix = f"cluster-{time.monotonic_ns()}:"
-    started = await asyncio.gather(*(start_node(node_config(cluster_redis, n, prefix))
-                                     for n in ("node-a", "node-b", "node-c")))
+@contextlib.asynccontextmanager
+async def running_nodes(configs: list[Config]) -> AsyncIterator[list[Server]]:
+    """In-process Nodes started at the same moment, stopped after (those a
+    test has not stopped itself)."""
+    started = await asyncio.gather(*(start_node(c) for c in configs))
     for server, runner in started:
         RUNNERS[id(server)] = runner
     try:
@@ -76,6 +76,15 @@ async def nodes(cluster_redis: RedisExecutor) -> AsyncIterator[list[Server]]:
     finally:
         for server, _ in started:
             await stop(server)
+
+
+@pytest.fixture
+async def nodes(cluster_redis: RedisExecutor) -> AsyncIterator[list[Server]]:
+    assert cluster_redis.port != 6379
+    prefix = f"cluster-{time.monotonic_ns()}:"
+    async with running_nodes([node_config(cluster_redis, n, prefix)
+                              for n in ("node-a", "node-b", "node-c")]) as servers:
+        yield servers
 
 
 async def stop(server: Server) -> None:

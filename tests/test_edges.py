@@ -33,7 +33,7 @@ from server.subscription import Subscription
 
 from .admin_helpers import admin_token, api
 from .conftest import Server, client_pc, offer_sdp, wait_for
-from .test_cluster import RUNNERS, hello, holders, node_config, start_node, stop
+from .test_cluster import hello, holders, node_config, running_nodes
 from .test_interaction import mic_offer, request
 from .test_layers import publish_layers
 from .test_ws_protocol import WS, of_type, receive_until
@@ -55,14 +55,8 @@ async def edge_nodes(edges_redis: RedisExecutor) -> AsyncIterator[list[Server]]:
         # A relay whose origin closed it is noticed within a second or two.
         configs.append(dataclasses.replace(config, liveness=dataclasses.replace(
             config.liveness, peer_timeout_s=2.0, probe_after_s=1.0)))
-    started = await asyncio.gather(*(start_node(c) for c in configs))
-    for server, runner in started:
-        RUNNERS[id(server)] = runner
-    try:
-        yield [server for server, _ in started]
-    finally:
-        for server, _ in started:
-            await stop(server)
+    async with running_nodes(configs) as servers:
+        yield servers
 
 
 class Viewer:

@@ -39,13 +39,12 @@ from .admin_helpers import api
 from .conftest import LOOPBACK, Server, wait_for
 from .test_cluster import (  # noqa: F401  (fixtures)
     CONSENT,
-    RUNNERS,
     cluster_redis,
     hello,
     holders,
     node_config,
     nodes,
-    start_node,
+    running_nodes,
     stop,
     whip_through,
 )
@@ -205,6 +204,15 @@ async def open_watch_pages(browser: Any, homes: tuple[NodeProcess, ...],
     return viewers
 
 
+async def stop_watching(publisher: WhipPublisher, publishing: asyncio.Future[Any],
+                        contexts: list[Any]) -> None:
+    """Teardown of a failover test: the camera publisher, then the pages."""
+    publisher.stop()
+    await asyncio.wait_for(publishing, 15)
+    for context in contexts:
+        await context.close()
+
+
 async def test_pages_and_the_publisher_survive_nodes_dying_and_draining(
         multinode_redis: RedisExecutor,  # noqa: F811
         processes: list[NodeProcess],  # noqa: F811
@@ -265,10 +273,7 @@ async def test_pages_and_the_publisher_survive_nodes_dying_and_draining(
             print(f"--- {node.name} (origin: {node is origin})\n{node.text()[-4000:]}")
         raise
     finally:
-        publisher.stop()
-        await asyncio.wait_for(publishing, 15)
-        for context in contexts:
-            await context.close()
+        await stop_watching(publisher, publishing, contexts)
 
 
 async def test_a_draining_node_gives_its_session_up_and_refuses_joins_naming_another(
@@ -329,16 +334,11 @@ async def two_nodes_one_root(cluster_redis: RedisExecutor,  # noqa: F811
     volume, as docs/deployment.md asks of several Nodes)."""
     prefix = f"root-{time.monotonic_ns()}:"
     root = tmp_path / "recordings"
-    started = await asyncio.gather(*(start_node(dataclasses.replace(
-        config, recording=dataclasses.replace(config.recording, root=str(root))))
-        for config in (node_config(cluster_redis, n, prefix) for n in ("node-a", "node-b"))))
-    for server, runner in started:
-        RUNNERS[id(server)] = runner
-    try:
-        yield [server for server, _ in started]
-    finally:
-        for server, _ in started:
-            await stop(server)
+    async with running_nodes([dataclasses.replace(
+            config, recording=dataclasses.replace(config.recording, root=str(root)))
+            for config in (node_config(cluster_redis, n, prefix)
+                           for n in ("node-a", "node-b"))]) as servers:
+        yield servers
 
 
 async def test_a_recording_made_on_one_node_is_listed_and_played_from_another(
@@ -427,10 +427,7 @@ async def test_pages_on_an_edge_that_dies_play_on_from_another_node(
             print(f"--- {node.name} (origin: {node is origin})\n{node.text()[-4000:]}")
         raise
     finally:
-        publisher.stop()
-        await asyncio.wait_for(publishing, 15)
-        for context in contexts:
-            await context.close()
+        await stop_watching(publisher, publishing, contexts)
 
 
 async def test_a_page_fails_over_to_a_node_that_joined_after_it_loaded(
@@ -481,15 +478,14 @@ async def test_a_page_fails_over_to_a_node_that_joined_after_it_loaded(
         print(f"A killed: the page reloaded from B and played after {again - killed:.2f} s")
         assert (await viewer.look())[0]["url"] == ws_url(b)
     except Exception:
-        print("PAGE", viewer.page.url, (await viewer.page.content())[:3000])
+        for opened in contexts:
+            for page in opened.pages:
+                print("PAGE", page.url, (await page.content())[:3000])
         for node in (a, b):
             print(f"--- {node.name}\n{node.text()[-4000:]}")
         raise
     finally:
-        publisher.stop()
-        await asyncio.wait_for(publishing, 15)
-        for context in contexts:
-            await context.close()
+        await stop_watching(publisher, publishing, contexts)
 
 
 #: Every state the page's client goes through from now on, with when (ms since the epoch).
@@ -565,10 +561,7 @@ async def test_pages_on_an_edge_that_vanishes_play_on_from_another_node(
         # Awake again, so that it stops as the others do.
         if frozen.poll() is None:
             frozen.send_signal(signal.SIGCONT)
-        publisher.stop()
-        await asyncio.wait_for(publishing, 15)
-        for context in contexts:
-            await context.close()
+        await stop_watching(publisher, publishing, contexts)
 
 
 async def test_a_node_that_accepts_the_socket_but_never_answers_hello_is_left(

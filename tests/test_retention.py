@@ -33,11 +33,9 @@ from server.roles import Role
 from .conftest import Server, make_config, start_server, wait_for
 from .recording_helpers import age_recording, build_recording
 from .test_cluster import (  # noqa: F401  (fixtures)
-    RUNNERS,
     cluster_redis,
     node_config,
-    start_node,
-    stop,
+    running_nodes,
 )
 
 pytestmark = pytest.mark.slow
@@ -79,14 +77,8 @@ async def two_nodes(redis: RedisExecutor, root: Path, **recording: Any
     configs = [node_config(redis, n, prefix) for n in ("node-a", "node-b")]
     configs = [dataclasses.replace(c, recording=dataclasses.replace(
         c.recording, root=str(root), retention_days=30.0, **recording)) for c in configs]
-    started = await asyncio.gather(*(start_node(c) for c in configs))
-    for server, runner in started:
-        RUNNERS[id(server)] = runner
-    try:
-        yield [server for server, _ in started]
-    finally:
-        for server, _ in started:
-            await stop(server)
+    async with running_nodes(configs) as servers:
+        yield servers
 
 
 async def test_nodes_sharing_a_root_sweep_one_at_a_time_and_delete_each_once(
