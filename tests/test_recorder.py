@@ -601,12 +601,16 @@ async def test_repair_leaves_alone_a_recording_being_written(tmp_path: Path) -> 
     t0 = time.monotonic()
     for i, (data, key) in enumerate(_encode("libvpx", [(320, 180)], per_size=20)):
         feed.emit(data, i * 6000, key, t0 + i / 15)
-    # Every frame written and the manifest on disk saying so.
+    # Every frame accounted for (written, or dropped: the 20 arrive at once and
+    # a loaded machine's writer may not keep up, CI saw 16 written) and the
+    # manifest on disk saying so.
     def settled() -> str:
         on_disk = json.loads((recording.directory / "manifest.json").read_text())
-        written = writer.stats.frames_written
-        if written != 20 or not on_disk["feeds"] or not on_disk["feeds"][0]["parts"]:
-            return f"{written} frames written"
+        stats = writer.stats
+        accounted = (stats.frames_written + stats.dropped_queue_full
+                     + stats.dropped_out_of_order + stats.skipped_before_keyframe)
+        if accounted != 20 or not on_disk["feeds"] or not on_disk["feeds"][0]["parts"]:
+            return f"{stats.describe()}"
         return "manifest pending" if recording._manifest_pending else ""
 
     await wait_for(settled)
@@ -634,7 +638,7 @@ async def test_repair_leaves_alone_a_recording_being_written(tmp_path: Path) -> 
     report = await asyncio.to_thread(repair, recording.directory)
     assert report is not None and report.state == "interrupted"
     assert [p["file"] for p in report.parts] == [part["file"]]
-    assert report.parts[0]["frames"] == part["frames"] == 20
+    assert report.parts[0]["frames"] == part["frames"] == writer.stats.frames_written > 0
     lines = (recording.directory / "events.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in lines)
     assert json.loads(lines[-1])["type"] == "recording_interrupted"
